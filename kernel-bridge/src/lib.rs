@@ -1,0 +1,21 @@
+//! The kernel half of bpftime-rs: mirror maps in the kernel, kept in step with userspace maps
+//! through a `BPF_MAP_TYPE_USER_RINGBUF`, drained by a kernel program that applies each update
+//! to a real kernel map and confirms it through a `BPF_MAP_TYPE_RINGBUF`.
+//!
+//! Flow: [`Bridge::send`] -> [`user_ringbuf::UserRingBuf`] -> `ebpf/bridge.bpf.c` (drain, run
+//! with BPF_PROG_RUN) -> kernel mirror map ([`mirror`]) -> confirmation -> [`Bridge`] counters.
+
+pub mod bridge;
+mod drain;
+pub mod error;
+pub mod mirror;
+pub mod record;
+pub mod selftest;
+pub mod user_ringbuf;
+
+pub use bridge::{
+    Bridge, BridgeConfig, BridgeCounters, Confirmation, MirrorId, Update, UpdateStatus,
+};
+pub use error::BridgeError;
+pub use mirror::{KernelEntry, MapKind, Mirror, MirrorDesc, PIN_ROOT};
+pub use record::Op;

@@ -1,0 +1,408 @@
+//! Mirror maps: real kernel maps that receive the bridge's updates, pinned under
+//! `/sys/fs/bpf/bpftime-rs/<object>/<map>` so `bpftool map dump pinned ...` and users' own BPF
+//! objects (libbpf `pin_root_path`) see them.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+
+use crate::error::BridgeError;
+use crate::record::SCRATCH_SIZE;
+
+/// Where every mirror is pinned.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/bpftime-rs";
+
+/// The map types a mirror can have: those whose state the bridge can reproduce with
+/// BPF_MAP_UPDATE_ELEM / DELETE_ELEM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapKind {
+    Hash,
+    Array,
+    PercpuHash,
+    PercpuArray,
+    LruHash,
+    LruPercpuHash,
+    Queue,
+    Stack,
+}
+
+impl MapKind {
+    /// The kernel's `BPF_MAP_TYPE_*` number.
+    pub fn kernel_type(self) -> u32 {
+        self.libbpf_type() as u32
+    }
+
+    fn libbpf_type(self) -> MapType {
+        match self {
+            MapKind::Hash => MapType::Hash,
+            MapKind::Array => MapType::Array,
+            MapKind::PercpuHash => MapType::PercpuHash,
+            MapKind::PercpuArray => MapType::PercpuArray,
+            MapKind::LruHash => MapType::LruHash,
+            MapKind::LruPercpuHash => MapType::LruPercpuHash,
+            MapKind::Queue => MapType::Queue,
+            MapKind::Stack => MapType::Stack,
+        }
+    }
+
+    /// Maps a kernel `BPF_MAP_TYPE_*` number to a mirrorable kind; `None` for RINGBUF,
+    /// PERF_EVENT_ARRAY, PROG_ARRAY and the others, which have no meaningful mirror.
+    pub fn from_kernel_type(map_type: u32) -> Option<Self> {
+        [
+            MapKind::Hash,
+            MapKind::Array,
+            MapKind::PercpuHash,
+            MapKind::PercpuArray,
+            MapKind::LruHash,
+            MapKind::LruPercpuHash,
+            MapKind::Queue,
+            MapKind::Stack,
+        ]
+        .into_iter()
+        .find(|kind| kind.kernel_type() == map_type)
+    }
+
+    /// bpftool's name for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            MapKind::Hash => "hash",
+            MapKind::Array => "array",
+            MapKind::PercpuHash => "percpu_hash",
+            MapKind::PercpuArray => "percpu_array",
+            MapKind::LruHash => "lru_hash",
+            MapKind::LruPercpuHash => "lru_percpu_hash",
+            MapKind::Queue => "queue",
+            MapKind::Stack => "stack",
+        }
+    }
+
+    pub fn is_percpu(self) -> bool {
+        matches!(
+            self,
+            MapKind::PercpuHash | MapKind::PercpuArray | MapKind::LruPercpuHash
+        )
+    }
+
+    /// Queues and stacks have no key: records push values.
+    pub fn is_keyless(self) -> bool {
+        matches!(self, MapKind::Queue | MapKind::Stack)
+    }
+}
+
+/// Everything needed to create a mirror: the source map's shape and where to pin it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MirrorDesc {
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    /// Map name; the kernel keeps the first 15 bytes, the pin keeps it whole.
+    pub name: String,
+    /// The object the map belongs to: the pin directory's name.
+    pub object: String,
+}
+
+impl MirrorDesc {
+    pub fn pin_path(&self) -> PathBuf {
+        pin_path(&self.object, &self.name)
+    }
+
+    /// The bytes the kernel copies for one value: per-CPU maps carry one 8-byte-aligned slot
+    /// per possible CPU.
+    pub fn value_bytes(&self) -> Result<u32, BridgeError> {
+        if self.kind.is_percpu() {
+            Ok(self.value_size.next_multiple_of(8) * possible_cpus()?)
+        } else {
+            Ok(self.value_size)
+        }
+    }
+
+    /// The bytes the kernel copies for one key (none for queues and stacks).
+    pub fn key_bytes(&self) -> u32 {
+        if self.kind.is_keyless() {
+            0
+        } else {
+            self.key_size
+        }
+    }
+
+    fn validate(&self) -> Result<(), BridgeError> {
+        let invalid = |why: String| BridgeError::InvalidMirror {
+            map: self.name.clone(),
+            why,
+        };
+        if self.name.is_empty() || self.name.contains('/') || self.name.contains('\0') {
+            return Err(invalid("a map name must be non-empty, without '/' or NUL".into()));
+        }
+        if self.object.is_empty() || self.object.contains('/') || self.object.contains('\0') {
+            return Err(invalid(format!(
+                "object name {:?} must be non-empty, without '/' or NUL",
+                self.object
+            )));
+        }
+        if self.kind.is_keyless() && self.key_size != 0 {
+            return Err(invalid(format!("a {} has no key", self.kind.name())));
+        }
+        let record = self.key_bytes() as usize + self.value_bytes()? as usize;
+        if record > SCRATCH_SIZE {
+            return Err(invalid(format!(
+                "key + value is {record} bytes, the bridge carries at most {SCRATCH_SIZE}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub fn pin_path(object: &str, map: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(object).join(map)
+}
+
+/// A created (or reopened) kernel mirror.
+#[derive(Debug)]
+pub struct Mirror {
+    desc: MirrorDesc,
+    handle: MapHandle,
+}
+
+impl Mirror {
+    /// Creates the kernel map and pins it. An existing pin of the same shape is reused (its
+    /// entries are kept: a restarted loader re-syncs over them); one of another shape is an error
+    /// unless `replace` is set, in which case it is unpinned and a fresh map created.
+    pub fn create(desc: MirrorDesc, replace: bool) -> Result<Self, BridgeError> {
+        desc.validate()?;
+        let path = desc.pin_path();
+        if path.exists() {
+            if replace {
+                std::fs::remove_file(&path).map_err(|source| BridgeError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+            } else {
+                let mirror = Self::open_pinned(&path, &desc.object)?;
+                if mirror.desc.kind != desc.kind
+                    || mirror.desc.key_size != desc.key_size
+                    || mirror.desc.value_size != desc.value_size
+                    || mirror.desc.max_entries != desc.max_entries
+                    || mirror.desc.flags != desc.flags
+                {
+                    return Err(BridgeError::InvalidMirror {
+                        map: desc.name.clone(),
+                        why: format!(
+                            "{} is pinned with another shape ({:?}); remove it or unload {}",
+                            path.display(),
+                            mirror.desc,
+                            desc.object
+                        ),
+                    });
+                }
+                return Ok(Self {
+                    desc,
+                    handle: mirror.handle,
+                });
+            }
+        }
+        let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+            map_flags: desc.flags,
+            ..Default::default()
+        };
+        let kernel_name: String = desc.name.chars().take(15).collect();
+        let mut handle = MapHandle::create(
+            desc.kind.libbpf_type(),
+            Some(kernel_name),
+            desc.key_bytes(),
+            desc.value_size,
+            desc.max_entries,
+            &opts,
+        )
+        .map_err(|e| BridgeError::MapCreate {
+            map: desc.name.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let dir = path.parent().expect("pin path has a parent");
+        std::fs::create_dir_all(dir).map_err(|source| BridgeError::Pin {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        handle.pin(&path).map_err(|e| BridgeError::Pin {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Self { desc, handle })
+    }
+
+    /// Opens a pinned mirror; its description is read back from the kernel.
+    pub fn open_pinned(path: &Path, object: &str) -> Result<Self, BridgeError> {
+        let handle = MapHandle::from_pinned_path(path).map_err(|e| BridgeError::Pin {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        let info = handle.info().map_err(|e| BridgeError::Pin {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        let map_type = info.info.type_;
+        let kind = MapKind::from_kernel_type(map_type).ok_or_else(|| BridgeError::InvalidMirror {
+            map: path.display().to_string(),
+            why: format!("map type {map_type} cannot be a mirror"),
+        })?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            desc: MirrorDesc {
+                kind,
+                key_size: info.info.key_size,
+                value_size: info.info.value_size,
+                max_entries: info.info.max_entries,
+                flags: info.info.map_flags,
+                name,
+                object: object.to_string(),
+            },
+            handle,
+        })
+    }
+
+    pub fn desc(&self) -> &MirrorDesc {
+        &self.desc
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.handle.as_fd()
+    }
+
+    pub(crate) fn raw_fd(&self) -> u32 {
+        self.handle.as_fd().as_raw_fd() as u32
+    }
+
+    /// Reads every entry back from the kernel (per-CPU maps: one value per CPU). Queues and
+    /// stacks cannot be read without popping, so they list no entries.
+    pub fn entries(&self) -> Result<Vec<KernelEntry>, BridgeError> {
+        if self.desc.kind.is_keyless() {
+            return Ok(Vec::new());
+        }
+        let read_err = |e: libbpf_rs::Error| BridgeError::MapRead {
+            map: self.desc.name.clone(),
+            source: std::io::Error::other(e),
+        };
+        let mut entries = Vec::new();
+        for key in self.handle.keys() {
+            let values = if self.desc.kind.is_percpu() {
+                match self
+                    .handle
+                    .lookup_percpu(&key, MapFlags::ANY)
+                    .map_err(read_err)?
+                {
+                    Some(values) => values,
+                    None => continue,
+                }
+            } else {
+                match self.handle.lookup(&key, MapFlags::ANY).map_err(read_err)? {
+                    Some(value) => vec![value],
+                    None => continue,
+                }
+            };
+            entries.push(KernelEntry { key, values });
+        }
+        Ok(entries)
+    }
+
+    /// Pops every value of a QUEUE or STACK mirror, in pop order (this empties it).
+    pub fn drain_queue(&self) -> Result<Vec<Vec<u8>>, BridgeError> {
+        let mut values = Vec::new();
+        while let Some(value) =
+            self.handle
+                .lookup_and_delete(&[])
+                .map_err(|e| BridgeError::MapRead {
+                    map: self.desc.name.clone(),
+                    source: std::io::Error::other(e),
+                })?
+        {
+            values.push(value);
+        }
+        Ok(values)
+    }
+
+    /// Unpins the mirror; the map itself lives on while fds to it remain.
+    pub fn unpin(&self) -> Result<(), BridgeError> {
+        let path = self.desc.pin_path();
+        std::fs::remove_file(&path).map_err(|source| BridgeError::Pin { path, source })
+    }
+}
+
+/// One kernel map entry; `values` has one element, or one per CPU for per-CPU maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub key: Vec<u8>,
+    pub values: Vec<Vec<u8>>,
+}
+
+/// Every mirror pinned under [`PIN_ROOT`], by object then map name.
+pub fn list_pinned() -> Result<Vec<Mirror>, BridgeError> {
+    let mut mirrors = Vec::new();
+    let root = Path::new(PIN_ROOT);
+    if !root.exists() {
+        return Ok(mirrors);
+    }
+    let read_dir = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map_err(|source| BridgeError::Pin {
+                path: dir.to_path_buf(),
+                source,
+            })
+            .map(|it| {
+                let mut paths: Vec<PathBuf> = it.flatten().map(|e| e.path()).collect();
+                paths.sort();
+                paths
+            })
+    };
+    for object_dir in read_dir(root)? {
+        if !object_dir.is_dir() {
+            continue;
+        }
+        let object = object_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for map_path in read_dir(&object_dir)? {
+            match Mirror::open_pinned(&map_path, &object) {
+                Ok(mirror) => mirrors.push(mirror),
+                Err(e) => tracing::warn!("skipping {}: {e}", map_path.display()),
+            }
+        }
+    }
+    Ok(mirrors)
+}
+
+/// Removes every pin of `object` and its directory.
+pub fn remove_object_pins(object: &str) -> Result<usize, BridgeError> {
+    let dir = Path::new(PIN_ROOT).join(object);
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    let pin_err = |path: &Path, source| BridgeError::Pin {
+        path: path.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(&dir).map_err(|e| pin_err(&dir, e))?.flatten() {
+        std::fs::remove_file(entry.path()).map_err(|e| pin_err(&entry.path(), e))?;
+        removed += 1;
+    }
+    std::fs::remove_dir(&dir).map_err(|e| pin_err(&dir, e))?;
+    Ok(removed)
+}
+
+/// Number of possible CPUs, as the kernel sizes per-CPU values.
+pub fn possible_cpus() -> Result<u32, BridgeError> {
+    libbpf_rs::num_possible_cpus()
+        .map(|n| n as u32)
+        .map_err(|e| BridgeError::System {
+            what: "reading the number of possible CPUs",
+            source: std::io::Error::other(e),
+        })
+}

@@ -1,0 +1,220 @@
+//! The on-disk (in-shm) layout. Every struct here is `repr(C)` and addressed by byte offset from
+//! the segment start, so processes that map the segment at different addresses agree.
+//!
+//! ```text
+//! 0                 SegHeader (one page)
+//! maps_off          MapRecord x map_count
+//! progs_off         ProgRecord x max_programs
+//! prog_bytes_off    instruction bytes of registered programs (bump allocated)
+//! map regions       one page-aligned region per map, starting with MapCtl
+//! ```
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use super::lock::ShmLock;
+
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"BPFTRSM\0");
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const STATE_INIT: u32 = 0;
+pub(crate) const STATE_READY: u32 = 1;
+
+pub(crate) const NAME_LEN: usize = 64;
+pub(crate) const SECTION_LEN: usize = 128;
+pub(crate) const ATTACH_LEN: usize = 256;
+pub(crate) const OBJECT_LEN: usize = 128;
+
+#[repr(C)]
+pub(crate) struct SegHeader {
+    pub magic: u64,
+    pub version: u32,
+    pub state: AtomicU32,
+    pub total_size: u64,
+    pub creator_pid: u32,
+    pub ncpu: u32,
+    pub creator_start: u64,
+    pub created_unix_ns: u64,
+    pub map_count: u32,
+    pub max_programs: u32,
+    pub maps_off: u64,
+    pub progs_off: u64,
+    pub prog_bytes_off: u64,
+    pub prog_bytes_cap: u64,
+    pub prog_bytes_used: AtomicU64,
+    pub progs_generation: AtomicU64,
+    pub prog_lock: ShmLock,
+    pub prog_count: AtomicU32,
+    pub object: [u8; OBJECT_LEN],
+}
+
+#[repr(C)]
+pub(crate) struct MapRecord {
+    pub name: [u8; NAME_LEN],
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    pub region_off: u64,
+    pub region_size: u64,
+    pub _reserved: [u64; 4],
+}
+
+pub(crate) const PROG_FREE: u32 = 0;
+pub(crate) const PROG_VALID: u32 = 1;
+
+#[repr(C)]
+pub(crate) struct ProgRecord {
+    pub state: AtomicU32,
+    pub prog_type: u32,
+    pub insn_off: u64,
+    pub insn_len: u64,
+    pub name: [u8; NAME_LEN],
+    pub section: [u8; SECTION_LEN],
+    pub attach: [u8; ATTACH_LEN],
+    pub _reserved: [u64; 8],
+}
+
+/// Immutable per-map geometry, written once by the creator.
+#[repr(C, align(64))]
+pub(crate) struct Geometry {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    pub key_stride: u32,
+    pub value_stride: u32,
+    /// Value slots per entry: the CPU count for per-CPU maps, 1 otherwise.
+    pub nslots: u32,
+    pub n_buckets: u32,
+    pub pool: u32,
+    pub elem_size: u32,
+    pub summary_words: u32,
+    pub rings: u32,
+    pub _pad: u32,
+    pub buckets_off: u64,
+    pub elems_off: u64,
+    pub marks_off: u64,
+    pub summary_off: u64,
+    pub data_off: u64,
+    pub data_size: u64,
+}
+
+/// Allocation state of hash maps and queue/stack positions. Written under locks or by CAS.
+#[repr(C, align(64))]
+pub(crate) struct AllocState {
+    pub count: AtomicU32,
+    pub tombs: AtomicU32,
+    pub next_fresh: AtomicU32,
+    pub clock: AtomicU32,
+    /// Tagged Treiber-stack head: high 32 bits an ABA tag, low 32 bits element index + 1.
+    pub free_head: AtomicU64,
+    pub lock: ShmLock,
+    pub qhead: AtomicU32,
+    pub qtail: AtomicU32,
+    pub track_deletes: AtomicU32,
+}
+
+/// Written by every first mark after a forwarder pass; alone on its line so the hot readers
+/// of Geometry never see it bounce.
+#[repr(C, align(64))]
+pub(crate) struct DirtyLine {
+    pub dirty: AtomicU32,
+    pub resync: AtomicU32,
+    pub epoch: AtomicU64,
+}
+
+pub(crate) const COUNTERS: usize = 16;
+pub(crate) const SYNC_SLOTS: usize = 16;
+
+#[repr(C, align(64))]
+pub(crate) struct Counters {
+    pub c: [AtomicU64; COUNTERS],
+    pub sync: [AtomicU64; SYNC_SLOTS],
+}
+
+#[repr(C)]
+pub(crate) struct MapCtl {
+    pub geo: Geometry,
+    pub alloc: AllocState,
+    pub dirty: DirtyLine,
+    pub counters: Counters,
+}
+
+/// Counter indices in `Counters::c`.
+pub(crate) mod ctr {
+    pub const DELETES: usize = 0;
+    pub const FULL: usize = 1;
+    pub const EVICTIONS: usize = 2;
+    pub const TOMBS_DROPPED: usize = 3;
+    pub const LOST: usize = 4;
+    pub const PUSHES: usize = 5;
+    pub const POPS: usize = 6;
+    pub const UPDATES: usize = 7;
+    pub const RECOVERIES: usize = 8;
+    pub const DEAD_RECORDS: usize = 9;
+}
+
+/// Hash bucket: writers serialise on `lock`; readers validate with `seq` (odd while a writer
+/// links or unlinks an element), so lookups never take the lock.
+#[repr(C)]
+pub(crate) struct Bucket {
+    pub lock: ShmLock,
+    pub seq: AtomicU32,
+    pub head: AtomicU32,
+    pub _pad: u32,
+}
+
+/// Element header, followed by the key (padded to 8) and the value slot(s) (each padded to 8).
+#[repr(C)]
+pub(crate) struct ElemHdr {
+    /// Chain link (index + 1, 0 = end); the free-list link while the element is free.
+    pub next: AtomicU32,
+    pub hash: AtomicU32,
+    /// Low 2 bits: ELEM_FREE/LIVE/TOMB; the rest a generation bumped on every reuse.
+    pub state: AtomicU32,
+    /// Change marks (MARK_*) and the LRU reference bit.
+    pub mark: AtomicU32,
+}
+
+pub(crate) const ELEM_FREE: u32 = 0;
+pub(crate) const ELEM_LIVE: u32 = 1;
+pub(crate) const ELEM_TOMB: u32 = 2;
+pub(crate) const STATE_MASK: u32 = 3;
+pub(crate) const GEN_ONE: u32 = 4;
+
+pub(crate) const MARK_CHANGED: u32 = 1;
+pub(crate) const MARK_LOOKUP: u32 = 2;
+pub(crate) const MARKS: u32 = MARK_CHANGED | MARK_LOOKUP;
+pub(crate) const LRU_REF: u32 = 0x100;
+
+/// Ring page layout: consumer_pos at offset 0 of page 0, producer_pos at offset 0 of page 1
+/// (the kernel's). Our producer lock and lost-record counter live further into the producer
+/// page, where kernel-compatible consumers do not look.
+pub(crate) const RING_LOCK_OFF: usize = 64;
+pub(crate) const RING_LOST_OFF: usize = 128;
+pub(crate) const RINGBUF_BUSY_BIT: u32 = 1 << 31;
+pub(crate) const RINGBUF_DISCARD_BIT: u32 = 1 << 30;
+pub(crate) const RINGBUF_HDR_SZ: usize = 8;
+/// Data bytes per CPU ring of a PERF_EVENT_ARRAY.
+pub(crate) const PERF_RING_DATA: usize = 64 * 1024;
+
+pub(crate) const fn round_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+pub(crate) fn put_str(dst: &mut [u8], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+    dst[n..].fill(0);
+}
+
+pub(crate) fn get_str(src: &[u8]) -> String {
+    let n = src.iter().position(|&b| b == 0).unwrap_or(src.len());
+    String::from_utf8_lossy(&src[..n]).into_owned()
+}
+
+const _: () = assert!(std::mem::size_of::<SegHeader>() <= 4096);
+const _: () = assert!(std::mem::size_of::<ElemHdr>() == 16);
+const _: () = assert!(std::mem::size_of::<Bucket>() == 16);

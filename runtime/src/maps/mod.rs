@@ -1,0 +1,1230 @@
+//! Shared-memory BPF maps with kernel semantics.
+//!
+//! One POSIX shm segment per loaded object (`/dev/shm/bpftime-rs.<object>.shm`) holds a header,
+//! a registry of the object's maps, a registry of its programs and their attach targets (read by
+//! agents), and one region per map. The loader creates it ([`ShmObject::create`]); every agent
+//! and the CLI open it ([`ShmObject::open`]) and get [`MapHandle`]s.
+//!
+//! Cross-process rules kept throughout: only offsets are stored in shared memory; locks record
+//! their holder's tid and are taken over when the holder is dead ([`lock`]); lookups never lock;
+//! value pointers stay valid while their entry lives (preallocated elements); every update,
+//! delete and pointer-handing lookup leaves a change mark for the sync forwarder ([`Change`]).
+//!
+//! Permissions: segments are created with mode 0666 (fchmod, so the umask does not narrow it),
+//! so a non-root target started by the user can open a segment that a root `load` created.
+//! Pass a narrower [`ShmConfig::mode`] to restrict that.
+
+mod array;
+mod hash;
+mod layout;
+pub(crate) mod lock;
+mod progs;
+mod queue;
+mod ring;
+mod segment;
+mod track;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use layout::*;
+use segment::{Mapping, RingMapping};
+
+pub use progs::{ProgramInfo, ProgramSpec};
+pub use ring::{RingBufConsumer, RingRecord};
+pub use track::{Change, ChangeKind};
+
+/// `BPF_ANY`: create or update.
+pub const BPF_ANY: u64 = 0;
+/// `BPF_NOEXIST`: create only.
+pub const BPF_NOEXIST: u64 = 1;
+/// `BPF_EXIST`: update only.
+pub const BPF_EXIST: u64 = 2;
+/// `BPF_F_LOCK` (accepted by the kernel only for maps with a bpf_spin_lock; we have none).
+pub const BPF_F_LOCK: u64 = 4;
+/// `BPF_RB_NO_WAKEUP` / `BPF_RB_FORCE_WAKEUP`: ringbuf submit flags.
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
+pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// `BPF_F_CURRENT_CPU` / `BPF_F_INDEX_MASK` for perf_event_output.
+pub const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
+pub const BPF_F_INDEX_MASK: u64 = 0xffff_ffff;
+
+/// Kernel `BPF_MAP_TYPE_*` numbers of the types we implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum MapType {
+    Hash = 1,
+    Array = 2,
+    ProgArray = 3,
+    PerfEventArray = 4,
+    PercpuHash = 5,
+    PercpuArray = 6,
+    LruHash = 9,
+    LruPercpuHash = 10,
+    Queue = 22,
+    Stack = 23,
+    Ringbuf = 27,
+}
+
+impl MapType {
+    pub fn from_raw(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hash,
+            2 => Self::Array,
+            3 => Self::ProgArray,
+            4 => Self::PerfEventArray,
+            5 => Self::PercpuHash,
+            6 => Self::PercpuArray,
+            9 => Self::LruHash,
+            10 => Self::LruPercpuHash,
+            22 => Self::Queue,
+            23 => Self::Stack,
+            27 => Self::Ringbuf,
+            _ => return None,
+        })
+    }
+
+    pub fn as_raw(self) -> u32 {
+        self as u32
+    }
+
+    /// bpftool's name for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hash => "hash",
+            Self::Array => "array",
+            Self::ProgArray => "prog_array",
+            Self::PerfEventArray => "perf_event_array",
+            Self::PercpuHash => "percpu_hash",
+            Self::PercpuArray => "percpu_array",
+            Self::LruHash => "lru_hash",
+            Self::LruPercpuHash => "lru_percpu_hash",
+            Self::Queue => "queue",
+            Self::Stack => "stack",
+            Self::Ringbuf => "ringbuf",
+        }
+    }
+
+    pub fn is_hash(self) -> bool {
+        matches!(
+            self,
+            Self::Hash | Self::PercpuHash | Self::LruHash | Self::LruPercpuHash
+        )
+    }
+
+    pub fn is_lru(self) -> bool {
+        matches!(self, Self::LruHash | Self::LruPercpuHash)
+    }
+
+    pub fn is_percpu(self) -> bool {
+        matches!(
+            self,
+            Self::PercpuHash | Self::PercpuArray | Self::LruPercpuHash
+        )
+    }
+
+    pub fn is_array(self) -> bool {
+        matches!(self, Self::Array | Self::PercpuArray)
+    }
+}
+
+/// A map definition as the loader reads it from the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapDef {
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    pub name: String,
+}
+
+/// Every error names the object or map concerned; [`MapError::errno`] gives the kernel errno a
+/// helper returns (negated) to the program.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("map `{map}`: {op}: {}", errno_text(*errno))]
+    Op {
+        map: Arc<str>,
+        op: &'static str,
+        errno: i32,
+    },
+    #[error("map `{map}`: invalid definition: {reason}")]
+    InvalidDef { map: String, reason: String },
+    #[error("object `{object}`: no map {map}")]
+    NoSuchMap { object: String, map: String },
+    #[error("object `{object}`: {path}: {source}")]
+    Segment {
+        object: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("object `{object}`: {reason}")]
+    Corrupt { object: String, reason: String },
+    #[error("object `{object}`: {reason}")]
+    Registry { object: String, reason: String },
+}
+
+impl MapError {
+    /// The errno a BPF helper returns (as a negative value) for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Op { errno, .. } => *errno,
+            Self::InvalidDef { .. } => libc::EINVAL,
+            Self::NoSuchMap { .. } => libc::ENOENT,
+            Self::Segment { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Self::Corrupt { .. } => libc::EINVAL,
+            Self::Registry { .. } => libc::ENOSPC,
+        }
+    }
+}
+
+fn errno_text(e: i32) -> String {
+    let name = match e {
+        libc::E2BIG => "E2BIG",
+        libc::EEXIST => "EEXIST",
+        libc::ENOENT => "ENOENT",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::EBUSY => "EBUSY",
+        libc::ENOMEM => "ENOMEM",
+        libc::EPERM => "EPERM",
+        libc::ENOTSUP => "ENOTSUP",
+        _ => "",
+    };
+    let text = io::Error::from_raw_os_error(e).to_string();
+    if name.is_empty() {
+        text
+    } else {
+        format!("{name} ({text})")
+    }
+}
+
+/// Creation options.
+#[derive(Debug, Clone)]
+pub struct ShmConfig {
+    /// Rows of the program registry.
+    pub max_programs: u32,
+    /// Bytes reserved for registered programs' instructions.
+    pub program_bytes: u64,
+    /// File mode of the segment.
+    pub mode: u32,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        Self {
+            max_programs: 256,
+            program_bytes: 8 << 20,
+            mode: 0o666,
+        }
+    }
+}
+
+/// A segment found in /dev/shm.
+#[derive(Debug, Clone)]
+pub struct SegmentInfo {
+    pub object: String,
+    pub path: String,
+    pub size: u64,
+    pub creator_pid: u32,
+    /// The creating loader still runs (same pid and start time).
+    pub creator_alive: bool,
+    pub maps: Vec<String>,
+    /// The header could not be read (foreign or half-created file).
+    pub unreadable: Option<String>,
+}
+
+/// Snapshot of a map's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapCounters {
+    /// Live entries (hash maps), queued values (queue/stack).
+    pub entries: u64,
+    /// Deleted entries whose deletion the forwarder has not acknowledged yet.
+    pub tombstones: u64,
+    pub deletes: u64,
+    pub updates: u64,
+    /// Inserts refused because the map was full (E2BIG), ringbuf reserves refused (full).
+    pub full: u64,
+    pub evictions: u64,
+    /// Tombstones reclaimed before acknowledgment to make room (sets the resync flag).
+    pub tombstones_dropped: u64,
+    /// Ringbuf/perf records lost because the ring was full.
+    pub lost: u64,
+    pub pushes: u64,
+    pub pops: u64,
+    /// Locks taken over from dead holders.
+    pub recoveries: u64,
+    /// Ringbuf records of dead producers discarded by a consumer.
+    pub dead_records: u64,
+}
+
+/// Value of an entry as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryValue {
+    Single(Vec<u8>),
+    PerCpu(Vec<Vec<u8>>),
+}
+
+impl EntryValue {
+    /// The value, or for per-CPU maps the per-CPU values as little-endian integers summed
+    /// (when value_size is 1, 2, 4 or 8) — what tests and `maps --diff` compare.
+    pub fn sum_u64(&self) -> Option<u64> {
+        fn as_u64(v: &[u8]) -> Option<u64> {
+            let mut b = [0u8; 8];
+            if !matches!(v.len(), 1 | 2 | 4 | 8) {
+                return None;
+            }
+            b[..v.len()].copy_from_slice(v);
+            Some(u64::from_le_bytes(b))
+        }
+        match self {
+            Self::Single(v) => as_u64(v),
+            Self::PerCpu(vs) => vs
+                .iter()
+                .try_fold(0u64, |a, v| Some(a.wrapping_add(as_u64(v)?))),
+        }
+    }
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: Vec<u8>,
+    pub value: EntryValue,
+}
+
+/// A pointer to a value in shared memory, valid while the handle lives and the entry is not
+/// deleted (its element is then reused; BPF programs see the same with the kernel's prealloc
+/// hash maps).
+#[derive(Debug, Clone, Copy)]
+pub struct ValuePtr<'a> {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    _h: std::marker::PhantomData<&'a MapHandle>,
+}
+
+impl<'a> ValuePtr<'a> {
+    fn new(ptr: *mut u8, len: usize) -> Self {
+        Self {
+            ptr: std::ptr::NonNull::new(ptr).expect("value pointer inside a mapping"),
+            len,
+            _h: std::marker::PhantomData,
+        }
+    }
+
+    /// The raw pointer a helper returns to the program.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copy of the current bytes (may interleave with concurrent writers, as in the kernel).
+    pub fn read(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: ptr..ptr+len lies inside the live mapping held by the handle ('a).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), v.as_mut_ptr(), self.len) };
+        v
+    }
+
+    /// Overwrite the value in place (no change mark: use [`MapHandle::update`] for tracked
+    /// writes, or call [`MapHandle::mark_changed`]).
+    pub fn write(&self, data: &[u8]) {
+        let n = data.len().min(self.len);
+        // SAFETY: bounded by len, inside the live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), n) };
+    }
+
+    /// The 8-byte aligned u64 at `off`, for atomic counters the way programs use them.
+    pub fn atomic_u64(&self, off: usize) -> Option<&'a AtomicU64> {
+        let p = self.ptr.as_ptr().wrapping_add(off);
+        if off.checked_add(8)? > self.len || (p as usize) % 8 != 0 {
+            return None;
+        }
+        // SAFETY: aligned, in bounds, shared memory that lives as long as 'a.
+        Some(unsafe { &*(p as *const AtomicU64) })
+    }
+
+    pub fn atomic_u32(&self, off: usize) -> Option<&'a AtomicU32> {
+        let p = self.ptr.as_ptr().wrapping_add(off);
+        if off.checked_add(4)? > self.len || (p as usize) % 4 != 0 {
+            return None;
+        }
+        // SAFETY: aligned, in bounds, shared memory that lives as long as 'a.
+        Some(unsafe { &*(p as *const AtomicU32) })
+    }
+}
+
+pub(crate) struct MapMeta {
+    name: Arc<str>,
+    def: MapDef,
+    region_off: u64,
+    rings: Option<Arc<Vec<RingMapping>>>,
+}
+
+pub(crate) struct ObjInner {
+    mapping: Mapping,
+    object: String,
+    maps: Vec<MapMeta>,
+    ncpu: u32,
+}
+
+/// An opened (or created) object segment.
+#[derive(Clone)]
+pub struct ShmObject {
+    inner: Arc<ObjInner>,
+    creator: bool,
+}
+
+/// Selects a map by index or by name.
+pub trait MapSel {
+    fn index_in(&self, obj: &ShmObject) -> Option<usize>;
+    fn describe(&self) -> String;
+}
+
+impl MapSel for usize {
+    fn index_in(&self, obj: &ShmObject) -> Option<usize> {
+        (*self < obj.inner.maps.len()).then_some(*self)
+    }
+    fn describe(&self) -> String {
+        format!("#{self}")
+    }
+}
+
+impl MapSel for &str {
+    fn index_in(&self, obj: &ShmObject) -> Option<usize> {
+        obj.inner.maps.iter().position(|m| &*m.name == *self)
+    }
+    fn describe(&self) -> String {
+        format!("`{self}`")
+    }
+}
+
+impl MapSel for &String {
+    fn index_in(&self, obj: &ShmObject) -> Option<usize> {
+        self.as_str().index_in(obj)
+    }
+    fn describe(&self) -> String {
+        format!("`{self}`")
+    }
+}
+
+/// Number of possible CPUs (the per-CPU slot count), from /sys/devices/system/cpu/possible.
+pub fn possible_cpus() -> u32 {
+    let parse = |s: &str| -> Option<u32> {
+        let mut max = 0u32;
+        for part in s.trim().split(',') {
+            let last = part.rsplit('-').next()?;
+            max = max.max(last.trim().parse::<u32>().ok()?);
+        }
+        Some(max + 1)
+    };
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| parse(&s))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
+}
+
+/// The CPU a helper call runs on, as an index into per-CPU slots.
+#[inline]
+pub fn current_cpu(ncpu: u32) -> u32 {
+    // SAFETY: sched_getcpu has no preconditions (vDSO/rseq backed in glibc).
+    let c = unsafe { libc::sched_getcpu() };
+    if c < 0 {
+        0
+    } else {
+        (c as u32) % ncpu.max(1)
+    }
+}
+
+fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
+    if def.name.is_empty() || def.name.len() >= NAME_LEN {
+        return Err(format!("name must be 1..{} bytes", NAME_LEN - 1));
+    }
+    let t = def.map_type;
+    let (k, v, m) = (def.key_size, def.value_size, def.max_entries);
+    if k > 512 || v > (1 << 20) {
+        return Err(format!("key size {k} or value size {v} too large"));
+    }
+    match t {
+        _ if t.is_hash() => {
+            if k == 0 || v == 0 || m == 0 {
+                return Err("hash maps need key_size, value_size and max_entries > 0".into());
+            }
+            if m > (1 << 28) {
+                return Err(format!("max_entries {m} too large"));
+            }
+        }
+        MapType::Array | MapType::PercpuArray => {
+            if k != 4 || v == 0 || m == 0 {
+                return Err("arrays need key_size 4, value_size > 0, max_entries > 0".into());
+            }
+        }
+        MapType::ProgArray | MapType::PerfEventArray => {
+            if k != 4 || v != 4 {
+                return Err(format!("{} needs key_size 4 and value_size 4", t.name()));
+            }
+            if t == MapType::ProgArray && m == 0 {
+                return Err("max_entries must be > 0".into());
+            }
+        }
+        MapType::Ringbuf => {
+            if k != 0 || v != 0 {
+                return Err("ringbuf needs key_size 0 and value_size 0".into());
+            }
+            if !m.is_power_of_two() || u64::from(m) % pg != 0 {
+                return Err(format!(
+                    "ringbuf max_entries {m} must be a power of 2 and a multiple of the page size"
+                ));
+            }
+        }
+        MapType::Queue | MapType::Stack => {
+            if k != 0 || v == 0 || m == 0 {
+                return Err("queue/stack need key_size 0, value_size > 0, max_entries > 0".into());
+            }
+        }
+        _ => unreachable!("all map types covered"),
+    }
+    Ok(())
+}
+
+/// Fills the geometry of a map whose region starts at `off`; returns the region size.
+fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
+    let t = def.map_type;
+    let nslots = if t.is_percpu() { ncpu } else { 1 };
+    let key_stride = round_up(u64::from(def.key_size), 8) as u32;
+    let value_stride = round_up(u64::from(def.value_size), 8) as u32;
+    let ctl = round_up(std::mem::size_of::<MapCtl>() as u64, 64);
+    let mut g = Geometry {
+        map_type: t.as_raw(),
+        key_size: def.key_size,
+        value_size: def.value_size,
+        max_entries: def.max_entries,
+        flags: def.flags,
+        key_stride,
+        value_stride,
+        nslots,
+        n_buckets: 0,
+        pool: 0,
+        elem_size: 0,
+        summary_words: 0,
+        rings: 0,
+        _pad: 0,
+        buckets_off: 0,
+        elems_off: 0,
+        marks_off: 0,
+        summary_off: 0,
+        data_off: 0,
+        data_size: 0,
+    };
+    let mut cur = off + ctl;
+    let summary = |n: u64| n.div_ceil(4096);
+    match t {
+        _ if t.is_hash() => {
+            let m = u64::from(def.max_entries);
+            g.n_buckets = m.next_power_of_two() as u32;
+            // Twice max_entries: room for as many tombstones as live entries before a
+            // forwarder acknowledges them (see hash.rs for what happens beyond).
+            g.pool = (2 * m) as u32;
+            g.elem_size = (16 + u64::from(key_stride) + u64::from(value_stride) * u64::from(nslots))
+                as u32;
+            g.buckets_off = cur;
+            cur += u64::from(g.n_buckets) * 16;
+            cur = round_up(cur, 64);
+            g.summary_off = cur;
+            g.summary_words = summary(u64::from(g.pool)) as u32;
+            cur += u64::from(g.summary_words) * 8;
+            cur = round_up(cur, 64);
+            g.elems_off = cur;
+            cur += u64::from(g.pool) * u64::from(g.elem_size);
+        }
+        MapType::Array | MapType::PercpuArray => {
+            let m = u64::from(def.max_entries);
+            g.marks_off = cur;
+            cur += m * 4;
+            cur = round_up(cur, 64);
+            g.summary_off = cur;
+            g.summary_words = summary(m) as u32;
+            cur += u64::from(g.summary_words) * 8;
+            cur = round_up(cur, 64);
+            g.data_off = cur;
+            g.data_size = m * u64::from(value_stride) * u64::from(nslots);
+            cur += g.data_size;
+        }
+        MapType::ProgArray => {
+            g.data_off = cur;
+            g.data_size = u64::from(def.max_entries) * 4;
+            cur += g.data_size;
+        }
+        MapType::Queue | MapType::Stack => {
+            g.data_off = cur;
+            g.data_size = (u64::from(def.max_entries) + 1) * u64::from(value_stride);
+            cur += g.data_size;
+        }
+        MapType::Ringbuf | MapType::PerfEventArray => {
+            let (rings, data) = if t == MapType::Ringbuf {
+                (1u64, u64::from(def.max_entries))
+            } else {
+                (u64::from(ncpu), PERF_RING_DATA as u64)
+            };
+            g.rings = rings as u32;
+            g.data_size = data;
+            cur = round_up(cur, pg);
+            g.data_off = cur;
+            cur += rings * (2 * pg + data);
+        }
+        _ => unreachable!(),
+    }
+    // Stash the region end in data_size-independent form: the caller rounds to pages.
+    g.summary_words = g.summary_words.max(0);
+    let _ = cur;
+    g
+}
+
+fn region_end(g: &Geometry, off: u64, pg: u64) -> u64 {
+    let t = MapType::from_raw(g.map_type).expect("validated");
+    let end = match t {
+        _ if t.is_hash() => g.elems_off + u64::from(g.pool) * u64::from(g.elem_size),
+        MapType::Ringbuf | MapType::PerfEventArray => {
+            g.data_off + u64::from(g.rings) * (2 * pg + g.data_size)
+        }
+        _ => g.data_off + g.data_size,
+    };
+    round_up(end.max(off + 1), pg)
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl ShmObject {
+    /// Creates the segment of `object` with these maps (fails with EEXIST if it exists).
+    pub fn create(object: &str, defs: &[MapDef]) -> Result<Self, MapError> {
+        Self::create_with(object, defs, &ShmConfig::default())
+    }
+
+    pub fn create_with(object: &str, defs: &[MapDef], cfg: &ShmConfig) -> Result<Self, MapError> {
+        let oerr = |reason: String| MapError::Corrupt {
+            object: object.to_string(),
+            reason,
+        };
+        if !segment::valid_object_name(object) {
+            return Err(oerr(format!(
+                "invalid object name {object:?} (use [A-Za-z0-9_.+-], at most 200 bytes)"
+            )));
+        }
+        let pg = segment::page_size() as u64;
+        let ncpu = possible_cpus();
+        for (i, d) in defs.iter().enumerate() {
+            validate(d, pg).map_err(|reason| MapError::InvalidDef {
+                map: d.name.clone(),
+                reason,
+            })?;
+            if defs[..i].iter().any(|o| o.name == d.name) {
+                return Err(MapError::InvalidDef {
+                    map: d.name.clone(),
+                    reason: "duplicate map name".into(),
+                });
+            }
+        }
+        let defs: Vec<MapDef> = defs
+            .iter()
+            .map(|d| {
+                let mut d = d.clone();
+                if d.map_type == MapType::PerfEventArray && d.max_entries == 0 {
+                    d.max_entries = ncpu;
+                }
+                d
+            })
+            .collect();
+        let maps_off = pg;
+        let progs_off = round_up(
+            maps_off + defs.len() as u64 * std::mem::size_of::<MapRecord>() as u64,
+            pg,
+        );
+        let prog_bytes_off = round_up(
+            progs_off + u64::from(cfg.max_programs) * std::mem::size_of::<ProgRecord>() as u64,
+            pg,
+        );
+        let mut cur = round_up(prog_bytes_off + cfg.program_bytes, pg);
+        let mut geos = Vec::with_capacity(defs.len());
+        for d in &defs {
+            let g = plan_region(d, ncpu, cur, pg);
+            let end = region_end(&g, cur, pg);
+            geos.push((cur, end - cur, g));
+            cur = end;
+        }
+        let total = cur;
+        let path = segment::shm_path(object);
+        let mapping = Mapping::create(object, total as usize, cfg.mode).map_err(|source| {
+            MapError::Segment {
+                object: object.to_string(),
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let base = mapping.base();
+        // SAFETY: the segment is freshly created and sized `total`; nobody else can observe it
+        // before STATE_READY is stored; all offsets below were computed within `total`.
+        unsafe {
+            let h = &mut *(base as *mut SegHeader);
+            h.magic = MAGIC;
+            h.version = VERSION;
+            h.total_size = total;
+            h.creator_pid = lock::current_pid();
+            h.ncpu = ncpu;
+            h.creator_start = segment::process_start_time(h.creator_pid).unwrap_or(0);
+            h.created_unix_ns = unix_ns();
+            h.map_count = defs.len() as u32;
+            h.max_programs = cfg.max_programs;
+            h.maps_off = maps_off;
+            h.progs_off = progs_off;
+            h.prog_bytes_off = prog_bytes_off;
+            h.prog_bytes_cap = cfg.program_bytes;
+            put_str(&mut h.object, object);
+            for (i, (d, (off, size, g))) in defs.iter().zip(geos).enumerate() {
+                let r = &mut *(base.add(maps_off as usize + i * std::mem::size_of::<MapRecord>())
+                    as *mut MapRecord);
+                put_str(&mut r.name, &d.name);
+                r.map_type = d.map_type.as_raw();
+                r.key_size = d.key_size;
+                r.value_size = d.value_size;
+                r.max_entries = d.max_entries;
+                r.flags = d.flags;
+                r.region_off = off;
+                r.region_size = size;
+                let ctl = &mut *(base.add(off as usize) as *mut MapCtl);
+                ctl.geo = g;
+            }
+            h.state.store(STATE_READY, Ordering::Release);
+        }
+        let inner = Self::build_inner(object, mapping).inspect_err(|_| {
+            let _ = segment::unlink(object);
+        })?;
+        tracing::debug!(object, bytes = total, maps = defs.len(), "created shared-memory segment");
+        Ok(Self {
+            inner: Arc::new(inner),
+            creator: true,
+        })
+    }
+
+    /// Opens an existing segment.
+    pub fn open(object: &str) -> Result<Self, MapError> {
+        if !segment::valid_object_name(object) {
+            return Err(MapError::Corrupt {
+                object: object.to_string(),
+                reason: "invalid object name".into(),
+            });
+        }
+        let mapping = Mapping::open(object).map_err(|source| MapError::Segment {
+            object: object.to_string(),
+            path: segment::shm_path(object),
+            source,
+        })?;
+        Ok(Self {
+            inner: Arc::new(Self::build_inner(object, mapping)?),
+            creator: false,
+        })
+    }
+
+    /// Opens the segment if it exists with the same map definitions (a restarted loader keeps
+    /// the maps the targets are using), otherwise creates it.
+    pub fn open_or_create(object: &str, defs: &[MapDef]) -> Result<Self, MapError> {
+        match Self::open(object) {
+            Ok(o) => {
+                let same = o.inner.maps.len() == defs.len()
+                    && o.inner.maps.iter().zip(defs).all(|(m, d)| {
+                        let mut d = d.clone();
+                        if d.map_type == MapType::PerfEventArray && d.max_entries == 0 {
+                            d.max_entries = o.inner.ncpu;
+                        }
+                        m.def == d
+                    });
+                if same {
+                    Ok(o)
+                } else {
+                    Err(MapError::Corrupt {
+                        object: object.to_string(),
+                        reason: "an existing segment has different maps; unload it first".into(),
+                    })
+                }
+            }
+            Err(e) if e.errno() == libc::ENOENT => Self::create(object, defs),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn build_inner(object: &str, mapping: Mapping) -> Result<ObjInner, MapError> {
+        let corrupt = |reason: String| MapError::Corrupt {
+            object: object.to_string(),
+            reason,
+        };
+        let len = mapping.len() as u64;
+        if len < 4096 {
+            return Err(corrupt("segment smaller than its header".into()));
+        }
+        let base = mapping.base();
+        // SAFETY: the mapping is at least one header long; SegHeader is plain data + atomics.
+        let h = unsafe { &*(base as *const SegHeader) };
+        // A creator that has just made the file may still be writing the header.
+        let mut waited = 0;
+        while h.state.load(Ordering::Acquire) != STATE_READY {
+            if waited > 200 {
+                return Err(corrupt("segment never finished initialising".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        if h.magic != MAGIC || h.version != VERSION {
+            return Err(corrupt(format!(
+                "bad magic/version ({:#x}/{}) — not a bpftime-rs v{VERSION} segment",
+                h.magic, h.version
+            )));
+        }
+        if h.total_size != len {
+            return Err(corrupt(format!(
+                "size {len} differs from header {}",
+                h.total_size
+            )));
+        }
+        let rec_size = std::mem::size_of::<MapRecord>() as u64;
+        if h.maps_off + u64::from(h.map_count) * rec_size > len {
+            return Err(corrupt("map registry out of bounds".into()));
+        }
+        let pg = segment::page_size() as u64;
+        let mut maps = Vec::with_capacity(h.map_count as usize);
+        for i in 0..h.map_count as u64 {
+            // SAFETY: bounds checked above.
+            let r = unsafe { &*(base.add((h.maps_off + i * rec_size) as usize) as *const MapRecord) };
+            let name = get_str(&r.name);
+            let Some(map_type) = MapType::from_raw(r.map_type) else {
+                return Err(corrupt(format!("map {name}: unknown type {}", r.map_type)));
+            };
+            let def = MapDef {
+                map_type,
+                key_size: r.key_size,
+                value_size: r.value_size,
+                max_entries: r.max_entries,
+                flags: r.flags,
+                name: name.clone(),
+            };
+            if r.region_off + r.region_size > len || r.region_off % pg != 0 {
+                return Err(corrupt(format!("map {name}: region out of bounds")));
+            }
+            // SAFETY: region bounds checked.
+            let g = unsafe { &(*(base.add(r.region_off as usize) as *const MapCtl)).geo };
+            let end = region_end(g, r.region_off, pg);
+            if end > r.region_off + r.region_size || g.map_type != r.map_type {
+                return Err(corrupt(format!("map {name}: geometry does not fit its region")));
+            }
+            let rings = if g.rings > 0 {
+                let mut v = Vec::with_capacity(g.rings as usize);
+                for ri in 0..u64::from(g.rings) {
+                    let off = g.data_off + ri * (2 * pg + g.data_size);
+                    v.push(
+                        mapping
+                            .map_ring(off as usize, g.data_size as usize)
+                            .map_err(|source| MapError::Segment {
+                                object: object.to_string(),
+                                path: segment::shm_path(object),
+                                source,
+                            })?,
+                    );
+                }
+                Some(Arc::new(v))
+            } else {
+                None
+            };
+            maps.push(MapMeta {
+                name: name.into(),
+                def,
+                region_off: r.region_off,
+                rings,
+            });
+        }
+        Ok(ObjInner {
+            ncpu: h.ncpu,
+            mapping,
+            object: object.to_string(),
+            maps,
+        })
+    }
+
+    fn header(&self) -> &SegHeader {
+        // SAFETY: validated in build_inner; lives as long as the mapping.
+        unsafe { &*(self.inner.mapping.base() as *const SegHeader) }
+    }
+
+    pub fn object_name(&self) -> &str {
+        &self.inner.object
+    }
+
+    /// Whether this handle created the segment.
+    pub fn is_creator(&self) -> bool {
+        self.creator
+    }
+
+    pub fn creator_pid(&self) -> u32 {
+        self.header().creator_pid
+    }
+
+    /// Per-CPU slot count recorded by the creator (all processes index by it).
+    pub fn ncpu(&self) -> u32 {
+        self.inner.ncpu
+    }
+
+    pub fn map_count(&self) -> usize {
+        self.inner.maps.len()
+    }
+
+    pub fn map_defs(&self) -> Vec<MapDef> {
+        self.inner.maps.iter().map(|m| m.def.clone()).collect()
+    }
+
+    /// A handle on a map by index or name.
+    pub fn map(&self, sel: impl MapSel) -> Result<MapHandle, MapError> {
+        let idx = sel.index_in(self).ok_or_else(|| MapError::NoSuchMap {
+            object: self.inner.object.clone(),
+            map: sel.describe(),
+        })?;
+        let m = &self.inner.maps[idx];
+        let base = self.inner.mapping.base();
+        Ok(MapHandle {
+            // SAFETY: region bounds validated in build_inner.
+            ctl: unsafe { base.add(m.region_off as usize) } as *const MapCtl,
+            base,
+            def: m.def.clone(),
+            name: m.name.clone(),
+            rings: m.rings.clone(),
+            ncpu: self.inner.ncpu,
+            _obj: self.inner.clone(),
+        })
+    }
+
+    pub fn maps(&self) -> Vec<MapHandle> {
+        (0..self.map_count())
+            .filter_map(|i| self.map(i).ok())
+            .collect()
+    }
+
+    /// Unlinks this object's segment (mappings stay valid until every process drops them).
+    pub fn remove(&self) -> Result<(), MapError> {
+        remove_object(&self.inner.object)
+    }
+}
+
+/// Every bpftime-rs segment in /dev/shm.
+pub fn list_segments() -> io::Result<Vec<SegmentInfo>> {
+    let mut out = Vec::new();
+    for object in segment::list_object_names()? {
+        let path = segment::shm_path(&object);
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let mut info = SegmentInfo {
+            object: object.clone(),
+            path,
+            size,
+            creator_pid: 0,
+            creator_alive: false,
+            maps: Vec::new(),
+            unreadable: None,
+        };
+        match ShmObject::open(&object) {
+            Ok(o) => {
+                let h = o.header();
+                info.creator_pid = h.creator_pid;
+                info.creator_alive = segment::process_start_time(h.creator_pid)
+                    .is_some_and(|t| h.creator_start == 0 || t == h.creator_start);
+                info.maps = o.inner.maps.iter().map(|m| m.name.to_string()).collect();
+            }
+            Err(e) => info.unreadable = Some(e.to_string()),
+        }
+        out.push(info);
+    }
+    Ok(out)
+}
+
+/// Unlinks the segment of `object`.
+pub fn remove_object(object: &str) -> Result<(), MapError> {
+    if !segment::valid_object_name(object) {
+        return Err(MapError::Corrupt {
+            object: object.to_string(),
+            reason: "invalid object name".into(),
+        });
+    }
+    segment::unlink(object).map_err(|source| MapError::Segment {
+        object: object.to_string(),
+        path: segment::shm_path(object),
+        source,
+    })
+}
+
+/// Segments whose creating loader is gone (or whose header is unreadable).
+pub fn find_stale() -> io::Result<Vec<SegmentInfo>> {
+    Ok(list_segments()?
+        .into_iter()
+        .filter(|s| !s.creator_alive)
+        .collect())
+}
+
+/// A map of an opened object. Cheap to clone; keeps the segment mapped.
+#[derive(Clone)]
+pub struct MapHandle {
+    ctl: *const MapCtl,
+    base: *mut u8,
+    def: MapDef,
+    name: Arc<str>,
+    rings: Option<Arc<Vec<RingMapping>>>,
+    ncpu: u32,
+    _obj: Arc<ObjInner>,
+}
+
+// SAFETY: the raw pointers point into the mapping kept alive by `_obj`; everything reached
+// through them is shared memory designed for concurrent use from many processes.
+unsafe impl Send for MapHandle {}
+// SAFETY: as above.
+unsafe impl Sync for MapHandle {}
+
+impl std::fmt::Debug for MapHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapHandle").field("def", &self.def).finish()
+    }
+}
+
+impl MapHandle {
+    #[inline]
+    pub(crate) fn ctl(&self) -> &MapCtl {
+        // SAFETY: ctl points at this map's control block inside the live mapping.
+        unsafe { &*self.ctl }
+    }
+
+    #[inline]
+    pub(crate) fn at(&self, off: u64) -> *mut u8 {
+        // SAFETY: callers pass offsets computed from the validated geometry.
+        unsafe { self.base.add(off as usize) }
+    }
+
+    #[inline]
+    pub(crate) fn err(&self, op: &'static str, errno: i32) -> MapError {
+        MapError::Op {
+            map: self.name.clone(),
+            op,
+            errno,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn count(&self, c: usize) {
+        self.ctl().counters.c[c].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn def(&self) -> &MapDef {
+        &self.def
+    }
+
+    pub fn map_type(&self) -> MapType {
+        self.def.map_type
+    }
+
+    pub fn ncpu(&self) -> u32 {
+        self.ncpu
+    }
+
+    fn check_key(&self, op: &'static str, key: &[u8]) -> Result<(), MapError> {
+        if key.len() != self.def.key_size as usize {
+            return Err(self.err(op, libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Looks a key up and hands out a pointer to its value (for per-CPU maps: the slot of the
+    /// current CPU). Marks the entry (the program may write through the pointer).
+    #[inline]
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<ValuePtr<'_>>, MapError> {
+        let cpu = if self.def.map_type.is_percpu() {
+            current_cpu(self.ncpu)
+        } else {
+            0
+        };
+        self.lookup_cpu(key, cpu)
+    }
+
+    /// As [`lookup`](Self::lookup) for a given CPU slot.
+    pub fn lookup_cpu(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
+        self.check_key("lookup", key)?;
+        let t = self.def.map_type;
+        if cpu >= self.ctl().geo.nslots {
+            return Err(self.err("lookup", libc::EINVAL));
+        }
+        let p = if t.is_hash() {
+            self.hash_lookup(key, cpu)
+        } else if t.is_array() {
+            self.array_lookup(key, cpu)
+        } else {
+            // prog/perf arrays, queues, stacks and ringbufs hand out no value pointers.
+            return Err(self.err("lookup", libc::ENOTSUP));
+        };
+        Ok(p.map(|p| ValuePtr::new(p, self.def.value_size as usize)))
+    }
+
+    /// Copy of the value (all CPU slots for per-CPU maps), without marking the entry.
+    pub fn get(&self, key: &[u8]) -> Result<Option<EntryValue>, MapError> {
+        self.check_key("lookup", key)?;
+        let t = self.def.map_type;
+        if t.is_hash() {
+            Ok(self.hash_get(key))
+        } else if t.is_array() {
+            Ok(self.array_get(key))
+        } else if t == MapType::ProgArray {
+            Ok(self
+                .prog_array_get(u32::from_le_bytes(key.try_into().expect("key_size 4")))
+                .map(|v| EntryValue::Single(v.to_le_bytes().to_vec())))
+        } else {
+            Err(self.err("lookup", libc::ENOTSUP))
+        }
+    }
+
+    /// Kernel `map_update_elem` as called by a program (per-CPU maps: the current CPU's slot;
+    /// a new per-CPU entry has its other slots zeroed).
+    pub fn update(&self, key: &[u8], value: &[u8], flags: u64) -> Result<(), MapError> {
+        self.check_key("update", key)?;
+        if value.len() != self.def.value_size as usize {
+            return Err(self.err("update", libc::EINVAL));
+        }
+        let cpu = if self.def.map_type.is_percpu() {
+            Some(current_cpu(self.ncpu))
+        } else {
+            None
+        };
+        self.update_inner(key, value, flags, cpu)
+    }
+
+    /// Userspace-style update of a per-CPU map: `values` holds `ncpu` values, each padded to a
+    /// multiple of 8 bytes (the kernel syscall's layout). Non-per-CPU maps take one value.
+    pub fn update_percpu(&self, key: &[u8], values: &[u8], flags: u64) -> Result<(), MapError> {
+        self.check_key("update", key)?;
+        let g = &self.ctl().geo;
+        if values.len() != (g.value_stride * g.nslots) as usize && !(g.nslots == 1 && values.len() == g.value_size as usize) {
+            return Err(self.err("update", libc::EINVAL));
+        }
+        if g.nslots == 1 {
+            return self.update_inner(key, &values[..g.value_size as usize], flags, None);
+        }
+        self.update_inner(key, values, flags, None)
+    }
+
+    fn update_inner(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        flags: u64,
+        cpu: Option<u32>,
+    ) -> Result<(), MapError> {
+        let t = self.def.map_type;
+        if t.is_hash() {
+            self.hash_update(key, value, flags, cpu)
+        } else if t.is_array() {
+            self.array_update(key, value, flags, cpu)
+        } else if t == MapType::ProgArray {
+            self.prog_array_update(key, value, flags)
+        } else if matches!(t, MapType::Queue | MapType::Stack) {
+            self.push(value, flags)
+        } else {
+            Err(self.err("update", libc::ENOTSUP))
+        }
+    }
+
+    /// Kernel `map_delete_elem`.
+    pub fn delete(&self, key: &[u8]) -> Result<(), MapError> {
+        self.check_key("delete", key)?;
+        let t = self.def.map_type;
+        if t.is_hash() {
+            self.hash_delete(key)
+        } else if t.is_array() {
+            Err(self.err("delete", libc::EINVAL))
+        } else if t == MapType::ProgArray {
+            self.prog_array_delete(key)
+        } else {
+            Err(self.err("delete", libc::ENOTSUP))
+        }
+    }
+
+    /// Every entry (hash: live entries; arrays: every index; queue/stack: queued values in
+    /// pop order with empty keys; prog arrays: set slots). Does not mark anything.
+    pub fn iter(&self) -> Vec<Entry> {
+        let t = self.def.map_type;
+        if t.is_hash() {
+            self.hash_entries()
+        } else if t.is_array() {
+            self.array_entries()
+        } else if t == MapType::ProgArray {
+            self.prog_array_entries()
+        } else if matches!(t, MapType::Queue | MapType::Stack) {
+            self.queue_entries()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Live entry count (hash maps: O(1); others: as listed).
+    pub fn len(&self) -> usize {
+        let t = self.def.map_type;
+        if t.is_hash() {
+            self.ctl().alloc.count.load(Ordering::Relaxed) as usize
+        } else if matches!(t, MapType::Queue | MapType::Stack) {
+            self.queue_len()
+        } else {
+            self.iter().len()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn counters(&self) -> MapCounters {
+        let c = &self.ctl().counters.c;
+        let g = |i: usize| c[i].load(Ordering::Relaxed);
+        let a = &self.ctl().alloc;
+        MapCounters {
+            entries: if matches!(self.def.map_type, MapType::Queue | MapType::Stack) {
+                self.queue_len() as u64
+            } else {
+                u64::from(a.count.load(Ordering::Relaxed))
+            },
+            tombstones: u64::from(a.tombs.load(Ordering::Relaxed)),
+            deletes: g(ctr::DELETES),
+            updates: g(ctr::UPDATES),
+            full: g(ctr::FULL),
+            evictions: g(ctr::EVICTIONS),
+            tombstones_dropped: g(ctr::TOMBS_DROPPED),
+            lost: g(ctr::LOST) + self.ring_lost(),
+            pushes: g(ctr::PUSHES),
+            pops: g(ctr::POPS),
+            recoveries: g(ctr::RECOVERIES),
+            dead_records: g(ctr::DEAD_RECORDS),
+        }
+    }
+
+    /// Sixteen u64 slots in shared memory reserved for the sync forwarder's counters (sent,
+    /// confirmed, failed, pending, oldest pending age, ...) so `bpftime-rs maps` in another
+    /// process can show them.
+    pub fn sync_counters(&self) -> &[AtomicU64; SYNC_SLOTS] {
+        &self.ctl().counters.sync
+    }
+}

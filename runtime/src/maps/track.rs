@@ -1,0 +1,244 @@
+//! Change tracking for the sync forwarder (issue 10).
+//!
+//! Every entry has a mark word. Marks are set by update and delete (`MARK_CHANGED`, one
+//! `fetch_or`) and by every lookup that hands out a value pointer (`MARK_LOOKUP`, a relaxed load
+//! and, only when the bit is not yet set, a `fetch_or`): no waiting, no allocation, and in the
+//! steady state (entry already marked, forwarder not yet there) just one load of a cache line
+//! the lookup touches anyway. A two-level summary (one bit per 64 entries, then a map-wide dirty
+//! flag) lets the forwarder skip unchanged parts without scanning every entry.
+//!
+//! Protocol for the forwarder: [`MapHandle::drain_changes`] clears each mark *before* reading
+//! the entry's current key and value, so a write that lands after the read marks again. A
+//! lookup mark is set before the program writes through the pointer, so an entry reported
+//! with [`ChangeKind::pointer_handed_out`] should be read once more on a later pass
+//! ([`MapHandle::read_slot`]) after the programs' run time has passed. Deleted hash entries stay
+//! as tombstones (invisible to lookups) until [`MapHandle::ack_deleted`]; enable that with
+//! [`MapHandle::set_track_deletes`].
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::layout::*;
+use super::{EntryValue, MapHandle, MapType};
+
+/// What the marks said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeKind(pub u32);
+
+impl ChangeKind {
+    /// Updated or deleted through the map API.
+    pub fn changed(self) -> bool {
+        self.0 & MARK_CHANGED != 0
+    }
+
+    /// A lookup handed out a value pointer: the value may still change without a new mark.
+    pub fn pointer_handed_out(self) -> bool {
+        self.0 & MARK_LOOKUP != 0
+    }
+}
+
+/// A marked entry as the forwarder reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Element slot (hash) or index (array): pass back to `read_slot` / `ack_deleted`.
+    pub slot: u32,
+    /// Element generation, to acknowledge exactly this tombstone.
+    pub generation: u32,
+    pub kind: ChangeKind,
+    pub key: Vec<u8>,
+    /// Current value; `None` when the entry is deleted (a tombstone).
+    pub value: Option<EntryValue>,
+}
+
+impl MapHandle {
+    #[inline]
+    pub(crate) fn summary_word(&self, slot: u32) -> &AtomicU64 {
+        let g = &self.ctl().geo;
+        let w = (slot / 4096) as usize;
+        debug_assert!(w < g.summary_words as usize);
+        // SAFETY: summary_off..+summary_words*8 lies in this map's region; w is in range for
+        // any valid slot.
+        unsafe { &*(self.at(g.summary_off) as *const AtomicU64).add(w) }
+    }
+
+    #[inline]
+    pub(crate) fn mark_word(&self, slot: u32) -> &AtomicU32 {
+        let g = &self.ctl().geo;
+        if MapType::from_raw(g.map_type).is_some_and(|t| t.is_hash()) {
+            &self.elem(slot).mark
+        } else {
+            // SAFETY: marks_off..+max_entries*4 lies in this map's region; callers pass
+            // slot < max_entries.
+            unsafe { &*(self.at(g.marks_off) as *const AtomicU32).add(slot as usize) }
+        }
+    }
+
+    /// Sets `bits` on a mark word; cheap when they are already set.
+    #[inline]
+    pub(crate) fn mark_soft(&self, slot: u32, w: &AtomicU32, bits: u32) {
+        if w.load(Ordering::Relaxed) & bits != bits {
+            self.mark_slow(slot, w, bits);
+        }
+    }
+
+    /// Always publishes (used after a write, where the forwarder must see the new value).
+    #[inline]
+    pub(crate) fn mark_hard(&self, slot: u32, w: &AtomicU32, bits: u32) {
+        self.mark_slow(slot, w, bits);
+    }
+
+    #[cold]
+    fn mark_slow(&self, slot: u32, w: &AtomicU32, bits: u32) {
+        // SeqCst RMWs on both levels: with the forwarder's swaps in the other order, one of the
+        // two sides always sees the other's write (no mark is ever stranded below a clear
+        // summary bit).
+        w.fetch_or(bits, Ordering::SeqCst);
+        if bits & MARKS == 0 {
+            return;
+        }
+        let s = self.summary_word(slot);
+        let bit = 1u64 << ((slot / 64) % 64);
+        if s.load(Ordering::SeqCst) & bit == 0 {
+            s.fetch_or(bit, Ordering::SeqCst);
+        }
+        let d = &self.ctl().dirty.dirty;
+        if d.load(Ordering::SeqCst) == 0 {
+            d.fetch_or(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Explicitly marks an entry changed (e.g. after a CLI write through a [`super::ValuePtr`]).
+    pub fn mark_changed(&self, key: &[u8]) -> bool {
+        let t = self.def.map_type;
+        let slot = if t.is_hash() {
+            self.hash_find_slot(key)
+        } else if t.is_array() && key.len() == 4 {
+            let i = u32::from_le_bytes(key.try_into().expect("len 4"));
+            (i < self.def.max_entries).then_some(i)
+        } else {
+            None
+        };
+        match slot {
+            Some(s) => {
+                self.mark_hard(s, self.mark_word(s), MARK_CHANGED);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any entry was marked since the last drain (cheap poll for the forwarder).
+    pub fn has_changes(&self) -> bool {
+        self.ctl().dirty.dirty.load(Ordering::Acquire) != 0
+    }
+
+    /// Number of drain passes so far (lets a forwarder age its re-read list).
+    pub fn drain_epoch(&self) -> u64 {
+        self.ctl().dirty.epoch.load(Ordering::Relaxed)
+    }
+
+    fn slot_count(&self) -> u32 {
+        let g = &self.ctl().geo;
+        if self.def.map_type.is_hash() {
+            g.next_fresh_bound(self)
+        } else {
+            g.max_entries
+        }
+    }
+
+    /// Calls `f` for each marked entry with its current state, clearing the marks first.
+    /// Returns how many changes were reported. Only hash and array maps carry marks.
+    pub fn drain_changes(&self, mut f: impl FnMut(Change)) -> usize {
+        let t = self.def.map_type;
+        if !(t.is_hash() || t.is_array()) {
+            return 0;
+        }
+        let d = &self.ctl().dirty;
+        if d.dirty.swap(0, Ordering::SeqCst) == 0 {
+            return 0;
+        }
+        d.epoch.fetch_add(1, Ordering::Relaxed);
+        let g = &self.ctl().geo;
+        let limit = self.slot_count();
+        let mut n = 0;
+        for w in 0..g.summary_words {
+            let s = self.summary_word(w * 4096);
+            let mut bits = s.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let first = w * 4096 + b * 64;
+                for slot in first..(first + 64).min(limit) {
+                    let m = self.mark_word(slot).fetch_and(!MARKS, Ordering::SeqCst);
+                    if m & MARKS == 0 {
+                        continue;
+                    }
+                    if let Some(mut c) = self.read_slot(slot) {
+                        c.kind = ChangeKind(m & MARKS);
+                        f(c);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Every live entry as a change (a full resync, e.g. after a loader restart or after
+    /// [`take_resync_needed`](Self::take_resync_needed) says tombstones were dropped).
+    pub fn snapshot_changes(&self, mut f: impl FnMut(Change)) -> usize {
+        let t = self.def.map_type;
+        if !(t.is_hash() || t.is_array()) {
+            return 0;
+        }
+        let mut n = 0;
+        for slot in 0..self.slot_count() {
+            if let Some(c) = self.read_slot(slot) {
+                if c.value.is_some() {
+                    f(c);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The current state of one slot (`None` for a free hash element).
+    pub fn read_slot(&self, slot: u32) -> Option<Change> {
+        let t = self.def.map_type;
+        if t.is_hash() {
+            if slot >= self.ctl().geo.pool {
+                return None;
+            }
+            self.hash_read_slot(slot)
+        } else if t.is_array() {
+            if slot >= self.def.max_entries {
+                return None;
+            }
+            Some(Change {
+                slot,
+                generation: 0,
+                kind: ChangeKind(0),
+                key: slot.to_le_bytes().to_vec(),
+                value: Some(self.array_value_at(slot)),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Whether tombstones were dropped unacknowledged (then a full resync is needed); clears
+    /// the flag.
+    pub fn take_resync_needed(&self) -> bool {
+        self.ctl().dirty.resync.swap(0, Ordering::AcqRel) != 0
+    }
+}
+
+impl Geometry {
+    fn next_fresh_bound(&self, h: &MapHandle) -> u32 {
+        h.ctl()
+            .alloc
+            .next_fresh
+            .load(Ordering::Acquire)
+            .min(self.pool)
+    }
+}

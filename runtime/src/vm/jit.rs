@@ -1,0 +1,842 @@
+//! x86_64 JIT for the verified path.
+//!
+//! Register mapping follows the kernel's `bpf_jit_comp.c`: r0=rax, r1=rdi, r2=rsi, r3=rdx,
+//! r4=rcx, r5=r8, r6=rbx, r7=r13, r8=r14, r9=r15, r10=rbp. r12 holds the run environment
+//! ([`JitEnv`]); r9, r10 and r11 are scratch. Every BPF function (main program and each
+//! subprogram) is a native function with its own 512-byte stack frame that saves r6-r10.
+//! Memory accesses are unchecked: only run programs that the kernel verifier accepted (or that
+//! are otherwise known to touch only valid memory).
+
+use std::sync::Arc;
+
+use super::error::{HelperError, VmError};
+use super::helpers::{CallContext, Helpers};
+use super::insn::*;
+use super::memory::MemoryMap;
+use super::program::{
+    Program, FUNC_PTR_MASK, FUNC_PTR_TAG, MAX_CALL_FRAMES, MAX_TAIL_CALLS, STACK_SIZE,
+};
+
+const RAX: u8 = 0;
+const RCX: u8 = 1;
+const RDX: u8 = 2;
+const RBX: u8 = 3;
+const RSP: u8 = 4;
+const RBP: u8 = 5;
+const R9: u8 = 9;
+const R10: u8 = 10;
+const R11: u8 = 11;
+const R12: u8 = 12;
+const R13: u8 = 13;
+const R14: u8 = 14;
+const R15: u8 = 15;
+
+/// BPF register -> x86 register.
+const REG: [u8; 11] = [RAX, 7, 6, RDX, RCX, 8, RBX, R13, R14, R15, RBP];
+
+// Condition codes.
+const CC_B: u8 = 0x2;
+const CC_AE: u8 = 0x3;
+const CC_E: u8 = 0x4;
+const CC_NE: u8 = 0x5;
+const CC_BE: u8 = 0x6;
+const CC_A: u8 = 0x7;
+const CC_L: u8 = 0xc;
+const CC_GE: u8 = 0xd;
+const CC_LE: u8 = 0xe;
+const CC_G: u8 = 0xf;
+
+// Status codes written to `JitEnv::status`.
+const ST_OK: u32 = 0;
+const ST_HELPER_ERR: u32 = 1;
+const ST_TAIL_CALL: u32 = 2;
+const ST_DEPTH: u32 = 3;
+const ST_BAD_CALLX: u32 = 4;
+
+// Offsets of the fields of `JitEnv` the generated code touches.
+const ENV_SAVED_RSP: i32 = 0;
+const ENV_STATUS: i32 = 8;
+const ENV_PC: i32 = 12;
+const ENV_HELPER_ID: i32 = 16;
+const ENV_DEPTH: i32 = 20;
+const ENV_AUX: i32 = 24;
+
+/// State shared between the generated code and the helper trampoline.
+#[repr(C)]
+struct JitEnv<'h, 'm> {
+    saved_rsp: u64,
+    status: u32,
+    pc: u32,
+    helper_id: u32,
+    depth: u32,
+    aux: u64,
+    helpers: *mut (dyn Helpers + 'h),
+    mem: *mut MemoryMap<'m>,
+    error: Option<VmError>,
+    tail: Option<(Arc<Program>, u64)>,
+}
+
+type Label = usize;
+
+struct Emitter {
+    buf: Vec<u8>,
+    labels: Vec<Option<usize>>,
+    fixups: Vec<(usize, Label)>,
+}
+
+impl Emitter {
+    fn byte(&mut self, b: u8) {
+        self.buf.push(b);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    fn imm32(&mut self, v: i32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn new_label(&mut self) -> Label {
+        self.labels.push(None);
+        self.labels.len() - 1
+    }
+    fn bind(&mut self, l: Label) {
+        self.labels[l] = Some(self.buf.len());
+    }
+    fn rel32(&mut self, l: Label) {
+        self.fixups.push((self.buf.len(), l));
+        self.imm32(0);
+    }
+    fn rex(&mut self, w: bool, r: u8, x: u8, b: u8, force: bool) {
+        let v = 0x40 | ((w as u8) << 3) | (((r >> 3) & 1) << 2) | (((x >> 3) & 1) << 1) | ((b >> 3) & 1);
+        if v != 0x40 || force {
+            self.byte(v);
+        }
+    }
+    /// `op reg, rm` with a register operand in r/m.
+    fn rr(&mut self, w: bool, op: &[u8], reg: u8, rm: u8) {
+        self.rex(w, reg, 0, rm, false);
+        self.bytes(op);
+        self.byte(0xc0 | ((reg & 7) << 3) | (rm & 7));
+    }
+    /// Like `rr` but forces a REX prefix so byte registers 4-7 mean spl/bpl/sil/dil.
+    fn rr_byte(&mut self, w: bool, op: &[u8], reg: u8, rm: u8) {
+        let force = (4..8).contains(&reg) || (4..8).contains(&rm);
+        self.rex(w, reg, 0, rm, force);
+        self.bytes(op);
+        self.byte(0xc0 | ((reg & 7) << 3) | (rm & 7));
+    }
+    /// `[prefix] op reg, [base+disp32]`.
+    fn mem(&mut self, prefix: &[u8], w: bool, op: &[u8], reg: u8, base: u8, disp: i32, force: bool) {
+        self.bytes(prefix);
+        self.rex(w, reg, 0, base, force);
+        self.bytes(op);
+        self.byte(0x80 | ((reg & 7) << 3) | (base & 7));
+        if base & 7 == 4 {
+            self.byte(0x24);
+        }
+        self.imm32(disp);
+    }
+    fn mov_rr(&mut self, w: bool, dst: u8, src: u8) {
+        self.rr(w, &[0x89], src, dst);
+    }
+    fn alu_rr(&mut self, w: bool, op: u8, dst: u8, src: u8) {
+        self.rr(w, &[op], src, dst);
+    }
+    fn alu_ri(&mut self, w: bool, ext: u8, dst: u8, imm: i32) {
+        self.rr(w, &[0x81], ext, dst);
+        self.imm32(imm);
+    }
+    fn mov_ri32(&mut self, dst: u8, imm: u32) {
+        self.rex(false, 0, 0, dst, false);
+        self.byte(0xb8 + (dst & 7));
+        self.imm32(imm as i32);
+    }
+    fn mov_ri64(&mut self, dst: u8, imm: u64) {
+        if imm <= u32::MAX as u64 {
+            self.mov_ri32(dst, imm as u32);
+        } else if imm as i64 >= i32::MIN as i64 && imm as i64 <= i32::MAX as i64 {
+            self.rr(true, &[0xc7], 0, dst);
+            self.imm32(imm as i32);
+        } else {
+            self.rex(true, 0, 0, dst, false);
+            self.byte(0xb8 + (dst & 7));
+            self.bytes(&imm.to_le_bytes());
+        }
+    }
+    fn push(&mut self, r: u8) {
+        self.rex(false, 0, 0, r, false);
+        self.byte(0x50 + (r & 7));
+    }
+    fn pop(&mut self, r: u8) {
+        self.rex(false, 0, 0, r, false);
+        self.byte(0x58 + (r & 7));
+    }
+    fn jmp(&mut self, l: Label) {
+        self.byte(0xe9);
+        self.rel32(l);
+    }
+    fn jcc(&mut self, cc: u8, l: Label) {
+        self.bytes(&[0x0f, 0x80 + cc]);
+        self.rel32(l);
+    }
+    fn call_label(&mut self, l: Label) {
+        self.byte(0xe8);
+        self.rel32(l);
+    }
+    fn call_reg(&mut self, r: u8) {
+        self.rr(false, &[0xff], 2, r);
+    }
+    fn env_store_imm(&mut self, off: i32, v: u32) {
+        self.mem(&[], false, &[0xc7], 0, R12, off, false);
+        self.imm32(v as i32);
+    }
+    fn env_store_r32(&mut self, off: i32, r: u8) {
+        self.mem(&[], false, &[0x89], r, R12, off, false);
+    }
+}
+
+/// Compiled native code of a program.
+pub struct JitProgram {
+    code: *mut u8,
+    size: usize,
+    /// Native entry of each instruction that starts a function (for `callx`); 0 elsewhere.
+    _func_table: Box<[u64]>,
+}
+
+// SAFETY: the code mapping is immutable (read+execute) after `compile` and the function table is
+// never written after it; sharing them between threads is sound.
+unsafe impl Send for JitProgram {}
+// SAFETY: as above, no interior mutability.
+unsafe impl Sync for JitProgram {}
+
+impl std::fmt::Debug for JitProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JitProgram").field("size", &self.size).finish()
+    }
+}
+
+impl Drop for JitProgram {
+    fn drop(&mut self) {
+        // SAFETY: `code`/`size` come from a successful mmap in `compile` and are unmapped once.
+        unsafe {
+            libc::munmap(self.code as *mut libc::c_void, self.size);
+        }
+    }
+}
+
+type EntryFn = unsafe extern "C" fn(u64, u64, u64, u64, u64, *mut JitEnv<'_, '_>) -> u64;
+
+impl JitProgram {
+    /// Compile a validated program to native code.
+    pub fn compile(prog: &Program) -> Result<Self, VmError> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(VmError::Jit("the JIT supports x86_64 only".into()));
+        }
+        let insns = prog.insns();
+        let n = insns.len();
+        let mut func_table = vec![0u64; n].into_boxed_slice();
+        let table_addr = func_table.as_mut_ptr() as u64;
+        let mut e = Emitter {
+            buf: Vec::with_capacity(n * 16 + 256),
+            labels: vec![None; n],
+            fixups: Vec::new(),
+        };
+        let outer_ret = e.new_label();
+        let abort = e.new_label();
+        // Outer entry: SysV arguments rdi..r8 are r1..r5 already; r9 = env.
+        for r in [RBX, RBP, R12, R13, R14, R15] {
+            e.push(r);
+        }
+        e.alu_ri(true, 5, RSP, 8); // sub rsp, 8 (align)
+        e.mov_rr(true, R12, R9);
+        e.mem(&[], true, &[0x89], RSP, R12, ENV_SAVED_RSP, false);
+        e.alu_rr(false, 0x31, RAX, RAX);
+        e.call_label(0);
+        e.bind(outer_ret);
+        e.alu_ri(true, 0, RSP, 8);
+        for r in [R15, R14, R13, R12, RBP, RBX] {
+            e.pop(r);
+        }
+        e.byte(0xc3);
+        e.bind(abort);
+        e.mem(&[], true, &[0x8b], RSP, R12, ENV_SAVED_RSP, false);
+        e.jmp(outer_ret);
+
+        let tramp = helper_trampoline as *const () as usize as u64;
+        let funcs = prog.functions();
+        let mut pc = 0;
+        while pc < n {
+            let i = insns[pc];
+            e.bind(pc);
+            if funcs.contains(&pc) {
+                // Function prologue: save r6-r10, allocate the frame.
+                for r in [RBX, R13, R14, R15, RBP] {
+                    e.push(r);
+                }
+                e.alu_ri(true, 5, RSP, STACK_SIZE as i32);
+                e.mem(&[], true, &[0x8d], RBP, RSP, STACK_SIZE as i32, false);
+            }
+            pc += 1;
+            let dst = REG[i.dst as usize];
+            let src = REG[i.src as usize];
+            let class = i.class();
+            match class {
+                BPF_ALU | BPF_ALU64 => emit_alu(&mut e, &i, dst, src),
+                BPF_LD => {
+                    let v = (i.imm as u32 as u64) | ((insns[pc].imm as u32 as u64) << 32);
+                    e.mov_ri64(dst, v);
+                    pc += 1;
+                }
+                BPF_LDX => {
+                    let off = i.off as i32;
+                    match (i.mode() == BPF_MEMSX, i.size()) {
+                        (false, BPF_B) => e.mem(&[], false, &[0x0f, 0xb6], dst, src, off, false),
+                        (false, BPF_H) => e.mem(&[], false, &[0x0f, 0xb7], dst, src, off, false),
+                        (false, BPF_W) => e.mem(&[], false, &[0x8b], dst, src, off, false),
+                        (false, _) => e.mem(&[], true, &[0x8b], dst, src, off, false),
+                        (true, BPF_B) => e.mem(&[], true, &[0x0f, 0xbe], dst, src, off, false),
+                        (true, BPF_H) => e.mem(&[], true, &[0x0f, 0xbf], dst, src, off, false),
+                        (true, _) => e.mem(&[], true, &[0x63], dst, src, off, false),
+                    }
+                }
+                BPF_ST => {
+                    let off = i.off as i32;
+                    match i.size() {
+                        BPF_B => {
+                            e.mem(&[], false, &[0xc6], 0, dst, off, false);
+                            e.byte(i.imm as u8);
+                        }
+                        BPF_H => {
+                            e.mem(&[0x66], false, &[0xc7], 0, dst, off, false);
+                            e.bytes(&(i.imm as u16).to_le_bytes());
+                        }
+                        BPF_W => {
+                            e.mem(&[], false, &[0xc7], 0, dst, off, false);
+                            e.imm32(i.imm);
+                        }
+                        _ => {
+                            e.mem(&[], true, &[0xc7], 0, dst, off, false);
+                            e.imm32(i.imm);
+                        }
+                    }
+                }
+                BPF_STX => {
+                    let off = i.off as i32;
+                    if i.mode() == BPF_ATOMIC {
+                        emit_atomic(&mut e, &i, dst, src);
+                    } else {
+                        match i.size() {
+                            BPF_B => {
+                                let force = (4..8).contains(&src);
+                                e.mem(&[], false, &[0x88], src, dst, off, force)
+                            }
+                            BPF_H => e.mem(&[0x66], false, &[0x89], src, dst, off, false),
+                            BPF_W => e.mem(&[], false, &[0x89], src, dst, off, false),
+                            _ => e.mem(&[], true, &[0x89], src, dst, off, false),
+                        }
+                    }
+                }
+                _ => {
+                    let is32 = class == BPF_JMP32;
+                    match i.op() {
+                        BPF_JA => {
+                            let off = if is32 { i.imm as i64 } else { i.off as i64 };
+                            e.jmp((pc as i64 + off) as usize);
+                        }
+                        BPF_EXIT => {
+                            e.alu_ri(true, 0, RSP, STACK_SIZE as i32);
+                            for r in [RBP, R15, R14, R13, RBX] {
+                                e.pop(r);
+                            }
+                            e.byte(0xc3);
+                        }
+                        BPF_CALL => {
+                            let cur = (pc - 1) as u32;
+                            if i.is_reg_src() {
+                                emit_callx(&mut e, dst, cur, n, table_addr, tramp, abort);
+                            } else if i.src == BPF_PSEUDO_CALL {
+                                let t = (pc as i64 + i.imm as i64) as usize;
+                                emit_local_call(&mut e, cur, abort, |e| e.call_label(t));
+                            } else {
+                                e.env_store_imm(ENV_HELPER_ID, i.imm as u32);
+                                emit_helper_call(&mut e, cur, tramp, abort);
+                            }
+                        }
+                        op => {
+                            let w = !is32;
+                            if i.is_reg_src() {
+                                let opb = if op == BPF_JSET { 0x85 } else { 0x39 };
+                                e.alu_rr(w, opb, dst, src);
+                            } else if op == BPF_JSET {
+                                e.rr(w, &[0xf7], 0, dst);
+                                e.imm32(i.imm);
+                            } else {
+                                e.alu_ri(w, 7, dst, i.imm);
+                            }
+                            let cc = match op {
+                                BPF_JEQ => CC_E,
+                                BPF_JNE | BPF_JSET => CC_NE,
+                                BPF_JGT => CC_A,
+                                BPF_JGE => CC_AE,
+                                BPF_JLT => CC_B,
+                                BPF_JLE => CC_BE,
+                                BPF_JSGT => CC_G,
+                                BPF_JSGE => CC_GE,
+                                BPF_JSLT => CC_L,
+                                _ => CC_LE,
+                            };
+                            e.jcc(cc, (pc as i64 + i.off as i64) as usize);
+                        }
+                    }
+                }
+            }
+        }
+        // Falling off the end: the verifier forbids it; report an error like the interpreter.
+        let end = e.new_label();
+        e.bind(end);
+        e.env_store_imm(ENV_STATUS, ST_HELPER_ERR);
+        e.env_store_imm(ENV_PC, (n - 1) as u32);
+        e.env_store_imm(ENV_HELPER_ID, u32::MAX);
+        e.jmp(abort);
+
+        for (pos, l) in std::mem::take(&mut e.fixups) {
+            let target = e.labels[l].ok_or_else(|| VmError::Jit(format!("unbound label {l}")))?;
+            let rel = target as i64 - (pos as i64 + 4);
+            e.buf[pos..pos + 4].copy_from_slice(&(rel as i32).to_le_bytes());
+        }
+
+        let size = e.buf.len().div_ceil(4096) * 4096;
+        // SAFETY: anonymous private mapping; the result is checked before use.
+        let code = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if code == libc::MAP_FAILED {
+            return Err(VmError::Jit(format!(
+                "mmap failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let code = code as *mut u8;
+        // SAFETY: `code` is a fresh writable mapping of `size >= buf.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(e.buf.as_ptr(), code, e.buf.len()) };
+        // SAFETY: switching our own mapping to read+execute (W^X: never writable and executable).
+        let rc = unsafe {
+            libc::mprotect(
+                code as *mut libc::c_void,
+                size,
+                libc::PROT_READ | libc::PROT_EXEC,
+            )
+        };
+        if rc != 0 {
+            // SAFETY: unmapping the mapping created above.
+            unsafe { libc::munmap(code as *mut libc::c_void, size) };
+            return Err(VmError::Jit("mprotect failed".into()));
+        }
+        for &f in funcs.iter() {
+            let off = e.labels[f].expect("function label bound");
+            func_table[f] = code as u64 + off as u64;
+        }
+        Ok(Self {
+            code,
+            size,
+            _func_table: func_table,
+        })
+    }
+
+    /// Size of the generated code mapping in bytes.
+    pub fn code_size(&self) -> usize {
+        self.size
+    }
+
+    /// Run the compiled code with r1..r5 = `args`; helpers reach `helpers` and `mem` through
+    /// the trampoline. Tail calls requested by a helper run the target's JIT image.
+    ///
+    /// # Safety
+    /// Memory accesses are not checked: the program must only touch memory that is valid for
+    /// the whole run (verified by the kernel verifier, or known to use only its stack and
+    /// buffers that stay alive, like the conformance suite's `-- mem`).
+    pub unsafe fn run(
+        &self,
+        args: [u64; 5],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError> {
+        let mut env = JitEnv {
+            saved_rsp: 0,
+            status: ST_OK,
+            pc: 0,
+            helper_id: 0,
+            depth: 0,
+            aux: 0,
+            helpers: helpers as *mut (dyn Helpers + '_),
+            mem: mem as *mut MemoryMap<'_>,
+            error: None,
+            tail: None,
+        };
+        // SAFETY: the caller upholds the memory contract; `env` outlives the call.
+        let mut r = unsafe { self.enter(args, &mut env) };
+        let mut holder: Arc<Program>;
+        let mut tail_calls = 0;
+        loop {
+            match env.status {
+                ST_OK => return Ok(r),
+                ST_TAIL_CALL => {
+                    let (next, r1) = env.tail.take().expect("tail call target");
+                    tail_calls += 1;
+                    if tail_calls > MAX_TAIL_CALLS {
+                        return Err(VmError::TailCallLimit(MAX_TAIL_CALLS));
+                    }
+                    holder = next;
+                    let jit = holder.jit()?;
+                    env.status = ST_OK;
+                    env.depth = 0;
+                    // SAFETY: as above; the tail-called program is under the same contract.
+                    r = unsafe { jit.enter([r1, 0, 0, 0, 0], &mut env) };
+                }
+                ST_DEPTH => {
+                    return Err(VmError::CallDepth {
+                        pc: env.pc as usize,
+                        max: MAX_CALL_FRAMES,
+                    })
+                }
+                ST_BAD_CALLX => {
+                    return Err(VmError::BadCallx {
+                        pc: env.pc as usize,
+                        target: env.aux,
+                    })
+                }
+                _ => {
+                    return Err(env.error.take().unwrap_or(VmError::FellOffEnd {
+                        pc: env.pc as usize,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`JitProgram::run`].
+    unsafe fn enter(&self, args: [u64; 5], env: &mut JitEnv<'_, '_>) -> u64 {
+        // SAFETY: `code` starts with the outer entry, which follows the SysV ABI with the
+        // signature `EntryFn`.
+        let f: EntryFn = unsafe { std::mem::transmute::<*mut u8, EntryFn>(self.code) };
+        // SAFETY: see the function contract.
+        unsafe { f(args[0], args[1], args[2], args[3], args[4], env) }
+    }
+}
+
+/// Called from generated code for every helper call.
+unsafe extern "C" fn helper_trampoline(
+    a1: u64,
+    a2: u64,
+    a3: u64,
+    a4: u64,
+    a5: u64,
+    env: *mut JitEnv<'_, '_>,
+) -> u64 {
+    // SAFETY: generated code passes the `JitEnv` given to `enter`, exclusively borrowed by `run`
+    // for the duration of the call; its `helpers` and `mem` pointers come from live `&mut`s.
+    let env = unsafe { &mut *env };
+    let id = env.helper_id;
+    let pc = env.pc as usize;
+    let depth = env.depth;
+    // SAFETY: see above.
+    let (helpers, mem) = unsafe { (&mut *env.helpers, &mut *env.mem) };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut ctx = CallContext::new(pc, mem);
+        let r = helpers.call(id, [a1, a2, a3, a4, a5], &mut ctx);
+        (r, ctx.take_tail_call())
+    }));
+    match outcome {
+        Ok((Ok(v), None)) => v,
+        Ok((Ok(v), Some(p))) => {
+            if depth != 0 {
+                env.error = Some(VmError::TailCallInSubprog { pc });
+                env.status = ST_HELPER_ERR;
+            } else {
+                env.tail = Some((p, a1));
+                env.status = ST_TAIL_CALL;
+            }
+            v
+        }
+        Ok((Err(source), _)) => {
+            env.error = Some(VmError::Helper { pc, id, source });
+            env.status = ST_HELPER_ERR;
+            0
+        }
+        Err(_) => {
+            env.error = Some(VmError::Helper {
+                pc,
+                id,
+                source: HelperError::Failed("helper panicked".into()),
+            });
+            env.status = ST_HELPER_ERR;
+            0
+        }
+    }
+}
+
+fn emit_helper_call(e: &mut Emitter, pc: u32, tramp: u64, abort: Label) {
+    e.env_store_imm(ENV_PC, pc);
+    e.mov_rr(true, R9, R12);
+    e.mov_ri64(R11, tramp);
+    e.call_reg(R11);
+    // cmp dword [r12+status], 0 ; jne abort
+    e.mem(&[], false, &[0x83], 7, R12, ENV_STATUS, false);
+    e.byte(0);
+    e.jcc(CC_NE, abort);
+}
+
+fn emit_local_call(e: &mut Emitter, pc: u32, abort: Label, call: impl FnOnce(&mut Emitter)) {
+    let ok = e.new_label();
+    e.mem(&[], false, &[0x83], 7, R12, ENV_DEPTH, false);
+    e.byte((MAX_CALL_FRAMES - 1) as u8);
+    e.jcc(CC_B, ok);
+    e.env_store_imm(ENV_PC, pc);
+    e.env_store_imm(ENV_STATUS, ST_DEPTH);
+    e.jmp(abort);
+    e.bind(ok);
+    e.mem(&[], false, &[0xff], 0, R12, ENV_DEPTH, false); // inc
+    call(e);
+    e.mem(&[], false, &[0xff], 1, R12, ENV_DEPTH, false); // dec
+}
+
+fn emit_callx(e: &mut Emitter, reg: u8, pc: u32, n: usize, table: u64, tramp: u64, abort: Label) {
+    let helper = e.new_label();
+    let bad = e.new_label();
+    let done = e.new_label();
+    e.mov_rr(true, R11, reg);
+    e.mov_rr(true, R10, R11);
+    e.rr(true, &[0xc1], 5, R10); // shr r10, 32
+    e.byte(32);
+    e.alu_ri(false, 7, R10, (FUNC_PTR_TAG >> 32) as u32 as i32);
+    e.jcc(CC_NE, helper);
+    e.mov_rr(false, R11, R11);
+    e.alu_ri(true, 7, R11, n as i32);
+    e.jcc(CC_AE, bad);
+    e.mov_ri64(R10, table);
+    e.bytes(&[0x4f, 0x8b, 0x1c, 0xda]); // mov r11, [r10 + r11*8]
+    e.alu_rr(true, 0x85, R11, R11);
+    e.jcc(CC_E, bad);
+    emit_local_call(e, pc, abort, |e| e.call_reg(R11));
+    e.jmp(done);
+    e.bind(helper);
+    e.alu_rr(true, 0x85, R10, R10);
+    e.jcc(CC_NE, bad);
+    e.env_store_r32(ENV_HELPER_ID, R11);
+    emit_helper_call(e, pc, tramp, abort);
+    e.jmp(done);
+    e.bind(bad);
+    e.mem(&[], true, &[0x89], reg, R12, ENV_AUX, false);
+    e.env_store_imm(ENV_PC, pc);
+    e.env_store_imm(ENV_STATUS, ST_BAD_CALLX);
+    e.jmp(abort);
+    e.bind(done);
+    let _ = FUNC_PTR_MASK;
+}
+
+fn emit_alu(e: &mut Emitter, i: &Insn, dst: u8, src: u8) {
+    let w = i.class() == BPF_ALU64;
+    let x = i.is_reg_src();
+    let op = i.op();
+    match op {
+        BPF_ADD | BPF_SUB | BPF_OR | BPF_AND | BPF_XOR => {
+            let (opb, ext) = match op {
+                BPF_ADD => (0x01, 0),
+                BPF_SUB => (0x29, 5),
+                BPF_OR => (0x09, 1),
+                BPF_AND => (0x21, 4),
+                _ => (0x31, 6),
+            };
+            if x {
+                e.alu_rr(w, opb, dst, src);
+            } else {
+                e.alu_ri(w, ext, dst, i.imm);
+            }
+        }
+        BPF_MUL => {
+            if x {
+                e.rr(w, &[0x0f, 0xaf], dst, src);
+            } else {
+                e.rr(w, &[0x69], dst, dst);
+                e.imm32(i.imm);
+            }
+        }
+        BPF_MOV => {
+            if !x {
+                if w {
+                    e.mov_ri64(dst, i.imm as i64 as u64);
+                } else {
+                    e.mov_ri32(dst, i.imm as u32);
+                }
+            } else {
+                match (w, i.off) {
+                    (_, 0) => e.mov_rr(w, dst, src),
+                    (true, 8) => e.rr_byte(true, &[0x0f, 0xbe], dst, src),
+                    (true, 16) => e.rr(true, &[0x0f, 0xbf], dst, src),
+                    (true, _) => e.rr(true, &[0x63], dst, src),
+                    (false, 8) => e.rr_byte(false, &[0x0f, 0xbe], dst, src),
+                    (false, _) => e.rr(false, &[0x0f, 0xbf], dst, src),
+                }
+            }
+        }
+        BPF_NEG => e.rr(w, &[0xf7], 3, dst),
+        BPF_LSH | BPF_RSH | BPF_ARSH => {
+            let ext = match op {
+                BPF_LSH => 4,
+                BPF_RSH => 5,
+                _ => 7,
+            };
+            if !x {
+                let mask = if w { 63 } else { 31 };
+                e.rr(w, &[0xc1], ext, dst);
+                e.byte((i.imm & mask) as u8);
+            } else {
+                e.mov_rr(true, R10, RCX);
+                if src != RCX {
+                    e.mov_rr(true, RCX, src);
+                }
+                if dst == RCX {
+                    e.rr(w, &[0xd3], ext, R10);
+                    e.mov_rr(true, RCX, R10);
+                } else {
+                    e.rr(w, &[0xd3], ext, dst);
+                    e.mov_rr(true, RCX, R10);
+                }
+            }
+        }
+        BPF_DIV | BPF_MOD => emit_divmod(e, i, w, dst, src),
+        BPF_END => {
+            let swap = w || x;
+            match (i.imm, swap) {
+                (16, false) => e.rr(false, &[0x0f, 0xb7], dst, dst),
+                (32, false) => e.mov_rr(false, dst, dst),
+                (64, false) => {}
+                (16, true) => {
+                    e.byte(0x66);
+                    e.rr(false, &[0xc1], 1, dst);
+                    e.byte(8);
+                    e.rr(false, &[0x0f, 0xb7], dst, dst);
+                }
+                (32, true) => {
+                    e.rex(false, 0, 0, dst, false);
+                    e.bytes(&[0x0f, 0xc8 + (dst & 7)]);
+                }
+                _ => {
+                    e.rex(true, 0, 0, dst, false);
+                    e.bytes(&[0x0f, 0xc8 + (dst & 7)]);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn emit_divmod(e: &mut Emitter, i: &Insn, w: bool, dst: u8, src: u8) {
+    let is_div = i.op() == BPF_DIV;
+    let signed = i.off == 1;
+    let done = e.new_label();
+    let nonzero = e.new_label();
+    // r11 = divisor
+    if i.is_reg_src() {
+        e.mov_rr(w, R11, src);
+    } else if w {
+        e.mov_ri64(R11, i.imm as i64 as u64);
+    } else {
+        e.mov_ri32(R11, i.imm as u32);
+    }
+    e.alu_rr(w, 0x85, R11, R11);
+    e.jcc(CC_NE, nonzero);
+    if is_div {
+        e.alu_rr(false, 0x31, dst, dst);
+    } else if !w {
+        e.mov_rr(false, dst, dst);
+    }
+    e.jmp(done);
+    e.bind(nonzero);
+    if signed {
+        let normal = e.new_label();
+        e.alu_ri(w, 7, R11, -1);
+        e.jcc(CC_NE, normal);
+        if is_div {
+            e.rr(w, &[0xf7], 3, dst); // neg
+        } else {
+            e.alu_rr(false, 0x31, dst, dst);
+        }
+        e.jmp(done);
+        e.bind(normal);
+    }
+    e.mov_rr(true, R10, RAX);
+    e.mov_rr(true, R9, RDX);
+    if dst != RAX {
+        e.mov_rr(true, RAX, dst);
+    }
+    if signed {
+        if w {
+            e.bytes(&[0x48, 0x99]);
+        } else {
+            e.byte(0x99);
+        }
+    } else {
+        e.alu_rr(false, 0x31, RDX, RDX);
+    }
+    e.rr(w, &[0xf7], if signed { 7 } else { 6 }, R11);
+    e.mov_rr(true, R11, if is_div { RAX } else { RDX });
+    e.mov_rr(true, RAX, R10);
+    e.mov_rr(true, RDX, R9);
+    e.mov_rr(true, dst, R11);
+    e.bind(done);
+}
+
+fn emit_atomic(e: &mut Emitter, i: &Insn, dst: u8, src: u8) {
+    let w = i.size() == BPF_DW;
+    let off = i.off as i32;
+    let op = i.imm;
+    match op {
+        0x00 | 0x40 | 0x50 | 0xa0 => {
+            let opb = match op {
+                0x00 => 0x01,
+                0x40 => 0x09,
+                0x50 => 0x21,
+                _ => 0x31,
+            };
+            e.mem(&[0xf0], w, &[opb], src, dst, off, false);
+        }
+        0x01 => e.mem(&[0xf0], w, &[0x0f, 0xc1], src, dst, off, false), // lock xadd
+        BPF_XCHG => e.mem(&[], w, &[0x87], src, dst, off, false),
+        BPF_CMPXCHG => {
+            e.mem(&[0xf0], w, &[0x0f, 0xb1], src, dst, off, false);
+            if !w {
+                e.mov_rr(false, RAX, RAX);
+            }
+        }
+        _ => {
+            // fetch or/and/xor: cmpxchg loop.
+            let opb = match op & !BPF_FETCH {
+                0x40 => 0x09,
+                0x50 => 0x21,
+                _ => 0x31,
+            };
+            e.mem(&[], true, &[0x8d], R9, dst, off, false); // lea r9, [dst+off]
+            e.mov_rr(true, R10, RAX);
+            let s = if src == RAX { R10 } else { src };
+            let again = e.new_label();
+            e.bind(again);
+            e.mem(&[], w, &[0x8b], RAX, R9, 0, false);
+            e.mov_rr(true, R11, RAX);
+            e.alu_rr(w, opb, R11, s);
+            e.mem(&[0xf0], w, &[0x0f, 0xb1], R11, R9, 0, false);
+            e.jcc(CC_NE, again);
+            if src != RAX {
+                e.mov_rr(true, src, RAX);
+                e.mov_rr(true, RAX, R10);
+            }
+        }
+    }
+}

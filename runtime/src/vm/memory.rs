@@ -1,0 +1,132 @@
+//! Memory model of the checked interpreter: a set of registered regions.
+//!
+//! Every load, store and atomic of the interpreter must fall entirely inside one registered
+//! region (and a writable one for stores). Regions can be added before a run (context, packet,
+//! `-- mem` of the conformance suite) and during a run by helpers (e.g. a map value pointer
+//! returned by `bpf_map_lookup_elem`).
+
+use std::marker::PhantomData;
+
+/// One registered address range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub len: u64,
+    pub writable: bool,
+}
+
+impl Region {
+    fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.start
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= self.start + self.len)
+    }
+}
+
+/// The set of regions a program may touch. `'a` is the lifetime of borrowed slices.
+#[derive(Debug, Default)]
+pub struct MemoryMap<'a> {
+    regions: Vec<Region>,
+    last_hit: usize,
+    _borrow: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> MemoryMap<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register a read-only slice.
+    pub fn add_slice(&mut self, s: &'a [u8]) {
+        self.push(Region {
+            start: s.as_ptr() as u64,
+            len: s.len() as u64,
+            writable: false,
+        });
+    }
+
+    /// Register a writable slice.
+    pub fn add_mut_slice(&mut self, s: &'a mut [u8]) {
+        self.push(Region {
+            start: s.as_mut_ptr() as u64,
+            len: s.len() as u64,
+            writable: true,
+        });
+    }
+
+    /// Register a raw address range.
+    ///
+    /// # Safety
+    /// `[start, start+len)` must stay valid for reads (and writes when `writable`) for as long as
+    /// it is registered in this map (typically: for the rest of the run). Memory owned by a map
+    /// that outlives the run (map values) satisfies this.
+    pub unsafe fn add_raw(&mut self, start: u64, len: u64, writable: bool) {
+        self.push(Region {
+            start,
+            len,
+            writable,
+        });
+    }
+
+    fn push(&mut self, r: Region) {
+        if r.len == 0 || self.regions.contains(&r) {
+            return;
+        }
+        self.regions.push(r);
+    }
+
+    /// Remove a region previously registered with exactly these bounds.
+    pub fn remove(&mut self, start: u64, len: u64) {
+        self.regions.retain(|r| !(r.start == start && r.len == len));
+        self.last_hit = 0;
+    }
+
+    /// Registered regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Whether `[addr, addr+len)` lies inside one region (writable if `write`).
+    pub fn check(&mut self, addr: u64, len: u64, write: bool) -> bool {
+        if let Some(r) = self.regions.get(self.last_hit) {
+            if r.contains(addr, len) && (!write || r.writable) {
+                return true;
+            }
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.contains(addr, len) && (!write || r.writable) {
+                self.last_hit = i;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Borrow `len` bytes at `addr` if they are inside a registered region (for helpers reading
+    /// program memory, e.g. a key pointer).
+    pub fn read_bytes(&mut self, addr: u64, len: usize) -> Option<&[u8]> {
+        if !self.check(addr, len as u64, false) {
+            return None;
+        }
+        if len == 0 {
+            return Some(&[]);
+        }
+        // SAFETY: the range lies inside a registered region, which by the contract of
+        // `add_slice`/`add_raw` is valid for reads while registered; the borrow is tied to `self`.
+        Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
+    }
+
+    /// Mutably borrow `len` bytes at `addr` if they are inside a writable registered region.
+    pub fn write_bytes(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+        if !self.check(addr, len as u64, true) {
+            return None;
+        }
+        if len == 0 {
+            return Some(&mut []);
+        }
+        // SAFETY: the range lies inside a writable registered region, valid for writes while
+        // registered; the borrow is tied to `&mut self`.
+        Some(unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) })
+    }
+}

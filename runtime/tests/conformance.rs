@@ -1,0 +1,238 @@
+//! Runs every bpf_conformance `.data` file on the interpreter, the JIT and (where it accepts the
+//! program) rbpf 0.4, comparing r0 with `-- result`.
+
+use std::path::PathBuf;
+
+use bpftime_runtime::vm::{
+    self, asm, insn, CallContext, HelperError, HelperTable, InterpOptions, MemoryMap, Program,
+};
+
+/// Tests expected to fail on the interpreter, with the reason.
+const KNOWN_INTERP: &[(&str, &str)] = &[];
+/// Tests expected to fail on the JIT, with the reason.
+const KNOWN_JIT: &[(&str, &str)] = &[];
+/// Tests where rbpf accepts the program but is known to compute a different result.
+const KNOWN_RBPF: &[(&str, &str)] = &[
+    ("mem-len", "rbpf never passes the memory length in r2"),
+];
+
+struct Case {
+    name: String,
+    asm: String,
+    mem: Vec<u8>,
+    raw: Option<Vec<u64>>,
+    result: Option<u64>,
+    error: Option<String>,
+}
+
+fn conformance_dir() -> PathBuf {
+    match std::env::var_os("BPF_CONFORMANCE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/bpf_conformance/tests"
+        )),
+    }
+}
+
+fn parse_case(name: &str, text: &str) -> Case {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix("-- ") {
+            sections.push((h.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    let get = |k: &str| {
+        sections
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, b)| b.clone())
+    };
+    let strip = |s: String| {
+        s.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let mem = get("mem")
+        .map(|m| {
+            strip(m)
+                .split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).expect("mem byte"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let parse_hex = |s: &str| {
+        let s = s.trim();
+        u64::from_str_radix(s.trim_start_matches("0x").trim_start_matches("0X"), 16)
+            .unwrap_or_else(|_| panic!("{name}: bad hex {s}"))
+    };
+    let result = get("result").map(|r| {
+        let r = strip(r);
+        parse_hex(r.trim())
+    });
+    let raw = get("raw").map(|r| strip(r).split_whitespace().map(parse_hex).collect());
+    let error = get("error").map(|e| strip(e).trim().to_string());
+    Case {
+        name: name.to_string(),
+        asm: get("asm").unwrap_or_default(),
+        mem,
+        raw,
+        result,
+        error,
+    }
+}
+
+fn load_cases() -> Vec<Case> {
+    let dir = conformance_dir();
+    let rd = std::fs::read_dir(&dir).unwrap_or_else(|e| {
+        panic!(
+            "conformance directory {} missing ({e}); set BPF_CONFORMANCE_DIR",
+            dir.display()
+        )
+    });
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "data"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .data files in {}", dir.display());
+    files
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().to_string();
+            let text = std::fs::read_to_string(p).unwrap();
+            parse_case(&name, &text)
+        })
+        .collect()
+}
+
+/// The helpers the conformance suite's programs call (ubpf's numbering).
+fn conformance_helpers<'e>() -> HelperTable<'e> {
+    let mut h = HelperTable::new();
+    // 5: "unwind" in ubpf's test plugin; returns its argument.
+    h.register(5, |a: [u64; 5], _c: &mut CallContext<'_, '_>| {
+        Ok::<u64, HelperError>(a[0])
+    });
+    h
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Engine {
+    Interp,
+    Jit,
+}
+
+fn run_case(case: &Case, engine: Engine) -> Result<u64, String> {
+    let insns = asm::assemble(&case.asm).map_err(|e| format!("assemble: {e}"))?;
+    let prog = Program::new(insns).map_err(|e| format!("load: {e}"))?;
+    let mut mem = case.mem.clone();
+    let (ptr, len) = if mem.is_empty() {
+        (0, 0)
+    } else {
+        (mem.as_mut_ptr() as u64, mem.len() as u64)
+    };
+    let mut helpers = conformance_helpers();
+    let mut map = MemoryMap::new();
+    if !mem.is_empty() {
+        map.add_mut_slice(&mut mem);
+    }
+    let args = [ptr, len, 0, 0, 0];
+    let r = match engine {
+        Engine::Interp => vm::interpret(
+            &prog,
+            args,
+            &mut map,
+            &mut helpers,
+            InterpOptions {
+                insn_budget: Some(1_000_000),
+            },
+        ),
+        Engine::Jit => {
+            let jit = prog.jit().map_err(|e| format!("jit compile: {e}"))?;
+            // SAFETY: conformance programs only touch their `-- mem` buffer (registered above and
+            // alive for the call) and their stack; the interpreter run checks this independently.
+            unsafe { jit.run(args, &mut map, &mut helpers) }
+        }
+    };
+    r.map_err(|e| e.to_string())
+}
+
+fn check(case: &Case, r: Result<u64, String>) -> Result<(), String> {
+    match (&case.result, &case.error, r) {
+        (Some(want), _, Ok(got)) if *want == got => Ok(()),
+        (Some(want), _, Ok(got)) => Err(format!("r0 = {got:#x}, expected {want:#x}")),
+        (Some(want), _, Err(e)) => Err(format!("error '{e}', expected r0 = {want:#x}")),
+        (None, Some(_), Err(_)) => Ok(()),
+        (None, Some(want), Ok(got)) => Err(format!("r0 = {got:#x}, expected error '{want}'")),
+        (None, None, _) => Err("test has neither result nor error".into()),
+    }
+}
+
+fn run_engine(cases: &[Case], engine: Engine, known: &[(&str, &str)]) -> Vec<String> {
+    let label = match engine {
+        Engine::Interp => "interpreter",
+        Engine::Jit => "jit",
+    };
+    let mut passed = 0;
+    let mut unexpected = Vec::new();
+    for c in cases {
+        match check(c, run_case(c, engine)) {
+            Ok(()) => {
+                passed += 1;
+                if known.iter().any(|(n, _)| *n == c.name) {
+                    println!("[{label}] {}: passes but is listed as known failure", c.name);
+                }
+            }
+            Err(why) => match known.iter().find(|(n, _)| *n == c.name) {
+                Some((_, reason)) => println!("[{label}] {} fails (known: {reason}): {why}", c.name),
+                None => {
+                    println!("[{label}] {} FAILED: {why}", c.name);
+                    unexpected.push(format!("{label}/{}: {why}", c.name));
+                }
+            },
+        }
+    }
+    println!("conformance {label}: {passed}/{} passed", cases.len());
+    unexpected
+}
+
+#[test]
+fn assembler_matches_raw_sections() {
+    for c in load_cases() {
+        if let Some(raw) = &c.raw {
+            let insns = asm::assemble(&c.asm).unwrap();
+            let bytes = insn::encode_insns(&insns);
+            let words: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|ch| u64::from_be_bytes(ch.try_into().unwrap()))
+                .collect();
+            let words_le: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|ch| u64::from_le_bytes(ch.try_into().unwrap()))
+                .collect();
+            assert!(
+                &words == raw || &words_le == raw,
+                "{}: assembled {words_le:x?}, raw {raw:x?}",
+                c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn conformance_interpreter() {
+    let cases = load_cases();
+    let bad = run_engine(&cases, Engine::Interp, KNOWN_INTERP);
+    assert!(bad.is_empty(), "unexpected failures:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn conformance_jit() {
+    let cases = load_cases();
+    let bad = run_engine(&cases, Engine::Jit, KNOWN_JIT);
+    assert!(bad.is_empty(), "unexpected failures:\n{}", bad.join("\n"));
+}

@@ -1,0 +1,2 @@
+pub mod bridge;
+pub mod maps;

@@ -1,0 +1,53 @@
+//! `bpftime-rs`: the command line of the userspace eBPF runtime and its kernel bridge.
+
+mod cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bpftime-rs", version, about = "Userspace eBPF runtime with a kernel bridge")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The kernel bridge (user ringbuf -> kernel mirror maps -> confirmations).
+    Bridge {
+        #[command(subcommand)]
+        command: BridgeCommand,
+    },
+    /// Every map bpftime-rs knows, one row per map.
+    Maps(cmd::maps::MapsArgs),
+}
+
+#[derive(Subcommand)]
+enum BridgeCommand {
+    /// Create mirrors of several shapes, send N updates/deletes, wait, compare with the kernel.
+    Selftest(cmd::bridge::SelftestArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BPFTIME_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("bpftime-rs: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bridge {
+            command: BridgeCommand::Selftest(args),
+        } => cmd::bridge::selftest(&args),
+        Command::Maps(args) => cmd::maps::run(&args),
+    }
+}
