@@ -110,6 +110,12 @@ static __always_inline void confirm(struct drain_state *st, __u64 seq, long res,
 		st->overflow++;
 }
 
+/* The first BRIDGE_MIN_RECORD bytes of every record: enough for a fast-shape key and value. */
+struct record_head {
+	struct bridge_update u;
+	__u8 payload[BRIDGE_MIN_RECORD - sizeof(struct bridge_update)];
+};
+
 #define FAST_CASE(id, name, key_t, value_t)                                                        \
 	case id: {                                                                                 \
 		key_t key;                                                                         \
@@ -117,19 +123,16 @@ static __always_inline void confirm(struct drain_state *st, __u64 seq, long res,
 		void *inner = bpf_map_lookup_elem(&fast_##name, &idx);                             \
 		if (!inner)                                                                        \
 			return -ENOENT;                                                            \
-		if (bpf_dynptr_read(&key, sizeof(key), rec, sizeof(*u), 0))                        \
-			return -EFAULT;                                                            \
-		if (u->op == BRIDGE_OP_DELETE)                                                     \
+		__builtin_memcpy(&key, head->payload, sizeof(key));                                \
+		if (head->u.op == BRIDGE_OP_DELETE)                                                \
 			return bpf_map_delete_elem(inner, &key);                                   \
-		if (bpf_dynptr_read(&value, sizeof(value), rec, sizeof(*u) + sizeof(key), 0))      \
-			return -EFAULT;                                                            \
-		return bpf_map_update_elem(inner, &key, &value, u->flags);                         \
+		__builtin_memcpy(&value, head->payload + sizeof(key), sizeof(value));              \
+		return bpf_map_update_elem(inner, &key, &value, head->u.flags);                    \
 	}
 
-static __always_inline long apply_fast(struct bpf_dynptr *rec, struct bridge_update *u,
-				       __u32 shape)
+static __always_inline long apply_fast(struct record_head *head, __u32 shape)
 {
-	__u32 idx = u->mirror;
+	__u32 idx = head->u.mirror;
 
 	switch (shape) {
 		FAST_CASE(BRIDGE_FAST_HASH_4_8, hash_4_8, __u32, __u64)
@@ -188,39 +191,40 @@ static __always_inline int record_fits(const struct bridge_update *u, const stru
 static long apply_one(struct bpf_dynptr *rec, void *ctx)
 {
 	struct drain_state *st = ctx;
-	struct bridge_update u;
+	struct record_head head;
+	struct bridge_update *u = &head.u;
 	struct bridge_mirror *m;
 	__u32 idx;
 	long res;
 
-	if (bpf_dynptr_read(&u, sizeof(u), rec, 0, 0)) {
-		/* Too short to carry a sequence number: nothing can be confirmed. */
+	if (bpf_dynptr_read(&head, sizeof(head), rec, 0, 0)) {
+		/* Shorter than any record user space writes: nothing can be confirmed. */
 		st->overflow++;
 		return 0;
 	}
 	if (st->count == 0)
-		st->first_seq = u.seq;
-	st->last_seq = u.seq;
+		st->first_seq = u->seq;
+	st->last_seq = u->seq;
 	st->count++;
 
-	idx = u.mirror;
+	idx = u->mirror;
 	m = bpf_map_lookup_elem(&mirrors, &idx);
-	if (!m || !m->fd || !record_fits(&u, m)) {
+	if (!m || !m->fd || !record_fits(u, m)) {
 		st->failed++;
-		confirm(st, u.seq, -EINVAL, BRIDGE_CONFIRM_REJECTED);
+		confirm(st, u->seq, -EINVAL, BRIDGE_CONFIRM_REJECTED);
 		return 0;
 	}
 
-	if (m->fast_shape && u.op != BRIDGE_OP_PUSH)
-		res = apply_fast(rec, &u, m->fast_shape);
+	if (m->fast_shape && u->op != BRIDGE_OP_PUSH)
+		res = apply_fast(&head, m->fast_shape);
 	else
-		res = apply_generic(rec, &u, m->fd);
+		res = apply_generic(rec, u, m->fd);
 
 	if (res) {
 		st->failed++;
-		confirm(st, u.seq, res, BRIDGE_CONFIRM_FAILED);
+		confirm(st, u->seq, res, BRIDGE_CONFIRM_FAILED);
 	} else if (st->confirm_each) {
-		confirm(st, u.seq, 0, BRIDGE_CONFIRM_APPLIED);
+		confirm(st, u->seq, 0, BRIDGE_CONFIRM_APPLIED);
 	}
 	return 0;
 }

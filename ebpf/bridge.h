@@ -31,6 +31,12 @@ struct bridge_update {
 	__u64 flags;
 };
 
+/*
+ * User space pads every record to at least this size, so the drain reads a header plus a small
+ * key and value with one bpf_dynptr_read (the fast shapes fit in the 16 bytes after the header).
+ */
+#define BRIDGE_MIN_RECORD 48
+
 /* Registered per mirror by user space before any record names it. */
 struct bridge_mirror {
 	__u32 fd;         /* fd of the mirror in the process that runs the drain */

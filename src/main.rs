@@ -6,7 +6,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bpftime-rs", version, about = "Userspace eBPF runtime with a kernel bridge")]
+#[command(
+    name = "bpftime-rs",
+    version,
+    about = "Userspace eBPF runtime with a kernel bridge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +34,11 @@ enum BridgeCommand {
 }
 
 fn main() {
+    // Behave like other command-line tools when piped into `head`: die quietly on EPIPE.
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BPFTIME_LOG")

@@ -43,7 +43,10 @@ pub fn compile_dir(src_dir: &Path, out_dir: &Path) -> Vec<PathBuf> {
         .filter(|p| p.to_string_lossy().ends_with(".bpf.c"))
         .collect();
     sources.sort();
-    for header in std::fs::read_dir(src_dir).expect("reading BPF dir").flatten() {
+    for header in std::fs::read_dir(src_dir)
+        .expect("reading BPF dir")
+        .flatten()
+    {
         println!("cargo:rerun-if-changed={}", header.path().display());
     }
     sources
@@ -58,7 +61,14 @@ pub fn compile(src: &Path, include_dir: &Path, out_dir: &Path) -> PathBuf {
     let stem = file_name.trim_end_matches(".c");
     let object = out_dir.join(format!("{stem}.o"));
     let status = Command::new(clang())
-        .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86"])
+        .args([
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-mcpu=v3",
+            "-D__TARGET_ARCH_x86",
+        ])
         .arg("-I")
         .arg(include_dir)
         .arg("-I")
@@ -68,7 +78,12 @@ pub fn compile(src: &Path, include_dir: &Path, out_dir: &Path) -> PathBuf {
         .arg("-o")
         .arg(&object)
         .status()
-        .unwrap_or_else(|e| panic!("running clang on {}: {e}; run scripts/setup.sh", src.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "running clang on {}: {e}; run scripts/setup.sh",
+                src.display()
+            )
+        });
     assert!(status.success(), "clang failed on {}", src.display());
     object
 }

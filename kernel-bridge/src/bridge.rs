@@ -16,7 +16,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::drain::DrainProgram;
 use crate::error::BridgeError;
 use crate::mirror::{Mirror, MirrorDesc};
-use crate::record::{ConfirmKind, ConfirmRecord, Op, UpdateHeader, MAX_MIRRORS, UPDATE_HEADER_SIZE};
+use crate::record::{record_size, ConfirmKind, ConfirmRecord, Op, UpdateHeader, MAX_MIRRORS};
 use crate::user_ringbuf::{UserRingBuf, UserRingBufError};
 
 /// Index of a mirror within one [`Bridge`].
@@ -35,16 +35,34 @@ pub struct Update<'a> {
 }
 
 impl<'a> Update<'a> {
-    pub fn update(mirror: MirrorId, key: &'a [u8], value: &'a [u8], flags: u64) -> Self {
-        Self { mirror, op: Op::Update, key, value, flags }
+    pub fn put(mirror: MirrorId, key: &'a [u8], value: &'a [u8], flags: u64) -> Self {
+        Self {
+            mirror,
+            op: Op::Update,
+            key,
+            value,
+            flags,
+        }
     }
 
     pub fn delete(mirror: MirrorId, key: &'a [u8]) -> Self {
-        Self { mirror, op: Op::Delete, key, value: &[], flags: 0 }
+        Self {
+            mirror,
+            op: Op::Delete,
+            key,
+            value: &[],
+            flags: 0,
+        }
     }
 
     pub fn push(mirror: MirrorId, value: &'a [u8], flags: u64) -> Self {
-        Self { mirror, op: Op::Push, key: &[], value, flags }
+        Self {
+            mirror,
+            op: Op::Push,
+            key: &[],
+            value,
+            flags,
+        }
     }
 }
 
@@ -56,7 +74,11 @@ pub enum Confirmation {
     Applied { first: u64, last: u64 },
     /// Update `seq` failed with `errno` (as the kernel's BPF_MAP_*_ELEM would return it);
     /// `rejected` marks a record whose sizes did not match its mirror.
-    Failed { seq: u64, errno: i32, rejected: bool },
+    Failed {
+        seq: u64,
+        errno: i32,
+        rejected: bool,
+    },
 }
 
 /// The state of one update, by sequence number.
@@ -69,10 +91,22 @@ pub enum UpdateStatus {
 
 pub type ConfirmCallback = Box<dyn Fn(&Confirmation) + Send + Sync>;
 
-#[derive(Default)]
+impl Default for BridgeConfig {
+    fn default() -> Self {
+        Self {
+            confirm_each: false,
+            fast_path: true,
+            on_confirm: None,
+        }
+    }
+}
+
 pub struct BridgeConfig {
     /// One confirmation per update instead of one per drained batch plus one per failure.
     pub confirm_each: bool,
+    /// Use the drain's per-shape fast paths where a mirror qualifies (default). Off, every
+    /// record goes through `bpf_sys_bpf`; the benchmark compares both.
+    pub fast_path: bool,
     /// Called on the drain thread for every confirmation, in order.
     pub on_confirm: Option<ConfirmCallback>,
 }
@@ -84,6 +118,10 @@ pub struct BridgeCounters {
     pub applied: u64,
     pub failed: u64,
     pub pending: u64,
+    /// How often a sender found the ring full and waited for the drain (backpressure).
+    pub full_waits: u64,
+    /// BPF_PROG_RUN calls of the drain program; `sent / drain_runs` is the mean batch.
+    pub drain_runs: u64,
 }
 
 struct Producer {
@@ -103,10 +141,13 @@ struct Shared {
     producer: Mutex<Producer>,
     mirrors: RwLock<Vec<Arc<Mirror>>>,
     confirm_each: bool,
+    fast_path: bool,
     on_confirm: Option<ConfirmCallback>,
     sent: AtomicU64,
     applied: AtomicU64,
     failed: AtomicU64,
+    full_waits: AtomicU64,
+    drain_runs: AtomicU64,
     /// Every sequence number below this one is settled (applied or failed).
     settled_below: AtomicU64,
     failures: Mutex<BTreeMap<u64, i32>>,
@@ -149,10 +190,13 @@ impl Bridge {
             producer: Mutex::new(Producer { ring, next_seq: 1 }),
             mirrors: RwLock::new(Vec::new()),
             confirm_each: config.confirm_each,
+            fast_path: config.fast_path,
             on_confirm: config.on_confirm,
             sent: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            full_waits: AtomicU64::new(0),
+            drain_runs: AtomicU64::new(0),
             settled_below: AtomicU64::new(1),
             failures: Mutex::new(BTreeMap::new()),
             drainer_idle: AtomicBool::new(false),
@@ -191,11 +235,12 @@ impl Bridge {
         if index >= MAX_MIRRORS {
             return Err(BridgeError::TooManyMirrors(MAX_MIRRORS));
         }
-        let fast = self
-            .shared
-            .drain
-            .lock()
-            .register(index, mirror.raw_fd(), mirror.desc())?;
+        let fast = self.shared.drain.lock().register(
+            index,
+            mirror.raw_fd(),
+            mirror.desc(),
+            self.shared.fast_path,
+        )?;
         tracing::debug!(map = %mirror.desc().name, index, fast, "mirror registered");
         mirrors.push(Arc::new(mirror));
         Ok(MirrorId(index))
@@ -214,7 +259,7 @@ impl Bridge {
     /// full; the drain thread is kicked so it frees space.
     pub fn send(&self, update: &Update<'_>) -> Result<u64, BridgeError> {
         let (key_size, value_size) = self.check(update)?;
-        let len = UPDATE_HEADER_SIZE + update.key.len() + update.value.len();
+        let len = record_size(update.key.len() + update.value.len());
         let mut producer = self.shared.producer.lock();
         let seq = producer.next_seq;
         let header = UpdateHeader {
@@ -230,6 +275,7 @@ impl Bridge {
             match ring.reserve(len) {
                 Ok(sample) => break sample,
                 Err(UserRingBufError::Full) => {
+                    self.shared.full_waits.fetch_add(1, Ordering::Relaxed);
                     self.kick();
                     match ring.reserve_blocking(len, Duration::from_millis(50)) {
                         Ok(sample) => break sample,
@@ -338,6 +384,8 @@ impl Bridge {
             applied,
             failed,
             pending: sent.saturating_sub(applied + failed),
+            full_waits: self.shared.full_waits.load(Ordering::Relaxed),
+            drain_runs: self.shared.drain_runs.load(Ordering::Relaxed),
         }
     }
 
@@ -403,6 +451,7 @@ fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
             }
         }
         let drained = shared.drain.lock().run(shared.confirm_each);
+        shared.drain_runs.fetch_add(1, Ordering::Relaxed);
         let drained = match drained {
             Ok(n) => n,
             Err(e) => {
@@ -435,9 +484,10 @@ fn settle(shared: &Shared, record: &ConfirmRecord) {
     let confirmation = match record.kind {
         ConfirmKind::Batch => {
             let failed = record.result.max(0) as u64;
-            shared
-                .applied
-                .fetch_add(u64::from(record.count).saturating_sub(failed), Ordering::SeqCst);
+            shared.applied.fetch_add(
+                u64::from(record.count).saturating_sub(failed),
+                Ordering::SeqCst,
+            );
             shared.settled_below.store(record.seq + 1, Ordering::SeqCst);
             Confirmation::Applied {
                 first: record.first_seq,

@@ -74,15 +74,25 @@ impl DrainProgram {
     }
 
     /// Makes mirror `index` (fd `mirror_fd` in this process) known to the drain.
-    pub fn register(&self, index: u32, mirror_fd: u32, desc: &MirrorDesc) -> Result<bool, BridgeError> {
+    pub fn register(
+        &self,
+        index: u32,
+        mirror_fd: u32,
+        desc: &MirrorDesc,
+        allow_fast: bool,
+    ) -> Result<bool, BridgeError> {
         let update_err = |e: libbpf_rs::Error| BridgeError::MapCreate {
             map: desc.name.clone(),
             source: std::io::Error::other(e),
         };
-        let fast = fast_shape(desc);
+        let fast = fast_shape(desc).filter(|_| allow_fast);
         if let Some((_, outer)) = fast {
             self.map(outer)?
-                .update(&index.to_ne_bytes(), &mirror_fd.to_ne_bytes(), MapFlags::ANY)
+                .update(
+                    &index.to_ne_bytes(),
+                    &mirror_fd.to_ne_bytes(),
+                    MapFlags::ANY,
+                )
                 .map_err(update_err)?;
         }
         let slot = MirrorSlot {
@@ -124,7 +134,9 @@ impl DrainProgram {
         }
         let retval = opts.retval as i32;
         if retval < 0 {
-            return Err(BridgeError::Drain(std::io::Error::from_raw_os_error(-retval)));
+            return Err(BridgeError::Drain(std::io::Error::from_raw_os_error(
+                -retval,
+            )));
         }
         Ok(retval as u32)
     }

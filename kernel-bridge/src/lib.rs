@@ -11,6 +11,7 @@ pub mod error;
 pub mod mirror;
 pub mod record;
 pub mod selftest;
+pub mod testing;
 pub mod user_ringbuf;
 
 pub use bridge::{

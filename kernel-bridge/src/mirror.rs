@@ -135,7 +135,9 @@ impl MirrorDesc {
             why,
         };
         if self.name.is_empty() || self.name.contains('/') || self.name.contains('\0') {
-            return Err(invalid("a map name must be non-empty, without '/' or NUL".into()));
+            return Err(invalid(
+                "a map name must be non-empty, without '/' or NUL".into(),
+            ));
         }
         if self.object.is_empty() || self.object.contains('/') || self.object.contains('\0') {
             return Err(invalid(format!(
@@ -245,10 +247,11 @@ impl Mirror {
             source: std::io::Error::other(e),
         })?;
         let map_type = info.info.type_;
-        let kind = MapKind::from_kernel_type(map_type).ok_or_else(|| BridgeError::InvalidMirror {
-            map: path.display().to_string(),
-            why: format!("map type {map_type} cannot be a mirror"),
-        })?;
+        let kind =
+            MapKind::from_kernel_type(map_type).ok_or_else(|| BridgeError::InvalidMirror {
+                map: path.display().to_string(),
+                why: format!("map type {map_type} cannot be a mirror"),
+            })?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -389,7 +392,10 @@ pub fn remove_object_pins(object: &str) -> Result<usize, BridgeError> {
         path: path.to_path_buf(),
         source,
     };
-    for entry in std::fs::read_dir(&dir).map_err(|e| pin_err(&dir, e))?.flatten() {
+    for entry in std::fs::read_dir(&dir)
+        .map_err(|e| pin_err(&dir, e))?
+        .flatten()
+    {
         std::fs::remove_file(entry.path()).map_err(|e| pin_err(&entry.path(), e))?;
         removed += 1;
     }

@@ -27,20 +27,31 @@ pub struct UpdateHeader {
 
 pub const UPDATE_HEADER_SIZE: usize = std::mem::size_of::<UpdateHeader>();
 
+/// `BRIDGE_MIN_RECORD`: records are padded to this size so the drain reads a small record
+/// with a single `bpf_dynptr_read`.
+pub const MIN_RECORD_SIZE: usize = 48;
+
+/// The sample size of a record carrying `payload` key + value bytes.
+pub fn record_size(payload: usize) -> usize {
+    (UPDATE_HEADER_SIZE + payload).max(MIN_RECORD_SIZE)
+}
+
 impl UpdateHeader {
-    /// Writes the header and payload into `out`, which must be exactly
-    /// `UPDATE_HEADER_SIZE + key.len() + value.len()` bytes long.
+    /// Writes the header and payload into `out`, which must be
+    /// `record_size(key.len() + value.len())` bytes long; padding is zeroed.
     pub fn encode(&self, key: &[u8], value: &[u8], out: &mut [u8]) {
-        debug_assert_eq!(out.len(), UPDATE_HEADER_SIZE + key.len() + value.len());
+        let end = UPDATE_HEADER_SIZE + key.len() + value.len();
+        debug_assert_eq!(out.len(), record_size(key.len() + value.len()));
         out[0..8].copy_from_slice(&self.seq.to_ne_bytes());
         out[8..12].copy_from_slice(&self.mirror.to_ne_bytes());
         out[12..16].copy_from_slice(&self.op.to_ne_bytes());
         out[16..20].copy_from_slice(&self.key_size.to_ne_bytes());
         out[20..24].copy_from_slice(&self.value_size.to_ne_bytes());
         out[24..32].copy_from_slice(&self.flags.to_ne_bytes());
-        let (k, v) = out[UPDATE_HEADER_SIZE..].split_at_mut(key.len());
+        let (k, v) = out[UPDATE_HEADER_SIZE..end].split_at_mut(key.len());
         k.copy_from_slice(key);
         v.copy_from_slice(value);
+        out[end..].fill(0);
     }
 }
 
@@ -145,11 +156,13 @@ mod tests {
             value_size: 3,
             flags: 1,
         };
-        let mut out = vec![0u8; UPDATE_HEADER_SIZE + 5];
+        let mut out = vec![0xffu8; record_size(5)];
         header.encode(&[1, 2], &[3, 4, 5], &mut out);
+        assert_eq!(out.len(), MIN_RECORD_SIZE);
         assert_eq!(u64::from_ne_bytes(out[0..8].try_into().unwrap()), 7);
         assert_eq!(u32::from_ne_bytes(out[8..12].try_into().unwrap()), 3);
-        assert_eq!(&out[32..], &[1, 2, 3, 4, 5]);
+        assert_eq!(&out[32..37], &[1, 2, 3, 4, 5]);
+        assert!(out[37..].iter().all(|b| *b == 0), "padding is zeroed");
     }
 
     #[test]

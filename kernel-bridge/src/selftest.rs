@@ -190,7 +190,10 @@ fn shapes() -> Vec<(MirrorDesc, u64)> {
         // (description, key pool): pools above max_entries make a hash fill up and give E2BIG.
         (desc("u32_u64", MapKind::Hash, 4, 8, 65_536), 50_000),
         (desc("key16_val4000", MapKind::Hash, 16, 4000, 512), 600),
-        (desc("percpu_u32_u64", MapKind::PercpuHash, 4, 8, 4096), 3000),
+        (
+            desc("percpu_u32_u64", MapKind::PercpuHash, 4, 8, 4096),
+            3000,
+        ),
         (desc("array_u32_u64", MapKind::Array, 4, 8, 1024), 1030),
         (desc("percpu_array", MapKind::PercpuArray, 4, 16, 256), 256),
         // The kernel LRU evicts before it is full: keep the pool far below capacity.
@@ -204,7 +207,7 @@ fn shapes() -> Vec<(MirrorDesc, u64)> {
 pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
     let bridge = Bridge::with_config(BridgeConfig {
         confirm_each: options.confirm_each,
-        on_confirm: None,
+        ..BridgeConfig::default()
     })?;
     let mut maps = Vec::new();
     for (desc, key_pool) in shapes() {
@@ -258,7 +261,7 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
                 _ => BPF_ANY,
             };
             let value = map.value(&mut rng, value_bytes);
-            let seq = bridge.send(&Update::update(map.id, &key, &value, flags))?;
+            let seq = bridge.send(&Update::put(map.id, &key, &value, flags))?;
             (seq, map.apply_update(key, value, flags))
         };
         expected.push((seq, errno));
@@ -279,7 +282,9 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
         };
         let got = bridge.status(*seq);
         if got != want && mismatches.len() < 20 {
-            mismatches.push(format!("update {seq}: expected {want:?}, kernel gave {got:?}"));
+            mismatches.push(format!(
+                "update {seq}: expected {want:?}, kernel gave {got:?}"
+            ));
         }
     }
 

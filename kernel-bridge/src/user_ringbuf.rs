@@ -24,6 +24,30 @@
 //! [`UserRingBuf::available`] is below [`UserRingBuf::record_size`]) trigger the drain itself and
 //! then retry. An unsubmitted sample also blocks the drain at its position, so hold samples
 //! briefly and never [`std::mem::forget`] one.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use aya::EbpfLoader;
+//! use bpftime_kernel_bridge::user_ringbuf::{UserRingBuf, UserRingBufError};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let object: &[u8] = &[];
+//! let mut ebpf = EbpfLoader::new().allow_unsupported_maps().load(object)?;
+//! let ring = UserRingBuf::from_map(ebpf.take_map("user_ringbuf").ok_or("no map")?)?;
+//! let message = b"hello";
+//! match ring.reserve(message.len()) {
+//!     Ok(mut sample) => {
+//!         sample.copy_from_slice(message);
+//!         sample.submit();
+//!     }
+//!     // This thread also triggers the drain, so it must not wait: drain, then retry.
+//!     Err(UserRingBufError::Full) => { /* run the drain program, retry */ }
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -233,7 +257,7 @@ impl UserRingBuf {
             });
         }
         let total = Self::record_size(len);
-        let _guard = ();
+        let _guard = self.reserve_lock.lock();
         // Acquire pairs with the kernel's release store after it finished reading the samples
         // before `consumer_pos`, so their space may be reused.
         let cons = self.consumer_pos().load(Ordering::Acquire);
@@ -272,6 +296,8 @@ impl UserRingBuf {
     /// at least one sample (unless the BPF program passed `BPF_RB_NO_WAKEUP`). Each waiting call
     /// uses its own edge-triggered epoll instance, so every blocked producer thread is woken by
     /// every drain and none can miss a wakeup between a failed attempt and its wait.
+    ///
+    /// A `timeout` too large to add to [`Instant::now`] waits without limit.
     ///
     /// Never call this from the thread that would run the drain: see the
     /// [module documentation](self).
@@ -428,7 +454,8 @@ impl Mmap {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
         Ok(Self { ptr, len })
     }
 }

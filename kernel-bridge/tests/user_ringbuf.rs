@@ -29,7 +29,9 @@ const PREFIX: usize = 8;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Fixture {
@@ -53,10 +55,12 @@ impl Echo {
 }
 
 fn fixture() -> Option<Fixture> {
-    match try_fixture() {
+    match try_fixture().map_err(|e| error_chain(&*e)) {
         Ok(fixture) => Some(fixture),
         Err(err) if std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1") => {
-            eprintln!("SKIPPED (BPFTIME_SKIP_KERNEL_TESTS=1): cannot load the test BPF object: {err}");
+            eprintln!(
+                "SKIPPED (BPFTIME_SKIP_KERNEL_TESTS=1): cannot load the test BPF object: {err}"
+            );
             None
         }
         Err(err) => panic!(
@@ -64,6 +68,17 @@ fn fixture() -> Option<Fixture> {
              Linux >= 6.1; set BPFTIME_SKIP_KERNEL_TESTS=1 to skip them explicitly."
         ),
     }
+}
+
+/// aya's errors keep the errno in their source, which plain Display leaves out.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn try_fixture() -> Result<Fixture, Box<dyn std::error::Error>> {
@@ -149,11 +164,22 @@ fn send(ring: &UserRingBuf, len: usize, seq: u32) -> Result<(), UserRingBufError
 /// Checks an echo against the sample `send(_, len, seq)` wrote.
 fn check_echo(echo: &Echo, len: usize, seq: u32) {
     assert_eq!(echo.len as usize, len, "length prefix of sample {seq}");
-    assert!(echo.len_exact, "kernel sample size != {len} for sample {seq}");
-    assert_eq!(echo.data.len(), len.min(ECHO_MAX), "echoed bytes of sample {seq}");
+    assert!(
+        echo.len_exact,
+        "kernel sample size != {len} for sample {seq}"
+    );
+    assert_eq!(
+        echo.data.len(),
+        len.min(ECHO_MAX),
+        "echoed bytes of sample {seq}"
+    );
     assert_eq!(echo.seq(), seq);
     for (i, &byte) in echo.data.iter().enumerate().skip(PREFIX) {
-        assert_eq!(byte, pattern(seq, i), "byte {i} of sample {seq} (len {len})");
+        assert_eq!(
+            byte,
+            pattern(seq, i),
+            "byte {i} of sample {seq} (len {len})"
+        );
     }
 }
 
@@ -169,7 +195,11 @@ fn submitted_samples_reach_the_kernel_in_order() {
     send(&fx.ring, 301, 3).expect("reserve 301");
     assert_eq!(
         fx.ring.available(),
-        RING_CAPACITY - [40, 8, 301].map(UserRingBuf::record_size).iter().sum::<usize>()
+        RING_CAPACITY
+            - [40, 8, 301]
+                .map(UserRingBuf::record_size)
+                .iter()
+                .sum::<usize>()
     );
     // Shorter than the 4-byte length prefix: the BPF side reports it as LEN_SHORT.
     fx.ring.reserve(0).expect("reserve 0").submit();
@@ -187,6 +217,17 @@ fn submitted_samples_reach_the_kernel_in_order() {
     assert_eq!(drain(&fx.ebpf), 0);
     assert!(read_echoes(&mut fx.echo).is_empty());
     assert_eq!(echo_drops(&fx.ebpf), 0);
+}
+
+#[test]
+fn other_map_types_are_refused() {
+    let _serial = serial();
+    let Some(mut fx) = fixture() else { return };
+    let array = fx.ebpf.take_map("echo_drops").expect("echo_drops map");
+    match UserRingBuf::from_map(array) {
+        Err(UserRingBufError::WrongMapType { found }) => assert_eq!(found, "Array"),
+        other => panic!("an array map was accepted: {other:?}"),
+    }
 }
 
 #[test]
@@ -243,10 +284,7 @@ fn full_ring_reports_full_until_drained() {
     for seq in 0..fitting {
         send(&fx.ring, 1000, seq as u32).expect("ring has room");
     }
-    assert!(matches!(
-        fx.ring.reserve(1000),
-        Err(UserRingBufError::Full)
-    ));
+    assert!(matches!(fx.ring.reserve(1000), Err(UserRingBufError::Full)));
     // The remainder still takes a sample that fits it exactly...
     let rest = RING_CAPACITY - fitting * record;
     assert_eq!(fx.ring.available(), rest);
@@ -378,7 +416,10 @@ fn reserve_blocking_times_out_on_a_full_ring() {
         matches!(result, Err(UserRingBufError::Timeout)),
         "{result:?}"
     );
-    assert!(waited >= Duration::from_millis(200), "gave up after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "gave up after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(5), "overslept: {waited:?}");
 }
 
@@ -448,13 +489,18 @@ fn many_producer_threads_deliver_every_sample_exactly_once() {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut received = 0;
         while received < expected {
-            assert!(Instant::now() < deadline, "only {received}/{expected} arrived");
+            assert!(
+                Instant::now() < deadline,
+                "only {received}/{expected} arrived"
+            );
             let drained = drain(ebpf);
             assert!(drained >= 0, "drain failed: {drained}");
             for echo in read_echoes(echo) {
                 assert!(echo.len_exact, "{echo:?}");
                 check_echo(&echo, echo.len as usize, echo.seq());
-                seen.entry(echo.seq() >> 24).or_default().push(echo.seq() & 0xff_ffff);
+                seen.entry(echo.seq() >> 24)
+                    .or_default()
+                    .push(echo.seq() & 0xff_ffff);
                 received += 1;
             }
             if drained == 0 {

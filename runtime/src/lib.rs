@@ -1,1 +1,2 @@
 pub mod vm;
+pub mod maps;

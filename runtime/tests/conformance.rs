@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use bpftime_runtime::vm::rbpf::{rbpf_check, run_rbpf, RbpfMode};
 use bpftime_runtime::vm::{
     self, asm, insn, CallContext, HelperError, HelperTable, InterpOptions, MemoryMap, Program,
 };
@@ -12,9 +13,7 @@ const KNOWN_INTERP: &[(&str, &str)] = &[];
 /// Tests expected to fail on the JIT, with the reason.
 const KNOWN_JIT: &[(&str, &str)] = &[];
 /// Tests where rbpf accepts the program but is known to compute a different result.
-const KNOWN_RBPF: &[(&str, &str)] = &[
-    ("mem-len", "rbpf never passes the memory length in r2"),
-];
+const KNOWN_RBPF: &[(&str, &str)] = &[("mem-len", "rbpf never passes the memory length in r2")];
 
 struct Case {
     name: String,
@@ -184,11 +183,16 @@ fn run_engine(cases: &[Case], engine: Engine, known: &[(&str, &str)]) -> Vec<Str
             Ok(()) => {
                 passed += 1;
                 if known.iter().any(|(n, _)| *n == c.name) {
-                    println!("[{label}] {}: passes but is listed as known failure", c.name);
+                    println!(
+                        "[{label}] {}: passes but is listed as known failure",
+                        c.name
+                    );
                 }
             }
             Err(why) => match known.iter().find(|(n, _)| *n == c.name) {
-                Some((_, reason)) => println!("[{label}] {} fails (known: {reason}): {why}", c.name),
+                Some((_, reason)) => {
+                    println!("[{label}] {} fails (known: {reason}): {why}", c.name)
+                }
                 None => {
                     println!("[{label}] {} FAILED: {why}", c.name);
                     unexpected.push(format!("{label}/{}: {why}", c.name));
@@ -198,6 +202,63 @@ fn run_engine(cases: &[Case], engine: Engine, known: &[(&str, &str)]) -> Vec<Str
     }
     println!("conformance {label}: {passed}/{} passed", cases.len());
     unexpected
+}
+
+fn run_rbpf_case(case: &Case, mode: RbpfMode) -> Result<Result<u64, String>, String> {
+    let insns = asm::assemble(&case.asm).map_err(|e| format!("assemble: {e}"))?;
+    let prog = Program::new(insns).map_err(|e| format!("load: {e}"))?;
+    if let Err(e) = rbpf_check(&prog, mode) {
+        return Err(e.to_string());
+    }
+    let mut data = case.mem.clone();
+    let mut helpers = conformance_helpers();
+    let mut map = MemoryMap::new();
+    // SAFETY: the programs rbpf accepts only touch `data` (alive for the call) and the stack.
+    let r = unsafe { run_rbpf(&prog, &mut data, &mut map, &mut helpers, mode) };
+    Ok(r.map_err(|e| e.to_string()))
+}
+
+fn run_rbpf_engine(cases: &[Case], mode: RbpfMode) -> Vec<String> {
+    let label = match mode {
+        RbpfMode::Jit => "rbpf",
+        RbpfMode::Interpreter => "rbpf-interpreter",
+    };
+    let (mut passed, mut refused) = (0, 0);
+    let mut unexpected = Vec::new();
+    for c in cases {
+        match run_rbpf_case(c, mode) {
+            Err(why) => {
+                refused += 1;
+                println!("[{label}] {} refused: {why}", c.name);
+            }
+            Ok(r) => match check(c, r) {
+                Ok(()) => passed += 1,
+                Err(why) => match KNOWN_RBPF.iter().find(|(n, _)| *n == c.name) {
+                    Some((_, reason)) => {
+                        println!("[{label}] {} fails (known: {reason}): {why}", c.name)
+                    }
+                    None => {
+                        println!("[{label}] {} FAILED: {why}", c.name);
+                        unexpected.push(format!("{label}/{}: {why}", c.name));
+                    }
+                },
+            },
+        }
+    }
+    println!(
+        "conformance {label}: {passed}/{} passed, {refused} refused, {} failed",
+        cases.len(),
+        cases.len() - passed - refused
+    );
+    unexpected
+}
+
+#[test]
+fn conformance_rbpf() {
+    let cases = load_cases();
+    let mut bad = run_rbpf_engine(&cases, RbpfMode::Jit);
+    bad.extend(run_rbpf_engine(&cases, RbpfMode::Interpreter));
+    assert!(bad.is_empty(), "unexpected failures:\n{}", bad.join("\n"));
 }
 
 #[test]

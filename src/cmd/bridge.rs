@@ -36,7 +36,10 @@ pub fn selftest(args: &SelftestArgs) -> Result<()> {
                 "confirm per batch + failures"
             }
         );
-        println!("{:<16} {:<13} {:>9} {:>9}  PIN", "MAP", "TYPE", "EXPECTED", "KERNEL");
+        println!(
+            "{:<16} {:<13} {:>9} {:>9}  PIN",
+            "MAP", "TYPE", "EXPECTED", "KERNEL"
+        );
         for map in &report.maps {
             println!(
                 "{:<16} {:<13} {:>9} {:>9}  {}",

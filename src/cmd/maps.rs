@@ -16,7 +16,10 @@ pub fn run(args: &MapsArgs) -> Result<()> {
             .iter()
             .map(mirror_json)
             .collect::<Result<Vec<_>>>()?;
-        println!("{}", serde_json::to_string_pretty(&json!({ "maps": maps }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "maps": maps }))?
+        );
         return Ok(());
     }
     println!(

@@ -15,7 +15,6 @@ use super::lock::ShmLock;
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"BPFTRSM\0");
 pub(crate) const VERSION: u32 = 1;
-pub(crate) const STATE_INIT: u32 = 0;
 pub(crate) const STATE_READY: u32 = 1;
 
 pub(crate) const NAME_LEN: usize = 64;
@@ -151,7 +150,6 @@ pub(crate) mod ctr {
     pub const LOST: usize = 4;
     pub const PUSHES: usize = 5;
     pub const POPS: usize = 6;
-    pub const UPDATES: usize = 7;
     pub const RECOVERIES: usize = 8;
     pub const DEAD_RECORDS: usize = 9;
 }
@@ -218,3 +216,19 @@ pub(crate) fn get_str(src: &[u8]) -> String {
 const _: () = assert!(std::mem::size_of::<SegHeader>() <= 4096);
 const _: () = assert!(std::mem::size_of::<ElemHdr>() == 16);
 const _: () = assert!(std::mem::size_of::<Bucket>() == 16);
+
+/// Copies a value; 4- and 8-byte values (most counters) without a memcpy call.
+///
+/// # Safety
+/// `src` readable and `dst` writable for `n` bytes, not overlapping.
+#[inline(always)]
+pub(crate) unsafe fn copy_value(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: guaranteed by the caller; unaligned accesses are allowed on every target we run.
+    unsafe {
+        match n {
+            8 => std::ptr::write_unaligned(dst as *mut u64, std::ptr::read_unaligned(src as *const u64)),
+            4 => std::ptr::write_unaligned(dst as *mut u32, std::ptr::read_unaligned(src as *const u32)),
+            _ => std::ptr::copy_nonoverlapping(src, dst, n),
+        }
+    }
+}

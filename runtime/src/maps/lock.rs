@@ -27,6 +27,7 @@ extern "C" fn reset_tid_after_fork() {
     // The forked child's only thread has a new tid; a stale cached one would make a crashed
     // child look alive (its parent's tid) and wedge the lock.
     TID.with(|t| t.set(0));
+    PID.store(0, Ordering::Relaxed);
 }
 
 pub(crate) fn current_tid() -> u32 {
@@ -48,9 +49,19 @@ pub(crate) fn current_tid() -> u32 {
     })
 }
 
-/// Current process id (tgid).
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// Current process id (tgid), cached: getpid() is a syscall and ringbuf records carry it.
+#[inline]
 pub(crate) fn current_pid() -> u32 {
-    std::process::id()
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    current_tid();
+    let p = std::process::id();
+    PID.store(p, Ordering::Relaxed);
+    p
 }
 
 /// Whether a thread or process id names a living (non-zombie) task.
@@ -209,13 +220,15 @@ impl ShmLock {
 
     #[inline]
     pub(crate) fn unlock(&self) {
-        let prev = self.0.swap(0, Ordering::Release);
+        // SeqCst: callers rely on the unlock being a full barrier (see hash update marking).
+        let prev = self.0.swap(0, Ordering::SeqCst);
         if prev & WAITERS != 0 {
             futex_wake(&self.0, 1);
         }
     }
 
     /// Thread id of the holder, 0 when free.
+    #[cfg(test)]
     pub(crate) fn holder(&self) -> u32 {
         self.0.load(Ordering::Relaxed) & TID_MASK
     }

@@ -246,7 +246,6 @@ pub struct MapCounters {
     /// Deleted entries whose deletion the forwarder has not acknowledged yet.
     pub tombstones: u64,
     pub deletes: u64,
-    pub updates: u64,
     /// Inserts refused because the map was full (E2BIG), ringbuf reserves refused (full).
     pub full: u64,
     pub evictions: u64,
@@ -498,7 +497,7 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Fills the geometry of a map whose region starts at `off`; returns the region size.
+/// The geometry of a map whose region starts at `off` (its end is [`region_end`]).
 fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
     let t = def.map_type;
     let nslots = if t.is_percpu() { ncpu } else { 1 };
@@ -546,7 +545,6 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
             cur += u64::from(g.summary_words) * 8;
             cur = round_up(cur, 64);
             g.elems_off = cur;
-            cur += u64::from(g.pool) * u64::from(g.elem_size);
         }
         MapType::Array | MapType::PercpuArray => {
             let m = u64::from(def.max_entries);
@@ -559,17 +557,14 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
             cur = round_up(cur, 64);
             g.data_off = cur;
             g.data_size = m * u64::from(value_stride) * u64::from(nslots);
-            cur += g.data_size;
         }
         MapType::ProgArray => {
             g.data_off = cur;
             g.data_size = u64::from(def.max_entries) * 4;
-            cur += g.data_size;
         }
         MapType::Queue | MapType::Stack => {
             g.data_off = cur;
             g.data_size = (u64::from(def.max_entries) + 1) * u64::from(value_stride);
-            cur += g.data_size;
         }
         MapType::Ringbuf | MapType::PerfEventArray => {
             let (rings, data) = if t == MapType::Ringbuf {
@@ -579,15 +574,10 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
             };
             g.rings = rings as u32;
             g.data_size = data;
-            cur = round_up(cur, pg);
-            g.data_off = cur;
-            cur += rings * (2 * pg + data);
+            g.data_off = round_up(cur, pg);
         }
         _ => unreachable!(),
     }
-    // Stash the region end in data_size-independent form: the caller rounds to pages.
-    g.summary_words = g.summary_words.max(0);
-    let _ = cur;
     g
 }
 
@@ -1061,16 +1051,21 @@ impl MapHandle {
         } else {
             0
         };
-        self.lookup_cpu(key, cpu)
+        self.lookup_inner(key, cpu)
     }
 
     /// As [`lookup`](Self::lookup) for a given CPU slot.
     pub fn lookup_cpu(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
-        self.check_key("lookup", key)?;
-        let t = self.def.map_type;
         if cpu >= self.ctl().geo.nslots {
             return Err(self.err("lookup", libc::EINVAL));
         }
+        self.lookup_inner(key, cpu)
+    }
+
+    #[inline]
+    fn lookup_inner(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
+        self.check_key("lookup", key)?;
+        let t = self.def.map_type;
         let p = if t.is_hash() {
             self.hash_lookup(key, cpu)
         } else if t.is_array() {
@@ -1209,7 +1204,6 @@ impl MapHandle {
             },
             tombstones: u64::from(a.tombs.load(Ordering::Relaxed)),
             deletes: g(ctr::DELETES),
-            updates: g(ctr::UPDATES),
             full: g(ctr::FULL),
             evictions: g(ctr::EVICTIONS),
             tombstones_dropped: g(ctr::TOMBS_DROPPED),

@@ -15,13 +15,16 @@ pub(crate) const PREFIX: &str = "bpftime-rs.";
 pub(crate) const SUFFIX: &str = ".shm";
 
 pub(crate) fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p <= 0 {
-        4096
-    } else {
-        p as usize
-    }
+    static PG: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PG.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p <= 0 {
+            4096
+        } else {
+            p as usize
+        }
+    })
 }
 
 /// Object names become file names, so keep them to a safe alphabet.

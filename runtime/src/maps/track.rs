@@ -72,10 +72,12 @@ impl MapHandle {
         }
     }
 
-    /// Sets `bits` on a mark word; cheap when they are already set.
+    /// Sets `bits` on a mark word; cheap when they are already set. SeqCst load (a plain
+    /// load on x86): after a write made visible by a full barrier (update's unlock), seeing
+    /// the mark still set means the forwarder's clear comes later and its read sees the write.
     #[inline]
     pub(crate) fn mark_soft(&self, slot: u32, w: &AtomicU32, bits: u32) {
-        if w.load(Ordering::Relaxed) & bits != bits {
+        if w.load(Ordering::SeqCst) & bits != bits {
             self.mark_slow(slot, w, bits);
         }
     }

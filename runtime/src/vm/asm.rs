@@ -66,7 +66,10 @@ fn parse_operand(s: &str) -> Result<Operand, String> {
     if let Some(v) = parse_int(s) {
         return Ok(Operand::Imm(v));
     }
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
         return Ok(Operand::Label(s.to_string()));
     }
     Err(format!("bad operand '{s}'"))
@@ -218,10 +221,8 @@ pub fn assemble(src: &str) -> Result<Vec<Insn>, AsmError> {
     let mut out = Vec::with_capacity(total);
     for line in &lines {
         let here = out.len();
-        let insns = encode_line(line, here, total, &labels).map_err(|msg| AsmError {
-            line: line.no,
-            msg,
-        })?;
+        let insns = encode_line(line, here, total, &labels)
+            .map_err(|msg| AsmError { line: line.no, msg })?;
         out.extend(insns);
     }
     Ok(out)
@@ -363,7 +364,13 @@ fn encode_line(
             _ => return Err(format!("unknown mnemonic '{m}'")),
         };
         nops(2)?;
-        return one(Insn::new(class | BPF_MOV | BPF_X, reg(0)?, reg(1)?, from, 0));
+        return one(Insn::new(
+            class | BPF_MOV | BPF_X,
+            reg(0)?,
+            reg(1)?,
+            from,
+            0,
+        ));
     }
     // Loads and stores.
     if let Some(rest) = m.strip_prefix("ldx") {

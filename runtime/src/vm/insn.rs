@@ -166,7 +166,7 @@ pub fn size_bytes(size: u8) -> usize {
 
 /// Decode a byte buffer into instruction slots.
 pub fn decode_bytes(bytes: &[u8]) -> Result<Vec<Insn>, VmError> {
-    if bytes.len() % INSN_SIZE != 0 {
+    if !bytes.len().is_multiple_of(INSN_SIZE) {
         return Err(VmError::BadLength(bytes.len()));
     }
     Ok(bytes

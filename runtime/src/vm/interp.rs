@@ -37,11 +37,11 @@ pub fn interpret(
     helpers: &mut dyn Helpers,
     opts: InterpOptions,
 ) -> Result<u64, VmError> {
-    let mut stack = vec![0u64; MAX_CALL_FRAMES * STACK_SIZE / 8].into_boxed_slice();
+    let mut stack = [0u64; MAX_CALL_FRAMES * STACK_SIZE / 8];
     let stack_start = stack.as_mut_ptr() as u64;
     let stack_len = (stack.len() * 8) as u64;
-    // SAFETY: `stack` lives until the end of this function and the region is removed before.
-    unsafe { mem.add_raw(stack_start, stack_len, true) };
+    // SAFETY: `stack` lives until the end of this function and is unset before.
+    let prev = unsafe { mem.set_stack(Some((stack_start, stack_len))) };
     let mut budget = opts.insn_budget;
     let mut outcome = run_one(prog, args, mem, helpers, stack_start, &mut budget);
     let mut tail_calls = 0;
@@ -54,10 +54,21 @@ pub fn interpret(
         }
         holder = next;
         stack.fill(0);
-        outcome = run_one(&holder, [r1, 0, 0, 0, 0], mem, helpers, stack_start, &mut budget);
+        outcome = run_one(
+            &holder,
+            [r1, 0, 0, 0, 0],
+            mem,
+            helpers,
+            stack_start,
+            &mut budget,
+        );
     }
-    mem.remove(stack_start, stack_len);
-    drop(stack);
+    // SAFETY: restoring the previous (outer run's) stack, still alive if any.
+    unsafe { mem.set_stack(prev) };
+    let outcome = outcome.map_err(|e| match e {
+        VmError::Budget(_) => VmError::Budget(opts.insn_budget.unwrap_or(0)),
+        e => e,
+    });
     match outcome? {
         Outcome::Exit(v) => Ok(v),
         Outcome::TailCall(..) => unreachable!("handled above"),
@@ -73,9 +84,32 @@ fn fault(pc: usize, addr: u64, len: usize, kind: AccessKind) -> VmError {
     }
 }
 
-fn load(mem: &mut MemoryMap<'_>, pc: usize, addr: u64, size: u8) -> Result<u64, VmError> {
+/// Bounds of the interpreter's stack: `[start, top)` holds all frames (deeper frames at lower
+/// addresses); `lo` is the bottom of the current frame. Only `[lo, top)` (the current frame and
+/// its callers) is accessible.
+#[derive(Clone, Copy)]
+struct StackBounds {
+    start: u64,
+    top: u64,
+    lo: u64,
+}
+
+fn access_ok(mem: &mut MemoryMap<'_>, sb: StackBounds, addr: u64, len: u64, write: bool) -> bool {
+    if addr >= sb.start && addr < sb.top {
+        return addr >= sb.lo && addr.checked_add(len).is_some_and(|e| e <= sb.top);
+    }
+    mem.check(addr, len, write)
+}
+
+fn load(
+    mem: &mut MemoryMap<'_>,
+    sb: StackBounds,
+    pc: usize,
+    addr: u64,
+    size: u8,
+) -> Result<u64, VmError> {
     let len = size_bytes(size);
-    if !mem.check(addr, len as u64, false) {
+    if !access_ok(mem, sb, addr, len as u64, false) {
         return Err(fault(pc, addr, len, AccessKind::Load));
     }
     let p = addr as *const u8;
@@ -92,9 +126,16 @@ fn load(mem: &mut MemoryMap<'_>, pc: usize, addr: u64, size: u8) -> Result<u64, 
     Ok(v)
 }
 
-fn store(mem: &mut MemoryMap<'_>, pc: usize, addr: u64, size: u8, v: u64) -> Result<(), VmError> {
+fn store(
+    mem: &mut MemoryMap<'_>,
+    sb: StackBounds,
+    pc: usize,
+    addr: u64,
+    size: u8,
+    v: u64,
+) -> Result<(), VmError> {
     let len = size_bytes(size);
-    if !mem.check(addr, len as u64, true) {
+    if !access_ok(mem, sb, addr, len as u64, true) {
         return Err(fault(pc, addr, len, AccessKind::Store));
     }
     let p = addr as *mut u8;
@@ -113,16 +154,17 @@ fn store(mem: &mut MemoryMap<'_>, pc: usize, addr: u64, size: u8, v: u64) -> Res
 
 fn atomic(
     mem: &mut MemoryMap<'_>,
+    sb: StackBounds,
     pc: usize,
     i: &Insn,
     addr: u64,
     regs: &mut [u64; 11],
 ) -> Result<(), VmError> {
     let len = size_bytes(i.size());
-    if !mem.check(addr, len as u64, true) {
+    if !access_ok(mem, sb, addr, len as u64, true) {
         return Err(fault(pc, addr, len, AccessKind::Atomic));
     }
-    if addr % len as u64 != 0 {
+    if !addr.is_multiple_of(len as u64) {
         return Err(VmError::MisalignedAtomic { pc, addr });
     }
     let src = regs[i.src as usize];
@@ -329,7 +371,13 @@ fn run_one(
     let n = insns.len();
     let mut regs = [0u64; 11];
     regs[1..6].copy_from_slice(&args);
-    regs[10] = stack_start + STACK_SIZE as u64;
+    let top = stack_start + (MAX_CALL_FRAMES * STACK_SIZE) as u64;
+    regs[10] = top;
+    let stack = |r10: u64| StackBounds {
+        start: stack_start,
+        top,
+        lo: r10 - STACK_SIZE as u64,
+    };
     let mut frames: Vec<Frame> = Vec::with_capacity(MAX_CALL_FRAMES);
     let mut pc = 0usize;
     let mut last = 0usize;
@@ -339,7 +387,7 @@ fn run_one(
         }
         if let Some(b) = budget {
             if *b == 0 {
-                return Err(VmError::Budget(opts_budget_hint()));
+                return Err(VmError::Budget(0));
             }
             *b -= 1;
         }
@@ -378,7 +426,7 @@ fn run_one(
             }
             BPF_LDX => {
                 let addr = regs[src].wrapping_add(i.off as i64 as u64);
-                let v = load(mem, cur, addr, i.size())?;
+                let v = load(mem, stack(regs[10]), cur, addr, i.size())?;
                 regs[dst] = if i.mode() == BPF_MEMSX {
                     match i.size() {
                         BPF_B => v as i8 as i64 as u64,
@@ -391,14 +439,21 @@ fn run_one(
             }
             BPF_ST => {
                 let addr = regs[dst].wrapping_add(i.off as i64 as u64);
-                store(mem, cur, addr, i.size(), i.imm as i64 as u64)?;
+                store(
+                    mem,
+                    stack(regs[10]),
+                    cur,
+                    addr,
+                    i.size(),
+                    i.imm as i64 as u64,
+                )?;
             }
             BPF_STX => {
                 let addr = regs[dst].wrapping_add(i.off as i64 as u64);
                 if i.mode() == BPF_ATOMIC {
-                    atomic(mem, cur, &i, addr, &mut regs)?;
+                    atomic(mem, stack(regs[10]), cur, &i, addr, &mut regs)?;
                 } else {
-                    store(mem, cur, addr, i.size(), regs[src])?;
+                    store(mem, stack(regs[10]), cur, addr, i.size(), regs[src])?;
                 }
             }
             _ => {
@@ -413,7 +468,7 @@ fn run_one(
                         None => return Ok(Outcome::Exit(regs[0])),
                         Some(f) => {
                             regs[6..10].copy_from_slice(&f.saved);
-                            regs[10] -= STACK_SIZE as u64;
+                            regs[10] += STACK_SIZE as u64;
                             pc = f.ret_pc;
                         }
                     },
@@ -423,16 +478,24 @@ fn run_one(
                             if t & FUNC_PTR_MASK == FUNC_PTR_TAG {
                                 let t = (t & !FUNC_PTR_MASK) as usize;
                                 if t >= n {
-                                    return Err(VmError::BadCallx { pc: cur, target: regs[dst] });
+                                    return Err(VmError::BadCallx {
+                                        pc: cur,
+                                        target: regs[dst],
+                                    });
                                 }
                                 Some(t)
                             } else {
                                 if t > u32::MAX as u64 {
                                     return Err(VmError::BadCallx { pc: cur, target: t });
                                 }
-                                if let Some(tc) =
-                                    call_helper(t as u32, cur, frames.len(), &mut regs, mem, helpers)?
-                                {
+                                if let Some(tc) = call_helper(
+                                    t as u32,
+                                    cur,
+                                    frames.len(),
+                                    &mut regs,
+                                    mem,
+                                    helpers,
+                                )? {
                                     return Ok(Outcome::TailCall(tc.0, tc.1));
                                 }
                                 None
@@ -440,9 +503,14 @@ fn run_one(
                         } else if i.src == BPF_PSEUDO_CALL {
                             Some((pc as i64 + i.imm as i64) as usize)
                         } else {
-                            if let Some(tc) =
-                                call_helper(i.imm as u32, cur, frames.len(), &mut regs, mem, helpers)?
-                            {
+                            if let Some(tc) = call_helper(
+                                i.imm as u32,
+                                cur,
+                                frames.len(),
+                                &mut regs,
+                                mem,
+                                helpers,
+                            )? {
                                 return Ok(Outcome::TailCall(tc.0, tc.1));
                             }
                             None
@@ -457,7 +525,7 @@ fn run_one(
                             let mut saved = [0u64; 4];
                             saved.copy_from_slice(&regs[6..10]);
                             frames.push(Frame { ret_pc: pc, saved });
-                            regs[10] += STACK_SIZE as u64;
+                            regs[10] -= STACK_SIZE as u64;
                             pc = t;
                         }
                     }
@@ -475,8 +543,4 @@ fn run_one(
             }
         }
     }
-}
-
-fn opts_budget_hint() -> u64 {
-    0
 }

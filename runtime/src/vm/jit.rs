@@ -2,7 +2,7 @@
 //!
 //! Register mapping follows the kernel's `bpf_jit_comp.c`: r0=rax, r1=rdi, r2=rsi, r3=rdx,
 //! r4=rcx, r5=r8, r6=rbx, r7=r13, r8=r14, r9=r15, r10=rbp. r12 holds the run environment
-//! ([`JitEnv`]); r9, r10 and r11 are scratch. Every BPF function (main program and each
+//! (`JitEnv`); r9, r10 and r11 are scratch. Every BPF function (main program and each
 //! subprogram) is a native function with its own 512-byte stack frame that saves r6-r10.
 //! Memory accesses are unchecked: only run programs that the kernel verifier accepted (or that
 //! are otherwise known to touch only valid memory).
@@ -106,7 +106,11 @@ impl Emitter {
         self.imm32(0);
     }
     fn rex(&mut self, w: bool, r: u8, x: u8, b: u8, force: bool) {
-        let v = 0x40 | ((w as u8) << 3) | (((r >> 3) & 1) << 2) | (((x >> 3) & 1) << 1) | ((b >> 3) & 1);
+        let v = 0x40
+            | ((w as u8) << 3)
+            | (((r >> 3) & 1) << 2)
+            | (((x >> 3) & 1) << 1)
+            | ((b >> 3) & 1);
         if v != 0x40 || force {
             self.byte(v);
         }
@@ -125,7 +129,17 @@ impl Emitter {
         self.byte(0xc0 | ((reg & 7) << 3) | (rm & 7));
     }
     /// `[prefix] op reg, [base+disp32]`.
-    fn mem(&mut self, prefix: &[u8], w: bool, op: &[u8], reg: u8, base: u8, disp: i32, force: bool) {
+    #[allow(clippy::too_many_arguments)]
+    fn mem(
+        &mut self,
+        prefix: &[u8],
+        w: bool,
+        op: &[u8],
+        reg: u8,
+        base: u8,
+        disp: i32,
+        force: bool,
+    ) {
         self.bytes(prefix);
         self.rex(w, reg, 0, base, force);
         self.bytes(op);
@@ -198,6 +212,7 @@ impl Emitter {
 pub struct JitProgram {
     code: *mut u8,
     size: usize,
+    len: usize,
     /// Native entry of each instruction that starts a function (for `callx`); 0 elsewhere.
     _func_table: Box<[u64]>,
 }
@@ -210,7 +225,9 @@ unsafe impl Sync for JitProgram {}
 
 impl std::fmt::Debug for JitProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JitProgram").field("size", &self.size).finish()
+        f.debug_struct("JitProgram")
+            .field("size", &self.size)
+            .finish()
     }
 }
 
@@ -240,6 +257,12 @@ impl JitProgram {
             labels: vec![None; n],
             fixups: Vec::new(),
         };
+        let funcs = prog.functions();
+        // Call targets: the prologue of each function. The instruction's own label (used by
+        // jumps and fallthrough) is bound after the prologue, so a loop back to the first
+        // instruction of a function does not allocate another frame.
+        let func_labels: std::collections::HashMap<usize, Label> =
+            funcs.iter().map(|&f| (f, e.new_label())).collect();
         let outer_ret = e.new_label();
         let abort = e.new_label();
         // Outer entry: SysV arguments rdi..r8 are r1..r5 already; r9 = env.
@@ -250,7 +273,7 @@ impl JitProgram {
         e.mov_rr(true, R12, R9);
         e.mem(&[], true, &[0x89], RSP, R12, ENV_SAVED_RSP, false);
         e.alu_rr(false, 0x31, RAX, RAX);
-        e.call_label(0);
+        e.call_label(func_labels[&0]);
         e.bind(outer_ret);
         e.alu_ri(true, 0, RSP, 8);
         for r in [R15, R14, R13, R12, RBP, RBX] {
@@ -262,12 +285,15 @@ impl JitProgram {
         e.jmp(outer_ret);
 
         let tramp = helper_trampoline as *const () as usize as u64;
-        let funcs = prog.functions();
         let mut pc = 0;
         while pc < n {
             let i = insns[pc];
-            e.bind(pc);
-            if funcs.contains(&pc) {
+            if let Some(&fl) = func_labels.get(&pc) {
+                if pc != 0 {
+                    // Fallthrough from the previous function skips this prologue.
+                    e.jmp(pc);
+                }
+                e.bind(fl);
                 // Function prologue: save r6-r10, allocate the frame.
                 for r in [RBX, R13, R14, R15, RBP] {
                     e.push(r);
@@ -275,6 +301,7 @@ impl JitProgram {
                 e.alu_ri(true, 5, RSP, STACK_SIZE as i32);
                 e.mem(&[], true, &[0x8d], RBP, RSP, STACK_SIZE as i32, false);
             }
+            e.bind(pc);
             pc += 1;
             let dst = REG[i.dst as usize];
             let src = REG[i.src as usize];
@@ -355,7 +382,8 @@ impl JitProgram {
                                 emit_callx(&mut e, dst, cur, n, table_addr, tramp, abort);
                             } else if i.src == BPF_PSEUDO_CALL {
                                 let t = (pc as i64 + i.imm as i64) as usize;
-                                emit_local_call(&mut e, cur, abort, |e| e.call_label(t));
+                                let fl = func_labels[&t];
+                                emit_local_call(&mut e, cur, abort, |e| e.call_label(fl));
                             } else {
                                 e.env_store_imm(ENV_HELPER_ID, i.imm as u32);
                                 emit_helper_call(&mut e, cur, tramp, abort);
@@ -439,14 +467,22 @@ impl JitProgram {
             return Err(VmError::Jit("mprotect failed".into()));
         }
         for &f in funcs.iter() {
-            let off = e.labels[f].expect("function label bound");
+            let off = e.labels[func_labels[&f]].expect("function label bound");
             func_table[f] = code as u64 + off as u64;
         }
         Ok(Self {
             code,
             size,
+            len: e.buf.len(),
             _func_table: func_table,
         })
+    }
+
+    /// The generated machine code (for disassembly when debugging).
+    pub fn code(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of the read+execute mapping hold the code; the mapping
+        // lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.code, self.len) }
     }
 
     /// Size of the generated code mapping in bytes.

@@ -28,6 +28,8 @@ impl Region {
 #[derive(Debug, Default)]
 pub struct MemoryMap<'a> {
     regions: Vec<Region>,
+    /// The running interpreter's stack (checked first; not in `regions`).
+    stack: Option<(u64, u64)>,
     last_hit: usize,
     _borrow: PhantomData<&'a mut [u8]>,
 }
@@ -87,8 +89,26 @@ impl<'a> MemoryMap<'a> {
         &self.regions
     }
 
+    /// Set the interpreter stack range, returning the previous one.
+    ///
+    /// # Safety
+    /// The range must stay valid for reads and writes until it is replaced.
+    pub(crate) unsafe fn set_stack(&mut self, stack: Option<(u64, u64)>) -> Option<(u64, u64)> {
+        std::mem::replace(&mut self.stack, stack)
+    }
+
     /// Whether `[addr, addr+len)` lies inside one region (writable if `write`).
     pub fn check(&mut self, addr: u64, len: u64, write: bool) -> bool {
+        if let Some((start, slen)) = self.stack {
+            let r = Region {
+                start,
+                len: slen,
+                writable: true,
+            };
+            if r.contains(addr, len) {
+                return true;
+            }
+        }
         if let Some(r) = self.regions.get(self.last_hit) {
             if r.contains(addr, len) && (!write || r.writable) {
                 return true;

@@ -111,9 +111,7 @@ impl Program {
                             imm: i.imm,
                             next_imm: insns[pc + 1].imm,
                         };
-                        Some(
-                            resolver(&r).map_err(|reason| VmError::Relocation { pc, reason })?,
-                        )
+                        Some(resolver(&r).map_err(|reason| VmError::Relocation { pc, reason })?)
                     }
                     s => return Err(invalid(pc, &i, format!("unknown lddw source {s}"))),
                 };
@@ -270,11 +268,16 @@ fn validate_one(pc: usize, i: &Insn, n: usize, second: &[bool]) -> Result<(), Vm
         }
         BPF_LD => {
             if i.opc != LDDW {
-                return Err(invalid(pc, i, "legacy packet loads (ABS/IND) are not supported"));
+                return Err(invalid(
+                    pc,
+                    i,
+                    "legacy packet loads (ABS/IND) are not supported",
+                ));
             }
         }
         BPF_LDX => {
-            if !matches!(i.mode(), BPF_MEM | BPF_MEMSX) || (i.mode() == BPF_MEMSX && i.size() == BPF_DW)
+            if !matches!(i.mode(), BPF_MEM | BPF_MEMSX)
+                || (i.mode() == BPF_MEMSX && i.size() == BPF_DW)
             {
                 return Err(invalid(pc, i, "bad load mode"));
             }
@@ -292,9 +295,14 @@ fn validate_one(pc: usize, i: &Insn, n: usize, second: &[bool]) -> Result<(), Vm
                 }
                 let op = i.imm;
                 let base = op & !BPF_FETCH;
-                let ok = matches!(base, 0x00 | 0x40 | 0x50 | 0xa0) || op == BPF_XCHG || op == BPF_CMPXCHG;
+                let ok = matches!(base, 0x00 | 0x40 | 0x50 | 0xa0)
+                    || op == BPF_XCHG
+                    || op == BPF_CMPXCHG;
                 if !ok {
                     return Err(invalid(pc, i, "unknown atomic operation"));
+                }
+                if op & BPF_FETCH != 0 && op != BPF_CMPXCHG && i.src == 10 {
+                    return Err(invalid(pc, i, "r10 is read-only"));
                 }
             }
             _ => return Err(invalid(pc, i, "bad store mode")),

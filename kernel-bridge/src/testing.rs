@@ -1,0 +1,37 @@
+//! Shared by the test suites of every crate: kernel tests never skip silently.
+
+use std::sync::OnceLock;
+
+/// Returns `true` when kernel tests should run. If BPF is unusable here, panics with the reason,
+/// unless `BPFTIME_SKIP_KERNEL_TESTS=1` is set, in which case it says so and returns `false`.
+pub fn require_kernel(test: &str) -> bool {
+    if std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
+        eprintln!("{test}: skipped (BPFTIME_SKIP_KERNEL_TESTS=1)");
+        return false;
+    }
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(why) = PROBE.get_or_init(probe) {
+        panic!(
+            "{test} needs the kernel's BPF: {why}. Run scripts/setup.sh as root, or set \
+             BPFTIME_SKIP_KERNEL_TESTS=1 to skip kernel tests explicitly"
+        );
+    }
+    true
+}
+
+fn probe() -> Result<(), String> {
+    let fs = std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    if !fs
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        return Err("bpffs is not mounted at /sys/fs/bpf".into());
+    }
+    let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    libbpf_rs::MapHandle::create(libbpf_rs::MapType::Array, Some("probe"), 4, 4, 1, &opts)
+        .map(drop)
+        .map_err(|e| format!("creating a BPF array map failed ({e}); are you root with CAP_BPF?"))
+}

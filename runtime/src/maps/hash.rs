@@ -1,0 +1,684 @@
+//! HASH, PERCPU_HASH, LRU_HASH and LRU_PERCPU_HASH.
+//!
+//! Buckets chain preallocated elements by index. Writers take the bucket's [`ShmLock`];
+//! readers take no lock: they walk the chain and validate with the bucket's sequence counter,
+//! which writers make odd around every unlink (linking at the head is a single release store of
+//! a fully initialised element and needs no validation). Values are updated in place, so a
+//! pointer handed out by a lookup stays valid while the entry lives; elements come from a pool
+//! of 2 x max_entries (a Treiber free list with an ABA tag plus a bump index), the extra half
+//! holding tombstones of deletes the forwarder has not acknowledged. Should tombstones fill the
+//! spare half, the oldest are dropped and the map's resync flag set, so inserts never fail for
+//! want of an acknowledgment.
+
+use std::sync::atomic::{fence, Ordering};
+
+use super::layout::*;
+use super::lock::{Acquired, LockGuard};
+use super::track::{Change, ChangeKind};
+use super::{EntryValue, Entry, MapError, MapHandle, BPF_EXIST, BPF_NOEXIST};
+
+/// 64-bit multiply/rotate mixing over 8-byte words, finished with murmur3's fmix64. No seed:
+/// every process must place a key in the same bucket.
+#[inline]
+pub(crate) fn hash_key(key: &[u8]) -> u32 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h: u64 = 0x243F_6A88_85A3_08D3 ^ (key.len() as u64).wrapping_mul(K);
+    let mut chunks = key.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8-byte chunk"));
+        h = (h ^ w).wrapping_mul(K).rotate_left(31);
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        h = (h ^ load_tail(rem)).wrapping_mul(K).rotate_left(31);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    (h ^ (h >> 32)) as u32
+}
+
+/// 1..=7 trailing key bytes as a zero-padded little-endian word, without a memcpy call (the
+/// common 4-byte key is a single load).
+#[inline(always)]
+fn load_tail(rem: &[u8]) -> u64 {
+    let n = rem.len();
+    if n >= 4 {
+        let lo = u32::from_le_bytes(rem[..4].try_into().expect("4 bytes")) as u64;
+        let mut hi = 0u64;
+        for (i, &b) in rem[4..].iter().enumerate() {
+            hi |= (b as u64) << (8 * i);
+        }
+        lo | (hi << 32)
+    } else {
+        let mut v = 0u64;
+        for (i, &b) in rem.iter().enumerate() {
+            v |= (b as u64) << (8 * i);
+        }
+        v
+    }
+}
+
+/// Where a key sits in its chain (under the bucket lock).
+struct Found {
+    slot: u32,
+    /// Slot of the predecessor, None when the element is the chain head.
+    prev: Option<u32>,
+    live: bool,
+}
+
+impl MapHandle {
+    #[inline]
+    pub(crate) fn elem_ptr(&self, slot: u32) -> *mut u8 {
+        let g = &self.ctl().geo;
+        debug_assert!(slot < g.pool);
+        self.at(g.elems_off + u64::from(slot) * u64::from(g.elem_size))
+    }
+
+    #[inline]
+    pub(crate) fn elem(&self, slot: u32) -> &ElemHdr {
+        // SAFETY: slot < pool (all callers derive it from bounded indices), so the header lies
+        // inside the element area of this map's region.
+        unsafe { &*(self.elem_ptr(slot) as *const ElemHdr) }
+    }
+
+    #[inline]
+    fn val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
+        let g = &self.ctl().geo;
+        self.elem_ptr(slot)
+            .wrapping_add(16 + g.key_stride as usize + (cpu * g.value_stride) as usize)
+    }
+
+    #[inline]
+    fn bucket(&self, h: u32) -> &Bucket {
+        let g = &self.ctl().geo;
+        let i = h & (g.n_buckets - 1);
+        // SAFETY: i < n_buckets; the bucket array lies in this map's region.
+        unsafe { &*(self.at(g.buckets_off) as *const Bucket).add(i as usize) }
+    }
+
+    /// Compares the stored (8-aligned, zero-padded) key with `key`. Volatile reads because a
+    /// writer may be reusing the element; the caller validates with the bucket sequence.
+    #[inline]
+    fn key_eq(&self, slot: u32, key: &[u8]) -> bool {
+        let p = self.elem_ptr(slot).wrapping_add(16) as *const u64;
+        let mut chunks = key.chunks_exact(8);
+        let mut i = 0;
+        for c in &mut chunks {
+            // SAFETY: p + i is within key_stride (8-aligned, >= key.len()).
+            let s = unsafe { std::ptr::read_volatile(p.add(i)) };
+            if s != u64::from_le_bytes(c.try_into().expect("8-byte chunk")) {
+                return false;
+            }
+            i += 1;
+        }
+        let rem = chunks.remainder();
+        if !rem.is_empty() {
+            // SAFETY: as above; padding bytes are kept zero.
+            let s = unsafe { std::ptr::read_volatile(p.add(i)) };
+            if s != load_tail(rem) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Lock-free search for a live element.
+    #[inline]
+    fn find_live(&self, h: u32, key: &[u8]) -> Option<u32> {
+        let b = self.bucket(h);
+        let pool = self.ctl().geo.pool;
+        let mut tries = 0u32;
+        loop {
+            let s1 = b.seq.load(Ordering::Acquire);
+            if s1 & 1 != 0 {
+                tries += 1;
+                self.wait_unlink(b, tries);
+                continue;
+            }
+            let mut idx = b.head.load(Ordering::Acquire);
+            let mut found = None;
+            let mut steps = 0;
+            while idx != 0 && idx <= pool && steps <= pool {
+                let slot = idx - 1;
+                let e = self.elem(slot);
+                if e.hash.load(Ordering::Relaxed) == h
+                    && e.state.load(Ordering::Acquire) & STATE_MASK == ELEM_LIVE
+                    && self.key_eq(slot, key)
+                {
+                    found = Some(slot);
+                    break;
+                }
+                idx = e.next.load(Ordering::Acquire);
+                steps += 1;
+            }
+            fence(Ordering::Acquire);
+            if b.seq.load(Ordering::Relaxed) == s1 {
+                return found;
+            }
+        }
+    }
+
+    #[cold]
+    fn wait_unlink(&self, b: &Bucket, tries: u32) {
+        if tries < 1000 {
+            std::hint::spin_loop();
+        } else {
+            // A writer that stays mid-unlink this long may be dead: taking the lock recovers
+            // it (and repairs the sequence) if so.
+            drop(self.lock_bucket(b));
+            std::thread::yield_now();
+        }
+    }
+
+    fn lock_bucket<'b>(&self, b: &'b Bucket) -> LockGuard<'b> {
+        let g = LockGuard::new(&b.lock);
+        if g.acquired == Acquired::Recovered {
+            // Every mutation of a chain is a single store; only the sequence can be left odd.
+            let s = b.seq.load(Ordering::Relaxed);
+            if s & 1 != 0 {
+                b.seq.store(s.wrapping_add(1), Ordering::Release);
+            }
+            self.count(ctr::RECOVERIES);
+        }
+        g
+    }
+
+    /// Chain search under the bucket lock, also finding tombstones of the key.
+    fn find_locked(&self, b: &Bucket, h: u32, key: &[u8]) -> Option<Found> {
+        let mut prev = None;
+        let mut idx = b.head.load(Ordering::Acquire);
+        let pool = self.ctl().geo.pool;
+        let mut steps = 0;
+        while idx != 0 && idx <= pool && steps <= pool {
+            let slot = idx - 1;
+            let e = self.elem(slot);
+            let st = e.state.load(Ordering::Acquire) & STATE_MASK;
+            if e.hash.load(Ordering::Relaxed) == h && st != ELEM_FREE && self.key_eq(slot, key) {
+                return Some(Found {
+                    slot,
+                    prev,
+                    live: st == ELEM_LIVE,
+                });
+            }
+            prev = Some(slot);
+            idx = e.next.load(Ordering::Acquire);
+            steps += 1;
+        }
+        None
+    }
+
+    fn find_prev_locked(&self, b: &Bucket, slot: u32) -> Option<Option<u32>> {
+        let mut prev = None;
+        let mut idx = b.head.load(Ordering::Acquire);
+        let pool = self.ctl().geo.pool;
+        let mut steps = 0;
+        while idx != 0 && idx <= pool && steps <= pool {
+            if idx - 1 == slot {
+                return Some(prev);
+            }
+            prev = Some(idx - 1);
+            idx = self.elem(idx - 1).next.load(Ordering::Acquire);
+            steps += 1;
+        }
+        None
+    }
+
+    /// Removes `slot` from its chain; readers inside the bucket retry.
+    fn unlink_locked(&self, b: &Bucket, slot: u32, prev: Option<u32>) {
+        let next = self.elem(slot).next.load(Ordering::Relaxed);
+        let s = b.seq.load(Ordering::Relaxed);
+        b.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        match prev {
+            Some(p) => self.elem(p).next.store(next, Ordering::Release),
+            None => b.head.store(next, Ordering::Release),
+        }
+        b.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    fn free_elem(&self, slot: u32) {
+        let e = self.elem(slot);
+        let st = e.state.load(Ordering::Relaxed);
+        e.state
+            .store((st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE, Ordering::Release);
+        e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
+        let a = &self.ctl().alloc;
+        let mut head = a.free_head.load(Ordering::Acquire);
+        loop {
+            e.next.store(head as u32, Ordering::Relaxed);
+            let new = (((head >> 32) + 1) << 32) | u64::from(slot + 1);
+            match a
+                .free_head
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn alloc_elem(&self, held: &Bucket) -> Option<u32> {
+        let a = &self.ctl().alloc;
+        let pool = self.ctl().geo.pool;
+        let mut head = a.free_head.load(Ordering::Acquire);
+        loop {
+            let idx = head as u32;
+            if idx == 0 || idx > pool {
+                break;
+            }
+            let next = self.elem(idx - 1).next.load(Ordering::Acquire);
+            let new = (((head >> 32) + 1) << 32) | u64::from(next);
+            match a
+                .free_head
+                .compare_exchange_weak(head, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(idx - 1),
+                Err(h) => head = h,
+            }
+        }
+        let mut f = a.next_fresh.load(Ordering::Relaxed);
+        while f < pool {
+            match a
+                .next_fresh
+                .compare_exchange_weak(f, f + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(f),
+                Err(x) => f = x,
+            }
+        }
+        self.reclaim_tombstone(held)
+    }
+
+    /// Reuses an unacknowledged tombstone when the spare half of the pool is exhausted.
+    #[cold]
+    fn reclaim_tombstone(&self, held: &Bucket) -> Option<u32> {
+        let pool = self.ctl().geo.pool;
+        let a = &self.ctl().alloc;
+        for _ in 0..2 * pool {
+            let slot = a.clock.fetch_add(1, Ordering::Relaxed) % pool;
+            let e = self.elem(slot);
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_TOMB {
+                continue;
+            }
+            let b = self.bucket(e.hash.load(Ordering::Relaxed));
+            let same = std::ptr::eq(b, held);
+            if !same && !b.lock.try_lock() {
+                continue;
+            }
+            let mut got = None;
+            if e.state.load(Ordering::Acquire) & STATE_MASK == ELEM_TOMB {
+                if let Some(prev) = self.find_prev_locked(b, slot) {
+                    self.unlink_locked(b, slot, prev);
+                    let st = e.state.load(Ordering::Relaxed);
+                    e.state.store(
+                        (st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE,
+                        Ordering::Release,
+                    );
+                    e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
+                    a.tombs.fetch_sub(1, Ordering::Relaxed);
+                    got = Some(slot);
+                }
+            }
+            if !same {
+                b.lock.unlock();
+            }
+            if got.is_some() {
+                self.count(ctr::TOMBS_DROPPED);
+                self.ctl().dirty.resync.store(1, Ordering::Release);
+                return got;
+            }
+        }
+        None
+    }
+
+    /// Turns a live element into a tombstone (tracking on) or frees it.
+    fn remove_locked(&self, b: &Bucket, slot: u32, prev: Option<u32>) {
+        let a = &self.ctl().alloc;
+        a.count.fetch_sub(1, Ordering::Relaxed);
+        if a.track_deletes.load(Ordering::Relaxed) != 0 {
+            let e = self.elem(slot);
+            let st = e.state.load(Ordering::Relaxed);
+            e.state
+                .store((st & !STATE_MASK) | ELEM_TOMB, Ordering::Release);
+            a.tombs.fetch_add(1, Ordering::Relaxed);
+            self.mark_hard(slot, &e.mark, MARK_CHANGED);
+        } else {
+            self.unlink_locked(b, slot, prev);
+            self.free_elem(slot);
+        }
+    }
+
+    /// Clock sweep over the pool: the first live element without its reference bit goes.
+    fn lru_evict(&self, held: &Bucket) -> bool {
+        let a = &self.ctl().alloc;
+        let limit = a.next_fresh.load(Ordering::Acquire).min(self.ctl().geo.pool);
+        if limit == 0 {
+            return false;
+        }
+        for _ in 0..3 * limit {
+            let slot = a.clock.fetch_add(1, Ordering::Relaxed) % limit;
+            let e = self.elem(slot);
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_LIVE {
+                continue;
+            }
+            if e.mark.load(Ordering::Relaxed) & LRU_REF != 0 {
+                e.mark.fetch_and(!LRU_REF, Ordering::Relaxed);
+                continue;
+            }
+            let b = self.bucket(e.hash.load(Ordering::Relaxed));
+            let same = std::ptr::eq(b, held);
+            if !same && !b.lock.try_lock() {
+                continue;
+            }
+            let mut done = false;
+            if e.state.load(Ordering::Acquire) & STATE_MASK == ELEM_LIVE {
+                if let Some(prev) = self.find_prev_locked(b, slot) {
+                    self.remove_locked(b, slot, prev);
+                    done = true;
+                }
+            }
+            if !same {
+                b.lock.unlock();
+            }
+            if done {
+                self.count(ctr::EVICTIONS);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Takes one unit of capacity (E2BIG when none; LRU maps evict for it).
+    fn reserve_entry(&self, held: &Bucket) -> bool {
+        let a = &self.ctl().alloc;
+        let max = self.def.max_entries;
+        let mut attempts = 0;
+        loop {
+            let c = a.count.load(Ordering::Relaxed);
+            if c < max {
+                if a
+                    .count
+                    .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return true;
+                }
+                continue;
+            }
+            if !self.def.map_type.is_lru() || attempts > 8 || !self.lru_evict(held) {
+                return false;
+            }
+            attempts += 1;
+        }
+    }
+
+    /// Writes a value: `cpu` = Some for a program's update of a per-CPU map (its slot only),
+    /// None for a whole value (all slots, stride-padded, for per-CPU maps).
+    fn write_value(&self, slot: u32, value: &[u8], cpu: Option<u32>, fresh: bool) {
+        let g = &self.ctl().geo;
+        let vs = g.value_size as usize;
+        let stride = g.value_stride as usize;
+        if fresh {
+            // SAFETY: the value area of this element: nslots * value_stride bytes.
+            unsafe { std::ptr::write_bytes(self.val_ptr(slot, 0), 0, stride * g.nslots as usize) };
+        }
+        match cpu {
+            Some(c) => {
+                // SAFETY: c < nslots (checked by callers), value.len() == value_size.
+                unsafe { copy_value(value.as_ptr(), self.val_ptr(slot, c), vs) }
+            }
+            None if g.nslots == 1 => {
+                // SAFETY: value.len() == value_size (checked by callers).
+                unsafe { copy_value(value.as_ptr(), self.val_ptr(slot, 0), vs) }
+            }
+            None => {
+                for c in 0..g.nslots {
+                    let src = &value[c as usize * stride..c as usize * stride + vs];
+                    // SAFETY: one value per slot, lengths checked by update_percpu.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src.as_ptr(), self.val_ptr(slot, c), vs)
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn hash_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
+        let slot = self.find_live(hash_key(key), key)?;
+        let e = self.elem(slot);
+        let bits = if self.def.map_type.is_lru() {
+            MARK_LOOKUP | LRU_REF
+        } else {
+            MARK_LOOKUP
+        };
+        self.mark_soft(slot, &e.mark, bits);
+        Some(self.val_ptr(slot, cpu))
+    }
+
+    pub(crate) fn hash_find_slot(&self, key: &[u8]) -> Option<u32> {
+        if key.len() != self.def.key_size as usize {
+            return None;
+        }
+        self.find_live(hash_key(key), key)
+    }
+
+    fn read_value(&self, slot: u32) -> EntryValue {
+        let g = &self.ctl().geo;
+        let vs = g.value_size as usize;
+        let read = |c: u32| {
+            let mut v = vec![0u8; vs];
+            // SAFETY: value slot c of a pooled element.
+            unsafe { std::ptr::copy_nonoverlapping(self.val_ptr(slot, c), v.as_mut_ptr(), vs) };
+            v
+        };
+        if self.def.map_type.is_percpu() {
+            EntryValue::PerCpu((0..g.nslots).map(read).collect())
+        } else {
+            EntryValue::Single(read(0))
+        }
+    }
+
+    fn read_key(&self, slot: u32) -> Vec<u8> {
+        let ks = self.def.key_size as usize;
+        let mut k = vec![0u8; ks];
+        // SAFETY: key area of a pooled element.
+        unsafe { std::ptr::copy_nonoverlapping(self.elem_ptr(slot).add(16), k.as_mut_ptr(), ks) };
+        k
+    }
+
+    pub(crate) fn hash_get(&self, key: &[u8]) -> Option<EntryValue> {
+        let slot = self.find_live(hash_key(key), key)?;
+        Some(self.read_value(slot))
+    }
+
+    pub(crate) fn hash_update(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        flags: u64,
+        cpu: Option<u32>,
+    ) -> Result<(), MapError> {
+        if flags > BPF_EXIST {
+            return Err(self.err("update", libc::EINVAL));
+        }
+        let h = hash_key(key);
+        let b = self.bucket(h);
+        let slot = {
+            let _g = self.lock_bucket(b);
+            self.update_locked(b, h, key, value, flags, cpu)?
+        };
+        // Marked after the unlock: the unlock is a full barrier, so the new value is visible
+        // before we look at the mark, and an already-set mark (forwarder not yet there) costs
+        // only a load. A mark landing on an element reused meanwhile is a harmless extra report.
+        self.mark_soft(slot, &self.elem(slot).mark, MARK_CHANGED);
+        Ok(())
+    }
+
+    fn update_locked(
+        &self,
+        b: &Bucket,
+        h: u32,
+        key: &[u8],
+        value: &[u8],
+        flags: u64,
+        cpu: Option<u32>,
+    ) -> Result<u32, MapError> {
+        let found = self.find_locked(b, h, key);
+        if let Some(f) = &found {
+            if f.live {
+                if flags == BPF_NOEXIST {
+                    return Err(self.err("update", libc::EEXIST));
+                }
+                self.write_value(f.slot, value, cpu, false);
+                return Ok(f.slot);
+            }
+        }
+        if flags == BPF_EXIST {
+            return Err(self.err("update", libc::ENOENT));
+        }
+        if !self.reserve_entry(b) {
+            self.count(ctr::FULL);
+            return Err(self.err("update", libc::E2BIG));
+        }
+        // An eviction above may have removed or reclaimed our own tombstone; search again.
+        let tomb = match found {
+            Some(_) => self.find_locked(b, h, key).filter(|f| !f.live),
+            None => None,
+        };
+        if let Some(t) = tomb {
+            // Reviving the tombstone keeps one element per key, so the forwarder sees one
+            // entry whose current state is "live" again.
+            self.ctl().alloc.tombs.fetch_sub(1, Ordering::Relaxed);
+            self.write_value(t.slot, value, cpu, true);
+            let e = self.elem(t.slot);
+            let st = e.state.load(Ordering::Relaxed);
+            e.state
+                .store((st & !STATE_MASK) | ELEM_LIVE, Ordering::Release);
+            return Ok(t.slot);
+        }
+        let Some(slot) = self.alloc_elem(b) else {
+            self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
+            self.count(ctr::FULL);
+            return Err(self.err("update", libc::E2BIG));
+        };
+        let e = self.elem(slot);
+        let ks = self.ctl().geo.key_stride as usize;
+        // SAFETY: the element is ours (just allocated); key area is key_stride bytes.
+        unsafe {
+            let kp = self.elem_ptr(slot).add(16);
+            std::ptr::write_bytes(kp, 0, ks);
+            std::ptr::copy_nonoverlapping(key.as_ptr(), kp, key.len());
+        }
+        self.write_value(slot, value, cpu, true);
+        e.hash.store(h, Ordering::Relaxed);
+        let st = e.state.load(Ordering::Relaxed);
+        e.state
+            .store((st & !STATE_MASK) | ELEM_LIVE, Ordering::Relaxed);
+        e.next.store(b.head.load(Ordering::Relaxed), Ordering::Relaxed);
+        // Release: a reader that finds the element sees its key, value and state.
+        b.head.store(slot + 1, Ordering::Release);
+        Ok(slot)
+    }
+
+    pub(crate) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
+        let h = hash_key(key);
+        let b = self.bucket(h);
+        let _g = self.lock_bucket(b);
+        match self.find_locked(b, h, key) {
+            Some(f) if f.live => {
+                self.remove_locked(b, f.slot, f.prev);
+                self.count(ctr::DELETES);
+                Ok(())
+            }
+            _ => Err(self.err("delete", libc::ENOENT)),
+        }
+    }
+
+    pub(crate) fn hash_entries(&self) -> Vec<Entry> {
+        let limit = self
+            .ctl()
+            .alloc
+            .next_fresh
+            .load(Ordering::Acquire)
+            .min(self.ctl().geo.pool);
+        (0..limit)
+            .filter_map(|s| self.hash_read_slot(s))
+            .filter_map(|c| {
+                Some(Entry {
+                    key: c.key,
+                    value: c.value?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn hash_read_slot(&self, slot: u32) -> Option<Change> {
+        let e = self.elem(slot);
+        for _ in 0..16 {
+            let st = e.state.load(Ordering::Acquire);
+            let value = match st & STATE_MASK {
+                ELEM_LIVE => Some(self.read_value(slot)),
+                ELEM_TOMB => None,
+                _ => return None,
+            };
+            let key = self.read_key(slot);
+            fence(Ordering::Acquire);
+            if e.state.load(Ordering::Relaxed) == st {
+                return Some(Change {
+                    slot,
+                    generation: st >> 2,
+                    kind: ChangeKind(0),
+                    key,
+                    value,
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether deletes leave tombstones for the forwarder (set by `load` for synced maps).
+    pub fn set_track_deletes(&self, on: bool) {
+        self.ctl()
+            .alloc
+            .track_deletes
+            .store(u32::from(on), Ordering::Release);
+    }
+
+    /// The forwarder's acknowledgment that the kernel has the deletion of `slot` (generation
+    /// from the [`Change`]); frees the tombstone. False if the slot is no longer that
+    /// tombstone (revived or reclaimed meanwhile).
+    pub fn ack_deleted(&self, slot: u32, generation: u32) -> bool {
+        if !self.def.map_type.is_hash() || slot >= self.ctl().geo.pool {
+            return false;
+        }
+        let e = self.elem(slot);
+        let want = (generation << 2) | ELEM_TOMB;
+        if e.state.load(Ordering::Acquire) != want {
+            return false;
+        }
+        let b = self.bucket(e.hash.load(Ordering::Relaxed));
+        let _g = self.lock_bucket(b);
+        if e.state.load(Ordering::Acquire) != want {
+            return false;
+        }
+        let Some(prev) = self.find_prev_locked(b, slot) else {
+            return false;
+        };
+        self.unlink_locked(b, slot, prev);
+        self.ctl().alloc.tombs.fetch_sub(1, Ordering::Relaxed);
+        self.free_elem(slot);
+        true
+    }
+
+    /// Test hook: takes the bucket lock of `key` and leaves it held with the bucket sequence
+    /// odd, as a writer killed mid-unlink would.
+    #[doc(hidden)]
+    pub fn debug_hold_bucket_lock(&self, key: &[u8]) {
+        let b = self.bucket(hash_key(key));
+        b.lock.lock();
+        let s = b.seq.load(Ordering::Relaxed);
+        b.seq.store(s | 1, Ordering::Release);
+    }
+}

@@ -1,0 +1,148 @@
+//! QUEUE and STACK: a ring of max_entries + 1 value slots under the map's [`ShmLock`], as in
+//! the kernel (which uses a raw spinlock). Each operation copies the value first and moves
+//! head/tail with one store last, so a holder killed mid-operation leaves a consistent ring.
+
+use std::sync::atomic::Ordering;
+
+use super::layout::*;
+use super::lock::{Acquired, LockGuard};
+use super::{Entry, EntryValue, MapError, MapHandle, MapType, BPF_EXIST, BPF_NOEXIST};
+
+impl MapHandle {
+    fn qcheck(&self, op: &'static str) -> Result<(), MapError> {
+        if matches!(self.def.map_type, MapType::Queue | MapType::Stack) {
+            Ok(())
+        } else {
+            Err(self.err(op, libc::ENOTSUP))
+        }
+    }
+
+    fn qlock(&self) -> LockGuard<'_> {
+        let g = LockGuard::new(&self.ctl().alloc.lock);
+        if g.acquired == Acquired::Recovered {
+            self.count(ctr::RECOVERIES);
+        }
+        g
+    }
+
+    #[inline]
+    fn qslot(&self, i: u32) -> *mut u8 {
+        let g = &self.ctl().geo;
+        self.at(g.data_off + u64::from(i) * u64::from(g.value_stride))
+    }
+
+    fn qsize(&self) -> u32 {
+        self.def.max_entries + 1
+    }
+
+    /// `bpf_map_push_elem`: BPF_EXIST on a full map drops the oldest value.
+    pub fn push(&self, value: &[u8], flags: u64) -> Result<(), MapError> {
+        self.qcheck("push")?;
+        if flags & BPF_NOEXIST != 0 || flags > BPF_EXIST {
+            return Err(self.err("push", libc::EINVAL));
+        }
+        if value.len() != self.def.value_size as usize {
+            return Err(self.err("push", libc::EINVAL));
+        }
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _g = self.qlock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let mut tail = a.qtail.load(Ordering::Relaxed) % size;
+        if (head + 1) % size == tail {
+            if flags != BPF_EXIST {
+                self.count(ctr::FULL);
+                return Err(self.err("push", libc::E2BIG));
+            }
+            tail = (tail + 1) % size;
+            a.qtail.store(tail, Ordering::Release);
+        }
+        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
+        a.qhead.store((head + 1) % size, Ordering::Release);
+        self.count(ctr::PUSHES);
+        self.ctl().dirty.dirty.store(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn take(&self, op: &'static str, remove: bool) -> Result<Vec<u8>, MapError> {
+        self.qcheck(op)?;
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _g = self.qlock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let tail = a.qtail.load(Ordering::Relaxed) % size;
+        if head == tail {
+            return Err(self.err(op, libc::ENOENT));
+        }
+        let idx = if self.def.map_type == MapType::Queue {
+            tail
+        } else {
+            (head + size - 1) % size
+        };
+        let mut v = vec![0u8; self.def.value_size as usize];
+        // SAFETY: idx < size.
+        unsafe { std::ptr::copy_nonoverlapping(self.qslot(idx), v.as_mut_ptr(), v.len()) };
+        if remove {
+            if self.def.map_type == MapType::Queue {
+                a.qtail.store((tail + 1) % size, Ordering::Release);
+            } else {
+                a.qhead.store(idx, Ordering::Release);
+            }
+            self.count(ctr::POPS);
+        }
+        Ok(v)
+    }
+
+    /// `bpf_map_pop_elem`: ENOENT when empty.
+    pub fn pop(&self) -> Result<Vec<u8>, MapError> {
+        self.take("pop", true)
+    }
+
+    /// `bpf_map_peek_elem`: ENOENT when empty.
+    pub fn peek(&self) -> Result<Vec<u8>, MapError> {
+        self.take("peek", false)
+    }
+
+    /// `pop` into a caller buffer (the helper's form; no allocation).
+    pub fn pop_into(&self, out: &mut [u8]) -> Result<(), MapError> {
+        let v = self.pop()?;
+        let n = v.len().min(out.len());
+        out[..n].copy_from_slice(&v[..n]);
+        Ok(())
+    }
+
+    pub(crate) fn queue_len(&self) -> usize {
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let head = a.qhead.load(Ordering::Acquire) % size;
+        let tail = a.qtail.load(Ordering::Acquire) % size;
+        ((head + size - tail) % size) as usize
+    }
+
+    pub(crate) fn queue_entries(&self) -> Vec<Entry> {
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _g = self.qlock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let tail = a.qtail.load(Ordering::Relaxed) % size;
+        let n = (head + size - tail) % size;
+        let vs = self.def.value_size as usize;
+        (0..n)
+            .map(|k| {
+                let idx = if self.def.map_type == MapType::Queue {
+                    (tail + k) % size
+                } else {
+                    (head + size - 1 - k) % size
+                };
+                let mut v = vec![0u8; vs];
+                // SAFETY: idx < size.
+                unsafe { std::ptr::copy_nonoverlapping(self.qslot(idx), v.as_mut_ptr(), vs) };
+                Entry {
+                    key: Vec::new(),
+                    value: EntryValue::Single(v),
+                }
+            })
+            .collect()
+    }
+}

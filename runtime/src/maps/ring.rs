@@ -1,0 +1,352 @@
+//! RINGBUF (the kernel's layout) and PERF_EVENT_ARRAY (one such ring per CPU).
+//!
+//! A ring is a consumer page (consumer_pos at offset 0), a producer page (producer_pos at
+//! offset 0) and a power-of-two data area mapped twice back to back, so a record that wraps is
+//! contiguous. Records have the kernel's 8-byte header: `len` with BUSY (bit 31) and DISCARD
+//! (bit 30), then a u32 that the kernel uses for a page offset and we use for the producer's
+//! pid (consumers such as libbpf ignore it). Producers serialise their short reservation step
+//! on a [`ShmLock`] kept in the producer page; submit/discard is one atomic store.
+//!
+//! A producer killed between reserve and submit leaves a BUSY record. The kernel never has
+//! that problem; we cannot wait forever, so [`RingBufConsumer`] discards a record that stays
+//! BUSY while its producer pid no longer runs.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::layout::*;
+use super::lock::{current_pid, task_alive, Acquired, LockGuard, ShmLock};
+use super::segment::{page_size, RingMapping};
+use super::{current_cpu, MapError, MapHandle, MapType, BPF_F_CURRENT_CPU, BPF_F_INDEX_MASK};
+
+struct Ring<'a> {
+    base: *mut u8,
+    pg: usize,
+    size: u64,
+    _m: std::marker::PhantomData<&'a RingMapping>,
+}
+
+impl Ring<'_> {
+    #[inline]
+    fn cons(&self) -> &AtomicU64 {
+        // SAFETY: offset 0 of the consumer page of a live ring mapping.
+        unsafe { &*(self.base as *const AtomicU64) }
+    }
+    #[inline]
+    fn prod(&self) -> &AtomicU64 {
+        // SAFETY: offset 0 of the producer page.
+        unsafe { &*(self.base.add(self.pg) as *const AtomicU64) }
+    }
+    #[inline]
+    fn lock(&self) -> &ShmLock {
+        // SAFETY: inside the producer page, 4-aligned.
+        unsafe { &*(self.base.add(self.pg + RING_LOCK_OFF) as *const ShmLock) }
+    }
+    #[inline]
+    fn lost(&self) -> &AtomicU64 {
+        // SAFETY: inside the producer page, 8-aligned.
+        unsafe { &*(self.base.add(self.pg + RING_LOST_OFF) as *const AtomicU64) }
+    }
+    #[inline]
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data area starts two pages in; it is mapped twice (2 * size bytes).
+        unsafe { self.base.add(2 * self.pg) }
+    }
+    #[inline]
+    fn hdr(&self, pos: u64) -> &AtomicU32 {
+        // SAFETY: pos & mask < size, headers are 8-aligned and never straddle the end.
+        unsafe { &*(self.data().add((pos & (self.size - 1)) as usize) as *const AtomicU32) }
+    }
+}
+
+/// One record handed to a consumer callback.
+#[derive(Debug)]
+pub struct RingRecord<'a> {
+    /// Ring index: 0 for a RINGBUF, the CPU for a PERF_EVENT_ARRAY.
+    pub ring: u32,
+    pub data: &'a [u8],
+}
+
+impl MapHandle {
+    fn ring(&self, i: u32) -> Option<Ring<'_>> {
+        let rings = self.rings.as_ref()?;
+        let r = rings.get(i as usize)?;
+        Some(Ring {
+            base: r.base,
+            pg: page_size(),
+            size: self.ctl().geo.data_size,
+            _m: std::marker::PhantomData,
+        })
+    }
+
+    pub(crate) fn ring_lost(&self) -> u64 {
+        (0..self.ctl().geo.rings)
+            .filter_map(|i| self.ring(i))
+            .map(|r| r.lost().load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn ring_reserve(&self, ri: u32, size: u64) -> Option<*mut u8> {
+        let r = self.ring(ri)?;
+        if size > u64::from(u32::MAX >> 2) {
+            return None;
+        }
+        let len = round_up(size + RINGBUF_HDR_SZ as u64, 8);
+        if len > r.size {
+            return None;
+        }
+        let g = LockGuard::new(r.lock());
+        if g.acquired == Acquired::Recovered {
+            // The dead holder either published producer_pos or did not; the header it may
+            // have written beyond producer_pos is overwritten by the next reservation.
+            self.count(ctr::RECOVERIES);
+        }
+        let cons = r.cons().load(Ordering::Acquire);
+        let prod = r.prod().load(Ordering::Relaxed);
+        let new = prod + len;
+        if new - cons > r.size {
+            drop(g);
+            r.lost().fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let h = r.hdr(prod);
+        h.store(size as u32 | RINGBUF_BUSY_BIT, Ordering::Relaxed);
+        // SAFETY: the pid word follows the len word in the 8-byte header.
+        unsafe {
+            (*(h as *const AtomicU32).add(1)).store(current_pid(), Ordering::Relaxed);
+        }
+        // Release: the consumer sees the BUSY header before the new producer_pos.
+        r.prod().store(new, Ordering::Release);
+        drop(g);
+        // SAFETY: the record body follows its header; the double mapping keeps it contiguous.
+        Some(unsafe { r.data().add(((prod & (r.size - 1)) as usize) + RINGBUF_HDR_SZ) })
+    }
+
+    fn ring_commit(&self, ri: u32, sample: *mut u8, discard: bool, op: &'static str) -> Result<(), MapError> {
+        let r = self.ring(ri).ok_or_else(|| self.err(op, libc::EINVAL))?;
+        let data = r.data() as usize;
+        let p = sample as usize;
+        if p < data + RINGBUF_HDR_SZ || p >= data + r.size as usize + RINGBUF_HDR_SZ || (p - data) % 8 != 0 {
+            return Err(self.err(op, libc::EINVAL));
+        }
+        // SAFETY: validated to be 8 bytes after a header position inside the first data copy.
+        let h = unsafe { &*((sample.sub(RINGBUF_HDR_SZ)) as *const AtomicU32) };
+        let cur = h.load(Ordering::Relaxed);
+        if cur & RINGBUF_BUSY_BIT == 0 {
+            return Err(self.err(op, libc::EINVAL));
+        }
+        let mut new = cur & !RINGBUF_BUSY_BIT;
+        if discard {
+            new |= RINGBUF_DISCARD_BIT;
+        }
+        // Release: the body written through the sample pointer is visible with the header.
+        h.store(new, Ordering::Release);
+        Ok(())
+    }
+
+    fn ringbuf_only(&self, op: &'static str) -> Result<(), MapError> {
+        if self.def.map_type == MapType::Ringbuf {
+            Ok(())
+        } else {
+            Err(self.err(op, libc::EINVAL))
+        }
+    }
+
+    /// `bpf_ringbuf_reserve`: a pointer to `size` writable bytes, or None when the ring is full,
+    /// the size is too large or `flags` is not 0 (the kernel returns NULL in all three cases).
+    pub fn ringbuf_reserve(&self, size: u64, flags: u64) -> Option<*mut u8> {
+        if flags != 0 || self.def.map_type != MapType::Ringbuf {
+            return None;
+        }
+        self.ring_reserve(0, size)
+    }
+
+    /// `bpf_ringbuf_submit` of a pointer returned by [`ringbuf_reserve`](Self::ringbuf_reserve).
+    pub fn ringbuf_submit(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
+        self.ringbuf_only("ringbuf_submit")?;
+        self.ring_commit(0, sample, false, "ringbuf_submit")
+    }
+
+    /// `bpf_ringbuf_discard`.
+    pub fn ringbuf_discard(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
+        self.ringbuf_only("ringbuf_discard")?;
+        self.ring_commit(0, sample, true, "ringbuf_discard")
+    }
+
+    /// `bpf_ringbuf_output`: EAGAIN when full, EINVAL for unknown flags.
+    pub fn ringbuf_output(&self, data: &[u8], flags: u64) -> Result<(), MapError> {
+        self.ringbuf_only("ringbuf_output")?;
+        if flags & !(super::BPF_RB_NO_WAKEUP | super::BPF_RB_FORCE_WAKEUP) != 0 {
+            return Err(self.err("ringbuf_output", libc::EINVAL));
+        }
+        let p = self
+            .ring_reserve(0, data.len() as u64)
+            .ok_or_else(|| self.err("ringbuf_output", libc::EAGAIN))?;
+        // SAFETY: p points at data.len() reserved bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        self.ring_commit(0, p, false, "ringbuf_output")
+    }
+
+    /// `bpf_perf_event_output` into the ring of the CPU named by `flags` (BPF_F_CURRENT_CPU or
+    /// an index). E2BIG for an index beyond the array, ENOSPC when that ring is full.
+    pub fn perf_event_output(&self, flags: u64, data: &[u8]) -> Result<(), MapError> {
+        const OP: &str = "perf_event_output";
+        if self.def.map_type != MapType::PerfEventArray {
+            return Err(self.err(OP, libc::EINVAL));
+        }
+        if flags & !BPF_F_INDEX_MASK != 0 {
+            return Err(self.err(OP, libc::EINVAL));
+        }
+        let rings = self.ctl().geo.rings;
+        let idx = if flags & BPF_F_INDEX_MASK == BPF_F_CURRENT_CPU {
+            current_cpu(self.ncpu)
+        } else {
+            (flags & BPF_F_INDEX_MASK) as u32
+        };
+        if idx >= self.def.max_entries {
+            return Err(self.err(OP, libc::E2BIG));
+        }
+        if idx >= rings {
+            return Err(self.err(OP, libc::ENOENT));
+        }
+        let p = self
+            .ring_reserve(idx, data.len() as u64)
+            .ok_or_else(|| self.err(OP, libc::ENOSPC))?;
+        // SAFETY: p points at data.len() reserved bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        self.ring_commit(idx, p, false, OP)
+    }
+
+    /// Bytes waiting in ring `i` (0 for a RINGBUF).
+    pub fn ring_pending(&self, i: u32) -> u64 {
+        self.ring(i).map_or(0, |r| {
+            r.prod().load(Ordering::Acquire) - r.cons().load(Ordering::Acquire)
+        })
+    }
+}
+
+/// Reads records from a RINGBUF or all CPU rings of a PERF_EVENT_ARRAY, in this or any other
+/// process. One consumer per map at a time (as with the kernel's consumer_pos).
+pub struct RingBufConsumer {
+    map: MapHandle,
+    rings: Arc<Vec<RingMapping>>,
+    /// Position and first sighting of a BUSY record per ring, to time out dead producers.
+    stuck: Vec<Option<(u64, Instant)>>,
+    dead_after: Duration,
+}
+
+impl RingBufConsumer {
+    pub fn new(map: &MapHandle) -> Result<Self, MapError> {
+        let rings = map
+            .rings
+            .clone()
+            .ok_or_else(|| map.err("ringbuf_consume", libc::EINVAL))?;
+        let n = rings.len();
+        Ok(Self {
+            map: map.clone(),
+            rings,
+            stuck: vec![None; n],
+            dead_after: Duration::from_millis(5),
+        })
+    }
+
+    /// Calls `f` for every committed record available now, skipping discarded ones; returns
+    /// how many it delivered.
+    pub fn poll(&mut self, mut f: impl FnMut(RingRecord<'_>)) -> usize {
+        let mut n = 0;
+        for ri in 0..self.rings.len() as u32 {
+            n += self.poll_ring(ri, &mut f);
+        }
+        n
+    }
+
+    /// Polls until at least one record arrived or `timeout` passed.
+    pub fn poll_timeout(&mut self, timeout: Duration, mut f: impl FnMut(RingRecord<'_>)) -> usize {
+        let start = Instant::now();
+        let mut sleep = Duration::from_micros(20);
+        loop {
+            let n = self.poll(&mut f);
+            if n > 0 || start.elapsed() >= timeout {
+                return n;
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    fn poll_ring(&mut self, ri: u32, f: &mut impl FnMut(RingRecord<'_>)) -> usize {
+        let map = self.map.clone();
+        let Some(r) = map.ring(ri) else { return 0 };
+        let mut n = 0;
+        let mut cons = r.cons().load(Ordering::Acquire);
+        loop {
+            let prod = r.prod().load(Ordering::Acquire);
+            if cons >= prod {
+                break;
+            }
+            let h = r.hdr(cons);
+            let word = h.load(Ordering::Acquire);
+            if word & RINGBUF_BUSY_BIT != 0 {
+                if !self.reap_dead(ri, cons, h, word) {
+                    break;
+                }
+                continue;
+            }
+            self.stuck[ri as usize] = None;
+            let len = (word & !(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)) as u64;
+            if word & RINGBUF_DISCARD_BIT == 0 {
+                // SAFETY: a committed record of `len` bytes follows the header; the double
+                // mapping keeps it contiguous even when it wraps.
+                let data = unsafe {
+                    std::slice::from_raw_parts(
+                        (h as *const AtomicU32 as *const u8).add(RINGBUF_HDR_SZ),
+                        len as usize,
+                    )
+                };
+                f(RingRecord { ring: ri, data });
+                n += 1;
+            }
+            cons += round_up(len + RINGBUF_HDR_SZ as u64, 8);
+            r.cons().store(cons, Ordering::Release);
+        }
+        n
+    }
+
+    /// Marks a BUSY record discarded if it has been BUSY a while and its producer is gone.
+    fn reap_dead(&mut self, ri: u32, pos: u64, h: &AtomicU32, word: u32) -> bool {
+        let slot = &mut self.stuck[ri as usize];
+        match slot {
+            Some((p, since)) if *p == pos => {
+                if since.elapsed() < self.dead_after {
+                    return false;
+                }
+            }
+            _ => {
+                *slot = Some((pos, Instant::now()));
+                return false;
+            }
+        }
+        // SAFETY: the pid word follows the len word.
+        let pid = unsafe { (*(h as *const AtomicU32).add(1)).load(Ordering::Relaxed) };
+        if task_alive(pid) {
+            *slot = Some((pos, Instant::now()));
+            return false;
+        }
+        let new = (word & !RINGBUF_BUSY_BIT) | RINGBUF_DISCARD_BIT;
+        if h
+            .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.map.count(ctr::DEAD_RECORDS);
+            tracing::warn!(map = self.map.name(), pid, "discarded a ringbuf record reserved by a dead process");
+        }
+        *slot = None;
+        true
+    }
+
+    /// Sets how long a record must stay BUSY before its producer's liveness is checked.
+    pub fn set_dead_producer_timeout(&mut self, d: Duration) {
+        self.dead_after = d;
+    }
+}

@@ -1,0 +1,595 @@
+//! A BTF reader: the object's `.BTF` / `.BTF.ext` sections and the kernel's
+//! `/sys/kernel/btf/vmlinux`.
+//!
+//! Written here (not taken from aya-obj) so that every malformed byte becomes a [`BtfError`]
+//! instead of a panic, and so the raw bytes stay available: the verifier gate hands the object's
+//! BTF to the kernel after fixing up `DATASEC` sizes and variable offsets, as libbpf does.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+/// BTF magic number (little-endian encoding on the host).
+const BTF_MAGIC: u16 = 0xeb9f;
+
+/// BTF kinds (`BTF_KIND_*` in `linux/btf.h`).
+pub mod kind {
+    pub const INT: u8 = 1;
+    pub const PTR: u8 = 2;
+    pub const ARRAY: u8 = 3;
+    pub const STRUCT: u8 = 4;
+    pub const UNION: u8 = 5;
+    pub const ENUM: u8 = 6;
+    pub const FWD: u8 = 7;
+    pub const TYPEDEF: u8 = 8;
+    pub const VOLATILE: u8 = 9;
+    pub const CONST: u8 = 10;
+    pub const RESTRICT: u8 = 11;
+    pub const FUNC: u8 = 12;
+    pub const FUNC_PROTO: u8 = 13;
+    pub const VAR: u8 = 14;
+    pub const DATASEC: u8 = 15;
+    pub const FLOAT: u8 = 16;
+    pub const DECL_TAG: u8 = 17;
+    pub const TYPE_TAG: u8 = 18;
+    pub const ENUM64: u8 = 19;
+}
+
+/// A malformed BTF blob.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BtfError {
+    #[error("BTF is truncated at byte {0}")]
+    Truncated(usize),
+    #[error("bad BTF magic {0:#x}")]
+    BadMagic(u16),
+    #[error("unknown BTF kind {kind} for type id {id}")]
+    UnknownKind { id: u32, kind: u8 },
+    #[error("BTF string offset {0} is out of range")]
+    BadString(u32),
+    #[error("BTF type id {0} does not exist")]
+    BadTypeId(u32),
+    #[error("BTF type chain starting at {0} is too deep or cyclic")]
+    TooDeep(u32),
+    #[error("cannot read {path}: {reason}")]
+    Io { path: String, reason: String },
+}
+
+/// One member of a struct/union, enum value, func_proto parameter or datasec entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name_off: u32,
+    /// Member/param/var type (enum: unused).
+    pub type_id: u32,
+    /// Struct member: bit offset (already split from the bitfield size); datasec: byte offset;
+    /// enum: low 32 bits of the value.
+    pub offset: u32,
+    /// Struct member: bitfield size in bits (0 = not a bitfield); datasec: byte size;
+    /// enum64: high 32 bits of the value.
+    pub extra: u32,
+}
+
+/// One BTF type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BtfType {
+    pub name_off: u32,
+    pub kind: u8,
+    pub kind_flag: bool,
+    pub vlen: u16,
+    /// `size` for INT/STRUCT/UNION/ENUM/DATASEC/FLOAT, `type` for the others.
+    pub size_or_type: u32,
+    /// INT: encoding word; VAR: linkage; DECL_TAG: component index.
+    pub extra: u32,
+    /// ARRAY: (element type, index type, nelems).
+    pub array: Option<(u32, u32, u32)>,
+    pub members: Vec<Member>,
+    /// Byte offset of this type's record inside the types section (to patch a copy).
+    pub raw_offset: usize,
+}
+
+/// A parsed BTF blob.
+#[derive(Debug, Clone)]
+pub struct Btf {
+    raw: Vec<u8>,
+    hdr_len: usize,
+    type_off: usize,
+    str_off: usize,
+    str_len: usize,
+    /// Index 0 is `void`.
+    types: Vec<BtfType>,
+    by_name: OnceLock<HashMap<String, Vec<u32>>>,
+}
+
+pub(crate) fn rd_u32(b: &[u8], at: usize) -> Result<u32, BtfError> {
+    b.get(at..at.checked_add(4).ok_or(BtfError::Truncated(at))?)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(BtfError::Truncated(at))
+}
+
+fn rd_u16(b: &[u8], at: usize) -> Result<u16, BtfError> {
+    b.get(at..at.checked_add(2).ok_or(BtfError::Truncated(at))?)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .ok_or(BtfError::Truncated(at))
+}
+
+/// Depth limit for following modifier/typedef chains (the kernel uses 32 as well).
+const MAX_CHAIN: usize = 32;
+
+impl Btf {
+    /// Parses a BTF blob (little-endian only: BPF objects built for x86_64).
+    pub fn parse(raw: &[u8]) -> Result<Self, BtfError> {
+        let magic = rd_u16(raw, 0)?;
+        if magic != BTF_MAGIC {
+            return Err(BtfError::BadMagic(magic));
+        }
+        let hdr_len = rd_u32(raw, 4)? as usize;
+        let type_off = rd_u32(raw, 8)? as usize;
+        let type_len = rd_u32(raw, 12)? as usize;
+        let str_off = rd_u32(raw, 16)? as usize;
+        let str_len = rd_u32(raw, 20)? as usize;
+        let types_start = hdr_len.checked_add(type_off).ok_or(BtfError::Truncated(8))?;
+        let types_end = types_start
+            .checked_add(type_len)
+            .ok_or(BtfError::Truncated(12))?;
+        let strs_start = hdr_len.checked_add(str_off).ok_or(BtfError::Truncated(16))?;
+        let strs_end = strs_start
+            .checked_add(str_len)
+            .ok_or(BtfError::Truncated(20))?;
+        if types_end > raw.len() {
+            return Err(BtfError::Truncated(types_end));
+        }
+        if strs_end > raw.len() {
+            return Err(BtfError::Truncated(strs_end));
+        }
+        let mut types = vec![BtfType {
+            name_off: 0,
+            kind: 0,
+            kind_flag: false,
+            vlen: 0,
+            size_or_type: 0,
+            extra: 0,
+            array: None,
+            members: Vec::new(),
+            raw_offset: 0,
+        }];
+        let mut at = types_start;
+        while at < types_end {
+            let id = types.len() as u32;
+            let name_off = rd_u32(raw, at)?;
+            let info = rd_u32(raw, at + 4)?;
+            let size_or_type = rd_u32(raw, at + 8)?;
+            let vlen = (info & 0xffff) as u16;
+            let kind = ((info >> 24) & 0x1f) as u8;
+            let kind_flag = info >> 31 == 1;
+            let raw_offset = at - types_start;
+            at += 12;
+            let mut t = BtfType {
+                name_off,
+                kind,
+                kind_flag,
+                vlen,
+                size_or_type,
+                extra: 0,
+                array: None,
+                members: Vec::new(),
+                raw_offset,
+            };
+            let n = vlen as usize;
+            match kind {
+                kind::INT | kind::VAR | kind::DECL_TAG => {
+                    t.extra = rd_u32(raw, at)?;
+                    at += 4;
+                }
+                kind::PTR
+                | kind::FWD
+                | kind::TYPEDEF
+                | kind::VOLATILE
+                | kind::CONST
+                | kind::RESTRICT
+                | kind::FUNC
+                | kind::FLOAT
+                | kind::TYPE_TAG => {}
+                kind::ARRAY => {
+                    t.array = Some((rd_u32(raw, at)?, rd_u32(raw, at + 4)?, rd_u32(raw, at + 8)?));
+                    at += 12;
+                }
+                kind::STRUCT | kind::UNION => {
+                    check_room(at, n, 12, types_end)?;
+                    for i in 0..n {
+                        let o = at + i * 12;
+                        let off = rd_u32(raw, o + 8)?;
+                        let (bit_off, bits) = if kind_flag {
+                            (off & 0xff_ffff, off >> 24)
+                        } else {
+                            (off, 0)
+                        };
+                        t.members.push(Member {
+                            name_off: rd_u32(raw, o)?,
+                            type_id: rd_u32(raw, o + 4)?,
+                            offset: bit_off,
+                            extra: bits,
+                        });
+                    }
+                    at += n * 12;
+                }
+                kind::ENUM => {
+                    check_room(at, n, 8, types_end)?;
+                    for i in 0..n {
+                        let o = at + i * 8;
+                        t.members.push(Member {
+                            name_off: rd_u32(raw, o)?,
+                            type_id: 0,
+                            offset: rd_u32(raw, o + 4)?,
+                            extra: 0,
+                        });
+                    }
+                    at += n * 8;
+                }
+                kind::ENUM64 => {
+                    check_room(at, n, 12, types_end)?;
+                    for i in 0..n {
+                        let o = at + i * 12;
+                        t.members.push(Member {
+                            name_off: rd_u32(raw, o)?,
+                            type_id: 0,
+                            offset: rd_u32(raw, o + 4)?,
+                            extra: rd_u32(raw, o + 8)?,
+                        });
+                    }
+                    at += n * 12;
+                }
+                kind::FUNC_PROTO => {
+                    check_room(at, n, 8, types_end)?;
+                    for i in 0..n {
+                        let o = at + i * 8;
+                        t.members.push(Member {
+                            name_off: rd_u32(raw, o)?,
+                            type_id: rd_u32(raw, o + 4)?,
+                            offset: 0,
+                            extra: 0,
+                        });
+                    }
+                    at += n * 8;
+                }
+                kind::DATASEC => {
+                    check_room(at, n, 12, types_end)?;
+                    for i in 0..n {
+                        let o = at + i * 12;
+                        t.members.push(Member {
+                            name_off: 0,
+                            type_id: rd_u32(raw, o)?,
+                            offset: rd_u32(raw, o + 4)?,
+                            extra: rd_u32(raw, o + 8)?,
+                        });
+                    }
+                    at += n * 12;
+                }
+                k => return Err(BtfError::UnknownKind { id, kind: k }),
+            }
+            if at > types_end {
+                return Err(BtfError::Truncated(at));
+            }
+            types.push(t);
+        }
+        Ok(Self {
+            raw: raw.to_vec(),
+            hdr_len,
+            type_off,
+            str_off,
+            str_len,
+            types,
+            by_name: OnceLock::new(),
+        })
+    }
+
+    /// The running kernel's BTF, parsed once per process.
+    pub fn vmlinux() -> Result<&'static Btf, BtfError> {
+        static VMLINUX: OnceLock<Result<Btf, BtfError>> = OnceLock::new();
+        VMLINUX
+            .get_or_init(|| Self::from_file(crate::object::VMLINUX_BTF_PATH))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// Parses a raw BTF file such as `/sys/kernel/btf/vmlinux`.
+    pub fn from_file(path: &str) -> Result<Btf, BtfError> {
+        let raw = std::fs::read(path).map_err(|e| BtfError::Io {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        Btf::parse(&raw)
+    }
+
+    /// The raw bytes as parsed.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// Number of type ids including `void` (valid ids are `0..len()`).
+    pub fn len(&self) -> u32 {
+        self.types.len() as u32
+    }
+
+    /// Never true: id 0 (`void`) always exists.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The type with this id.
+    pub fn type_by_id(&self, id: u32) -> Result<&BtfType, BtfError> {
+        self.types.get(id as usize).ok_or(BtfError::BadTypeId(id))
+    }
+
+    /// A string from the string section.
+    pub fn str_at(&self, off: u32) -> Result<&str, BtfError> {
+        if off as usize >= self.str_len {
+            return Err(BtfError::BadString(off));
+        }
+        let start = self.hdr_len + self.str_off + off as usize;
+        let end_limit = self.hdr_len + self.str_off + self.str_len;
+        let bytes = self
+            .raw
+            .get(start..end_limit)
+            .ok_or(BtfError::BadString(off))?;
+        let len = bytes
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(BtfError::BadString(off))?;
+        std::str::from_utf8(&bytes[..len]).map_err(|_| BtfError::BadString(off))
+    }
+
+    /// Name of a type ("" for anonymous ones).
+    pub fn name(&self, id: u32) -> Result<&str, BtfError> {
+        self.str_at(self.type_by_id(id)?.name_off)
+    }
+
+    /// Follows typedefs and modifiers (const, volatile, restrict, type tags).
+    pub fn skip_mods_and_typedefs(&self, mut id: u32) -> Result<u32, BtfError> {
+        for _ in 0..MAX_CHAIN {
+            let t = self.type_by_id(id)?;
+            match t.kind {
+                kind::TYPEDEF | kind::VOLATILE | kind::CONST | kind::RESTRICT | kind::TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Ok(id),
+            }
+        }
+        Err(BtfError::TooDeep(id))
+    }
+
+    /// Follows modifiers only (keeps typedefs), as CO-RE type matching does for the root type.
+    pub fn skip_mods(&self, mut id: u32) -> Result<u32, BtfError> {
+        for _ in 0..MAX_CHAIN {
+            let t = self.type_by_id(id)?;
+            match t.kind {
+                kind::VOLATILE | kind::CONST | kind::RESTRICT | kind::TYPE_TAG => {
+                    id = t.size_or_type
+                }
+                _ => return Ok(id),
+            }
+        }
+        Err(BtfError::TooDeep(id))
+    }
+
+    /// Size in bytes of a type (as `btf__resolve_size`).
+    pub fn resolve_size(&self, id: u32) -> Result<u64, BtfError> {
+        let mut id = id;
+        let mut mult: u64 = 1;
+        for _ in 0..MAX_CHAIN {
+            let t = self.type_by_id(id)?;
+            match t.kind {
+                kind::INT
+                | kind::STRUCT
+                | kind::UNION
+                | kind::ENUM
+                | kind::ENUM64
+                | kind::DATASEC
+                | kind::FLOAT => return Ok(mult.saturating_mul(t.size_or_type as u64)),
+                kind::PTR => return Ok(mult.saturating_mul(8)),
+                kind::TYPEDEF
+                | kind::VOLATILE
+                | kind::CONST
+                | kind::RESTRICT
+                | kind::TYPE_TAG
+                | kind::VAR => id = t.size_or_type,
+                kind::ARRAY => {
+                    let (elem, _, n) = t.array.unwrap_or((0, 0, 0));
+                    mult = mult.saturating_mul(n as u64);
+                    id = elem;
+                }
+                _ => return Err(BtfError::BadTypeId(id)),
+            }
+        }
+        Err(BtfError::TooDeep(id))
+    }
+
+    /// Ids of all named types whose name, without a `___flavor` suffix, is `name`.
+    pub fn ids_by_essential_name(&self, name: &str) -> &[u32] {
+        let map = self.by_name.get_or_init(|| {
+            let mut m: HashMap<String, Vec<u32>> = HashMap::new();
+            for (id, t) in self.types.iter().enumerate().skip(1) {
+                if t.name_off == 0 {
+                    continue;
+                }
+                if let Ok(n) = self.str_at(t.name_off) {
+                    m.entry(essential_name(n).to_string())
+                        .or_default()
+                        .push(id as u32);
+                }
+            }
+            m
+        });
+        map.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Finds a type by exact name and kind.
+    pub fn find_by_name_kind(&self, name: &str, k: u8) -> Option<u32> {
+        self.ids_by_essential_name(essential_name(name))
+            .iter()
+            .copied()
+            .find(|&id| {
+                self.type_by_id(id).map(|t| t.kind == k).unwrap_or(false)
+                    && self.name(id).map(|n| n == name).unwrap_or(false)
+            })
+    }
+
+    /// Offset of the types section inside [`Btf::raw`].
+    pub(crate) fn types_start(&self) -> usize {
+        self.hdr_len + self.type_off
+    }
+}
+
+fn check_room(at: usize, n: usize, rec: usize, end: usize) -> Result<(), BtfError> {
+    let need = n
+        .checked_mul(rec)
+        .and_then(|x| x.checked_add(at))
+        .ok_or(BtfError::Truncated(at))?;
+    if need > end {
+        Err(BtfError::Truncated(need))
+    } else {
+        Ok(())
+    }
+}
+
+/// `task_struct___v2` -> `task_struct` (libbpf's "flavor" convention for CO-RE).
+pub fn essential_name(name: &str) -> &str {
+    match name.find("___") {
+        Some(i) => &name[..i],
+        None => name,
+    }
+}
+
+/// One `.BTF.ext` record with its ELF section name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtRecord {
+    pub section: String,
+    /// Byte offset of the instruction in its section.
+    pub insn_off: u32,
+    /// func_info: FUNC type id; line_info: file name offset; core_relo: root type id.
+    pub a: u32,
+    /// line_info: line offset; core_relo: access string offset.
+    pub b: u32,
+    /// line_info: line/column; core_relo: relocation kind.
+    pub c: u32,
+}
+
+/// Parsed `.BTF.ext`: function info, line info and CO-RE relocations.
+#[derive(Debug, Clone, Default)]
+pub struct BtfExt {
+    pub func_info: Vec<ExtRecord>,
+    pub line_info: Vec<ExtRecord>,
+    pub core_relos: Vec<ExtRecord>,
+}
+
+impl BtfExt {
+    /// Parses `.BTF.ext`; section names are resolved through the object's `btf` strings.
+    pub fn parse(raw: &[u8], btf: &Btf) -> Result<Self, BtfError> {
+        let magic = rd_u16(raw, 0)?;
+        if magic != BTF_MAGIC {
+            return Err(BtfError::BadMagic(magic));
+        }
+        let hdr_len = rd_u32(raw, 4)? as usize;
+        let mut ext = BtfExt::default();
+        let sub = |off_at: usize, len_at: usize, min_rec: usize, out: &mut Vec<ExtRecord>| {
+            if hdr_len < len_at + 4 {
+                return Ok(());
+            }
+            let off = rd_u32(raw, off_at)? as usize;
+            let len = rd_u32(raw, len_at)? as usize;
+            parse_ext_sub(raw, hdr_len, off, len, min_rec, btf, out)
+        };
+        sub(8, 12, 8, &mut ext.func_info)?;
+        sub(16, 20, 16, &mut ext.line_info)?;
+        sub(24, 28, 16, &mut ext.core_relos)?;
+        Ok(ext)
+    }
+}
+
+fn parse_ext_sub(
+    raw: &[u8],
+    hdr_len: usize,
+    off: usize,
+    len: usize,
+    min_rec: usize,
+    btf: &Btf,
+    out: &mut Vec<ExtRecord>,
+) -> Result<(), BtfError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let start = hdr_len.checked_add(off).ok_or(BtfError::Truncated(off))?;
+    let end = start.checked_add(len).ok_or(BtfError::Truncated(start))?;
+    if end > raw.len() {
+        return Err(BtfError::Truncated(end));
+    }
+    let rec_size = rd_u32(raw, start)? as usize;
+    if rec_size < min_rec {
+        return Err(BtfError::Truncated(start));
+    }
+    let mut at = start + 4;
+    while at < end {
+        let sec_name_off = rd_u32(raw, at)?;
+        let num = rd_u32(raw, at + 4)? as usize;
+        at += 8;
+        let section = btf.str_at(sec_name_off)?.to_string();
+        check_room(at, num, rec_size, end)?;
+        for i in 0..num {
+            let o = at + i * rec_size;
+            let word = |k: usize| {
+                if 4 * k + 4 <= rec_size {
+                    rd_u32(raw, o + 4 * k)
+                } else {
+                    Ok(0)
+                }
+            };
+            out.push(ExtRecord {
+                section: section.clone(),
+                insn_off: word(0)?,
+                a: word(1)?,
+                b: word(2)?,
+                c: word(3)?,
+            });
+        }
+        at += num * rec_size;
+    }
+    Ok(())
+}
+
+/// Returns a copy of `btf`'s raw bytes with every `DATASEC` sized and its variables placed as the
+/// ELF says (clang leaves sizes and offsets 0; the kernel rejects a 0-sized DATASEC).
+/// `section_info(name)` gives the section size and `var_offset(name)` a variable's symbol value.
+pub fn fixup_datasecs(
+    btf: &Btf,
+    section_size: impl Fn(&str) -> Option<u32>,
+    var_offset: impl Fn(&str) -> Option<u32>,
+) -> Vec<u8> {
+    let mut raw = btf.raw.clone();
+    let base = btf.types_start();
+    for t in btf.types.iter().skip(1) {
+        if t.kind != kind::DATASEC {
+            continue;
+        }
+        let Ok(name) = btf.str_at(t.name_off) else {
+            continue;
+        };
+        if let Some(size) = section_size(name) {
+            put_u32(&mut raw, base + t.raw_offset + 8, size);
+        }
+        for (i, m) in t.members.iter().enumerate() {
+            let Ok(var) = btf.type_by_id(m.type_id) else {
+                continue;
+            };
+            let Ok(var_name) = btf.str_at(var.name_off) else {
+                continue;
+            };
+            if let Some(off) = var_offset(var_name) {
+                put_u32(&mut raw, base + t.raw_offset + 12 + i * 12 + 4, off);
+            }
+        }
+    }
+    raw
+}
+
+fn put_u32(raw: &mut [u8], at: usize, v: u32) {
+    if let Some(s) = raw.get_mut(at..at + 4) {
+        s.copy_from_slice(&v.to_le_bytes());
+    }
+}

@@ -1,0 +1,464 @@
+//! Several processes on one segment: children are this test binary re-run with a role in the
+//! environment (see `child_entry`), so they are fresh single-threaded processes.
+
+use bpftime_runtime::maps::*;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const ROLE: &str = "BPFTIME_MAPS_TEST_ROLE";
+const OBJ: &str = "BPFTIME_MAPS_TEST_OBJ";
+const ARG: &str = "BPFTIME_MAPS_TEST_ARG";
+
+const PROCS: u32 = 4;
+const THREADS: u32 = 4;
+const INCS: u64 = 100_000;
+
+fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
+    MapDef {
+        map_type: t,
+        key_size: k,
+        value_size: v,
+        max_entries: m,
+        flags: 0,
+        name: name.into(),
+    }
+}
+
+fn k4(i: u32) -> [u8; 4] {
+    i.to_le_bytes()
+}
+
+/// Array "ctl": slot 0 counts ready children, slot 1 is the start flag.
+fn ctl_def() -> MapDef {
+    def(MapType::Array, 4, 8, 4, "ctl")
+}
+
+fn ctl_add(obj: &ShmObject, slot: u32, n: u64) {
+    let m = obj.map("ctl").unwrap();
+    let p = m.lookup(&k4(slot)).unwrap().unwrap();
+    p.atomic_u64(0).unwrap().fetch_add(n, Ordering::SeqCst);
+}
+
+fn ctl_get(obj: &ShmObject, slot: u32) -> u64 {
+    obj.map("ctl")
+        .unwrap()
+        .get(&k4(slot))
+        .unwrap()
+        .unwrap()
+        .sum_u64()
+        .unwrap()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+struct Seg(ShmObject);
+
+impl Seg {
+    fn new(test: &str, defs: &[MapDef]) -> Self {
+        let name = format!("test-xp-{}-{test}", std::process::id());
+        let _ = remove_object(&name);
+        Seg(ShmObject::create(&name, defs).unwrap())
+    }
+}
+
+impl Drop for Seg {
+    fn drop(&mut self) {
+        let _ = self.0.remove();
+    }
+}
+
+fn spawn(role: &str, obj: &ShmObject, arg: u32) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["child_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(OBJ, obj.object_name())
+        .env(ARG, arg.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_child(c: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > timeout {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("child {} did not finish in {timeout:?}", c.id());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn sigkill(c: &Child) {
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+}
+
+/// The child side. Without the role variable this test does nothing.
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let obj = ShmObject::open(&std::env::var(OBJ).unwrap()).unwrap();
+    let arg: u32 = std::env::var(ARG).unwrap().parse().unwrap();
+    match role.as_str() {
+        "increment" => {
+            ctl_add(&obj, 0, 1);
+            wait_until("go", Duration::from_secs(30), || ctl_get(&obj, 1) != 0);
+            let threads: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let obj = obj.clone();
+                    std::thread::spawn(move || {
+                        let h = obj.map("h").unwrap();
+                        let a = obj.map("a").unwrap();
+                        let pa = obj.map("pa").unwrap();
+                        let mine = k4(1000 + arg * THREADS + t);
+                        for i in 0..INCS {
+                            // What `__sync_fetch_and_add(bpf_map_lookup_elem(..), 1)` does.
+                            let v = h.lookup(&k4(7)).unwrap().unwrap();
+                            v.atomic_u64(0).unwrap().fetch_add(1, Ordering::Relaxed);
+                            let v = a.lookup(&k4(0)).unwrap().unwrap();
+                            v.atomic_u64(0).unwrap().fetch_add(1, Ordering::Relaxed);
+                            let v = pa.lookup(&k4(0)).unwrap().unwrap();
+                            v.atomic_u64(0).unwrap().fetch_add(1, Ordering::Relaxed);
+                            if i % 64 == 0 {
+                                // Writers through the bucket locks at the same time.
+                                h.update(&mine, &i.to_le_bytes(), BPF_ANY).unwrap();
+                            }
+                        }
+                        h.update(&mine, &INCS.to_le_bytes(), BPF_ANY).unwrap();
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+        }
+        "hold_lock" => {
+            obj.map("h").unwrap().debug_hold_bucket_lock(&k4(42));
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        "churn" => {
+            let h = obj.map("h").unwrap();
+            let q = obj.map("q").unwrap();
+            let rb = obj.map("rb").unwrap();
+            ctl_add(&obj, 0, 1);
+            let mut x = 0x1234_5678u32 ^ arg;
+            for i in 0..arg {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let k = k4(x % 64);
+                match x % 4 {
+                    0 => {
+                        let _ = h.delete(&k);
+                    }
+                    1 => {
+                        let _ = q.push(&k, BPF_EXIST);
+                        let _ = q.pop();
+                    }
+                    2 => {
+                        let _ = rb.ringbuf_output(&k, 0);
+                    }
+                    _ => match h.update(&k, &k4(i), BPF_ANY) {
+                        Ok(()) => {}
+                        Err(e) => assert_eq!(e.errno(), libc::E2BIG),
+                    },
+                }
+            }
+        }
+        "rb_produce" => {
+            let rb = obj.map("rb").unwrap();
+            ctl_add(&obj, 0, 1);
+            for seq in 0..20_000u32 {
+                let mut rec = [0u8; 24];
+                rec[..4].copy_from_slice(&arg.to_le_bytes());
+                rec[4..8].copy_from_slice(&seq.to_le_bytes());
+                let len = 8 + (seq % 17) as usize;
+                while rb.ringbuf_output(&rec[..len], 0).is_err() {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        "rb_reserve_die" => {
+            let rb = obj.map("rb").unwrap();
+            let p = rb.ringbuf_reserve(16, 0).unwrap();
+            // SAFETY: 16 reserved bytes.
+            unsafe { std::ptr::write_bytes(p, 0xee, 16) };
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        "track" => {
+            let h = obj.map("h").unwrap();
+            let v = h.lookup(&k4(1)).unwrap().unwrap();
+            v.atomic_u64(0).unwrap().fetch_add(5, Ordering::Relaxed);
+            h.update(&k4(2), &22u64.to_le_bytes(), BPF_ANY).unwrap();
+            h.delete(&k4(3)).unwrap();
+            assert!(h.lookup(&k4(9)).unwrap().is_none());
+            let a = obj.map("a").unwrap();
+            a.update(&k4(2), &5u64.to_le_bytes(), BPF_ANY).unwrap();
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn atomic_increments_from_4_processes_x_4_threads() {
+    let s = Seg::new(
+        "inc",
+        &[
+            ctl_def(),
+            def(MapType::Hash, 4, 8, 1024, "h"),
+            def(MapType::Array, 4, 8, 4, "a"),
+            def(MapType::PercpuArray, 4, 8, 4, "pa"),
+        ],
+    );
+    let h = s.0.map("h").unwrap();
+    h.update(&k4(7), &0u64.to_le_bytes(), BPF_NOEXIST).unwrap();
+    let mut kids: Vec<Child> = (0..PROCS).map(|p| spawn("increment", &s.0, p)).collect();
+    wait_until("children ready", Duration::from_secs(60), || {
+        ctl_get(&s.0, 0) == u64::from(PROCS)
+    });
+    let t = Instant::now();
+    ctl_add(&s.0, 1, 1);
+    for k in &mut kids {
+        assert!(wait_child(k, Duration::from_secs(300)).success());
+    }
+    let total = u64::from(PROCS * THREADS) * INCS;
+    let el = t.elapsed();
+    eprintln!(
+        "{total} increments x 3 maps in {el:?} ({:.1} ns per lookup+add)",
+        el.as_nanos() as f64 / (3 * total) as f64 * 2.0
+    );
+    assert_eq!(h.get(&k4(7)).unwrap().unwrap().sum_u64(), Some(total));
+    let a = s.0.map("a").unwrap();
+    assert_eq!(a.get(&k4(0)).unwrap().unwrap().sum_u64(), Some(total));
+    let pa = s.0.map("pa").unwrap();
+    assert_eq!(pa.get(&k4(0)).unwrap().unwrap().sum_u64(), Some(total));
+    for p in 0..PROCS * THREADS {
+        assert_eq!(
+            h.get(&k4(1000 + p)).unwrap().unwrap().sum_u64(),
+            Some(INCS),
+            "per-thread key {p}"
+        );
+    }
+    assert_eq!(h.len(), 1 + (PROCS * THREADS) as usize);
+}
+
+#[test]
+fn killed_lock_holder_does_not_wedge_others() {
+    let s = Seg::new(
+        "kill-holder",
+        &[ctl_def(), def(MapType::Hash, 4, 8, 64, "h")],
+    );
+    let h = s.0.map("h").unwrap();
+    h.update(&k4(42), &1u64.to_le_bytes(), BPF_ANY).unwrap();
+    let mut kid = spawn("hold_lock", &s.0, 0);
+    wait_until("child holds the lock", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    // An updater of the same bucket blocks on the held lock...
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h2 = h.clone();
+    let waiter = std::thread::spawn(move || {
+        h2.update(&k4(42), &2u64.to_le_bytes(), BPF_ANY).unwrap();
+        tx.send(()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "lock was not held"
+    );
+    // ...and proceeds once the holder is killed, even before the zombie is reaped.
+    sigkill(&kid);
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("update still blocked after the holder died");
+    waiter.join().unwrap();
+    kid.wait().unwrap();
+    // Lock-free readers were spinning on the odd sequence the dead writer left: repaired.
+    let v = h.lookup(&k4(42)).unwrap().unwrap();
+    assert_eq!(v.read(), 2u64.to_le_bytes());
+    assert!(h.counters().recoveries >= 1);
+    h.delete(&k4(42)).unwrap();
+}
+
+#[test]
+fn children_killed_mid_churn_do_not_wedge_the_rest() {
+    let s = Seg::new(
+        "churn",
+        &[
+            ctl_def(),
+            def(MapType::Hash, 4, 4, 32, "h"),
+            def(MapType::Queue, 0, 4, 8, "q"),
+            def(MapType::Ringbuf, 0, 0, 4096, "rb"),
+        ],
+    );
+    let mut kids: Vec<Child> = (0..4).map(|_| spawn("churn", &s.0, 400_000)).collect();
+    wait_until("children running", Duration::from_secs(60), || {
+        ctl_get(&s.0, 0) == 4
+    });
+    let mut c = RingBufConsumer::new(&s.0.map("rb").unwrap()).unwrap();
+    c.set_dead_producer_timeout(Duration::from_millis(1));
+    // Kill two children at different moments while all contend for the same locks.
+    for victim in [0usize, 1] {
+        std::thread::sleep(Duration::from_millis(30));
+        c.poll(|_| {});
+        sigkill(&kids[victim]);
+        kids[victim].wait().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for k in &mut kids[2..] {
+        while k.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "surviving child wedged");
+            c.poll(|_| {});
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(k.wait().unwrap().success());
+    }
+    // Every map still works from here.
+    let h = s.0.map("h").unwrap();
+    let live = h.iter();
+    for e in &live {
+        assert!(h.lookup(&e.key).unwrap().is_some());
+    }
+    // A writer killed between reserving capacity and linking leaks at most one entry each.
+    assert!(
+        h.len().abs_diff(live.len()) <= 2,
+        "len {} vs {}",
+        h.len(),
+        live.len()
+    );
+    for e in &live {
+        h.delete(&e.key).unwrap();
+    }
+    for i in 0..30 {
+        h.update(&k4(i), &k4(i), BPF_NOEXIST).unwrap();
+    }
+    let q = s.0.map("q").unwrap();
+    while q.pop().is_ok() {}
+    q.push(&k4(1), BPF_ANY).unwrap();
+    assert_eq!(q.pop().unwrap(), k4(1));
+    let rb = s.0.map("rb").unwrap();
+    c.poll(|_| {});
+    rb.ringbuf_output(b"still alive", 0).unwrap();
+    let mut got = Vec::new();
+    c.poll_timeout(Duration::from_secs(5), |r| got.push(r.data.to_vec()));
+    assert!(got.iter().any(|r| r == b"still alive"), "ring stalled");
+}
+
+#[test]
+fn ringbuf_written_by_two_processes_read_by_a_third() {
+    let s = Seg::new(
+        "rb",
+        &[ctl_def(), def(MapType::Ringbuf, 0, 0, 64 * 1024, "rb")],
+    );
+    let rb = s.0.map("rb").unwrap();
+    let mut c = RingBufConsumer::new(&rb).unwrap();
+    let mut kids: Vec<Child> = (0..2).map(|p| spawn("rb_produce", &s.0, p)).collect();
+    let mut next = [0u32; 2];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next != [20_000, 20_000] {
+        assert!(Instant::now() < deadline, "records missing: {next:?}");
+        c.poll(|r| {
+            let who = u32::from_le_bytes(r.data[..4].try_into().unwrap()) as usize;
+            let seq = u32::from_le_bytes(r.data[4..8].try_into().unwrap());
+            assert_eq!(seq, next[who], "producer {who} out of order");
+            assert_eq!(r.data.len(), 8 + (seq % 17) as usize);
+            next[who] += 1;
+        });
+    }
+    for k in &mut kids {
+        assert!(wait_child(k, Duration::from_secs(30)).success());
+    }
+}
+
+#[test]
+fn reserved_record_of_a_killed_producer_does_not_stall_the_consumer() {
+    let s = Seg::new(
+        "rb-dead",
+        &[ctl_def(), def(MapType::Ringbuf, 0, 0, 4096, "rb")],
+    );
+    let rb = s.0.map("rb").unwrap();
+    let mut dying = spawn("rb_reserve_die", &s.0, 0);
+    wait_until("reservation", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    rb.ringbuf_output(b"behind the dead one", 0).unwrap();
+    let mut c = RingBufConsumer::new(&rb).unwrap();
+    assert_eq!(
+        c.poll(|_| {}),
+        0,
+        "a live producer's reservation blocks the ring"
+    );
+    sigkill(&dying);
+    dying.wait().unwrap();
+    let mut got = Vec::new();
+    c.poll_timeout(Duration::from_secs(5), |r| got.push(r.data.to_vec()));
+    assert_eq!(got, vec![b"behind the dead one".to_vec()]);
+    assert_eq!(rb.counters().dead_records, 1);
+}
+
+#[test]
+fn change_marks_from_another_process_reach_the_forwarder() {
+    let s = Seg::new(
+        "track",
+        &[
+            ctl_def(),
+            def(MapType::Hash, 4, 8, 16, "h"),
+            def(MapType::Array, 4, 8, 4, "a"),
+        ],
+    );
+    let h = s.0.map("h").unwrap();
+    h.set_track_deletes(true);
+    for i in 1..=4 {
+        h.update(&k4(i), &u64::from(i).to_le_bytes(), BPF_ANY)
+            .unwrap();
+    }
+    let a = s.0.map("a").unwrap();
+    h.drain_changes(|_| {});
+    a.drain_changes(|_| {});
+    assert!(!h.has_changes());
+    let mut kid = spawn("track", &s.0, 0);
+    assert!(wait_child(&mut kid, Duration::from_secs(30)).success());
+    assert!(h.has_changes());
+    let mut seen: HashMap<u32, Change> = HashMap::new();
+    h.drain_changes(|c| {
+        seen.insert(u32::from_le_bytes(c.key[..].try_into().unwrap()), c);
+    });
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let c1 = &seen[&1];
+    assert!(c1.kind.pointer_handed_out() && !c1.kind.changed());
+    assert_eq!(
+        c1.value,
+        Some(EntryValue::Single(6u64.to_le_bytes().to_vec()))
+    );
+    assert!(seen[&2].kind.changed());
+    assert_eq!(
+        seen[&2].value,
+        Some(EntryValue::Single(22u64.to_le_bytes().to_vec()))
+    );
+    let c3 = &seen[&3];
+    assert_eq!(c3.value, None, "a delete is reported as a tombstone");
+    assert_eq!(h.counters().tombstones, 1);
+    assert!(h.ack_deleted(c3.slot, c3.generation));
+    assert_eq!(h.counters().tombstones, 0);
+    assert_eq!(h.drain_changes(|_| {}), 0);
+    let mut arr = Vec::new();
+    a.drain_changes(|c| arr.push(c));
+    assert_eq!(arr.len(), 1);
+    assert_eq!(arr[0].key, k4(2));
+}

@@ -1,0 +1,476 @@
+//! Single-process semantics of every map type, errnos as the kernel's.
+
+use bpftime_runtime::maps::*;
+use std::sync::atomic::Ordering;
+
+struct Obj {
+    obj: ShmObject,
+}
+
+impl Obj {
+    fn new(test: &str, defs: &[MapDef]) -> Self {
+        let name = format!("test-sem-{}-{test}", std::process::id());
+        let _ = remove_object(&name);
+        Self {
+            obj: ShmObject::create(&name, defs).expect("create segment"),
+        }
+    }
+}
+
+impl Drop for Obj {
+    fn drop(&mut self) {
+        let _ = self.obj.remove();
+    }
+}
+
+fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
+    MapDef {
+        map_type: t,
+        key_size: k,
+        value_size: v,
+        max_entries: m,
+        flags: 0,
+        name: name.into(),
+    }
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, MapError>) -> i32 {
+    r.expect_err("expected an error").errno()
+}
+
+fn k4(i: u32) -> [u8; 4] {
+    i.to_le_bytes()
+}
+
+#[test]
+fn hash_flags_and_errnos() {
+    let o = Obj::new("hash", &[def(MapType::Hash, 4, 8, 4, "h")]);
+    let m = o.obj.map("h").unwrap();
+    let v = 7u64.to_le_bytes();
+    m.update(&k4(1), &v, BPF_NOEXIST).unwrap();
+    assert_eq!(errno(m.update(&k4(1), &v, BPF_NOEXIST)), libc::EEXIST);
+    assert_eq!(errno(m.update(&k4(2), &v, BPF_EXIST)), libc::ENOENT);
+    assert_eq!(errno(m.update(&k4(2), &v, 3)), libc::EINVAL);
+    assert_eq!(errno(m.update(&k4(2), &v, BPF_F_LOCK)), libc::EINVAL);
+    for i in 2..=4 {
+        m.update(&k4(i), &v, BPF_ANY).unwrap();
+    }
+    assert_eq!(m.len(), 4);
+    let e = m.update(&k4(5), &v, BPF_ANY).unwrap_err();
+    assert_eq!(e.errno(), libc::E2BIG);
+    assert!(e.to_string().contains("`h`"), "error names the map: {e}");
+    // Updating an existing key of a full map works; NOEXIST still says EEXIST first.
+    m.update(&k4(4), &9u64.to_le_bytes(), BPF_EXIST).unwrap();
+    assert_eq!(errno(m.update(&k4(4), &v, BPF_NOEXIST)), libc::EEXIST);
+    assert_eq!(
+        m.get(&k4(4)).unwrap(),
+        Some(EntryValue::Single(9u64.to_le_bytes().to_vec()))
+    );
+    assert_eq!(errno(m.delete(&k4(9))), libc::ENOENT);
+    m.delete(&k4(3)).unwrap();
+    assert!(m.lookup(&k4(3)).unwrap().is_none());
+    m.update(&k4(5), &v, BPF_NOEXIST).unwrap();
+    assert_eq!(m.len(), 4);
+    assert_eq!(errno(m.lookup(&[1, 2])), libc::EINVAL);
+    assert_eq!(errno(m.update(&k4(1), &[0; 4], BPF_ANY)), libc::EINVAL);
+    assert_eq!(m.counters().full, 1);
+    assert_eq!(m.counters().deletes, 1);
+
+    // Counters through the handed-out pointer, as programs do.
+    let p = m.lookup(&k4(1)).unwrap().unwrap();
+    for _ in 0..10 {
+        p.atomic_u64(0).unwrap().fetch_add(1, Ordering::Relaxed);
+    }
+    assert_eq!(m.get(&k4(1)).unwrap().unwrap().sum_u64(), Some(17));
+    let mut keys: Vec<u32> = m
+        .iter()
+        .iter()
+        .map(|e| u32::from_le_bytes(e.key[..].try_into().unwrap()))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec![1, 2, 4, 5]);
+}
+
+#[test]
+fn hash_many_keys_and_odd_key_sizes() {
+    let o = Obj::new("hash-many", &[def(MapType::Hash, 13, 3, 5000, "h")]);
+    let m = o.obj.map(0usize).unwrap();
+    let key = |i: u32| {
+        let mut k = [0xa5u8; 13];
+        k[..4].copy_from_slice(&i.to_le_bytes());
+        k[12] = i as u8;
+        k
+    };
+    for i in 0..5000 {
+        m.update(&key(i), &[i as u8, 1, 2], BPF_NOEXIST).unwrap();
+    }
+    assert_eq!(errno(m.update(&key(5000), &[0; 3], BPF_ANY)), libc::E2BIG);
+    for i in (0..5000).step_by(2) {
+        m.delete(&key(i)).unwrap();
+    }
+    for i in 0..5000 {
+        let got = m.get(&key(i)).unwrap();
+        if i % 2 == 0 {
+            assert!(got.is_none());
+        } else {
+            assert_eq!(got, Some(EntryValue::Single(vec![i as u8, 1, 2])));
+        }
+    }
+    for i in 5000..7500 {
+        m.update(&key(i), &[0; 3], BPF_NOEXIST).unwrap();
+    }
+    assert_eq!(m.len(), 5000);
+    assert_eq!(m.iter().len(), 5000);
+}
+
+#[test]
+fn array_semantics() {
+    let o = Obj::new("array", &[def(MapType::Array, 4, 12, 10, "a")]);
+    let m = o.obj.map("a").unwrap();
+    assert!(m.lookup(&k4(10)).unwrap().is_none());
+    let p = m.lookup(&k4(3)).unwrap().unwrap();
+    assert_eq!(p.read(), vec![0; 12]);
+    m.update(&k4(3), &[1; 12], BPF_ANY).unwrap();
+    m.update(&k4(3), &[2; 12], BPF_EXIST).unwrap();
+    assert_eq!(p.read(), vec![2; 12]);
+    assert_eq!(errno(m.update(&k4(3), &[1; 12], BPF_NOEXIST)), libc::EEXIST);
+    assert_eq!(errno(m.update(&k4(10), &[1; 12], BPF_ANY)), libc::E2BIG);
+    assert_eq!(errno(m.update(&k4(1), &[1; 12], 7)), libc::EINVAL);
+    assert_eq!(errno(m.delete(&k4(1))), libc::EINVAL);
+    assert_eq!(m.iter().len(), 10);
+    // Values are 8-byte aligned for atomics.
+    assert_eq!(p.as_ptr() as usize % 8, 0);
+}
+
+#[test]
+fn percpu_maps_sum_over_cpus() {
+    let o = Obj::new(
+        "percpu",
+        &[
+            def(MapType::PercpuArray, 4, 8, 4, "pa"),
+            def(MapType::PercpuHash, 8, 4, 16, "ph"),
+        ],
+    );
+    let ncpu = o.obj.ncpu();
+    assert_eq!(ncpu, possible_cpus());
+    let pa = o.obj.map("pa").unwrap();
+    for cpu in 0..ncpu {
+        let p = pa.lookup_cpu(&k4(1), cpu).unwrap().unwrap();
+        p.atomic_u64(0)
+            .unwrap()
+            .fetch_add(u64::from(cpu) + 1, Ordering::Relaxed);
+    }
+    let p = pa.lookup(&k4(1)).unwrap().unwrap();
+    p.atomic_u64(0).unwrap().fetch_add(100, Ordering::Relaxed);
+    let v = pa.get(&k4(1)).unwrap().unwrap();
+    let n = u64::from(ncpu);
+    assert_eq!(v.sum_u64(), Some(n * (n + 1) / 2 + 100));
+    match &v {
+        EntryValue::PerCpu(vs) => assert_eq!(vs.len(), ncpu as usize),
+        _ => panic!("per-CPU value expected"),
+    }
+    assert_eq!(errno(pa.lookup_cpu(&k4(1), ncpu)), libc::EINVAL);
+
+    let ph = o.obj.map("ph").unwrap();
+    // The program's form writes the current CPU's slot and zeroes the others.
+    ph.update(&7u64.to_le_bytes(), &5u32.to_le_bytes(), BPF_ANY)
+        .unwrap();
+    assert_eq!(
+        ph.get(&7u64.to_le_bytes()).unwrap().unwrap().sum_u64(),
+        Some(5)
+    );
+    // The syscall form: ncpu values padded to 8 bytes.
+    let mut all = vec![0u8; 8 * ncpu as usize];
+    for c in 0..ncpu as usize {
+        all[c * 8..c * 8 + 4].copy_from_slice(&(c as u32 + 10).to_le_bytes());
+    }
+    ph.update_percpu(&8u64.to_le_bytes(), &all, BPF_NOEXIST)
+        .unwrap();
+    let expect: u64 = (0..u64::from(ncpu)).map(|c| c + 10).sum();
+    assert_eq!(
+        ph.get(&8u64.to_le_bytes()).unwrap().unwrap().sum_u64(),
+        Some(expect)
+    );
+    assert_eq!(
+        errno(ph.update_percpu(&9u64.to_le_bytes(), &all[..4], BPF_ANY)),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn lru_evicts_instead_of_failing() {
+    let o = Obj::new("lru", &[def(MapType::LruHash, 4, 8, 8, "l")]);
+    let m = o.obj.map("l").unwrap();
+    for i in 0..8 {
+        m.update(&k4(i), &[0; 8], BPF_NOEXIST).unwrap();
+    }
+    for i in 100..164 {
+        // Key 0 is hot: looked up before every insert, so the clock keeps sparing it.
+        assert!(
+            m.lookup(&k4(0)).unwrap().is_some(),
+            "hot key evicted at {i}"
+        );
+        m.update(&k4(i), &[1; 8], BPF_ANY).unwrap();
+        assert!(m.get(&k4(i)).unwrap().is_some());
+        assert_eq!(m.len(), 8);
+    }
+    assert!(m.counters().evictions >= 56);
+    assert_eq!(m.iter().len(), 8);
+    // LRU still honours the flags.
+    assert_eq!(errno(m.update(&k4(0), &[0; 8], BPF_NOEXIST)), libc::EEXIST);
+    assert_eq!(errno(m.update(&k4(5000), &[0; 8], BPF_EXIST)), libc::ENOENT);
+}
+
+#[test]
+fn queue_and_stack() {
+    let o = Obj::new(
+        "qs",
+        &[
+            def(MapType::Queue, 0, 4, 3, "q"),
+            def(MapType::Stack, 0, 4, 3, "s"),
+        ],
+    );
+    for (name, fifo) in [("q", true), ("s", false)] {
+        let m = o.obj.map(name).unwrap();
+        assert_eq!(errno(m.pop()), libc::ENOENT);
+        assert_eq!(errno(m.peek()), libc::ENOENT);
+        for i in 1..=3u32 {
+            m.push(&i.to_le_bytes(), BPF_ANY).unwrap();
+        }
+        assert_eq!(errno(m.push(&4u32.to_le_bytes(), BPF_ANY)), libc::E2BIG);
+        assert_eq!(
+            errno(m.push(&4u32.to_le_bytes(), BPF_NOEXIST)),
+            libc::EINVAL
+        );
+        // BPF_EXIST on a full map drops the oldest value.
+        m.push(&4u32.to_le_bytes(), BPF_EXIST).unwrap();
+        assert_eq!(m.len(), 3);
+        let order: Vec<u32> = m
+            .iter()
+            .iter()
+            .map(|e| match &e.value {
+                EntryValue::Single(v) => u32::from_le_bytes(v[..].try_into().unwrap()),
+                _ => unreachable!(),
+            })
+            .collect();
+        let expect = if fifo { vec![2, 3, 4] } else { vec![4, 3, 2] };
+        assert_eq!(order, expect);
+        assert_eq!(m.peek().unwrap(), expect[0].to_le_bytes());
+        for want in expect {
+            assert_eq!(m.pop().unwrap(), want.to_le_bytes());
+        }
+        assert_eq!(errno(m.pop()), libc::ENOENT);
+        // update() on a queue is a push, lookups hand out nothing.
+        m.update(&[], &9u32.to_le_bytes(), BPF_ANY).unwrap();
+        assert_eq!(m.pop().unwrap(), 9u32.to_le_bytes());
+        assert_eq!(errno(m.lookup(&[])), libc::ENOTSUP);
+    }
+}
+
+#[test]
+fn prog_array_slots() {
+    let o = Obj::new("prog", &[def(MapType::ProgArray, 4, 4, 4, "jmp")]);
+    let m = o.obj.map("jmp").unwrap();
+    assert_eq!(m.prog_array_get(0), None);
+    m.update(&k4(2), &7u32.to_le_bytes(), BPF_ANY).unwrap();
+    assert_eq!(m.prog_array_get(2), Some(7));
+    assert_eq!(
+        errno(m.update(&k4(2), &7u32.to_le_bytes(), BPF_NOEXIST)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(m.update(&k4(4), &7u32.to_le_bytes(), BPF_ANY)),
+        libc::E2BIG
+    );
+    assert_eq!(m.iter().len(), 1);
+    m.delete(&k4(2)).unwrap();
+    assert_eq!(errno(m.delete(&k4(2))), libc::ENOENT);
+    assert_eq!(errno(m.delete(&k4(9))), libc::EINVAL);
+    assert_eq!(m.prog_array_get(2), None);
+}
+
+#[test]
+fn ringbuf_reserve_submit_discard_output_wrap() {
+    let o = Obj::new("rb", &[def(MapType::Ringbuf, 0, 0, 4096, "rb")]);
+    let m = o.obj.map("rb").unwrap();
+    let mut c = RingBufConsumer::new(&m).unwrap();
+    assert!(m.ringbuf_reserve(8, 1).is_none(), "flags must be 0");
+    assert!(m.ringbuf_reserve(4096, 0).is_none(), "larger than the ring");
+    let p = m.ringbuf_reserve(5, 0).unwrap();
+    // SAFETY: 5 reserved bytes.
+    unsafe { std::ptr::copy_nonoverlapping(b"hello".as_ptr(), p, 5) };
+    let d = m.ringbuf_reserve(3, 0).unwrap();
+    // A BUSY record blocks the ones behind it until submitted.
+    m.ringbuf_output(b"after", 0).unwrap();
+    assert_eq!(c.poll(|_| panic!("record still busy")), 0);
+    m.ringbuf_submit(p, 0).unwrap();
+    let mut got = Vec::new();
+    c.poll(|r| got.push(r.data.to_vec()));
+    assert_eq!(got, vec![b"hello".to_vec()]);
+    m.ringbuf_discard(d, 0).unwrap();
+    assert_eq!(errno(m.ringbuf_submit(d, 0)), libc::EINVAL, "double commit");
+    got.clear();
+    c.poll(|r| got.push(r.data.to_vec()));
+    assert_eq!(got, vec![b"after".to_vec()]);
+    assert_eq!(errno(m.ringbuf_output(b"x", 8)), libc::EINVAL);
+
+    // Many records of varying size, several times around the ring, including wrapping ones.
+    let mut next = 0u32;
+    let mut expect = 0u32;
+    for round in 0..2000u32 {
+        let len = 1 + (round * 37 % 300) as usize;
+        let rec: Vec<u8> = (0..len).map(|i| (next as usize + i) as u8).collect();
+        if m.ringbuf_output(&rec, 0).is_ok() {
+            next += 1;
+        } else {
+            // Full: drain and retry once.
+            c.poll(|r| {
+                assert_eq!(r.data[0], expect as u8);
+                expect += 1;
+            });
+            m.ringbuf_output(&rec, 0).unwrap();
+            next += 1;
+        }
+    }
+    c.poll(|r| {
+        assert_eq!(r.data[0], expect as u8);
+        expect += 1;
+    });
+    assert_eq!(expect, next);
+    assert!(m.counters().lost > 0, "the ring was full at times");
+    assert_eq!(m.ring_pending(0), 0);
+}
+
+#[test]
+fn perf_event_array_per_cpu_rings() {
+    let o = Obj::new("perf", &[def(MapType::PerfEventArray, 4, 4, 0, "events")]);
+    let m = o.obj.map("events").unwrap();
+    assert_eq!(m.def().max_entries, o.obj.ncpu());
+    m.perf_event_output(BPF_F_CURRENT_CPU, b"abc").unwrap();
+    m.perf_event_output(0, b"on cpu0").unwrap();
+    assert_eq!(
+        errno(m.perf_event_output(u64::from(o.obj.ncpu()), b"x")),
+        libc::E2BIG
+    );
+    assert_eq!(errno(m.perf_event_output(1 << 40, b"x")), libc::EINVAL);
+    let mut c = RingBufConsumer::new(&m).unwrap();
+    let mut got = Vec::new();
+    c.poll(|r| got.push((r.ring, r.data.to_vec())));
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().any(|(ring, d)| *ring == 0 && d == b"on cpu0"));
+    assert!(got.iter().any(|(_, d)| d == b"abc"));
+}
+
+#[test]
+fn program_registry_roundtrip() {
+    let o = Obj::new("progs", &[def(MapType::Array, 4, 4, 1, "a")]);
+    let g0 = o.obj.programs_generation();
+    let insns: Vec<u8> = (0..64u8).collect();
+    let i = o
+        .obj
+        .register_program(&ProgramSpec {
+            name: "on_readline",
+            section: "uretprobe//bin/bash:readline",
+            attach_target: "/bin/bash:readline",
+            prog_type: 2,
+            insns: &insns,
+        })
+        .unwrap();
+    let j = o
+        .obj
+        .register_program(&ProgramSpec {
+            name: "tp",
+            section: "tracepoint/syscalls/sys_enter_openat",
+            attach_target: "syscalls/sys_enter_openat",
+            prog_type: 5,
+            insns: &insns[..16],
+        })
+        .unwrap();
+    assert_ne!(i, j);
+    // An agent opens the segment by object name and reads the registry.
+    let agent = ShmObject::open(o.obj.object_name()).unwrap();
+    assert!(agent.programs_generation() > g0);
+    let ps = agent.programs();
+    assert_eq!(ps.len(), 2);
+    assert_eq!(ps[0].name, "on_readline");
+    assert_eq!(ps[0].attach_target, "/bin/bash:readline");
+    assert_eq!(ps[0].insns, insns);
+    assert_eq!(ps[1].insns.len(), 16);
+    assert!(o.obj.unregister_program(j));
+    assert_eq!(agent.programs().len(), 1);
+    let long = "x".repeat(300);
+    let e = o
+        .obj
+        .register_program(&ProgramSpec {
+            name: "p",
+            section: "s",
+            attach_target: &long,
+            prog_type: 0,
+            insns: &[],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("attach target"));
+}
+
+#[test]
+fn definitions_are_validated() {
+    let name = format!("test-sem-{}-bad", std::process::id());
+    let bad = [
+        def(MapType::Ringbuf, 0, 0, 5000, "rb"),
+        def(MapType::Hash, 0, 8, 1, "h"),
+        def(MapType::Array, 8, 8, 1, "a"),
+        def(MapType::Queue, 4, 8, 1, "q"),
+        def(MapType::ProgArray, 4, 8, 1, "p"),
+    ];
+    for d in bad {
+        let e = ShmObject::create(&name, &[d.clone()])
+            .err()
+            .expect("invalid");
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().contains(&format!("`{}`", d.name)), "{e}");
+    }
+    let dup = [
+        def(MapType::Array, 4, 4, 1, "a"),
+        def(MapType::Array, 4, 4, 1, "a"),
+    ];
+    assert!(ShmObject::create(&name, &dup).is_err());
+    assert!(ShmObject::create("../etc", &[]).is_err());
+    assert_eq!(MapType::from_raw(27), Some(MapType::Ringbuf));
+    assert_eq!(MapType::from_raw(12), None);
+}
+
+#[test]
+fn segments_list_open_remove() {
+    let defs = [
+        def(MapType::Hash, 4, 4, 16, "h"),
+        def(MapType::Array, 4, 4, 2, "a"),
+    ];
+    let o = Obj::new("seg", &defs);
+    let name = o.obj.object_name().to_string();
+    assert!(std::path::Path::new(&format!("/dev/shm/bpftime-rs.{name}.shm")).exists());
+    assert_eq!(
+        ShmObject::create(&name, &defs).err().unwrap().errno(),
+        libc::EEXIST
+    );
+    let again = ShmObject::open_or_create(&name, &defs).unwrap();
+    assert!(!again.is_creator());
+    again
+        .map("h")
+        .unwrap()
+        .update(&k4(1), &k4(2), BPF_ANY)
+        .unwrap();
+    assert!(o.obj.map("h").unwrap().get(&k4(1)).unwrap().is_some());
+    assert!(ShmObject::open_or_create(&name, &defs[..1]).is_err());
+    let segs = list_segments().unwrap();
+    let me = segs.iter().find(|s| s.object == name).expect("listed");
+    assert!(me.creator_alive);
+    assert_eq!(me.creator_pid, std::process::id());
+    assert_eq!(me.maps, vec!["h".to_string(), "a".to_string()]);
+    assert!(find_stale().unwrap().iter().all(|s| s.object != name));
+    let e = o.obj.map("nope").unwrap_err();
+    assert!(e.to_string().contains(&name));
+    remove_object(&name).unwrap();
+    assert_eq!(ShmObject::open(&name).err().unwrap().errno(), libc::ENOENT);
+    // Existing mappings stay usable after unlink.
+    assert!(again.map("h").unwrap().get(&k4(1)).unwrap().is_some());
+}

@@ -1,0 +1,216 @@
+//! Change marks and the forwarder protocol (issue 10), in one process.
+
+use bpftime_runtime::maps::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+struct Seg(ShmObject);
+
+impl Seg {
+    fn new(test: &str, defs: &[MapDef]) -> Self {
+        let name = format!("test-trk-{}-{test}", std::process::id());
+        let _ = remove_object(&name);
+        Seg(ShmObject::create(&name, defs).unwrap())
+    }
+}
+
+impl Drop for Seg {
+    fn drop(&mut self) {
+        let _ = self.0.remove();
+    }
+}
+
+fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
+    MapDef {
+        map_type: t,
+        key_size: k,
+        value_size: v,
+        max_entries: m,
+        flags: 0,
+        name: name.into(),
+    }
+}
+
+fn k4(i: u32) -> [u8; 4] {
+    i.to_le_bytes()
+}
+
+fn drain(m: &MapHandle) -> Vec<Change> {
+    let mut v = Vec::new();
+    m.drain_changes(|c| v.push(c));
+    v
+}
+
+#[test]
+fn update_lookup_delete_mark_and_drain_clears() {
+    let s = Seg::new("basic", &[def(MapType::Hash, 4, 8, 8, "h")]);
+    let h = s.0.map("h").unwrap();
+    assert!(drain(&h).is_empty());
+    h.update(&k4(1), &1u64.to_le_bytes(), BPF_ANY).unwrap();
+    let c = drain(&h);
+    assert_eq!(c.len(), 1);
+    assert!(c[0].kind.changed());
+    assert!(drain(&h).is_empty(), "drain clears the marks");
+    // get() copies without handing out a pointer: no mark. lookup() marks.
+    h.get(&k4(1)).unwrap();
+    assert!(drain(&h).is_empty());
+    h.lookup(&k4(1)).unwrap().unwrap();
+    let c = drain(&h);
+    assert_eq!(c.len(), 1);
+    assert!(c[0].kind.pointer_handed_out());
+    // Without tombstone tracking a delete frees the element at once: nothing to report.
+    h.delete(&k4(1)).unwrap();
+    assert!(drain(&h).is_empty());
+}
+
+#[test]
+fn tombstones_until_ack_and_revival() {
+    let s = Seg::new("tomb", &[def(MapType::Hash, 4, 8, 4, "h")]);
+    let h = s.0.map("h").unwrap();
+    h.set_track_deletes(true);
+    for i in 0..4 {
+        h.update(&k4(i), &[0; 8], BPF_ANY).unwrap();
+    }
+    drain(&h);
+    h.delete(&k4(0)).unwrap();
+    h.delete(&k4(1)).unwrap();
+    // Tombstones are invisible and do not count against max_entries.
+    assert!(h.lookup(&k4(0)).unwrap().is_none());
+    assert_eq!(h.len(), 2);
+    assert_eq!(h.iter().len(), 2);
+    assert_eq!(h.delete(&k4(0)).unwrap_err().errno(), libc::ENOENT);
+    h.update(&k4(10), &[1; 8], BPF_NOEXIST).unwrap();
+    h.update(&k4(11), &[1; 8], BPF_NOEXIST).unwrap();
+    assert_eq!(
+        h.update(&k4(12), &[1; 8], BPF_ANY).unwrap_err().errno(),
+        libc::E2BIG
+    );
+    // Re-inserting a deleted key revives its tombstone: one record, current state live.
+    h.delete(&k4(10)).unwrap();
+    h.update(&k4(1), &[9; 8], BPF_ANY).unwrap();
+    let mut by_key: HashMap<u32, Change> = HashMap::new();
+    for c in drain(&h) {
+        by_key.insert(u32::from_le_bytes(c.key[..].try_into().unwrap()), c);
+    }
+    assert_eq!(by_key[&0].value, None);
+    assert_eq!(by_key[&1].value, Some(EntryValue::Single(vec![9; 8])));
+    assert_eq!(by_key[&10].value, None);
+    assert!(by_key[&11].value.is_some());
+    // A stale acknowledgment (revived element) is refused; real ones free the tombstones.
+    assert!(!h.ack_deleted(by_key[&1].slot, by_key[&1].generation));
+    assert!(h.ack_deleted(by_key[&0].slot, by_key[&0].generation));
+    assert!(
+        !h.ack_deleted(by_key[&0].slot, by_key[&0].generation),
+        "acked twice"
+    );
+    assert!(h.ack_deleted(by_key[&10].slot, by_key[&10].generation));
+    assert_eq!(h.counters().tombstones, 0);
+    assert!(!h.take_resync_needed());
+}
+
+#[test]
+fn unacknowledged_tombstones_never_block_inserts() {
+    let s = Seg::new("overflow", &[def(MapType::Hash, 4, 4, 4, "h")]);
+    let h = s.0.map("h").unwrap();
+    h.set_track_deletes(true);
+    // Far more distinct deleted keys than the pool's spare half holds.
+    for i in 0..100 {
+        h.update(&k4(i), &k4(i), BPF_NOEXIST).unwrap();
+        h.delete(&k4(i)).unwrap();
+    }
+    assert_eq!(h.len(), 0);
+    assert!(h.counters().tombstones <= 8);
+    assert!(h.counters().tombstones_dropped > 0);
+    assert!(
+        h.take_resync_needed(),
+        "dropped tombstones ask for a full resync"
+    );
+    for i in 0..4 {
+        h.update(&k4(1000 + i), &k4(i), BPF_NOEXIST).unwrap();
+    }
+    let mut n = 0;
+    h.snapshot_changes(|c| {
+        assert!(c.value.is_some());
+        n += 1;
+    });
+    assert_eq!(n, 4);
+}
+
+#[test]
+fn array_and_percpu_marks() {
+    let s = Seg::new(
+        "arr",
+        &[
+            def(MapType::Array, 4, 8, 300, "a"),
+            def(MapType::PercpuArray, 4, 8, 3, "pa"),
+        ],
+    );
+    let a = s.0.map("a").unwrap();
+    assert!(drain(&a).is_empty());
+    a.lookup(&k4(5)).unwrap().unwrap();
+    a.update(&k4(299), &7u64.to_le_bytes(), BPF_ANY).unwrap();
+    a.lookup(&k4(70)).unwrap().unwrap();
+    let mut keys: Vec<u32> = drain(&a)
+        .into_iter()
+        .map(|c| u32::from_le_bytes(c.key[..].try_into().unwrap()))
+        .collect();
+    keys.sort();
+    assert_eq!(keys, vec![5, 70, 299]);
+    let pa = s.0.map("pa").unwrap();
+    let p = pa.lookup(&k4(1)).unwrap().unwrap();
+    p.atomic_u64(0).unwrap().fetch_add(3, Ordering::Relaxed);
+    let c = drain(&pa);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].value.as_ref().unwrap().sum_u64(), Some(3));
+    assert!(a.mark_changed(&k4(1)));
+    assert_eq!(drain(&a).len(), 1);
+}
+
+/// A writer updating a key while the forwarder drains: once the writer stops, one more
+/// drain gives the final value (clear-then-read never loses the last write).
+#[test]
+fn concurrent_writer_last_value_always_reaches_the_forwarder() {
+    let s = Seg::new("race", &[def(MapType::Hash, 4, 8, 64, "h")]);
+    let h = s.0.map("h").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2u32)
+        .map(|w| {
+            let h = h.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) || i < 10_000 {
+                    h.update(&k4(w * 8 + (i % 8) as u32), &i.to_le_bytes(), BPF_ANY)
+                        .unwrap();
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let mut last: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut passes = 0;
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_millis(300) {
+        h.drain_changes(|c| {
+            let v = c.value.unwrap().sum_u64().unwrap();
+            last.insert(c.key, v);
+        });
+        passes += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let totals: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    h.drain_changes(|c| {
+        last.insert(c.key.clone(), c.value.unwrap().sum_u64().unwrap());
+    });
+    assert!(passes > 1);
+    for e in h.iter() {
+        assert_eq!(
+            last.get(&e.key).copied(),
+            e.value.sum_u64(),
+            "forwarder's last copy differs for {:?} (writers did {totals:?})",
+            e.key
+        );
+    }
+}
