@@ -314,6 +314,14 @@ impl Mirror {
         Ok(entries)
     }
 
+    /// How many keys the kernel map holds (queues and stacks: 0, they cannot be listed).
+    pub fn key_count(&self) -> usize {
+        if self.desc.kind.is_keyless() {
+            return 0;
+        }
+        self.handle.keys().count()
+    }
+
     /// Pops every value of a QUEUE or STACK mirror, in pop order (this empties it).
     pub fn drain_queue(&self) -> Result<Vec<Vec<u8>>, BridgeError> {
         let mut values = Vec::new();

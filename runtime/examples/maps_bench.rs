@@ -51,8 +51,10 @@ fn main() {
     let lru = obj.map("lru").unwrap();
     let rb = obj.map("rb").unwrap();
     for i in 0..1024u32 {
-        h.update(&i.to_le_bytes(), &0u64.to_le_bytes(), BPF_ANY).unwrap();
-        lru.update(&i.to_le_bytes(), &0u64.to_le_bytes(), BPF_ANY).unwrap();
+        h.update(&i.to_le_bytes(), &0u64.to_le_bytes(), BPF_ANY)
+            .unwrap();
+        lru.update(&i.to_le_bytes(), &0u64.to_le_bytes(), BPF_ANY)
+            .unwrap();
     }
     const N: u64 = 5_000_000;
     println!("shared-memory maps, 1 thread, best of 5 x {N} ops");

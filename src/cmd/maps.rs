@@ -28,10 +28,7 @@ pub fn run(args: &MapsArgs) -> Result<()> {
     );
     for mirror in &mirrors {
         let desc = mirror.desc();
-        let kernel_entries = mirror
-            .entries()
-            .with_context(|| format!("reading {}", desc.pin_path().display()))?
-            .len();
+        let kernel_entries = mirror.key_count();
         println!(
             "{:<24} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  {}",
             format!("{}/{}", desc.object, desc.name),

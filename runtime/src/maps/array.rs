@@ -9,10 +9,8 @@ impl MapHandle {
     #[inline]
     fn array_slot_ptr(&self, idx: u32, cpu: u32) -> *mut u8 {
         let g = &self.ctl().geo;
-        self.at(
-            g.data_off
-                + (u64::from(idx) * u64::from(g.nslots) + u64::from(cpu)) * u64::from(g.value_stride),
-        )
+        self.at(g.data_off
+            + (u64::from(idx) * u64::from(g.nslots) + u64::from(cpu)) * u64::from(g.value_stride))
     }
 
     #[inline]
@@ -36,7 +34,9 @@ impl MapHandle {
         let read = |c: u32| {
             let mut v = vec![0u8; vs];
             // SAFETY: idx < max_entries, c < nslots: inside the data area.
-            unsafe { std::ptr::copy_nonoverlapping(self.array_slot_ptr(idx, c), v.as_mut_ptr(), vs) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.array_slot_ptr(idx, c), v.as_mut_ptr(), vs)
+            };
             v
         };
         if self.def.map_type.is_percpu() {
@@ -136,7 +136,11 @@ impl MapHandle {
         if idx >= self.def.max_entries {
             return Err(self.err("update", libc::E2BIG));
         }
-        let prog = u32::from_le_bytes(value.try_into().map_err(|_| self.err("update", libc::EINVAL))?);
+        let prog = u32::from_le_bytes(
+            value
+                .try_into()
+                .map_err(|_| self.err("update", libc::EINVAL))?,
+        );
         if prog == u32::MAX {
             return Err(self.err("update", libc::EINVAL));
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::{fence, Ordering};
 use super::layout::*;
 use super::lock::{Acquired, LockGuard};
 use super::track::{Change, ChangeKind};
-use super::{EntryValue, Entry, MapError, MapHandle, BPF_EXIST, BPF_NOEXIST};
+use super::{Entry, EntryValue, MapError, MapHandle, BPF_EXIST, BPF_NOEXIST};
 
 /// 64-bit multiply/rotate mixing over 8-byte words, finished with murmur3's fmix64. No seed:
 /// every process must place a key in the same bucket.
@@ -240,8 +240,10 @@ impl MapHandle {
     fn free_elem(&self, slot: u32) {
         let e = self.elem(slot);
         let st = e.state.load(Ordering::Relaxed);
-        e.state
-            .store((st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE, Ordering::Release);
+        e.state.store(
+            (st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE,
+            Ordering::Release,
+        );
         e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
         let a = &self.ctl().alloc;
         let mut head = a.free_head.load(Ordering::Acquire);
@@ -352,7 +354,10 @@ impl MapHandle {
     /// Clock sweep over the pool: the first live element without its reference bit goes.
     fn lru_evict(&self, held: &Bucket) -> bool {
         let a = &self.ctl().alloc;
-        let limit = a.next_fresh.load(Ordering::Acquire).min(self.ctl().geo.pool);
+        let limit = a
+            .next_fresh
+            .load(Ordering::Acquire)
+            .min(self.ctl().geo.pool);
         if limit == 0 {
             return false;
         }
@@ -397,8 +402,7 @@ impl MapHandle {
         loop {
             let c = a.count.load(Ordering::Relaxed);
             if c < max {
-                if a
-                    .count
+                if a.count
                     .compare_exchange_weak(c, c + 1, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
@@ -576,7 +580,8 @@ impl MapHandle {
         let st = e.state.load(Ordering::Relaxed);
         e.state
             .store((st & !STATE_MASK) | ELEM_LIVE, Ordering::Relaxed);
-        e.next.store(b.head.load(Ordering::Relaxed), Ordering::Relaxed);
+        e.next
+            .store(b.head.load(Ordering::Relaxed), Ordering::Relaxed);
         // Release: a reader that finds the element sees its key, value and state.
         b.head.store(slot + 1, Ordering::Release);
         Ok(slot)

@@ -226,8 +226,14 @@ pub(crate) unsafe fn copy_value(src: *const u8, dst: *mut u8, n: usize) {
     // SAFETY: guaranteed by the caller; unaligned accesses are allowed on every target we run.
     unsafe {
         match n {
-            8 => std::ptr::write_unaligned(dst as *mut u64, std::ptr::read_unaligned(src as *const u64)),
-            4 => std::ptr::write_unaligned(dst as *mut u32, std::ptr::read_unaligned(src as *const u32)),
+            8 => std::ptr::write_unaligned(
+                dst as *mut u64,
+                std::ptr::read_unaligned(src as *const u64),
+            ),
+            4 => std::ptr::write_unaligned(
+                dst as *mut u32,
+                std::ptr::read_unaligned(src as *const u32),
+            ),
             _ => std::ptr::copy_nonoverlapping(src, dst, n),
         }
     }

@@ -77,7 +77,10 @@ pub(crate) fn task_alive(id: u32) -> bool {
     // A killed process stays a zombie until reaped and kill() still succeeds on it; a zombie
     // holds nothing, so look at its state.
     match std::fs::read_to_string(format!("/proc/{id}/stat")) {
-        Ok(s) => match s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()) {
+        Ok(s) => match s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+        {
             Some("Z") | Some("X") | Some("x") => false,
             _ => true,
         },
@@ -178,7 +181,12 @@ impl ShmLock {
                 // dead holder.
                 if self
                     .0
-                    .compare_exchange(cur, me | (cur & WAITERS), Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(
+                        cur,
+                        me | (cur & WAITERS),
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
                 {
                     return Acquired::Recovered;
@@ -196,10 +204,18 @@ impl ShmLock {
             if spins % 8 == 0 && !task_alive(owner) {
                 if self
                     .0
-                    .compare_exchange(cur, me | (cur & WAITERS), Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(
+                        cur,
+                        me | (cur & WAITERS),
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    )
                     .is_ok()
                 {
-                    tracing::warn!(dead_owner = owner, "took over a shared-memory lock from a dead thread");
+                    tracing::warn!(
+                        dead_owner = owner,
+                        "took over a shared-memory lock from a dead thread"
+                    );
                     return Acquired::Recovered;
                 }
                 continue;

@@ -535,8 +535,8 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
             // Twice max_entries: room for as many tombstones as live entries before a
             // forwarder acknowledges them (see hash.rs for what happens beyond).
             g.pool = (2 * m) as u32;
-            g.elem_size = (16 + u64::from(key_stride) + u64::from(value_stride) * u64::from(nslots))
-                as u32;
+            g.elem_size =
+                (16 + u64::from(key_stride) + u64::from(value_stride) * u64::from(nslots)) as u32;
             g.buckets_off = cur;
             cur += u64::from(g.n_buckets) * 16;
             cur = round_up(cur, 64);
@@ -703,7 +703,12 @@ impl ShmObject {
         let inner = Self::build_inner(object, mapping).inspect_err(|_| {
             let _ = segment::unlink(object);
         })?;
-        tracing::debug!(object, bytes = total, maps = defs.len(), "created shared-memory segment");
+        tracing::debug!(
+            object,
+            bytes = total,
+            maps = defs.len(),
+            "created shared-memory segment"
+        );
         Ok(Self {
             inner: Arc::new(inner),
             creator: true,
@@ -797,7 +802,8 @@ impl ShmObject {
         let mut maps = Vec::with_capacity(h.map_count as usize);
         for i in 0..h.map_count as u64 {
             // SAFETY: bounds checked above.
-            let r = unsafe { &*(base.add((h.maps_off + i * rec_size) as usize) as *const MapRecord) };
+            let r =
+                unsafe { &*(base.add((h.maps_off + i * rec_size) as usize) as *const MapRecord) };
             let name = get_str(&r.name);
             let Some(map_type) = MapType::from_raw(r.map_type) else {
                 return Err(corrupt(format!("map {name}: unknown type {}", r.map_type)));
@@ -817,7 +823,9 @@ impl ShmObject {
             let g = unsafe { &(*(base.add(r.region_off as usize) as *const MapCtl)).geo };
             let end = region_end(g, r.region_off, pg);
             if end > r.region_off + r.region_size || g.map_type != r.map_type {
-                return Err(corrupt(format!("map {name}: geometry does not fit its region")));
+                return Err(corrupt(format!(
+                    "map {name}: geometry does not fit its region"
+                )));
             }
             let rings = if g.rings > 0 {
                 let mut v = Vec::with_capacity(g.rings as usize);
@@ -1114,7 +1122,9 @@ impl MapHandle {
     pub fn update_percpu(&self, key: &[u8], values: &[u8], flags: u64) -> Result<(), MapError> {
         self.check_key("update", key)?;
         let g = &self.ctl().geo;
-        if values.len() != (g.value_stride * g.nslots) as usize && !(g.nslots == 1 && values.len() == g.value_size as usize) {
+        if values.len() != (g.value_stride * g.nslots) as usize
+            && !(g.nslots == 1 && values.len() == g.value_size as usize)
+        {
             return Err(self.err("update", libc::EINVAL));
         }
         if g.nslots == 1 {

@@ -95,7 +95,11 @@ impl ShmObject {
         // SAFETY: [abs, abs+len) lies in the program byte area, which we own under prog_lock;
         // the record at idx is free, so no agent reads it until we publish its state.
         unsafe {
-            std::ptr::copy_nonoverlapping(spec.insns.as_ptr(), base.add(abs as usize), spec.insns.len());
+            std::ptr::copy_nonoverlapping(
+                spec.insns.as_ptr(),
+                base.add(abs as usize),
+                spec.insns.len(),
+            );
             let r = self.prog_record_ptr(idx);
             (*r).prog_type = spec.prog_type;
             (*r).insn_off = abs;
@@ -105,7 +109,9 @@ impl ShmObject {
             put_str(&mut (*r).attach, spec.attach_target);
         }
         h.prog_bytes_used.store(off + len, Ordering::Relaxed);
-        self.prog_record(idx).state.store(PROG_VALID, Ordering::Release);
+        self.prog_record(idx)
+            .state
+            .store(PROG_VALID, Ordering::Release);
         h.prog_count.fetch_add(1, Ordering::Relaxed);
         h.progs_generation.fetch_add(1, Ordering::Release);
         Ok(idx)
@@ -135,7 +141,9 @@ impl ShmObject {
     /// Every registered program.
     pub fn programs(&self) -> Vec<ProgramInfo> {
         let h = self.header();
-        (0..h.max_programs).filter_map(|i| self.program(i)).collect()
+        (0..h.max_programs)
+            .filter_map(|i| self.program(i))
+            .collect()
     }
 
     pub fn program(&self, index: u32) -> Option<ProgramInfo> {

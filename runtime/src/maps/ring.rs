@@ -120,14 +120,26 @@ impl MapHandle {
         r.prod().store(new, Ordering::Release);
         drop(g);
         // SAFETY: the record body follows its header; the double mapping keeps it contiguous.
-        Some(unsafe { r.data().add(((prod & (r.size - 1)) as usize) + RINGBUF_HDR_SZ) })
+        Some(unsafe {
+            r.data()
+                .add(((prod & (r.size - 1)) as usize) + RINGBUF_HDR_SZ)
+        })
     }
 
-    fn ring_commit(&self, ri: u32, sample: *mut u8, discard: bool, op: &'static str) -> Result<(), MapError> {
+    fn ring_commit(
+        &self,
+        ri: u32,
+        sample: *mut u8,
+        discard: bool,
+        op: &'static str,
+    ) -> Result<(), MapError> {
         let r = self.ring(ri).ok_or_else(|| self.err(op, libc::EINVAL))?;
         let data = r.data() as usize;
         let p = sample as usize;
-        if p < data + RINGBUF_HDR_SZ || p >= data + r.size as usize + RINGBUF_HDR_SZ || (p - data) % 8 != 0 {
+        if p < data + RINGBUF_HDR_SZ
+            || p >= data + r.size as usize + RINGBUF_HDR_SZ
+            || (p - data) % 8 != 0
+        {
             return Err(self.err(op, libc::EINVAL));
         }
         // SAFETY: validated to be 8 bytes after a header position inside the first data copy.
@@ -334,12 +346,15 @@ impl RingBufConsumer {
             return false;
         }
         let new = (word & !RINGBUF_BUSY_BIT) | RINGBUF_DISCARD_BIT;
-        if h
-            .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
+        if h.compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
             self.map.count(ctr::DEAD_RECORDS);
-            tracing::warn!(map = self.map.name(), pid, "discarded a ringbuf record reserved by a dead process");
+            tracing::warn!(
+                map = self.map.name(),
+                pid,
+                "discarded a ringbuf record reserved by a dead process"
+            );
         }
         *slot = None;
         true

@@ -169,7 +169,10 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let res = res as *mut u8;
-        let ring = RingMapping { base: res, len: total };
+        let ring = RingMapping {
+            base: res,
+            len: total,
+        };
         // SAFETY: MAP_FIXED over the reservation we own; offsets are page aligned by layout.
         let a = unsafe {
             libc::mmap(
