@@ -11,6 +11,16 @@ use bpftime_kernel_bridge::{
 };
 
 const FLUSH: Duration = Duration::from_secs(60);
+
+/// Removes a test object's pins when the test ends, pass or fail, so that `bpftime-rs maps`
+/// does not list test leftovers.
+struct Unpin(&'static str);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = bpftime_kernel_bridge::mirror::remove_object_pins(self.0);
+    }
+}
 /// The selftest pins its mirrors under one directory; its runs must not overlap.
 static SELFTEST: Mutex<()> = Mutex::new(());
 
@@ -75,6 +85,7 @@ fn full_hash_gives_e2big_and_noexist_gives_eexist() {
     if !require_kernel("full_hash_gives_e2big_and_noexist_gives_eexist") {
         return;
     }
+    let _unpin = Unpin("test_errno");
     for confirm_each in [false, true] {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
@@ -175,6 +186,7 @@ fn full_ring_waits_and_loses_nothing() {
     if !require_kernel("full_ring_waits_and_loses_nothing") {
         return;
     }
+    let _unpin = Unpin("test_backpressure");
     // 4 threads x 3,000 records of 4 KiB = 48 MiB through an 8 MiB ring: senders must wait.
     let bridge = Arc::new(Bridge::new().unwrap());
     let id = bridge
@@ -227,6 +239,7 @@ fn malformed_updates_are_refused_with_the_map_named() {
     if !require_kernel("malformed_updates_are_refused_with_the_map_named") {
         return;
     }
+    let _unpin = Unpin("test_bad");
     let bridge = Bridge::new().unwrap();
     let id = bridge
         .create_fresh_map(desc("test_bad", "counts", MapKind::Hash, 4, 8, 16))
@@ -275,6 +288,7 @@ fn reopened_mirror_keeps_its_entries() {
     if !require_kernel("reopened_mirror_keeps_its_entries") {
         return;
     }
+    let _unpin = Unpin("test_reopen");
     let shape = desc("test_reopen", "kept", MapKind::Array, 4, 8, 4);
     {
         let bridge = Bridge::new().unwrap();

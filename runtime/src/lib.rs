@@ -1,2 +1,4 @@
 pub mod vm;
 pub mod maps;
+pub mod object;
+pub mod verifier;

@@ -213,6 +213,15 @@ fn child_entry() {
             let a = obj.map("a").unwrap();
             a.update(&k4(2), &5u64.to_le_bytes(), BPF_ANY).unwrap();
         }
+        "hold_lock_ctl" => {
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        "create_and_exit" => {
+            let name = format!("{}-orphan", obj.object_name());
+            let o = ShmObject::create(&name, &[ctl_def()]).unwrap();
+            std::mem::forget(o);
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -461,4 +470,42 @@ fn change_marks_from_another_process_reach_the_forwarder() {
     a.drain_changes(|c| arr.push(c));
     assert_eq!(arr.len(), 1);
     assert_eq!(arr[0].key, k4(2));
+}
+
+#[test]
+fn segments_of_dead_loaders_are_found_stale() {
+    let s = Seg::new("stale", &[ctl_def()]);
+    let orphan = format!("{}-orphan", s.0.object_name());
+    let _ = remove_object(&orphan);
+    let mut kid = spawn("create_and_exit", &s.0, 0);
+    assert!(wait_child(&mut kid, Duration::from_secs(30)).success());
+    let stale = find_stale().unwrap();
+    let info = stale
+        .iter()
+        .find(|i| i.object == orphan)
+        .expect("orphan is stale");
+    assert_eq!(info.creator_pid, kid.id());
+    assert!(!info.creator_alive);
+    assert!(info.mapped_by.is_empty());
+    assert!(
+        stale.iter().all(|i| i.object != s.0.object_name()),
+        "our own segment is live"
+    );
+    // A live user of a segment shows up in mapped_by.
+    let mut holder = spawn("hold_lock_ctl", &s.0, 0);
+    wait_until("holder", Duration::from_secs(30), || ctl_get(&s.0, 0) == 1);
+    let mine = list_segments()
+        .unwrap()
+        .into_iter()
+        .find(|i| i.object == s.0.object_name())
+        .unwrap();
+    assert!(
+        mine.mapped_by.contains(&holder.id()),
+        "{:?}",
+        mine.mapped_by
+    );
+    sigkill(&holder);
+    holder.wait().unwrap();
+    remove_object(&orphan).unwrap();
+    assert!(ShmObject::open(&orphan).is_err());
 }

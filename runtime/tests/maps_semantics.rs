@@ -423,7 +423,7 @@ fn definitions_are_validated() {
         def(MapType::ProgArray, 4, 8, 1, "p"),
     ];
     for d in bad {
-        let e = ShmObject::create(&name, &[d.clone()])
+        let e = ShmObject::create(&name, std::slice::from_ref(&d))
             .err()
             .expect("invalid");
         assert_eq!(e.errno(), libc::EINVAL);
@@ -473,4 +473,62 @@ fn segments_list_open_remove() {
     assert_eq!(ShmObject::open(&name).err().unwrap().errno(), libc::ENOENT);
     // Existing mappings stay usable after unlink.
     assert!(again.map("h").unwrap().get(&k4(1)).unwrap().is_some());
+}
+
+#[test]
+fn queue_pushes_since_for_the_forwarder() {
+    let o = Obj::new(
+        "qseq",
+        &[
+            def(MapType::Queue, 0, 4, 4, "q"),
+            def(MapType::Stack, 0, 4, 4, "s"),
+        ],
+    );
+    for name in ["q", "s"] {
+        let m = o.obj.map(name).unwrap();
+        let (none, mut next) = m.pushes_since(0).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(next, 0);
+        m.push(&k4(1), BPF_ANY).unwrap();
+        m.push(&k4(2), BPF_ANY).unwrap();
+        let (got, n) = m.pushes_since(next).unwrap();
+        assert_eq!(
+            got.iter().map(|p| p.value.clone()).collect::<Vec<_>>(),
+            vec![k4(1).to_vec(), k4(2).to_vec()]
+        );
+        next = n;
+        m.pop().unwrap();
+        m.push(&k4(3), BPF_ANY).unwrap();
+        let (got, n) = m.pushes_since(next).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].value, k4(3));
+        assert_eq!(got[0].seq, 2);
+        assert_eq!(n, 3);
+    }
+}
+
+#[test]
+fn unmarked_lookup_and_corrupt_segment_rejected() {
+    let o = Obj::new("corrupt", &[def(MapType::Hash, 4, 8, 8, "h")]);
+    let h = o.obj.map("h").unwrap();
+    h.update(&k4(1), &[1; 8], BPF_ANY).unwrap();
+    h.drain_changes(|_| {});
+    let p = h.lookup_unmarked(&k4(1), 0).unwrap().unwrap();
+    assert_eq!(p.read(), vec![1; 8]);
+    assert!(!h.has_changes(), "unmarked lookups leave no mark");
+    // Flip a geometry field in the file: opening must refuse it rather than follow it.
+    let path = format!("/dev/shm/bpftime-rs.{}.shm", o.obj.object_name());
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The first map region follows the program area; find its geometry by its map type,
+    // key size and value size words (1, 4, 8) at a page boundary.
+    let pg = 4096;
+    let off = (0..bytes.len() / pg)
+        .map(|i| i * pg)
+        .rev()
+        .find(|&o| bytes[o..o + 12] == [1, 0, 0, 0, 4, 0, 0, 0, 8, 0, 0, 0])
+        .expect("geometry found");
+    bytes[off + 32] ^= 0x40; // n_buckets
+    std::fs::write(&path, &bytes).unwrap();
+    let e = ShmObject::open(o.obj.object_name()).err().expect("corrupt");
+    assert!(e.to_string().contains("geometry"), "{e}");
 }

@@ -23,14 +23,14 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  PIN",
+        "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  PIN",
         "NAME", "TYPE", "KEY", "VALUE", "MAX", "USER", "KERNEL"
     );
     for mirror in &mirrors {
         let desc = mirror.desc();
         let kernel_entries = mirror.key_count();
         println!(
-            "{:<24} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  {}",
+            "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  {}",
             format!("{}/{}", desc.object, desc.name),
             desc.kind.name(),
             desc.key_size,

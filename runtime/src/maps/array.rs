@@ -14,6 +14,11 @@ impl MapHandle {
     }
 
     #[inline]
+    pub(crate) fn array_ptr(&self, idx: u32, cpu: u32) -> *mut u8 {
+        self.array_slot_ptr(idx, cpu)
+    }
+
+    #[inline]
     fn index_of(key: &[u8]) -> u32 {
         u32::from_le_bytes(key.try_into().expect("array keys are 4 bytes"))
     }

@@ -83,6 +83,11 @@ impl MapHandle {
     }
 
     #[inline]
+    pub(crate) fn hash_val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
+        self.val_ptr(slot, cpu)
+    }
+
+    #[inline]
     fn val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
         let g = &self.ctl().geo;
         self.elem_ptr(slot)

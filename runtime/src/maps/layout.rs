@@ -75,6 +75,7 @@ pub(crate) struct ProgRecord {
 }
 
 /// Immutable per-map geometry, written once by the creator.
+#[derive(Debug, PartialEq, Eq)]
 #[repr(C, align(64))]
 pub(crate) struct Geometry {
     pub map_type: u32,

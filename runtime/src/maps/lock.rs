@@ -77,13 +77,11 @@ pub(crate) fn task_alive(id: u32) -> bool {
     // A killed process stays a zombie until reaped and kill() still succeeds on it; a zombie
     // holds nothing, so look at its state.
     match std::fs::read_to_string(format!("/proc/{id}/stat")) {
-        Ok(s) => match s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-        {
-            Some("Z") | Some("X") | Some("x") => false,
-            _ => true,
-        },
+        Ok(s) => !matches!(
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next()),
+            Some("Z" | "X" | "x")
+        ),
         Err(_) => false,
     }
 }
@@ -201,7 +199,7 @@ impl ShmLock {
                 std::thread::yield_now();
                 continue;
             }
-            if spins % 8 == 0 && !task_alive(owner) {
+            if spins & 7 == 0 && !task_alive(owner) {
                 if self
                     .0
                     .compare_exchange(

@@ -33,6 +33,7 @@ use layout::*;
 use segment::{Mapping, RingMapping};
 
 pub use progs::{ProgramInfo, ProgramSpec};
+pub use queue::QueuedPush;
 pub use ring::{RingBufConsumer, RingRecord};
 pub use track::{Change, ChangeKind};
 
@@ -236,6 +237,9 @@ pub struct SegmentInfo {
     pub maps: Vec<String>,
     /// The header could not be read (foreign or half-created file).
     pub unreadable: Option<String>,
+    /// Other processes that have the segment mapped (agents in targets, a running loader);
+    /// a segment whose creator is dead may still be in use by these.
+    pub mapped_by: Vec<u32>,
 }
 
 /// Snapshot of a map's counters.
@@ -347,7 +351,7 @@ impl<'a> ValuePtr<'a> {
     /// The 8-byte aligned u64 at `off`, for atomic counters the way programs use them.
     pub fn atomic_u64(&self, off: usize) -> Option<&'a AtomicU64> {
         let p = self.ptr.as_ptr().wrapping_add(off);
-        if off.checked_add(8)? > self.len || (p as usize) % 8 != 0 {
+        if off.checked_add(8)? > self.len || (p as usize) & 7 != 0 {
             return None;
         }
         // SAFETY: aligned, in bounds, shared memory that lives as long as 'a.
@@ -356,7 +360,7 @@ impl<'a> ValuePtr<'a> {
 
     pub fn atomic_u32(&self, off: usize) -> Option<&'a AtomicU32> {
         let p = self.ptr.as_ptr().wrapping_add(off);
-        if off.checked_add(4)? > self.len || (p as usize) % 4 != 0 {
+        if off.checked_add(4)? > self.len || (p as usize) & 3 != 0 {
             return None;
         }
         // SAFETY: aligned, in bounds, shared memory that lives as long as 'a.
@@ -563,6 +567,9 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
             g.data_size = u64::from(def.max_entries) * 4;
         }
         MapType::Queue | MapType::Stack => {
+            // Push sequence number of each slot, for the forwarder's pushes_since.
+            g.marks_off = cur;
+            cur = round_up(cur + (u64::from(def.max_entries) + 1) * 8, 64);
             g.data_off = cur;
             g.data_size = (u64::from(def.max_entries) + 1) * u64::from(value_stride);
         }
@@ -723,11 +730,30 @@ impl ShmObject {
                 reason: "invalid object name".into(),
             });
         }
-        let mapping = Mapping::open(object).map_err(|source| MapError::Segment {
-            object: object.to_string(),
-            path: segment::shm_path(object),
-            source,
-        })?;
+        let mut tries = 0;
+        let mapping = loop {
+            match Mapping::open(object) {
+                Ok(m) if m.len() >= 4096 => break m,
+                // A creator between shm_open and ftruncate: give it a moment.
+                Ok(_) | Err(_) if tries < 50 && segment::exists(object) => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(_) => {
+                    return Err(MapError::Corrupt {
+                        object: object.to_string(),
+                        reason: "segment smaller than its header".into(),
+                    })
+                }
+                Err(source) => {
+                    return Err(MapError::Segment {
+                        object: object.to_string(),
+                        path: segment::shm_path(object),
+                        source,
+                    })
+                }
+            }
+        };
         Ok(Self {
             inner: Arc::new(Self::build_inner(object, mapping)?),
             creator: false,
@@ -795,8 +821,14 @@ impl ShmObject {
             )));
         }
         let rec_size = std::mem::size_of::<MapRecord>() as u64;
-        if h.maps_off + u64::from(h.map_count) * rec_size > len {
-            return Err(corrupt("map registry out of bounds".into()));
+        let prog_size = std::mem::size_of::<ProgRecord>() as u64;
+        if h.ncpu == 0
+            || h.ncpu > 65536
+            || h.maps_off + u64::from(h.map_count) * rec_size > h.progs_off
+            || h.progs_off + u64::from(h.max_programs) * prog_size > h.prog_bytes_off
+            || h.prog_bytes_off.saturating_add(h.prog_bytes_cap) > len
+        {
+            return Err(corrupt("header offsets out of bounds".into()));
         }
         let pg = segment::page_size() as u64;
         let mut maps = Vec::with_capacity(h.map_count as usize);
@@ -819,12 +851,18 @@ impl ShmObject {
             if r.region_off + r.region_size > len || r.region_off % pg != 0 {
                 return Err(corrupt(format!("map {name}: region out of bounds")));
             }
+            validate(&def, pg).map_err(|reason| corrupt(format!("map {name}: {reason}")))?;
+            if r.region_size < std::mem::size_of::<MapCtl>() as u64 {
+                return Err(corrupt(format!("map {name}: region too small")));
+            }
             // SAFETY: region bounds checked.
             let g = unsafe { &(*(base.add(r.region_off as usize) as *const MapCtl)).geo };
-            let end = region_end(g, r.region_off, pg);
-            if end > r.region_off + r.region_size || g.map_type != r.map_type {
+            // Every offset we will ever follow derives from the geometry, so it must be
+            // exactly what this definition plans, inside the region.
+            let want = plan_region(&def, h.ncpu, r.region_off, pg);
+            if *g != want || region_end(&want, r.region_off, pg) > r.region_off + r.region_size {
                 return Err(corrupt(format!(
-                    "map {name}: geometry does not fit its region"
+                    "map {name}: geometry does not match its definition"
                 )));
             }
             let rings = if g.rings > 0 {
@@ -937,6 +975,7 @@ pub fn list_segments() -> io::Result<Vec<SegmentInfo>> {
             creator_alive: false,
             maps: Vec::new(),
             unreadable: None,
+            mapped_by: Vec::new(),
         };
         match ShmObject::open(&object) {
             Ok(o) => {
@@ -948,6 +987,7 @@ pub fn list_segments() -> io::Result<Vec<SegmentInfo>> {
             }
             Err(e) => info.unreadable = Some(e.to_string()),
         }
+        info.mapped_by = segment::pids_mapping(&info.path);
         out.push(info);
     }
     Ok(out)
@@ -1068,6 +1108,25 @@ impl MapHandle {
             return Err(self.err("lookup", libc::EINVAL));
         }
         self.lookup_inner(key, cpu)
+    }
+
+    /// A value pointer without a change mark, for readers that will not write through it
+    /// (CLI listings, the forwarder, benchmarks of the tracking cost).
+    pub fn lookup_unmarked(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
+        self.check_key("lookup", key)?;
+        if cpu >= self.ctl().geo.nslots {
+            return Err(self.err("lookup", libc::EINVAL));
+        }
+        let t = self.def.map_type;
+        let p = if t.is_hash() {
+            self.hash_find_slot(key).map(|s| self.hash_val_ptr(s, cpu))
+        } else if t.is_array() {
+            let i = u32::from_le_bytes(key.try_into().expect("key_size 4"));
+            (i < self.def.max_entries).then(|| self.array_ptr(i, cpu))
+        } else {
+            return Err(self.err("lookup", libc::ENOTSUP));
+        };
+        Ok(p.map(|p| ValuePtr::new(p, self.def.value_size as usize)))
     }
 
     #[inline]

@@ -2,7 +2,7 @@
 //! the kernel (which uses a raw spinlock). Each operation copies the value first and moves
 //! head/tail with one store last, so a holder killed mid-operation leaves a consistent ring.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::*;
 use super::lock::{Acquired, LockGuard};
@@ -29,6 +29,12 @@ impl MapHandle {
     fn qslot(&self, i: u32) -> *mut u8 {
         let g = &self.ctl().geo;
         self.at(g.data_off + u64::from(i) * u64::from(g.value_stride))
+    }
+
+    #[inline]
+    fn qseq(&self, i: u32) -> &AtomicU64 {
+        // SAFETY: i < size; the sequence array holds max_entries + 1 u64s at marks_off.
+        unsafe { &*(self.at(self.ctl().geo.marks_off) as *const AtomicU64).add(i as usize) }
     }
 
     fn qsize(&self) -> u32 {
@@ -59,8 +65,11 @@ impl MapHandle {
         }
         // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
         unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
+        // Pushes are numbered under the lock, so the numbers are the push order.
+        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
+        self.qseq(head).store(seq, Ordering::Relaxed);
         a.qhead.store((head + 1) % size, Ordering::Release);
-        self.count(ctr::PUSHES);
+        self.ctl().counters.c[ctr::PUSHES].store(seq + 1, Ordering::Release);
         self.ctl().dirty.dirty.store(1, Ordering::Release);
         Ok(())
     }
@@ -144,5 +153,43 @@ impl MapHandle {
                 }
             })
             .collect()
+    }
+}
+
+/// A value still queued, with its push sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedPush {
+    pub seq: u64,
+    pub value: Vec<u8>,
+}
+
+impl MapHandle {
+    /// For the forwarder of a QUEUE/STACK: the values pushed with sequence number >= `since`
+    /// that are still queued, oldest push first, and the sequence number to pass next time.
+    /// Values pushed and popped in between are not seen (the kernel mirror would not have
+    /// kept them either once popped by a program).
+    pub fn pushes_since(&self, since: u64) -> Result<(Vec<QueuedPush>, u64), MapError> {
+        self.qcheck("pushes_since")?;
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _g = self.qlock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let tail = a.qtail.load(Ordering::Relaxed) % size;
+        let next = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
+        let vs = self.def.value_size as usize;
+        let mut out = Vec::new();
+        let mut i = tail;
+        while i != head {
+            let seq = self.qseq(i).load(Ordering::Relaxed);
+            if seq >= since {
+                let mut v = vec![0u8; vs];
+                // SAFETY: i < size.
+                unsafe { std::ptr::copy_nonoverlapping(self.qslot(i), v.as_mut_ptr(), vs) };
+                out.push(QueuedPush { seq, value: v });
+            }
+            i = (i + 1) % size;
+        }
+        out.sort_by_key(|p| p.seq);
+        Ok((out, next))
     }
 }

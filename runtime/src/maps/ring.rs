@@ -105,7 +105,8 @@ impl MapHandle {
         let cons = r.cons().load(Ordering::Acquire);
         let prod = r.prod().load(Ordering::Relaxed);
         let new = prod + len;
-        if new - cons > r.size {
+        // The kernel keeps the producer at most size - 1 bytes ahead; so do we.
+        if new - cons > r.size - 1 {
             drop(g);
             r.lost().fetch_add(1, Ordering::Relaxed);
             return None;
@@ -138,7 +139,7 @@ impl MapHandle {
         let p = sample as usize;
         if p < data + RINGBUF_HDR_SZ
             || p >= data + r.size as usize + RINGBUF_HDR_SZ
-            || (p - data) % 8 != 0
+            || (p - data) & 7 != 0
         {
             return Err(self.err(op, libc::EINVAL));
         }

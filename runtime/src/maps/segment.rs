@@ -276,3 +276,27 @@ pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     // After the state, starttime is the 19th field (field 22 of the whole line).
     f.nth(18)?.parse().ok()
 }
+
+pub(crate) fn exists(object: &str) -> bool {
+    std::path::Path::new(&shm_path(object)).exists()
+}
+
+/// Pids (other than ours) whose /proc/PID/maps shows `path`.
+pub(crate) fn pids_mapping(path: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| {
+                m.lines()
+                    .any(|l| l.ends_with(path) || l.contains(&format!("{path} ")))
+            })
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
