@@ -648,6 +648,40 @@ impl MapHandle {
         None
     }
 
+    pub(crate) fn hash_for_each(
+        &self,
+        cpu: u32,
+        f: &mut impl FnMut(*const u8, *mut u8) -> bool,
+    ) -> u64 {
+        let limit = self
+            .ctl()
+            .alloc
+            .next_fresh
+            .load(Ordering::Acquire)
+            .min(self.ctl().geo.pool);
+        let lru = if self.def.map_type.is_lru() {
+            LRU_REF
+        } else {
+            0
+        };
+        let mut n = 0;
+        for slot in 0..limit {
+            let e = self.elem(slot);
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_LIVE {
+                continue;
+            }
+            self.mark_soft(slot, &e.mark, MARK_LOOKUP | lru);
+            n += 1;
+            if !f(
+                self.elem_ptr(slot).wrapping_add(16),
+                self.val_ptr(slot, cpu),
+            ) {
+                break;
+            }
+        }
+        n
+    }
+
     /// Whether deletes leave tombstones for the forwarder (set by `load` for synced maps).
     pub fn set_track_deletes(&self, on: bool) {
         self.ctl()

@@ -782,7 +782,11 @@ impl ShmObject {
                     })
                 }
             }
-            Err(e) if e.errno() == libc::ENOENT => Self::create(object, defs),
+            Err(e) if e.errno() == libc::ENOENT => match Self::create(object, defs) {
+                // Another loader won the race: use its segment if it matches.
+                Err(e) if e.errno() == libc::EEXIST => Self::open_or_create(object, defs),
+                r => r,
+            },
             Err(e) => Err(e),
         }
     }
@@ -1245,15 +1249,45 @@ impl MapHandle {
         }
     }
 
-    /// Live entry count (hash maps: O(1); others: as listed).
+    /// `bpf_for_each_map_elem`: calls `f(key_ptr, value_ptr)` for every entry (hash: live
+    /// entries; arrays: every index) with the value slot of `cpu`, until `f` returns false;
+    /// returns how many entries were visited. Each visited entry is marked as a handed-out
+    /// pointer, since the callback may write through it.
+    pub fn for_each_ptr(&self, cpu: u32, mut f: impl FnMut(*const u8, *mut u8) -> bool) -> u64 {
+        let t = self.def.map_type;
+        if cpu >= self.ctl().geo.nslots {
+            return 0;
+        }
+        let mut n = 0;
+        if t.is_hash() {
+            n = self.hash_for_each(cpu, &mut f);
+        } else if t.is_array() {
+            for i in 0..self.def.max_entries {
+                let key = i.to_le_bytes();
+                self.mark_soft(i, self.mark_word(i), layout::MARK_LOOKUP);
+                n += 1;
+                if !f(key.as_ptr(), self.array_ptr(i, cpu)) {
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// Entry count: live entries of a hash map, queued values of a queue/stack, set slots of a
+    /// prog array, max_entries of an array, 0 for rings.
     pub fn len(&self) -> usize {
         let t = self.def.map_type;
         if t.is_hash() {
             self.ctl().alloc.count.load(Ordering::Relaxed) as usize
         } else if matches!(t, MapType::Queue | MapType::Stack) {
             self.queue_len()
+        } else if t.is_array() {
+            self.def.max_entries as usize
+        } else if t == MapType::ProgArray {
+            self.prog_array_entries().len()
         } else {
-            self.iter().len()
+            0
         }
     }
 
@@ -1266,11 +1300,7 @@ impl MapHandle {
         let g = |i: usize| c[i].load(Ordering::Relaxed);
         let a = &self.ctl().alloc;
         MapCounters {
-            entries: if matches!(self.def.map_type, MapType::Queue | MapType::Stack) {
-                self.queue_len() as u64
-            } else {
-                u64::from(a.count.load(Ordering::Relaxed))
-            },
+            entries: self.len() as u64,
             tombstones: u64::from(a.tombs.load(Ordering::Relaxed)),
             deletes: g(ctr::DELETES),
             full: g(ctr::FULL),

@@ -317,8 +317,12 @@ fn local_spec(local: &Btf, root: u32, raw: &[u32]) -> Result<Vec<Acc>, BtfError>
 fn resolve(btf: &Btf, root: u32, spec: &[Acc]) -> Result<Option<FieldPos>, String> {
     let e = |x: BtfError| x.to_string();
     let root_size = btf.resolve_size(root).map_err(e)?;
+    let too_big = || "CO-RE field offset overflows".to_string();
     let mut pos = FieldPos {
-        bit_offset: spec[0].idx as u64 * root_size * 8,
+        bit_offset: (spec[0].idx as u64)
+            .checked_mul(root_size)
+            .and_then(|x| x.checked_mul(8))
+            .ok_or_else(too_big)?,
         type_id: root,
         bitfield_bits: 0,
     };
@@ -329,7 +333,7 @@ fn resolve(btf: &Btf, root: u32, spec: &[Acc]) -> Result<Option<FieldPos>, Strin
             (Some(name), kind::STRUCT | kind::UNION) => {
                 match find_member(btf, id, name, 0)? {
                     Some((bit_off, member_type, bits)) => {
-                        pos.bit_offset += bit_off;
+                        pos.bit_offset = pos.bit_offset.checked_add(bit_off).ok_or_else(too_big)?;
                         pos.type_id = member_type;
                         pos.bitfield_bits = bits;
                     }
@@ -343,7 +347,11 @@ fn resolve(btf: &Btf, root: u32, spec: &[Acc]) -> Result<Option<FieldPos>, Strin
                     return Ok(None);
                 }
                 let sz = btf.resolve_size(elem).map_err(e)?;
-                pos.bit_offset += acc.idx as u64 * sz * 8;
+                pos.bit_offset = (acc.idx as u64)
+                    .checked_mul(sz)
+                    .and_then(|x| x.checked_mul(8))
+                    .and_then(|x| x.checked_add(pos.bit_offset))
+                    .ok_or_else(too_big)?;
                 pos.type_id = elem;
                 pos.bitfield_bits = 0;
             }
@@ -375,7 +383,7 @@ fn find_member(
             let it = btf.type_by_id(inner).map_err(e)?;
             if matches!(it.kind, kind::STRUCT | kind::UNION) {
                 if let Some((off, ty, bits)) = find_member(btf, inner, name, depth + 1)? {
-                    return Ok(Some((m.offset as u64 + off, ty, bits)));
+                    return Ok(Some(((m.offset as u64).saturating_add(off), ty, bits)));
                 }
             }
         }
@@ -436,8 +444,11 @@ fn field_value(kind: CoreReloKind, pos: FieldPos, btf: &Btf) -> Result<u64, Stri
         };
         // The smallest naturally aligned load (starting at the field type's size) that covers
         // the bitfield.
-        let mut sz = full_size.max(1);
+        let mut sz = full_size.clamp(1, 8);
         let mut off = pos.bit_offset / 8 / sz * sz;
+        if bit_sz == 0 || bit_sz > 64 || pos.bit_offset > u32::MAX as u64 * 8 {
+            return Err("bad bitfield".into());
+        }
         while pos.bit_offset + bit_sz - off * 8 > sz * 8 {
             if sz >= 8 {
                 return Err("bitfield does not fit in 8 bytes".into());
@@ -460,12 +471,12 @@ fn field_value(kind: CoreReloKind, pos: FieldPos, btf: &Btf) -> Result<u64, Stri
         },
         CoreReloKind::FieldLshiftU64 => {
             if bitfield {
-                64 - (pos.bit_offset + bit_sz - byte_off * 8)
+                64u64.saturating_sub(pos.bit_offset + bit_sz - byte_off * 8)
             } else {
-                64 - byte_sz * 8
+                64u64.saturating_sub(byte_sz.saturating_mul(8))
             }
         }
-        CoreReloKind::FieldRshiftU64 => 64 - bit_sz,
+        CoreReloKind::FieldRshiftU64 => 64u64.saturating_sub(bit_sz),
         _ => return Err(format!("{kind:?} is not a field relocation")),
     })
 }

@@ -720,6 +720,13 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                 let (tsec, tidx) = match reloc {
                     Some(r) => {
                         let s = &ctx.symbols[r.sym];
+                        if s.shndx == sh::SHN_UNDEF as usize {
+                            return Err(ctx.insn_err(
+                                psec,
+                                src_idx,
+                                format!("call to extern function {} (kfunc) is not supported", s.name),
+                            ));
+                        }
                         (s.shndx, (s.value / 8) as i64 + imm + 1)
                     }
                     None => (psec, src_idx as i64 + imm + 1),
@@ -749,7 +756,7 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                 let imm = insn::imm(&i) as i64;
                 match classify(ctx, s) {
                     Target::Code => {
-                        let byte = s.value as i64 + imm;
+                        let byte = (s.value as i64).wrapping_add(imm);
                         if byte % 8 != 0 {
                             return Err(ctx.insn_err(
                                 psec,
@@ -780,7 +787,7 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                     }
                     Target::DataMap(map_index) => {
                         let base = if s.typ == sym::STT_SECTION { 0 } else { s.value };
-                        let offset = u32::try_from(base as i64 + imm).map_err(|_| {
+                        let offset = u32::try_from((base as i64).wrapping_add(imm)).map_err(|_| {
                             ctx.insn_err(psec, src_idx, "global variable offset out of range")
                         })?;
                         insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);

@@ -48,4 +48,19 @@ int core_probe(struct pt_regs *ctx)
 	return r;
 }
 
+/* A field this kernel does not have: existence is 0 and the guarded read is poisoned (dead code). */
+struct pt_regs___missing {
+	unsigned long no_such_field;
+} __attribute__((preserve_access_index));
+
+SEC("uprobe")
+int core_missing(struct pt_regs *ctx)
+{
+	struct pt_regs___missing *m = (void *)ctx;
+
+	if (bpf_core_field_exists(m->no_such_field))
+		return m->no_such_field;
+	return 7;
+}
+
 char LICENSE[] SEC("license") = "GPL";
