@@ -60,7 +60,7 @@ fn main() {
     println!("shared-memory maps, 1 thread, best of 5 x {N} ops");
     bench("array lookup", N, |i| {
         let k = ((i & 1023) as u32).to_le_bytes();
-        black_box(a.lookup(black_box(&k)).unwrap());
+        black_box(a.lookup(black_box(&k)).unwrap().map(|p| p.as_ptr()));
     });
     bench("array lookup + atomic add", N, |i| {
         let k = ((i & 1023) as u32).to_le_bytes();
@@ -74,7 +74,15 @@ fn main() {
     });
     bench("hash lookup (1024 keys)", N, |i| {
         let k = ((i & 1023) as u32).to_le_bytes();
-        black_box(h.lookup(black_box(&k)).unwrap());
+        black_box(h.lookup(black_box(&k)).unwrap().map(|p| p.as_ptr()));
+    });
+    bench("hash lookup, no change mark (tracking off)", N, |i| {
+        let k = ((i & 1023) as u32).to_le_bytes();
+        black_box(
+            h.lookup_unmarked(black_box(&k), 0)
+                .unwrap()
+                .map(|p| p.as_ptr()),
+        );
     });
     bench("hash lookup + atomic add", N, |i| {
         let k = ((i & 1023) as u32).to_le_bytes();

@@ -26,7 +26,7 @@ use libbpf_sys as sys;
 
 use crate::object::btf::kind as btf_kind;
 use crate::object::{
-    insn, AttachTarget, Btf, BpfObject, MapOrigin, MapSpec, ProgramKind, ProgramSpec, RawInsn,
+    insn, AttachTarget, BpfObject, Btf, MapOrigin, MapSpec, ProgramKind, ProgramSpec, RawInsn,
 };
 
 /// `bpf_override_return`.
@@ -150,6 +150,29 @@ fn kernel_name(name: &str) -> CString {
     CString::new(cleaned).unwrap_or_default()
 }
 
+/// Checks that this process can use the kernel's BPF (creates and closes a tiny array map), for
+/// callers that want a clear message before verifying anything.
+pub fn kernel_bpf_available() -> Result<(), String> {
+    let spec = MapSpec {
+        name: "bpftime_probe".into(),
+        origin: MapOrigin::BtfMaps,
+        map_type: 2,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        flags: 0,
+        pinning: crate::object::Pinning::None,
+        numa_node: 0,
+        map_extra: 0,
+        initial_data: None,
+        btf_key_type_id: None,
+        btf_value_type_id: None,
+    };
+    create_map(&spec, None)
+        .map(drop)
+        .map_err(|e| format!("creating a BPF array map failed ({e}); are you root with CAP_BPF?"))
+}
+
 /// Verifies every program of `obj` (convenience for loaders).
 pub fn verify_all(obj: &BpfObject) -> Vec<Result<VerifiedProgram, VerifyError>> {
     (0..obj.programs.len()).map(|i| verify(obj, i)).collect()
@@ -209,9 +232,10 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
     used.sort_unstable();
     used.dedup();
     for idx in used {
-        let spec = obj.maps.get(idx).ok_or_else(|| {
-            unsupported(format!("map index {idx} is outside the object's maps"))
-        })?;
+        let spec = obj
+            .maps
+            .get(idx)
+            .ok_or_else(|| unsupported(format!("map index {idx} is outside the object's maps")))?;
         let fd = create_map(spec, btf_fd.as_ref().map(|f| f.0)).map_err(|source| {
             VerifyError::MapCreate {
                 program: prog.name.clone(),
@@ -225,19 +249,18 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
     }
 
     // func_info only if every placed function has one (the kernel wants all or none).
-    let func_info: Vec<sys::bpf_func_info> = if btf_fd.is_some()
-        && prog.functions.iter().all(|f| f.btf_type_id.is_some())
-    {
-        prog.functions
-            .iter()
-            .map(|f| sys::bpf_func_info {
-                insn_off: f.start as u32,
-                type_id: f.btf_type_id.unwrap_or(0),
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let func_info: Vec<sys::bpf_func_info> =
+        if btf_fd.is_some() && prog.functions.iter().all(|f| f.btf_type_id.is_some()) {
+            prog.functions
+                .iter()
+                .map(|f| sys::bpf_func_info {
+                    insn_off: f.start as u32,
+                    type_id: f.btf_type_id.unwrap_or(0),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
     let line_info: Vec<sys::bpf_line_info> = if func_info.is_empty() {
         Vec::new()
     } else {
@@ -332,9 +355,10 @@ fn substitute_helpers(prog: &ProgramSpec, insns: &mut [RawInsn]) -> Vec<HelperSu
 /// BTF id of the kernel function/hook a tracing or LSM program attaches to.
 fn attach_btf_id(prog: &ProgramSpec) -> Result<u32, String> {
     let (name, k) = match (&prog.kind, &prog.attach) {
-        (ProgramKind::Fentry | ProgramKind::Fexit | ProgramKind::FmodRet, AttachTarget::BtfTarget { name }) => {
-            (name.clone(), btf_kind::FUNC)
-        }
+        (
+            ProgramKind::Fentry | ProgramKind::Fexit | ProgramKind::FmodRet,
+            AttachTarget::BtfTarget { name },
+        ) => (name.clone(), btf_kind::FUNC),
         (ProgramKind::Lsm, AttachTarget::BtfTarget { name }) => {
             (format!("bpf_lsm_{name}"), btf_kind::FUNC)
         }

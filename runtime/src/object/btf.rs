@@ -125,11 +125,15 @@ impl Btf {
         let type_len = rd_u32(raw, 12)? as usize;
         let str_off = rd_u32(raw, 16)? as usize;
         let str_len = rd_u32(raw, 20)? as usize;
-        let types_start = hdr_len.checked_add(type_off).ok_or(BtfError::Truncated(8))?;
+        let types_start = hdr_len
+            .checked_add(type_off)
+            .ok_or(BtfError::Truncated(8))?;
         let types_end = types_start
             .checked_add(type_len)
             .ok_or(BtfError::Truncated(12))?;
-        let strs_start = hdr_len.checked_add(str_off).ok_or(BtfError::Truncated(16))?;
+        let strs_start = hdr_len
+            .checked_add(str_off)
+            .ok_or(BtfError::Truncated(16))?;
         let strs_end = strs_start
             .checked_add(str_len)
             .ok_or(BtfError::Truncated(20))?;

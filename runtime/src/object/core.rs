@@ -206,22 +206,28 @@ fn compute(
         let spec = local_spec(local, local_root, &raw).map_err(|x| x.to_string())?;
         let local_pos = resolve(local, local_root, &spec)?
             .ok_or("CO-RE access string does not resolve in the object's own BTF")?;
-        let mut found: Option<(FieldPos, &Btf)> = None;
+        // Like libbpf, every matching candidate must give the same answer.
+        let mut found: Option<u64> = None;
         for &c in &cands {
             if let Some(p) = resolve(target, c, &spec)? {
                 if fields_compatible(local, local_pos.type_id, target, p.type_id)? {
-                    found = Some((p, target));
-                    break;
+                    let v = field_value(kind, p, target)?;
+                    match found {
+                        Some(prev) if prev != v => {
+                            return Err(format!(
+                                "ambiguous CO-RE relocation: candidates for {local_name} give \
+                                 {prev} and {v}"
+                            ))
+                        }
+                        _ => found = Some(v),
+                    }
                 }
             }
         }
-        let Some((pos, btf)) = found else {
-            return Ok(match kind {
-                CoreReloKind::FieldExists => Some(0),
-                _ => None,
-            });
-        };
-        return field_value(kind, pos, btf).map(Some);
+        return Ok(match (found, kind) {
+            (None, CoreReloKind::FieldExists) => Some(0),
+            (v, _) => v,
+        });
     }
 
     match kind {
@@ -330,16 +336,14 @@ fn resolve(btf: &Btf, root: u32, spec: &[Acc]) -> Result<Option<FieldPos>, Strin
         let id = btf.skip_mods_and_typedefs(pos.type_id).map_err(e)?;
         let t = btf.type_by_id(id).map_err(e)?;
         match (&acc.name, t.kind) {
-            (Some(name), kind::STRUCT | kind::UNION) => {
-                match find_member(btf, id, name, 0)? {
-                    Some((bit_off, member_type, bits)) => {
-                        pos.bit_offset = pos.bit_offset.checked_add(bit_off).ok_or_else(too_big)?;
-                        pos.type_id = member_type;
-                        pos.bitfield_bits = bits;
-                    }
-                    None => return Ok(None),
+            (Some(name), kind::STRUCT | kind::UNION) => match find_member(btf, id, name, 0)? {
+                Some((bit_off, member_type, bits)) => {
+                    pos.bit_offset = pos.bit_offset.checked_add(bit_off).ok_or_else(too_big)?;
+                    pos.type_id = member_type;
+                    pos.bitfield_bits = bits;
                 }
-            }
+                None => return Ok(None),
+            },
             (None, kind::ARRAY) => {
                 let (elem, _, n) = t.array.unwrap_or((0, 0, 0));
                 // A flexible array (nelems 0) may be indexed anywhere, as in libbpf.
@@ -415,9 +419,7 @@ fn fields_compatible(local: &Btf, l: u32, target: &Btf, t: u32) -> Result<bool, 
             (kind::STRUCT | kind::UNION, kind::STRUCT | kind::UNION) => true,
             (kind::INT, kind::INT) | (kind::PTR, kind::PTR) | (kind::FLOAT, kind::FLOAT) => true,
             (kind::ENUM | kind::ENUM64, kind::ENUM | kind::ENUM64) => true,
-            (kind::INT, kind::ENUM | kind::ENUM64) | (kind::ENUM | kind::ENUM64, kind::INT) => {
-                true
-            }
+            (kind::INT, kind::ENUM | kind::ENUM64) | (kind::ENUM | kind::ENUM64, kind::INT) => true,
             (kind::ARRAY, kind::ARRAY) => {
                 l = lt.array.map(|a| a.0).unwrap_or(0);
                 t = tt.array.map(|a| a.0).unwrap_or(0);
@@ -435,7 +437,7 @@ fn field_value(kind: CoreReloKind, pos: FieldPos, btf: &Btf) -> Result<u64, Stri
         .type_by_id(btf.skip_mods_and_typedefs(pos.type_id).map_err(e)?)
         .map_err(e)?;
     let full_size = btf.resolve_size(pos.type_id).map_err(e)?;
-    let bitfield = pos.bitfield_bits != 0 || pos.bit_offset % 8 != 0;
+    let bitfield = pos.bitfield_bits != 0 || !pos.bit_offset.is_multiple_of(8);
     let (byte_off, byte_sz, bit_sz) = if bitfield {
         let bit_sz = if pos.bitfield_bits != 0 {
             pos.bitfield_bits as u64

@@ -82,7 +82,10 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn sec_name(&self, idx: usize) -> &str {
-        self.sections.get(idx).map(|s| s.name.as_str()).unwrap_or("?")
+        self.sections
+            .get(idx)
+            .map(|s| s.name.as_str())
+            .unwrap_or("?")
     }
 
     fn section_err(&self, sec: usize, reason: impl Into<String>) -> ObjectError {
@@ -224,9 +227,9 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         source,
     };
     let ext = match (find(".BTF.ext"), btf.as_ref()) {
-        (Some(i), Some(Ok(b))) => Some(
-            BtfExt::parse(sections[i].data, b).map_err(|e| btf_err(e, ".BTF.ext"))?,
-        ),
+        (Some(i), Some(Ok(b))) => {
+            Some(BtfExt::parse(sections[i].data, b).map_err(|e| btf_err(e, ".BTF.ext"))?)
+        }
         _ => None,
     };
 
@@ -390,7 +393,7 @@ fn legacy_maps(ctx: &mut Ctx, sec: usize, maps: &mut Vec<MapSpec>) -> Result<(),
         }
         return Err(ctx.section_err(sec, "legacy maps section has no map symbols"));
     }
-    if data.len() % syms.len() != 0 || data.len() / syms.len() < LEGACY_MAP_DEF_SIZE {
+    if !data.len().is_multiple_of(syms.len()) || data.len() / syms.len() < LEGACY_MAP_DEF_SIZE {
         return Err(ctx.section_err(
             sec,
             format!(
@@ -445,7 +448,9 @@ fn btf_maps(ctx: &mut Ctx, btf: &Btf, maps: &mut Vec<MapSpec>) -> Result<(), Obj
             source: BtfError::BadTypeId(0),
         });
     };
-    let ds_t = btf.type_by_id(ds).map_err(|e| map_err(".maps", e.to_string()))?;
+    let ds_t = btf
+        .type_by_id(ds)
+        .map_err(|e| map_err(".maps", e.to_string()))?;
     for m in ds_t.members.clone() {
         let var = btf
             .type_by_id(m.type_id)
@@ -553,7 +558,7 @@ fn code_section(
     btf: Option<&Result<Btf, BtfError>>,
 ) -> Result<CodeSection, ObjectError> {
     let s = &ctx.sections[sec];
-    if s.data.len() % 8 != 0 {
+    if !s.data.len().is_multiple_of(8) {
         return Err(ctx.section_err(
             sec,
             format!("code size {} is not a multiple of 8", s.data.len()),
@@ -602,7 +607,12 @@ fn code_section(
     let records: Vec<&ExtRecord> = ctx
         .ext
         .as_ref()
-        .map(|x| x.core_relos.iter().filter(|r| r.section == s.name).collect())
+        .map(|x| {
+            x.core_relos
+                .iter()
+                .filter(|r| r.section == s.name)
+                .collect()
+        })
         .unwrap_or_default();
     let mut core = Vec::new();
     if !records.is_empty() {
@@ -697,7 +707,14 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
         Ok(dst + (tidx - f.start))
     };
 
-    ensure(&mut out, &mut placed, sec, func.start, sec, func.start as i64)?;
+    ensure(
+        &mut out,
+        &mut placed,
+        sec,
+        func.start,
+        sec,
+        func.start as i64,
+    )?;
     let mut pi = 0;
     while pi < placed.len() {
         let (psec, pstart, plen, pdst) = {
@@ -724,7 +741,10 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                             return Err(ctx.insn_err(
                                 psec,
                                 src_idx,
-                                format!("call to extern function {} (kfunc) is not supported", s.name),
+                                format!(
+                                    "call to extern function {} (kfunc) is not supported",
+                                    s.name
+                                ),
                             ));
                         }
                         (s.shndx, (s.value / 8) as i64 + imm + 1)
@@ -786,10 +806,15 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                         });
                     }
                     Target::DataMap(map_index) => {
-                        let base = if s.typ == sym::STT_SECTION { 0 } else { s.value };
-                        let offset = u32::try_from((base as i64).wrapping_add(imm)).map_err(|_| {
-                            ctx.insn_err(psec, src_idx, "global variable offset out of range")
-                        })?;
+                        let base = if s.typ == sym::STT_SECTION {
+                            0
+                        } else {
+                            s.value
+                        };
+                        let offset =
+                            u32::try_from((base as i64).wrapping_add(imm)).map_err(|_| {
+                                ctx.insn_err(psec, src_idx, "global variable offset out of range")
+                            })?;
                         insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);
                         insn::set_imm(&mut out[pos], map_index as i32);
                         insn::set_imm(&mut out[pos + 1], offset as i32);
@@ -803,10 +828,7 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                         return Err(ctx.insn_err(
                             psec,
                             src_idx,
-                            format!(
-                                "extern symbol {} (kconfig/ksym) is not supported",
-                                s.name
-                            ),
+                            format!("extern symbol {} (kconfig/ksym) is not supported", s.name),
                         ))
                     }
                     Target::Other => {

@@ -1,6 +1,8 @@
 //! A small assembler for the bpf_conformance / ubpf assembly syntax:
 //! `mov %r0, 1`, `ldxw %r1, [%r2+4]`, `stxdw [%r10-8], %r1`, `jeq %r1, 0, label`,
 //! `lock fetch add32 [%r10-8], %r1`, `call 5`, `call %r2`, `call local func`, `lddw %r0, 0x..`,
+//! `lddw %r2, func` (subprogram address, `BPF_PSEUDO_FUNC`), `ldmap %r1, 0` / `ldmapval %r1, 0, 8`
+//! (map by index / address in a map value, as the object loader encodes them),
 //! labels (`name:`), `#` comments. A jump to the undefined label `exit` goes to the last
 //! instruction.
 
@@ -209,7 +211,10 @@ pub fn assemble(src: &str) -> Result<Vec<Insn>, AsmError> {
             }
         }
         if let Some(line) = split_line(raw, no)? {
-            pc += if line.words.first().map(String::as_str) == Some("lddw") {
+            pc += if matches!(
+                line.words.first().map(String::as_str),
+                Some("lddw" | "ldmap" | "ldmapval")
+            ) {
                 2
             } else {
                 1
@@ -330,11 +335,39 @@ fn encode_line(
                 Operand::Imm(v) if (i64::MIN as i128..=u64::MAX as i128).contains(v) => {
                     *v as i64 as u64
                 }
-                _ => return Err("lddw needs a 64-bit immediate".into()),
+                Operand::Label(_) => {
+                    // `lddw %rX, func`: the address of a subprogram (BPF_PSEUDO_FUNC).
+                    let t = target(&ops[1], here, total, labels)?;
+                    return Ok(vec![
+                        Insn::new(LDDW, d, BPF_PSEUDO_FUNC, 0, imm32(t as i128)?),
+                        Insn::new(0, 0, 0, 0, 0),
+                    ]);
+                }
+                _ => return Err("lddw needs a 64-bit immediate or a label".into()),
             };
             return Ok(vec![
                 Insn::new(LDDW, d, 0, 0, v as u32 as i32),
                 Insn::new(0, 0, 0, 0, (v >> 32) as u32 as i32),
+            ]);
+        }
+        // `ldmap %rX, IDX`: map IDX (BPF_PSEUDO_MAP_IDX); `ldmapval %rX, IDX, OFF`: address
+        // of byte OFF of map IDX's value (BPF_PSEUDO_MAP_IDX_VALUE), as the object loader emits.
+        "ldmap" | "ldmapval" => {
+            let val = m == "ldmapval";
+            nops(if val { 3 } else { 2 })?;
+            let d = reg(0)?;
+            let imm = |i: usize| match &ops[i] {
+                Operand::Imm(v) => imm32(*v),
+                _ => Err(format!("{m} needs immediates")),
+            };
+            let (src, off) = if val {
+                (BPF_PSEUDO_MAP_IDX_VALUE, imm(2)?)
+            } else {
+                (BPF_PSEUDO_MAP_IDX, 0)
+            };
+            return Ok(vec![
+                Insn::new(LDDW, d, src, 0, imm(1)?),
+                Insn::new(0, 0, 0, 0, off),
             ]);
         }
         _ => {}

@@ -27,6 +27,29 @@ pub enum HelperError {
     Unknown(u32),
     #[error("{0}")]
     Failed(String),
+    /// A BPF callback the helper ran (see [`CallContext::call_function`]) failed; the VM
+    /// reports the inner error itself, not wrapped in [`VmError::Helper`].
+    ///
+    /// [`CallContext::call_function`]: super::CallContext::call_function
+    #[error("callback failed: {0}")]
+    Callback(Box<VmError>),
+}
+
+impl From<VmError> for HelperError {
+    fn from(e: VmError) -> Self {
+        HelperError::Callback(Box::new(e))
+    }
+}
+
+impl VmError {
+    /// The error the VM reports for helper `id` at `pc` failing with `source`: a failed
+    /// callback propagates its own error (a fault inside the callback stays a fault).
+    pub(crate) fn from_helper(pc: usize, id: u32, source: HelperError) -> Self {
+        match source {
+            HelperError::Callback(e) => *e,
+            source => VmError::Helper { pc, id, source },
+        }
+    }
 }
 
 /// Errors of loading, compiling or running an eBPF program.
@@ -62,6 +85,10 @@ pub enum VmError {
     },
     #[error("callx at instruction {pc}: invalid target {target:#x}")]
     BadCallx { pc: usize, target: u64 },
+    #[error("callback at instruction {pc}: {func:#x} is not a BPF function")]
+    BadCallback { pc: usize, func: u64 },
+    #[error("this VM cannot run BPF callbacks from helpers (instruction {pc})")]
+    CallbackUnsupported { pc: usize },
     #[error("tail call limit ({0}) exceeded")]
     TailCallLimit(usize),
     #[error("tail call from a bpf-to-bpf subprogram (instruction {pc}) is not supported")]

@@ -3,15 +3,30 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::error::HelperError;
+use super::error::{HelperError, VmError};
 use super::memory::MemoryMap;
-use super::program::Program;
+use super::program::{Program, FUNC_PTR_MASK, FUNC_PTR_TAG};
+
+/// Runs a BPF function of the current program on behalf of a helper (implemented by the
+/// interpreter and the JIT).
+pub(crate) trait FuncInvoker {
+    /// Run the function tagged `func` (a `BPF_PSEUDO_FUNC` value) with r1..r5 = `args` in a
+    /// fresh stack frame one call level below the helper's caller; returns its r0.
+    fn invoke(
+        &mut self,
+        func: u64,
+        args: [u64; 5],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError>;
+}
 
 /// What a helper sees of the running program.
 pub struct CallContext<'m, 'a> {
     pc: usize,
     mem: &'m mut MemoryMap<'a>,
     tail_call: Option<Arc<Program>>,
+    invoker: Option<&'m mut dyn FuncInvoker>,
 }
 
 impl<'m, 'a> CallContext<'m, 'a> {
@@ -20,6 +35,20 @@ impl<'m, 'a> CallContext<'m, 'a> {
             pc,
             mem,
             tail_call: None,
+            invoker: None,
+        }
+    }
+
+    pub(crate) fn with_invoker(
+        pc: usize,
+        mem: &'m mut MemoryMap<'a>,
+        invoker: &'m mut dyn FuncInvoker,
+    ) -> Self {
+        Self {
+            pc,
+            mem,
+            tail_call: None,
+            invoker: Some(invoker),
         }
     }
 
@@ -42,6 +71,37 @@ impl<'m, 'a> CallContext<'m, 'a> {
 
     pub(crate) fn take_tail_call(&mut self) -> Option<Arc<Program>> {
         self.tail_call.take()
+    }
+
+    /// Whether `v` is a function value (`lddw rX, <func>` with `BPF_PSEUDO_FUNC`).
+    pub fn is_function(v: u64) -> bool {
+        v & FUNC_PTR_MASK == FUNC_PTR_TAG
+    }
+
+    /// Call the BPF subprogram `func` (a `BPF_PSEUDO_FUNC` value the program passed to the
+    /// helper, e.g. the callback of `bpf_loop`) with r1..r5 = `args` and return its r0.
+    ///
+    /// The callback runs on the same VM (interpreter or JIT) in a fresh 512-byte stack frame
+    /// one call level below the helper's caller, so it counts toward the call-depth limit
+    /// ([`VmError::CallDepth`]); it may read the caller's stack through pointers it was given.
+    /// Helpers it calls go to `helpers` (pass the helper's own `self`). A fault or any other
+    /// error inside the callback is returned; return it from the helper as
+    /// [`HelperError::Callback`] (`?` converts) and the VM reports the original error. Tail
+    /// calls inside a callback are refused ([`VmError::TailCallInSubprog`]).
+    ///
+    /// On the interpreter, memory the helper hands to the callback (key/value pointers) must
+    /// be registered in [`memory`](Self::memory) first. rbpf cannot run callbacks
+    /// ([`VmError::CallbackUnsupported`]).
+    pub fn call_function(
+        &mut self,
+        helpers: &mut dyn Helpers,
+        func: u64,
+        args: [u64; 5],
+    ) -> Result<u64, VmError> {
+        match self.invoker.as_mut() {
+            Some(inv) => inv.invoke(func, args, self.mem, helpers),
+            None => Err(VmError::CallbackUnsupported { pc: self.pc }),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::error::{AccessKind, VmError};
-use super::helpers::{CallContext, Helpers};
+use super::helpers::{CallContext, FuncInvoker, Helpers};
 use super::insn::*;
 use super::memory::MemoryMap;
 use super::program::{
@@ -43,7 +43,20 @@ pub fn interpret(
     // SAFETY: `stack` lives until the end of this function and is unset before.
     let prev = unsafe { mem.set_stack(Some((stack_start, stack_len))) };
     let mut budget = opts.insn_budget;
-    let mut outcome = run_one(prog, args, mem, helpers, stack_start, &mut budget);
+    let top = stack_start + stack_len;
+    let mut outcome = run_one(
+        &mut Run {
+            prog,
+            stack_start,
+            budget: &mut budget,
+        },
+        0,
+        args,
+        top,
+        0,
+        mem,
+        helpers,
+    );
     let mut tail_calls = 0;
     let mut holder: Arc<Program>;
     while let Ok(Outcome::TailCall(next, r1)) = outcome {
@@ -55,12 +68,17 @@ pub fn interpret(
         holder = next;
         stack.fill(0);
         outcome = run_one(
-            &holder,
+            &mut Run {
+                prog: &holder,
+                stack_start,
+                budget: &mut budget,
+            },
+            0,
             [r1, 0, 0, 0, 0],
+            top,
+            0,
             mem,
             helpers,
-            stack_start,
-            &mut budget,
         );
     }
     // SAFETY: restoring the previous (outer run's) stack, still alive if any.
@@ -335,20 +353,70 @@ pub(crate) fn cond(op: u8, is32: bool, a: u64, b: u64) -> bool {
     }
 }
 
+/// What a run (and every callback a helper starts in it) shares.
+struct Run<'p, 'b> {
+    prog: &'p Program,
+    stack_start: u64,
+    budget: &'b mut Option<u64>,
+}
+
+/// Runs callbacks for helpers called at `pc` from a frame with stack pointer `r10` at call
+/// depth `depth` (0 = main program).
+struct Invoker<'r, 'p, 'b> {
+    run: &'r mut Run<'p, 'b>,
+    pc: usize,
+    r10: u64,
+    depth: usize,
+}
+
+impl FuncInvoker for Invoker<'_, '_, '_> {
+    fn invoke(
+        &mut self,
+        func: u64,
+        args: [u64; 5],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError> {
+        let entry = (func & !FUNC_PTR_MASK) as usize;
+        if func & FUNC_PTR_MASK != FUNC_PTR_TAG || !self.run.prog.functions().contains(&entry) {
+            return Err(VmError::BadCallback { pc: self.pc, func });
+        }
+        if self.depth + 1 >= MAX_CALL_FRAMES {
+            return Err(VmError::CallDepth {
+                pc: self.pc,
+                max: MAX_CALL_FRAMES,
+            });
+        }
+        let r10 = self.r10 - STACK_SIZE as u64;
+        match run_one(self.run, entry, args, r10, self.depth + 1, mem, helpers)? {
+            Outcome::Exit(v) => Ok(v),
+            // run_one refuses tail calls below depth 0.
+            Outcome::TailCall(..) => Err(VmError::TailCallInSubprog { pc: self.pc }),
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn call_helper(
     id: u32,
     pc: usize,
     depth: usize,
     regs: &mut [u64; 11],
+    run: &mut Run<'_, '_>,
     mem: &mut MemoryMap<'_>,
     helpers: &mut dyn Helpers,
 ) -> Result<Option<(Arc<Program>, u64)>, VmError> {
     let args = [regs[1], regs[2], regs[3], regs[4], regs[5]];
-    let mut ctx = CallContext::new(pc, mem);
+    let mut inv = Invoker {
+        run,
+        pc,
+        r10: regs[10],
+        depth,
+    };
+    let mut ctx = CallContext::with_invoker(pc, mem, &mut inv);
     let r = helpers
         .call(id, args, &mut ctx)
-        .map_err(|source| VmError::Helper { pc, id, source })?;
+        .map_err(|source| VmError::from_helper(pc, id, source))?;
     regs[0] = r;
     if let Some(p) = ctx.take_tail_call() {
         if depth != 0 {
@@ -359,33 +427,39 @@ fn call_helper(
     Ok(None)
 }
 
+/// Run the function at `entry` of `run.prog` with r1..r5 = `args` and r10 = `r10`, at call
+/// depth `base_depth`, until it returns (or requests a tail call, at depth 0 only).
+#[allow(clippy::too_many_arguments)]
 fn run_one(
-    prog: &Program,
+    run: &mut Run<'_, '_>,
+    entry: usize,
     args: [u64; 5],
+    r10: u64,
+    base_depth: usize,
     mem: &mut MemoryMap<'_>,
     helpers: &mut dyn Helpers,
-    stack_start: u64,
-    budget: &mut Option<u64>,
 ) -> Result<Outcome, VmError> {
+    let prog = run.prog;
+    let stack_start = run.stack_start;
     let insns = prog.insns();
     let n = insns.len();
     let mut regs = [0u64; 11];
     regs[1..6].copy_from_slice(&args);
     let top = stack_start + (MAX_CALL_FRAMES * STACK_SIZE) as u64;
-    regs[10] = top;
+    regs[10] = r10;
     let stack = |r10: u64| StackBounds {
         start: stack_start,
         top,
         lo: r10 - STACK_SIZE as u64,
     };
     let mut frames: Vec<Frame> = Vec::with_capacity(MAX_CALL_FRAMES);
-    let mut pc = 0usize;
-    let mut last = 0usize;
+    let mut pc = entry;
+    let mut last = entry;
     loop {
         if pc >= n {
             return Err(VmError::FellOffEnd { pc: last });
         }
-        if let Some(b) = budget {
+        if let Some(b) = run.budget.as_mut() {
             if *b == 0 {
                 return Err(VmError::Budget(0));
             }
@@ -491,8 +565,9 @@ fn run_one(
                                 if let Some(tc) = call_helper(
                                     t as u32,
                                     cur,
-                                    frames.len(),
+                                    base_depth + frames.len(),
                                     &mut regs,
+                                    run,
                                     mem,
                                     helpers,
                                 )? {
@@ -506,8 +581,9 @@ fn run_one(
                             if let Some(tc) = call_helper(
                                 i.imm as u32,
                                 cur,
-                                frames.len(),
+                                base_depth + frames.len(),
                                 &mut regs,
+                                run,
                                 mem,
                                 helpers,
                             )? {
@@ -516,7 +592,7 @@ fn run_one(
                             None
                         };
                         if let Some(t) = local_target {
-                            if frames.len() + 1 >= MAX_CALL_FRAMES {
+                            if base_depth + frames.len() + 1 >= MAX_CALL_FRAMES {
                                 return Err(VmError::CallDepth {
                                     pc: cur,
                                     max: MAX_CALL_FRAMES,

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::error::{HelperError, VmError};
-use super::helpers::{CallContext, Helpers};
+use super::helpers::{CallContext, FuncInvoker, Helpers};
 use super::insn::*;
 use super::memory::MemoryMap;
 use super::program::{
@@ -60,6 +60,7 @@ const ENV_PC: i32 = 12;
 const ENV_HELPER_ID: i32 = 16;
 const ENV_DEPTH: i32 = 20;
 const ENV_AUX: i32 = 24;
+const ENV_ENTRY: i32 = 32;
 
 /// State shared between the generated code and the helper trampoline.
 #[repr(C)]
@@ -70,6 +71,10 @@ struct JitEnv<'h, 'm> {
     helper_id: u32,
     depth: u32,
     aux: u64,
+    /// Native address of the function the outer entry calls (the program, or a callback).
+    entry: u64,
+    /// The image running (for callbacks: its function table).
+    jit: *const JitProgram,
     helpers: *mut (dyn Helpers + 'h),
     mem: *mut MemoryMap<'m>,
     error: Option<VmError>,
@@ -213,8 +218,9 @@ pub struct JitProgram {
     code: *mut u8,
     size: usize,
     len: usize,
-    /// Native entry of each instruction that starts a function (for `callx`); 0 elsewhere.
-    _func_table: Box<[u64]>,
+    /// Native entry of each instruction that starts a function (for `callx` and callbacks);
+    /// 0 elsewhere.
+    func_table: Box<[u64]>,
 }
 
 // SAFETY: the code mapping is immutable (read+execute) after `compile` and the function table is
@@ -273,7 +279,7 @@ impl JitProgram {
         e.mov_rr(true, R12, R9);
         e.mem(&[], true, &[0x89], RSP, R12, ENV_SAVED_RSP, false);
         e.alu_rr(false, 0x31, RAX, RAX);
-        e.call_label(func_labels[&0]);
+        e.mem(&[], false, &[0xff], 2, R12, ENV_ENTRY, false); // call [r12+entry]
         e.bind(outer_ret);
         e.alu_ri(true, 0, RSP, 8);
         for r in [R15, R14, R13, R12, RBP, RBX] {
@@ -474,7 +480,7 @@ impl JitProgram {
             code,
             size,
             len: e.buf.len(),
-            _func_table: func_table,
+            func_table,
         })
     }
 
@@ -510,6 +516,8 @@ impl JitProgram {
             helper_id: 0,
             depth: 0,
             aux: 0,
+            entry: self.func_table[0],
+            jit: self,
             helpers: helpers as *mut (dyn Helpers + '_),
             mem: mem as *mut MemoryMap<'_>,
             error: None,
@@ -520,50 +528,125 @@ impl JitProgram {
         let mut holder: Arc<Program>;
         let mut tail_calls = 0;
         loop {
-            match env.status {
-                ST_OK => return Ok(r),
-                ST_TAIL_CALL => {
-                    let (next, r1) = env.tail.take().expect("tail call target");
-                    tail_calls += 1;
-                    if tail_calls > MAX_TAIL_CALLS {
-                        return Err(VmError::TailCallLimit(MAX_TAIL_CALLS));
-                    }
-                    holder = next;
-                    let jit = holder.jit()?;
-                    env.status = ST_OK;
-                    env.depth = 0;
-                    // SAFETY: as above; the tail-called program is under the same contract.
-                    r = unsafe { jit.enter([r1, 0, 0, 0, 0], &mut env) };
+            if env.status == ST_TAIL_CALL {
+                let (next, r1) = env.tail.take().expect("tail call target");
+                tail_calls += 1;
+                if tail_calls > MAX_TAIL_CALLS {
+                    return Err(VmError::TailCallLimit(MAX_TAIL_CALLS));
                 }
-                ST_DEPTH => {
-                    return Err(VmError::CallDepth {
-                        pc: env.pc as usize,
-                        max: MAX_CALL_FRAMES,
-                    })
-                }
-                ST_BAD_CALLX => {
-                    return Err(VmError::BadCallx {
-                        pc: env.pc as usize,
-                        target: env.aux,
-                    })
-                }
-                _ => {
-                    return Err(env.error.take().unwrap_or(VmError::FellOffEnd {
-                        pc: env.pc as usize,
-                    }))
-                }
+                holder = next;
+                let jit = holder.jit()?;
+                env.status = ST_OK;
+                env.depth = 0;
+                env.entry = jit.func_table[0];
+                env.jit = jit;
+                // SAFETY: as above; the tail-called program is under the same contract.
+                r = unsafe { jit.enter([r1, 0, 0, 0, 0], &mut env) };
+                continue;
             }
+            return take_outcome(&mut env, r);
         }
     }
 
     /// # Safety
     /// See [`JitProgram::run`].
-    unsafe fn enter(&self, args: [u64; 5], env: &mut JitEnv<'_, '_>) -> u64 {
+    unsafe fn enter(&self, args: [u64; 5], env: *mut JitEnv<'_, '_>) -> u64 {
         // SAFETY: `code` starts with the outer entry, which follows the SysV ABI with the
         // signature `EntryFn`.
         let f: EntryFn = unsafe { std::mem::transmute::<*mut u8, EntryFn>(self.code) };
         // SAFETY: see the function contract.
         unsafe { f(args[0], args[1], args[2], args[3], args[4], env) }
+    }
+}
+
+/// The result of a (nested) entry that returned `r`: `Ok(r)`, or the error its status names.
+/// Resets the status for the caller. Not for `ST_TAIL_CALL`.
+fn take_outcome(env: &mut JitEnv<'_, '_>, r: u64) -> Result<u64, VmError> {
+    let status = std::mem::replace(&mut env.status, ST_OK);
+    match status {
+        ST_OK => Ok(r),
+        ST_DEPTH => Err(VmError::CallDepth {
+            pc: env.pc as usize,
+            max: MAX_CALL_FRAMES,
+        }),
+        ST_BAD_CALLX => Err(VmError::BadCallx {
+            pc: env.pc as usize,
+            target: env.aux,
+        }),
+        _ => Err(env.error.take().unwrap_or(VmError::FellOffEnd {
+            pc: env.pc as usize,
+        })),
+    }
+}
+
+/// Runs callbacks for a helper called from JIT code at `pc`, call depth `depth`.
+struct JitInvoker<'h, 'm> {
+    env: *mut JitEnv<'h, 'm>,
+    pc: usize,
+    depth: u32,
+}
+
+impl FuncInvoker for JitInvoker<'_, '_> {
+    fn invoke(
+        &mut self,
+        func: u64,
+        args: [u64; 5],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError> {
+        let env = self.env;
+        // SAFETY: `env` is the live `JitEnv` of the run whose helper trampoline created this
+        // invoker; nothing else accesses it while the helper runs (the trampoline holds no
+        // reference to it across the helper call). `jit` points at the image running, kept
+        // alive by `run`.
+        let jit = unsafe { &*(*env).jit };
+        let idx = (func & !FUNC_PTR_MASK) as usize;
+        let target = if func & FUNC_PTR_MASK == FUNC_PTR_TAG {
+            jit.func_table.get(idx).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        if target == 0 {
+            return Err(VmError::BadCallback { pc: self.pc, func });
+        }
+        if self.depth as usize + 1 >= MAX_CALL_FRAMES {
+            return Err(VmError::CallDepth {
+                pc: self.pc,
+                max: MAX_CALL_FRAMES,
+            });
+        }
+        // SAFETY: see above. The helpers and memory map the nested code reaches are the ones
+        // the helper passed in (reborrows of what the trampoline handed it), so no `&mut` is
+        // derived twice from the outer pointers; the lifetimes are erased only for the nested
+        // run and the previous pointers are restored before returning.
+        unsafe {
+            let saved = (
+                (*env).saved_rsp,
+                (*env).entry,
+                (*env).depth,
+                (*env).helpers,
+                (*env).mem,
+            );
+            (*env).entry = target;
+            (*env).depth = self.depth + 1;
+            (*env).helpers = std::mem::transmute::<
+                *mut (dyn Helpers + '_),
+                *mut (dyn Helpers + '_),
+            >(helpers as *mut (dyn Helpers + '_));
+            (*env).mem = (mem as *mut MemoryMap<'_>).cast();
+            let r = jit.enter(args, env);
+            (*env).saved_rsp = saved.0;
+            (*env).entry = saved.1;
+            (*env).depth = saved.2;
+            (*env).helpers = saved.3;
+            (*env).mem = saved.4;
+            if (*env).status == ST_TAIL_CALL {
+                (*env).status = ST_OK;
+                (*env).tail = None;
+                return Err(VmError::TailCallInSubprog { pc: self.pc });
+            }
+            take_outcome(&mut *env, r)
+        }
     }
 }
 
@@ -578,17 +661,27 @@ unsafe extern "C" fn helper_trampoline(
 ) -> u64 {
     // SAFETY: generated code passes the `JitEnv` given to `enter`, exclusively borrowed by `run`
     // for the duration of the call; its `helpers` and `mem` pointers come from live `&mut`s.
-    let env = unsafe { &mut *env };
-    let id = env.helper_id;
-    let pc = env.pc as usize;
-    let depth = env.depth;
-    // SAFETY: see above.
-    let (helpers, mem) = unsafe { (&mut *env.helpers, &mut *env.mem) };
+    // No reference to `*env` is held across the helper call (callbacks the helper starts use
+    // `env` through the invoker's raw pointer).
+    let (id, pc, depth, helpers, mem) = unsafe {
+        (
+            (*env).helper_id,
+            (*env).pc as usize,
+            (*env).depth,
+            (*env).helpers,
+            (*env).mem,
+        )
+    };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut ctx = CallContext::new(pc, mem);
+        // SAFETY: see above.
+        let (helpers, mem) = unsafe { (&mut *helpers, &mut *mem) };
+        let mut inv = JitInvoker { env, pc, depth };
+        let mut ctx = CallContext::with_invoker(pc, mem, &mut inv);
         let r = helpers.call(id, [a1, a2, a3, a4, a5], &mut ctx);
         (r, ctx.take_tail_call())
     }));
+    // SAFETY: see above; the helper has returned.
+    let env = unsafe { &mut *env };
     match outcome {
         Ok((Ok(v), None)) => v,
         Ok((Ok(v), Some(p))) => {
@@ -602,7 +695,7 @@ unsafe extern "C" fn helper_trampoline(
             v
         }
         Ok((Err(source), _)) => {
-            env.error = Some(VmError::Helper { pc, id, source });
+            env.error = Some(VmError::from_helper(pc, id, source));
             env.status = ST_HELPER_ERR;
             0
         }

@@ -8,8 +8,7 @@ extern const int bpf_prog_active __ksym;
 SEC("raw_tp/sys_enter")
 int uses_ksym(void *ctx)
 {
-	const int *p = &bpf_prog_active;
-	return p != 0;
+	return bpf_prog_active;
 }
 
 SEC("raw_tp/sys_exit")

@@ -22,10 +22,11 @@ int use_globals(void *ctx)
 	__u32 k = 2;
 	__u64 *slot = bpf_map_lookup_elem(&arr, &k);
 	__sync_fetch_and_add(&bss_calls, 1);
-	bss_total += config_factor * data_array[k];
+	bss_total += config_factor * data_array[2];
 	if (bss_total > config_limit)
 		bss_total = 0;
 	data_counter++;
+	bpf_printk("total %llu", bss_total);
 	if (slot)
 		*slot = bss_total;
 	return 0;

@@ -48,6 +48,23 @@ int core_probe(struct pt_regs *ctx)
 	return r;
 }
 
+/* Type- and enum-based CO-RE relocations. */
+SEC("uprobe")
+int core_types(struct pt_regs *ctx)
+{
+	__u64 r = 0;
+
+	if (bpf_core_type_exists(struct pt_regs))
+		r += 1000;
+	r += bpf_core_type_size(struct pt_regs);
+	r += bpf_core_enum_value(enum bpf_map_type, BPF_MAP_TYPE_RINGBUF);
+	if (bpf_core_enum_value_exists(enum bpf_map_type, BPF_MAP_TYPE_RINGBUF))
+		r += 100000;
+	if (bpf_core_type_id_kernel(struct task_struct))
+		r += 1000000;
+	return r;
+}
+
 /* A field this kernel does not have: existence is 0 and the guarded read is poisoned (dead code). */
 struct pt_regs___missing {
 	unsigned long no_such_field;

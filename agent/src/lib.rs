@@ -1,0 +1,270 @@
+//! `bpftime-agent`: the in-process half of bpftime-rs.
+//!
+//! Loaded with `LD_PRELOAD` (by `bpftime-rs start`) or with `dlopen` through ptrace (by
+//! `bpftime-rs attach PID`). It reads hook requests, resolves them in its own process and
+//! installs the hooks through [`bpftime_attach::HookSet`].
+//!
+//! Finding the configuration:
+//! * `LD_PRELOAD` mode: the constructor (an `.init_array` entry, run before the executable's own
+//!   constructors and `main`) reads the file named by `BPFTIME_AGENT_CONFIG` and installs every
+//!   hook synchronously, so no early call is missed. The variable is then removed from the
+//!   environment so child processes do not install the same hooks.
+//! * Injected mode: the injector calls the exported `bpftime_agent_start(config_path)` after
+//!   `dlopen` returns (see `bpftime_attach::inject::inject_agent`).
+//!
+//! Config file: one request per line, `uprobe TARGET` or `uretprobe TARGET` (also the libbpf
+//! section form `uprobe/TARGET`), `#` comments. TARGET as in `bpftime_attach::symbols`.
+//! Results: `<config>.status` (one line per request: `ok ...` or `error ...`, then `detached`
+//! after detach) and `<config>.counts`, a shared-mapped file of little-endian u64: a header
+//! `[magic, n]` then per request `[entries, returns, sum of PARM1, sum of RC]` (the built-in
+//! counting handler; the BPF runtime plugs in at [`make_handler`]).
+
+use bpftime_attach::symbols::Resolver;
+use bpftime_attach::{EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
+use std::ffi::{c_char, CStr};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Magic of the counts file header ("BPFTAGNT").
+pub const COUNTS_MAGIC: u64 = u64::from_le_bytes(*b"BPFTAGNT");
+
+/// One hook request of the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Request {
+    kind: ProbeKind,
+    target: String,
+}
+
+fn parse_config(text: &str) -> Vec<Result<Request, String>> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (kind, target) = l
+                .split_once(|c: char| c.is_whitespace() || c == '/')
+                .ok_or_else(|| format!("`{l}`: expected `uprobe TARGET` or `uretprobe TARGET`"))?;
+            let kind = match kind {
+                "uprobe" => ProbeKind::Uprobe,
+                "uretprobe" => ProbeKind::Uretprobe,
+                k => return Err(format!("`{l}`: unknown probe kind `{k}`")),
+            };
+            Ok(Request {
+                kind,
+                target: target.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The built-in counting handler: counts calls and returns, sums PARM1 and RC.
+struct CountingHandler {
+    slot: &'static [AtomicU64; 4],
+}
+
+impl ProbeHandler for CountingHandler {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        self.slot[0].fetch_add(1, Ordering::Relaxed);
+        self.slot[2].fetch_add(regs.rdi, Ordering::Relaxed);
+        EntryAction::Continue
+    }
+    fn on_return(&self, regs: &mut PtRegs) {
+        self.slot[1].fetch_add(1, Ordering::Relaxed);
+        self.slot[3].fetch_add(regs.rax, Ordering::Relaxed);
+    }
+}
+
+/// Where the BPF runtime plugs in: the handler for request `index`.
+fn make_handler(counts: &'static [[AtomicU64; 4]], index: usize) -> Arc<dyn ProbeHandler> {
+    Arc::new(CountingHandler {
+        slot: &counts[index],
+    })
+}
+
+/// Maps `<config>.counts` shared; never unmapped (handlers may run at any time).
+fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]]> {
+    let len = 16 + n.max(1) * 32;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.set_len(len as u64)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: shared mapping of a file we just sized; checked below; never unmapped.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the mapping is page aligned, `len` bytes, zero filled, lives forever; AtomicU64
+    // has the layout of u64.
+    unsafe {
+        let hdr = p.cast::<AtomicU64>();
+        (*hdr).store(COUNTS_MAGIC, Ordering::Relaxed);
+        (*hdr.add(1)).store(n as u64, Ordering::Relaxed);
+        Ok(std::slice::from_raw_parts(
+            p.cast::<u8>().add(16).cast::<[AtomicU64; 4]>(),
+            n,
+        ))
+    }
+}
+
+struct Agent {
+    hooks: HookSet,
+    status: PathBuf,
+}
+
+static AGENT: Mutex<Option<Agent>> = Mutex::new(None);
+
+fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Installs the hooks of `config`. Returns the number of failed requests.
+fn start(config: &Path) -> Result<usize, String> {
+    let mut agent = AGENT.lock().unwrap_or_else(|e| e.into_inner());
+    if agent.as_ref().is_some_and(|a| !a.hooks.is_empty()) {
+        return Err("agent already started; detach first".into());
+    }
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    let reqs = parse_config(&text);
+    let counts = map_counts(&with_suffix(config, ".counts"), reqs.len())
+        .map_err(|e| format!("cannot map counts file: {e}"))?;
+    let mut hooks = HookSet::new();
+    let mut lines = Vec::new();
+    let mut failed = 0;
+    let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
+    for (i, req) in reqs.iter().enumerate() {
+        let res = req.as_ref().map_err(Clone::clone).and_then(|r| {
+            let t = resolver.resolve(&r.target).map_err(|e| e.to_string())?;
+            hooks
+                .install(&t, r.kind, make_handler(counts, i))
+                .map_err(|e| e.to_string())?;
+            Ok((r, t))
+        });
+        match res {
+            Ok((r, t)) => lines.push(format!(
+                "ok {} {} at {:#x} ({} bytes)",
+                if r.kind == ProbeKind::Uprobe { "uprobe" } else { "uretprobe" },
+                r.target,
+                t.address,
+                t.size
+            )),
+            Err(e) => {
+                failed += 1;
+                eprintln!("bpftime-agent: {e}");
+                lines.push(format!("error {e}"));
+            }
+        }
+    }
+    let status = with_suffix(config, ".status");
+    let _ = std::fs::write(&status, lines.join("\n") + "\n");
+    *agent = Some(Agent { hooks, status });
+    Ok(failed)
+}
+
+/// Starts the agent with the config file at `config` (a NUL-terminated path). Returns the number
+/// of requests that failed (0 = all hooks installed), or -1 if the config could not be used.
+///
+/// # Safety
+/// `config` must be a valid NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn bpftime_agent_start(config: *const c_char) -> i32 {
+    if config.is_null() {
+        return -1;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let path = unsafe { CStr::from_ptr(config) };
+    let path = Path::new(std::ffi::OsStr::from_encoded_bytes_unchecked_safe(path.to_bytes()));
+    match start(path) {
+        Ok(failed) => failed as i32,
+        Err(e) => {
+            eprintln!("bpftime-agent: {e}");
+            -1
+        }
+    }
+}
+
+/// Removes every hook (pending return hooks return normally without calling handlers).
+/// Returns 0, or -1 if some hook could not be removed. Safe to call more than once.
+#[no_mangle]
+pub extern "C" fn bpftime_agent_detach() -> i32 {
+    let mut agent = AGENT.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(a) = agent.as_mut() else {
+        return 0;
+    };
+    let r = a.hooks.detach();
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&a.status) {
+        let _ = match &r {
+            Ok(()) => writeln!(f, "detached"),
+            Err(e) => writeln!(f, "detach error {e}"),
+        };
+    }
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("bpftime-agent: detach: {e}");
+            -1
+        }
+    }
+}
+
+/// Helper to turn bytes into an `OsStr` on Unix without `unsafe`.
+trait FromBytes {
+    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr;
+}
+
+impl FromBytes for std::ffi::OsStr {
+    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(b)
+    }
+}
+
+extern "C" fn agent_init() {
+    let Some(config) = std::env::var_os("BPFTIME_AGENT_CONFIG") else {
+        return; // injected mode: the injector calls bpftime_agent_start
+    };
+    std::env::remove_var("BPFTIME_AGENT_CONFIG");
+    if let Err(e) = start(Path::new(&config)) {
+        eprintln!("bpftime-agent: {e}");
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static AGENT_INIT: extern "C" fn() = agent_init;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_config_lines() {
+        let r = parse_config("# c\nuprobe libc.so.6:malloc\n\nuretprobe/main:f+4\nkprobe x\nbad\n");
+        assert_eq!(r.len(), 4);
+        assert_eq!(
+            r[0],
+            Ok(Request {
+                kind: ProbeKind::Uprobe,
+                target: "libc.so.6:malloc".into()
+            })
+        );
+        assert_eq!(r[1].as_ref().unwrap().target, "main:f+4");
+        assert!(r[2].is_err() && r[3].is_err());
+    }
+}

@@ -1,0 +1,539 @@
+//! The in-process hook engine.
+//!
+//! Each hooked address (a *site*) gets a detour (`detour` 0.10: the displaced instructions are
+//! relocated into a trampoline; patching happens in a `Transaction` with every other thread
+//! suspended and moved out of the patched bytes) to a small per-site thunk, which pushes the site
+//! pointer and jumps to a shared stub that saves all registers into a kernel-layout
+//! [`PtRegs`] (+ xmm0-7) and calls the dispatcher. Handlers registered on the site run in order.
+//! Return hooks replace the return address with the return stub and keep the real one on a
+//! per-thread shadow stack, validated by stack address so frames skipped by `longjmp` are dropped.
+//!
+//! Sites and their trampolines, thunks and handler lists are never freed: a thread may still be
+//! inside them, or have a return pending, after the hook is removed.
+
+mod stub;
+mod thread;
+
+use crate::error::AttachError;
+use crate::precheck;
+use crate::regs::PtRegs;
+use crate::symbols::ResolvedTarget;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What an entry handler asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryAction {
+    /// Run the original function.
+    Continue,
+    /// Skip the function and return this value to its caller (`bpf_override_return`).
+    Override(u64),
+}
+
+/// A probe program. Runs on whichever thread calls the hooked function, possibly on many
+/// threads at once. Calls of hooked functions made by a handler (on the same thread) do not
+/// trigger handlers again.
+pub trait ProbeHandler: Send + Sync {
+    /// At function entry (uprobe). `regs` may be modified; the changes are applied.
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        let _ = regs;
+        EntryAction::Continue
+    }
+    /// At function return (uretprobe); `regs.rax` = return value, `regs.rip` = return address.
+    fn on_return(&self, regs: &mut PtRegs) {
+        let _ = regs;
+    }
+}
+
+/// Which handler method a hook calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// `on_entry` at the target address.
+    Uprobe,
+    /// `on_return` when the function returns (target must be a function entry).
+    Uretprobe,
+}
+
+/// Identifies an installed hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HookId(pub u64);
+
+impl std::fmt::Display for HookId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Process-wide counters of unusual events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HookStats {
+    /// Hooked calls made from inside a handler (handlers not run).
+    pub reentered: u64,
+    /// Calls on threads beyond the thread table's capacity (handlers not run).
+    pub no_thread_slot: u64,
+    /// Return hooks skipped because the shadow stack was full.
+    pub shadow_overflow: u64,
+    /// Shadow frames dropped because their stack frame was gone (longjmp, unwinding).
+    pub stale_frames: u64,
+    /// Handlers that panicked (treated as `Continue`).
+    pub handler_panics: u64,
+}
+
+static REENTERED: AtomicU64 = AtomicU64::new(0);
+static NO_SLOT: AtomicU64 = AtomicU64::new(0);
+static OVERFLOW: AtomicU64 = AtomicU64::new(0);
+static STALE: AtomicU64 = AtomicU64::new(0);
+static PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Reads the process-wide counters.
+pub fn stats() -> HookStats {
+    HookStats {
+        reentered: REENTERED.load(Ordering::Relaxed),
+        no_thread_slot: NO_SLOT.load(Ordering::Relaxed),
+        shadow_overflow: OVERFLOW.load(Ordering::Relaxed),
+        stale_frames: STALE.load(Ordering::Relaxed),
+        handler_panics: PANICS.load(Ordering::Relaxed),
+    }
+}
+
+type Handlers = Vec<(HookId, Arc<dyn ProbeHandler>)>;
+
+/// A hooked address. Leaked: referenced by thunks and pending shadow frames forever.
+pub(crate) struct Site {
+    addr: u64,
+    /// Hooked inside a function (no override, no return hooks).
+    mid_function: bool,
+    name: String,
+    /// Where "continue" goes: the detour trampoline.
+    trampoline: AtomicU64,
+    enabled: AtomicBool,
+    /// Null = empty. Replaced copy-on-write, old lists leaked (readers never see freed memory).
+    entries: AtomicPtr<Handlers>,
+    returns: AtomicPtr<Handlers>,
+}
+
+/// Runs `f` on each handler of a list.
+#[inline(always)]
+fn for_each(list: &AtomicPtr<Handlers>, mut f: impl FnMut(&dyn ProbeHandler)) {
+    let p = list.load(Ordering::Acquire);
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: lists are never freed once published.
+    for (_, h) in unsafe { &*p } {
+        f(h.as_ref());
+    }
+}
+
+/// Called by the entry stub. Returns where to continue.
+///
+/// # Safety
+/// Only called by the stub, with a leaked `Site` and the frame it built.
+unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64 {
+    // SAFETY: see the function's contract.
+    let (site, regs) = unsafe { (&*site, &mut *regs) };
+    regs.rip = site.addr;
+    let cont = site.trampoline.load(Ordering::Relaxed);
+    if !site.enabled.load(Ordering::Relaxed) {
+        return cont;
+    }
+    let Some(ts) = thread::current() else {
+        NO_SLOT.fetch_add(1, Ordering::Relaxed);
+        return cont;
+    };
+    if ts.guard {
+        REENTERED.fetch_add(1, Ordering::Relaxed);
+        return cont;
+    }
+    ts.guard = true;
+    let entry_rsp = regs.rsp;
+    let mut over = None;
+    for_each(&site.entries, |h| {
+        match catch_unwind(AssertUnwindSafe(|| h.on_entry(regs))) {
+            Ok(EntryAction::Override(v)) if !site.mid_function => over = Some(v),
+            Ok(_) => {}
+            Err(_) => {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let next = if let Some(v) = over {
+        regs.rax = v;
+        stub::ret_insn()
+    } else {
+        let rets = site.returns.load(Ordering::Acquire);
+        // SAFETY: lists are never freed once published.
+        if !site.mid_function && !rets.is_null() && !unsafe { &*rets }.is_empty() {
+            push_frame(ts, site, entry_rsp);
+        }
+        cont
+    };
+    ts.guard = false;
+    next
+}
+
+#[inline]
+fn push_frame(ts: &mut thread::ThreadState, site: &Site, slot: u64) {
+    // Frames at or below the current stack pointer belong to returns that never happened
+    // (longjmp, exceptions): drop them.
+    while ts.depth > 0 && ts.frames[ts.depth - 1].slot <= slot {
+        ts.depth -= 1;
+        STALE.fetch_add(1, Ordering::Relaxed);
+    }
+    if ts.depth == thread::MAX_FRAMES {
+        OVERFLOW.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let ret_ptr = slot as *mut u64;
+    // SAFETY: `slot` is the stack pointer at the function's entry: it holds the return address.
+    let orig_ret = unsafe { ret_ptr.read() };
+    ts.frames[ts.depth] = thread::Frame {
+        slot,
+        orig_ret,
+        site,
+    };
+    ts.depth += 1;
+    // SAFETY: as above; the return stub restores the real return address.
+    unsafe { ret_ptr.write(stub::return_stub()) };
+}
+
+/// Called by the return stub. Returns the original return address.
+///
+/// # Safety
+/// Only called by the stub with the frame it built.
+unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
+    // SAFETY: see the function's contract.
+    let regs = unsafe { &mut *regs };
+    let slot = regs.rsp - 8;
+    let Some(ts) = thread::current() else {
+        fatal(b"bpftime-attach: return stub reached on a thread without state\n");
+    };
+    let frame = loop {
+        if ts.depth == 0 {
+            fatal(b"bpftime-attach: return stub reached with an empty shadow stack\n");
+        }
+        let f = ts.frames[ts.depth - 1];
+        ts.depth -= 1;
+        if f.slot == slot {
+            break f;
+        }
+        if f.slot > slot {
+            fatal(b"bpftime-attach: no shadow frame for this return\n");
+        }
+        STALE.fetch_add(1, Ordering::Relaxed);
+    };
+    regs.rip = frame.orig_ret;
+    // SAFETY: sites are leaked, never freed.
+    let site = unsafe { &*frame.site };
+    if !ts.guard && site.enabled.load(Ordering::Relaxed) {
+        ts.guard = true;
+        for_each(&site.returns, |h| {
+            if catch_unwind(AssertUnwindSafe(|| h.on_return(regs))).is_err() {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        ts.guard = false;
+    }
+    frame.orig_ret
+}
+
+fn fatal(msg: &[u8]) -> ! {
+    // SAFETY: write(2) of a static buffer, then abort.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::abort()
+    }
+}
+
+/// A site and its detour, in the global registry.
+struct SiteEntry {
+    site: &'static Site,
+    detour: &'static detour::RawDetour,
+    enabled: bool,
+}
+
+struct Registry {
+    sites: HashMap<u64, SiteEntry>,
+    hooks: HashMap<HookId, (u64, ProbeKind)>,
+    next_id: u64,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+fn registry() -> MutexGuard<'static, Option<Registry>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the per-site thunk (`push [site]; jmp [stub]`) on its own never-modified page.
+fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
+    let red_zone = site.mid_function;
+    let mut code: Vec<u8> = Vec::with_capacity(48);
+    if red_zone {
+        code.extend_from_slice(&[0x48, 0x8d, 0x64, 0x24, 0x80]); // lea rsp, [rsp-128]
+    }
+    let push_at = code.len();
+    code.extend_from_slice(&[0xff, 0x35, 0, 0, 0, 0]); // push qword [rip+d]
+    let jmp_at = code.len();
+    code.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp qword [rip+d]
+    while code.len() % 8 != 0 {
+        code.push(0xcc);
+    }
+    let data = code.len();
+    code.extend_from_slice(&(site as *const Site as u64).to_le_bytes());
+    code.extend_from_slice(&stub_addr.to_le_bytes());
+    let d1 = (data - (push_at + 6)) as i32;
+    let d2 = (data + 8 - (jmp_at + 6)) as i32;
+    code[push_at + 2..push_at + 6].copy_from_slice(&d1.to_le_bytes());
+    code[jmp_at + 2..jmp_at + 6].copy_from_slice(&d2.to_le_bytes());
+
+    let page = 4096;
+    // SAFETY: anonymous private mapping, checked below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(AttachError::Os {
+            what: "mmap of a hook thunk",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `mem` is a fresh writable page larger than `code`; then made read+exec.
+    let rc = unsafe {
+        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast::<u8>(), code.len());
+        libc::mprotect(mem, page, libc::PROT_READ | libc::PROT_EXEC)
+    };
+    if rc != 0 {
+        return Err(AttachError::Os {
+            what: "mprotect of a hook thunk",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(mem as u64)
+}
+
+fn commit(detour: &detour::RawDetour, enable: bool, name: &str) -> Result<(), AttachError> {
+    let mut tx = detour::Transaction::new();
+    if enable {
+        tx.enable(detour);
+    } else {
+        tx.disable(detour);
+    }
+    // SAFETY: the detour's target was pre-checked; all other threads are suspended and moved
+    // out of the patched bytes while they are written.
+    unsafe { tx.commit(detour::Threads::All) }.map_err(|source| AttachError::Detour {
+        function: name.to_string(),
+        source,
+    })
+}
+
+fn publish(list: &AtomicPtr<Handlers>, f: impl FnOnce(&mut Handlers)) {
+    let old = list.load(Ordering::Acquire);
+    let mut new: Handlers = if old.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: published lists are never freed.
+        unsafe { &*old }.clone()
+    };
+    f(&mut new);
+    let p = if new.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        Box::into_raw(Box::new(new))
+    };
+    // The old list is leaked on purpose: another thread may be iterating it.
+    list.store(p, Ordering::Release);
+}
+
+/// The hooks installed by one owner. Dropping it removes them.
+#[derive(Default)]
+pub struct HookSet {
+    ids: Vec<HookId>,
+}
+
+impl HookSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs a hook on a resolved target (see [`crate::symbols`]).
+    pub fn install(
+        &mut self,
+        target: &ResolvedTarget,
+        kind: ProbeKind,
+        handler: Arc<dyn ProbeHandler>,
+    ) -> Result<HookId, AttachError> {
+        if kind == ProbeKind::Uretprobe && target.offset != 0 {
+            return Err(AttachError::Unpatchable {
+                function: target.display_name(),
+                reason: "a uretprobe must be at the function entry (offset 0)".into(),
+            });
+        }
+        // SAFETY: a resolved target is the runtime address of a function symbol of `size` bytes
+        // in a file mapped by this process.
+        unsafe {
+            self.install_at(
+                target.address,
+                target.size,
+                target.offset != 0,
+                &target.display_name(),
+                kind,
+                handler,
+            )
+        }
+    }
+
+    /// Installs a hook at a raw address.
+    ///
+    /// # Safety
+    /// `address..address + size` must be mapped code of one function (from `address` to its end);
+    /// `mid_function` must be true unless `address` is the function's entry.
+    pub unsafe fn install_at(
+        &mut self,
+        address: u64,
+        size: u64,
+        mid_function: bool,
+        name: &str,
+        kind: ProbeKind,
+        handler: Arc<dyn ProbeHandler>,
+    ) -> Result<HookId, AttachError> {
+        let mut guard = registry();
+        let reg = guard.get_or_insert_with(|| Registry {
+            sites: HashMap::new(),
+            hooks: HashMap::new(),
+            next_id: 1,
+        });
+        if !reg.sites.contains_key(&address) {
+            // SAFETY: forwarded from the caller.
+            unsafe { precheck::check_site(address, size, name)? };
+            let site: &'static Site = Box::leak(Box::new(Site {
+                addr: address,
+                mid_function,
+                name: name.to_string(),
+                trampoline: AtomicU64::new(0),
+                enabled: AtomicBool::new(false),
+                entries: AtomicPtr::new(std::ptr::null_mut()),
+                returns: AtomicPtr::new(std::ptr::null_mut()),
+            }));
+            let stub_addr = if mid_function {
+                stub::entry_stub_red_zone()
+            } else {
+                stub::entry_stub()
+            };
+            let thunk = make_thunk(site, stub_addr)?;
+            // SAFETY: the target was pre-checked to hold at least 5 bytes of whole instructions
+            // of one function; the thunk is valid code that preserves all registers.
+            let det = unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) }
+                .map_err(|source| AttachError::Detour {
+                function: name.to_string(),
+                source,
+            })?;
+            site.trampoline
+                .store(det.trampoline() as u64, Ordering::Release);
+            reg.sites.insert(
+                address,
+                SiteEntry {
+                    site,
+                    detour: Box::leak(Box::new(det)),
+                    enabled: false,
+                },
+            );
+        }
+        let id = HookId(reg.next_id);
+        reg.next_id += 1;
+        let entry = reg.sites.get_mut(&address).expect("site just inserted");
+        let list = match kind {
+            ProbeKind::Uprobe => &entry.site.entries,
+            ProbeKind::Uretprobe => &entry.site.returns,
+        };
+        publish(list, |l| l.push((id, handler)));
+        if !entry.enabled {
+            entry.site.enabled.store(true, Ordering::Release);
+            if let Err(e) = commit(entry.detour, true, &entry.site.name) {
+                publish(list, |l| l.retain(|(i, _)| *i != id));
+                entry.site.enabled.store(false, Ordering::Release);
+                return Err(e);
+            }
+            entry.enabled = true;
+        }
+        reg.hooks.insert(id, (address, kind));
+        self.ids.push(id);
+        Ok(id)
+    }
+
+    /// Removes one hook. The site is unpatched when its last hook goes; return hooks pending on
+    /// some thread's stack still return correctly (without calling the handler).
+    pub fn remove(&mut self, id: HookId) -> Result<(), AttachError> {
+        let pos = self
+            .ids
+            .iter()
+            .position(|i| *i == id)
+            .ok_or(AttachError::NoSuchHook(id.0))?;
+        self.ids.swap_remove(pos);
+        remove_hook(id)
+    }
+
+    /// Removes every hook of this set.
+    pub fn detach(&mut self) -> Result<(), AttachError> {
+        let mut first_err = None;
+        for id in std::mem::take(&mut self.ids) {
+            if let Err(e) = remove_hook(id) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    pub fn ids(&self) -> &[HookId] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl Drop for HookSet {
+    fn drop(&mut self) {
+        let _ = self.detach();
+    }
+}
+
+fn remove_hook(id: HookId) -> Result<(), AttachError> {
+    let mut guard = registry();
+    let reg = guard.as_mut().ok_or(AttachError::NoSuchHook(id.0))?;
+    let (addr, kind) = reg.hooks.remove(&id).ok_or(AttachError::NoSuchHook(id.0))?;
+    let entry = reg.sites.get_mut(&addr).expect("hook of a known site");
+    let list = match kind {
+        ProbeKind::Uprobe => &entry.site.entries,
+        ProbeKind::Uretprobe => &entry.site.returns,
+    };
+    publish(list, |l| l.retain(|(i, _)| *i != id));
+    let empty = entry.site.entries.load(Ordering::Acquire).is_null()
+        && entry.site.returns.load(Ordering::Acquire).is_null();
+    if empty && entry.enabled {
+        entry.site.enabled.store(false, Ordering::Release);
+        commit(entry.detour, false, &entry.site.name)?;
+        entry.enabled = false;
+    }
+    Ok(())
+}
+
+/// Number of currently patched sites in this process.
+pub fn active_sites() -> usize {
+    registry()
+        .as_ref()
+        .map_or(0, |r| r.sites.values().filter(|s| s.enabled).count())
+}

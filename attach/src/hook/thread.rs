@@ -1,0 +1,87 @@
+//! Per-thread hook state (re-entrancy guard and shadow stack of return addresses) without
+//! thread-local storage: a dlopen'ed agent's TLS is allocated lazily by `__tls_get_addr`, which
+//! calls `malloc`, which may be the hooked function. Threads are keyed by their TCB address
+//! (`fs:0`) in a fixed open-addressed table in `.bss`; a thread that exits leaves its slot to
+//! the next thread with the same TCB (glibc reuses cached stacks and TCBs).
+
+use super::Site;
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub(super) const MAX_THREADS: usize = 2048;
+pub(super) const MAX_FRAMES: usize = 256;
+
+#[derive(Clone, Copy)]
+pub(super) struct Frame {
+    /// Address of the stack slot holding the replaced return address (`rsp` at entry).
+    pub slot: u64,
+    pub orig_ret: u64,
+    pub site: *const Site,
+}
+
+pub(super) struct ThreadState {
+    pub guard: bool,
+    pub depth: usize,
+    pub frames: [Frame; MAX_FRAMES],
+}
+
+struct Slot {
+    key: AtomicUsize,
+    state: UnsafeCell<ThreadState>,
+}
+
+struct Table([Slot; MAX_THREADS]);
+
+// SAFETY: a slot's state is only touched by the thread whose key claimed it.
+unsafe impl Sync for Table {}
+
+static TABLE: Table = Table(
+    [const {
+        Slot {
+            key: AtomicUsize::new(0),
+            state: UnsafeCell::new(ThreadState {
+                guard: false,
+                depth: 0,
+                frames: [Frame {
+                    slot: 0,
+                    orig_ret: 0,
+                    site: std::ptr::null(),
+                }; MAX_FRAMES],
+            }),
+        }
+    }; MAX_THREADS],
+);
+
+#[inline(always)]
+fn thread_key() -> usize {
+    let k: usize;
+    // SAFETY: on x86_64 Linux (glibc and musl) fs:0 holds the thread control block's own address.
+    unsafe {
+        core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) k, options(nostack, readonly, preserves_flags, pure));
+    }
+    k
+}
+
+/// The calling thread's state, or `None` when the table is full.
+#[inline]
+pub(super) fn current() -> Option<&'static mut ThreadState> {
+    let key = thread_key();
+    let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) & (MAX_THREADS - 1);
+    for _ in 0..MAX_THREADS {
+        let slot = &TABLE.0[i];
+        let k = slot.key.load(Ordering::Acquire);
+        if k == key
+            || (k == 0
+                && slot
+                    .key
+                    .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok())
+        {
+            // SAFETY: only the thread with this key (this thread) reaches this slot's state,
+            // and the dispatchers never hold two references at once.
+            return Some(unsafe { &mut *slot.state.get() });
+        }
+        i = (i + 1) & (MAX_THREADS - 1);
+    }
+    None
+}

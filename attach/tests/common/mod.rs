@@ -1,0 +1,115 @@
+//! Shared helpers: compile small C victims with the system `cc` into a temp dir.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// A fresh directory under the system temp dir, removed at exit (best effort, not needed).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "bpftime-attach-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compiles `src` with `cc` and the given extra args into `dir/out`.
+pub fn cc(dir: &Path, name: &str, src: &str, out: &str, args: &[&str]) -> PathBuf {
+    let c = dir.join(name);
+    std::fs::write(&c, src).unwrap();
+    let o = dir.join(out);
+    let st = Command::new("cc")
+        .args(["-O2", "-g", "-fcf-protection=none", "-fno-omit-frame-pointer"])
+        .args(args)
+        .arg("-o")
+        .arg(&o)
+        .arg(&c)
+        .status()
+        .expect("running cc");
+    assert!(st.success(), "cc failed for {name}");
+    o
+}
+
+pub const VICTIM_LIB: &str = r#"
+#include <stdlib.h>
+#include <setjmp.h>
+#include <stddef.h>
+#define NI __attribute__((noinline))
+NI long add6(long a, long b, long c, long d, long e, long f) {
+    return a + 2*b + 3*c + 4*d + 5*e + 6*f;
+}
+NI long fib(long n) {
+    if (n < 2) return n;
+    long r = fib(n - 1);
+    r += fib(n - 2);
+    __asm__ volatile("" : "+r"(r)); /* keep both calls real calls */
+    return r;
+}
+NI int check_secret(int x) { volatile int y = x * 7; return y == 42 ? 1 : 0; }
+NI long work(long x) { volatile long y = x; return y + 1; }
+NI long churn(long x) { volatile long y = x; return y * 3; }
+NI int tiny(int x) { return x; }
+NI double fmix(double a, double b, long c) { return a * 2.0 + b + (double)c; }
+static jmp_buf jb;
+NI long jumper(long x) { volatile long y = x; if (y > 0) longjmp(jb, 1); return y; }
+NI long call_jumper(long x) { if (setjmp(jb) == 0) { jumper(x); return -1; } return 7; }
+NI void *alloc_wrap(size_t n) { return malloc(n); }
+NI long bench_plain(long x) { volatile long y = x; return y + 1; }
+__asm__(".text\n.globl bench_nop5\n.type bench_nop5,@function\n.p2align 4\nbench_nop5:\n"
+        ".byte 0x0f,0x1f,0x44,0x00,0x00\nleaq 1(%rdi), %rax\nret\n.size bench_nop5, .-bench_nop5\n");
+NI long mid_target(long x) {
+    volatile long a = x;
+    a = a * 5;
+    a = a + 3;
+    return a;
+}
+"#;
+
+pub struct VictimLib {
+    pub path: PathBuf,
+    pub handle: usize,
+}
+
+/// Builds and dlopens the victim library once per test binary.
+pub fn victim() -> &'static VictimLib {
+    static LIB: OnceLock<VictimLib> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = temp_dir("lib");
+        let path = cc(
+            &dir,
+            "victim.c",
+            VICTIM_LIB,
+            "libvictim.so",
+            &["-shared", "-fPIC"],
+        );
+        let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: dlopen of a library we just built.
+        let handle = unsafe { libc::dlopen(cpath.as_ptr(), libc::RTLD_NOW) } as usize;
+        assert_ne!(handle, 0, "dlopen victim");
+        VictimLib { path, handle }
+    })
+}
+
+/// Looks up a function of the victim library.
+pub fn sym<T: Copy>(name: &str) -> T {
+    let v = victim();
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: dlsym on a live handle.
+    let p = unsafe { libc::dlsym(v.handle as *mut libc::c_void, c.as_ptr()) };
+    assert!(!p.is_null(), "dlsym {name}");
+    assert_eq!(std::mem::size_of::<T>(), 8);
+    // SAFETY: caller passes the right fn pointer type.
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+/// `libvictim.so:FUNC`.
+pub fn target(func: &str) -> String {
+    let _ = victim();
+    format!("libvictim.so:{func}")
+}

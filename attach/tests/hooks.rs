@@ -1,0 +1,364 @@
+//! In-process hook tests against a dlopen'ed C victim library.
+
+mod common;
+
+use bpftime_attach::{
+    hook, resolve, AttachError, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs,
+};
+use common::{sym, target};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Counter {
+    entries: AtomicU64,
+    returns: AtomicU64,
+    rc_sum: AtomicU64,
+}
+
+impl ProbeHandler for Counter {
+    fn on_entry(&self, _regs: &mut PtRegs) -> EntryAction {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        EntryAction::Continue
+    }
+    fn on_return(&self, regs: &mut PtRegs) {
+        self.returns.fetch_add(1, Ordering::Relaxed);
+        self.rc_sum.fetch_add(regs.rc(), Ordering::Relaxed);
+    }
+}
+
+fn install(set: &mut HookSet, func: &str, kind: ProbeKind, h: Arc<dyn ProbeHandler>) {
+    let t = resolve(&target(func)).unwrap();
+    set.install(&t, kind, h).unwrap();
+}
+
+#[derive(Default)]
+struct ArgRecorder {
+    args: Mutex<Vec<[u64; 6]>>,
+    rets: Mutex<Vec<u64>>,
+    rip: AtomicU64,
+    rsp_ok: AtomicBool,
+}
+
+impl ProbeHandler for ArgRecorder {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        let a = [1, 2, 3, 4, 5, 6].map(|i| regs.arg(i).unwrap());
+        self.args.lock().unwrap().push(a);
+        self.rip.store(regs.rip, Ordering::Relaxed);
+        // rsp at entry points at the return address: 8 mod 16
+        self.rsp_ok.store(regs.rsp % 16 == 8, Ordering::Relaxed);
+        EntryAction::Continue
+    }
+    fn on_return(&self, regs: &mut PtRegs) {
+        self.rets.lock().unwrap().push(regs.rc());
+    }
+}
+
+#[test]
+fn entry_sees_parm1_to_6_and_return_sees_rc() {
+    type F = extern "C" fn(i64, i64, i64, i64, i64, i64) -> i64;
+    let add6: F = sym("add6");
+    let rec = Arc::new(ArgRecorder::default());
+    let mut set = HookSet::new();
+    let t = resolve(&target("add6")).unwrap();
+    set.install(&t, ProbeKind::Uprobe, rec.clone()).unwrap();
+    set.install(&t, ProbeKind::Uretprobe, rec.clone()).unwrap();
+    let r = add6(1, 2, 3, 4, 5, -6);
+    assert_eq!(r, 1 + 4 + 9 + 16 + 25 - 36);
+    let r2 = add6(10, 20, 30, 40, 50, 60);
+    assert_eq!(
+        rec.args.lock().unwrap().as_slice(),
+        &[
+            [1, 2, 3, 4, 5, (-6i64) as u64],
+            [10, 20, 30, 40, 50, 60]
+        ]
+    );
+    assert_eq!(rec.rets.lock().unwrap().as_slice(), &[r as u64, r2 as u64]);
+    assert_eq!(rec.rip.load(Ordering::Relaxed), t.address);
+    assert!(rec.rsp_ok.load(Ordering::Relaxed));
+    set.detach().unwrap();
+    add6(0, 0, 0, 0, 0, 0);
+    assert_eq!(rec.args.lock().unwrap().len(), 2, "no call seen after detach");
+}
+
+#[test]
+fn float_arguments_survive_the_hook() {
+    type F = extern "C" fn(f64, f64, i64) -> f64;
+    let fmix: F = sym("fmix");
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "fmix", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "fmix", ProbeKind::Uretprobe, c.clone());
+    assert_eq!(fmix(1.5, 0.25, 3), 6.25);
+    assert_eq!(c.entries.load(Ordering::Relaxed), 1);
+    assert_eq!(c.returns.load(Ordering::Relaxed), 1);
+}
+
+struct Overrider;
+impl ProbeHandler for Overrider {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        if regs.arg(1) == Some(5) {
+            EntryAction::Override(1234)
+        } else {
+            EntryAction::Continue
+        }
+    }
+}
+
+#[test]
+fn override_return_skips_the_function() {
+    type F = extern "C" fn(i32) -> i32;
+    let check: F = sym("check_secret");
+    assert_eq!(check(6), 1);
+    assert_eq!(check(5), 0);
+    let mut set = HookSet::new();
+    install(&mut set, "check_secret", ProbeKind::Uprobe, Arc::new(Overrider));
+    assert_eq!(check(5), 1234);
+    assert_eq!(check(6), 1, "not overridden: original runs");
+    assert_eq!(check(7), 0);
+    set.detach().unwrap();
+    assert_eq!(check(5), 0);
+}
+
+fn fib_ref(n: i64, calls: &mut u64, sum: &mut u64) -> i64 {
+    *calls += 1;
+    let r = if n < 2 {
+        n
+    } else {
+        fib_ref(n - 1, calls, sum) + fib_ref(n - 2, calls, sum)
+    };
+    *sum += r as u64;
+    r
+}
+
+#[test]
+fn uretprobe_with_recursion_exact_counts() {
+    type F = extern "C" fn(i64) -> i64;
+    let fib: F = sym("fib");
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "fib", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "fib", ProbeKind::Uretprobe, c.clone());
+    let (mut calls, mut sum) = (0, 0);
+    assert_eq!(fib(20), fib_ref(20, &mut calls, &mut sum));
+    assert_eq!(calls, 21891);
+    assert_eq!(c.entries.load(Ordering::Relaxed), calls);
+    assert_eq!(c.returns.load(Ordering::Relaxed), calls);
+    assert_eq!(c.rc_sum.load(Ordering::Relaxed), sum);
+}
+
+#[test]
+fn eight_threads_one_million_calls_each_exact() {
+    type F = extern "C" fn(i64) -> i64;
+    let work: F = sym("work");
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "work", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "work", ProbeKind::Uretprobe, c.clone());
+    const N: u64 = 1_000_000;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = 0i64;
+                for i in 0..N as i64 {
+                    s = s.wrapping_add(work(i + t));
+                }
+                s
+            })
+        })
+        .collect();
+    for (t, h) in threads.into_iter().enumerate() {
+        let t = t as i64;
+        let expect: i64 = (0..N as i64).map(|i| i + t + 1).sum();
+        assert_eq!(h.join().unwrap(), expect);
+    }
+    assert_eq!(c.entries.load(Ordering::Relaxed), 8 * N);
+    assert_eq!(c.returns.load(Ordering::Relaxed), 8 * N);
+}
+
+#[test]
+fn install_and_remove_while_threads_run_through() {
+    type F = extern "C" fn(i64) -> i64;
+    let churn: F = sym("churn");
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(churn(n as i64), 3 * n as i64);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let c = Arc::new(Counter::default());
+    let t = resolve(&target("churn")).unwrap();
+    for _ in 0..100 {
+        let mut set = HookSet::new();
+        set.install(&t, ProbeKind::Uprobe, c.clone()).unwrap();
+        set.install(&t, ProbeKind::Uretprobe, c.clone()).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        set.detach().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(total > 0);
+    assert!(c.entries.load(Ordering::Relaxed) > 0);
+    // every return hook seen was for an entry seen
+    assert!(c.returns.load(Ordering::Relaxed) <= c.entries.load(Ordering::Relaxed));
+}
+
+#[test]
+fn too_short_function_is_refused_with_a_clear_error() {
+    type F = extern "C" fn(i32) -> i32;
+    let tiny: F = sym("tiny");
+    let t = resolve(&target("tiny")).unwrap();
+    assert!(t.size < 5, "tiny is {} bytes", t.size);
+    // SAFETY: reading the function's own bytes and the next 16 for comparison.
+    let before: Vec<u8> =
+        unsafe { std::slice::from_raw_parts(t.address as *const u8, 32) }.to_vec();
+    let mut set = HookSet::new();
+    let err = set
+        .install(&t, ProbeKind::Uprobe, Arc::new(Counter::default()))
+        .unwrap_err();
+    assert!(matches!(err, AttachError::TooShort { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tiny") && msg.contains(&format!("{} bytes", t.size)),
+        "{msg}"
+    );
+    // SAFETY: as above.
+    let after: Vec<u8> = unsafe { std::slice::from_raw_parts(t.address as *const u8, 32) }.to_vec();
+    assert_eq!(before, after, "nothing written");
+    assert_eq!(tiny(9), 9);
+}
+
+#[test]
+fn unknown_symbol_error_names_file_and_symbol() {
+    let err = resolve(&target("does_not_exist")).unwrap_err();
+    assert!(matches!(err, AttachError::UnknownSymbol { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("does_not_exist") && msg.contains("libvictim.so"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn longjmp_past_a_hooked_frame() {
+    type F = extern "C" fn(i64) -> i64;
+    let call_jumper: F = sym("call_jumper");
+    let work: F = sym("work");
+    let c = Arc::new(Counter::default());
+    let w = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "jumper", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "jumper", ProbeKind::Uretprobe, c.clone());
+    install(&mut set, "call_jumper", ProbeKind::Uretprobe, w.clone());
+    let before = hook::stats().stale_frames;
+    for i in 0..1000 {
+        assert_eq!(call_jumper(1), 7, "iteration {i}");
+        assert_eq!(work(i), i + 1);
+    }
+    assert_eq!(call_jumper(0), -1, "returns normally when not jumping");
+    assert_eq!(c.entries.load(Ordering::Relaxed), 1001);
+    assert_eq!(c.returns.load(Ordering::Relaxed), 1, "only the normal return");
+    assert_eq!(w.returns.load(Ordering::Relaxed), 1001);
+    assert!(hook::stats().stale_frames - before >= 999);
+}
+
+/// A handler on libc malloc that itself allocates.
+struct AllocatingHandler {
+    hits: AtomicU64,
+}
+const MAGIC: u64 = 123_457;
+impl ProbeHandler for AllocatingHandler {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        if regs.arg(1) == Some(MAGIC) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            let v: Vec<u8> = Vec::with_capacity(MAGIC as usize);
+            std::hint::black_box(v);
+        }
+        EntryAction::Continue
+    }
+}
+
+#[test]
+fn malloc_hook_handler_calling_malloc_is_not_reentered() {
+    type F = extern "C" fn(usize) -> *mut u8;
+    let alloc_wrap: F = sym("alloc_wrap");
+    let h = Arc::new(AllocatingHandler {
+        hits: AtomicU64::new(0),
+    });
+    let t = resolve("libc.so.6:malloc").unwrap();
+    let mut set = HookSet::new();
+    set.install(&t, ProbeKind::Uprobe, h.clone()).unwrap();
+    let before = hook::stats().reentered;
+    for _ in 0..100 {
+        let p = alloc_wrap(MAGIC as usize);
+        assert!(!p.is_null());
+        // SAFETY: freeing what malloc returned.
+        unsafe { libc::free(p.cast()) };
+    }
+    set.detach().unwrap();
+    assert_eq!(h.hits.load(Ordering::Relaxed), 100);
+    assert!(hook::stats().reentered - before >= 100);
+}
+
+#[test]
+fn hook_at_function_offset() {
+    type F = extern "C" fn(i64) -> i64;
+    let mid: F = sym("mid_target");
+    let base = resolve(&target("mid_target")).unwrap();
+    // find an instruction boundary >= 4 bytes in
+    let code = unsafe { std::slice::from_raw_parts(base.address as *const u8, base.size as usize) };
+    let mut dec = iced_decoder_boundaries(code);
+    let off = dec.find(|&o| o >= 4 && o + 5 <= base.size).expect("boundary");
+    let t = resolve(&format!("{}+{off}", target("mid_target"))).unwrap();
+    assert_eq!(t.address, base.address + off);
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    match set.install(&t, ProbeKind::Uprobe, c.clone()) {
+        Ok(_) => {
+            assert_eq!(mid(2), 13);
+            assert_eq!(c.entries.load(Ordering::Relaxed), 1);
+        }
+        Err(e) => panic!("offset hook refused: {e}"),
+    }
+    assert!(set
+        .install(&t, ProbeKind::Uretprobe, c.clone())
+        .is_err());
+}
+
+fn iced_decoder_boundaries(code: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    // minimal length decoder via the precheck: try candidate offsets that precheck accepts
+    (1..code.len() as u64).filter(move |&o| {
+        // SAFETY: reading within the function.
+        unsafe {
+            bpftime_attach::precheck::check_site(
+                code.as_ptr() as u64 + o,
+                code.len() as u64 - o,
+                "probe",
+            )
+        }
+        .is_ok()
+            && is_boundary(code, o)
+    })
+}
+
+fn is_boundary(code: &[u8], off: u64) -> bool {
+    let mut pos = 0u64;
+    while pos < off {
+        // SAFETY: reading within the function.
+        match unsafe {
+            bpftime_attach::precheck::instruction_len(code.as_ptr() as u64 + pos, code.len() as u64 - pos)
+        } {
+            Some(l) => pos += l,
+            None => return false,
+        }
+    }
+    pos == off
+}
