@@ -85,13 +85,17 @@ fn make_handler(counts: &'static [[AtomicU64; 4]], index: usize) -> Arc<dyn Prob
 /// Maps `<config>.counts` shared; never unmapped (handlers may run at any time).
 fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]]> {
     let len = 16 + n.max(1) * 32;
+    // Never truncated or shrunk: a handler of an earlier session may still be finishing a write
+    // through an older mapping of the same file, and a mapped page past the end would SIGBUS.
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)?;
-    f.set_len(len as u64)?;
+    if f.metadata()?.len() < len as u64 {
+        f.set_len(len as u64)?;
+    }
     use std::os::fd::AsRawFd;
     // SAFETY: shared mapping of a file we just sized; checked below; never unmapped.
     let p = unsafe {
@@ -111,6 +115,9 @@ fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]
     // has the layout of u64.
     unsafe {
         let hdr = p.cast::<AtomicU64>();
+        for i in 0..len / 8 {
+            (*hdr.add(i)).store(0, Ordering::Relaxed);
+        }
         (*hdr).store(COUNTS_MAGIC, Ordering::Relaxed);
         (*hdr.add(1)).store(n as u64, Ordering::Relaxed);
         Ok(std::slice::from_raw_parts(
@@ -159,7 +166,11 @@ fn start(config: &Path) -> Result<usize, String> {
         match res {
             Ok((r, t)) => lines.push(format!(
                 "ok {} {} at {:#x} ({} bytes)",
-                if r.kind == ProbeKind::Uprobe { "uprobe" } else { "uretprobe" },
+                if r.kind == ProbeKind::Uprobe {
+                    "uprobe"
+                } else {
+                    "uretprobe"
+                },
                 r.target,
                 t.address,
                 t.size
@@ -189,7 +200,9 @@ pub unsafe extern "C" fn bpftime_agent_start(config: *const c_char) -> i32 {
     }
     // SAFETY: the caller passes a NUL-terminated string.
     let path = unsafe { CStr::from_ptr(config) };
-    let path = Path::new(std::ffi::OsStr::from_encoded_bytes_unchecked_safe(path.to_bytes()));
+    let path = Path::new(std::ffi::OsStr::from_encoded_bytes_unchecked_safe(
+        path.to_bytes(),
+    ));
     match start(path) {
         Ok(failed) => failed as i32,
         Err(e) => {
@@ -220,18 +233,6 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
             eprintln!("bpftime-agent: detach: {e}");
             -1
         }
-    }
-}
-
-/// Helper to turn bytes into an `OsStr` on Unix without `unsafe`.
-trait FromBytes {
-    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr;
-}
-
-impl FromBytes for std::ffi::OsStr {
-    fn from_encoded_bytes_unchecked_safe(b: &[u8]) -> &std::ffi::OsStr {
-        use std::os::unix::ffi::OsStrExt;
-        std::ffi::OsStr::from_bytes(b)
     }
 }
 

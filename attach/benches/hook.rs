@@ -1,1 +1,98 @@
-fn main() {}
+//! ns per call of a hooked function, as a table (harness = false).
+//!
+//! Rows: no hook; entry hook with a trivial (counter) handler; return hook; entry + return hook;
+//! each on an ordinary entry and on a `nop5` entry. The lead adds the kernel uprobe rows.
+//! `cargo bench -p bpftime-attach --bench hook [-- CALLS REPS]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use bpftime_attach::{resolve, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Default)]
+struct Count(AtomicU64);
+
+impl ProbeHandler for Count {
+    fn on_entry(&self, _r: &mut PtRegs) -> EntryAction {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        EntryAction::Continue
+    }
+    fn on_return(&self, _r: &mut PtRegs) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type F = extern "C" fn(i64) -> i64;
+
+fn measure(f: F, calls: u64, reps: usize) -> (f64, f64) {
+    let mut v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            let mut s = 0i64;
+            for i in 0..calls as i64 {
+                s = s.wrapping_add(black_box(f)(i));
+            }
+            black_box(s);
+            t.elapsed().as_nanos() as f64 / calls as f64
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[0], v[v.len() / 2])
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let calls: u64 = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let reps: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(7);
+    println!("hooked function: `long f(long)`, {calls} calls x {reps} runs, ns per call");
+    println!(
+        "| {:<44} | {:>8} | {:>8} | {:>8} |",
+        "hook", "min", "median", "events"
+    );
+    println!("|{:-<46}|{:->10}|{:->10}|{:->10}|", "", "", "", "");
+    for func in ["bench_plain", "bench_nop5"] {
+        let f: F = common::sym(func);
+        let t = resolve(&common::target(func)).unwrap();
+        let entry_desc = if func == "bench_nop5" {
+            "nop5 entry"
+        } else {
+            "ordinary entry"
+        };
+        let row = |name: &str, kinds: &[ProbeKind]| {
+            let c = Arc::new(Count::default());
+            let mut set = HookSet::new();
+            for k in kinds {
+                set.install(&t, *k, c.clone()).unwrap();
+            }
+            let (min, med) = measure(f, calls, reps);
+            set.detach().unwrap();
+            println!(
+                "| {:<44} | {:>8.2} | {:>8.2} | {:>8} |",
+                format!("{name} ({entry_desc})"),
+                min,
+                med,
+                c.0.load(Ordering::Relaxed)
+            );
+        };
+        row("no hook", &[]);
+        row("userspace uprobe, counter handler", &[ProbeKind::Uprobe]);
+        row(
+            "userspace uretprobe, counter handler",
+            &[ProbeKind::Uretprobe],
+        );
+        row(
+            "userspace uprobe + uretprobe",
+            &[ProbeKind::Uprobe, ProbeKind::Uretprobe],
+        );
+    }
+}

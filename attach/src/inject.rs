@@ -223,7 +223,11 @@ impl Tracee {
     }
 
     /// Why the current stop is not a safe point (`None` = safe).
-    fn unsafe_reason(&self, regs: &libc::user_regs_struct, maps: &[MapEntry]) -> Option<&'static str> {
+    fn unsafe_reason(
+        &self,
+        regs: &libc::user_regs_struct,
+        maps: &[MapEntry],
+    ) -> Option<&'static str> {
         let is_ld = |m: &MapEntry| m.exec && m.file_name().starts_with("ld-");
         let is_libc = |m: &MapEntry| {
             m.exec && (m.file_name().starts_with("libc.so") || m.file_name().starts_with("libc-"))
@@ -290,7 +294,9 @@ impl Tracee {
                 }
             })
             .collect();
-        let regs_slots = [&mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.rcx, &mut r.r8, &mut r.r9];
+        let regs_slots = [
+            &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.rcx, &mut r.r8, &mut r.r9,
+        ];
         for (slot, v) in regs_slots.into_iter().zip(argv.iter()) {
             *slot = *v;
         }
@@ -407,10 +413,8 @@ pub fn inject_agent(
     opts: &InjectOptions,
 ) -> Result<InjectReport, InjectError> {
     let start = Instant::now();
-    let agent = std::fs::canonicalize(agent).map_err(|e| InjectError::Other(format!(
-        "agent {}: {e}",
-        agent.display()
-    )))?;
+    let agent = std::fs::canonicalize(agent)
+        .map_err(|e| InjectError::Other(format!("agent {}: {e}", agent.display())))?;
     let mut res = Resolver::new(Some(pid as u32))?;
     let dlopen = res
         .resolve("libc.so.6:dlopen")
@@ -483,6 +487,12 @@ pub fn call_export(
 /// Asks the agent loaded in `pid` to remove every hook (`bpftime_agent_detach()`); returns its
 /// result (0 = ok). The agent library stays loaded (pending return hooks may still use it).
 pub fn detach_agent(pid: i32, opts: &InjectOptions) -> Result<i64, InjectError> {
-    let r = call_export(pid, "libbpftime_agent.so", "bpftime_agent_detach", &[], opts)?;
+    let r = call_export(
+        pid,
+        "libbpftime_agent.so",
+        "bpftime_agent_detach",
+        &[],
+        opts,
+    )?;
     Ok(r as i32 as i64)
 }

@@ -35,13 +35,13 @@ impl TargetSpec {
         let (symbol, offset) = match func.split_once('+') {
             Some((s, o)) => {
                 let o = o.trim();
-                let off = if let Some(hex) = o.strip_prefix("0x").or_else(|| o.strip_prefix("0X"))
-                {
-                    u64::from_str_radix(hex, 16)
-                } else {
-                    o.parse()
-                }
-                .map_err(|_| bad("offset after `+` is not a number"))?;
+                let off =
+                    if let Some(hex) = o.strip_prefix("0x").or_else(|| o.strip_prefix("0X")) {
+                        u64::from_str_radix(hex, 16)
+                    } else {
+                        o.parse()
+                    }
+                    .map_err(|_| bad("offset after `+` is not a number"))?;
                 (s, off)
             }
             None => (func, 0),
@@ -164,7 +164,8 @@ impl Resolver {
     fn file(&mut self, path: &str) -> Result<&[u8], AttachError> {
         if !self.files.contains_key(path) {
             let hp = maps::host_path(self.pid, path);
-            let bytes = std::fs::read(&hp).map_err(|source| AttachError::Io { path: hp, source })?;
+            let bytes =
+                std::fs::read(&hp).map_err(|source| AttachError::Io { path: hp, source })?;
             self.files.insert(path.to_string(), bytes);
         }
         Ok(&self.files[path])
@@ -211,16 +212,19 @@ impl Resolver {
             address: vaddr,
             pid,
         };
-        let foff = elf
+        let (foff, exec) = elf
             .program_headers
             .iter()
             .filter(|ph| ph.p_type == PT_LOAD)
             .find(|ph| (ph.p_vaddr..ph.p_vaddr + ph.p_filesz).contains(&vaddr))
-            .map(|ph| vaddr - ph.p_vaddr + ph.p_offset)
+            .map(|ph| (vaddr - ph.p_vaddr + ph.p_offset, ph.is_executable()))
             .ok_or_else(not_mapped)?;
+        // The same file may be mapped more than once (e.g. read-only by a symbolizer): take
+        // the mapping with the segment's permissions, as the loader made it.
         let address = mappings
             .iter()
-            .find(|m| (m.offset..m.offset + (m.end - m.start)).contains(&foff))
+            .filter(|m| (m.offset..m.offset + (m.end - m.start)).contains(&foff))
+            .find(|m| m.exec == exec)
             .map(|m| m.start + (foff - m.offset))
             .ok_or_else(not_mapped)?;
         Ok(ResolvedTarget {
@@ -307,7 +311,10 @@ mod tests {
     fn unknown_symbol_names_file_and_symbol() {
         let e = resolve("libc.so.6:no_such_function_xyz").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("no_such_function_xyz") && msg.contains("libc.so.6"), "{msg}");
+        assert!(
+            msg.contains("no_such_function_xyz") && msg.contains("libc.so.6"),
+            "{msg}"
+        );
         let e = resolve("libnotloaded.so:f").unwrap_err();
         assert!(matches!(e, AttachError::ModuleNotLoaded { .. }));
     }

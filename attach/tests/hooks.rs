@@ -68,17 +68,18 @@ fn entry_sees_parm1_to_6_and_return_sees_rc() {
     let r2 = add6(10, 20, 30, 40, 50, 60);
     assert_eq!(
         rec.args.lock().unwrap().as_slice(),
-        &[
-            [1, 2, 3, 4, 5, (-6i64) as u64],
-            [10, 20, 30, 40, 50, 60]
-        ]
+        &[[1, 2, 3, 4, 5, (-6i64) as u64], [10, 20, 30, 40, 50, 60]]
     );
     assert_eq!(rec.rets.lock().unwrap().as_slice(), &[r as u64, r2 as u64]);
     assert_eq!(rec.rip.load(Ordering::Relaxed), t.address);
     assert!(rec.rsp_ok.load(Ordering::Relaxed));
     set.detach().unwrap();
     add6(0, 0, 0, 0, 0, 0);
-    assert_eq!(rec.args.lock().unwrap().len(), 2, "no call seen after detach");
+    assert_eq!(
+        rec.args.lock().unwrap().len(),
+        2,
+        "no call seen after detach"
+    );
 }
 
 #[test]
@@ -112,7 +113,12 @@ fn override_return_skips_the_function() {
     assert_eq!(check(6), 1);
     assert_eq!(check(5), 0);
     let mut set = HookSet::new();
-    install(&mut set, "check_secret", ProbeKind::Uprobe, Arc::new(Overrider));
+    install(
+        &mut set,
+        "check_secret",
+        ProbeKind::Uprobe,
+        Arc::new(Overrider),
+    );
     assert_eq!(check(5), 1234);
     assert_eq!(check(6), 1, "not overridden: original runs");
     assert_eq!(check(7), 0);
@@ -265,7 +271,11 @@ fn longjmp_past_a_hooked_frame() {
     }
     assert_eq!(call_jumper(0), -1, "returns normally when not jumping");
     assert_eq!(c.entries.load(Ordering::Relaxed), 1001);
-    assert_eq!(c.returns.load(Ordering::Relaxed), 1, "only the normal return");
+    assert_eq!(
+        c.returns.load(Ordering::Relaxed),
+        1,
+        "only the normal return"
+    );
     assert_eq!(w.returns.load(Ordering::Relaxed), 1001);
     assert!(hook::stats().stale_frames - before >= 999);
 }
@@ -316,7 +326,9 @@ fn hook_at_function_offset() {
     // find an instruction boundary >= 4 bytes in
     let code = unsafe { std::slice::from_raw_parts(base.address as *const u8, base.size as usize) };
     let mut dec = iced_decoder_boundaries(code);
-    let off = dec.find(|&o| o >= 4 && o + 5 <= base.size).expect("boundary");
+    let off = dec
+        .find(|&o| o >= 4 && o + 5 <= base.size)
+        .expect("boundary");
     let t = resolve(&format!("{}+{off}", target("mid_target"))).unwrap();
     assert_eq!(t.address, base.address + off);
     let c = Arc::new(Counter::default());
@@ -328,9 +340,7 @@ fn hook_at_function_offset() {
         }
         Err(e) => panic!("offset hook refused: {e}"),
     }
-    assert!(set
-        .install(&t, ProbeKind::Uretprobe, c.clone())
-        .is_err());
+    assert!(set.install(&t, ProbeKind::Uretprobe, c.clone()).is_err());
 }
 
 fn iced_decoder_boundaries(code: &[u8]) -> impl Iterator<Item = u64> + '_ {
@@ -354,11 +364,90 @@ fn is_boundary(code: &[u8], off: u64) -> bool {
     while pos < off {
         // SAFETY: reading within the function.
         match unsafe {
-            bpftime_attach::precheck::instruction_len(code.as_ptr() as u64 + pos, code.len() as u64 - pos)
+            bpftime_attach::precheck::instruction_len(
+                code.as_ptr() as u64 + pos,
+                code.len() as u64 - pos,
+            )
         } {
             Some(l) => pos += l,
             None => return false,
         }
     }
     pos == off
+}
+
+static RELEASE: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>> =
+    std::sync::Mutex::new(None);
+static ENTERED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn cb_wait(x: i64) -> i64 {
+    let rx = RELEASE.lock().unwrap().take().unwrap();
+    ENTERED.store(true, Ordering::SeqCst);
+    rx.recv().unwrap();
+    x * 10
+}
+
+#[test]
+fn detach_with_a_return_hook_pending_on_another_thread() {
+    type F = extern "C" fn(extern "C" fn(i64) -> i64, i64) -> i64;
+    let pass: F = sym("pass_through");
+    let (tx, rx) = std::sync::mpsc::channel();
+    *RELEASE.lock().unwrap() = Some(rx);
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "pass_through", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "pass_through", ProbeKind::Uretprobe, c.clone());
+    let t = std::thread::spawn(move || pass(cb_wait, 4));
+    while !ENTERED.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    assert_eq!(c.entries.load(Ordering::Relaxed), 1);
+    set.detach().unwrap(); // the return address on t's stack still points to the return stub
+    tx.send(()).unwrap();
+    assert_eq!(
+        t.join().unwrap(),
+        41,
+        "returned through the stub to the real caller"
+    );
+    assert_eq!(
+        c.returns.load(Ordering::Relaxed),
+        0,
+        "handler not run after detach"
+    );
+    // and the function works unhooked
+    extern "C" fn id(x: i64) -> i64 {
+        x
+    }
+    assert_eq!(pass(id, 1), 2);
+}
+
+extern "C-unwind" fn cb_panic(x: i64) -> i64 {
+    if x == 1 {
+        std::panic::panic_any("boom through a hooked C frame");
+    }
+    x
+}
+
+#[test]
+fn panic_unwinding_through_a_frame_with_a_return_hook() {
+    type F = extern "C-unwind" fn(extern "C-unwind" fn(i64) -> i64, i64) -> i64;
+    let pass: F = sym("pass_through");
+    type G = extern "C" fn(i64) -> i64;
+    let fib: G = sym("fib");
+    let c = Arc::new(Counter::default());
+    let outer = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "pass_through", ProbeKind::Uretprobe, c.clone());
+    install(&mut set, "fib", ProbeKind::Uretprobe, outer.clone());
+    for _ in 0..50 {
+        let r = std::panic::catch_unwind(|| pass(cb_panic, 1));
+        assert!(
+            r.is_err(),
+            "the panic crossed the hooked frame and was caught"
+        );
+        assert_eq!(pass(cb_panic, 5), 6);
+    }
+    assert_eq!(c.returns.load(Ordering::Relaxed), 50, "normal returns seen");
+    assert_eq!(fib(10), 55);
+    assert_eq!(outer.returns.load(Ordering::Relaxed), 177);
 }

@@ -518,7 +518,7 @@ fn unmarked_lookup_and_corrupt_segment_rejected() {
     assert!(!h.has_changes(), "unmarked lookups leave no mark");
     // Flip a geometry field in the file: opening must refuse it rather than follow it.
     let path = format!("/dev/shm/bpftime-rs.{}.shm", o.obj.object_name());
-    let mut bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
     // The first map region follows the program area; find its geometry by its map type,
     // key size and value size words (1, 4, 8) at a page boundary.
     let pg = 4096;
@@ -527,8 +527,12 @@ fn unmarked_lookup_and_corrupt_segment_rejected() {
         .rev()
         .find(|&o| bytes[o..o + 12] == [1, 0, 0, 0, 4, 0, 0, 0, 8, 0, 0, 0])
         .expect("geometry found");
-    bytes[off + 32] ^= 0x40; // n_buckets
-    std::fs::write(&path, &bytes).unwrap();
+    // In place: truncating a mapped segment (fs::write) would SIGBUS concurrent readers,
+    // such as list_segments() in a parallel test.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[bytes[off + 32] ^ 0x40], (off + 32) as u64) // n_buckets
+        .unwrap();
     let e = ShmObject::open(o.obj.object_name()).err().expect("corrupt");
     assert!(e.to_string().contains("geometry"), "{e}");
 }

@@ -119,8 +119,26 @@ fn owners_always_see_their_own_writes_under_churn() {
         assert_eq!(h.len(), live);
         assert_eq!(h.iter().len(), live);
         if track {
-            eprintln!("acked {acked}, counters {:?}", h.counters());
-            assert!(acked > 0);
+            // Whatever the concurrent forwarder did not get to (it may barely have been
+            // scheduled on two cores), a final pass acknowledges: no tombstone may be lost.
+            let mut dead = Vec::new();
+            h.drain_changes(|c| {
+                if c.value.is_none() {
+                    dead.push((c.slot, c.generation));
+                }
+            });
+            let late = dead
+                .into_iter()
+                .filter(|&(s, g)| h.ack_deleted(s, g))
+                .count();
+            let c = h.counters();
+            eprintln!("acked {acked} concurrently + {late} at the end; {c:?}");
+            assert_eq!(
+                c.tombstones, 0,
+                "every tombstone was reported and acknowledged"
+            );
+            assert_eq!(c.tombstones_dropped, 0);
+            assert_eq!(h.iter().len(), live);
         }
     }
 }

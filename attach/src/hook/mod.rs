@@ -105,6 +105,9 @@ pub(crate) struct Site {
     addr: u64,
     /// Hooked inside a function (no override, no return hooks).
     mid_function: bool,
+    /// An unwinder entry point (`_Unwind_RaiseException`, ...): put back every replaced return
+    /// address of this thread first, so the unwinder walks real frames.
+    unwind_fixup: bool,
     name: String,
     /// Where "continue" goes: the detour trampoline.
     trampoline: AtomicU64,
@@ -146,6 +149,9 @@ unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64
     if ts.guard {
         REENTERED.fetch_add(1, Ordering::Relaxed);
         return cont;
+    }
+    if site.unwind_fixup {
+        restore_all_frames(ts);
     }
     ts.guard = true;
     let entry_rsp = regs.rsp;
@@ -197,6 +203,25 @@ fn push_frame(ts: &mut thread::ThreadState, site: &Site, slot: u64) {
     ts.depth += 1;
     // SAFETY: as above; the return stub restores the real return address.
     unsafe { ret_ptr.write(stub::return_stub()) };
+}
+
+/// Writes the real return addresses back into every pending frame of this thread and empties
+/// its shadow stack (their return handlers will not run: the frames are being unwound, or are
+/// outer frames, which then return directly).
+fn restore_all_frames(ts: &mut thread::ThreadState) {
+    let stub_addr = stub::return_stub();
+    for f in &ts.frames[..ts.depth] {
+        let p = f.slot as *mut u64;
+        // SAFETY: `slot` held the return address of a frame of this thread's stack at entry;
+        // only rewritten if it still holds our stub (the frame is still live).
+        unsafe {
+            if p.read() == stub_addr {
+                p.write(f.orig_ret);
+            }
+        }
+    }
+    STALE.fetch_add(ts.depth as u64, Ordering::Relaxed);
+    ts.depth = 0;
 }
 
 /// Called by the return stub. Returns the original return address.
@@ -405,66 +430,25 @@ impl HookSet {
         kind: ProbeKind,
         handler: Arc<dyn ProbeHandler>,
     ) -> Result<HookId, AttachError> {
-        let mut guard = registry();
-        let reg = guard.get_or_insert_with(|| Registry {
-            sites: HashMap::new(),
-            hooks: HashMap::new(),
-            next_id: 1,
-        });
-        if !reg.sites.contains_key(&address) {
+        let id = {
+            let mut guard = registry();
             // SAFETY: forwarded from the caller.
-            unsafe { precheck::check_site(address, size, name)? };
-            let site: &'static Site = Box::leak(Box::new(Site {
-                addr: address,
-                mid_function,
-                name: name.to_string(),
-                trampoline: AtomicU64::new(0),
-                enabled: AtomicBool::new(false),
-                entries: AtomicPtr::new(std::ptr::null_mut()),
-                returns: AtomicPtr::new(std::ptr::null_mut()),
-            }));
-            let stub_addr = if mid_function {
-                stub::entry_stub_red_zone()
-            } else {
-                stub::entry_stub()
-            };
-            let thunk = make_thunk(site, stub_addr)?;
-            // SAFETY: the target was pre-checked to hold at least 5 bytes of whole instructions
-            // of one function; the thunk is valid code that preserves all registers.
-            let det = unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) }
-                .map_err(|source| AttachError::Detour {
-                function: name.to_string(),
-                source,
-            })?;
-            site.trampoline
-                .store(det.trampoline() as u64, Ordering::Release);
-            reg.sites.insert(
-                address,
-                SiteEntry {
-                    site,
-                    detour: Box::leak(Box::new(det)),
-                    enabled: false,
-                },
-            );
-        }
-        let id = HookId(reg.next_id);
-        reg.next_id += 1;
-        let entry = reg.sites.get_mut(&address).expect("site just inserted");
-        let list = match kind {
-            ProbeKind::Uprobe => &entry.site.entries,
-            ProbeKind::Uretprobe => &entry.site.returns,
-        };
-        publish(list, |l| l.push((id, handler)));
-        if !entry.enabled {
-            entry.site.enabled.store(true, Ordering::Release);
-            if let Err(e) = commit(entry.detour, true, &entry.site.name) {
-                publish(list, |l| l.retain(|(i, _)| *i != id));
-                entry.site.enabled.store(false, Ordering::Release);
-                return Err(e);
+            unsafe {
+                install_locked(
+                    &mut guard,
+                    address,
+                    size,
+                    mid_function,
+                    false,
+                    name,
+                    kind,
+                    handler,
+                )?
             }
-            entry.enabled = true;
+        };
+        if kind == ProbeKind::Uretprobe {
+            ensure_unwind_fixups();
         }
-        reg.hooks.insert(id, (address, kind));
         self.ids.push(id);
         Ok(id)
     }
@@ -536,4 +520,135 @@ pub fn active_sites() -> usize {
     registry()
         .as_ref()
         .map_or(0, |r| r.sites.values().filter(|s| s.enabled).count())
+}
+
+/// Installs a hook with the registry locked.
+///
+/// # Safety
+/// As [`HookSet::install_at`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn install_locked(
+    guard: &mut MutexGuard<'static, Option<Registry>>,
+    address: u64,
+    size: u64,
+    mid_function: bool,
+    unwind_fixup: bool,
+    name: &str,
+    kind: ProbeKind,
+    handler: Arc<dyn ProbeHandler>,
+) -> Result<HookId, AttachError> {
+    let reg = guard.get_or_insert_with(|| Registry {
+        sites: HashMap::new(),
+        hooks: HashMap::new(),
+        next_id: 1,
+    });
+    if !reg.sites.contains_key(&address) {
+        // SAFETY: forwarded from the caller.
+        unsafe { precheck::check_site(address, size, name)? };
+        let site: &'static Site = Box::leak(Box::new(Site {
+            addr: address,
+            mid_function,
+            unwind_fixup,
+            name: name.to_string(),
+            trampoline: AtomicU64::new(0),
+            enabled: AtomicBool::new(false),
+            entries: AtomicPtr::new(std::ptr::null_mut()),
+            returns: AtomicPtr::new(std::ptr::null_mut()),
+        }));
+        let stub_addr = if mid_function {
+            stub::entry_stub_red_zone()
+        } else {
+            stub::entry_stub()
+        };
+        let thunk = make_thunk(site, stub_addr)?;
+        // detour checks executability through /proc/self/maps, which the kernel does not
+        // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
+        let mut attempt = 0;
+        let det = loop {
+            // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
+            // instructions of one function; the thunk is valid code that preserves all
+            // registers.
+            match unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) } {
+                Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
+                r => {
+                    break r.map_err(|source| AttachError::Detour {
+                        function: name.to_string(),
+                        source,
+                    })?
+                }
+            }
+        };
+        site.trampoline
+            .store(det.trampoline() as u64, Ordering::Release);
+        reg.sites.insert(
+            address,
+            SiteEntry {
+                site,
+                detour: Box::leak(Box::new(det)),
+                enabled: false,
+            },
+        );
+    }
+    let id = HookId(reg.next_id);
+    reg.next_id += 1;
+    let entry = reg.sites.get_mut(&address).expect("site just inserted");
+    let list = match kind {
+        ProbeKind::Uprobe => &entry.site.entries,
+        ProbeKind::Uretprobe => &entry.site.returns,
+    };
+    publish(list, |l| l.push((id, handler)));
+    if !entry.enabled {
+        entry.site.enabled.store(true, Ordering::Release);
+        if let Err(e) = commit(entry.detour, true, &entry.site.name) {
+            publish(list, |l| l.retain(|(i, _)| *i != id));
+            entry.site.enabled.store(false, Ordering::Release);
+            return Err(e);
+        }
+        entry.enabled = true;
+    }
+    reg.hooks.insert(id, (address, kind));
+    Ok(id)
+}
+
+struct NoopHandler;
+impl ProbeHandler for NoopHandler {}
+
+/// With return hooks pending, a C++ exception (or Rust panic, or `pthread_exit`) unwinding
+/// through a hooked frame would meet the return stub's address where the unwinder expects the
+/// caller's, find no unwind info and abort. So the unwinder's entry points in `libgcc_s` are
+/// hooked too (once per process, never removed); their hook puts the real return addresses back
+/// on the throwing thread's stack first.
+fn ensure_unwind_fixups() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(mut res) = crate::symbols::Resolver::new(None) else {
+        return;
+    };
+    if res.find_module(Some("libgcc_s.so.1")).is_err() {
+        return; // not loaded (yet): retried at the next uretprobe install
+    }
+    DONE.store(true, Ordering::Release);
+    for f in ["_Unwind_RaiseException", "_Unwind_ForcedUnwind"] {
+        if let Ok(t) = res.resolve(&format!("libgcc_s.so.1:{f}")) {
+            let mut guard = registry();
+            // SAFETY: a resolved function entry of a mapped library.
+            let r = unsafe {
+                install_locked(
+                    &mut guard,
+                    t.address,
+                    t.size,
+                    false,
+                    true,
+                    &t.display_name(),
+                    ProbeKind::Uprobe,
+                    Arc::new(NoopHandler),
+                )
+            };
+            if let Err(e) = r {
+                eprintln!("bpftime-attach: cannot hook {f} (exceptions through uretprobe frames will abort): {e}");
+            }
+        }
+    }
 }

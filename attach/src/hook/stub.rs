@@ -78,27 +78,32 @@ macro_rules! restore_regs {
             "mov rdx, [rsp+96]\n",
             "mov rsi, [rsp+104]\n",
             "mov rdi, [rsp+112]\n",
-            "mov rax, [rsp+144]\n",
-            "mov [rsp+296], rax\n",
             "mov rax, [rsp+80]\n",
-            "add rsp, 296\n",
-            "popfq\n",
         )
     };
 }
 
 macro_rules! entry_stub {
-    ($name:literal, $rsp_off:literal, $ret:literal) => {
+    ($name:literal, $rsp_off:literal, $exit:expr) => {
         concat!(
-            ".globl ", $name, "\n",
-            ".hidden ", $name, "\n",
-            ".type ", $name, ",@function\n",
-            $name, ":\n",
+            ".globl ",
+            $name,
+            "\n",
+            ".hidden ",
+            $name,
+            "\n",
+            ".type ",
+            $name,
+            ",@function\n",
+            $name,
+            ":\n",
             // [rsp] = site (pushed by the thunk), [rsp+8] = return address
             "pushfq\n",
             "sub rsp, 296\n",
             save_regs!(),
-            "lea rax, [rsp+", $rsp_off, "]\n",
+            "lea rax, [rsp+",
+            $rsp_off,
+            "]\n",
             "mov [rsp+152], rax\n",
             "mov rdi, [rsp+304]\n",
             "mov rsi, rsp\n",
@@ -107,8 +112,12 @@ macro_rules! entry_stub {
             "call {entry}\n",
             "mov rsp, rbx\n",
             restore_regs!(),
-            $ret, "\n",
-            ".size ", $name, ", .-", $name, "\n",
+            $exit,
+            ".size ",
+            $name,
+            ", .-",
+            $name,
+            "\n",
         )
     };
 }
@@ -116,11 +125,30 @@ macro_rules! entry_stub {
 core::arch::global_asm!(
     ".text",
     ".p2align 4",
-    entry_stub!("bpftime_attach_entry_stub", "312", "ret"),
+    // Leave without `popfq` (slow; flags are not live at a function entry) and with an indirect
+    // `jmp` rather than `ret`, which would unbalance the return stack buffer and cost two
+    // mispredictions per call. The slot at S-8 is inside the red zone, which signal delivery
+    // skips, so it survives until the jump.
+    entry_stub!(
+        "bpftime_attach_entry_stub",
+        "312",
+        "lea rsp, [rsp+312]\njmp qword ptr [rsp-8]\n"
+    ),
     ".p2align 4",
     // variant for hooks inside a function (FUNC+OFFSET): the thunk first steps over the
     // 128-byte red zone, which may hold live data there
-    entry_stub!("bpftime_attach_entry_stub_rz", "440", "ret 128"),
+    entry_stub!(
+        "bpftime_attach_entry_stub_rz",
+        "440",
+        concat!(
+            "mov rax, [rsp+144]\n",
+            "mov [rsp+296], rax\n",
+            "mov rax, [rsp+80]\n",
+            "add rsp, 296\n",
+            "popfq\n",
+            "ret 128\n"
+        )
+    ),
     ".p2align 4",
     ".globl bpftime_attach_ret_insn",
     ".hidden bpftime_attach_ret_insn",
@@ -148,7 +176,9 @@ core::arch::global_asm!(
     "call {ret}",
     "mov rsp, rbx",
     restore_regs!(),
-    "ret 8",
+    // flags are not live after a return; jump (slot at R-16, inside the red zone)
+    "lea rsp, [rsp+320]",
+    "jmp qword ptr [rsp-16]",
     ".size bpftime_attach_return_stub, .-bpftime_attach_return_stub",
     entry = sym dispatch_entry,
     ret = sym dispatch_return,

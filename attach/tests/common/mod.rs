@@ -25,7 +25,12 @@ pub fn cc(dir: &Path, name: &str, src: &str, out: &str, args: &[&str]) -> PathBu
     std::fs::write(&c, src).unwrap();
     let o = dir.join(out);
     let st = Command::new("cc")
-        .args(["-O2", "-g", "-fcf-protection=none", "-fno-omit-frame-pointer"])
+        .args([
+            "-O2",
+            "-g",
+            "-fcf-protection=none",
+            "-fno-omit-frame-pointer",
+        ])
         .args(args)
         .arg("-o")
         .arg(&o)
@@ -60,6 +65,11 @@ static jmp_buf jb;
 NI long jumper(long x) { volatile long y = x; if (y > 0) longjmp(jb, 1); return y; }
 NI long call_jumper(long x) { if (setjmp(jb) == 0) { jumper(x); return -1; } return 7; }
 NI void *alloc_wrap(size_t n) { return malloc(n); }
+NI long pass_through(long (*cb)(long), long x) {
+    long r = cb(x);
+    __asm__ volatile("" : "+r"(r));
+    return r + 1;
+}
 NI long bench_plain(long x) { volatile long y = x; return y + 1; }
 __asm__(".text\n.globl bench_nop5\n.type bench_nop5,@function\n.p2align 4\nbench_nop5:\n"
         ".byte 0x0f,0x1f,0x44,0x00,0x00\nleaq 1(%rdi), %rax\nret\n.size bench_nop5, .-bench_nop5\n");
@@ -86,7 +96,7 @@ pub fn victim() -> &'static VictimLib {
             "victim.c",
             VICTIM_LIB,
             "libvictim.so",
-            &["-shared", "-fPIC"],
+            &["-shared", "-fPIC", "-fexceptions"],
         );
         let cpath = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         // SAFETY: dlopen of a library we just built.

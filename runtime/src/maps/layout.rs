@@ -42,6 +42,9 @@ pub(crate) struct SegHeader {
     pub progs_generation: AtomicU64,
     pub prog_lock: ShmLock,
     pub prog_count: AtomicU32,
+    /// Inode of the creator's pid namespace: lock owners are recorded as tids, which only
+    /// mean the same thing inside one namespace.
+    pub pidns: u64,
     pub object: [u8; OBJECT_LEN],
 }
 

@@ -6,13 +6,23 @@
 //! and the CLI open it ([`ShmObject::open`]) and get [`MapHandle`]s.
 //!
 //! Cross-process rules kept throughout: only offsets are stored in shared memory; locks record
-//! their holder's tid and are taken over when the holder is dead ([`lock`]); lookups never lock;
+//! their holder's tid and are taken over when the holder is dead (`lock.rs`); lookups never lock;
 //! value pointers stay valid while their entry lives (preallocated elements); every update,
 //! delete and pointer-handing lookup leaves a change mark for the sync forwarder ([`Change`]).
 //!
+//! Layout (see `layout.rs`): a one-page header (magic, version, creator pid + start time, pid
+//! namespace, CPU count, registry offsets), the map registry (name, definition, region offset
+//! and size per map), the program registry (fixed rows: name, section, attach target, program
+//! type, offset+len of the instruction bytes kept in the segment), the instruction bytes, then
+//! one page-aligned region per map: a control block (geometry, allocation state, dirty flag,
+//! counters, 16 slots for the forwarder's sync counters) followed by the map's data (hash:
+//! buckets, change summary, element pool; array: marks, summary, values; ringbuf: the kernel's
+//! consumer page, producer page and data).
+//!
 //! Permissions: segments are created with mode 0666 (fchmod, so the umask does not narrow it),
 //! so a non-root target started by the user can open a segment that a root `load` created.
-//! Pass a narrower [`ShmConfig::mode`] to restrict that.
+//! Pass a narrower [`ShmConfig::mode`] to restrict that. Every process sharing a segment must
+//! see the same /dev/shm and be in the same pid namespace (checked on open).
 
 mod array;
 mod hash;
@@ -35,7 +45,7 @@ use segment::{Mapping, RingMapping};
 pub use progs::{ProgramInfo, ProgramSpec};
 pub use queue::QueuedPush;
 pub use ring::{RingBufConsumer, RingRecord};
-pub use track::{Change, ChangeKind};
+pub use track::{Change, ChangeCursor, ChangeKind};
 
 /// `BPF_ANY`: create or update.
 pub const BPF_ANY: u64 = 0;
@@ -213,6 +223,9 @@ pub struct ShmConfig {
     pub program_bytes: u64,
     /// File mode of the segment.
     pub mode: u32,
+    /// Commit the segment's memory at creation (fail early with ENOSPC rather than SIGBUS
+    /// in a target when /dev/shm fills up). Hash pools are 2 x max_entries elements.
+    pub reserve_memory: bool,
 }
 
 impl Default for ShmConfig {
@@ -221,8 +234,26 @@ impl Default for ShmConfig {
             max_programs: 256,
             program_bytes: 8 << 20,
             mode: 0o666,
+            reserve_memory: true,
         }
     }
+}
+
+/// Indices into [`MapHandle::sync_counters`], written by the sync forwarder (issue 10) and
+/// read by `bpftime-rs maps`.
+pub mod sync_slot {
+    pub const CHANGES_SEEN: usize = 0;
+    pub const SENT: usize = 1;
+    pub const CONFIRMED: usize = 2;
+    pub const FAILED: usize = 3;
+    pub const PENDING: usize = 4;
+    /// Age in nanoseconds of the oldest unconfirmed record, 0 when none.
+    pub const OLDEST_PENDING_NS: usize = 5;
+    pub const KERNEL_ENTRIES: usize = 6;
+    /// Unix time in nanoseconds of the forwarder's last pass (tells a dead forwarder).
+    pub const LAST_PASS_UNIX_NS: usize = 7;
+    /// Pid of the forwarding process.
+    pub const FORWARDER_PID: usize = 8;
 }
 
 /// A segment found in /dev/shm.
@@ -665,13 +696,12 @@ impl ShmObject {
         }
         let total = cur;
         let path = segment::shm_path(object);
-        let mapping = Mapping::create(object, total as usize, cfg.mode).map_err(|source| {
-            MapError::Segment {
+        let mapping = Mapping::create(object, total as usize, cfg.mode, cfg.reserve_memory)
+            .map_err(|source| MapError::Segment {
                 object: object.to_string(),
                 path: path.clone(),
                 source,
-            }
-        })?;
+            })?;
         let base = mapping.base();
         // SAFETY: the segment is freshly created and sized `total`; nobody else can observe it
         // before STATE_READY is stored; all offsets below were computed within `total`.
@@ -690,6 +720,7 @@ impl ShmObject {
             h.progs_off = progs_off;
             h.prog_bytes_off = prog_bytes_off;
             h.prog_bytes_cap = cfg.program_bytes;
+            h.pidns = segment::pid_namespace();
             put_str(&mut h.object, object);
             for (i, (d, (off, size, g))) in defs.iter().zip(geos).enumerate() {
                 let r = &mut *(base.add(maps_off as usize + i * std::mem::size_of::<MapRecord>())
@@ -823,6 +854,14 @@ impl ShmObject {
                 "size {len} differs from header {}",
                 h.total_size
             )));
+        }
+        let ns = segment::pid_namespace();
+        if h.pidns != 0 && ns != 0 && h.pidns != ns {
+            return Err(corrupt(
+                "segment was created in another pid namespace; its lock owners (thread ids) \
+                 cannot be checked from here, so it cannot be shared safely"
+                    .into(),
+            ));
         }
         let rec_size = std::mem::size_of::<MapRecord>() as u64;
         let prog_size = std::mem::size_of::<ProgRecord>() as u64;
@@ -1314,9 +1353,8 @@ impl MapHandle {
         }
     }
 
-    /// Sixteen u64 slots in shared memory reserved for the sync forwarder's counters (sent,
-    /// confirmed, failed, pending, oldest pending age, ...) so `bpftime-rs maps` in another
-    /// process can show them.
+    /// Sixteen u64 slots in shared memory reserved for the sync forwarder's counters, indexed
+    /// by [`sync_slot`], so `bpftime-rs maps` in another process can show them.
     pub fn sync_counters(&self) -> &[AtomicU64; SYNC_SLOTS] {
         &self.ctl().counters.sync
     }

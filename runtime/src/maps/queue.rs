@@ -74,8 +74,13 @@ impl MapHandle {
         Ok(())
     }
 
-    fn take(&self, op: &'static str, remove: bool) -> Result<Vec<u8>, MapError> {
+    /// Copies the next value into `out` (value_size bytes; the helper's form, no allocation).
+    fn take_into(&self, op: &'static str, remove: bool, out: &mut [u8]) -> Result<(), MapError> {
         self.qcheck(op)?;
+        let vs = self.def.value_size as usize;
+        if out.len() < vs {
+            return Err(self.err(op, libc::EINVAL));
+        }
         let a = &self.ctl().alloc;
         let size = self.qsize();
         let _g = self.qlock();
@@ -89,9 +94,8 @@ impl MapHandle {
         } else {
             (head + size - 1) % size
         };
-        let mut v = vec![0u8; self.def.value_size as usize];
-        // SAFETY: idx < size.
-        unsafe { std::ptr::copy_nonoverlapping(self.qslot(idx), v.as_mut_ptr(), v.len()) };
+        // SAFETY: idx < size; out holds at least value_size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(self.qslot(idx), out.as_mut_ptr(), vs) };
         if remove {
             if self.def.map_type == MapType::Queue {
                 a.qtail.store((tail + 1) % size, Ordering::Release);
@@ -100,25 +104,31 @@ impl MapHandle {
             }
             self.count(ctr::POPS);
         }
-        Ok(v)
+        Ok(())
     }
 
     /// `bpf_map_pop_elem`: ENOENT when empty.
     pub fn pop(&self) -> Result<Vec<u8>, MapError> {
-        self.take("pop", true)
+        let mut v = vec![0u8; self.def.value_size as usize];
+        self.take_into("pop", true, &mut v)?;
+        Ok(v)
     }
 
     /// `bpf_map_peek_elem`: ENOENT when empty.
     pub fn peek(&self) -> Result<Vec<u8>, MapError> {
-        self.take("peek", false)
+        let mut v = vec![0u8; self.def.value_size as usize];
+        self.take_into("peek", false, &mut v)?;
+        Ok(v)
     }
 
-    /// `pop` into a caller buffer (the helper's form; no allocation).
+    /// `pop` into a caller buffer of at least value_size bytes (no allocation).
     pub fn pop_into(&self, out: &mut [u8]) -> Result<(), MapError> {
-        let v = self.pop()?;
-        let n = v.len().min(out.len());
-        out[..n].copy_from_slice(&v[..n]);
-        Ok(())
+        self.take_into("pop", true, out)
+    }
+
+    /// `peek` into a caller buffer of at least value_size bytes (no allocation).
+    pub fn peek_into(&self, out: &mut [u8]) -> Result<(), MapError> {
+        self.take_into("peek", false, out)
     }
 
     pub(crate) fn queue_len(&self) -> usize {

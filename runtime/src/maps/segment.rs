@@ -60,7 +60,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    pub(crate) fn create(object: &str, len: usize, mode: u32) -> io::Result<Self> {
+    pub(crate) fn create(object: &str, len: usize, mode: u32, reserve: bool) -> io::Result<Self> {
         let name = CString::new(shm_name(object)).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: valid NUL-terminated name.
         let fd = unsafe {
@@ -84,6 +84,16 @@ impl Mapping {
             // unused segment costs nothing until used.
             if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if reserve {
+                // Commit the pages now, as the kernel preallocates its maps: a full /dev/shm
+                // then fails here, at load time, instead of as SIGBUS inside a target process
+                // touching a fresh page later.
+                // SAFETY: plain syscall on our own fd.
+                let r = unsafe { libc::posix_fallocate(fd.as_raw_fd(), 0, len as libc::off_t) };
+                if r != 0 {
+                    return Err(io::Error::from_raw_os_error(r));
+                }
             }
             Ok(())
         };
@@ -299,4 +309,10 @@ pub(crate) fn pids_mapping(path: &str) -> Vec<u32> {
         .collect();
     out.sort_unstable();
     out
+}
+
+/// Inode number of our pid namespace (0 if unknown).
+pub(crate) fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
 }

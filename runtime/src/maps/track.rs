@@ -244,3 +244,76 @@ impl Geometry {
             .min(self.pool)
     }
 }
+
+/// A forwarder's process-local cursor over one map that closes the gap left by lookup marks:
+/// a program writes through the pointer *after* the lookup marked the entry, possibly after
+/// the forwarder has read it. Entries reported with a lookup mark are therefore re-read on
+/// the next `grace_passes` passes (each pass is one [`ChangeCursor::pass`]), and again for as
+/// long as lookups keep marking them. Choose the pass interval well above a program's run
+/// time; then, once targets go idle, the last value written through a pointer is always read.
+#[derive(Debug)]
+pub struct ChangeCursor {
+    grace_passes: u32,
+    /// slot -> (generation when handed out, passes left)
+    recheck: std::collections::HashMap<u32, (u32, u32)>,
+}
+
+impl Default for ChangeCursor {
+    fn default() -> Self {
+        Self::new(2)
+    }
+}
+
+impl ChangeCursor {
+    pub fn new(grace_passes: u32) -> Self {
+        Self {
+            grace_passes: grace_passes.max(1),
+            recheck: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Entries still being re-read.
+    pub fn pending_rechecks(&self) -> usize {
+        self.recheck.len()
+    }
+
+    /// Reports every marked entry once, then every entry under recheck that was not marked
+    /// again (with `kind` 0), each with its current state. Returns the number reported.
+    pub fn pass(&mut self, map: &MapHandle, mut f: impl FnMut(Change)) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0;
+        let grace = self.grace_passes;
+        let recheck = &mut self.recheck;
+        map.drain_changes(|c| {
+            seen.insert(c.slot);
+            if c.kind.pointer_handed_out() {
+                recheck.insert(c.slot, (c.generation, grace + 1));
+            }
+            f(c);
+            n += 1;
+        });
+        let mut done = Vec::new();
+        for (&slot, (gen, left)) in recheck.iter_mut() {
+            *left -= 1;
+            if *left == 0 {
+                done.push(slot);
+            }
+            if seen.contains(&slot) {
+                continue;
+            }
+            match map.read_slot(slot) {
+                // Same element still holding the same entry: report its current value.
+                Some(c) if c.generation == *gen => {
+                    f(c);
+                    n += 1;
+                }
+                // Deleted or reused since: that change carried its own mark.
+                _ => done.push(slot),
+            }
+        }
+        for s in done {
+            self.recheck.remove(&s);
+        }
+        n
+    }
+}

@@ -27,6 +27,7 @@ pub struct CallContext<'m, 'a> {
     mem: &'m mut MemoryMap<'a>,
     tail_call: Option<Arc<Program>>,
     invoker: Option<&'m mut dyn FuncInvoker>,
+    checked: bool,
 }
 
 impl<'m, 'a> CallContext<'m, 'a> {
@@ -36,6 +37,7 @@ impl<'m, 'a> CallContext<'m, 'a> {
             mem,
             tail_call: None,
             invoker: None,
+            checked: false,
         }
     }
 
@@ -43,13 +45,58 @@ impl<'m, 'a> CallContext<'m, 'a> {
         pc: usize,
         mem: &'m mut MemoryMap<'a>,
         invoker: &'m mut dyn FuncInvoker,
+        checked: bool,
     ) -> Self {
         Self {
             pc,
             mem,
             tail_call: None,
             invoker: Some(invoker),
+            checked,
         }
+    }
+
+    /// Whether the program runs on the checked interpreter (pointer arguments must lie in
+    /// registered regions) rather than on a JIT trusting the kernel verifier.
+    pub fn is_checked(&self) -> bool {
+        self.checked
+    }
+
+    /// `len` bytes of program memory at `addr` that a helper argument points to (a key, a
+    /// value, a buffer). On the interpreter only memory inside the program's stack or a
+    /// registered region is returned (`None` otherwise). On the JIT (and rbpf) the pointer is
+    /// trusted, as the program's own loads are: it passed the kernel verifier, which checked
+    /// the argument (the contract of [`JitProgram::run`](super::jit::JitProgram::run)); only a
+    /// NULL or wrapping range is refused.
+    pub fn read_mem(&mut self, addr: u64, len: usize) -> Option<&[u8]> {
+        if self.checked {
+            return self.mem.read_bytes(addr, len);
+        }
+        if len == 0 {
+            return Some(&[]);
+        }
+        if addr == 0 || addr.checked_add(len as u64).is_none() {
+            return None;
+        }
+        // SAFETY: verified program (see above): the verifier proved `[addr, addr+len)` is
+        // readable memory of the program (stack, map value, context) for the helper call.
+        Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
+    }
+
+    /// Writable counterpart of [`read_mem`](Self::read_mem) (a helper's output buffer).
+    pub fn write_mem(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+        if self.checked {
+            return self.mem.write_bytes(addr, len);
+        }
+        if len == 0 {
+            return Some(&mut []);
+        }
+        if addr == 0 || addr.checked_add(len as u64).is_none() {
+            return None;
+        }
+        // SAFETY: verified program: the verifier proved `[addr, addr+len)` is writable memory
+        // of the program for the helper call.
+        Some(unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) })
     }
 
     /// Index of the calling instruction.

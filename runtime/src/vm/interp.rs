@@ -413,7 +413,7 @@ fn call_helper(
         r10: regs[10],
         depth,
     };
-    let mut ctx = CallContext::with_invoker(pc, mem, &mut inv);
+    let mut ctx = CallContext::with_invoker(pc, mem, &mut inv, true);
     let r = helpers
         .call(id, args, &mut ctx)
         .map_err(|source| VmError::from_helper(pc, id, source))?;

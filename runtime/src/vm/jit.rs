@@ -676,7 +676,7 @@ unsafe extern "C" fn helper_trampoline(
         // SAFETY: see above.
         let (helpers, mem) = unsafe { (&mut *helpers, &mut *mem) };
         let mut inv = JitInvoker { env, pc, depth };
-        let mut ctx = CallContext::with_invoker(pc, mem, &mut inv);
+        let mut ctx = CallContext::with_invoker(pc, mem, &mut inv, false);
         let r = helpers.call(id, [a1, a2, a3, a4, a5], &mut ctx);
         (r, ctx.take_tail_call())
     }));

@@ -5,7 +5,9 @@
 //! `-- mem` of the conformance suite) and during a run by helpers (e.g. a map value pointer
 //! returned by `bpf_map_lookup_elem`).
 
+use std::any::Any;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// One registered address range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +26,22 @@ impl Region {
     }
 }
 
+/// Objects that keep memory behind registered raw regions alive (e.g. the shared-memory
+/// mapping of an object's maps) for as long as the [`MemoryMap`] lives.
+#[derive(Default)]
+struct Owners(Vec<Arc<dyn Any + Send + Sync>>);
+
+impl std::fmt::Debug for Owners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} owners", self.0.len())
+    }
+}
+
 /// The set of regions a program may touch. `'a` is the lifetime of borrowed slices.
 #[derive(Debug, Default)]
 pub struct MemoryMap<'a> {
     regions: Vec<Region>,
+    owners: Owners,
     /// The running interpreter's stack (checked first; not in `regions`).
     stack: Option<(u64, u64)>,
     last_hit: usize,
@@ -69,6 +83,21 @@ impl<'a> MemoryMap<'a> {
             len,
             writable,
         });
+    }
+
+    /// Keep `owner` alive as long as this map: registering raw regions inside memory that
+    /// `owner` keeps valid (a shared-memory mapping) then satisfies [`add_raw`](Self::add_raw)'s
+    /// contract. Adding the same `Arc` twice keeps one clone.
+    pub fn keep_alive<T: Any + Send + Sync>(&mut self, owner: &Arc<T>) {
+        let p = Arc::as_ptr(owner) as *const ();
+        if !self
+            .owners
+            .0
+            .iter()
+            .any(|o| Arc::as_ptr(o) as *const () == p)
+        {
+            self.owners.0.push(owner.clone());
+        }
     }
 
     fn push(&mut self, r: Region) {

@@ -1,0 +1,306 @@
+//! End-to-end tests with real processes: LD_PRELOAD start, ptrace attach (sleeping and busy
+//! targets), detach. The agent cdylib is the one cargo built for this test run.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VICTIM: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <pthread.h>
+#define NI __attribute__((noinline))
+NI long target_fn(long x) { volatile long y = x; return y * 2; }
+NI int tiny(int x) { return x; }
+__attribute__((constructor)) static void early(void) { target_fn(1000); }
+static int stop_requested(const char *f) { return access(f, F_OK) == 0; }
+static const char *stop_file;
+static void *worker(void *arg) {
+    long n = 0, sum = 0;
+    unsigned seed = (unsigned)(long)arg;
+    while (!stop_requested(stop_file)) {
+        for (int k = 0; k < 2000; k++) {
+            void * volatile p = malloc(1 + rand_r(&seed) % 3000);
+            sum += target_fn(n++);
+            free(p);
+        }
+    }
+    return (void *)sum;
+}
+int main(int argc, char **argv) {
+    long sum = 0, n = 0;
+    if (argc > 2 && strcmp(argv[1], "count") == 0) {
+        long N = atol(argv[2]);
+        for (long i = 0; i < N; i++) {
+            sum += target_fn(i);
+            void * volatile p = malloc(4242); free(p);
+        }
+        printf("sum %ld\n", sum);
+        return 0;
+    }
+    if (strcmp(argv[1], "threads") == 0) {
+        stop_file = argv[2];
+        pthread_t t[4];
+        for (long i = 0; i < 4; i++) pthread_create(&t[i], 0, worker, (void *)i);
+        printf("ready %d\n", getpid());
+        fflush(stdout);
+        for (int i = 0; i < 4; i++) pthread_join(t[i], 0); /* main thread waits in futex */
+        printf("done 0\n");
+        return 0;
+    }
+    /* sleep|busy STOPFILE */
+    int busy = strcmp(argv[1], "busy") == 0;
+    printf("ready %d\n", getpid());
+    fflush(stdout);
+    for (;;) {
+        for (int k = 0; k < (busy ? 100000 : 1); k++) { sum += target_fn(n++); }
+        void * volatile p = malloc(4242); free(p);
+        if (!busy) { struct timespec ts = {0, 20 * 1000 * 1000}; nanosleep(&ts, 0); }
+        if (stop_requested(argv[2])) break;
+    }
+    printf("done %ld\n", n);
+    return 0;
+}
+"#;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "bpftime-agent-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn build_victim(dir: &Path, pie: bool) -> PathBuf {
+    let c = dir.join("victim.c");
+    std::fs::write(&c, VICTIM).unwrap();
+    let out = dir.join(if pie { "victim" } else { "victim_nopie" });
+    let st = Command::new("cc")
+        .args(["-O2", "-g", "-fcf-protection=none", "-pthread"])
+        .arg(if pie { "-pie" } else { "-no-pie" })
+        .arg(if pie { "-fPIE" } else { "-fno-PIE" })
+        .arg("-o")
+        .arg(&out)
+        .arg(&c)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+/// The agent built by cargo for this test run (target/<profile>/libbpftime_agent.so).
+fn agent_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("libbpftime_agent.so");
+    assert!(p.exists(), "agent not built at {}", p.display());
+    p
+}
+
+/// Reads `<config>.counts`: per request `[entries, returns, sum PARM1, sum RC]`.
+fn counts(config: &Path) -> Vec<[u64; 4]> {
+    let mut p = config.as_os_str().to_owned();
+    p.push(".counts");
+    let b = std::fs::read(PathBuf::from(p)).unwrap_or_default();
+    if b.len() < 16 {
+        return vec![];
+    }
+    let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+    assert_eq!(w(0), u64::from_le_bytes(*b"BPFTAGNT"));
+    (0..w(1) as usize)
+        .map(|i| [w(2 + 4 * i), w(3 + 4 * i), w(4 + 4 * i), w(5 + 4 * i)])
+        .collect()
+}
+
+fn status(config: &Path) -> String {
+    let mut p = config.as_os_str().to_owned();
+    p.push(".status");
+    std::fs::read_to_string(PathBuf::from(p)).unwrap_or_default()
+}
+
+fn run_preloaded(exe: &Path, config: &Path, n: u64) -> String {
+    let out = Command::new(exe)
+        .args(["count", &n.to_string()])
+        .env("LD_PRELOAD", agent_path())
+        .env("BPFTIME_AGENT_CONFIG", config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "victim failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn start_with_ld_preload_hooks_before_main() {
+    let dir = temp_dir("start");
+    for pie in [true, false] {
+        let exe = build_victim(&dir, pie);
+        let config = dir.join(format!("hooks-{pie}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "uprobe target_fn\nuretprobe {}:target_fn\nuprobe libc.so.6:malloc\nuretprobe libc.so.6:malloc\nuprobe no_such_function\nuprobe tiny\n",
+                exe.display()
+            ),
+        )
+        .unwrap();
+        let n = 10_000u64;
+        let out = run_preloaded(&exe, &config, n);
+        let expected_sum: u64 = (0..n).map(|i| 2 * i).sum();
+        assert_eq!(out.trim(), format!("sum {expected_sum}"));
+        let c = counts(&config);
+        let st = status(&config);
+        assert_eq!(c.len(), 6, "{st}");
+        // +1: the executable's constructor calls target_fn(1000) before main
+        assert_eq!(c[0][0], n + 1, "entries (pie={pie}) {st}");
+        assert_eq!(c[0][2], (0..n).sum::<u64>() + 1000, "sum of PARM1");
+        assert_eq!(c[1][1], n + 1, "returns");
+        assert_eq!(c[1][3], expected_sum + 2000, "sum of RC");
+        assert!(c[2][0] >= n, "malloc entries {}", c[2][0]);
+        assert!(c[3][1] >= n, "malloc returns {}", c[3][1]);
+        let lines: Vec<&str> = st.lines().collect();
+        assert!(lines[0].starts_with("ok uprobe target_fn"), "{st}");
+        assert!(
+            lines[4].starts_with("error")
+                && lines[4].contains("no_such_function")
+                && lines[4].contains("victim"),
+            "{st}"
+        );
+        assert!(
+            lines[5].starts_with("error")
+                && lines[5].contains("tiny")
+                && lines[5].contains("bytes"),
+            "{st}"
+        );
+    }
+}
+
+struct Victim {
+    child: Child,
+    stop: PathBuf,
+    pid: i32,
+}
+
+fn spawn_victim(exe: &Path, mode: &str, dir: &Path) -> Victim {
+    let stop = dir.join(format!("stop-{mode}"));
+    let mut child = Command::new(exe)
+        .args([mode, stop.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let pid = child.id() as i32;
+    Victim { child, stop, pid }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn attach_detach_cycle(mode: &str) {
+    use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
+    let dir = temp_dir(mode);
+    let exe = build_victim(&dir, true);
+    let mut v = spawn_victim(&exe, mode, &dir);
+    let config = dir.join("attach.conf");
+    std::fs::write(
+        &config,
+        "uprobe target_fn\nuretprobe target_fn\nuprobe libc.so.6:malloc\nuprobe nope_missing\n",
+    )
+    .unwrap();
+    let opts = InjectOptions::default();
+    let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts).expect("inject");
+    assert_ne!(rep.handle, 0);
+    assert_eq!(
+        rep.start_result,
+        Some(1),
+        "one request (unknown symbol) fails: {}",
+        status(&config)
+    );
+    let st = status(&config);
+    assert!(st.contains("nope_missing"), "{st}");
+    wait_until("calls counted", Duration::from_secs(10), || {
+        let c = counts(&config);
+        c.len() == 4 && c[0][0] > 5 && c[1][1] > 5 && c[2][0] > 2
+    });
+    assert_eq!(detach_agent(v.pid, &opts).expect("detach"), 0);
+    let after = counts(&config);
+    std::thread::sleep(Duration::from_millis(300));
+    let later = counts(&config);
+    assert_eq!(after[0][0], later[0][0], "no entry counted after detach");
+    assert!(status(&config).contains("detached"));
+    // the target is still alive and exits normally
+    std::fs::write(&v.stop, b"").unwrap();
+    let st = v.child.wait().unwrap();
+    assert!(st.success(), "victim exit {st:?}");
+    let mut rest = String::new();
+    v.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut rest)
+        .unwrap();
+    assert!(rest.contains("done"), "{rest}");
+    let _ = rep;
+}
+
+#[test]
+fn attach_to_a_process_sleeping_in_nanosleep_then_detach() {
+    attach_detach_cycle("sleep");
+}
+
+#[test]
+fn attach_to_a_busy_process_then_detach() {
+    attach_detach_cycle("busy");
+}
+
+#[test]
+fn repeated_attach_detach_into_malloc_heavy_threads() {
+    use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
+    let dir = temp_dir("threads");
+    let exe = build_victim(&dir, true);
+    let mut v = spawn_victim(&exe, "threads", &dir);
+    let config = dir.join("threads.conf");
+    std::fs::write(
+        &config,
+        "uprobe libc.so.6:malloc\nuretprobe libc.so.6:malloc\nuprobe libc.so.6:free\nuprobe target_fn\nuretprobe target_fn\n",
+    )
+    .unwrap();
+    let opts = InjectOptions::default();
+    let mut unsafe_stops = 0;
+    for round in 0..15 {
+        let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(rep.start_result, Some(0), "round {round}: {}", status(&config));
+        unsafe_stops += rep.unsafe_stops;
+        wait_until("malloc counted", Duration::from_secs(10), || {
+            let c = counts(&config);
+            c.len() == 5 && c[0][0] > 100 && c[1][1] > 100 && c[4][1] > 100
+        });
+        assert_eq!(detach_agent(v.pid, &opts).expect("detach"), 0, "round {round}");
+    }
+    eprintln!("15 rounds, {unsafe_stops} stops rejected as unsafe");
+    std::fs::write(&v.stop, b"").unwrap();
+    let st = v.child.wait().unwrap();
+    assert!(st.success(), "victim exit {st:?}");
+}

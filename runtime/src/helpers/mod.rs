@@ -1,0 +1,1108 @@
+//! BPF helper functions with kernel semantics for our VM ([`RuntimeHelpers`]).
+//!
+//! # Wiring an object
+//! ```text
+//! let shm = ShmObject::create(&obj.name, &defs)?;      // maps in BpfObject::maps order
+//! let mut h = RuntimeHelpers::from_object(&shm)          // map index i = shm.map(i)
+//!     .with_trace_sink(RingbufTraceSink::from_object(&shm)?) // or any TraceSink / closure
+//!     .with_program_resolver(move |idx| progs.get(idx as usize).cloned());
+//! let prog = Arc::new(h.load_program(decode_bytes(&spec.bytecode())?)?); // relocate + check
+//! h.set_attach(AttachContext { func_ip, cookie, ..Default::default() });
+//! let r0 = h.run_interpreter(&prog, &mut ctx_bytes, opts)?;  // or unsafe run_jit
+//! let rc = h.attach().override_return;                       // bpf_override_return request
+//! ```
+//! Runs through [`interpret`] / [`JitProgram::run`](crate::vm::jit::JitProgram::run) directly
+//! must call [`RuntimeHelpers::begin_run`] before and [`RuntimeHelpers::end_run`] after, and
+//! (interpreter) [`RuntimeHelpers::register_global_data`] on the [`MemoryMap`].
+//!
+//! # Map tokens
+//! `lddw rX, map` (`BPF_PSEUDO_MAP_FD` with the map index as "fd", or the loader's
+//! `BPF_PSEUDO_MAP_IDX`) loads [`map_token`]`(index)` = [`MAP_TOKEN_TAG`]` | index`, a
+//! non-canonical address (a stray dereference faults in the interpreter and would in native
+//! code). Helpers decode it with [`map_index`]. `BPF_PSEUDO_MAP_VALUE`/`..._IDX_VALUE`
+//! resolve to the real shared-memory address of the value of a one-entry ARRAY (global data:
+//! `.rodata`, `.data`, `.bss`) plus the offset; the interpreter can only touch it after
+//! [`RuntimeHelpers::register_global_data`] registered those values (read-only for maps with
+//! `BPF_F_RDONLY_PROG`). `BPF_PSEUDO_BTF_ID` (ksyms) is refused.
+//!
+//! # Regions
+//! On the interpreter, pointers the helpers hand out are registered in the run's
+//! [`MemoryMap`]: map values from `bpf_map_lookup_elem` (read-only for `.rodata`-like maps),
+//! ringbuf records from `bpf_ringbuf_reserve` (removed again on submit/discard), and the
+//! key/value of each `bpf_for_each_map_elem` callback (for the callback only). The map
+//! handles are kept alive by the memory map ([`MemoryMap::keep_alive`]). On the JIT nothing is
+//! registered and pointer arguments are trusted, as the kernel verifier checked them.
+//!
+//! # Trace output
+//! `bpf_trace_printk`, `bpf_trace_vprintk` lines (formatted, one trailing newline removed) go
+//! to a [`TraceSink`]: a closure `FnMut(&[u8])`, [`MemoryTraceSink`] (collects lines), or
+//! [`RingbufTraceSink`], which writes each line as one record into the RINGBUF map
+//! [`TRACE_MAP_NAME`] of the object's shared memory (create it with [`trace_map_def`]), where
+//! the CLI reads them with a [`RingBufConsumer`](crate::maps::RingBufConsumer). The default
+//! sink discards lines (the kernel never prints to the traced process either).
+//!
+//! # Documented deviations
+//! * `bpf_get_current_task` returns 0 (there is no `task_struct` in user space); CO-RE reads
+//!   through it then fail like reads of a NULL pointer (`bpf_probe_read*` return `-EFAULT`).
+//! * `bpf_probe_read_kernel*` read this process's memory, like the `_user` variants.
+//! * `bpf_ringbuf_query`: `BPF_RB_AVAIL_DATA` and `BPF_RB_RING_SIZE` are answered;
+//!   `BPF_RB_CONS_POS`/`BPF_RB_PROD_POS` return 0.
+//! * `%p` prints the raw value (as `%px`): there is no pointer hashing to protect.
+//! * A failing `bpf_tail_call` (empty slot, bad index, 33 tail calls done) returns `-ENOENT`
+//!   and the program continues, as in the kernel (where r0 is then unspecified).
+
+pub mod names;
+pub mod printk;
+pub mod probe;
+
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use crate::maps::{self, MapDef, MapError, MapHandle, MapType, ShmObject};
+use crate::vm::insn::{
+    Insn, BPF_PSEUDO_BTF_ID, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
+    BPF_PSEUDO_MAP_VALUE, CALL, LDDW,
+};
+use crate::vm::{
+    interpret, CallContext, HelperError, Helpers, InterpOptions, LddwReloc, MemoryMap, Program,
+    VmError,
+};
+
+pub use names::{helper_display_name, helper_name};
+
+/// Helper ids (`enum bpf_func_id`) implemented here.
+pub mod ids {
+    pub const MAP_LOOKUP_ELEM: u32 = 1;
+    pub const MAP_UPDATE_ELEM: u32 = 2;
+    pub const MAP_DELETE_ELEM: u32 = 3;
+    pub const PROBE_READ: u32 = 4;
+    pub const KTIME_GET_NS: u32 = 5;
+    pub const TRACE_PRINTK: u32 = 6;
+    pub const GET_PRANDOM_U32: u32 = 7;
+    pub const GET_SMP_PROCESSOR_ID: u32 = 8;
+    pub const TAIL_CALL: u32 = 12;
+    pub const GET_CURRENT_PID_TGID: u32 = 14;
+    pub const GET_CURRENT_UID_GID: u32 = 15;
+    pub const GET_CURRENT_COMM: u32 = 16;
+    pub const PERF_EVENT_OUTPUT: u32 = 25;
+    pub const GET_CURRENT_TASK: u32 = 35;
+    pub const PROBE_WRITE_USER: u32 = 36;
+    pub const PROBE_READ_STR: u32 = 45;
+    pub const OVERRIDE_RETURN: u32 = 58;
+    pub const MAP_PUSH_ELEM: u32 = 87;
+    pub const MAP_POP_ELEM: u32 = 88;
+    pub const MAP_PEEK_ELEM: u32 = 89;
+    pub const PROBE_READ_USER: u32 = 112;
+    pub const PROBE_READ_KERNEL: u32 = 113;
+    pub const PROBE_READ_USER_STR: u32 = 114;
+    pub const PROBE_READ_KERNEL_STR: u32 = 115;
+    pub const KTIME_GET_BOOT_NS: u32 = 125;
+    pub const RINGBUF_OUTPUT: u32 = 130;
+    pub const RINGBUF_RESERVE: u32 = 131;
+    pub const RINGBUF_SUBMIT: u32 = 132;
+    pub const RINGBUF_DISCARD: u32 = 133;
+    pub const RINGBUF_QUERY: u32 = 134;
+    pub const KTIME_GET_COARSE_NS: u32 = 160;
+    pub const FOR_EACH_MAP_ELEM: u32 = 164;
+    pub const SNPRINTF: u32 = 165;
+    pub const GET_FUNC_IP: u32 = 173;
+    pub const GET_ATTACH_COOKIE: u32 = 174;
+    pub const TRACE_VPRINTK: u32 = 177;
+    pub const LOOP: u32 = 181;
+    pub const MAP_LOOKUP_PERCPU_ELEM: u32 = 195;
+    pub const KTIME_GET_TAI_NS: u32 = 208;
+}
+
+/// Every helper id [`RuntimeHelpers`] implements, ascending.
+pub const SUPPORTED_HELPERS: &[u32] = &[
+    1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 25, 35, 36, 45, 58, 87, 88, 89, 112, 113, 114, 115,
+    125, 130, 131, 132, 133, 134, 160, 164, 165, 173, 174, 177, 181, 195, 208,
+];
+
+/// Whether [`RuntimeHelpers`] implements helper `id`.
+pub fn is_supported(id: u32) -> bool {
+    SUPPORTED_HELPERS.binary_search(&id).is_ok()
+}
+
+/// Tag of map tokens (see the module docs): bits 32..63 of every token.
+pub const MAP_TOKEN_TAG: u64 = 0xb9f1_0000_0000_0000;
+const MAP_TOKEN_MASK: u64 = 0xffff_ffff_0000_0000;
+
+/// The value `lddw rX, <map index>` loads.
+pub fn map_token(index: usize) -> u64 {
+    MAP_TOKEN_TAG | (index as u64 & !MAP_TOKEN_MASK)
+}
+
+/// The map index of a token, or `None` for any other value.
+pub fn map_index(token: u64) -> Option<usize> {
+    (token & MAP_TOKEN_MASK == MAP_TOKEN_TAG).then_some((token & !MAP_TOKEN_MASK) as usize)
+}
+
+/// `BPF_F_RDONLY_PROG`: programs may only read the map (`.rodata`).
+pub const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+/// Maximum `nr_loops` of `bpf_loop`.
+pub const BPF_MAX_LOOPS: u64 = 1 << 23;
+/// Maximum chained tail calls (kernel `MAX_TAIL_CALL_CNT`).
+pub const MAX_TAIL_CALLS: usize = crate::vm::program::MAX_TAIL_CALLS;
+/// The call a failed CO-RE relocation leaves in the program (see [`crate::object::core`]).
+pub const POISON_HELPER: u32 = crate::object::POISON_HELPER as u32;
+
+/// Name of the RINGBUF map that [`RingbufTraceSink`] writes `bpf_trace_printk` lines into.
+pub const TRACE_MAP_NAME: &str = ".trace_printk";
+/// Size of that ring.
+pub const TRACE_MAP_SIZE: u32 = 256 * 1024;
+
+/// Definition of the trace ring the loader adds to an object's maps (after the object's own
+/// maps, so map indices are unchanged).
+pub fn trace_map_def() -> MapDef {
+    MapDef {
+        map_type: MapType::Ringbuf,
+        key_size: 0,
+        value_size: 0,
+        max_entries: TRACE_MAP_SIZE,
+        flags: 0,
+        name: TRACE_MAP_NAME.to_string(),
+    }
+}
+
+fn neg(errno: i32) -> u64 {
+    (-(errno as i64)) as u64
+}
+
+fn neg_map(e: &MapError) -> u64 {
+    neg(e.errno())
+}
+
+/// A helper call the program cannot continue after (the VM aborts the run with it).
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum HelperFault {
+    #[error("{helper}: argument r{arg} = {addr:#x} ({len} bytes) is not accessible program memory")]
+    BadPointer {
+        helper: &'static str,
+        arg: u8,
+        addr: u64,
+        len: usize,
+    },
+    #[error("{helper}: argument r{arg} = {value:#x} is not a map of this program")]
+    BadMap {
+        helper: &'static str,
+        arg: u8,
+        value: u64,
+    },
+    #[error("{helper}: {addr:#x} is not a reserved ringbuf record")]
+    BadRecord { helper: &'static str, addr: u64 },
+    #[error(
+        "the program reached an instruction whose CO-RE relocation failed (helper {id:#x} at \
+         instruction {pc})"
+    )]
+    CoreRelocation { id: u32, pc: usize },
+}
+
+impl From<HelperFault> for HelperError {
+    fn from(e: HelperFault) -> Self {
+        HelperError::Failed(e.to_string())
+    }
+}
+
+/// A program calls a helper [`RuntimeHelpers`] does not implement (found at load time).
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("helper {id} ({name}) is not supported at instruction {pc}")]
+pub struct UnknownHelper {
+    pub id: u32,
+    /// `bpf_<name>` from the kernel's helper list, or `unknown`.
+    pub name: String,
+    pub pc: usize,
+}
+
+/// Load-time check: every `call <helper>` of `prog` is one [`RuntimeHelpers`] implements.
+/// (Calls of the CO-RE poison helper are accepted: they fail only if reached.)
+pub fn check_helpers(prog: &Program) -> Result<(), UnknownHelper> {
+    check_helper_calls(prog.insns())
+}
+
+/// [`check_helpers`] on raw instructions.
+pub fn check_helper_calls(insns: &[Insn]) -> Result<(), UnknownHelper> {
+    let mut pc = 0;
+    while pc < insns.len() {
+        let i = insns[pc];
+        if i.opc == CALL && i.src == 0 {
+            let id = i.imm as u32;
+            if !is_supported(id) && id != POISON_HELPER {
+                return Err(UnknownHelper {
+                    id,
+                    name: helper_display_name(id),
+                    pc,
+                });
+            }
+        }
+        pc += if i.opc == LDDW { 2 } else { 1 };
+    }
+    Ok(())
+}
+
+/// Errors of [`RuntimeHelpers::load_program`].
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum LoadError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    UnknownHelper(#[from] UnknownHelper),
+}
+
+/// Where `bpf_trace_printk` lines go.
+pub trait TraceSink: Send {
+    /// One formatted line (without its trailing newline).
+    fn emit(&mut self, line: &[u8]);
+}
+
+impl<F: FnMut(&[u8]) + Send> TraceSink for F {
+    fn emit(&mut self, line: &[u8]) {
+        self(line)
+    }
+}
+
+/// Discards lines (the default).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullTraceSink;
+
+impl TraceSink for NullTraceSink {
+    fn emit(&mut self, _line: &[u8]) {}
+}
+
+/// Collects lines in memory (shared: clone it before handing it to the helpers).
+#[derive(Debug, Default, Clone)]
+pub struct MemoryTraceSink(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl MemoryTraceSink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lines so far, lossily decoded.
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
+    }
+
+    /// Remove and return the lines so far.
+    pub fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl TraceSink for MemoryTraceSink {
+    fn emit(&mut self, line: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line.to_vec());
+    }
+}
+
+/// Writes each line as one record into a RINGBUF map (normally [`TRACE_MAP_NAME`]), where a
+/// consumer in any process (the CLI's `load`) reads them. A full ring drops the line (counted
+/// in the map's `lost` counter), as the kernel's trace buffer overwrites.
+#[derive(Debug, Clone)]
+pub struct RingbufTraceSink(MapHandle);
+
+impl RingbufTraceSink {
+    /// Sink into `map`, which must be a RINGBUF.
+    pub fn new(map: MapHandle) -> Result<Self, MapError> {
+        if map.map_type() != MapType::Ringbuf {
+            return Err(MapError::InvalidDef {
+                map: map.name().to_string(),
+                reason: "the trace sink needs a RINGBUF map".into(),
+            });
+        }
+        Ok(Self(map))
+    }
+
+    /// Sink into the object's [`TRACE_MAP_NAME`] map.
+    pub fn from_object(obj: &ShmObject) -> Result<Self, MapError> {
+        Self::new(obj.map(TRACE_MAP_NAME)?)
+    }
+}
+
+impl TraceSink for RingbufTraceSink {
+    fn emit(&mut self, line: &[u8]) {
+        // A full ring loses the line; the map counts it.
+        let _ = self.0.ringbuf_output(line, 0);
+    }
+}
+
+/// What the program was attached to, and what it asked of the attach point.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttachContext {
+    /// `bpf_get_func_ip`: address of the probed function.
+    pub func_ip: u64,
+    /// `bpf_get_attach_cookie`.
+    pub cookie: u64,
+    /// Set by `bpf_override_return(ctx, rc)`: the hook should return `rc` instead of calling
+    /// the function. Cleared by [`RuntimeHelpers::begin_run`].
+    pub override_return: Option<u64>,
+}
+
+/// Resolves the program index stored in a PROG_ARRAY slot to the program to tail-call.
+pub type ProgramResolver = Arc<dyn Fn(u32) -> Option<Arc<Program>> + Send + Sync>;
+
+struct Reservation {
+    ptr: u64,
+    len: u64,
+    map: usize,
+}
+
+/// Runtime state of a program's helpers: its maps (by index), PROG_ARRAY targets, trace sink,
+/// attach context, per-run state. No process-wide globals: every loaded program (or agent
+/// thread) owns one.
+pub struct RuntimeHelpers {
+    maps: Arc<Vec<MapHandle>>,
+    programs: Option<ProgramResolver>,
+    trace: Box<dyn TraceSink>,
+    attach: AttachContext,
+    ncpu: u32,
+    rng: u64,
+    tail_calls: usize,
+    reserved: Vec<Reservation>,
+}
+
+impl std::fmt::Debug for RuntimeHelpers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeHelpers")
+            .field("maps", &self.maps.len())
+            .field("attach", &self.attach)
+            .finish()
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; the clock ids used are supported by Linux.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// The calling thread's name (`comm`), up to 15 bytes.
+fn current_comm() -> Vec<u8> {
+    let mut buf = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes (incl. NUL) into the buffer.
+    let rc = unsafe { libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr()) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    let n = buf.iter().position(|&b| b == 0).unwrap_or(16);
+    buf[..n].to_vec()
+}
+
+impl RuntimeHelpers {
+    /// Helpers over `maps`, where `maps[i]` is the map an `lddw` with index (or fd) `i` names.
+    pub fn new(maps: Vec<MapHandle>) -> Self {
+        let seed = clock_ns(libc::CLOCK_MONOTONIC)
+            ^ (u64::from(gettid()) << 32)
+            ^ (&maps as *const _ as u64);
+        Self {
+            maps: Arc::new(maps),
+            programs: None,
+            trace: Box::new(NullTraceSink),
+            attach: AttachContext::default(),
+            ncpu: maps::possible_cpus(),
+            rng: seed | 1,
+            tail_calls: 0,
+            reserved: Vec::new(),
+        }
+    }
+
+    /// Helpers over every map of `obj`, in the object's map order (the loader's map indices).
+    pub fn from_object(obj: &ShmObject) -> Self {
+        Self::new(obj.maps())
+    }
+
+    /// Send `bpf_trace_printk` lines to `sink`.
+    pub fn with_trace_sink(mut self, sink: impl TraceSink + 'static) -> Self {
+        self.trace = Box::new(sink);
+        self
+    }
+
+    pub fn set_trace_sink(&mut self, sink: impl TraceSink + 'static) {
+        self.trace = Box::new(sink);
+    }
+
+    /// Tail calls resolve PROG_ARRAY values through `f` (program index -> program).
+    pub fn with_program_resolver(
+        mut self,
+        f: impl Fn(u32) -> Option<Arc<Program>> + Send + Sync + 'static,
+    ) -> Self {
+        self.programs = Some(Arc::new(f));
+        self
+    }
+
+    /// Tail calls resolve PROG_ARRAY value `i` to `programs[i]`.
+    pub fn with_programs(self, programs: Vec<Arc<Program>>) -> Self {
+        self.with_program_resolver(move |i| programs.get(i as usize).cloned())
+    }
+
+    pub fn set_program_resolver(&mut self, r: ProgramResolver) {
+        self.programs = Some(r);
+    }
+
+    /// The maps, by index.
+    pub fn maps(&self) -> &[MapHandle] {
+        &self.maps
+    }
+
+    pub fn attach(&self) -> &AttachContext {
+        &self.attach
+    }
+
+    pub fn attach_mut(&mut self) -> &mut AttachContext {
+        &mut self.attach
+    }
+
+    pub fn set_attach(&mut self, a: AttachContext) {
+        self.attach = a;
+    }
+
+    /// Resolver for [`Program::with_relocations`] (see the module docs on map tokens).
+    pub fn resolve_lddw(&self, r: &LddwReloc) -> Result<u64, String> {
+        let idx = r.imm as u32 as usize;
+        let map = |what: &str| {
+            self.maps.get(idx).ok_or_else(|| {
+                format!(
+                    "{what} names map {idx}, but the program has {} maps",
+                    self.maps.len()
+                )
+            })
+        };
+        match r.src {
+            BPF_PSEUDO_MAP_FD | BPF_PSEUDO_MAP_IDX => {
+                map("map reference")?;
+                Ok(map_token(idx))
+            }
+            BPF_PSEUDO_MAP_VALUE | BPF_PSEUDO_MAP_IDX_VALUE => {
+                let m = map("map value reference")?;
+                let d = m.def();
+                if d.map_type != MapType::Array || d.max_entries != 1 {
+                    return Err(format!(
+                        "map value reference into `{}`, which is not a one-entry ARRAY",
+                        m.name()
+                    ));
+                }
+                let off = r.next_imm as u32;
+                if off >= d.value_size {
+                    return Err(format!(
+                        "offset {off} is beyond the {}-byte value of `{}`",
+                        d.value_size,
+                        m.name()
+                    ));
+                }
+                // Marks the value: the program may write global data through the address.
+                let v = m
+                    .lookup(&0u32.to_le_bytes())
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("`{}` has no value 0", m.name()))?;
+                Ok(v.as_ptr() as u64 + u64::from(off))
+            }
+            BPF_PSEUDO_BTF_ID => Err("kernel symbols (BPF_PSEUDO_BTF_ID) do not exist in user \
+                                      space"
+                .into()),
+            s => Err(format!("unknown lddw pseudo source {s}")),
+        }
+    }
+
+    /// Relocate `insns` against these maps and check that every helper it calls exists.
+    pub fn load_program(&self, insns: Vec<Insn>) -> Result<Program, LoadError> {
+        let p = Program::with_relocations(insns, |r| self.resolve_lddw(r))?;
+        check_helpers(&p)?;
+        Ok(p)
+    }
+
+    /// Register the values of the one-entry ARRAY maps (global data, the targets of
+    /// `BPF_PSEUDO_MAP_VALUE`) in `mem`, read-only for `BPF_F_RDONLY_PROG` maps, and keep the
+    /// maps mapped as long as `mem` lives. Needed before an interpreter run.
+    pub fn register_global_data(&self, mem: &mut MemoryMap<'_>) {
+        mem.keep_alive(&self.maps);
+        for m in self.maps.iter() {
+            let d = m.def();
+            if d.map_type != MapType::Array || d.max_entries != 1 {
+                continue;
+            }
+            if let Ok(Some(v)) = m.lookup_unmarked(&0u32.to_le_bytes(), 0) {
+                // SAFETY: the value lies in the object's shared mapping, which `mem` keeps
+                // alive (keep_alive above); array values are never freed.
+                unsafe {
+                    mem.add_raw(
+                        v.as_ptr() as u64,
+                        v.len() as u64,
+                        d.flags & BPF_F_RDONLY_PROG == 0,
+                    )
+                };
+            }
+        }
+    }
+
+    /// Reset the per-run state: tail-call count, override request, leftover reservations.
+    pub fn begin_run(&mut self) {
+        self.tail_calls = 0;
+        self.attach.override_return = None;
+        self.end_run();
+    }
+
+    /// Discard ringbuf records the run reserved but neither submitted nor discarded (a run
+    /// that aborted), so the consumer is not stalled.
+    pub fn end_run(&mut self) {
+        for r in self.reserved.drain(..) {
+            let _ = self.maps[r.map].ringbuf_discard(r.ptr as *mut u8, 0);
+        }
+    }
+
+    /// Run `prog` on the interpreter with r1 = `ctx` (writable), r2 = its length.
+    pub fn run_interpreter(
+        &mut self,
+        prog: &Program,
+        ctx: &mut [u8],
+        opts: InterpOptions,
+    ) -> Result<u64, VmError> {
+        let args = [ctx.as_mut_ptr() as u64, ctx.len() as u64, 0, 0, 0];
+        let mut mem = MemoryMap::new();
+        self.register_global_data(&mut mem);
+        mem.add_mut_slice(ctx);
+        self.begin_run();
+        let r = interpret(prog, args, &mut mem, self, opts);
+        self.end_run();
+        r
+    }
+
+    /// Run `prog` on the JIT with r1 = `ctx`, r2 = its length.
+    ///
+    /// # Safety
+    /// As [`JitProgram::run`](crate::vm::jit::JitProgram::run): the program passed the kernel
+    /// verifier (with `ctx` as large as the program type may read).
+    pub unsafe fn run_jit(&mut self, prog: &Program, ctx: &mut [u8]) -> Result<u64, VmError> {
+        let args = [ctx.as_mut_ptr() as u64, ctx.len() as u64, 0, 0, 0];
+        let jit = prog.jit()?;
+        let mut mem = MemoryMap::new();
+        mem.keep_alive(&self.maps);
+        self.begin_run();
+        // SAFETY: the caller's contract.
+        let r = unsafe { jit.run(args, &mut mem, self) };
+        self.end_run();
+        r
+    }
+
+    fn map_arg(&self, helper: &'static str, arg: u8, v: u64) -> Result<usize, HelperFault> {
+        map_index(v)
+            .filter(|&i| i < self.maps.len())
+            .ok_or(HelperFault::BadMap {
+                helper,
+                arg,
+                value: v,
+            })
+    }
+
+    fn next_random(&mut self) -> u32 {
+        // xorshift64*
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    }
+}
+
+/// Copy `len` bytes of program memory at `addr` (argument `arg` of `helper`) into `buf`.
+fn read_arg<'b>(
+    ctx: &mut CallContext<'_, '_>,
+    helper: &'static str,
+    arg: u8,
+    addr: u64,
+    len: usize,
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8], HelperFault> {
+    let src = ctx.read_mem(addr, len).ok_or(HelperFault::BadPointer {
+        helper,
+        arg,
+        addr,
+        len,
+    })?;
+    buf.clear();
+    buf.extend_from_slice(src);
+    Ok(buf)
+}
+
+fn write_arg<'c>(
+    ctx: &'c mut CallContext<'_, '_>,
+    helper: &'static str,
+    arg: u8,
+    addr: u64,
+    len: usize,
+) -> Result<&'c mut [u8], HelperFault> {
+    ctx.write_mem(addr, len).ok_or(HelperFault::BadPointer {
+        helper,
+        arg,
+        addr,
+        len,
+    })
+}
+
+/// Register a region for the interpreter only (the JIT trusts verified pointers).
+fn register(ctx: &mut CallContext<'_, '_>, maps: &Arc<Vec<MapHandle>>, p: u64, len: u64, w: bool) {
+    if ctx.is_checked() {
+        let mem = ctx.memory();
+        mem.keep_alive(maps);
+        // SAFETY: `p..p+len` lies in the object's shared mapping, kept alive by `mem` (above).
+        unsafe { mem.add_raw(p, len, w) };
+    }
+}
+
+fn readonly(m: &MapHandle) -> bool {
+    m.def().flags & BPF_F_RDONLY_PROG != 0
+}
+
+impl Helpers for RuntimeHelpers {
+    fn call(
+        &mut self,
+        id: u32,
+        a: [u64; 5],
+        ctx: &mut CallContext<'_, '_>,
+    ) -> Result<u64, HelperError> {
+        use ids::*;
+        let mut buf = Vec::new();
+        Ok(match id {
+            MAP_LOOKUP_ELEM | MAP_LOOKUP_PERCPU_ELEM => {
+                let name = if id == MAP_LOOKUP_ELEM {
+                    "bpf_map_lookup_elem"
+                } else {
+                    "bpf_map_lookup_percpu_elem"
+                };
+                let idx = self.map_arg(name, 1, a[0])?;
+                let m = &self.maps[idx];
+                let ks = m.def().key_size as usize;
+                let key = read_arg(ctx, name, 2, a[1], ks, &mut buf)?;
+                let found = if id == MAP_LOOKUP_ELEM {
+                    m.lookup(key)
+                } else if !m.map_type().is_percpu() {
+                    return Ok(0);
+                } else {
+                    m.lookup_cpu(key, a[2] as u32)
+                };
+                match found {
+                    Ok(Some(v)) => {
+                        let p = v.as_ptr() as u64;
+                        register(ctx, &self.maps, p, v.len() as u64, !readonly(m));
+                        p
+                    }
+                    _ => 0,
+                }
+            }
+            MAP_UPDATE_ELEM => {
+                const N: &str = "bpf_map_update_elem";
+                let idx = self.map_arg(N, 1, a[0])?;
+                let m = &self.maps[idx];
+                let (ks, vs) = (m.def().key_size as usize, m.def().value_size as usize);
+                let key = read_arg(ctx, N, 2, a[1], ks, &mut buf)?.to_vec();
+                let val = read_arg(ctx, N, 3, a[2], vs, &mut buf)?;
+                match m.update(&key, val, a[3]) {
+                    Ok(()) => 0,
+                    Err(e) => neg_map(&e),
+                }
+            }
+            MAP_DELETE_ELEM => {
+                const N: &str = "bpf_map_delete_elem";
+                let idx = self.map_arg(N, 1, a[0])?;
+                let m = &self.maps[idx];
+                let key = read_arg(ctx, N, 2, a[1], m.def().key_size as usize, &mut buf)?;
+                match m.delete(key) {
+                    Ok(()) => 0,
+                    Err(e) => neg_map(&e),
+                }
+            }
+            MAP_PUSH_ELEM => {
+                const N: &str = "bpf_map_push_elem";
+                let idx = self.map_arg(N, 1, a[0])?;
+                let m = &self.maps[idx];
+                if !matches!(m.map_type(), MapType::Queue | MapType::Stack) {
+                    return Ok(neg(libc::EINVAL));
+                }
+                let val = read_arg(ctx, N, 2, a[1], m.def().value_size as usize, &mut buf)?;
+                match m.push(val, a[2]) {
+                    Ok(()) => 0,
+                    Err(e) => neg_map(&e),
+                }
+            }
+            MAP_POP_ELEM | MAP_PEEK_ELEM => {
+                let n = if id == MAP_POP_ELEM {
+                    "bpf_map_pop_elem"
+                } else {
+                    "bpf_map_peek_elem"
+                };
+                let idx = self.map_arg(n, 1, a[0])?;
+                let m = &self.maps[idx];
+                if !matches!(m.map_type(), MapType::Queue | MapType::Stack) {
+                    return Ok(neg(libc::EINVAL));
+                }
+                let out = write_arg(ctx, n, 2, a[1], m.def().value_size as usize)?;
+                let r = if id == MAP_POP_ELEM {
+                    m.pop()
+                } else {
+                    m.peek()
+                };
+                match r {
+                    Ok(v) => {
+                        out.copy_from_slice(&v[..out.len()]);
+                        0
+                    }
+                    Err(e) => neg_map(&e),
+                }
+            }
+            PROBE_READ | PROBE_READ_USER | PROBE_READ_KERNEL => {
+                let len = a[1] as u32 as usize;
+                let dst = write_arg(ctx, "bpf_probe_read", 1, a[0], len)?;
+                if probe::read(a[2], dst) {
+                    0
+                } else {
+                    dst.fill(0);
+                    neg(libc::EFAULT)
+                }
+            }
+            PROBE_READ_STR | PROBE_READ_USER_STR | PROBE_READ_KERNEL_STR => {
+                let len = a[1] as u32 as usize;
+                let dst = write_arg(ctx, "bpf_probe_read_str", 1, a[0], len)?;
+                match probe::read_str(a[2], dst) {
+                    Some(n) => n as u64,
+                    None => {
+                        dst.fill(0);
+                        neg(libc::EFAULT)
+                    }
+                }
+            }
+            PROBE_WRITE_USER => {
+                let len = a[2] as u32 as usize;
+                let src = read_arg(ctx, "bpf_probe_write_user", 2, a[1], len, &mut buf)?;
+                if probe::write(a[0], src) {
+                    0
+                } else {
+                    neg(libc::EFAULT)
+                }
+            }
+            KTIME_GET_NS => clock_ns(libc::CLOCK_MONOTONIC),
+            KTIME_GET_BOOT_NS => clock_ns(libc::CLOCK_BOOTTIME),
+            KTIME_GET_COARSE_NS => clock_ns(libc::CLOCK_MONOTONIC_COARSE),
+            KTIME_GET_TAI_NS => clock_ns(libc::CLOCK_TAI),
+            GET_PRANDOM_U32 => u64::from(self.next_random()),
+            GET_SMP_PROCESSOR_ID => u64::from(maps::current_cpu(self.ncpu)),
+            GET_CURRENT_PID_TGID => {
+                // SAFETY: getpid has no preconditions.
+                let tgid = unsafe { libc::getpid() } as u32;
+                (u64::from(tgid) << 32) | u64::from(gettid())
+            }
+            GET_CURRENT_UID_GID => {
+                // SAFETY: getuid/getgid have no preconditions.
+                let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+                (u64::from(gid) << 32) | u64::from(uid)
+            }
+            GET_CURRENT_COMM => {
+                let comm = current_comm();
+                let out = write_arg(ctx, "bpf_get_current_comm", 1, a[0], a[1] as u32 as usize)?;
+                // strscpy_pad: at most len-1 bytes, NUL-terminated, zero-padded.
+                out.fill(0);
+                if !out.is_empty() {
+                    let n = comm.len().min(out.len() - 1);
+                    out[..n].copy_from_slice(&comm[..n]);
+                }
+                0
+            }
+            GET_CURRENT_TASK => 0,
+            TRACE_PRINTK => {
+                let fmt = read_arg(
+                    ctx,
+                    "bpf_trace_printk",
+                    1,
+                    a[0],
+                    a[1] as u32 as usize,
+                    &mut buf,
+                )?;
+                self.printk(fmt, &a[2..5])
+            }
+            TRACE_VPRINTK | SNPRINTF => {
+                let (fmt_at, data_at) = if id == SNPRINTF { (2, 3) } else { (0, 2) };
+                let n = if id == SNPRINTF {
+                    "bpf_snprintf"
+                } else {
+                    "bpf_trace_vprintk"
+                };
+                let data_len = a[data_at + 1] as u32 as usize;
+                if !data_len.is_multiple_of(8) || data_len > 12 * 8 {
+                    return Ok(neg(libc::EINVAL));
+                }
+                let mut dbuf = Vec::new();
+                let data = read_arg(ctx, n, data_at as u8 + 1, a[data_at], data_len, &mut dbuf)?;
+                let args: Vec<u64> = data
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                let fmt = if id == SNPRINTF {
+                    // A constant string (the verifier requires read-only map memory) of
+                    // unknown length: read up to the kernel's limit.
+                    let mut v = vec![0u8; printk::MAX_OUTPUT];
+                    let n = probe::read_str(a[fmt_at], &mut v).unwrap_or(0);
+                    v.truncate(n);
+                    v
+                } else {
+                    read_arg(ctx, n, 1, a[0], a[1] as u32 as usize, &mut buf)?.to_vec()
+                };
+                if id == SNPRINTF {
+                    self.snprintf(ctx, a[0], a[1] as u32 as usize, &fmt, &args)?
+                } else {
+                    self.printk(&fmt, &args)
+                }
+            }
+            RINGBUF_OUTPUT => {
+                const N: &str = "bpf_ringbuf_output";
+                let idx = self.map_arg(N, 1, a[0])?;
+                let data = read_arg(ctx, N, 2, a[1], a[2] as usize, &mut buf)?;
+                match self.maps[idx].ringbuf_output(data, a[3]) {
+                    Ok(()) => 0,
+                    Err(e) => neg_map(&e),
+                }
+            }
+            RINGBUF_RESERVE => {
+                let idx = self.map_arg("bpf_ringbuf_reserve", 1, a[0])?;
+                match self.maps[idx].ringbuf_reserve(a[1], a[2]) {
+                    Some(p) => {
+                        let p = p as u64;
+                        register(ctx, &self.maps, p, a[1], true);
+                        self.reserved.push(Reservation {
+                            ptr: p,
+                            len: a[1],
+                            map: idx,
+                        });
+                        p
+                    }
+                    None => 0,
+                }
+            }
+            RINGBUF_SUBMIT | RINGBUF_DISCARD => {
+                let n = if id == RINGBUF_SUBMIT {
+                    "bpf_ringbuf_submit"
+                } else {
+                    "bpf_ringbuf_discard"
+                };
+                let pos = self
+                    .reserved
+                    .iter()
+                    .position(|r| r.ptr == a[0])
+                    .ok_or(HelperFault::BadRecord {
+                        helper: n,
+                        addr: a[0],
+                    })?;
+                let r = self.reserved.swap_remove(pos);
+                if ctx.is_checked() {
+                    ctx.memory().remove(r.ptr, r.len);
+                }
+                let m = &self.maps[r.map];
+                let res = if id == RINGBUF_SUBMIT {
+                    m.ringbuf_submit(r.ptr as *mut u8, a[1])
+                } else {
+                    m.ringbuf_discard(r.ptr as *mut u8, a[1])
+                };
+                res.map_err(|e| HelperError::Failed(e.to_string()))?;
+                0
+            }
+            RINGBUF_QUERY => {
+                let idx = self.map_arg("bpf_ringbuf_query", 1, a[0])?;
+                let m = &self.maps[idx];
+                match a[1] {
+                    0 => m.ring_pending(0),
+                    1 => u64::from(m.def().max_entries),
+                    _ => 0,
+                }
+            }
+            PERF_EVENT_OUTPUT => {
+                const N: &str = "bpf_perf_event_output";
+                let idx = self.map_arg(N, 2, a[1])?;
+                let data = read_arg(ctx, N, 4, a[3], a[4] as usize, &mut buf)?;
+                match self.maps[idx].perf_event_output(a[2], data) {
+                    Ok(()) => 0,
+                    Err(e) => neg_map(&e),
+                }
+            }
+            GET_FUNC_IP => self.attach.func_ip,
+            GET_ATTACH_COOKIE => self.attach.cookie,
+            OVERRIDE_RETURN => {
+                self.attach.override_return = Some(a[1]);
+                0
+            }
+            TAIL_CALL => {
+                let idx = self.map_arg("bpf_tail_call", 2, a[1])?;
+                let m = &self.maps[idx];
+                let target = (self.tail_calls < MAX_TAIL_CALLS)
+                    .then(|| m.prog_array_get(a[2] as u32))
+                    .flatten()
+                    .and_then(|p| self.programs.as_ref().and_then(|r| r(p)));
+                match target {
+                    Some(p) => {
+                        self.tail_calls += 1;
+                        ctx.tail_call(p);
+                        0
+                    }
+                    None => neg(libc::ENOENT),
+                }
+            }
+            LOOP => {
+                if a[3] != 0 {
+                    return Ok(neg(libc::EINVAL));
+                }
+                if a[0] > BPF_MAX_LOOPS {
+                    return Ok(neg(libc::E2BIG));
+                }
+                let mut i = 0;
+                while i < a[0] {
+                    let r = ctx.call_function(self, a[1], [i, a[2], 0, 0, 0])?;
+                    i += 1;
+                    if r != 0 {
+                        break;
+                    }
+                }
+                i
+            }
+            FOR_EACH_MAP_ELEM => self.for_each_map_elem(a, ctx)?,
+            POISON_HELPER => {
+                return Err(HelperFault::CoreRelocation { id, pc: ctx.pc() }.into());
+            }
+            _ => return Err(HelperError::Unknown(id)),
+        })
+    }
+}
+
+impl RuntimeHelpers {
+    fn printk(&mut self, fmt: &[u8], args: &[u64]) -> u64 {
+        let Ok(fmt) = printk::terminated(fmt) else {
+            return neg(libc::EINVAL);
+        };
+        match printk::format(fmt, args, read_str) {
+            Ok(mut line) => {
+                let n = line.len() as u64;
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                self.trace.emit(&line);
+                n
+            }
+            Err(_) => neg(libc::EINVAL),
+        }
+    }
+
+    fn snprintf(
+        &mut self,
+        ctx: &mut CallContext<'_, '_>,
+        dst: u64,
+        size: usize,
+        fmt: &[u8],
+        args: &[u64],
+    ) -> Result<u64, HelperFault> {
+        let Ok(fmt) = printk::terminated(fmt) else {
+            return Ok(neg(libc::EINVAL));
+        };
+        let out = write_arg(ctx, "bpf_snprintf", 1, dst, size)?;
+        match printk::format(fmt, args, read_str) {
+            Ok(s) => {
+                if !out.is_empty() {
+                    let n = s.len().min(out.len() - 1);
+                    out[..n].copy_from_slice(&s[..n]);
+                    out[n] = 0;
+                }
+                Ok(s.len() as u64 + 1)
+            }
+            Err(_) => {
+                if let Some(b) = out.first_mut() {
+                    *b = 0;
+                }
+                Ok(neg(libc::EINVAL))
+            }
+        }
+    }
+
+    fn for_each_map_elem(
+        &mut self,
+        a: [u64; 5],
+        ctx: &mut CallContext<'_, '_>,
+    ) -> Result<u64, HelperError> {
+        let idx = self.map_arg("bpf_for_each_map_elem", 1, a[0])?;
+        if a[3] != 0 {
+            return Ok(neg(libc::EINVAL));
+        }
+        let m = self.maps[idx].clone();
+        let t = m.map_type();
+        if !(t.is_hash() || t.is_array()) {
+            return Ok(neg(libc::EINVAL));
+        }
+        let cpu = if t.is_percpu() {
+            maps::current_cpu(self.ncpu)
+        } else {
+            0
+        };
+        let (ks, vs) = (
+            u64::from(m.def().key_size),
+            u64::from(m.def().value_size),
+        );
+        let writable = !readonly(&m);
+        let maps = self.maps.clone();
+        let mut failed = None;
+        let n = m.for_each_ptr(cpu, |k, v| {
+            let (k, v) = (k as u64, v as u64);
+            // Register key and value for the callback only (the key may live on the
+            // iterator's stack); keep registrations that existed before.
+            let mut added = Vec::new();
+            if ctx.is_checked() {
+                let mem = ctx.memory();
+                mem.keep_alive(&maps);
+                for (p, len, w) in [(k, ks, false), (v, vs, writable)] {
+                    if !mem.regions().iter().any(|r| r.start == p && r.len == len) {
+                        // SAFETY: the key and value stay valid until this closure returns
+                        // (the iterator holds them; values live in the mapping `mem` keeps
+                        // alive); both are removed again below.
+                        unsafe { mem.add_raw(p, len, w) };
+                        added.push((p, len));
+                    }
+                }
+            }
+            let r = ctx.call_function(self, a[1], [a[0], k, v, a[2], 0]);
+            for (p, len) in added {
+                ctx.memory().remove(p, len);
+            }
+            match r {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        });
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(n),
+        }
+    }
+}
+
+/// `%s` argument reader: up to `max` bytes of a string anywhere in the process.
+fn read_str(addr: u64, max: usize) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; max];
+    let n = probe::read_str(addr, &mut v)?;
+    v.truncate(n.saturating_sub(1));
+    Some(v)
+}

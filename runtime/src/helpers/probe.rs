@@ -1,0 +1,114 @@
+//! Fault-tolerant access to arbitrary addresses of this process (`bpf_probe_read*`,
+//! `bpf_probe_write_user`, `%s` of `bpf_trace_printk`).
+//!
+//! `process_vm_readv`/`process_vm_writev` on our own pid go through the kernel's page-table
+//! walk, so an unmapped or protected address gives `EFAULT` instead of a SIGSEGV, and a write
+//! to a read-only mapping fails the way the kernel's `copy_to_user_nofault` does.
+
+/// Size of the chunks string reads use: a read never crosses a page boundary, so a string that
+/// ends right before an unmapped page is still read.
+const PAGE: u64 = 4096;
+
+fn self_pid() -> libc::pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// Copy `dst.len()` bytes from address `src` of this process into `dst`. `false` if any byte
+/// is not readable (`dst` is then unspecified).
+pub fn read(src: u64, dst: &mut [u8]) -> bool {
+    if dst.is_empty() {
+        return true;
+    }
+    if src.checked_add(dst.len() as u64).is_none() {
+        return false;
+    }
+    let local = libc::iovec {
+        iov_base: dst.as_mut_ptr().cast(),
+        iov_len: dst.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: src as *mut libc::c_void,
+        iov_len: dst.len(),
+    };
+    // SAFETY: `local` describes `dst`, which we own mutably; the kernel validates `remote`
+    // (any address, checked by the page-table walk) and never touches our memory beyond
+    // `local`.
+    let n = unsafe { libc::process_vm_readv(self_pid(), &local, 1, &remote, 1, 0) };
+    n == dst.len() as isize
+}
+
+/// Copy `src` to address `dst` of this process. `false` if any byte is not writable.
+pub fn write(dst: u64, src: &[u8]) -> bool {
+    if src.is_empty() {
+        return true;
+    }
+    if dst.checked_add(src.len() as u64).is_none() {
+        return false;
+    }
+    let local = libc::iovec {
+        iov_base: src.as_ptr() as *mut libc::c_void,
+        iov_len: src.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: dst as *mut libc::c_void,
+        iov_len: src.len(),
+    };
+    // SAFETY: `local` describes `src`, which the kernel only reads; `remote` is validated by
+    // the kernel (writes to unmapped or read-only pages fail with EFAULT).
+    let n = unsafe { libc::process_vm_writev(self_pid(), &local, 1, &remote, 1, 0) };
+    n == src.len() as isize
+}
+
+/// Kernel `strncpy_from_*_nofault` into `dst`: copies bytes from `src` up to and including the
+/// first NUL, at most `dst.len() - 1` bytes plus a NUL. Returns the length including the NUL,
+/// `Some(0)` for an empty `dst`, `None` if a byte before the end is not readable.
+pub fn read_str(src: u64, dst: &mut [u8]) -> Option<usize> {
+    if dst.is_empty() {
+        return Some(0);
+    }
+    let max = dst.len() - 1;
+    let mut done = 0usize;
+    while done < max {
+        let addr = src.checked_add(done as u64)?;
+        let in_page = (PAGE - addr % PAGE) as usize;
+        let n = in_page.min(max - done);
+        if !read(addr, &mut dst[done..done + n]) {
+            return None;
+        }
+        if let Some(z) = dst[done..done + n].iter().position(|&b| b == 0) {
+            return Some(done + z + 1);
+        }
+        done += n;
+    }
+    dst[max] = 0;
+    Some(dst.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_and_faults() {
+        let src = *b"hello\0world";
+        let mut dst = [0u8; 11];
+        assert!(read(src.as_ptr() as u64, &mut dst));
+        assert_eq!(dst, src);
+        assert!(!read(8, &mut dst));
+        assert!(!read(u64::MAX - 2, &mut dst));
+        assert_eq!(read_str(src.as_ptr() as u64, &mut dst), Some(6));
+        assert_eq!(&dst[..6], b"hello\0");
+        let mut small = [0xffu8; 4];
+        assert_eq!(read_str(src.as_ptr() as u64, &mut small), Some(4));
+        assert_eq!(&small, b"hel\0");
+        assert_eq!(read_str(16, &mut small), None);
+        let mut out = [0u8; 3];
+        assert!(write(out.as_mut_ptr() as u64, b"abc"));
+        assert_eq!(&out, b"abc");
+        assert!(!write(16, b"abc"));
+        // Read-only memory (a string literal in .rodata) cannot be written.
+        let ro: &'static [u8] = b"constant";
+        assert!(!write(ro.as_ptr() as u64, b"x"));
+    }
+}
