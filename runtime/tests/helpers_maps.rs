@@ -31,7 +31,10 @@ fn delete(key: u32, out: usize) -> String {
 }
 
 fn lookup(key: u32) -> String {
-    format!("stw [%r10-4], {key}\nldmap %r1, 0\n{}call 1\n", stack_ptr(2, -4))
+    format!(
+        "stw [%r10-4], {key}\nldmap %r1, 0\n{}call 1\n",
+        stack_ptr(2, -4)
+    )
 }
 
 #[test]
@@ -70,7 +73,11 @@ fn hash_update_lookup_delete_kernel_semantics() {
         assert_eq!(at(&ctx, 72), err(libc::ENOENT));
         let m = e.obj.map("h").unwrap();
         let v = m.lookup_unmarked(&1u32.to_le_bytes(), 0).unwrap().unwrap();
-        assert_eq!(v.read(), 105u64.to_le_bytes(), "write through the value pointer");
+        assert_eq!(
+            v.read(),
+            105u64.to_le_bytes(),
+            "write through the value pointer"
+        );
         assert!(m.lookup_unmarked(&3u32.to_le_bytes(), 0).unwrap().is_none());
     }
 }
@@ -93,7 +100,11 @@ fn array_semantics() {
         assert_eq!(e.run(&p, &mut ctx), Ok(0));
         assert_eq!(at(&ctx, 0), 0);
         assert_eq!(at(&ctx, 8), err(libc::E2BIG), "index out of range");
-        assert_eq!(at(&ctx, 16), err(libc::EEXIST), "array entries always exist");
+        assert_eq!(
+            at(&ctx, 16),
+            err(libc::EEXIST),
+            "array entries always exist"
+        );
         assert_eq!(at(&ctx, 24), err(libc::EINVAL), "array delete");
         assert_eq!(at(&ctx, 32), 0, "lookup out of range");
     }
@@ -165,7 +176,10 @@ fn global_data_by_map_value_relocation() {
         assert_eq!(e.run(&p, &mut ctx), Ok(42));
         assert_eq!(e.run(&p, &mut ctx), Ok(84));
         let bss = e.obj.map(".bss").unwrap();
-        let v = bss.lookup_unmarked(&0u32.to_le_bytes(), 0).unwrap().unwrap();
+        let v = bss
+            .lookup_unmarked(&0u32.to_le_bytes(), 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(&v.read()[8..], &84u64.to_le_bytes());
         if !jit {
             // .rodata is read-only for the program (the interpreter enforces it).
@@ -183,7 +197,10 @@ fn relocation_errors_and_tokens() {
     let e = Env::new("reloc", false, &[def("h", MapType::Hash, 4, 8, 2)]);
     for (src, want) in [
         ("ldmap %r1, 3\nmov %r0, 0\nexit", "names map 3"),
-        ("ldmapval %r1, 0, 0\nmov %r0, 0\nexit", "not a one-entry ARRAY"),
+        (
+            "ldmapval %r1, 0, 0\nmov %r0, 0\nexit",
+            "not a one-entry ARRAY",
+        ),
     ] {
         let r = e.h.load_program(assemble(src).unwrap());
         let msg = r.unwrap_err().to_string();
@@ -222,11 +239,7 @@ fn for_each_src(stop: u32) -> String {
 #[test]
 fn for_each_map_elem_hash_and_array() {
     for jit in VMS {
-        let mut e = Env::new(
-            "foreach",
-            jit,
-            &[def("h", MapType::Hash, 4, 8, 16)],
-        );
+        let mut e = Env::new("foreach", jit, &[def("h", MapType::Hash, 4, 8, 16)]);
         let h = e.obj.map("h").unwrap();
         for k in 1..=5u32 {
             h.update(&k.to_le_bytes(), &u64::from(k).to_le_bytes(), BPF_ANY)
@@ -303,11 +316,7 @@ fn for_each_callback_fault_is_reported() {
 #[test]
 fn tail_calls_through_a_prog_array() {
     for jit in VMS {
-        let mut e = Env::new(
-            "tail",
-            jit,
-            &[def("progs", MapType::ProgArray, 4, 4, 4)],
-        );
+        let mut e = Env::new("tail", jit, &[def("progs", MapType::ProgArray, 4, 4, 4)]);
         // Program 0 returns 42; program 1 counts its runs in ctx and tail-calls itself.
         let p0 = e.load("mov %r0, 42\nexit");
         let p1 = e.load(

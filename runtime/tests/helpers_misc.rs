@@ -117,11 +117,19 @@ fn process_and_time_helpers() {
                 assert_eq!(e.run(&p, &mut ctx), Ok(0));
                 // SAFETY: plain libc queries.
                 let (pid, tid, uid, gid) = unsafe {
-                    (libc::getpid(), libc::gettid(), libc::getuid(), libc::getgid())
+                    (
+                        libc::getpid(),
+                        libc::gettid(),
+                        libc::getuid(),
+                        libc::getgid(),
+                    )
                 };
                 assert_eq!(at(&ctx, 0), ((pid as u64) << 32) | tid as u64);
                 assert_eq!(at(&ctx, 8), ((gid as u64) << 32) | uid as u64);
-                assert!(at(&ctx, 16) > 0 && at(&ctx, 24) >= at(&ctx, 16), "monotonic");
+                assert!(
+                    at(&ctx, 16) > 0 && at(&ctx, 24) >= at(&ctx, 16),
+                    "monotonic"
+                );
                 assert!(at(&ctx, 32) >= at(&ctx, 16), "boot time includes suspend");
                 assert!(at(&ctx, 40) < possible_cpus() as u64);
                 assert!(at(&ctx, 48) <= u32::MAX as u64 && at(&ctx, 56) <= u32::MAX as u64);
@@ -179,7 +187,11 @@ fn trace_printk_formats_into_the_sink() {
         assert_eq!(at(&ctx, 8), 6, "length including the newline");
         assert_eq!(at(&ctx, 0), err(libc::EINVAL), "more than three arguments");
         assert_eq!(at(&ctx, 16), err(libc::EINVAL), "unsupported conversion");
-        assert_eq!(at(&ctx, 24), err(libc::EINVAL), "format not NUL-terminated in size");
+        assert_eq!(
+            at(&ctx, 24),
+            err(libc::EINVAL),
+            "format not NUL-terminated in size"
+        );
     }
 }
 
@@ -251,13 +263,21 @@ fn ringbuf_output_reserve_submit_discard() {
         c.poll_timeout(Duration::from_secs(1), |r| got.push(r.data.to_vec()));
         let mut rec = 0x1111u64.to_le_bytes().to_vec();
         rec.extend_from_slice(&0x2222u64.to_le_bytes());
-        assert_eq!(got, vec![b"event".to_vec(), rec], "discarded record is skipped");
+        assert_eq!(
+            got,
+            vec![b"event".to_vec(), rec],
+            "discarded record is skipped"
+        );
     }
 }
 
 #[test]
 fn ringbuf_record_region_ends_with_submit() {
-    let mut e = Env::new("ringbuf-r", false, &[def("rb", MapType::Ringbuf, 0, 0, 16384)]);
+    let mut e = Env::new(
+        "ringbuf-r",
+        false,
+        &[def("rb", MapType::Ringbuf, 0, 0, 16384)],
+    );
     // Writing past the reserved size, or after submit, faults on the interpreter.
     let p = e.load(
         "ldmap %r1, 0\nmov %r2, 8\nmov %r3, 0\ncall 131\njeq %r0, 0, out\nmov %r6, %r0\n\
@@ -269,9 +289,7 @@ fn ringbuf_record_region_ends_with_submit() {
         Err(bpftime_runtime::vm::VmError::MemoryFault { pc: 11, .. })
     ));
     // An aborted run's reservation is discarded, so the consumer is not stuck behind it.
-    let p = e.load(
-        "ldmap %r1, 0\nmov %r2, 8\nmov %r3, 0\ncall 131\nstdw [%r0+8], 1\nexit",
-    );
+    let p = e.load("ldmap %r1, 0\nmov %r2, 8\nmov %r3, 0\ncall 131\nstdw [%r0+8], 1\nexit");
     assert!(e.run(&p, &mut [0u8; 8]).is_err());
     let p = e.load(
         "ldmap %r1, 0\nmov %r2, %r10\nadd %r2, -8\nstdw [%r10-8], 9\nmov %r3, 8\nmov %r4, 0\n\
@@ -341,7 +359,11 @@ fn bpf_loop_counts_and_errors() {
         let mut ctx = [0u8; 256];
         assert_eq!(e.run(&p, &mut ctx), Ok(0), "jit={jit}");
         assert_eq!(at(&ctx, 0), 10, "iterations");
-        assert_eq!(at(&ctx, 8), 21, "stopped by the callback at index 20, counted");
+        assert_eq!(
+            at(&ctx, 8),
+            21,
+            "stopped by the callback at index 20, counted"
+        );
         assert_eq!(at(&ctx, 16), err(libc::EINVAL), "flags");
         assert_eq!(at(&ctx, 24), err(libc::E2BIG), "too many loops");
         assert_eq!(at(&ctx, 72), 31, "callback calls");

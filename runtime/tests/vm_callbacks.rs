@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use bpftime_runtime::vm::{
-    asm::assemble, interpret, CallContext, HelperError, Helpers, InterpOptions, MemoryMap,
-    Program, VmError,
+    asm::assemble, interpret, CallContext, HelperError, Helpers, InterpOptions, MemoryMap, Program,
+    VmError,
 };
 
 fn prog(src: &str) -> Program {
@@ -232,7 +232,9 @@ fn fault_in_callback_is_reported_as_the_fault() {
     );
     // Interpreter only: the JIT trusts verified programs.
     match run(&p, false) {
-        Err(VmError::MemoryFault { pc: 6, addr: 16, .. }) => {}
+        Err(VmError::MemoryFault {
+            pc: 6, addr: 16, ..
+        }) => {}
         other => panic!("{other:?}"),
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! # Wiring an object
 //! ```text
+//! let defs = wire::map_defs(&obj, true)?;               // object maps + the trace ring
 //! let shm = ShmObject::create(&obj.name, &defs)?;      // maps in BpfObject::maps order
+//! wire::init_global_data(&obj, &shm)?;                  // .data/.rodata initial bytes
 //! let mut h = RuntimeHelpers::from_object(&shm)          // map index i = shm.map(i)
 //!     .with_trace_sink(RingbufTraceSink::from_object(&shm)?) // or any TraceSink / closure
 //!     .with_program_resolver(move |idx| progs.get(idx as usize).cloned());
@@ -54,6 +56,7 @@
 pub mod names;
 pub mod printk;
 pub mod probe;
+pub mod wire;
 
 use std::sync::{Arc, Mutex};
 
@@ -177,7 +180,9 @@ fn neg_map(e: &MapError) -> u64 {
 /// A helper call the program cannot continue after (the VM aborts the run with it).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum HelperFault {
-    #[error("{helper}: argument r{arg} = {addr:#x} ({len} bytes) is not accessible program memory")]
+    #[error(
+        "{helper}: argument r{arg} = {addr:#x} ({len} bytes) is not accessible program memory"
+    )]
     BadPointer {
         helper: &'static str,
         arg: u8,
@@ -622,24 +627,51 @@ impl RuntimeHelpers {
     }
 }
 
-/// Copy `len` bytes of program memory at `addr` (argument `arg` of `helper`) into `buf`.
-fn read_arg<'b>(
-    ctx: &mut CallContext<'_, '_>,
+/// `len` bytes of program memory at `addr` (argument `arg` of `helper`).
+fn read_arg<'c>(
+    ctx: &'c mut CallContext<'_, '_>,
     helper: &'static str,
     arg: u8,
     addr: u64,
     len: usize,
-    buf: &'b mut Vec<u8>,
-) -> Result<&'b [u8], HelperFault> {
-    let src = ctx.read_mem(addr, len).ok_or(HelperFault::BadPointer {
+) -> Result<&'c [u8], HelperFault> {
+    ctx.read_mem(addr, len).ok_or(HelperFault::BadPointer {
         helper,
         arg,
         addr,
         len,
-    })?;
-    buf.clear();
-    buf.extend_from_slice(src);
-    Ok(buf)
+    })
+}
+
+/// A copy of a key (at most 512 bytes, the maps' limit) that does not borrow the context.
+struct KeyBuf {
+    small: [u8; 64],
+    big: Vec<u8>,
+    len: usize,
+}
+
+impl KeyBuf {
+    fn new(src: &[u8]) -> Self {
+        let mut k = KeyBuf {
+            small: [0; 64],
+            big: Vec::new(),
+            len: src.len(),
+        };
+        if src.len() <= 64 {
+            k.small[..src.len()].copy_from_slice(src);
+        } else {
+            k.big = src.to_vec();
+        }
+        k
+    }
+
+    fn get(&self) -> &[u8] {
+        if self.len <= 64 {
+            &self.small[..self.len]
+        } else {
+            &self.big
+        }
+    }
 }
 
 fn write_arg<'c>(
@@ -679,7 +711,6 @@ impl Helpers for RuntimeHelpers {
         ctx: &mut CallContext<'_, '_>,
     ) -> Result<u64, HelperError> {
         use ids::*;
-        let mut buf = Vec::new();
         Ok(match id {
             MAP_LOOKUP_ELEM | MAP_LOOKUP_PERCPU_ELEM => {
                 let name = if id == MAP_LOOKUP_ELEM {
@@ -690,7 +721,7 @@ impl Helpers for RuntimeHelpers {
                 let idx = self.map_arg(name, 1, a[0])?;
                 let m = &self.maps[idx];
                 let ks = m.def().key_size as usize;
-                let key = read_arg(ctx, name, 2, a[1], ks, &mut buf)?;
+                let key = read_arg(ctx, name, 2, a[1], ks)?;
                 let found = if id == MAP_LOOKUP_ELEM {
                     m.lookup(key)
                 } else if !m.map_type().is_percpu() {
@@ -712,9 +743,9 @@ impl Helpers for RuntimeHelpers {
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
                 let (ks, vs) = (m.def().key_size as usize, m.def().value_size as usize);
-                let key = read_arg(ctx, N, 2, a[1], ks, &mut buf)?.to_vec();
-                let val = read_arg(ctx, N, 3, a[2], vs, &mut buf)?;
-                match m.update(&key, val, a[3]) {
+                let key = KeyBuf::new(read_arg(ctx, N, 2, a[1], ks)?);
+                let val = read_arg(ctx, N, 3, a[2], vs)?;
+                match m.update(key.get(), val, a[3]) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
                 }
@@ -723,7 +754,7 @@ impl Helpers for RuntimeHelpers {
                 const N: &str = "bpf_map_delete_elem";
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
-                let key = read_arg(ctx, N, 2, a[1], m.def().key_size as usize, &mut buf)?;
+                let key = read_arg(ctx, N, 2, a[1], m.def().key_size as usize)?;
                 match m.delete(key) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
@@ -736,7 +767,7 @@ impl Helpers for RuntimeHelpers {
                 if !matches!(m.map_type(), MapType::Queue | MapType::Stack) {
                     return Ok(neg(libc::EINVAL));
                 }
-                let val = read_arg(ctx, N, 2, a[1], m.def().value_size as usize, &mut buf)?;
+                let val = read_arg(ctx, N, 2, a[1], m.def().value_size as usize)?;
                 match m.push(val, a[2]) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
@@ -790,7 +821,7 @@ impl Helpers for RuntimeHelpers {
             }
             PROBE_WRITE_USER => {
                 let len = a[2] as u32 as usize;
-                let src = read_arg(ctx, "bpf_probe_write_user", 2, a[1], len, &mut buf)?;
+                let src = read_arg(ctx, "bpf_probe_write_user", 2, a[1], len)?;
                 if probe::write(a[0], src) {
                     0
                 } else {
@@ -826,14 +857,7 @@ impl Helpers for RuntimeHelpers {
             }
             GET_CURRENT_TASK => 0,
             TRACE_PRINTK => {
-                let fmt = read_arg(
-                    ctx,
-                    "bpf_trace_printk",
-                    1,
-                    a[0],
-                    a[1] as u32 as usize,
-                    &mut buf,
-                )?;
+                let fmt = read_arg(ctx, "bpf_trace_printk", 1, a[0], a[1] as u32 as usize)?;
                 self.printk(fmt, &a[2..5])
             }
             TRACE_VPRINTK | SNPRINTF => {
@@ -847,8 +871,7 @@ impl Helpers for RuntimeHelpers {
                 if !data_len.is_multiple_of(8) || data_len > 12 * 8 {
                     return Ok(neg(libc::EINVAL));
                 }
-                let mut dbuf = Vec::new();
-                let data = read_arg(ctx, n, data_at as u8 + 1, a[data_at], data_len, &mut dbuf)?;
+                let data = read_arg(ctx, n, data_at as u8 + 1, a[data_at], data_len)?;
                 let args: Vec<u64> = data
                     .chunks_exact(8)
                     .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -861,7 +884,7 @@ impl Helpers for RuntimeHelpers {
                     v.truncate(n);
                     v
                 } else {
-                    read_arg(ctx, n, 1, a[0], a[1] as u32 as usize, &mut buf)?.to_vec()
+                    read_arg(ctx, n, 1, a[0], a[1] as u32 as usize)?.to_vec()
                 };
                 if id == SNPRINTF {
                     self.snprintf(ctx, a[0], a[1] as u32 as usize, &fmt, &args)?
@@ -872,7 +895,7 @@ impl Helpers for RuntimeHelpers {
             RINGBUF_OUTPUT => {
                 const N: &str = "bpf_ringbuf_output";
                 let idx = self.map_arg(N, 1, a[0])?;
-                let data = read_arg(ctx, N, 2, a[1], a[2] as usize, &mut buf)?;
+                let data = read_arg(ctx, N, 2, a[1], a[2] as usize)?;
                 match self.maps[idx].ringbuf_output(data, a[3]) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
@@ -900,14 +923,12 @@ impl Helpers for RuntimeHelpers {
                 } else {
                     "bpf_ringbuf_discard"
                 };
-                let pos = self
-                    .reserved
-                    .iter()
-                    .position(|r| r.ptr == a[0])
-                    .ok_or(HelperFault::BadRecord {
+                let pos = self.reserved.iter().position(|r| r.ptr == a[0]).ok_or(
+                    HelperFault::BadRecord {
                         helper: n,
                         addr: a[0],
-                    })?;
+                    },
+                )?;
                 let r = self.reserved.swap_remove(pos);
                 if ctx.is_checked() {
                     ctx.memory().remove(r.ptr, r.len);
@@ -933,7 +954,7 @@ impl Helpers for RuntimeHelpers {
             PERF_EVENT_OUTPUT => {
                 const N: &str = "bpf_perf_event_output";
                 let idx = self.map_arg(N, 2, a[1])?;
-                let data = read_arg(ctx, N, 4, a[3], a[4] as usize, &mut buf)?;
+                let data = read_arg(ctx, N, 4, a[3], a[4] as usize)?;
                 match self.maps[idx].perf_event_output(a[2], data) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
@@ -1054,10 +1075,7 @@ impl RuntimeHelpers {
         } else {
             0
         };
-        let (ks, vs) = (
-            u64::from(m.def().key_size),
-            u64::from(m.def().value_size),
-        );
+        let (ks, vs) = (u64::from(m.def().key_size), u64::from(m.def().value_size));
         let writable = !readonly(&m);
         let maps = self.maps.clone();
         let mut failed = None;
@@ -1105,4 +1123,29 @@ fn read_str(addr: u64, max: usize) -> Option<Vec<u8>> {
     let n = probe::read_str(addr, &mut v)?;
     v.truncate(n.saturating_sub(1));
     Some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supported_table_is_sorted_named_and_implemented() {
+        assert!(SUPPORTED_HELPERS.windows(2).all(|w| w[0] < w[1]));
+        let mut h = RuntimeHelpers::new(Vec::new());
+        for &id in SUPPORTED_HELPERS {
+            assert!(helper_name(id).is_some(), "{id}");
+            let mut mem = MemoryMap::new();
+            let mut ctx = CallContext::new(0, &mut mem);
+            // NULL/zero arguments: a result or a typed failure, never "unknown".
+            let r = h.call(id, [0; 5], &mut ctx);
+            assert_ne!(r, Err(HelperError::Unknown(id)), "{id}");
+        }
+        let mut mem = MemoryMap::new();
+        let mut ctx = CallContext::new(0, &mut mem);
+        assert_eq!(h.call(27, [0; 5], &mut ctx), Err(HelperError::Unknown(27)));
+        assert_eq!(helper_display_name(27), "bpf_get_stackid");
+        assert_eq!(helper_display_name(181), "bpf_loop");
+        assert_eq!(helper_display_name(5000), "unknown");
+    }
 }

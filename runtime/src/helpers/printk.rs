@@ -121,7 +121,11 @@ pub fn format(
             b'c' if longs == 0 => vec![take()? as u8],
             _ => return Err(FormatError::Unsupported(start)),
         };
-        spec.pad(&mut out, &body, matches!(conv, b'd' | b'i' | b'u' | b'x' | b'X'));
+        spec.pad(
+            &mut out,
+            &body,
+            matches!(conv, b'd' | b'i' | b'u' | b'x' | b'X'),
+        );
     }
     out.truncate(MAX_OUTPUT - 1);
     Ok(out)
@@ -183,11 +187,23 @@ mod tests {
         assert_eq!(f("a %d b", &[(-5i64) as u64]).unwrap(), "a -5 b");
         assert_eq!(f("%d", &[0xffff_ffff]).unwrap(), "-1");
         assert_eq!(f("%u", &[0xffff_ffff_ffff]).unwrap(), "4294967295");
-        assert_eq!(f("%lld %llu", &[u64::MAX, u64::MAX]).unwrap(), "-1 18446744073709551615");
-        assert_eq!(f("%x %X %lx", &[255, 255, 1 << 40]).unwrap(), "ff FF 10000000000");
-        assert_eq!(f("%05d|%-4d|%4d", &[(-42i64) as u64, 7, 7]).unwrap(), "-0042|7   |   7");
+        assert_eq!(
+            f("%lld %llu", &[u64::MAX, u64::MAX]).unwrap(),
+            "-1 18446744073709551615"
+        );
+        assert_eq!(
+            f("%x %X %lx", &[255, 255, 1 << 40]).unwrap(),
+            "ff FF 10000000000"
+        );
+        assert_eq!(
+            f("%05d|%-4d|%4d", &[(-42i64) as u64, 7, 7]).unwrap(),
+            "-0042|7   |   7"
+        );
         assert_eq!(f("%s %s %c", &[1, 2, b'z' as u64]).unwrap(), "str  z");
-        assert_eq!(f("%p %px", &[0x1000, 0x10]).unwrap(), "0000000000001000 0000000000000010");
+        assert_eq!(
+            f("%p %px", &[0x1000, 0x10]).unwrap(),
+            "0000000000001000 0000000000000010"
+        );
         assert_eq!(f("100%%", &[]).unwrap(), "100%");
         assert_eq!(f("%d %d", &[1]), Err(FormatError::TooManyArgs(1)));
         assert_eq!(f("%q", &[1]), Err(FormatError::Unsupported(0)));

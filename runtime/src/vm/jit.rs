@@ -629,10 +629,9 @@ impl FuncInvoker for JitInvoker<'_, '_> {
             );
             (*env).entry = target;
             (*env).depth = self.depth + 1;
-            (*env).helpers = std::mem::transmute::<
-                *mut (dyn Helpers + '_),
-                *mut (dyn Helpers + '_),
-            >(helpers as *mut (dyn Helpers + '_));
+            (*env).helpers = std::mem::transmute::<*mut (dyn Helpers + '_), *mut (dyn Helpers + '_)>(
+                helpers as *mut (dyn Helpers + '_),
+            );
             (*env).mem = (mem as *mut MemoryMap<'_>).cast();
             let r = jit.enter(args, env);
             (*env).saved_rsp = saved.0;

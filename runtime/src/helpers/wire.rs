@@ -1,0 +1,57 @@
+//! Glue from a parsed object ([`BpfObject`]) to its shared-memory maps, in the map order that
+//! the loader's `BPF_PSEUDO_MAP_IDX` relocations use (map index i = `BpfObject::maps[i]`).
+
+use thiserror::Error;
+
+use crate::maps::{MapDef, MapError, MapType, ShmObject, BPF_ANY};
+use crate::object::BpfObject;
+
+use super::trace_map_def;
+
+/// An object map that the shared-memory maps cannot hold.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("object `{object}`: map `{map}` has type {map_type}, which user space does not support")]
+pub struct UnsupportedMap {
+    pub object: String,
+    pub map: String,
+    pub map_type: u32,
+}
+
+/// The [`MapDef`]s of `obj`'s maps in index order, followed by the trace ring
+/// ([`trace_map_def`]) when `with_trace` (its index is then `obj.maps.len()`).
+pub fn map_defs(obj: &BpfObject, with_trace: bool) -> Result<Vec<MapDef>, UnsupportedMap> {
+    let mut defs = obj
+        .maps
+        .iter()
+        .map(|m| {
+            let map_type = MapType::from_raw(m.map_type).ok_or_else(|| UnsupportedMap {
+                object: obj.name.clone(),
+                map: m.name.clone(),
+                map_type: m.map_type,
+            })?;
+            Ok(MapDef {
+                map_type,
+                key_size: m.key_size,
+                value_size: m.value_size,
+                max_entries: m.max_entries,
+                flags: m.flags,
+                name: m.name.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if with_trace {
+        defs.push(trace_map_def());
+    }
+    Ok(defs)
+}
+
+/// Write the initial bytes of `obj`'s global-data maps (`.data`, `.rodata`) into `shm` (call
+/// once, after creating the segment).
+pub fn init_global_data(obj: &BpfObject, shm: &ShmObject) -> Result<(), MapError> {
+    for (i, m) in obj.maps.iter().enumerate() {
+        if let Some(data) = &m.initial_data {
+            shm.map(i)?.update(&0u32.to_le_bytes(), data, BPF_ANY)?;
+        }
+    }
+    Ok(())
+}
