@@ -22,9 +22,29 @@ fn hash_lookup_update_cost() {
             stack_ptr(3, -16)
         ));
         let trivial = e.load("mov %r0, 0\nexit");
+        if jit {
+            // The map operations alone, for comparison.
+            let m = e.obj.map("h").unwrap();
+            let (k, v) = (7u32.to_le_bytes(), 1u64.to_le_bytes());
+            let n = 200_000;
+            let t = Instant::now();
+            for _ in 0..n {
+                if let Some(p) = m.lookup(std::hint::black_box(&k)).unwrap() {
+                    p.atomic_u64(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                m.update(&k, &v, 0).unwrap();
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            println!("direct       lookup+update  {ns:>8.1} ns (MapHandle calls only)");
+        }
         let mut ctx = [0u8; 64];
         let n = 200_000;
-        for (name, prog) in [("trivial", &trivial), ("lookup+update", &p)] {
+        let two_calls = e.load("call 35\ncall 35\nexit");
+        for (name, prog) in [
+            ("trivial", &trivial),
+            ("2 null calls", &two_calls),
+            ("lookup+update", &p),
+        ] {
             for _ in 0..1000 {
                 e.run(prog, &mut ctx).unwrap();
             }

@@ -597,8 +597,8 @@ impl RuntimeHelpers {
     pub unsafe fn run_jit(&mut self, prog: &Program, ctx: &mut [u8]) -> Result<u64, VmError> {
         let args = [ctx.as_mut_ptr() as u64, ctx.len() as u64, 0, 0, 0];
         let jit = prog.jit()?;
+        // Nothing is registered for the JIT (pointers are trusted), so nothing to keep alive.
         let mut mem = MemoryMap::new();
-        mem.keep_alive(&self.maps);
         self.begin_run();
         // SAFETY: the caller's contract.
         let r = unsafe { jit.run(args, &mut mem, self) };

@@ -1,0 +1,161 @@
+//! The example BPF programs (`examples/programs/*.bpf.c`), the victim they probe, and a runner
+//! that executes an example under **real kernel uprobes** (aya), so tests can compare the
+//! kernel's map contents with the userspace runtime's on the same calls.
+
+pub mod model;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Map, MapData, RingBuf};
+use aya::programs::{uprobe::UProbeScope, UProbe};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+/// Every example object, by stem.
+pub const EXAMPLES: &[&str] = &[
+    "hash_counter",
+    "array_counters",
+    "rodata_config",
+    "bss_atomics",
+    "ringbuf_events",
+    "percpu_array",
+    "probe_read_str",
+    "bpf_to_bpf",
+];
+
+/// Path of a compiled example object.
+pub fn object_path(example: &str) -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join(format!("{example}.bpf.o"))
+}
+
+/// Path of the victim binary (`victim ROUNDS`, starts on a line of stdin).
+pub fn victim_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim")
+}
+
+/// Map contents after a run: per map, (key, value) sorted by key. Per-CPU values are summed
+/// per 8-byte word (threads migrate between CPUs, so only sums are comparable). Ringbuf maps
+/// list their records in order, keyed by their index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub maps: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// Sums per-CPU values word by word (u64 little endian).
+pub fn sum_per_cpu(values: &[Vec<u8>]) -> Vec<u8> {
+    let len = values.first().map_or(0, Vec::len);
+    let mut out = vec![0u8; len];
+    for word in (0..len).step_by(8) {
+        let end = (word + 8).min(len);
+        let mut sum: u64 = 0;
+        for v in values {
+            let mut bytes = [0u8; 8];
+            bytes[..end - word].copy_from_slice(&v[word..end]);
+            sum = sum.wrapping_add(u64::from_le_bytes(bytes));
+        }
+        out[word..end].copy_from_slice(&sum.to_le_bytes()[..end - word]);
+    }
+    out
+}
+
+/// Runs the victim for `rounds` rounds with every program of `example` attached as a kernel
+/// uprobe, and returns the maps afterwards.
+pub fn run_kernel(example: &str, rounds: u32) -> Result<Snapshot> {
+    let path = object_path(example);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(&bytes)
+        .with_context(|| format!("loading {example} into the kernel"))?;
+    let victim = victim_path();
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+    for name in &names {
+        let program: &mut UProbe = ebpf
+            .program_mut(name)
+            .context("program")?
+            .try_into()
+            .with_context(|| format!("{example}: {name} is not a uprobe"))?;
+        program.load()?;
+        // Every example targets `victim:FUNC` in its section name.
+        let function = match example {
+            "probe_read_str" => "vt_message",
+            _ => "vt_add",
+        };
+        program
+            .attach(function, &victim, UProbeScope::AllProcesses)
+            .with_context(|| format!("attaching {name} to {}:{function}", victim.display()))?;
+    }
+    run_victim(rounds)?;
+
+    let mut snapshot = Snapshot::default();
+    let map_names: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
+    for name in map_names {
+        let map = ebpf.take_map(&name).context("map")?;
+        let entries = match map {
+            Map::RingBuf(data) => ring_records(RingBuf::try_from(Map::RingBuf(data))?),
+            Map::PerCpuArray(data) | Map::PerCpuHashMap(data) => dump(&data, true)?,
+            Map::Array(data) | Map::HashMap(data) => dump(&data, false)?,
+            other => bail!("{example}: map {name} has an unexpected type {other:?}"),
+        };
+        snapshot.maps.insert(name, entries);
+    }
+    Ok(snapshot)
+}
+
+/// Starts the victim, lets it run `rounds` rounds, and checks it finished normally.
+pub fn run_victim(rounds: u32) -> Result<String> {
+    run_command(Command::new(victim_path()).arg(rounds.to_string()))
+}
+
+/// Runs a victim command (e.g. wrapped in `bpftime-rs start --`): one line on stdin starts it.
+pub fn run_command(command: &mut Command) -> Result<String> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the victim")?;
+    child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !stdout.contains("done") {
+        bail!(
+            "victim failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+fn dump(data: &MapData, per_cpu: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let id = data.info()?.id();
+    let handle = MapHandle::from_map_id(id).context("opening the map by id")?;
+    let mut out = Vec::new();
+    for key in handle.keys() {
+        let value = if per_cpu {
+            match handle.lookup_percpu(&key, MapFlags::ANY)? {
+                Some(values) => sum_per_cpu(&values),
+                None => continue,
+            }
+        } else {
+            match handle.lookup(&key, MapFlags::ANY)? {
+                Some(value) => value,
+                None => continue,
+            }
+        };
+        out.push((key, value));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn ring_records(mut ring: RingBuf<MapData>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let Some(record) = ring.next() {
+        out.push(((out.len() as u32).to_le_bytes().to_vec(), record.to_vec()));
+    }
+    out
+}

@@ -1,0 +1,128 @@
+//! What each example's maps must hold after `rounds` rounds of the victim, computed in Rust from
+//! the victim's calls. Both the kernel run and the userspace run are checked against it.
+
+use std::collections::BTreeMap;
+
+const WORDS: [&str; 5] = ["alpha", "bravo", "charlie", "delta", "echo-echo-echo-echo"];
+
+fn u64s(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+fn u32s(v: u32) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// vt_add(i % 7, i) for i in 0..rounds.
+fn adds(rounds: u32) -> impl Iterator<Item = (u64, u64)> {
+    (0..u64::from(rounds)).map(|i| (i % 7, i))
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let scratch = [a, b, a ^ b, a.wrapping_add(b)];
+    let mut h: u64 = 1469598103934665603;
+    for s in scratch {
+        h = (h ^ s).wrapping_mul(1099511628211);
+    }
+    h
+}
+
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn sorted(map: BTreeMap<Vec<u8>, Vec<u8>>) -> Entries {
+    map.into_iter().collect()
+}
+
+/// The expected contents of the maps the example's result depends on (maps not listed, such
+/// as `.rodata`, are checked only kernel against userspace).
+pub fn expected(example: &str, rounds: u32) -> BTreeMap<String, Entries> {
+    let mut maps = BTreeMap::new();
+    match example {
+        "hash_counter" => {
+            let mut m = BTreeMap::new();
+            for (a, _) in adds(rounds) {
+                let e = m.entry(u64s(a)).or_insert(u64s(0));
+                *e = u64s(u64::from_le_bytes(e[..].try_into().unwrap()) + 1);
+            }
+            maps.insert("calls_by_arg".into(), sorted(m));
+        }
+        "array_counters" => {
+            let mut sums = [0u64; 16];
+            for (a, b) in adds(rounds) {
+                sums[(b % 16) as usize] += a;
+            }
+            let m = (0..16u32).map(|i| (u32s(i), u64s(sums[i as usize]))).collect();
+            maps.insert("sums".into(), sorted(m));
+        }
+        "rodata_config" => {
+            let mut m: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for (a, b) in adds(rounds) {
+                *m.entry(u32s((a % 5) as u32)).or_default() += b * 3;
+            }
+            maps.insert(
+                "scaled".into(),
+                m.into_iter().map(|(k, v)| (k, u64s(v))).collect(),
+            );
+        }
+        "bss_atomics" => {
+            let (mut calls, mut sum, mut largest) = (0u64, 0u64, 0u64);
+            for (a, b) in adds(rounds) {
+                calls += 1;
+                sum += a + b + 100;
+                largest = largest.max(b);
+            }
+            let bss = [u64s(calls), u64s(sum), u64s(largest)].concat();
+            maps.insert(".bss".into(), vec![(u32s(0), bss)]);
+            maps.insert(".data".into(), vec![(u32s(0), u64s(100))]);
+        }
+        "ringbuf_events" => {
+            let events = adds(rounds)
+                .enumerate()
+                .map(|(n, (a, b))| (u32s(n as u32), [u64s(a), u64s(b), u64s(a + b)].concat()))
+                .collect();
+            maps.insert("events".into(), events);
+            maps.insert(
+                "outcome".into(),
+                vec![(u32s(0), u64s(u64::from(rounds))), (u32s(1), u64s(0))],
+            );
+        }
+        "percpu_array" => {
+            let mut counts = [0u64; 4];
+            for (a, _) in adds(rounds) {
+                counts[(a % 4) as usize] += 1;
+            }
+            let m = (0..4u32).map(|i| (u32s(i), u64s(counts[i as usize]))).collect();
+            maps.insert("per_cpu_calls".into(), sorted(m));
+        }
+        "probe_read_str" => {
+            let mut m: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            let mut copied = 0u64;
+            for i in 0..rounds {
+                let word = WORDS[(i % 5) as usize].as_bytes();
+                let take = word.len().min(15);
+                let mut key = vec![0u8; 16];
+                key[..take].copy_from_slice(&word[..take]);
+                copied += take as u64 + 1;
+                *m.entry(key).or_default() += 1;
+            }
+            maps.insert(
+                "by_word".into(),
+                m.into_iter().map(|(k, v)| (k, u64s(v))).collect(),
+            );
+            maps.insert("copied_bytes".into(), vec![(u32s(0), u64s(copied))]);
+        }
+        "bpf_to_bpf" => {
+            let mut m: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for (a, b) in adds(rounds) {
+                let e = m.entry(u32s((a % 8) as u32)).or_insert(0);
+                *e ^= mix(a, b);
+            }
+            maps.insert(
+                "mixed".into(),
+                m.into_iter().map(|(k, v)| (k, u64s(v))).collect(),
+            );
+        }
+        other => panic!("no model for example {other}"),
+    }
+    maps
+}
