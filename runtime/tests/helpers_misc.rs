@@ -399,3 +399,69 @@ fn attach_context_and_override_return() {
         assert_eq!(e.h.attach().override_return, None);
     }
 }
+
+#[test]
+fn trace_vprintk_and_snprintf() {
+    for jit in VMS {
+        let mut e = Env::new("vprintk", jit, &[]);
+        let sink = MemoryTraceSink::new();
+        e.h = RuntimeHelpers::from_object(&e.obj).with_trace_sink(sink.clone());
+        let fmt4 = b"%d %d %d %lld\n";
+        let p = e.load(&format!(
+            "mov %r6, %r1\nstdw [%r10-32], 1\nstdw [%r10-24], 2\nstdw [%r10-16], 3\n\
+             stdw [%r10-8], -4\n\
+             mov %r1, %r6\nadd %r1, {STR}\nmov %r2, {}\n{}mov %r4, 32\ncall 177\n{}\
+             mov %r1, %r6\nadd %r1, {STR}\nmov %r2, {}\n{}mov %r4, 12\ncall 177\n{}\
+             mov %r1, %r6\nadd %r1, 96\nmov %r2, 16\nmov %r3, %r6\nadd %r3, {}\n{}\
+             mov %r5, 8\ncall 165\n{}\
+             mov %r1, %r6\nadd %r1, 112\nmov %r2, 3\nmov %r3, %r6\nadd %r3, {}\n{}\
+             mov %r5, 8\ncall 165\n{}\
+             mov %r0, 0\nexit",
+            fmt4.len() + 1,
+            stack_ptr(3, -32),
+            save(0),
+            fmt4.len() + 1,
+            stack_ptr(3, -32),
+            save(8),
+            STR + 32,
+            stack_ptr(4, -16),
+            save(16),
+            STR + 32,
+            stack_ptr(4, -16),
+            save(24),
+        ));
+        let mut ctx = [0u8; 256];
+        put_str(&mut ctx, STR, fmt4);
+        put_str(&mut ctx, STR + 32, b"v=%llu");
+        assert_eq!(e.run(&p, &mut ctx), Ok(0), "jit={jit}");
+        assert_eq!(sink.lines(), vec!["1 2 3 -4".to_string()]);
+        assert_eq!(at(&ctx, 0), 9);
+        assert_eq!(
+            at(&ctx, 8),
+            err(libc::EINVAL),
+            "data_len not a multiple of 8"
+        );
+        assert_eq!(at(&ctx, 16), 4, "snprintf: length with the NUL");
+        assert_eq!(&ctx[96..100], b"v=3\0");
+        assert_eq!(
+            at(&ctx, 24),
+            4,
+            "truncated output still reports the full length"
+        );
+        assert_eq!(&ctx[112..115], b"v=\0");
+    }
+}
+
+#[test]
+fn bad_pointer_arguments_abort_with_the_argument_named() {
+    let mut e = Env::new("badptr", false, &[def("h", MapType::Hash, 4, 8, 4)]);
+    let p = e.load(&format!(
+        "ldmap %r1, 0\n{}mov %r3, 64\nmov %r4, 0\ncall 2\nexit",
+        stack_ptr(2, -8)
+    ));
+    let msg = e.run(&p, &mut [0u8; 8]).unwrap_err().to_string();
+    assert!(
+        msg.contains("bpf_map_update_elem: argument r3 = 0x40 (8 bytes)"),
+        "{msg}"
+    );
+}

@@ -30,7 +30,9 @@ fn hash_lookup_update_cost() {
             let t = Instant::now();
             for _ in 0..n {
                 if let Some(p) = m.lookup(std::hint::black_box(&k)).unwrap() {
-                    p.atomic_u64(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    p.atomic_u64(0)
+                        .unwrap()
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 m.update(&k, &v, 0).unwrap();
             }

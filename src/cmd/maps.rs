@@ -1,5 +1,13 @@
-use anyhow::{Context, Result};
-use bpftime_kernel_bridge::mirror::{list_pinned, Mirror};
+//! `bpftime-rs maps`: one row per map, joining the userspace (shared-memory) side, the kernel
+//! mirror and the sync counters.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use bpftime_kernel_bridge::mirror::{list_pinned, pin_path, Mirror};
+use bpftime_runtime::maps::{list_segments, sync_slot, EntryValue, MapHandle, ShmObject};
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -7,15 +15,131 @@ pub struct MapsArgs {
     /// bpftool-style JSON with every entry.
     #[arg(long)]
     json: bool,
+    /// Compare userspace and kernel contents of MAP (`name` or `object/name`) entry by entry.
+    #[arg(long, value_name = "MAP")]
+    diff: Option<String>,
+}
+
+/// One map as the table shows it: a userspace side, a kernel mirror, or both.
+struct Row {
+    object: String,
+    name: String,
+    user: Option<MapHandle>,
+    mirror: Option<Mirror>,
+}
+
+impl Row {
+    fn full_name(&self) -> String {
+        format!("{}/{}", self.object, self.name)
+    }
+
+    fn shape(&self) -> (String, u32, u32, u32) {
+        if let Some(user) = &self.user {
+            let def = user.def();
+            (
+                def.map_type.name().to_string(),
+                def.key_size,
+                def.value_size,
+                def.max_entries,
+            )
+        } else {
+            let desc = self.mirror.as_ref().expect("a row has a side").desc();
+            (
+                desc.kind.name().to_string(),
+                desc.key_size,
+                desc.value_size,
+                desc.max_entries,
+            )
+        }
+    }
+
+    /// The forwarder's counters, when a forwarder has ever synced this map.
+    fn sync(&self) -> Option<SyncView> {
+        let slots = self.user.as_ref()?.sync_counters();
+        let pid = slots[sync_slot::FORWARDER_PID].load(Ordering::Relaxed);
+        if pid == 0 {
+            return None;
+        }
+        let get = |slot: usize| slots[slot].load(Ordering::Relaxed);
+        Some(SyncView {
+            changes_seen: get(sync_slot::CHANGES_SEEN),
+            sent: get(sync_slot::SENT),
+            confirmed: get(sync_slot::CONFIRMED),
+            failed: get(sync_slot::FAILED),
+            pending: get(sync_slot::PENDING),
+            oldest_pending_ns: get(sync_slot::OLDEST_PENDING_NS),
+            forwarder_pid: pid,
+            forwarder_alive: process_alive(pid as i32),
+        })
+    }
+}
+
+#[derive(serde::Serialize)]
+struct SyncView {
+    changes_seen: u64,
+    sent: u64,
+    confirmed: u64,
+    failed: u64,
+    pending: u64,
+    oldest_pending_ns: u64,
+    forwarder_pid: u64,
+    forwarder_alive: bool,
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every map bpftime-rs knows: shared-memory objects first (with their mirrors), then mirrors
+/// whose object has no userspace side (e.g. the bridge selftest).
+fn rows() -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let mut mirrors: BTreeMap<PathBuf, Mirror> = list_pinned()
+        .context("listing kernel mirror maps")?
+        .into_iter()
+        .map(|m| (m.desc().pin_path(), m))
+        .collect();
+    for segment in list_segments().context("listing shared-memory objects in /dev/shm")? {
+        if let Some(why) = &segment.unreadable {
+            tracing::warn!("skipping {}: {why}", segment.path);
+            continue;
+        }
+        let shm = match ShmObject::open(&segment.object) {
+            Ok(shm) => shm,
+            Err(e) => {
+                tracing::warn!("skipping {}: {e}", segment.path);
+                continue;
+            }
+        };
+        for user in shm.maps() {
+            let name = user.name().to_string();
+            let mirror = mirrors.remove(&pin_path(&segment.object, &name));
+            rows.push(Row {
+                object: segment.object.clone(),
+                name,
+                user: Some(user),
+                mirror,
+            });
+        }
+    }
+    for (_, mirror) in mirrors {
+        rows.push(Row {
+            object: mirror.desc().object.clone(),
+            name: mirror.desc().name.clone(),
+            user: None,
+            mirror: Some(mirror),
+        });
+    }
+    Ok(rows)
 }
 
 pub fn run(args: &MapsArgs) -> Result<()> {
-    let mirrors = list_pinned().context("listing kernel mirror maps")?;
+    let rows = rows()?;
+    if let Some(target) = &args.diff {
+        return diff(&rows, target);
+    }
     if args.json {
-        let maps = mirrors
-            .iter()
-            .map(mirror_json)
-            .collect::<Result<Vec<_>>>()?;
+        let maps = rows.iter().map(row_json).collect::<Result<Vec<_>>>()?;
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({ "maps": maps }))?
@@ -23,22 +147,62 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  PIN",
-        "NAME", "TYPE", "KEY", "VALUE", "MAX", "USER", "KERNEL"
+        "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9}  PIN",
+        "NAME",
+        "TYPE",
+        "KEY",
+        "VALUE",
+        "MAX",
+        "USER",
+        "KERNEL",
+        "SENT",
+        "CONFIRMED",
+        "FAILED",
+        "PENDING",
+        "OLDEST"
     );
-    for mirror in &mirrors {
-        let desc = mirror.desc();
-        let kernel_entries = mirror.key_count();
+    for row in &rows {
+        let (kind, key, value, max) = row.shape();
+        let user = row
+            .user
+            .as_ref()
+            .map_or("-".to_string(), |u| u.len().to_string());
+        let kernel = row
+            .mirror
+            .as_ref()
+            .map_or("-".to_string(), |m| m.key_count().to_string());
+        let pin = row.mirror.as_ref().map_or("-".to_string(), |m| {
+            m.desc().pin_path().display().to_string()
+        });
+        let dash = || "-".to_string();
+        let (sent, confirmed, failed, pending, oldest) = match row.sync() {
+            Some(s) => (
+                s.sent.to_string(),
+                s.confirmed.to_string(),
+                s.failed.to_string(),
+                s.pending.to_string(),
+                format!(
+                    "{:.1?}",
+                    std::time::Duration::from_nanos(s.oldest_pending_ns)
+                ),
+            ),
+            None => (dash(), dash(), dash(), dash(), dash()),
+        };
         println!(
-            "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8}  {}",
-            format!("{}/{}", desc.object, desc.name),
-            desc.kind.name(),
-            desc.key_size,
-            desc.value_size,
-            desc.max_entries,
-            "-",
-            kernel_entries,
-            desc.pin_path().display()
+            "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9}  {}",
+            row.full_name(),
+            kind,
+            key,
+            value,
+            max,
+            user,
+            kernel,
+            sent,
+            confirmed,
+            failed,
+            pending,
+            oldest,
+            pin
         );
     }
     Ok(())
@@ -49,35 +213,109 @@ fn hex_bytes(bytes: &[u8]) -> Value {
     Value::Array(bytes.iter().map(|b| json!(format!("0x{b:02x}"))).collect())
 }
 
-fn mirror_json(mirror: &Mirror) -> Result<Value> {
-    let desc = mirror.desc();
-    let entries = mirror
-        .entries()
-        .with_context(|| format!("reading {}", desc.pin_path().display()))?
-        .iter()
-        .map(|entry| {
-            if desc.kind.is_percpu() {
-                let values: Vec<Value> = entry
-                    .values
-                    .iter()
-                    .enumerate()
-                    .map(|(cpu, v)| json!({ "cpu": cpu, "value": hex_bytes(v) }))
-                    .collect();
-                json!({ "key": hex_bytes(&entry.key), "values": values })
-            } else {
-                json!({ "key": hex_bytes(&entry.key), "value": hex_bytes(&entry.values[0]) })
-            }
+fn entry_json(key: &[u8], values: &[Vec<u8>], per_cpu: bool) -> Value {
+    if per_cpu {
+        let values: Vec<Value> = values
+            .iter()
+            .enumerate()
+            .map(|(cpu, v)| json!({ "cpu": cpu, "value": hex_bytes(v) }))
+            .collect();
+        json!({ "key": hex_bytes(key), "values": values })
+    } else {
+        json!({ "key": hex_bytes(key), "value": hex_bytes(&values[0]) })
+    }
+}
+
+fn user_entries(user: &MapHandle) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+    user.iter()
+        .into_iter()
+        .map(|e| {
+            let values = match e.value {
+                EntryValue::Single(v) => vec![v],
+                EntryValue::PerCpu(v) => v,
+            };
+            (e.key, values)
         })
-        .collect::<Vec<_>>();
+        .collect()
+}
+
+fn row_json(row: &Row) -> Result<Value> {
+    let (kind, key_size, value_size, max_entries) = row.shape();
+    let per_cpu = kind.contains("percpu");
+    let entries: Vec<Value> = match (&row.user, &row.mirror) {
+        (Some(user), _) => user_entries(user)
+            .iter()
+            .map(|(k, v)| entry_json(k, v, per_cpu))
+            .collect(),
+        (None, Some(mirror)) => mirror
+            .entries()
+            .with_context(|| format!("reading {}", mirror.desc().pin_path().display()))?
+            .iter()
+            .map(|e| entry_json(&e.key, &e.values, per_cpu))
+            .collect(),
+        (None, None) => Vec::new(),
+    };
     Ok(json!({
-        "name": desc.name,
-        "object": desc.object,
-        "type": desc.kind.name(),
-        "key_size": desc.key_size,
-        "value_size": desc.value_size,
-        "max_entries": desc.max_entries,
-        "pinned": desc.pin_path(),
+        "name": row.name,
+        "object": row.object,
+        "type": kind,
+        "key_size": key_size,
+        "value_size": value_size,
+        "max_entries": max_entries,
+        "pinned": row.mirror.as_ref().map(|m| m.desc().pin_path()),
+        "userspace": row.user.is_some(),
         "entries": entries,
-        "sync": Value::Null,
+        "kernel_entries": row.mirror.as_ref().map(|m| m.key_count()),
+        "sync": row.sync(),
     }))
+}
+
+fn diff(rows: &[Row], target: &str) -> Result<()> {
+    let row = rows
+        .iter()
+        .find(|r| r.full_name() == target || r.name == target)
+        .with_context(|| format!("no map named {target}; `bpftime-rs maps` lists them"))?;
+    let (Some(user), Some(mirror)) = (&row.user, &row.mirror) else {
+        bail!(
+            "map {} has no {} side to compare",
+            row.full_name(),
+            if row.user.is_none() {
+                "userspace"
+            } else {
+                "kernel"
+            }
+        );
+    };
+    let user: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = user_entries(user).into_iter().collect();
+    let kernel: BTreeMap<Vec<u8>, Vec<Vec<u8>>> = mirror
+        .entries()
+        .context("reading the kernel mirror")?
+        .into_iter()
+        .map(|e| (e.key, e.values))
+        .collect();
+    let (mut equal, mut differ) = (0, 0);
+    for (key, value) in &user {
+        match kernel.get(key) {
+            Some(k) if k == value => equal += 1,
+            Some(k) => {
+                differ += 1;
+                println!("differs      key {key:02x?}: userspace {value:02x?} kernel {k:02x?}");
+            }
+            None => {
+                differ += 1;
+                println!("only in userspace  key {key:02x?}: {value:02x?}");
+            }
+        }
+    }
+    for (key, value) in &kernel {
+        if !user.contains_key(key) {
+            differ += 1;
+            println!("only in kernel     key {key:02x?}: {value:02x?}");
+        }
+    }
+    println!("{}: {equal} equal, {differ} different", row.full_name());
+    if differ > 0 {
+        std::process::exit(2);
+    }
+    Ok(())
 }

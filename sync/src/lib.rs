@@ -173,7 +173,10 @@ impl Forwarder {
                     Some(h) if mirror_desc(h.def(), &object).is_none() => {
                         return Err(SyncError::Selection {
                             map: name.clone(),
-                            why: format!("is a {} map, which has no kernel mirror", h.map_type().name()),
+                            why: format!(
+                                "is a {} map, which has no kernel mirror",
+                                h.map_type().name()
+                            ),
                         })
                     }
                     Some(_) => {}
@@ -255,11 +258,15 @@ impl Forwarder {
             });
             let mirror = self.bridge.mirror(map.mirror)?;
             let kernel_keys: Vec<Vec<u8>> = mirror.entries()?.into_iter().map(|e| e.key).collect();
-            let keep: std::collections::HashSet<&Vec<u8>> = current.iter().map(|(k, _)| k).collect();
+            let keep: std::collections::HashSet<&Vec<u8>> =
+                current.iter().map(|(k, _)| k).collect();
             let stale: Vec<Vec<u8>> = if matches!(map.kind, MapKind::Array | MapKind::PercpuArray) {
                 Vec::new()
             } else {
-                kernel_keys.into_iter().filter(|k| !keep.contains(k)).collect()
+                kernel_keys
+                    .into_iter()
+                    .filter(|k| !keep.contains(k))
+                    .collect()
             };
             for (key, value) in current {
                 sent += self.forward(index, key, Some(value))? as usize;
@@ -281,18 +288,19 @@ impl Forwarder {
             }
             let map = &mut self.maps[index];
             if map.kind.is_keyless() {
-                let (pushes, next) = map.handle.pushes_since(map.next_push).map_err(|source| {
-                    SyncError::Map {
-                        map: map.name.clone(),
-                        source,
-                    }
-                })?;
+                let (pushes, next) =
+                    map.handle
+                        .pushes_since(map.next_push)
+                        .map_err(|source| SyncError::Map {
+                            map: map.name.clone(),
+                            source,
+                        })?;
                 map.next_push = next;
                 for push in pushes {
                     self.counters[index].changes_seen += 1;
-                    let seq = self
-                        .bridge
-                        .send(&Update::push(self.maps[index].mirror, &push.value, 0))?;
+                    let seq =
+                        self.bridge
+                            .send(&Update::push(self.maps[index].mirror, &push.value, 0))?;
                     self.track(seq, index, Vec::new());
                     sent += 1;
                 }
@@ -321,7 +329,12 @@ impl Forwarder {
         Ok(sent)
     }
 
-    fn forward(&mut self, index: usize, key: Vec<u8>, value: Option<EntryValue>) -> Result<bool, SyncError> {
+    fn forward(
+        &mut self,
+        index: usize,
+        key: Vec<u8>,
+        value: Option<EntryValue>,
+    ) -> Result<bool, SyncError> {
         let map = &mut self.maps[index];
         let bytes = value.map(|v| match v {
             EntryValue::Single(bytes) => bytes,

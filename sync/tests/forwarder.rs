@@ -93,8 +93,7 @@ fn pointer_writes_helper_updates_and_deletes_reach_the_kernel() {
         )
         .unwrap(),
     );
-    let (mut forwarder, unmirrorable) =
-        Forwarder::start(&shm, SyncOptions::default()).unwrap();
+    let (mut forwarder, unmirrorable) = Forwarder::start(&shm, SyncOptions::default()).unwrap();
     assert_eq!(unmirrorable.len(), 1);
     assert_eq!(unmirrorable[0].name, "events");
 
@@ -113,12 +112,21 @@ fn pointer_writes_helper_updates_and_deletes_reach_the_kernel() {
                         let _ = counts.update(&key, &0u64.to_le_bytes(), 1);
                     }
                     let value = counts.lookup(&key).unwrap().unwrap();
-                    value.atomic_u64(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    value
+                        .atomic_u64(0)
+                        .unwrap()
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     updated
-                        .update(&(t * 100 + i % 10).to_le_bytes(), &u64::from(i).to_le_bytes(), 0)
+                        .update(
+                            &(t * 100 + i % 10).to_le_bytes(),
+                            &u64::from(i).to_le_bytes(),
+                            0,
+                        )
                         .unwrap();
                     let slot = percpu.lookup(&(i % 16).to_le_bytes()).unwrap().unwrap();
-                    slot.atomic_u64(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    slot.atomic_u64(0)
+                        .unwrap()
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if i == 19_999 && t % 2 == 0 {
                         updated.delete(&(t * 100).to_le_bytes()).unwrap();
                     }
@@ -136,8 +144,14 @@ fn pointer_writes_helper_updates_and_deletes_reach_the_kernel() {
     for w in writers {
         w.join().unwrap();
     }
-    assert!(forwarder.run_until_idle(Duration::from_secs(30)).unwrap(), "forwarder went idle");
-    println!("{passes} passes while writing; counters: {:?}", forwarder.counters());
+    assert!(
+        forwarder.run_until_idle(Duration::from_secs(30)).unwrap(),
+        "forwarder went idle"
+    );
+    println!(
+        "{passes} passes while writing; counters: {:?}",
+        forwarder.counters()
+    );
 
     for (index, name) in ["counts", "updated", "percpu"].iter().enumerate() {
         let user = user_state(&shm, name);
@@ -164,7 +178,8 @@ fn restarted_forwarder_resyncs_and_full_kernel_map_reports_failures() {
     let shm = ShmObject::create(OBJECT, &[def("kv", MapType::Hash, 4, 8, 64)]).unwrap();
     let kv = shm.map("kv").unwrap();
     for k in 0..32u32 {
-        kv.update(&k.to_le_bytes(), &u64::from(k * 3).to_le_bytes(), 0).unwrap();
+        kv.update(&k.to_le_bytes(), &u64::from(k * 3).to_le_bytes(), 0)
+            .unwrap();
     }
     {
         let (mut forwarder, _) = Forwarder::start(&shm, SyncOptions::default()).unwrap();
@@ -175,7 +190,8 @@ fn restarted_forwarder_resyncs_and_full_kernel_map_reports_failures() {
     for k in 0..16u32 {
         kv.delete(&k.to_le_bytes()).unwrap();
     }
-    kv.update(&40u32.to_le_bytes(), &7u64.to_le_bytes(), 0).unwrap();
+    kv.update(&40u32.to_le_bytes(), &7u64.to_le_bytes(), 0)
+        .unwrap();
     let (mut forwarder, _) = Forwarder::start(
         &shm,
         SyncOptions {
@@ -196,13 +212,21 @@ fn restarted_forwarder_resyncs_and_full_kernel_map_reports_failures() {
     .unwrap();
     let filled = fill_kernel_map(&mirror);
     assert!(filled > 0);
-    kv.update(&50u32.to_le_bytes(), &1u64.to_le_bytes(), 0).unwrap();
-    kv.update(&20u32.to_le_bytes(), &99u64.to_le_bytes(), 0).unwrap();
+    kv.update(&50u32.to_le_bytes(), &1u64.to_le_bytes(), 0)
+        .unwrap();
+    kv.update(&20u32.to_le_bytes(), &99u64.to_le_bytes(), 0)
+        .unwrap();
     assert!(forwarder.run_until_idle(Duration::from_secs(30)).unwrap());
     let (_, counters) = &forwarder.counters()[0];
-    assert_eq!(counters.failed, 1, "the new key 50 did not fit: {counters:?}");
+    assert_eq!(
+        counters.failed, 1,
+        "the new key 50 did not fit: {counters:?}"
+    );
     let kernel = kernel_state(&forwarder, 0);
-    assert!(kernel.contains(&(20u32.to_le_bytes().to_vec(), 99)), "existing keys still update");
+    assert!(
+        kernel.contains(&(20u32.to_le_bytes().to_vec(), 99)),
+        "existing keys still update"
+    );
 }
 
 /// Fills the kernel mirror up to max_entries with keys userspace does not have.
@@ -212,7 +236,12 @@ fn fill_kernel_map(mirror: &bpftime_kernel_bridge::Mirror) -> usize {
     let mut k = 1000u32;
     while mirror.key_count() < mirror.desc().max_entries as usize {
         bridge
-            .send(&bpftime_kernel_bridge::Update::put(id, &k.to_le_bytes(), &[0; 8], 0))
+            .send(&bpftime_kernel_bridge::Update::put(
+                id,
+                &k.to_le_bytes(),
+                &[0; 8],
+                0,
+            ))
             .unwrap();
         bridge.flush(Duration::from_secs(10)).unwrap();
         k += 1;
@@ -233,8 +262,20 @@ fn sync_selection_names_unknown_and_unmirrorable_maps() {
         selection: SyncSelection::Only(vec![name.into()]),
         ..SyncOptions::default()
     };
-    let err = Forwarder::start(&shm, only("nope")).err().unwrap().to_string();
-    assert!(err.contains("nope") && err.contains("is not a map"), "{err}");
-    let err = Forwarder::start(&shm, only("events")).err().unwrap().to_string();
-    assert!(err.contains("ringbuf") && err.contains("no kernel mirror"), "{err}");
+    let err = Forwarder::start(&shm, only("nope"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("nope") && err.contains("is not a map"),
+        "{err}"
+    );
+    let err = Forwarder::start(&shm, only("events"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("ringbuf") && err.contains("no kernel mirror"),
+        "{err}"
+    );
 }

@@ -51,7 +51,9 @@ pub fn expected(example: &str, rounds: u32) -> BTreeMap<String, Entries> {
             for (a, b) in adds(rounds) {
                 sums[(b % 16) as usize] += a;
             }
-            let m = (0..16u32).map(|i| (u32s(i), u64s(sums[i as usize]))).collect();
+            let m = (0..16u32)
+                .map(|i| (u32s(i), u64s(sums[i as usize])))
+                .collect();
             maps.insert("sums".into(), sorted(m));
         }
         "rodata_config" => {
@@ -91,7 +93,9 @@ pub fn expected(example: &str, rounds: u32) -> BTreeMap<String, Entries> {
             for (a, _) in adds(rounds) {
                 counts[(a % 4) as usize] += 1;
             }
-            let m = (0..4u32).map(|i| (u32s(i), u64s(counts[i as usize]))).collect();
+            let m = (0..4u32)
+                .map(|i| (u32s(i), u64s(counts[i as usize])))
+                .collect();
             maps.insert("per_cpu_calls".into(), sorted(m));
         }
         "probe_read_str" => {

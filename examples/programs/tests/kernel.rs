@@ -19,6 +19,9 @@ fn kernel_uprobes_match_the_model() {
                 .unwrap_or_else(|| panic!("{example}: no map {map} in {:?}", snapshot.maps.keys()));
             assert_eq!(got, &expected, "{example}: map {map}");
         }
-        println!("{example}: kernel matches the model ({} maps)", snapshot.maps.len());
+        println!(
+            "{example}: kernel matches the model ({} maps)",
+            snapshot.maps.len()
+        );
     }
 }

@@ -567,6 +567,9 @@ impl RuntimeHelpers {
     /// Discard ringbuf records the run reserved but neither submitted nor discarded (a run
     /// that aborted), so the consumer is not stalled.
     pub fn end_run(&mut self) {
+        if self.reserved.is_empty() {
+            return;
+        }
         for r in self.reserved.drain(..) {
             let _ = self.maps[r.map].ringbuf_discard(r.ptr as *mut u8, 0);
         }
@@ -643,37 +646,6 @@ fn read_arg<'c>(
     })
 }
 
-/// A copy of a key (at most 512 bytes, the maps' limit) that does not borrow the context.
-struct KeyBuf {
-    small: [u8; 64],
-    big: Vec<u8>,
-    len: usize,
-}
-
-impl KeyBuf {
-    fn new(src: &[u8]) -> Self {
-        let mut k = KeyBuf {
-            small: [0; 64],
-            big: Vec::new(),
-            len: src.len(),
-        };
-        if src.len() <= 64 {
-            k.small[..src.len()].copy_from_slice(src);
-        } else {
-            k.big = src.to_vec();
-        }
-        k
-    }
-
-    fn get(&self) -> &[u8] {
-        if self.len <= 64 {
-            &self.small[..self.len]
-        } else {
-            &self.big
-        }
-    }
-}
-
 fn write_arg<'c>(
     ctx: &'c mut CallContext<'_, '_>,
     helper: &'static str,
@@ -743,9 +715,22 @@ impl Helpers for RuntimeHelpers {
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
                 let (ks, vs) = (m.def().key_size as usize, m.def().value_size as usize);
-                let key = KeyBuf::new(read_arg(ctx, N, 2, a[1], ks)?);
-                let val = read_arg(ctx, N, 3, a[2], vs)?;
-                match m.update(key.get(), val, a[3]) {
+                let Some((key, val)) = ctx.read_mem2((a[1], ks), (a[2], vs)) else {
+                    // Name the argument that is bad.
+                    let (arg, addr, len) = if ctx.read_mem(a[1], ks).is_none() {
+                        (2, a[1], ks)
+                    } else {
+                        (3, a[2], vs)
+                    };
+                    return Err(HelperFault::BadPointer {
+                        helper: N,
+                        arg,
+                        addr,
+                        len,
+                    }
+                    .into());
+                };
+                match m.update(key, val, a[3]) {
                     Ok(()) => 0,
                     Err(e) => neg_map(&e),
                 }
@@ -860,38 +845,7 @@ impl Helpers for RuntimeHelpers {
                 let fmt = read_arg(ctx, "bpf_trace_printk", 1, a[0], a[1] as u32 as usize)?;
                 self.printk(fmt, &a[2..5])
             }
-            TRACE_VPRINTK | SNPRINTF => {
-                let (fmt_at, data_at) = if id == SNPRINTF { (2, 3) } else { (0, 2) };
-                let n = if id == SNPRINTF {
-                    "bpf_snprintf"
-                } else {
-                    "bpf_trace_vprintk"
-                };
-                let data_len = a[data_at + 1] as u32 as usize;
-                if !data_len.is_multiple_of(8) || data_len > 12 * 8 {
-                    return Ok(neg(libc::EINVAL));
-                }
-                let data = read_arg(ctx, n, data_at as u8 + 1, a[data_at], data_len)?;
-                let args: Vec<u64> = data
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect();
-                let fmt = if id == SNPRINTF {
-                    // A constant string (the verifier requires read-only map memory) of
-                    // unknown length: read up to the kernel's limit.
-                    let mut v = vec![0u8; printk::MAX_OUTPUT];
-                    let n = probe::read_str(a[fmt_at], &mut v).unwrap_or(0);
-                    v.truncate(n);
-                    v
-                } else {
-                    read_arg(ctx, n, 1, a[0], a[1] as u32 as usize)?.to_vec()
-                };
-                if id == SNPRINTF {
-                    self.snprintf(ctx, a[0], a[1] as u32 as usize, &fmt, &args)?
-                } else {
-                    self.printk(&fmt, &args)
-                }
-            }
+            TRACE_VPRINTK | SNPRINTF => self.vprintk(id, a, ctx)?,
             RINGBUF_OUTPUT => {
                 const N: &str = "bpf_ringbuf_output";
                 let idx = self.map_arg(N, 1, a[0])?;
@@ -1009,6 +963,49 @@ impl Helpers for RuntimeHelpers {
 }
 
 impl RuntimeHelpers {
+    /// `bpf_trace_vprintk(fmt, fmt_size, data, data_len)` and
+    /// `bpf_snprintf(str, str_size, fmt, data, data_len)`.
+    #[inline(never)]
+    fn vprintk(
+        &mut self,
+        id: u32,
+        a: [u64; 5],
+        ctx: &mut CallContext<'_, '_>,
+    ) -> Result<u64, HelperFault> {
+        use ids::SNPRINTF;
+        let (fmt_at, data_at) = if id == SNPRINTF { (2, 3) } else { (0, 2) };
+        let n = if id == SNPRINTF {
+            "bpf_snprintf"
+        } else {
+            "bpf_trace_vprintk"
+        };
+        let data_len = a[data_at + 1] as u32 as usize;
+        if !data_len.is_multiple_of(8) || data_len > 12 * 8 {
+            return Ok(neg(libc::EINVAL));
+        }
+        let data = read_arg(ctx, n, data_at as u8 + 1, a[data_at], data_len)?;
+        let args: Vec<u64> = data
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let fmt = if id == SNPRINTF {
+            // A constant string (the verifier requires read-only map memory) of
+            // unknown length: read up to the kernel's limit.
+            let mut v = vec![0u8; printk::MAX_OUTPUT];
+            let n = probe::read_str(a[fmt_at], &mut v).unwrap_or(0);
+            v.truncate(n);
+            v
+        } else {
+            read_arg(ctx, n, 1, a[0], a[1] as u32 as usize)?.to_vec()
+        };
+        if id == SNPRINTF {
+            self.snprintf(ctx, a[0], a[1] as u32 as usize, &fmt, &args)
+        } else {
+            Ok(self.printk(&fmt, &args))
+        }
+    }
+
+    #[inline(never)]
     fn printk(&mut self, fmt: &[u8], args: &[u64]) -> u64 {
         let Ok(fmt) = printk::terminated(fmt) else {
             return neg(libc::EINVAL);
@@ -1026,6 +1023,7 @@ impl RuntimeHelpers {
         }
     }
 
+    #[inline(never)]
     fn snprintf(
         &mut self,
         ctx: &mut CallContext<'_, '_>,
@@ -1056,6 +1054,7 @@ impl RuntimeHelpers {
         }
     }
 
+    #[inline(never)]
     fn for_each_map_elem(
         &mut self,
         a: [u64; 5],

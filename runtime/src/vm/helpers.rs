@@ -83,6 +83,30 @@ impl<'m, 'a> CallContext<'m, 'a> {
         Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
     }
 
+    /// Two argument buffers at once (e.g. the key and the value of `bpf_map_update_elem`),
+    /// each as [`read_mem`](Self::read_mem) checks it.
+    pub fn read_mem2(&mut self, a: (u64, usize), b: (u64, usize)) -> Option<(&[u8], &[u8])> {
+        for (addr, len) in [a, b] {
+            let ok = if self.checked {
+                self.mem.check(addr, len as u64, false)
+            } else {
+                len == 0 || (addr != 0 && addr.checked_add(len as u64).is_some())
+            };
+            if !ok {
+                return None;
+            }
+        }
+        let slice = |(addr, len): (u64, usize)| -> &[u8] {
+            if len == 0 {
+                return &[];
+            }
+            // SAFETY: checked above like `read_mem`: inside a registered region or the
+            // interpreter's stack, or (JIT) a verifier-checked argument.
+            unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+        };
+        Some((slice(a), slice(b)))
+    }
+
     /// Writable counterpart of [`read_mem`](Self::read_mem) (a helper's output buffer).
     pub fn write_mem(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
         if self.checked {
