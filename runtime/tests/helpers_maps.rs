@@ -375,3 +375,34 @@ fn unknown_helpers_are_refused_at_load_time() {
     let msg = e.run(&p, &mut [0u8; 8]).unwrap_err().to_string();
     assert!(msg.contains("CO-RE"), "{msg}");
 }
+
+#[test]
+fn rbpf_runs_the_same_map_helpers() {
+    use bpftime_runtime::vm::{run_with_ctx, InterpOptions, MemoryMap, VmKind};
+    // rbpf's JIT only: rbpf's interpreter fixes its allowed memory before the run, so it
+    // refuses loads through value pointers that helpers return during the run.
+    let kind = VmKind::Rbpf;
+    let mut e = Env::new("rbpf", false, &[def("h", MapType::Hash, 4, 8, 4)]);
+    let src = format!(
+        "mov %r6, %r1\n{}{}jeq %r0, 0, out\nldxdw %r0, [%r0]\nout:\nexit",
+        update(1, 77, BPF_ANY, 0),
+        lookup(1)
+    );
+    let p = e.load(&src);
+    let mut ctx = [0u8; 16];
+    let mut mem = MemoryMap::new();
+    e.h.begin_run();
+    // SAFETY: the program only touches its stack, its context and the looked-up value.
+    let r = unsafe {
+        run_with_ctx(
+            kind,
+            &p,
+            &mut ctx,
+            &mut mem,
+            &mut e.h,
+            InterpOptions::default(),
+        )
+    };
+    assert_eq!(r, Ok(77), "{kind:?}");
+    assert_eq!(at(&ctx, 0), 0);
+}

@@ -1129,6 +1129,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn helpers_can_move_to_another_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<RuntimeHelpers>();
+    }
+
+    #[test]
     fn supported_table_is_sorted_named_and_implemented() {
         assert!(SUPPORTED_HELPERS.windows(2).all(|w| w[0] < w[1]));
         let mut h = RuntimeHelpers::new(Vec::new());

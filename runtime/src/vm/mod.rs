@@ -14,7 +14,10 @@
 //!   same [`Helpers`].
 //! * Helpers: implement [`Helpers`] (stateful, `&mut self`), or use a [`HelperTable`] of
 //!   closures. A helper can read program memory and register regions through its
-//!   [`CallContext`], and request a tail call with [`CallContext::tail_call`].
+//!   [`CallContext`], request a tail call with [`CallContext::tail_call`], and run a BPF
+//!   callback (`bpf_loop`, `bpf_for_each_map_elem`) with [`CallContext::call_function`] on the
+//!   same VM (interpreter or JIT) in a fresh frame. The runtime's helper library is
+//!   [`crate::helpers::RuntimeHelpers`].
 //! * [`rbpf`] runs programs on rbpf 0.4 when every instruction is one rbpf runs correctly.
 
 pub mod asm;

@@ -127,7 +127,7 @@ fn dispatch(id: u32, args: [u64; 5]) -> u64 {
                 0
             }
             Ok((Err(source), _)) => {
-                cur.error = Some(VmError::Helper { pc: 0, id, source });
+                cur.error = Some(VmError::from_helper(0, id, source));
                 0
             }
             Err(_) => {
