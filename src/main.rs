@@ -18,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Load a BPF object: verify, create shared maps, publish programs, sync, print events.
+    Load(cmd::load::LoadArgs),
+    /// Run one program once on a context read from a file and print r0.
+    Run(cmd::run::RunArgs),
+    /// Remove an object's shared memory and kernel pins (or, without OBJ, those of dead loaders).
+    Unload(cmd::unload::UnloadArgs),
     /// The kernel bridge (user ringbuf -> kernel mirror maps -> confirmations).
     Bridge {
         #[command(subcommand)]
@@ -54,6 +60,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Load(args) => cmd::load::run(&args),
+        Command::Run(args) => cmd::run::run(&args),
+        Command::Unload(args) => cmd::unload::run(&args),
         Command::Bridge {
             command: BridgeCommand::Selftest(args),
         } => cmd::bridge::selftest(&args),

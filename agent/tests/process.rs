@@ -291,13 +291,22 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
     for round in 0..15 {
         let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(rep.start_result, Some(0), "round {round}: {}", status(&config));
+        assert_eq!(
+            rep.start_result,
+            Some(0),
+            "round {round}: {}",
+            status(&config)
+        );
         unsafe_stops += rep.unsafe_stops;
         wait_until("malloc counted", Duration::from_secs(10), || {
             let c = counts(&config);
             c.len() == 5 && c[0][0] > 100 && c[1][1] > 100 && c[4][1] > 100
         });
-        assert_eq!(detach_agent(v.pid, &opts).expect("detach"), 0, "round {round}");
+        assert_eq!(
+            detach_agent(v.pid, &opts).expect("detach"),
+            0,
+            "round {round}"
+        );
     }
     eprintln!("15 rounds, {unsafe_stops} stops rejected as unsafe");
     std::fs::write(&v.stop, b"").unwrap();

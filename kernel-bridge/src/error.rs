@@ -7,29 +7,29 @@ use crate::user_ringbuf::UserRingBufError;
 /// Everything that can go wrong in the bridge, each naming the map or file concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
-    #[error("loading the bridge drain program (ebpf/bridge.bpf.c): {0}")]
+    #[error("loading the bridge drain program (ebpf/bridge.bpf.c)")]
     LoadDrain(#[source] std::io::Error),
     #[error("mirror map {map}: {why}")]
     InvalidMirror { map: String, why: String },
-    #[error("creating kernel map {map}: {source}")]
+    #[error("creating kernel map {map}")]
     MapCreate {
         map: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("reading kernel map {map}: {source}")]
+    #[error("reading kernel map {map}")]
     MapRead {
         map: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Pin {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     System {
         what: &'static str,
         #[source]
@@ -52,9 +52,9 @@ pub enum BridgeError {
         op: Op,
         kind: &'static str,
     },
-    #[error("user ringbuf: {0}")]
+    #[error("user ringbuf")]
     Ring(#[from] UserRingBufError),
-    #[error("running the drain program: {0}")]
+    #[error("running the drain program")]
     Drain(#[source] std::io::Error),
     #[error("{pending} updates still unconfirmed after {waited:?}")]
     FlushTimeout { pending: u64, waited: Duration },

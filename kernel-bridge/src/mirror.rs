@@ -158,8 +158,16 @@ impl MirrorDesc {
     }
 }
 
+/// Where the mirror of `object`'s `map` is pinned. bpffs refuses names containing '.', so
+/// dots (as in `.bss`, `.data`, `.rodata`) become '_' in the pin path.
 pub fn pin_path(object: &str, map: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(object).join(map)
+    Path::new(PIN_ROOT)
+        .join(pin_component(object))
+        .join(pin_component(map))
+}
+
+fn pin_component(name: &str) -> String {
+    name.replace('.', "_")
 }
 
 /// A created (or reopened) kernel mirror.
@@ -391,7 +399,7 @@ pub fn list_pinned() -> Result<Vec<Mirror>, BridgeError> {
 
 /// Removes every pin of `object` and its directory.
 pub fn remove_object_pins(object: &str) -> Result<usize, BridgeError> {
-    let dir = Path::new(PIN_ROOT).join(object);
+    let dir = Path::new(PIN_ROOT).join(pin_component(object));
     if !dir.exists() {
         return Ok(0);
     }

@@ -374,6 +374,7 @@ fn program_registry_roundtrip() {
             attach_target: "/bin/bash:readline",
             prog_type: 2,
             insns: &insns,
+            run_flags: 0x101,
         })
         .unwrap();
     let j = o
@@ -384,6 +385,7 @@ fn program_registry_roundtrip() {
             attach_target: "syscalls/sys_enter_openat",
             prog_type: 5,
             insns: &insns[..16],
+            run_flags: 0,
         })
         .unwrap();
     assert_ne!(i, j);
@@ -395,6 +397,7 @@ fn program_registry_roundtrip() {
     assert_eq!(ps[0].name, "on_readline");
     assert_eq!(ps[0].attach_target, "/bin/bash:readline");
     assert_eq!(ps[0].insns, insns);
+    assert_eq!(ps[0].run_flags, 0x101);
     assert_eq!(ps[1].insns.len(), 16);
     assert!(o.obj.unregister_program(j));
     assert_eq!(agent.programs().len(), 1);
@@ -407,6 +410,7 @@ fn program_registry_roundtrip() {
             attach_target: &long,
             prog_type: 0,
             insns: &[],
+            run_flags: 0,
         })
         .unwrap_err();
     assert!(e.to_string().contains("attach target"));

@@ -1,2 +1,5 @@
 pub mod bridge;
+pub mod load;
 pub mod maps;
+pub mod run;
+pub mod unload;

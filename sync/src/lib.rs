@@ -24,7 +24,7 @@ use bpftime_runtime::maps::{
 pub enum SyncError {
     #[error(transparent)]
     Bridge(#[from] BridgeError),
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map {
         map: String,
         #[source]

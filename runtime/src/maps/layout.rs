@@ -74,7 +74,9 @@ pub(crate) struct ProgRecord {
     pub name: [u8; NAME_LEN],
     pub section: [u8; SECTION_LEN],
     pub attach: [u8; ATTACH_LEN],
-    pub _reserved: [u64; 8],
+    /// How agents must run the program (VM, verified); defined by `crate::loaded`.
+    pub run_flags: u64,
+    pub _reserved: [u64; 7],
 }
 
 /// Immutable per-map geometry, written once by the creator.

@@ -959,6 +959,23 @@ impl ShmObject {
         self.header().creator_pid
     }
 
+    /// Makes this process the segment's loader (a restarted `load` taking over a segment whose
+    /// loader died), so liveness checks and stale detection follow the new loader.
+    pub fn claim(&self) -> Result<(), MapError> {
+        let pid = lock::current_pid();
+        let start = segment::process_start_time(pid).unwrap_or(0);
+        let h = self.inner.mapping.base() as *mut SegHeader;
+        // SAFETY: the header lies at the start of the live mapping; readers in other processes
+        // only compare these two words with /proc, so the volatile word-sized stores (start
+        // first, so a reader never pairs the new pid with the dead loader's start time in a way
+        // that looks alive) are enough.
+        unsafe {
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*h).creator_start), start);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*h).creator_pid), pid);
+        }
+        Ok(())
+    }
+
     /// Per-CPU slot count recorded by the creator (all processes index by it).
     pub fn ncpu(&self) -> u32 {
         self.inner.ncpu

@@ -20,6 +20,8 @@ pub struct ProgramSpec<'a> {
     pub prog_type: u32,
     /// Relocated instructions (8 bytes each).
     pub insns: &'a [u8],
+    /// How agents must run it (see `crate::loaded`); opaque to the registry.
+    pub run_flags: u64,
 }
 
 /// A registered program as agents read it.
@@ -31,6 +33,7 @@ pub struct ProgramInfo {
     pub attach_target: String,
     pub prog_type: u32,
     pub insns: Vec<u8>,
+    pub run_flags: u64,
 }
 
 impl ShmObject {
@@ -104,6 +107,7 @@ impl ShmObject {
             (*r).prog_type = spec.prog_type;
             (*r).insn_off = abs;
             (*r).insn_len = len;
+            (*r).run_flags = spec.run_flags;
             put_str(&mut (*r).name, spec.name);
             put_str(&mut (*r).section, spec.section);
             put_str(&mut (*r).attach, spec.attach_target);
@@ -175,6 +179,7 @@ impl ShmObject {
             attach_target: get_str(&r.attach),
             prog_type: r.prog_type,
             insns,
+            run_flags: r.run_flags,
         })
     }
 }

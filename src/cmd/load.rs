@@ -1,0 +1,180 @@
+//! `bpftime-rs load OBJ`: loads, verifies, creates the shared maps, publishes the programs for
+//! agents, runs the sync forwarder, and prints trace_printk lines and ringbuf/perf events until
+//! Ctrl-C. The maps stay after it exits (targets keep running); `bpftime-rs unload` removes them.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bpftime_runtime::helpers::TRACE_MAP_NAME;
+use bpftime_runtime::loaded::LoadedObject;
+use bpftime_runtime::maps::{MapType, RingBufConsumer};
+use bpftime_sync::{Forwarder, SyncOptions, SyncSelection};
+
+use super::run::VmArgs;
+
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// The clang-compiled BPF object.
+    object: PathBuf,
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Sync only these maps to kernel mirrors (default: every mirrorable map).
+    #[arg(long, value_delimiter = ',', value_name = "MAP[,MAP]")]
+    sync: Option<Vec<String>>,
+    /// Sync no map to the kernel.
+    #[arg(long, conflicts_with = "sync")]
+    no_sync: bool,
+    /// One kernel confirmation per synced update instead of one per batch.
+    #[arg(long)]
+    confirm_each: bool,
+    /// Stop after this many seconds instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
+}
+
+pub fn run(args: &LoadArgs) -> Result<()> {
+    let loaded = LoadedObject::load(&args.object, None, args.vm.options())
+        .with_context(|| format!("loading {}", args.object.display()))?;
+    let object = loaded.object.name.clone();
+    for program in &loaded.programs {
+        println!(
+            "program {} ({}) -> {} on {:?}{}",
+            program.name,
+            program.section,
+            if program.attach_target.is_empty() {
+                "-"
+            } else {
+                &program.attach_target
+            },
+            program.vm,
+            if program.verified {
+                ", verified by the kernel"
+            } else {
+                ", not verified"
+            }
+        );
+    }
+    for (name, why) in &loaded.refused {
+        println!("program {name} NOT loaded: {why}");
+    }
+    if loaded.programs.is_empty() {
+        anyhow::bail!("{}: no program could be loaded", args.object.display());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+
+    let forwarder = if args.no_sync {
+        None
+    } else {
+        let selection = match &args.sync {
+            Some(names) => SyncSelection::Only(names.clone()),
+            None => SyncSelection::All,
+        };
+        let (forwarder, unmirrorable) = Forwarder::start(
+            &loaded.shm,
+            SyncOptions {
+                selection,
+                confirm_each: args.confirm_each,
+                ..SyncOptions::default()
+            },
+        )
+        .context("starting the sync forwarder (use --no-sync to run without the kernel)")?;
+        for map in unmirrorable.iter().filter(|m| m.name != TRACE_MAP_NAME) {
+            println!(
+                "map {} ({}) has no kernel mirror: not synced",
+                map.name, map.map_type
+            );
+        }
+        for name in forwarder.map_names() {
+            println!(
+                "map {name} synced to {}",
+                bpftime_kernel_bridge::mirror::pin_path(&object, name).display()
+            );
+        }
+        Some(forwarder)
+    };
+    let sync_thread = forwarder.map(|mut forwarder| {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("bpftime-sync".into())
+            .spawn(move || -> Result<Forwarder> {
+                forwarder.run(&stop)?;
+                // Let the last changes out before exiting.
+                forwarder.run_until_idle(Duration::from_secs(2))?;
+                Ok(forwarder)
+            })
+    });
+    let sync_thread = sync_thread
+        .transpose()
+        .context("starting the sync thread")?;
+
+    println!(
+        "loaded {object}: {} program(s); attach with `bpftime-rs start -- CMD` or `bpftime-rs \
+         attach PID`; Ctrl-C to stop",
+        loaded.programs.len()
+    );
+    std::io::stdout().flush()?;
+
+    let mut consumers = Vec::new();
+    for handle in loaded.shm.maps() {
+        if matches!(
+            handle.map_type(),
+            MapType::Ringbuf | MapType::PerfEventArray
+        ) {
+            let name = handle.name().to_string();
+            consumers.push((name, RingBufConsumer::new(&handle)?));
+        }
+    }
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs_f64(s));
+    let mut out = std::io::stdout().lock();
+    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
+        let mut printed = 0;
+        for (name, consumer) in &mut consumers {
+            printed += consumer.poll(|record| {
+                if name == TRACE_MAP_NAME {
+                    let _ = writeln!(out, "trace: {}", String::from_utf8_lossy(record.data));
+                } else {
+                    let _ = writeln!(out, "{name}: {}", hex(record.data));
+                }
+            });
+        }
+        if printed > 0 {
+            out.flush()?;
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drop(out);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(thread) = sync_thread {
+        let forwarder = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sync thread panicked"))??;
+        for (name, c) in forwarder.counters() {
+            println!(
+                "sync {name}: sent {} confirmed {} failed {} pending {}",
+                c.sent, c.confirmed, c.failed, c.pending
+            );
+        }
+    }
+    println!("stopped; the maps of {object} stay for running targets: `bpftime-rs unload {object}` removes them");
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
