@@ -159,3 +159,37 @@ fn ring_records(mut ring: RingBuf<MapData>) -> Vec<(Vec<u8>, Vec<u8>)> {
     }
     out
 }
+
+/// The argument registers of each victim call, in order: `(function, rdi, rsi)`; string
+/// arguments point at `words`, which the caller keeps alive.
+pub fn victim_calls(rounds: u32, words: &[std::ffi::CString]) -> Vec<(&'static str, u64, u64)> {
+    let mut calls = Vec::new();
+    for i in 0..u64::from(rounds) {
+        calls.push(("vt_add", i % 7, i));
+        let word = &words[(i % 5) as usize];
+        calls.push((
+            "vt_message",
+            word.as_ptr() as u64,
+            word.as_bytes().len() as u64,
+        ));
+    }
+    calls
+}
+
+/// The victim's words as C strings (see victim.c).
+pub fn victim_words() -> Vec<std::ffi::CString> {
+    ["alpha", "bravo", "charlie", "delta", "echo-echo-echo-echo"]
+        .iter()
+        .map(|w| std::ffi::CString::new(*w).expect("no NUL"))
+        .collect()
+}
+
+/// A kernel-layout x86_64 `struct pt_regs` with the first two argument registers set.
+pub fn pt_regs(rdi: u64, rsi: u64) -> Vec<u8> {
+    // Field order: r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs
+    // eflags rsp ss.
+    let mut regs = [0u64; 21];
+    regs[13] = rsi;
+    regs[14] = rdi;
+    regs.iter().flat_map(|r| r.to_le_bytes()).collect()
+}

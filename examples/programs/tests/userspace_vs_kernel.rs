@@ -1,0 +1,143 @@
+//! The same prog.o on the same calls: kernel uprobes (aya, on the real victim) against the
+//! userspace runtime (each program run on the pt_regs of every call the victim makes), on our
+//! JIT, our interpreter and, where it can run the program, rbpf. Maps are compared entry by
+//! entry (per-CPU maps by their sum), ringbuf streams record by record.
+
+use std::collections::BTreeMap;
+
+use bpftime_example_programs::{
+    model, object_path, pt_regs, run_kernel, sum_per_cpu, victim_calls, victim_words, Snapshot,
+    EXAMPLES,
+};
+use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
+use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer};
+
+const ROUNDS: u32 = 2000;
+
+/// An error with its whole source chain.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn function_of(attach_target: &str) -> &str {
+    attach_target.rsplit(':').next().unwrap_or_default()
+}
+
+fn run_userspace(example: &str, options: LoadOptions, tag: &str) -> Result<Snapshot, String> {
+    let segment = format!("test-{tag}-{example}");
+    let _ = bpftime_runtime::maps::remove_object(&segment);
+    let loaded = LoadedObject::load(&object_path(example), Some(&segment), options)
+        .map_err(|e| chain(&e))?;
+    let result = (|| {
+        if let Some((name, why)) = loaded.refused.first() {
+            return Err(format!("{name}: {why}"));
+        }
+        let words = victim_words();
+        let mut helpers = loaded.helpers().map_err(|e| e.to_string())?;
+        for (function, rdi, rsi) in victim_calls(ROUNDS, &words) {
+            for program in &loaded.programs {
+                if function_of(&program.attach_target) != function {
+                    continue;
+                }
+                let mut ctx = pt_regs(rdi, rsi);
+                ctx.resize(program.context_size(), 0);
+                program
+                    .run(&mut helpers, &mut ctx)
+                    .map_err(|e| format!("{}: {}", program.name, chain(&e)))?;
+            }
+        }
+        let mut snapshot = Snapshot::default();
+        for handle in loaded.shm.maps() {
+            let name = handle.name().to_string();
+            if name == bpftime_runtime::helpers::TRACE_MAP_NAME {
+                continue;
+            }
+            let entries = match handle.map_type() {
+                MapType::Ringbuf => {
+                    let mut consumer = RingBufConsumer::new(&handle).map_err(|e| e.to_string())?;
+                    let mut records = Vec::new();
+                    consumer.poll(|r| records.push(r.data.to_vec()));
+                    records
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, r)| ((i as u32).to_le_bytes().to_vec(), r))
+                        .collect()
+                }
+                _ => {
+                    let mut entries: Vec<_> = handle
+                        .iter()
+                        .into_iter()
+                        .map(|e| {
+                            let value = match e.value {
+                                EntryValue::Single(v) => v,
+                                EntryValue::PerCpu(v) => sum_per_cpu(&v),
+                            };
+                            (e.key, value)
+                        })
+                        .collect();
+                    entries.sort();
+                    entries
+                }
+            };
+            snapshot.maps.insert(name, entries);
+        }
+        Ok(snapshot)
+    })();
+    let _ = loaded.shm.remove();
+    result
+}
+
+#[test]
+fn every_example_matches_the_kernel_on_every_vm() {
+    if !require_kernel("every_example_matches_the_kernel_on_every_vm") {
+        return;
+    }
+    let mut rbpf_refusals = BTreeMap::new();
+    for example in EXAMPLES {
+        let kernel = run_kernel(example, ROUNDS).unwrap_or_else(|e| panic!("{example}: {e:#}"));
+        for (map, expected) in model::expected(example, ROUNDS) {
+            assert_eq!(kernel.maps.get(&map), Some(&expected), "{example}: kernel map {map}");
+        }
+        let vms = [
+            ("jit", VmChoice::Ours, false),
+            ("interpreter", VmChoice::Ours, true),
+            ("rbpf", VmChoice::Rbpf, false),
+        ];
+        for (tag, vm, no_jit) in vms {
+            let options = LoadOptions {
+                verify: true,
+                vm,
+                no_jit,
+            };
+            match run_userspace(example, options, tag) {
+                Ok(user) => {
+                    assert_eq!(
+                        user.maps.keys().collect::<Vec<_>>(),
+                        kernel.maps.keys().collect::<Vec<_>>(),
+                        "{example} on {tag}: the same maps"
+                    );
+                    for (name, entries) in &kernel.maps {
+                        assert_eq!(&user.maps[name], entries, "{example} on {tag}: map {name}");
+                    }
+                    println!("{example}: userspace ({tag}) == kernel");
+                }
+                Err(why) if vm == VmChoice::Rbpf => {
+                    assert!(why.contains("rbpf cannot run instruction"), "{example}: {why}");
+                    rbpf_refusals.insert(*example, why);
+                }
+                Err(why) => panic!("{example} on {tag}: {why}"),
+            }
+        }
+    }
+    for (example, why) in &rbpf_refusals {
+        println!("{example}: rbpf refused: {why}");
+    }
+}
