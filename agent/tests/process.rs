@@ -7,12 +7,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const VICTIM: &str = r#"
+#define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 #include <pthread.h>
+#include <signal.h>
+#include <ucontext.h>
+static void on_segv(int sig, siginfo_t *si, void *uc_) {
+    ucontext_t *uc = uc_;
+    char buf[200];
+    int n = snprintf(buf, sizeof buf, "victim: signal %d addr %p rip %llx rsp %llx\n", sig, si->si_addr,
+                     (unsigned long long)uc->uc_mcontext.gregs[REG_RIP],
+                     (unsigned long long)uc->uc_mcontext.gregs[REG_RSP]);
+    write(2, buf, n);
+    char maps[64];
+    snprintf(maps, sizeof maps, "/proc/%d/maps", getpid());
+    FILE *f = fopen("/tmp/victim-crash-maps", "w"); FILE *m = fopen(maps, "r");
+    if (f && m) { int c; while ((c = fgetc(m)) != EOF) fputc(c, f); fclose(f); fclose(m); }
+    _exit(99);
+}
 #define NI __attribute__((noinline))
 NI long target_fn(long x) { volatile long y = x; return y * 2; }
 NI int tiny(int x) { return x; }
@@ -33,6 +49,9 @@ static void *worker(void *arg) {
 }
 int main(int argc, char **argv) {
     long sum = 0, n = 0;
+    struct sigaction sa = {0};
+    sa.sa_sigaction = on_segv; sa.sa_flags = SA_SIGINFO;
+    sigaction(SIGSEGV, &sa, 0); sigaction(SIGBUS, &sa, 0); sigaction(SIGILL, &sa, 0);
     if (argc > 2 && strcmp(argv[1], "count") == 0) {
         long N = atol(argv[2]);
         for (long i = 0; i < N; i++) {
@@ -244,6 +263,8 @@ fn attach_detach_cycle(mode: &str) {
         c.len() == 4 && c[0][0] > 5 && c[1][1] > 5 && c[2][0] > 2
     });
     assert_eq!(detach_agent(v.pid, &opts).expect("detach"), 0);
+    // a call already inside the hook when detach ran may still finish its count
+    std::thread::sleep(Duration::from_millis(100));
     let after = counts(&config);
     std::thread::sleep(Duration::from_millis(300));
     let later = counts(&config);

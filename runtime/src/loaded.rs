@@ -258,14 +258,21 @@ impl LoadedObject {
                         v.insns.concat()
                     }
                     Err(e) => {
-                        refused.push((spec.name.clone(), e.to_string()));
+                        refused.push((spec.name.clone(), error_chain(&e)));
                         continue;
                     }
                 }
             } else {
                 spec.bytecode()
             };
-            let program = compile(&object.name, &spec.name, &spec.section, &bytes, kind, &shm)?;
+            // A program this VM cannot run is refused alone; the others still load.
+            let program = match compile(&object.name, &spec.name, &spec.section, &bytes, kind, &shm) {
+                Ok(program) => program,
+                Err(e) => {
+                    refused.push((spec.name.clone(), error_chain(&e)));
+                    continue;
+                }
+            };
             let attach_target = attach_string(&spec.attach);
             let flags = (vm_code(kind) << run_flags::VM_SHIFT)
                 | if options.verify {
@@ -333,6 +340,18 @@ impl LoadedObject {
     pub fn helpers(&self) -> Result<RuntimeHelpers, LoadError> {
         helpers_for(&self.shm, &self.programs)
     }
+}
+
+/// An error with its sources, for messages kept as text.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn compile(
