@@ -183,13 +183,21 @@ fn start(config: &Path) -> Result<usize, String> {
         }
     }
     let status = with_suffix(config, ".status");
-    let _ = std::fs::write(&status, lines.join("\n") + "\n");
+    // written whole then renamed, so a reader polling for it never sees half of it
+    let tmp = with_suffix(config, ".status.tmp");
+    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
+        let _ = std::fs::rename(&tmp, &status);
+    }
     *agent = Some(Agent { hooks, status });
     Ok(failed)
 }
 
-/// Starts the agent with the config file at `config` (a NUL-terminated path). Returns the number
-/// of requests that failed (0 = all hooks installed), or -1 if the config could not be used.
+/// Starts the agent with the config file at `config` (a NUL-terminated path), for the injector.
+///
+/// The hooks are installed by a new thread, and this returns at once (0; -1 if the thread could
+/// not be started): the caller is a thread hijacked by ptrace, whose own saved instruction
+/// pointer could lie in bytes about to be patched, which only a thread suspended by the hook
+/// engine's transaction gets moved out of. Completion: `<config>.status` appears.
 ///
 /// # Safety
 /// `config` must be a valid NUL-terminated string.
@@ -200,23 +208,35 @@ pub unsafe extern "C" fn bpftime_agent_start(config: *const c_char) -> i32 {
     }
     // SAFETY: the caller passes a NUL-terminated string.
     let path = unsafe { CStr::from_ptr(config) };
-    let path = Path::new(std::ffi::OsStr::from_encoded_bytes_unchecked_safe(
-        path.to_bytes(),
-    ));
-    match start(path) {
-        Ok(failed) => failed as i32,
-        Err(e) => {
-            eprintln!("bpftime-agent: {e}");
-            -1
-        }
+    let path = PathBuf::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path.to_bytes()),
+    );
+    let spawned = std::thread::Builder::new()
+        .name("bpftime-agent".into())
+        .spawn(move || {
+            if let Err(e) = start(&path) {
+                eprintln!("bpftime-agent: {e}");
+                let _ = std::fs::write(with_suffix(&path, ".status"), format!("error {e}\n"));
+            }
+        });
+    match spawned {
+        Ok(_) => 0,
+        Err(_) => -1,
     }
 }
 
 /// Removes every hook (pending return hooks return normally without calling handlers).
 /// Returns 0, or -1 if some hook could not be removed. Safe to call more than once.
+///
+/// Returns -2 without doing anything when the agent is busy (installing): the caller may be a
+/// ptrace-hijacked thread that itself holds the agent's lock; retry from another stop.
 #[no_mangle]
 pub extern "C" fn bpftime_agent_detach() -> i32 {
-    let mut agent = AGENT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut agent = match AGENT.try_lock() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return -2,
+    };
     let Some(a) = agent.as_mut() else {
         return 0;
     };

@@ -250,14 +250,17 @@ fn attach_detach_cycle(mode: &str) {
     let opts = InjectOptions::default();
     let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts).expect("inject");
     assert_ne!(rep.handle, 0);
-    assert_eq!(
-        rep.start_result,
-        Some(1),
-        "one request (unknown symbol) fails: {}",
-        status(&config)
-    );
+    assert_eq!(rep.start_result, Some(0));
+    wait_until("status", Duration::from_secs(10), || {
+        status(&config).lines().count() == 4
+    });
     let st = status(&config);
-    assert!(st.contains("nope_missing"), "{st}");
+    assert!(st.contains("error") && st.contains("nope_missing"), "{st}");
+    assert_eq!(
+        st.lines().filter(|l| l.starts_with("ok ")).count(),
+        3,
+        "{st}"
+    );
     wait_until("calls counted", Duration::from_secs(10), || {
         let c = counts(&config);
         c.len() == 4 && c[0][0] > 5 && c[1][1] > 5 && c[2][0] > 2
@@ -309,16 +312,18 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
     .unwrap();
     let opts = InjectOptions::default();
     let mut unsafe_stops = 0;
-    for round in 0..15 {
+    for round in 0..30 {
         let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(
-            rep.start_result,
-            Some(0),
-            "round {round}: {}",
-            status(&config)
-        );
+        assert_eq!(rep.start_result, Some(0), "round {round}");
         unsafe_stops += rep.unsafe_stops;
+        wait_until("status", Duration::from_secs(10), || {
+            status(&config)
+                .lines()
+                .filter(|l| l.starts_with("ok "))
+                .count()
+                == 5
+        });
         wait_until("malloc counted", Duration::from_secs(10), || {
             let c = counts(&config);
             c.len() == 5 && c[0][0] > 100 && c[1][1] > 100 && c[4][1] > 100
@@ -328,8 +333,13 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
             0,
             "round {round}"
         );
+        assert!(status(&config).contains("detached"));
+        // the next round's status must be fresh
+        let mut st = config.as_os_str().to_owned();
+        st.push(".status");
+        std::fs::remove_file(PathBuf::from(st)).unwrap();
     }
-    eprintln!("15 rounds, {unsafe_stops} stops rejected as unsafe");
+    eprintln!("30 rounds, {unsafe_stops} stops rejected as unsafe");
     std::fs::write(&v.stop, b"").unwrap();
     let st = v.child.wait().unwrap();
     assert!(st.success(), "victim exit {st:?}");

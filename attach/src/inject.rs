@@ -236,6 +236,12 @@ impl Tracee {
         if maps.iter().any(|m| is_ld(m) && m.contains(rip)) {
             return Some("inside the dynamic loader");
         }
+        if maps
+            .iter()
+            .any(|m| m.exec && m.file_name().starts_with("libbpftime_agent") && m.contains(rip))
+        {
+            return Some("inside the agent (it may hold its own locks)");
+        }
         if maps.iter().any(|m| is_libc(m) && m.contains(rip)) {
             let in_syscall = (regs.orig_rax as i64) >= 0;
             if !(in_syscall && SAFE_SYSCALLS.contains(&regs.orig_rax)) {
@@ -405,7 +411,8 @@ fn c_string(t: &Tracee, addr: u64) -> String {
 }
 
 /// Loads `agent` into process `pid` with `dlopen(agent, RTLD_NOW)`, then, if `config` is given,
-/// calls the agent's `bpftime_agent_start(config)`. The target keeps running afterwards.
+/// calls the agent's `bpftime_agent_start(config)`, which installs the hooks from a new thread
+/// of the target and writes `<config>.status` when done. The target keeps running afterwards.
 pub fn inject_agent(
     pid: i32,
     agent: &Path,
@@ -487,12 +494,22 @@ pub fn call_export(
 /// Asks the agent loaded in `pid` to remove every hook (`bpftime_agent_detach()`); returns its
 /// result (0 = ok). The agent library stays loaded (pending return hooks may still use it).
 pub fn detach_agent(pid: i32, opts: &InjectOptions) -> Result<i64, InjectError> {
-    let r = call_export(
-        pid,
-        "libbpftime_agent.so",
-        "bpftime_agent_detach",
-        &[],
-        opts,
-    )?;
-    Ok(r as i32 as i64)
+    for _ in 0..200 {
+        let r = call_export(
+            pid,
+            "libbpftime_agent.so",
+            "bpftime_agent_detach",
+            &[],
+            opts,
+        )?;
+        let r = r as i32 as i64;
+        if r != -2 {
+            return Ok(r);
+        }
+        // the agent is busy installing: try again from a later stop
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(InjectError::Other(format!(
+        "the agent in process {pid} stayed busy; detach not done"
+    )))
 }

@@ -119,7 +119,6 @@ struct SyncedMap {
 
 struct InFlight {
     seq: u64,
-    map: usize,
     sent_at: Instant,
     key: Vec<u8>,
 }
@@ -140,7 +139,8 @@ pub struct Forwarder {
     object: String,
     maps: Vec<SyncedMap>,
     counters: Vec<SyncCounters>,
-    in_flight: VecDeque<InFlight>,
+    /// Per map, records sent and not yet confirmed, in send order.
+    in_flight: Vec<VecDeque<InFlight>>,
     options: SyncOptions,
     grace_passes: u32,
 }
@@ -219,12 +219,13 @@ impl Forwarder {
             map.cursor = ChangeCursor::new(grace_passes);
         }
         let counters = vec![SyncCounters::default(); maps.len()];
+        let in_flight = (0..maps.len()).map(|_| VecDeque::new()).collect();
         let mut forwarder = Self {
             bridge,
             object,
             maps,
             counters,
-            in_flight: VecDeque::new(),
+            in_flight,
             options,
             grace_passes,
         };
@@ -363,58 +364,56 @@ impl Forwarder {
     fn track(&mut self, seq: u64, map: usize, key: Vec<u8>) {
         self.counters[map].sent += 1;
         self.counters[map].pending += 1;
-        self.in_flight.push_back(InFlight {
+        self.in_flight[map].push_back(InFlight {
             seq,
-            map,
             sent_at: Instant::now(),
             key,
         });
     }
 
-    /// Matches confirmations to the records sent, in order.
+    /// Matches confirmations to the records sent, in order, and publishes the counters.
     fn settle(&mut self) {
-        while let Some(front) = self.in_flight.front() {
-            let status = self.bridge.status(front.seq);
-            let counters = &mut self.counters[front.map];
-            match status {
-                UpdateStatus::Pending => break,
-                UpdateStatus::Applied => counters.confirmed += 1,
-                UpdateStatus::Failed { errno } => {
-                    counters.failed += 1;
-                    tracing::warn!(
-                        object = %self.object,
-                        map = %self.maps[front.map].name,
-                        key = ?front.key,
-                        errno,
-                        "kernel mirror update failed: {}",
-                        std::io::Error::from_raw_os_error(errno)
-                    );
-                    // The kernel does not hold this value: forget it so a later change resends.
-                    self.maps[front.map].last_sent.remove(&front.key);
-                }
-            }
-            counters.pending -= 1;
-            self.in_flight.pop_front();
-        }
         let now = Instant::now();
         let unix_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        for (index, map) in self.maps.iter().enumerate() {
-            let oldest = self
-                .in_flight
-                .iter()
-                .find(|f| f.map == index)
+        for (index, map) in self.maps.iter_mut().enumerate() {
+            let in_flight = &mut self.in_flight[index];
+            let counters = &mut self.counters[index];
+            while let Some(front) = in_flight.front() {
+                match self.bridge.status(front.seq) {
+                    UpdateStatus::Pending => break,
+                    UpdateStatus::Applied => counters.confirmed += 1,
+                    UpdateStatus::Failed { errno } => {
+                        counters.failed += 1;
+                        tracing::warn!(
+                            object = %self.object,
+                            map = %map.name,
+                            key = ?front.key,
+                            errno,
+                            "kernel mirror update failed: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        );
+                        // The kernel does not hold this value: forget it so a later change
+                        // resends.
+                        map.last_sent.remove(&front.key);
+                    }
+                }
+                counters.pending -= 1;
+                in_flight.pop_front();
+            }
+            counters.oldest_pending = in_flight
+                .front()
                 .map_or(Duration::ZERO, |f| now - f.sent_at);
-            self.counters[index].oldest_pending = oldest;
-            let c = &self.counters[index];
+            let c = *counters;
             let slots = map.handle.sync_counters();
             slots[sync_slot::CHANGES_SEEN].store(c.changes_seen, Ordering::Relaxed);
             slots[sync_slot::SENT].store(c.sent, Ordering::Relaxed);
             slots[sync_slot::CONFIRMED].store(c.confirmed, Ordering::Relaxed);
             slots[sync_slot::FAILED].store(c.failed, Ordering::Relaxed);
             slots[sync_slot::PENDING].store(c.pending, Ordering::Relaxed);
-            slots[sync_slot::OLDEST_PENDING_NS].store(oldest.as_nanos() as u64, Ordering::Relaxed);
+            slots[sync_slot::OLDEST_PENDING_NS]
+                .store(c.oldest_pending.as_nanos() as u64, Ordering::Relaxed);
             slots[sync_slot::LAST_PASS_UNIX_NS].store(unix_ns, Ordering::Relaxed);
             slots[sync_slot::FORWARDER_PID].store(u64::from(std::process::id()), Ordering::Relaxed);
         }
@@ -434,7 +433,7 @@ impl Forwarder {
 
     /// Nothing left to do: no marked entry, none under re-read, nothing unconfirmed.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.is_empty()
+        self.in_flight.iter().all(VecDeque::is_empty)
             && self
                 .maps
                 .iter()
