@@ -121,6 +121,7 @@ struct InFlight {
     seq: u64,
     sent_at: Instant,
     key: Vec<u8>,
+    delete: bool,
 }
 
 /// Per-map counters, also published in the map's shared-memory sync slots for `bpftime-rs maps`.
@@ -273,6 +274,8 @@ impl Forwarder {
                 sent += self.forward(index, key, Some(value))? as usize;
             }
             for key in stale {
+                // Not in `last_sent` (cleared above), but the kernel holds it: delete it.
+                self.maps[index].last_sent.insert(key.clone(), Some(Vec::new()));
                 sent += self.forward(index, key, None)? as usize;
             }
         }
@@ -302,7 +305,7 @@ impl Forwarder {
                     let seq =
                         self.bridge
                             .send(&Update::push(self.maps[index].mirror, &push.value, 0))?;
-                    self.track(seq, index, Vec::new());
+                    self.track(seq, index, Vec::new(), false);
                     sent += 1;
                 }
                 continue;
@@ -349,25 +352,30 @@ impl Forwarder {
                     .collect()
             }
         });
-        if map.last_sent.get(&key) == Some(&bytes) {
-            return Ok(false);
+        match (map.last_sent.get(&key), &bytes) {
+            (Some(last), _) if *last == bytes => return Ok(false),
+            // Created and deleted before it was ever forwarded: the kernel never had it.
+            (None, None) => return Ok(false),
+            _ => {}
         }
         let seq = match &bytes {
             Some(value) => self.bridge.send(&Update::put(map.mirror, &key, value, 0))?,
             None => self.bridge.send(&Update::delete(map.mirror, &key))?,
         };
+        let delete = bytes.is_none();
         map.last_sent.insert(key.clone(), bytes);
-        self.track(seq, index, key);
+        self.track(seq, index, key, delete);
         Ok(true)
     }
 
-    fn track(&mut self, seq: u64, map: usize, key: Vec<u8>) {
+    fn track(&mut self, seq: u64, map: usize, key: Vec<u8>, delete: bool) {
         self.counters[map].sent += 1;
         self.counters[map].pending += 1;
         self.in_flight[map].push_back(InFlight {
             seq,
             sent_at: Instant::now(),
             key,
+            delete,
         });
     }
 
@@ -384,6 +392,10 @@ impl Forwarder {
                 match self.bridge.status(front.seq) {
                     UpdateStatus::Pending => break,
                     UpdateStatus::Applied => counters.confirmed += 1,
+                    // Deleting what the kernel does not hold reaches the wanted state.
+                    UpdateStatus::Failed { errno } if front.delete && errno == libc::ENOENT => {
+                        counters.confirmed += 1
+                    }
                     UpdateStatus::Failed { errno } => {
                         counters.failed += 1;
                         tracing::warn!(
