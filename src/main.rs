@@ -22,6 +22,12 @@ enum Command {
     Load(cmd::load::LoadArgs),
     /// Run one program once on a context read from a file and print r0.
     Run(cmd::run::RunArgs),
+    /// Run a command with the agent preloaded: hooks are in place before its `main` runs.
+    Start(cmd::attach::StartArgs),
+    /// Inject the agent into a running process (ptrace + dlopen) and hook the loaded programs.
+    Attach(cmd::attach::AttachArgs),
+    /// Remove every hook from a process (or from every process with the agent).
+    Detach(cmd::attach::DetachArgs),
     /// Remove an object's shared memory and kernel pins (or, without OBJ, those of dead loaders).
     Unload(cmd::unload::UnloadArgs),
     /// The kernel bridge (user ringbuf -> kernel mirror maps -> confirmations).
@@ -63,6 +69,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Load(args) => cmd::load::run(&args),
         Command::Run(args) => cmd::run::run(&args),
         Command::Unload(args) => cmd::unload::run(&args),
+        Command::Start(args) => cmd::attach::start(&args),
+        Command::Attach(args) => cmd::attach::attach(&args),
+        Command::Detach(args) => cmd::attach::detach(&args),
         Command::Bridge {
             command: BridgeCommand::Selftest(args),
         } => cmd::bridge::selftest(&args),

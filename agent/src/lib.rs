@@ -19,6 +19,8 @@
 //! `[magic, n]` then per request `[entries, returns, sum of PARM1, sum of RC]` (the built-in
 //! counting handler; the BPF runtime plugs in at [`make_handler`]).
 
+mod bpf;
+
 use bpftime_attach::symbols::Resolver;
 use bpftime_attach::{EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
 use std::ffi::{c_char, CStr};
@@ -148,6 +150,8 @@ fn start(config: &Path) -> Result<usize, String> {
     }
     let text = std::fs::read_to_string(config)
         .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    // `object NAME` lines: the BPF programs `bpftime-rs load` published (see bpf.rs).
+    let (objects, text) = bpf::split_object_lines(&text);
     let reqs = parse_config(&text);
     let counts = map_counts(&with_suffix(config, ".counts"), reqs.len())
         .map_err(|e| format!("cannot map counts file: {e}"))?;
@@ -155,6 +159,9 @@ fn start(config: &Path) -> Result<usize, String> {
     let mut lines = Vec::new();
     let mut failed = 0;
     let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
+    for object in &objects {
+        failed += bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
+    }
     for (i, req) in reqs.iter().enumerate() {
         let res = req.as_ref().map_err(Clone::clone).and_then(|r| {
             let t = resolver.resolve(&r.target).map_err(|e| e.to_string())?;

@@ -1,6 +1,8 @@
 //! End-to-end tests with real processes: LD_PRELOAD start, ptrace attach (sleeping and busy
 //! targets), detach. The agent cdylib is the one cargo built for this test run.
 
+// Linking the library makes cargo rebuild libbpftime_agent.so before this test runs.
+use bpftime_agent as _;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -116,13 +118,21 @@ fn build_victim(dir: &Path, pie: bool) -> PathBuf {
     out
 }
 
-/// The agent built by cargo for this test run (target/<profile>/libbpftime_agent.so).
+/// The agent built by cargo for this test run: `target/<profile>/deps/libbpftime_agent.so` (built
+/// as this test's dependency) or `target/<profile>/libbpftime_agent.so`, whichever is newer.
 fn agent_path() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let p = dir.join("libbpftime_agent.so");
-    assert!(p.exists(), "agent not built at {}", p.display());
-    p
+    let deps = exe.parent().unwrap();
+    let candidates = [
+        deps.join("libbpftime_agent.so"),
+        deps.parent().unwrap().join("libbpftime_agent.so"),
+    ];
+    candidates
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .expect("libbpftime_agent.so not built")
 }
 
 /// Reads `<config>.counts`: per request `[entries, returns, sum PARM1, sum RC]`.
@@ -210,6 +220,14 @@ struct Victim {
     child: Child,
     stop: PathBuf,
     pid: i32,
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        // never leave a victim behind when a test fails
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn spawn_victim(exe: &Path, mode: &str, dir: &Path) -> Victim {

@@ -154,7 +154,12 @@ impl RunnableProgram {
             VmKind::Jit => unsafe { helpers.run_jit(&self.program, ctx) },
             VmKind::Rbpf | VmKind::RbpfInterpreter => {
                 let mut mem = MemoryMap::new();
-                helpers.register_global_data(&mut mem);
+                // Only rbpf's interpreter checks accesses (against the regions registered
+                // before the run); its JIT, like ours, trusts verified pointers. rbpf's JIT
+                // image is compiled once and cached in the program (`Program::rbpf_jit`).
+                if self.vm == VmKind::RbpfInterpreter {
+                    helpers.register_global_data(&mut mem);
+                }
                 helpers.begin_run();
                 // SAFETY: as above for rbpf's JIT; its interpreter checks accesses itself.
                 let r = unsafe {

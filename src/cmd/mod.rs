@@ -1,3 +1,4 @@
+pub mod attach;
 pub mod bridge;
 pub mod load;
 pub mod maps;

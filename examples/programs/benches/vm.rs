@@ -86,11 +86,39 @@ fn main() {
     println!("\nns per execution (best of 5 x {RUNS} runs; ratio to the kernel's JIT)\n");
     println!("| program | kernel JIT | our JIT | our interpreter | rbpf JIT |");
     println!("|---|---:|---:|---:|---:|");
+    // `VM_BENCH_ONLY=jit,interp` (any of kernel, jit, interp, rbpf) runs only those columns.
+    let only = std::env::var("VM_BENCH_ONLY").ok();
+    let want = |col: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|c| c == col))
+    };
+    // `VM_BENCH_PROGRAMS=trivial,...` runs only those rows.
+    let rows = std::env::var("VM_BENCH_PROGRAMS").ok();
+    let mut jit_ns = std::collections::HashMap::new();
     for program in PROGRAMS {
-        let kernel = kernel_ns(program);
-        let ours = userspace_ns(program, VmChoice::Ours, false);
-        let interp = userspace_ns(program, VmChoice::Ours, true);
-        let rbpf = userspace_ns(program, VmChoice::Rbpf, false);
+        if rows
+            .as_deref()
+            .is_some_and(|r| !r.split(',').any(|p| p == program))
+        {
+            continue;
+        }
+        let kernel = if want("kernel") {
+            kernel_ns(program)
+        } else {
+            f64::NAN
+        };
+        let ours = want("jit")
+            .then(|| userspace_ns(program, VmChoice::Ours, false))
+            .flatten();
+        let interp = want("interp")
+            .then(|| userspace_ns(program, VmChoice::Ours, true))
+            .flatten();
+        let rbpf = want("rbpf")
+            .then(|| userspace_ns(program, VmChoice::Rbpf, false))
+            .flatten();
+        if let Some(ns) = ours {
+            jit_ns.insert(program, ns);
+        }
         println!(
             "| {program} | {kernel:.1} ns | {} | {} | {} |",
             cell(ours, kernel),
@@ -98,4 +126,46 @@ fn main() {
             cell(rbpf, kernel)
         );
     }
+    if let (Some(hash), Some(trivial)) = (jit_ns.get("hash_lookup_update"), jit_ns.get("trivial")) {
+        println!(
+            "\nhash lookup+update called from our JIT: {:.1} ns per lookup+update \
+             (hash_lookup_update minus trivial); the same two MapHandle calls from Rust: {:.1} ns",
+            hash - trivial,
+            map_ops_ns()
+        );
+    }
+}
+
+/// Best of five batches of `MapHandle::lookup` + `update` on vm_bench's hash map from Rust,
+/// in ns per lookup+update: what the JIT's map calls cost at least.
+fn map_ops_ns() -> f64 {
+    let segment = format!("bench-vm-maps-{}", std::process::id());
+    let _ = bpftime_runtime::maps::remove_object(&segment);
+    let loaded = LoadedObject::load(
+        &object_path("vm_bench"),
+        Some(&segment),
+        LoadOptions::default(),
+    )
+    .expect("loading vm_bench");
+    let m = loaded.shm.map("table").expect("table");
+    let key = 7u32.to_le_bytes();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for _ in 0..RUNS {
+            let next = match m.lookup(black_box(&key)).expect("lookup") {
+                Some(v) => {
+                    v.atomic_u64(0)
+                        .expect("8-byte value")
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        + 1
+                }
+                None => 1,
+            };
+            m.update(&key, &next.to_le_bytes(), 0).expect("update");
+        }
+        best = best.min(started.elapsed().as_nanos() as f64 / f64::from(RUNS));
+    }
+    let _ = loaded.shm.remove();
+    best
 }

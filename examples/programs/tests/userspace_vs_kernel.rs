@@ -31,7 +31,51 @@ fn function_of(attach_target: &str) -> &str {
     attach_target.rsplit(':').next().unwrap_or_default()
 }
 
-fn run_userspace(example: &str, options: LoadOptions, tag: &str) -> Result<Snapshot, String> {
+/// How the userspace side sees the victim's calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drive {
+    /// Run each program on the pt_regs of every call the victim makes.
+    Contexts,
+    /// Run the real victim with the agent preloaded: inline hooks, the real path.
+    Agent,
+}
+
+/// The agent library cargo built for this test (as a dependency it lands in `deps/`, next to
+/// the test binary; `target/<profile>/` only has it after a build of the agent package itself).
+fn agent_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [deps.join("libbpftime_agent.so"), deps.parent().unwrap().join("libbpftime_agent.so")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("libbpftime_agent.so is built with the tests")
+}
+
+fn run_agent_victim(segment: &str) -> Result<(), String> {
+    let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
+    std::fs::write(&config, format!("object {segment}\n")).map_err(|e| e.to_string())?;
+    let result = bpftime_example_programs::run_command(
+        std::process::Command::new(bpftime_example_programs::victim_path())
+            .arg(ROUNDS.to_string())
+            .env("LD_PRELOAD", agent_path())
+            .env("BPFTIME_AGENT_CONFIG", &config),
+    )
+    .map_err(|e| format!("{e:#}"));
+    let status = std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
+    let _ = std::fs::remove_file(&config);
+    result?;
+    if status.lines().any(|l| l.starts_with("error")) || !status.contains("ok ") {
+        return Err(format!("agent status: {status}"));
+    }
+    Ok(())
+}
+
+fn run_userspace(
+    example: &str,
+    options: LoadOptions,
+    tag: &str,
+    drive: Drive,
+) -> Result<Snapshot, String> {
     let segment = format!("test-{tag}-{example}");
     let _ = bpftime_runtime::maps::remove_object(&segment);
     let loaded = LoadedObject::load(&object_path(example), Some(&segment), options)
@@ -40,18 +84,22 @@ fn run_userspace(example: &str, options: LoadOptions, tag: &str) -> Result<Snaps
         if let Some((name, why)) = loaded.refused.first() {
             return Err(format!("{name}: {why}"));
         }
-        let words = victim_words();
-        let mut helpers = loaded.helpers().map_err(|e| e.to_string())?;
-        for (function, rdi, rsi) in victim_calls(ROUNDS, &words) {
-            for program in &loaded.programs {
-                if function_of(&program.attach_target) != function {
-                    continue;
+        if drive == Drive::Agent {
+            run_agent_victim(&segment)?;
+        } else {
+            let words = victim_words();
+            let mut helpers = loaded.helpers().map_err(|e| e.to_string())?;
+            for (function, rdi, rsi) in victim_calls(ROUNDS, &words) {
+                for program in &loaded.programs {
+                    if function_of(&program.attach_target) != function {
+                        continue;
+                    }
+                    let mut ctx = pt_regs(rdi, rsi);
+                    ctx.resize(program.context_size(), 0);
+                    program
+                        .run(&mut helpers, &mut ctx)
+                        .map_err(|e| format!("{}: {}", program.name, chain(&e)))?;
                 }
-                let mut ctx = pt_regs(rdi, rsi);
-                ctx.resize(program.context_size(), 0);
-                program
-                    .run(&mut helpers, &mut ctx)
-                    .map_err(|e| format!("{}: {}", program.name, chain(&e)))?;
             }
         }
         let mut snapshot = Snapshot::default();
@@ -107,17 +155,19 @@ fn every_example_matches_the_kernel_on_every_vm() {
             assert_eq!(kernel.maps.get(&map), Some(&expected), "{example}: kernel map {map}");
         }
         let vms = [
-            ("jit", VmChoice::Ours, false),
-            ("interpreter", VmChoice::Ours, true),
-            ("rbpf", VmChoice::Rbpf, false),
+            ("jit", VmChoice::Ours, false, Drive::Contexts),
+            ("interpreter", VmChoice::Ours, true, Drive::Contexts),
+            ("rbpf", VmChoice::Rbpf, false, Drive::Contexts),
+            ("agent-jit", VmChoice::Ours, false, Drive::Agent),
+            ("agent-interpreter", VmChoice::Ours, true, Drive::Agent),
         ];
-        for (tag, vm, no_jit) in vms {
+        for (tag, vm, no_jit, drive) in vms {
             let options = LoadOptions {
                 verify: true,
                 vm,
                 no_jit,
             };
-            match run_userspace(example, options, tag) {
+            match run_userspace(example, options, tag, drive) {
                 Ok(user) => {
                     assert_eq!(
                         user.maps.keys().collect::<Vec<_>>(),

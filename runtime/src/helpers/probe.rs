@@ -69,16 +69,21 @@ pub fn read_str(src: u64, dst: &mut [u8]) -> Option<usize> {
     }
     let max = dst.len() - 1;
     let mut done = 0usize;
+    // Like the kernel, bytes of `dst` after the NUL are left as they were: read each chunk
+    // aside and copy only up to the NUL (programs key maps by zero-initialized buffers).
+    let mut chunk = [0u8; 256];
     while done < max {
         let addr = src.checked_add(done as u64)?;
         let in_page = (PAGE - addr % PAGE) as usize;
-        let n = in_page.min(max - done);
-        if !read(addr, &mut dst[done..done + n]) {
+        let n = in_page.min(max - done).min(chunk.len());
+        if !read(addr, &mut chunk[..n]) {
             return None;
         }
-        if let Some(z) = dst[done..done + n].iter().position(|&b| b == 0) {
+        if let Some(z) = chunk[..n].iter().position(|&b| b == 0) {
+            dst[done..done + z + 1].copy_from_slice(&chunk[..z + 1]);
             return Some(done + z + 1);
         }
+        dst[done..done + n].copy_from_slice(&chunk[..n]);
         done += n;
     }
     dst[max] = 0;
@@ -97,8 +102,13 @@ mod tests {
         assert_eq!(dst, src);
         assert!(!read(8, &mut dst));
         assert!(!read(u64::MAX - 2, &mut dst));
+        let mut dst = [0xaau8; 11];
         assert_eq!(read_str(src.as_ptr() as u64, &mut dst), Some(6));
         assert_eq!(&dst[..6], b"hello\0");
+        assert!(
+            dst[6..].iter().all(|b| *b == 0xaa),
+            "bytes after the NUL are untouched"
+        );
         let mut small = [0xffu8; 4];
         assert_eq!(read_str(src.as_ptr() as u64, &mut small), Some(4));
         assert_eq!(&small, b"hel\0");

@@ -23,6 +23,28 @@ impl MapHandle {
         u32::from_le_bytes(key.try_into().expect("array keys are 4 bytes"))
     }
 
+    /// For the JIT's inline ARRAY lookups (`crate::helpers`, `vm::jit::InlineArray`): the
+    /// address of value 0, the value stride, and the mark words (`u32` per index). Inline code
+    /// must keep [`array_lookup`](Self::array_lookup)'s semantics: bounds check, then the
+    /// `mark_soft` test (a plain load of the index's mark word; when `MARK_LOOKUP` is missing it
+    /// must call the real lookup, which sets the mark and the summary bits). `None` for per-CPU
+    /// and non-array maps.
+    pub(crate) fn inline_array_layout(&self) -> Option<(*mut u8, u32, *const u32, u32)> {
+        if self.def.map_type != super::MapType::Array {
+            return None;
+        }
+        let g = &self.ctl().geo;
+        if g.nslots != 1 {
+            return None;
+        }
+        Some((
+            self.array_slot_ptr(0, 0),
+            g.value_stride,
+            self.at(g.marks_off) as *const u32,
+            MARK_LOOKUP,
+        ))
+    }
+
     #[inline]
     pub(crate) fn array_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
         let idx = Self::index_of(key);

@@ -1131,6 +1131,12 @@ impl MapHandle {
         &self.name
     }
 
+    /// Address of the map's control block in this process's mapping: equal for handles of the
+    /// same map through the same mapping (the JIT compares map sets by it).
+    pub(crate) fn identity(&self) -> usize {
+        self.ctl as usize
+    }
+
     pub fn def(&self) -> &MapDef {
         &self.def
     }

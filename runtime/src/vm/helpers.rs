@@ -185,6 +185,14 @@ pub trait Helpers {
         args: [u64; 5],
         ctx: &mut CallContext<'_, '_>,
     ) -> Result<u64, HelperError>;
+
+    /// Identity of the maps this helper set's map tokens name, compared with
+    /// [`JitMapResolver::map_set_id`](super::jit::JitMapResolver::map_set_id): JIT images
+    /// compiled against the same maps call them directly (the map fast paths of
+    /// [`super::jit`]). `None` (the default) keeps every call on [`call`](Self::call).
+    fn map_set_id(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// No helpers at all: every call fails.

@@ -18,9 +18,41 @@ pub struct InterpOptions {
     pub insn_budget: Option<u64>,
 }
 
+#[derive(Clone, Copy, Default)]
 struct Frame {
     ret_pc: usize,
     saved: [u64; 4],
+}
+
+/// The return frames of one `run_one`: fixed capacity (the call-depth limit), so a run
+/// allocates nothing.
+struct Frames {
+    frames: [Frame; MAX_CALL_FRAMES],
+    len: usize,
+}
+
+impl Frames {
+    fn new() -> Self {
+        Self {
+            frames: [Frame::default(); MAX_CALL_FRAMES],
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Callers check the depth limit first; a full stack panics (index out of bounds).
+    fn push(&mut self, f: Frame) {
+        self.frames[self.len] = f;
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<Frame> {
+        self.len = self.len.checked_sub(1)?;
+        Some(self.frames[self.len])
+    }
 }
 
 enum Outcome {
@@ -37,26 +69,25 @@ pub fn interpret(
     helpers: &mut dyn Helpers,
     opts: InterpOptions,
 ) -> Result<u64, VmError> {
-    let mut stack = [0u64; MAX_CALL_FRAMES * STACK_SIZE / 8];
+    // Zeroed lazily, frame by frame as calls first reach it (`Run::reach`): most runs use one
+    // 512-byte frame of the 4 KiB, and zeroing all of it was a large part of a short run.
+    let mut stack = std::mem::MaybeUninit::<[u64; MAX_CALL_FRAMES * STACK_SIZE / 8]>::uninit();
     let stack_start = stack.as_mut_ptr() as u64;
-    let stack_len = (stack.len() * 8) as u64;
-    // SAFETY: `stack` lives until the end of this function and is unset before.
-    let prev = unsafe { mem.set_stack(Some((stack_start, stack_len))) };
-    let mut budget = opts.insn_budget;
+    let stack_len = (MAX_CALL_FRAMES * STACK_SIZE) as u64;
     let top = stack_start + stack_len;
-    let mut outcome = run_one(
-        &mut Run {
-            prog,
-            stack_start,
-            budget: &mut budget,
-        },
-        0,
-        args,
-        top,
-        0,
-        mem,
-        helpers,
-    );
+    // SAFETY: nothing of the stack is initialised yet, so nothing is registered; `reach`
+    // registers what it zeroes. Unset before `stack` goes away.
+    let prev = unsafe { mem.set_stack(Some((top, 0))) };
+    let mut budget = opts.insn_budget;
+    let mut zeroed = top;
+    let mut run = Run {
+        prog,
+        stack_start,
+        zeroed,
+        budget: &mut budget,
+    };
+    let mut outcome = run_one(&mut run, 0, args, top, 0, mem, helpers);
+    zeroed = run.zeroed;
     let mut tail_calls = 0;
     let mut holder: Arc<Program>;
     while let Ok(Outcome::TailCall(next, r1)) = outcome {
@@ -66,20 +97,17 @@ pub fn interpret(
             break;
         }
         holder = next;
-        stack.fill(0);
-        outcome = run_one(
-            &mut Run {
-                prog: &holder,
-                stack_start,
-                budget: &mut budget,
-            },
-            0,
-            [r1, 0, 0, 0, 0],
-            top,
-            0,
-            mem,
-            helpers,
-        );
+        // The tail-called program starts on a zeroed stack, as the first one did.
+        // SAFETY: `[zeroed, top)` lies inside `stack` (see `Run::reach`).
+        unsafe { std::ptr::write_bytes(zeroed as *mut u8, 0, (top - zeroed) as usize) };
+        let mut run = Run {
+            prog: &holder,
+            stack_start,
+            zeroed,
+            budget: &mut budget,
+        };
+        outcome = run_one(&mut run, 0, [r1, 0, 0, 0, 0], top, 0, mem, helpers);
+        zeroed = run.zeroed;
     }
     // SAFETY: restoring the previous (outer run's) stack, still alive if any.
     unsafe { mem.set_stack(prev) };
@@ -357,7 +385,27 @@ pub(crate) fn cond(op: u8, is32: bool, a: u64, b: u64) -> bool {
 struct Run<'p, 'b> {
     prog: &'p Program,
     stack_start: u64,
+    /// `[zeroed, top)` of the stack is initialised (and registered in the memory map).
+    zeroed: u64,
     budget: &'b mut Option<u64>,
+}
+
+impl Run<'_, '_> {
+    /// Makes the stack from `lo` (the bottom of a frame being entered) up initialised: zeroes
+    /// what no frame reached before, and registers it for helpers. Stack memory is thus zero
+    /// until the program writes it, as when the whole stack was zeroed up front.
+    #[inline]
+    fn reach(&mut self, lo: u64, mem: &mut MemoryMap<'_>) {
+        if lo < self.zeroed && lo >= self.stack_start {
+            // SAFETY: `[stack_start, top)` is the run's stack allocation (`interpret`), and
+            // `stack_start <= lo < zeroed <= top`.
+            unsafe { std::ptr::write_bytes(lo as *mut u8, 0, (self.zeroed - lo) as usize) };
+            self.zeroed = lo;
+            let top = self.stack_start + (MAX_CALL_FRAMES * STACK_SIZE) as u64;
+            // SAFETY: `[lo, top)` is initialised and stays valid until `interpret` unsets it.
+            unsafe { mem.set_stack(Some((lo, top - lo))) };
+        }
+    }
 }
 
 /// Runs callbacks for helpers called at `pc` from a frame with stack pointer `r10` at call
@@ -447,12 +495,13 @@ fn run_one(
     regs[1..6].copy_from_slice(&args);
     let top = stack_start + (MAX_CALL_FRAMES * STACK_SIZE) as u64;
     regs[10] = r10;
+    run.reach(r10 - STACK_SIZE as u64, mem);
     let stack = |r10: u64| StackBounds {
         start: stack_start,
         top,
         lo: r10 - STACK_SIZE as u64,
     };
-    let mut frames: Vec<Frame> = Vec::with_capacity(MAX_CALL_FRAMES);
+    let mut frames = Frames::new();
     let mut pc = entry;
     let mut last = entry;
     loop {
@@ -602,6 +651,7 @@ fn run_one(
                             saved.copy_from_slice(&regs[6..10]);
                             frames.push(Frame { ret_pc: pc, saved });
                             regs[10] -= STACK_SIZE as u64;
+                            run.reach(regs[10] - STACK_SIZE as u64, mem);
                             pc = t;
                         }
                     }

@@ -6,6 +6,20 @@
 //! subprogram) is a native function with its own 512-byte stack frame that saves r6-r10.
 //! Memory accesses are unchecked: only run programs that the kernel verifier accepted (or that
 //! are otherwise known to touch only valid memory).
+//!
+//! # Map fast paths
+//! Helper calls normally go through [`helper_trampoline`] into the stateful [`Helpers`] (a dyn
+//! call, a `catch_unwind`, a [`CallContext`], a match on the id): ~10 ns per call, as much as the
+//! map operation itself. The kernel avoids this because its verifier knows which map each call
+//! site uses. Given a [`JitMapResolver`] (see [`Program::with_jit_maps`]), the JIT does the
+//! same for `bpf_map_lookup_elem`, `bpf_map_update_elem` and `bpf_map_delete_elem`: when the
+//! value in r1 at a call site is known at JIT time (an `lddw` map token), the call goes straight
+//! to a specialised `extern "C"` [`JitMapFn`] with r1 replaced by the map's handle, and ARRAY
+//! lookups are inlined (bounds check, change-mark test, `base + index * stride`). Every fast path
+//! is guarded at run time: r1 must still hold the expected token (the JIT's tracking of r1 is a
+//! simple forward scan, so a path it did not foresee just takes the generic call), and the
+//! running [`Helpers`] must name the same maps ([`Helpers::map_set_id`], checked once per run);
+//! otherwise the generic trampoline runs, so behaviour never depends on the fast path.
 
 use std::sync::Arc;
 
@@ -34,6 +48,11 @@ const R15: u8 = 15;
 /// BPF register -> x86 register.
 const REG: [u8; 11] = [RAX, 7, 6, RDX, RCX, 8, RBX, R13, R14, R15, RBP];
 
+/// Registers every function prologue pushes, in push order (BPF r6-r10; callee-saved in
+/// SysV, so they also preserve the native caller's values). The outer entry's abort path
+/// reads them back from the first function's frame.
+const FRAME_SAVES: [u8; 5] = [RBX, R13, R14, R15, RBP];
+
 // Condition codes.
 const CC_B: u8 = 0x2;
 const CC_AE: u8 = 0x3;
@@ -61,6 +80,97 @@ const ENV_HELPER_ID: i32 = 16;
 const ENV_DEPTH: i32 = 20;
 const ENV_AUX: i32 = 24;
 const ENV_ENTRY: i32 = 32;
+const ENV_FAST: i32 = 40;
+
+const _: () = {
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, saved_rsp) == ENV_SAVED_RSP as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, status) == ENV_STATUS as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, pc) == ENV_PC as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, helper_id) == ENV_HELPER_ID as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, depth) == ENV_DEPTH as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, aux) == ENV_AUX as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, entry) == ENV_ENTRY as usize);
+    assert!(std::mem::offset_of!(JitEnv<'static, 'static>, fast) == ENV_FAST as usize);
+};
+
+/// Helper ids with map fast paths.
+const HELPER_MAP_LOOKUP: u32 = 1;
+const HELPER_MAP_UPDATE: u32 = 2;
+const HELPER_MAP_DELETE: u32 = 3;
+
+/// A map helper the JIT calls directly (see the module docs), with the SysV ABI: r1 replaced by
+/// [`JitMap::handle`], r2..r5 as the program passed them, and the run's [`JitCall`] (for
+/// [`JitCall::fail`]). Returns the helper's r0. Must not unwind (catch panics and report them
+/// with [`JitCall::fail`]).
+pub type JitMapFn = unsafe extern "C" fn(
+    handle: *const (),
+    a2: u64,
+    a3: u64,
+    a4: u64,
+    a5: u64,
+    call: *mut JitCall,
+) -> u64;
+
+/// The run state a [`JitMapFn`] receives (opaque).
+pub struct JitCall {
+    _opaque: [u8; 0],
+}
+
+impl JitCall {
+    /// Abort the running program with `error` from helper `id` once the function returns.
+    ///
+    /// # Safety
+    /// `call` must be the pointer the JIT passed to the [`JitMapFn`] now running.
+    pub unsafe fn fail(call: *mut JitCall, id: u32, error: HelperError) {
+        let env = call as *mut JitEnv<'_, '_>;
+        // SAFETY: the JIT passes its live `JitEnv` (exclusively borrowed by `run`; the generated
+        // code holds no reference across the call) as `call`.
+        unsafe {
+            (*env).error = Some(VmError::from_helper((*env).pc as usize, id, error));
+            (*env).status = ST_HELPER_ERR;
+        }
+    }
+}
+
+/// An ARRAY map whose `bpf_map_lookup_elem` the JIT inlines (as the kernel's JIT does): value
+/// `i` is at `values + i * stride` for `i < max_entries`. A lookup must leave a change mark
+/// (`mark_bit` in the 32-bit word at `marks + 4 * i`) for the sync forwarder; inline code only
+/// tests it (one load of a word the sync protocol allows to be read plainly) and, when the bit
+/// is missing, calls [`JitMap::lookup`] instead, which sets it.
+#[derive(Debug, Clone, Copy)]
+pub struct InlineArray {
+    pub values: *mut u8,
+    pub stride: u32,
+    pub max_entries: u32,
+    pub marks: *const u32,
+    pub mark_bit: u32,
+}
+
+/// How JIT code reaches one map directly. Every pointer must stay valid while the
+/// [`JitMapResolver`] that returned it lives (the JIT image keeps the resolver).
+#[derive(Debug, Clone, Copy)]
+pub struct JitMap {
+    /// First argument of the functions below.
+    pub handle: *const (),
+    /// `bpf_map_lookup_elem(map, key)`.
+    pub lookup: Option<JitMapFn>,
+    /// `bpf_map_update_elem(map, key, value, flags)`.
+    pub update: Option<JitMapFn>,
+    /// `bpf_map_delete_elem(map, key)`.
+    pub delete: Option<JitMapFn>,
+    /// Inline lookups (needs `lookup` for the unmarked case).
+    pub inline_array: Option<InlineArray>,
+}
+
+/// Resolves the map values `lddw` loads (map tokens) to direct entry points for the JIT.
+pub trait JitMapResolver: Send + Sync {
+    /// Identity of the maps the tokens name: fast paths run only when the running
+    /// [`Helpers::map_set_id`] returns the same value (equal ids must mean the same maps).
+    fn map_set_id(&self) -> u64;
+
+    /// The map `token` names, if JIT code may reach it directly.
+    fn resolve(&self, token: u64) -> Option<JitMap>;
+}
 
 /// State shared between the generated code and the helper trampoline.
 #[repr(C)]
@@ -73,6 +183,9 @@ struct JitEnv<'h, 'm> {
     aux: u64,
     /// Native address of the function the outer entry calls (the program, or a callback).
     entry: u64,
+    /// Nonzero when the running helpers name the maps the image's fast paths were compiled
+    /// against (see the module docs); the fast paths test it before anything else.
+    fast: u64,
     /// The image running (for callbacks: its function table).
     jit: *const JitProgram,
     helpers: *mut (dyn Helpers + 'h),
@@ -221,6 +334,11 @@ pub struct JitProgram {
     /// Native entry of each instruction that starts a function (for `callx` and callbacks);
     /// 0 elsewhere.
     func_table: Box<[u64]>,
+    /// The resolver the map fast paths were compiled against: keeps the map memory and
+    /// handles their code points at alive.
+    _maps: Option<Arc<dyn JitMapResolver>>,
+    /// `_maps`' [`JitMapResolver::map_set_id`].
+    map_set: Option<u64>,
 }
 
 // SAFETY: the code mapping is immutable (read+execute) after `compile` and the function table is
@@ -271,29 +389,44 @@ impl JitProgram {
             funcs.iter().map(|&f| (f, e.new_label())).collect();
         let outer_ret = e.new_label();
         let abort = e.new_label();
-        // Outer entry: SysV arguments rdi..r8 are r1..r5 already; r9 = env.
-        for r in [RBX, RBP, R12, R13, R14, R15] {
-            e.push(r);
-        }
-        e.alu_ri(true, 5, RSP, 8); // sub rsp, 8 (align)
+        // Outer entry: SysV arguments rdi..r8 are r1..r5 already; r9 = env. Every function
+        // prologue saves rbx, r13, r14, r15 and rbp (BPF r6-r10) and its exit restores them,
+        // so on a normal return the outer entry only has r12 (the env) to restore itself:
+        // saving all six here too cost ~1 ns a run. The abort path skips the function exits
+        // and restores those five from where the first function's prologue pushed them, just
+        // below the return address of `call [r12+entry]` (see `FRAME_SAVES`).
+        e.push(R12); // also aligns rsp to 16 for the call
         e.mov_rr(true, R12, R9);
         e.mem(&[], true, &[0x89], RSP, R12, ENV_SAVED_RSP, false);
         e.alu_rr(false, 0x31, RAX, RAX);
         e.mem(&[], false, &[0xff], 2, R12, ENV_ENTRY, false); // call [r12+entry]
         e.bind(outer_ret);
-        e.alu_ri(true, 0, RSP, 8);
-        for r in [R15, R14, R13, R12, RBP, RBX] {
-            e.pop(r);
-        }
+        e.pop(R12);
         e.byte(0xc3);
         e.bind(abort);
-        e.mem(&[], true, &[0x8b], RSP, R12, ENV_SAVED_RSP, false);
+        e.mem(&[], true, &[0x8b], R11, R12, ENV_SAVED_RSP, false);
+        for (k, &r) in FRAME_SAVES.iter().enumerate() {
+            // mov r, [r11 - 16 - 8k]: below the return address, in push order (read before
+            // rsp moves above them).
+            e.mem(&[], true, &[0x8b], r, R11, -16 - 8 * k as i32, false);
+        }
+        e.mov_rr(true, RSP, R11);
         e.jmp(outer_ret);
 
         let tramp = helper_trampoline as *const () as usize as u64;
+        let resolver = prog.jit_maps();
+        let mut resolved: std::collections::HashMap<u64, Option<JitMap>> = Default::default();
+        // Map token each register holds, as a forward scan in program order sees it. Only a
+        // guess for choosing fast paths (jumps are ignored): every fast path re-checks r1.
+        let mut tokens: [Option<u64>; 11] = [None; 11];
         let mut pc = 0;
         while pc < n {
             let i = insns[pc];
+            if func_labels.contains_key(&pc) {
+                tokens = [None; 11];
+            }
+            let r1_token = tokens[1];
+            track_tokens(&mut tokens, &i, insns.get(pc + 1));
             if let Some(&fl) = func_labels.get(&pc) {
                 if pc != 0 {
                     // Fallthrough from the previous function skips this prologue.
@@ -301,7 +434,7 @@ impl JitProgram {
                 }
                 e.bind(fl);
                 // Function prologue: save r6-r10, allocate the frame.
-                for r in [RBX, R13, R14, R15, RBP] {
+                for r in FRAME_SAVES {
                     e.push(r);
                 }
                 e.alu_ri(true, 5, RSP, STACK_SIZE as i32);
@@ -391,8 +524,24 @@ impl JitProgram {
                                 let fl = func_labels[&t];
                                 emit_local_call(&mut e, cur, abort, |e| e.call_label(fl));
                             } else {
-                                e.env_store_imm(ENV_HELPER_ID, i.imm as u32);
-                                emit_helper_call(&mut e, cur, tramp, abort);
+                                let id = i.imm as u32;
+                                let fast = resolver.and_then(|r| {
+                                    let token = r1_token?;
+                                    let map =
+                                        *resolved.entry(token).or_insert_with(|| r.resolve(token));
+                                    Some((token, map?))
+                                });
+                                match fast {
+                                    Some((token, map)) if has_fast_path(&map, id) => {
+                                        emit_fast_map_call(
+                                            &mut e, cur, id, token, &map, tramp, abort,
+                                        );
+                                    }
+                                    _ => {
+                                        e.env_store_imm(ENV_HELPER_ID, id);
+                                        emit_helper_call(&mut e, cur, tramp, abort);
+                                    }
+                                }
                             }
                         }
                         op => {
@@ -481,7 +630,15 @@ impl JitProgram {
             size,
             len: e.buf.len(),
             func_table,
+            map_set: resolver.map(|r| r.map_set_id()),
+            _maps: resolver.cloned(),
         })
+    }
+
+    /// Whether the fast paths may run with helpers whose [`Helpers::map_set_id`] is `map_set`.
+    #[inline]
+    fn fast_for(&self, map_set: Option<u64>) -> u64 {
+        u64::from(self.map_set.is_some() && self.map_set == map_set)
     }
 
     /// The generated machine code (for disassembly when debugging).
@@ -509,6 +666,24 @@ impl JitProgram {
         mem: &mut MemoryMap<'_>,
         helpers: &mut dyn Helpers,
     ) -> Result<u64, VmError> {
+        let map_set = helpers.map_set_id();
+        // SAFETY: the caller's contract.
+        unsafe { self.run_with_map_set(args, mem, helpers, map_set) }
+    }
+
+    /// [`run`](Self::run) for a caller that knows `helpers.map_set_id()` already (saves a
+    /// dynamic call per run).
+    ///
+    /// # Safety
+    /// As [`run`](Self::run); `map_set` must be `helpers.map_set_id()`.
+    #[inline]
+    pub unsafe fn run_with_map_set(
+        &self,
+        args: [u64; 5],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+        map_set: Option<u64>,
+    ) -> Result<u64, VmError> {
         let mut env = JitEnv {
             saved_rsp: 0,
             status: ST_OK,
@@ -517,6 +692,7 @@ impl JitProgram {
             depth: 0,
             aux: 0,
             entry: self.func_table[0],
+            fast: self.fast_for(map_set),
             jit: self,
             helpers: helpers as *mut (dyn Helpers + '_),
             mem: mem as *mut MemoryMap<'_>,
@@ -524,7 +700,25 @@ impl JitProgram {
             tail: None,
         };
         // SAFETY: the caller upholds the memory contract; `env` outlives the call.
-        let mut r = unsafe { self.enter(args, &mut env) };
+        let r = unsafe { self.enter(args, &mut env) };
+        if env.status == ST_OK {
+            return Ok(r);
+        }
+        // SAFETY: as above.
+        unsafe { Self::finish(env, r, map_set) }
+    }
+
+    /// A run that did not simply return: tail calls (run here) and errors.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run), for the `env` of that run.
+    #[cold]
+    #[inline(never)]
+    unsafe fn finish(
+        mut env: JitEnv<'_, '_>,
+        mut r: u64,
+        map_set: Option<u64>,
+    ) -> Result<u64, VmError> {
         let mut holder: Arc<Program>;
         let mut tail_calls = 0;
         loop {
@@ -539,6 +733,7 @@ impl JitProgram {
                 env.status = ST_OK;
                 env.depth = 0;
                 env.entry = jit.func_table[0];
+                env.fast = jit.fast_for(map_set);
                 env.jit = jit;
                 // SAFETY: as above; the tail-called program is under the same contract.
                 r = unsafe { jit.enter([r1, 0, 0, 0, 0], &mut env) };
@@ -626,9 +821,12 @@ impl FuncInvoker for JitInvoker<'_, '_> {
                 (*env).depth,
                 (*env).helpers,
                 (*env).mem,
+                (*env).fast,
             );
             (*env).entry = target;
             (*env).depth = self.depth + 1;
+            // The callback's helper calls go to `helpers`, which may name other maps.
+            (*env).fast = jit.fast_for(helpers.map_set_id());
             (*env).helpers = std::mem::transmute::<*mut (dyn Helpers + '_), *mut (dyn Helpers + '_)>(
                 helpers as *mut (dyn Helpers + '_),
             );
@@ -639,6 +837,7 @@ impl FuncInvoker for JitInvoker<'_, '_> {
             (*env).depth = saved.2;
             (*env).helpers = saved.3;
             (*env).mem = saved.4;
+            (*env).fast = saved.5;
             if (*env).status == ST_TAIL_CALL {
                 (*env).status = ST_OK;
                 (*env).tail = None;
@@ -719,6 +918,115 @@ fn emit_helper_call(e: &mut Emitter, pc: u32, tramp: u64, abort: Label) {
     e.mem(&[], false, &[0x83], 7, R12, ENV_STATUS, false);
     e.byte(0);
     e.jcc(CC_NE, abort);
+}
+
+/// Updates the map tokens known per register after `i` (`next` is the second slot of an
+/// `lddw`).
+fn track_tokens(tokens: &mut [Option<u64>; 11], i: &Insn, next: Option<&Insn>) {
+    let dst = i.dst as usize;
+    match i.class() {
+        BPF_LD => {
+            let hi = next.map_or(0, |n| n.imm as u32 as u64);
+            tokens[dst] = Some((i.imm as u32 as u64) | (hi << 32));
+        }
+        BPF_ALU64 if i.op() == BPF_MOV && i.is_reg_src() && i.off == 0 => {
+            tokens[dst] = tokens[i.src as usize];
+        }
+        BPF_ALU | BPF_ALU64 | BPF_LDX => tokens[dst] = None,
+        BPF_STX if i.mode() == BPF_ATOMIC => {
+            tokens[i.src as usize] = None;
+            tokens[0] = None;
+        }
+        // Calls clobber r0-r5; r6-r9 are callee-saved (helpers and BPF-to-BPF calls alike).
+        BPF_JMP if i.op() == BPF_CALL => tokens[..6].fill(None),
+        _ => {}
+    }
+}
+
+fn has_fast_path(map: &JitMap, id: u32) -> bool {
+    match id {
+        HELPER_MAP_LOOKUP => map.lookup.is_some(),
+        HELPER_MAP_UPDATE => map.update.is_some(),
+        HELPER_MAP_DELETE => map.delete.is_some(),
+        _ => false,
+    }
+}
+
+/// A map helper call with a known map (see the module docs): guards, then the inline ARRAY
+/// lookup or a direct call of the map's [`JitMapFn`]; the generic trampoline call otherwise.
+fn emit_fast_map_call(
+    e: &mut Emitter,
+    pc: u32,
+    id: u32,
+    token: u64,
+    map: &JitMap,
+    tramp: u64,
+    abort: Label,
+) {
+    let generic = e.new_label();
+    let done = e.new_label();
+    // cmp qword [r12+fast], 0 ; je generic
+    e.mem(&[], true, &[0x83], 7, R12, ENV_FAST, false);
+    e.byte(0);
+    e.jcc(CC_E, generic);
+    // r1 must hold the token the fast path was chosen for.
+    e.mov_ri64(R11, token);
+    e.alu_rr(true, 0x39, 7, R11); // cmp rdi, r11
+    e.jcc(CC_NE, generic);
+    let f = match id {
+        HELPER_MAP_LOOKUP => map.lookup,
+        HELPER_MAP_UPDATE => map.update,
+        _ => map.delete,
+    }
+    .expect("checked by has_fast_path");
+    let call_fn = |e: &mut Emitter| {
+        e.env_store_imm(ENV_PC, pc);
+        e.mov_ri64(7, map.handle as u64); // rdi = handle
+        e.mov_rr(true, R9, R12);
+        e.mov_ri64(R11, f as usize as u64);
+        e.call_reg(R11);
+        e.mem(&[], false, &[0x83], 7, R12, ENV_STATUS, false);
+        e.byte(0);
+        e.jcc(CC_NE, abort);
+    };
+    match map.inline_array {
+        Some(a) if id == HELPER_MAP_LOOKUP && a.stride <= i32::MAX as u32 => {
+            let null = e.new_label();
+            let unmarked = e.new_label();
+            // A NULL key (only in unverified code) goes to the function, which reports it
+            // like the generic helper.
+            e.alu_rr(true, 0x85, 6, 6); // test rsi, rsi
+            e.jcc(CC_E, unmarked);
+            // eax = index (the 4-byte key at rsi, r2)
+            e.mem(&[], false, &[0x8b], RAX, 6, 0, false);
+            e.alu_ri(false, 7, RAX, a.max_entries as i32); // cmp eax, max_entries
+            e.jcc(CC_AE, null);
+            // test dword [marks + rax*4], mark_bit ; jz unmarked
+            e.mov_ri64(R11, a.marks as u64);
+            e.bytes(&[0x41, 0xf7, 0x04, 0x83]); // test dword [r11 + rax*4], imm32
+            e.imm32(a.mark_bit as i32);
+            e.jcc(CC_E, unmarked);
+            e.rr(true, &[0x69], RAX, RAX); // imul rax, rax, stride
+            e.imm32(a.stride as i32);
+            e.mov_ri64(R11, a.values as u64);
+            e.alu_rr(true, 0x01, RAX, R11); // add rax, r11
+            e.jmp(done);
+            e.bind(null);
+            e.alu_rr(false, 0x31, RAX, RAX);
+            e.jmp(done);
+            e.bind(unmarked);
+            call_fn(e);
+            e.jmp(done);
+        }
+        _ => {
+            call_fn(e);
+            e.jmp(done);
+        }
+    }
+    e.bind(generic);
+    e.env_store_imm(ENV_HELPER_ID, id);
+    emit_helper_call(e, pc, tramp, abort);
+    e.bind(done);
 }
 
 fn emit_local_call(e: &mut Emitter, pc: u32, abort: Label, call: impl FnOnce(&mut Emitter)) {

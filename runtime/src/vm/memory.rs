@@ -48,9 +48,43 @@ pub struct MemoryMap<'a> {
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
+/// The heap storage of a [`MemoryMap`], kept between runs so that a run that registers
+/// regions allocates nothing ([`MemoryMap::from_buffers`], [`MemoryMap::into_buffers`]).
+/// Holds no regions or owners: only capacity.
+#[derive(Debug, Default)]
+pub struct MemoryBuffers {
+    regions: Vec<Region>,
+    owners: Owners,
+}
+
 impl<'a> MemoryMap<'a> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty map that reuses `buffers`' storage.
+    pub fn from_buffers(buffers: MemoryBuffers) -> Self {
+        let MemoryBuffers {
+            mut regions,
+            mut owners,
+        } = buffers;
+        regions.clear();
+        owners.0.clear();
+        Self {
+            regions,
+            owners,
+            ..Self::default()
+        }
+    }
+
+    /// Ends the map, keeping its storage (emptied: every region unregistered, every owner
+    /// released) for [`from_buffers`](Self::from_buffers).
+    pub fn into_buffers(mut self) -> MemoryBuffers {
+        let mut regions = std::mem::take(&mut self.regions);
+        let mut owners = std::mem::take(&mut self.owners);
+        regions.clear();
+        owners.0.clear();
+        MemoryBuffers { regions, owners }
     }
 
     /// Register a read-only slice.

@@ -34,7 +34,7 @@ pub use error::{AccessKind, HelperError, VmError};
 pub use helpers::{CallContext, HelperFn, HelperTable, Helpers, NoHelpers};
 pub use insn::Insn;
 pub use interp::{interpret, InterpOptions};
-pub use memory::{MemoryMap, Region};
+pub use memory::{MemoryBuffers, MemoryMap, Region};
 pub use program::{LddwReloc, Program};
 
 /// Which VM runs a program.

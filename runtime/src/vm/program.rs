@@ -1,11 +1,12 @@
 //! A loaded program: validated instructions with resolved `lddw` relocations.
 
 use std::collections::BTreeSet;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::error::VmError;
 use super::insn::*;
-use super::jit::JitProgram;
+use super::jit::{JitMapResolver, JitProgram};
+use super::rbpf::{RbpfMode, RbpfProgram};
 
 /// Maximum number of call frames (main program + subprograms), as in the kernel.
 pub const MAX_CALL_FRAMES: usize = 8;
@@ -40,7 +41,18 @@ pub struct Program {
     insns: Vec<Insn>,
     funcs: BTreeSet<usize>,
     jit: OnceLock<Result<JitProgram, VmError>>,
+    /// rbpf's JIT image, compiled on first use: rbpf recompiling on every run cost ~800 ns.
+    rbpf_jit: OnceLock<Result<RbpfProgram, VmError>>,
+    /// Direct entry points for the maps `lddw` tokens name, for the JIT's map fast paths.
+    jit_maps: Option<Arc<dyn JitMapResolver>>,
 }
+
+// Programs are shared between threads (agents run one program from many hooked threads), with
+// their cached JIT images.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Program>();
+};
 
 impl std::fmt::Debug for Program {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +157,8 @@ impl Program {
             insns,
             funcs,
             jit: OnceLock::new(),
+            rbpf_jit: OnceLock::new(),
+            jit_maps: None,
         })
     }
 
@@ -165,10 +179,31 @@ impl Program {
         &self.funcs
     }
 
+    /// Let the JIT call the maps that `resolver` resolves directly (see the map fast paths in
+    /// [`super::jit`]). Set before the first [`jit`](Self::jit).
+    pub fn with_jit_maps(mut self, resolver: Arc<dyn JitMapResolver>) -> Self {
+        self.jit_maps = Some(resolver);
+        self
+    }
+
+    /// The resolver given to [`with_jit_maps`](Self::with_jit_maps).
+    pub fn jit_maps(&self) -> Option<&Arc<dyn JitMapResolver>> {
+        self.jit_maps.as_ref()
+    }
+
     /// The x86_64 JIT image of this program, compiled on first use.
     pub fn jit(&self) -> Result<&JitProgram, VmError> {
         self.jit
             .get_or_init(|| JitProgram::compile(self))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// rbpf's JIT image of this program ([`RbpfProgram`] in [`RbpfMode::Jit`]), compiled on
+    /// first use and shared by every later run.
+    pub fn rbpf_jit(&self) -> Result<&RbpfProgram, VmError> {
+        self.rbpf_jit
+            .get_or_init(|| RbpfProgram::new(self, RbpfMode::Jit))
             .as_ref()
             .map_err(Clone::clone)
     }

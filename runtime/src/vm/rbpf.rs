@@ -242,6 +242,17 @@ pub struct RbpfProgram {
     mode: RbpfMode,
 }
 
+// SAFETY: rbpf's `EbpfVmRaw` is neither `Send` nor `Sync` only because its stack verifier can
+// hold a `Box<dyn Any>` given to `set_stack_usage_calculator`, which this adapter never calls
+// (the field stays `None`). Everything else it holds is plain data (the bytes, a helper table of
+// `fn` pointers, allowed-memory ranges) or the JIT's code buffer, which is written once by
+// `jit_compile` in `new` and only executed afterwards. Shared use goes through `&self` methods
+// that only read (`run_shared`, JIT mode); mutation (`run` in interpreter mode registers allowed
+// memory) needs `&mut self`.
+unsafe impl Send for RbpfProgram {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for RbpfProgram {}
+
 impl std::fmt::Debug for RbpfProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RbpfProgram")
@@ -320,6 +331,39 @@ impl RbpfProgram {
                 self.vm.register_allowed_memory(r.start..r.start + r.len);
             }
         }
+        // SAFETY: see the function contract.
+        unsafe { self.execute(data, mem, helpers) }
+    }
+
+    /// [`run`](Self::run) through a shared reference, for a JIT-mode program compiled once and
+    /// run many times (possibly from several threads: each run's helper state is per thread).
+    /// Interpreter mode needs [`run`](Self::run), which registers the run's memory with rbpf.
+    ///
+    /// # Safety
+    /// rbpf's JIT checks no memory access: the program must only touch valid memory.
+    pub unsafe fn run_shared(
+        &self,
+        data: &mut [u8],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError> {
+        if self.mode != RbpfMode::Jit {
+            return Err(VmError::Rbpf(
+                "a shared rbpf program must be JIT-compiled (the interpreter needs `run`)".into(),
+            ));
+        }
+        // SAFETY: see the function contract.
+        unsafe { self.execute(data, mem, helpers) }
+    }
+
+    /// # Safety
+    /// See [`run`](Self::run).
+    unsafe fn execute(
+        &self,
+        data: &mut [u8],
+        mem: &mut MemoryMap<'_>,
+        helpers: &mut dyn Helpers,
+    ) -> Result<u64, VmError> {
         // SAFETY (lifetime erasure): the pointers are only used by `dispatch` on this thread
         // while `vm` runs below, during which `helpers` and `mem` stay exclusively borrowed.
         let cur = Current {
@@ -349,7 +393,10 @@ impl RbpfProgram {
     }
 }
 
-/// Compile `prog` for rbpf and run it once (see [`RbpfProgram`]).
+/// Run `prog` once on rbpf (see [`RbpfProgram`]). In JIT mode the compiled image is cached in
+/// the program ([`Program::rbpf_jit`]), so only the first run pays for rbpf's JIT. The
+/// interpreter is set up afresh for every run: rbpf can only add allowed-memory ranges, never
+/// remove them, so a cached interpreter would keep allowing the buffers of earlier runs.
 ///
 /// # Safety
 /// In JIT mode rbpf checks no memory access: the program must only touch valid memory.
@@ -360,7 +407,13 @@ pub unsafe fn run_rbpf(
     helpers: &mut dyn Helpers,
     mode: RbpfMode,
 ) -> Result<u64, VmError> {
-    let mut p = RbpfProgram::new(prog, mode)?;
-    // SAFETY: see the function contract.
-    unsafe { p.run(data, mem, helpers) }
+    match mode {
+        // SAFETY: see the function contract.
+        RbpfMode::Jit => unsafe { prog.rbpf_jit()?.run_shared(data, mem, helpers) },
+        RbpfMode::Interpreter => {
+            let mut p = RbpfProgram::new(prog, mode)?;
+            // SAFETY: see the function contract.
+            unsafe { p.run(data, mem, helpers) }
+        }
+    }
 }
