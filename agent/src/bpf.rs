@@ -174,14 +174,21 @@ pub fn attach_object(
             Ok(t) => lines.push(format!(
                 "ok {object}/{} {} {target} at {:#x} on {:?}",
                 program.name,
-                if kind == ProbeKind::Uprobe { "uprobe" } else { "uretprobe" },
+                if kind == ProbeKind::Uprobe {
+                    "uprobe"
+                } else {
+                    "uretprobe"
+                },
                 t.address,
                 program.vm
             )),
             Err(e) => {
                 failed += 1;
                 eprintln!("bpftime-agent: {object}/{}: {e}", program.name);
-                lines.push(format!("error {object}/{} ({}): {e}", program.name, program.section));
+                lines.push(format!(
+                    "error {object}/{} ({}): {e}",
+                    program.name, program.section
+                ));
             }
         }
     }

@@ -112,6 +112,18 @@ impl MnemonicStr for iced_x86::Instruction {
     }
 }
 
+/// Length of the instruction at `address` (`None` if undecodable within `max` bytes).
+///
+/// # Safety
+/// `address..address + max` must be readable.
+pub unsafe fn instruction_len(address: u64, max: u64) -> Option<u64> {
+    // SAFETY: forwarded.
+    let code = unsafe { std::slice::from_raw_parts(address as *const u8, max.min(15) as usize) };
+    let mut dec = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let i = dec.decode();
+    (!i.is_invalid()).then(|| i.len() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,16 +151,4 @@ mod tests {
         let e = check(&[0x31, 0xc0, 0xff, 0xc0, 0xff, 0xc0, 0xeb, 0xfa, 0xc3]).unwrap_err();
         assert!(e.to_string().contains("branches to"), "{e}");
     }
-}
-
-/// Length of the instruction at `address` (`None` if undecodable within `max` bytes).
-///
-/// # Safety
-/// `address..address + max` must be readable.
-pub unsafe fn instruction_len(address: u64, max: u64) -> Option<u64> {
-    // SAFETY: forwarded.
-    let code = unsafe { std::slice::from_raw_parts(address as *const u8, max.min(15) as usize) };
-    let mut dec = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
-    let i = dec.decode();
-    (!i.is_invalid()).then(|| i.len() as u64)
 }

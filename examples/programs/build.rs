@@ -7,12 +7,16 @@ fn main() {
     bpf_build::compile_dir(&dir, &out_dir);
     // The victim keeps frame pointers and no inlining of the probed functions; -O1 keeps the
     // calls real.
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
-        .arg(out_dir.join("victim"))
-        .arg(dir.join("victim.c"))
-        .status()
-        .expect("running cc on victim.c");
-    assert!(status.success(), "cc failed on victim.c");
-    println!("cargo:rerun-if-changed=victim.c");
+    for (victim, extra) in [("victim", None), ("victim_mt", Some("-pthread"))] {
+        let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+        cc.args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(out_dir.join(victim))
+            .arg(dir.join(format!("{victim}.c")));
+        if let Some(flag) = extra {
+            cc.arg(flag);
+        }
+        let status = cc.status().expect("running cc");
+        assert!(status.success(), "cc failed on {victim}.c");
+        println!("cargo:rerun-if-changed={victim}.c");
+    }
 }

@@ -302,7 +302,7 @@ fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
     code.extend_from_slice(&[0xff, 0x35, 0, 0, 0, 0]); // push qword [rip+d]
     let jmp_at = code.len();
     code.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp qword [rip+d]
-    while code.len() % 8 != 0 {
+    while !code.len().is_multiple_of(8) {
         code.push(0xcc);
     }
     let data = code.len();
@@ -542,7 +542,7 @@ unsafe fn install_locked(
         hooks: HashMap::new(),
         next_id: 1,
     });
-    if !reg.sites.contains_key(&address) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = reg.sites.entry(address) {
         // SAFETY: forwarded from the caller.
         unsafe { precheck::check_site(address, size, name)? };
         let site: &'static Site = Box::leak(Box::new(Site {
@@ -580,14 +580,11 @@ unsafe fn install_locked(
         };
         site.trampoline
             .store(det.trampoline() as u64, Ordering::Release);
-        reg.sites.insert(
-            address,
-            SiteEntry {
-                site,
-                detour: Box::leak(Box::new(det)),
-                enabled: false,
-            },
-        );
+        slot.insert(SiteEntry {
+            site,
+            detour: Box::leak(Box::new(det)),
+            enabled: false,
+        });
     }
     let id = HookId(reg.next_id);
     reg.next_id += 1;

@@ -31,6 +31,11 @@ pub fn object_path(example: &str) -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join(format!("{example}.bpf.o"))
 }
 
+/// Path of the multi-threaded victim (`victim_mt THREADS CALLS`, starts on a line of stdin).
+pub fn victim_mt_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_mt")
+}
+
 /// Path of the victim binary (`victim ROUNDS`, starts on a line of stdin).
 pub fn victim_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim")

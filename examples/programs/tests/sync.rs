@@ -1,0 +1,187 @@
+//! Issue 10's end-to-end test: target processes run a userspace uprobe (through the agent) that
+//! counts into a synced hash map through looked-up pointers and updates a second map through
+//! the update helper; once the forwarder is idle the kernel mirrors equal the userspace maps.
+//! Plus the faults: a target killed with -9 mid-run, and the forwarder (the `load` process's
+//! half) stopped mid-run and restarted.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bpftime_example_programs::{object_path, victim_mt_path};
+use bpftime_kernel_bridge::mirror::{pin_path, remove_object_pins};
+use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_kernel_bridge::Mirror;
+use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
+use bpftime_runtime::maps::{remove_object, EntryValue, ShmObject};
+use bpftime_sync::{Forwarder, SyncOptions};
+
+fn agent_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [deps.join("libbpftime_agent.so"), deps.parent().unwrap().join("libbpftime_agent.so")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("libbpftime_agent.so is built with the tests")
+}
+
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = remove_object(&self.0);
+        let _ = remove_object_pins(&self.0);
+    }
+}
+
+/// Starts a victim with the agent preloaded and hooks in place; it runs when `go` is called.
+fn spawn_victim(segment: &str, threads: u32, calls: u64) -> Child {
+    let config = std::env::temp_dir().join(format!("bpftime-sync-{segment}.conf"));
+    std::fs::write(&config, format!("object {segment}\n")).unwrap();
+    Command::new(victim_mt_path())
+        .args([threads.to_string(), calls.to_string()])
+        .env("LD_PRELOAD", agent_path())
+        .env("BPFTIME_AGENT_CONFIG", &config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting victim_mt")
+}
+
+fn go(child: &mut Child) {
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+}
+
+fn user_entries(shm: &ShmObject, map: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    shm.map(map)
+        .unwrap()
+        .iter()
+        .into_iter()
+        .map(|e| match e.value {
+            EntryValue::Single(v) => (e.key, v),
+            EntryValue::PerCpu(_) => panic!("no per-CPU maps here"),
+        })
+        .collect()
+}
+
+fn kernel_entries(segment: &str, map: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    Mirror::open_pinned(&pin_path(segment, map), segment)
+        .unwrap()
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, e.values[0].clone()))
+        .collect()
+}
+
+fn sum(entries: &BTreeMap<Vec<u8>, Vec<u8>>) -> u64 {
+    entries
+        .values()
+        .map(|v| u64::from_le_bytes(v[..8].try_into().unwrap()))
+        .sum()
+}
+
+/// Runs the forwarder on a thread until `stop`, then until idle.
+fn forward(forwarder: Forwarder, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Forwarder> {
+    std::thread::spawn(move || {
+        let mut forwarder = forwarder;
+        forwarder.run(&stop).expect("forwarding");
+        forwarder
+    })
+}
+
+fn assert_mirrors_equal(segment: &str, shm: &ShmObject, forwarder: &mut Forwarder) {
+    assert!(forwarder.run_until_idle(Duration::from_secs(60)).unwrap(), "forwarder idle");
+    for map in ["hits", "per_thread"] {
+        let user = user_entries(shm, map);
+        let kernel = kernel_entries(segment, map);
+        assert_eq!(user, kernel, "map {map}: kernel mirror equals userspace, entry by entry");
+    }
+}
+
+#[test]
+fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
+    if !require_kernel("four_targets_eight_threads_one_million_calls_reach_the_kernel") {
+        return;
+    }
+    let segment = "test-sync-mt".to_string();
+    let _cleanup = Cleanup(segment.clone());
+    let _ = remove_object(&segment);
+    let _ = remove_object_pins(&segment);
+    let loaded = LoadedObject::load(&object_path("sync_counter"), Some(&segment), LoadOptions::default())
+        .expect("loading sync_counter");
+    assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
+    let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let forwarding = forward(forwarder, Arc::clone(&stop));
+
+    // 4 processes x 8 threads x 31,250 calls = 1,000,000 calls.
+    let mut victims: Vec<Child> = (0..4).map(|_| spawn_victim(&segment, 8, 31_250)).collect();
+    for v in &mut victims {
+        go(v);
+    }
+    for v in victims {
+        let out = v.wait_with_output().unwrap();
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("done"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut forwarder = forwarding.join().unwrap();
+    assert_mirrors_equal(&segment, &loaded.shm, &mut forwarder);
+
+    let hits = user_entries(&loaded.shm, "hits");
+    assert_eq!(sum(&hits), 1_000_000, "every call counted exactly once");
+    assert_eq!(hits.len(), 64);
+    assert_eq!(user_entries(&loaded.shm, "per_thread").len(), 32, "4 processes x 8 threads");
+    for (name, c) in forwarder.counters() {
+        println!(
+            "{name}: changes seen {}, sent {}, confirmed {}, failed {}, pending {}",
+            c.changes_seen, c.sent, c.confirmed, c.failed, c.pending
+        );
+        assert_eq!(c.sent, c.confirmed, "{name}: sent == confirmed");
+        assert_eq!((c.failed, c.pending), (0, 0), "{name}");
+    }
+}
+
+#[test]
+fn killed_target_and_restarted_forwarder_lose_nothing() {
+    if !require_kernel("killed_target_and_restarted_forwarder_lose_nothing") {
+        return;
+    }
+    let segment = "test-sync-fault".to_string();
+    let _cleanup = Cleanup(segment.clone());
+    let _ = remove_object(&segment);
+    let _ = remove_object_pins(&segment);
+    let loaded = LoadedObject::load(&object_path("sync_counter"), Some(&segment), LoadOptions::default())
+        .expect("loading sync_counter");
+    let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let forwarding = forward(forwarder, Arc::clone(&stop));
+
+    let mut survivor = spawn_victim(&segment, 4, 200_000);
+    let mut doomed = spawn_victim(&segment, 4, 50_000_000);
+    go(&mut survivor);
+    go(&mut doomed);
+    std::thread::sleep(Duration::from_millis(300));
+    // The forwarder (the loader's half) dies mid-run...
+    stop.store(true, Ordering::Relaxed);
+    drop(forwarding.join().unwrap());
+    // ...and a target is killed with -9 mid-run.
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let out = survivor.wait_with_output().unwrap();
+    assert!(out.status.success(), "the other target keeps running");
+
+    // A restarted loader re-syncs every mirror from the userspace state.
+    let (mut forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
+    assert_mirrors_equal(&segment, &loaded.shm, &mut forwarder);
+    let total = sum(&user_entries(&loaded.shm, "hits"));
+    println!("after kill -9 and restart: {total} calls counted, kernel mirrors equal");
+    assert!(total >= 4 * 200_000, "the survivor's calls are all there ({total})");
+    for (name, c) in forwarder.counters() {
+        assert_eq!((c.failed, c.pending), (0, 0), "{name}");
+    }
+}
