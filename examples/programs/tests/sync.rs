@@ -39,7 +39,10 @@ impl Drop for Cleanup {
 
 /// Starts a victim with the agent preloaded and hooks in place; it runs when `go` is called.
 fn spawn_victim(segment: &str, threads: u32, calls: u64) -> Child {
-    let config = std::env::temp_dir().join(format!("bpftime-sync-{segment}.conf"));
+    // One config per victim: rewriting a shared one could let a starting agent read it empty.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let config = std::env::temp_dir().join(format!("bpftime-sync-{segment}-{n}.conf"));
     std::fs::write(&config, format!("object {segment}\n")).unwrap();
     Command::new(victim_mt_path())
         .args([threads.to_string(), calls.to_string()])
@@ -136,6 +139,7 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
     assert_eq!(sum(&hits), 1_000_000, "every call counted exactly once");
     assert_eq!(hits.len(), 64);
     assert_eq!(user_entries(&loaded.shm, "per_thread").len(), 32, "4 processes x 8 threads");
+    read_with_a_users_kernel_program(&segment, &hits);
     for (name, c) in forwarder.counters() {
         println!(
             "{name}: changes seen {}, sent {}, confirmed {}, failed {}, pending {}",
@@ -144,6 +148,32 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
         assert_eq!(c.sent, c.confirmed, "{name}: sent == confirmed");
         assert_eq!((c.failed, c.pending), (0, 0), "{name}");
     }
+}
+
+/// `kernel_reader.bpf.c`, opened by libbpf with `pin_root_path` at the object's pin directory,
+/// reuses the synced `hits` mirror by name and reads what the userspace uprobe counted.
+fn read_with_a_users_kernel_program(segment: &str, hits: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    let pin_root = pin_path(segment, "hits").parent().unwrap().to_path_buf();
+    let mut builder = libbpf_rs::ObjectBuilder::default();
+    builder.pin_root_path(&pin_root).unwrap();
+    let object = builder
+        .open_file(object_path("kernel_reader"))
+        .and_then(|o| o.load())
+        .expect("loading kernel_reader with pin_root_path");
+    let program = object.progs_mut().find(|p| p.name() == "read_hit").unwrap();
+    for (key, value) in hits {
+        let mut args = [0u8; 16];
+        args[..4].copy_from_slice(key);
+        program
+            .test_run(libbpf_rs::ProgramInput {
+                context_in: Some(&mut args),
+                ..Default::default()
+            })
+            .expect("running read_hit");
+        assert_eq!(u32::from_le_bytes(args[4..8].try_into().unwrap()), 1, "key {key:?} found");
+        assert_eq!(&args[8..16], &value[..], "the kernel program reads the synced value");
+    }
+    println!("a kernel program reading {} pinned by name saw every synced count", pin_root.display());
 }
 
 #[test]
