@@ -17,7 +17,7 @@
 //! Results: `<config>.status` (one line per request: `ok ...` or `error ...`, then `detached`
 //! after detach) and `<config>.counts`, a shared-mapped file of little-endian u64: a header
 //! `[magic, n]` then per request `[entries, returns, sum of PARM1, sum of RC]` (the built-in
-//! counting handler; the BPF runtime plugs in at [`make_handler`]).
+//! counting handler; the BPF runtime plugs in at `make_handler`).
 
 mod bpf;
 

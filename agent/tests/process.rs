@@ -330,7 +330,7 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
     .unwrap();
     let opts = InjectOptions::default();
     let mut unsafe_stops = 0;
-    for round in 0..30 {
+    for round in 0..20 {
         let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(rep.start_result, Some(0), "round {round}");
@@ -357,7 +357,7 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
         st.push(".status");
         std::fs::remove_file(PathBuf::from(st)).unwrap();
     }
-    eprintln!("30 rounds, {unsafe_stops} stops rejected as unsafe");
+    eprintln!("20 rounds, {unsafe_stops} stops rejected as unsafe");
     std::fs::write(&v.stop, b"").unwrap();
     let st = v.child.wait().unwrap();
     assert!(st.success(), "victim exit {st:?}");

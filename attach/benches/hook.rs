@@ -1,6 +1,7 @@
 //! ns per call of a hooked function, as a table (harness = false).
 //!
-//! Rows: no hook; entry hook with a trivial (counter) handler; return hook; entry + return hook;
+//! Rows: no hook; entry hook with an empty handler (the machinery alone); entry hook with a
+//! trivial handler (one atomic counter increment); return hook; entry + return hook;
 //! each on an ordinary entry and on a `nop5` entry. The lead adds the kernel uprobe rows.
 //! `cargo bench -p bpftime-attach --bench hook [-- CALLS REPS]`
 
@@ -25,6 +26,10 @@ impl ProbeHandler for Count {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Does nothing: the cost of the hook machinery alone.
+struct Empty;
+impl ProbeHandler for Empty {}
 
 type F = extern "C" fn(i64) -> i64;
 
@@ -72,7 +77,12 @@ fn main() {
             let c = Arc::new(Count::default());
             let mut set = HookSet::new();
             for k in kinds {
-                set.install(&t, *k, c.clone()).unwrap();
+                let h: Arc<dyn ProbeHandler> = if name.contains("empty") {
+                    Arc::new(Empty)
+                } else {
+                    c.clone()
+                };
+                set.install(&t, *k, h).unwrap();
             }
             let (min, med) = measure(f, calls, reps);
             set.detach().unwrap();
@@ -85,6 +95,7 @@ fn main() {
             );
         };
         row("no hook", &[]);
+        row("userspace uprobe, empty handler", &[ProbeKind::Uprobe]);
         row("userspace uprobe, counter handler", &[ProbeKind::Uprobe]);
         row(
             "userspace uretprobe, counter handler",

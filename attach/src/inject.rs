@@ -423,15 +423,21 @@ pub fn inject_agent(
     let agent = std::fs::canonicalize(agent)
         .map_err(|e| InjectError::Other(format!("agent {}: {e}", agent.display())))?;
     let mut res = Resolver::new(Some(pid as u32))?;
-    let dlopen = res
-        .resolve("libc.so.6:dlopen")
-        .or_else(|_| res.resolve("libc.so.6:__libc_dlopen_mode"))?;
+    // glibc >= 2.34 exports dlopen from libc; older ones have __libc_dlopen_mode, which wants
+    // __RTLD_DLOPEN in the mode
+    let (dlopen, mode) = match res.resolve("libc.so.6:dlopen") {
+        Ok(t) => (t, libc::RTLD_NOW as u64),
+        Err(_) => (
+            res.resolve("libc.so.6:__libc_dlopen_mode")?,
+            libc::RTLD_NOW as u64 | 0x8000_0000,
+        ),
+    };
     let dlerror = res.resolve("libc.so.6:dlerror").ok();
     let (mut t, unsafe_stops) = seize_at_safe_point(pid, opts)?;
     let path_bytes = agent.as_os_str().as_encoded_bytes();
     let handle = t.call(
         dlopen.address,
-        &[STR0, libc::RTLD_NOW as u64],
+        &[STR0, mode],
         &[path_bytes],
         "dlopen",
         opts.call_timeout,

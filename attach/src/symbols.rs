@@ -46,6 +46,9 @@ impl TargetSpec {
             }
             None => (func, 0),
         };
+        // `malloc@GLIBC_2.2.5` / `f@@VER`: symbol versions are not distinguished; the default
+        // (or only) definition is taken.
+        let symbol = symbol.split('@').next().unwrap_or("");
         if symbol.is_empty() {
             return Err(bad("no function name"));
         }
@@ -293,6 +296,8 @@ mod tests {
         let t = TargetSpec::parse("main+4").unwrap();
         assert_eq!((t.module, t.symbol.as_str(), t.offset), (None, "main", 4));
         assert!(TargetSpec::parse("libc.so.6:").is_err());
+        let t = TargetSpec::parse("libc.so.6:malloc@GLIBC_2.2.5").unwrap();
+        assert_eq!(t.symbol, "malloc");
         assert!(TargetSpec::parse("f+zz").is_err());
     }
 

@@ -37,10 +37,6 @@ pub struct VmArgs {
 impl VmArgs {
     pub fn options(&self) -> LoadOptions {
         if self.no_verify {
-            tracing::warn!(
-                "--no-verify: programs are not checked by the kernel verifier; they run on the \
-                 bounds-checked interpreter"
-            );
             eprintln!("warning: --no-verify: programs run unverified, on the checked interpreter");
         }
         LoadOptions {

@@ -10,6 +10,22 @@
 //!
 //! Sites and their trampolines, thunks and handler lists are never freed: a thread may still be
 //! inside them, or have a return pending, after the hook is removed.
+//!
+//! Known limits:
+//! * per-thread state lives in a fixed table of 2048 slots keyed by TCB
+//!   address (no TLS, see `thread.rs`); beyond that, calls run without handlers
+//!   ([`HookStats::no_thread_slot`]). Shadow stacks hold 256 frames; deeper pending returns are
+//!   not hooked ([`HookStats::shadow_overflow`]).
+//! * stale shadow frames (longjmp, exceptions) are recognised by stack address; a signal
+//!   handler on an alternate stack placed *above* the thread's stack that calls a
+//!   return-hooked function drops the thread's pending frames' handlers (returns stay correct).
+//! * C++ exceptions / Rust panics / `pthread_exit` through a frame with a pending return hook:
+//!   the unwinder entry points of `libgcc_s` are hooked to put real return addresses back first
+//!   (`ensure_unwind_fixups`); the return handlers of the thread's pending frames then do
+//!   not run. A program whose unwinder is linked statically is not covered.
+//! * a function reading its own return address (`__builtin_return_address`) sees the return
+//!   stub while a return hook is pending; coroutine switches (`swapcontext`) between a hooked
+//!   entry and its return are not supported for return hooks.
 
 mod stub;
 mod thread;

@@ -35,7 +35,7 @@ pub fn bench_victim_path() -> PathBuf {
 
 /// The allocation sizes of one victim round (must match victim.c).
 pub fn round_sizes(round: u64) -> [u64; 6] {
-    [16, 100, 777, 700 + round % 100, 4000, 40000]
+    [16, 100, 777, 701 + 2 * (round % 50), 4000, 40000]
 }
 
 /// What the victim allocates in `rounds` rounds: (calls, bytes, count per marked size).
@@ -58,15 +58,19 @@ pub fn victim_model(rounds: u64) -> (u64, u64, BTreeMap<u32, u64>) {
 pub fn agent_path() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let deps = exe.parent().context("exe dir")?;
-    [deps.join("libbpftime_agent.so"), deps.join("../libbpftime_agent.so")]
-        .into_iter()
-        .find(|p| p.exists())
-        .context("libbpftime_agent.so is not next to this binary; build with the agent dev-dependency")
+    [
+        deps.join("libbpftime_agent.so"),
+        deps.join("../libbpftime_agent.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .context("libbpftime_agent.so is not next to this binary; build with the agent dev-dependency")
 }
 
 /// A process started with piped stdio, waiting for its go line (probes attach meanwhile).
 pub struct Waiting {
-    child: Child,
+    /// Taken by `go`; still here in `drop` only on an error path.
+    child: Option<Child>,
 }
 
 impl Waiting {
@@ -77,21 +81,18 @@ impl Waiting {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {command:?}"))?;
-        Ok(Self { child })
+        Ok(Self { child: Some(child) })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// Sends the go line and waits; the stdout of a successful run.
     pub fn go(mut self) -> Result<String> {
-        self.child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(b"go\n")?;
-        let out = self.child.wait_with_output()?;
+        let mut child = self.child.take().context("already started")?;
+        child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+        let out = child.wait_with_output()?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             bail!(
@@ -107,8 +108,10 @@ impl Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         // Only reached without `go` on an error path: do not leave the victim waiting forever.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -194,7 +197,7 @@ pub struct MallocMaps {
 }
 
 /// The deterministic part for one process: what kernel and userspace must agree on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deterministic {
     /// size -> calls
     pub marked: BTreeMap<u32, u64>,
@@ -203,10 +206,23 @@ pub struct Deterministic {
 }
 
 impl MallocMaps {
-    pub fn deterministic(&self, tgid: u32) -> Deterministic {
+    /// The marked sizes of process `tgid`, split into those `sizes` selects (the victim's own)
+    /// and the rest (other allocations that happened to fall into the marked range).
+    pub fn deterministic(
+        &self,
+        tgid: u32,
+        sizes: impl Fn(u32) -> bool + Copy,
+    ) -> (Deterministic, Deterministic) {
+        (
+            self.marked_of(tgid, sizes),
+            self.marked_of(tgid, move |s| !sizes(s)),
+        )
+    }
+
+    fn marked_of(&self, tgid: u32, sizes: impl Fn(u32) -> bool + Copy) -> Deterministic {
         let of = |m: &BTreeMap<(u32, u32), u64>| {
             m.iter()
-                .filter(|((t, _), _)| *t == tgid)
+                .filter(|((t, s), _)| *t == tgid && sizes(*s))
                 .map(|((_, s), n)| (*s, *n))
                 .collect()
         };
@@ -216,7 +232,9 @@ impl MallocMaps {
         }
     }
 
-    fn from_entries(mut entries: impl FnMut(&str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>) -> Result<Self> {
+    fn from_entries(
+        mut entries: impl FnMut(&str) -> Result<Vec<(Vec<u8>, Vec<u8>)>>,
+    ) -> Result<Self> {
         let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
         let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         let pairs = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> BTreeMap<(u32, u32), u64> {
@@ -262,7 +280,9 @@ impl MallocMaps {
     /// Reads the kernel's maps through aya.
     pub fn from_kernel(ebpf: &aya::Ebpf) -> Result<Self> {
         Self::from_entries(|name| {
-            let map = ebpf.map(name).with_context(|| format!("kernel map {name}"))?;
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("kernel map {name}"))?;
             let entries = match name {
                 "stats" => aya::maps::HashMap::<_, u32, [u64; 2]>::try_from(map)?
                     .iter()
@@ -276,7 +296,9 @@ impl MallocMaps {
                 "latency_ns" => aya::maps::Array::<_, u64>::try_from(map)?
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| r.map(|v| ((i as u32).to_le_bytes().to_vec(), v.to_le_bytes().to_vec())))
+                    .map(|(i, r)| {
+                        r.map(|v| ((i as u32).to_le_bytes().to_vec(), v.to_le_bytes().to_vec()))
+                    })
                     .collect::<Result<Vec<_>, _>>()?,
                 _ => aya::maps::HashMap::<_, [u32; 2], u64>::try_from(map)?
                     .iter()

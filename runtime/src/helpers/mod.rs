@@ -724,11 +724,22 @@ impl JitMapResolver for JitMaps {
                 marks,
                 mark_bit,
             });
+        // Plain (not per-CPU) hash maps, the common case, go straight to the hash code: no
+        // key-size check (the slice is built with the key size), no CPU lookup, no `Result`.
+        let plain_hash = t.is_hash() && !t.is_percpu();
         Some(JitMap {
             // Points into `self.maps`, which the JIT image keeps alive with this resolver.
             handle: m as *const MapHandle as *const (),
-            lookup: Some(jit_map_lookup),
-            update: Some(jit_map_update),
+            lookup: Some(if plain_hash {
+                jit_hash_lookup
+            } else {
+                jit_map_lookup
+            }),
+            update: Some(if plain_hash {
+                jit_hash_update
+            } else {
+                jit_map_update
+            }),
             delete: Some(jit_map_delete),
             inline_array,
         })
@@ -796,6 +807,51 @@ unsafe extern "C" fn jit_map_lookup(
             Ok(match m.lookup(key) {
                 Ok(Some(v)) => v.as_ptr() as u64,
                 _ => 0,
+            })
+        })
+    }
+}
+
+/// [`jit_map_lookup`] for a HASH or LRU_HASH map.
+unsafe extern "C" fn jit_hash_lookup(
+    map: *const (),
+    key: u64,
+    _: u64,
+    _: u64,
+    _: u64,
+    call: *mut JitCall,
+) -> u64 {
+    // SAFETY: as in `jit_map_lookup`.
+    let m = unsafe { &*(map as *const MapHandle) };
+    // SAFETY: as in `jit_map_lookup`.
+    unsafe {
+        jit_map_op(call, ids::MAP_LOOKUP_ELEM, || {
+            let key = jit_arg("bpf_map_lookup_elem", 2, key, m.def().key_size as usize)?;
+            Ok(m.hash_lookup(key, 0).map_or(0, |p| p as u64))
+        })
+    }
+}
+
+/// [`jit_map_update`] for a HASH or LRU_HASH map.
+unsafe extern "C" fn jit_hash_update(
+    map: *const (),
+    key: u64,
+    value: u64,
+    flags: u64,
+    _: u64,
+    call: *mut JitCall,
+) -> u64 {
+    // SAFETY: as in `jit_map_lookup`.
+    let m = unsafe { &*(map as *const MapHandle) };
+    // SAFETY: as in `jit_map_lookup`.
+    unsafe {
+        jit_map_op(call, ids::MAP_UPDATE_ELEM, || {
+            const N: &str = "bpf_map_update_elem";
+            let key = jit_arg(N, 2, key, m.def().key_size as usize)?;
+            let value = jit_arg(N, 3, value, m.def().value_size as usize)?;
+            Ok(match m.hash_update(key, value, flags, None) {
+                Ok(()) => 0,
+                Err(e) => neg_map(&e),
             })
         })
     }

@@ -1,0 +1,129 @@
+//! malloc.bpf.o on the real victim: under the userspace runtime (agent preloaded, JIT and
+//! interpreter) its counts match what the victim did, and under kernel uprobes (aya, scoped to
+//! the victim's pid) the deterministic maps have the same contents as in userspace.
+//!
+//! Only the victim's allocations of 700..799 bytes (777 and the odd sizes) are compared exactly:
+//! libc allocates during startup, and under the agent the agent allocates too while it installs
+//! its hooks (one hook in place, the next one not yet), so total calls and bytes may only exceed
+//! the victim's own. Other sizes in the marked range are reported, and must not occur under
+//! the kernel.
+
+use bpftime_example_malloc::{run_kernel, run_userspace, victim_model, Deterministic, MallocMaps};
+use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_runtime::loaded::{LoadOptions, VmChoice};
+
+const ROUNDS: u64 = 20_000;
+
+fn options(no_jit: bool) -> LoadOptions {
+    LoadOptions {
+        verify: true,
+        vm: VmChoice::Ours,
+        no_jit,
+    }
+}
+
+/// What the model of the victim says the deterministic maps hold.
+fn expected() -> Deterministic {
+    let (_, _, marked) = victim_model(ROUNDS);
+    Deterministic {
+        // glibc's malloc returns 16-byte aligned, non-NULL pointers for these sizes.
+        marked_ret: marked.clone(),
+        marked,
+    }
+}
+
+/// Checks one run against the victim model; returns its deterministic part.
+fn check_run(what: &str, pid: u32, maps: &MallocMaps) -> Deterministic {
+    let (calls, bytes, _) = victim_model(ROUNDS);
+    let &(seen_calls, seen_bytes) = maps
+        .stats
+        .get(&pid)
+        .unwrap_or_else(|| panic!("{what}: no stats for pid {pid}: {:?}", maps.stats));
+    assert!(
+        seen_calls >= calls && seen_bytes >= bytes,
+        "{what}: saw {seen_calls} calls / {seen_bytes} bytes, the victim alone made {calls} / {bytes}"
+    );
+    // The startup allocations of libc (and of the agent) are few next to the victim's.
+    assert!(
+        seen_calls - calls < 1000,
+        "{what}: {} calls more than the victim made",
+        seen_calls - calls
+    );
+    let size_calls: u64 = maps
+        .sizes
+        .iter()
+        .filter(|((t, _), _)| *t == pid)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        size_calls, seen_calls,
+        "{what}: the size histogram sums to the calls"
+    );
+    let returns: u64 = maps.latency_ns.iter().sum();
+    assert!(
+        returns >= calls,
+        "{what}: {returns} latency samples for at least {calls} returns"
+    );
+    let (_, _, model) = victim_model(ROUNDS);
+    let (det, other) = maps.deterministic(pid, |s| model.contains_key(&s));
+    assert_eq!(
+        det,
+        expected(),
+        "{what}: the victim's marked sizes (700..799 bytes)"
+    );
+    if other != Deterministic::default() {
+        println!("{what}: allocations in the marked range not made by the victim: {other:?}");
+    }
+    println!(
+        "{what}: pid {pid}: {seen_calls} calls, {seen_bytes} bytes ({} startup calls beyond the \
+         victim's), {} marked sizes exact, {returns} latency samples",
+        seen_calls - calls,
+        det.marked.len()
+    );
+    det
+}
+
+#[test]
+fn userspace_counts_match_the_victim() {
+    for (tag, no_jit) in [("jit", false), ("interpreter", true)] {
+        let segment = format!("malloc-test-{tag}-{}", std::process::id());
+        let (pid, maps, status) = run_userspace(ROUNDS, options(no_jit), &segment)
+            .unwrap_or_else(|e| panic!("{tag}: {e:#}"));
+        assert_eq!(
+            status.lines().filter(|l| l.starts_with("ok ")).count(),
+            2,
+            "{status}"
+        );
+        check_run(&format!("userspace {tag}"), pid, &maps);
+    }
+}
+
+#[test]
+fn kernel_uprobes_give_the_same_deterministic_maps() {
+    if !require_kernel("kernel_uprobes_give_the_same_deterministic_maps") {
+        return;
+    }
+    let (kpid, kmaps) = run_kernel(ROUNDS).unwrap_or_else(|e| panic!("kernel: {e:#}"));
+    let kernel = check_run("kernel", kpid, &kmaps);
+    assert_eq!(
+        kmaps.deterministic(kpid, |_| true).0,
+        kernel,
+        "kernel: no other marked sizes"
+    );
+    // Scoped to the victim's pid: nothing else was counted.
+    assert_eq!(
+        kmaps.stats.keys().collect::<Vec<_>>(),
+        vec![&kpid],
+        "kernel: only the victim"
+    );
+    let segment = format!("malloc-test-vs-kernel-{}", std::process::id());
+    let (upid, umaps, _) =
+        run_userspace(ROUNDS, options(false), &segment).unwrap_or_else(|e| panic!("{e:#}"));
+    let user = check_run("userspace jit", upid, &umaps);
+    assert_eq!(user, kernel, "userspace and kernel deterministic maps");
+    println!(
+        "kernel == userspace on {} marked sizes ({} calls)",
+        kernel.marked.len(),
+        kernel.marked.values().sum::<u64>()
+    );
+}
