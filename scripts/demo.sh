@@ -1,23 +1,54 @@
 #!/usr/bin/env bash
-# The README's demo command: builds bpftime-rs and shows the kernel bridge at work.
+# The README's demo command: builds bpftime-rs and shows the whole story: a BPF object loaded
+# into user space, a victim whose function calls run the uprobe in-process (no kernel trap), the
+# shared maps synced into real kernel maps through the user-ringbuf bridge, and bpftool agreeing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-cargo build --release --locked --workspace --bins
+cargo build --release --locked --workspace
 bin=target/release/bpftime-rs
+examples=$(ls -td target/release/build/bpftime-example-programs-*/out | head -n 1)
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "bpftime-rs bridge selftest: 100,000 updates/deletes through the user ringbuf into kernel maps"
 "$bin" bridge selftest --updates 100000
 
-step "bpftime-rs maps: the kernel mirror maps"
+step "bpftime-rs load sync_counter.bpf.o (verified by the kernel, maps in shared memory, synced)"
+"$bin" unload sync_counter >/dev/null 2>&1 || true
+log=$(mktemp)
+"$bin" load "$examples/sync_counter.bpf.o" >"$log" 2>&1 &
+loader=$!
+trap 'kill -INT $loader 2>/dev/null || true' EXIT
+until grep -q '^loaded ' "$log"; do
+    kill -0 "$loader" 2>/dev/null || { cat "$log"; exit 1; }
+    sleep 0.1
+done
+cat "$log"
+
+step "bpftime-rs start -- victim_mt 8 100000: 8 threads, 800,000 hooked calls, counted in user space"
+echo go | "$bin" start -- "$examples/victim_mt" 8 100000
+
+step "bpftime-rs maps: userspace entries, kernel mirror entries, sync counters"
+sleep 0.5
 "$bin" maps
 
-step "bpftool map dump pinned /sys/fs/bpf/bpftime-rs/selftest/small_u32_u64 (first entries)"
+step "bpftime-rs maps --diff hits: userspace and kernel, entry by entry"
+"$bin" maps --diff sync_counter/hits
+
+step "bpftool map dump pinned /sys/fs/bpf/bpftime-rs/sync_counter/hits (first entries)"
 # head closes the pipe early, which pipefail would report as a failure of bpftool.
-bpftool map dump pinned /sys/fs/bpf/bpftime-rs/selftest/small_u32_u64 | head -n 8 || true
+bpftool map dump pinned /sys/fs/bpf/bpftime-rs/sync_counter/hits | head -n 8 || true
+echo "sum of all counts in the kernel map: $(bpftool -j map dump pinned /sys/fs/bpf/bpftime-rs/sync_counter/hits |
+    python3 -c 'import json,sys; print(sum(int.from_bytes(bytes(int(b,16) for b in e["value"]),"little") for e in json.load(sys.stdin)))')"
+
+step "stopping the loader; bpftime-rs unload sync_counter"
+kill -INT "$loader"
+wait "$loader" || true
+trap - EXIT
+tail -n 3 "$log"
+"$bin" unload sync_counter
 
 step "examples/user_ringbuf: user space -> user ringbuf -> sys_exit_kill tracepoint -> ringbuf"
 target/release/user_ringbuf --count 5 --interval-ms 200

@@ -21,7 +21,7 @@
 
 mod bpf;
 
-use bpftime_attach::symbols::Resolver;
+use bpftime_attach::symbols::{ResolvedTarget, Resolver};
 use bpftime_attach::{EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
 use std::ffi::{c_char, CStr};
 use std::io::Write;
@@ -162,11 +162,29 @@ fn start(config: &Path) -> Result<usize, String> {
     for object in &objects {
         failed += bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
     }
-    for (i, req) in reqs.iter().enumerate() {
-        let res = req.as_ref().map_err(Clone::clone).and_then(|r| {
+    // resolve every request, then patch all resolved sites in one transaction
+    let resolved: Vec<Result<(&Request, ResolvedTarget), String>> = reqs
+        .iter()
+        .map(|req| {
+            let r = req.as_ref().map_err(Clone::clone)?;
             let t = resolver.resolve(&r.target).map_err(|e| e.to_string())?;
-            hooks
-                .install(&t, r.kind, make_handler(counts, i))
+            Ok((r, t))
+        })
+        .collect();
+    let batch: Vec<_> = resolved
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let (req, t) = r.as_ref().ok()?;
+            Some((t.clone(), req.kind, make_handler(counts, i)))
+        })
+        .collect();
+    let mut installed = hooks.install_many(batch).into_iter();
+    for res in resolved {
+        let res = res.and_then(|(r, t)| {
+            installed
+                .next()
+                .expect("one result per resolved request")
                 .map_err(|e| e.to_string())?;
             Ok((r, t))
         });

@@ -73,8 +73,12 @@ pub enum InjectError {
     Resolve(#[from] AttachError),
     #[error("process {pid} exited during injection (status {status:#x})")]
     Exited { pid: i32, status: i32 },
-    #[error("no safe point in process {pid} after {tries} tries (thread kept stopping inside the loader/allocator)")]
-    NoSafePoint { pid: i32, tries: u32 },
+    #[error("no safe point in process {pid} after {tries} rounds over its threads (last stop: {last_reason}); nothing was changed")]
+    NoSafePoint {
+        pid: i32,
+        tries: u32,
+        last_reason: &'static str,
+    },
     #[error("remote call of {function} in process {pid} did not return within {ms} ms")]
     Timeout {
         pid: i32,

@@ -378,26 +378,32 @@ fn threads_of(pid: i32) -> Vec<i32> {
 /// Seizes some thread of `pid` stopped at a safe point.
 fn seize_at_safe_point(pid: i32, opts: &InjectOptions) -> Result<(Tracee, u32), InjectError> {
     let mut rejected = 0;
+    let mut last_reason = "no thread could be stopped";
     for _ in 0..opts.max_tries {
         let maps = maps::read_maps(Some(pid as u32))?;
         for tid in threads_of(pid) {
-            let t = match Tracee::seize(pid, tid) {
-                Ok(t) => t,
-                Err(InjectError::Ptrace { .. }) if tid != pid => continue, // thread exited
+            let attempt = Tracee::seize(pid, tid).and_then(|t| {
+                let regs = t.getregs()?;
+                Ok((t.unsafe_reason(&regs, &maps), t))
+            });
+            match attempt {
+                Ok((None, t)) => return Ok((t, rejected)),
+                Ok((Some(reason), t)) => {
+                    rejected += 1;
+                    last_reason = reason;
+                    drop(t); // detach: let it run on
+                }
+                // a thread other than the main one may have exited meanwhile
+                Err(_) if tid != pid => continue,
                 Err(e) => return Err(e),
-            };
-            let regs = t.getregs()?;
-            if t.unsafe_reason(&regs, &maps).is_none() {
-                return Ok((t, rejected));
             }
-            rejected += 1;
-            drop(t); // detach: let it run on
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     Err(InjectError::NoSafePoint {
         pid,
         tries: opts.max_tries,
+        last_reason,
     })
 }
 

@@ -451,3 +451,35 @@ fn panic_unwinding_through_a_frame_with_a_return_hook() {
     assert_eq!(fib(10), 55);
     assert_eq!(outer.returns.load(Ordering::Relaxed), 177);
 }
+
+#[test]
+fn install_many_patches_in_one_batch_and_reports_each_failure() {
+    type F = extern "C" fn(i64) -> i64;
+    let plain: F = sym("bench_plain");
+    let nop5: F = sym("bench_nop5");
+    let a = Arc::new(Counter::default());
+    let b = Arc::new(Counter::default());
+    let t = |f: &str| resolve(&target(f)).unwrap();
+    let mut set = HookSet::new();
+    let results = set.install_many(vec![
+        (
+            t("bench_plain"),
+            ProbeKind::Uprobe,
+            a.clone() as Arc<dyn ProbeHandler>,
+        ),
+        (t("bench_plain"), ProbeKind::Uretprobe, a.clone()),
+        (t("tiny"), ProbeKind::Uprobe, b.clone()),
+        (t("bench_nop5"), ProbeKind::Uprobe, b.clone()),
+    ]);
+    assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok());
+    assert!(matches!(results[2], Err(AttachError::TooShort { .. })));
+    assert_eq!(set.len(), 3);
+    assert_eq!(plain(1), 2);
+    assert_eq!(nop5(1), 2);
+    assert_eq!(a.entries.load(Ordering::Relaxed), 1);
+    assert_eq!(a.returns.load(Ordering::Relaxed), 1);
+    assert_eq!(b.entries.load(Ordering::Relaxed), 1);
+    set.detach().unwrap();
+    assert_eq!(plain(1) + nop5(1), 4);
+    assert_eq!(a.entries.load(Ordering::Relaxed), 1);
+}

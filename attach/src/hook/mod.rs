@@ -361,21 +361,6 @@ fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
     Ok(mem as u64)
 }
 
-fn commit(detour: &detour::RawDetour, enable: bool, name: &str) -> Result<(), AttachError> {
-    let mut tx = detour::Transaction::new();
-    if enable {
-        tx.enable(detour);
-    } else {
-        tx.disable(detour);
-    }
-    // SAFETY: the detour's target was pre-checked; all other threads are suspended and moved
-    // out of the patched bytes while they are written.
-    unsafe { tx.commit(detour::Threads::All) }.map_err(|source| AttachError::Detour {
-        function: name.to_string(),
-        source,
-    })
-}
-
 fn publish(list: &AtomicPtr<Handlers>, f: impl FnOnce(&mut Handlers)) {
     let old = list.load(Ordering::Acquire);
     let mut new: Handlers = if old.is_null() {
@@ -412,12 +397,7 @@ impl HookSet {
         kind: ProbeKind,
         handler: Arc<dyn ProbeHandler>,
     ) -> Result<HookId, AttachError> {
-        if kind == ProbeKind::Uretprobe && target.offset != 0 {
-            return Err(AttachError::Unpatchable {
-                function: target.display_name(),
-                reason: "a uretprobe must be at the function entry (offset 0)".into(),
-            });
-        }
+        check_kind(target, kind)?;
         // SAFETY: a resolved target is the runtime address of a function symbol of `size` bytes
         // in a file mapped by this process.
         unsafe {
@@ -430,6 +410,67 @@ impl HookSet {
                 handler,
             )
         }
+    }
+
+    /// Installs many hooks, patching all their sites in one transaction (other threads are
+    /// suspended once, not once per hook). Each request succeeds or fails on its own; if the
+    /// common transaction fails, the sites are patched one by one instead.
+    pub fn install_many(
+        &mut self,
+        requests: Vec<(ResolvedTarget, ProbeKind, Arc<dyn ProbeHandler>)>,
+    ) -> Vec<Result<HookId, AttachError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        let mut any_return = false;
+        {
+            let mut guard = registry();
+            for (target, kind, handler) in requests {
+                let r = check_kind(&target, kind).and_then(|()| {
+                    // SAFETY: as in `install`.
+                    unsafe {
+                        install_locked(
+                            &mut guard,
+                            target.address,
+                            target.size,
+                            target.offset != 0,
+                            false,
+                            &target.display_name(),
+                            kind,
+                            handler,
+                            false,
+                        )
+                    }
+                    .map(|id| (id, target.address))
+                });
+                any_return |= r.is_ok() && kind == ProbeKind::Uretprobe;
+                results.push(r);
+            }
+            let reg = guard
+                .as_mut()
+                .expect("registry initialised by install_locked");
+            let addrs: Vec<u64> = results.iter().flatten().map(|&(_, a)| a).collect();
+            if enable_sites(reg, &addrs).is_err() {
+                for r in results.iter_mut() {
+                    if let Ok((id, addr)) = *r {
+                        if let Err(e) = enable_sites(reg, &[addr]) {
+                            unpublish(reg, id);
+                            *r = Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        if any_return {
+            ensure_unwind_fixups();
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|(id, _)| {
+                    self.ids.push(id);
+                    id
+                })
+            })
+            .collect()
     }
 
     /// Installs a hook at a raw address.
@@ -459,6 +500,7 @@ impl HookSet {
                     name,
                     kind,
                     handler,
+                    true,
                 )?
             }
         };
@@ -478,18 +520,12 @@ impl HookSet {
             .position(|i| *i == id)
             .ok_or(AttachError::NoSuchHook(id.0))?;
         self.ids.swap_remove(pos);
-        remove_hook(id)
+        remove_hooks(&[id])
     }
 
-    /// Removes every hook of this set.
+    /// Removes every hook of this set, unpatching their sites in one transaction.
     pub fn detach(&mut self) -> Result<(), AttachError> {
-        let mut first_err = None;
-        for id in std::mem::take(&mut self.ids) {
-            if let Err(e) = remove_hook(id) {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        remove_hooks(&std::mem::take(&mut self.ids))
     }
 
     pub fn ids(&self) -> &[HookId] {
@@ -511,24 +547,24 @@ impl Drop for HookSet {
     }
 }
 
-fn remove_hook(id: HookId) -> Result<(), AttachError> {
+fn remove_hooks(ids: &[HookId]) -> Result<(), AttachError> {
     let mut guard = registry();
-    let reg = guard.as_mut().ok_or(AttachError::NoSuchHook(id.0))?;
-    let (addr, kind) = reg.hooks.remove(&id).ok_or(AttachError::NoSuchHook(id.0))?;
-    let entry = reg.sites.get_mut(&addr).expect("hook of a known site");
-    let list = match kind {
-        ProbeKind::Uprobe => &entry.site.entries,
-        ProbeKind::Uretprobe => &entry.site.returns,
+    let Some(reg) = guard.as_mut() else {
+        return ids
+            .first()
+            .map_or(Ok(()), |id| Err(AttachError::NoSuchHook(id.0)));
     };
-    publish(list, |l| l.retain(|(i, _)| *i != id));
-    let empty = entry.site.entries.load(Ordering::Acquire).is_null()
-        && entry.site.returns.load(Ordering::Acquire).is_null();
-    if empty && entry.enabled {
-        entry.site.enabled.store(false, Ordering::Release);
-        commit(entry.detour, false, &entry.site.name)?;
-        entry.enabled = false;
+    let mut missing = None;
+    let mut to_disable = Vec::new();
+    for &id in ids {
+        if !reg.hooks.contains_key(&id) {
+            missing.get_or_insert(AttachError::NoSuchHook(id.0));
+            continue;
+        }
+        to_disable.extend(unpublish(reg, id));
     }
-    Ok(())
+    switch_sites(reg, &to_disable, false)?;
+    missing.map_or(Ok(()), Err)
 }
 
 /// Number of currently patched sites in this process.
@@ -538,7 +574,18 @@ pub fn active_sites() -> usize {
         .map_or(0, |r| r.sites.values().filter(|s| s.enabled).count())
 }
 
-/// Installs a hook with the registry locked.
+fn check_kind(target: &ResolvedTarget, kind: ProbeKind) -> Result<(), AttachError> {
+    if kind == ProbeKind::Uretprobe && target.offset != 0 {
+        return Err(AttachError::Unpatchable {
+            function: target.display_name(),
+            reason: "a uretprobe must be at the function entry (offset 0)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Installs a hook with the registry locked; patches the site now if `enable`, else the caller
+/// does (see [`switch_sites`]).
 ///
 /// # Safety
 /// As [`HookSet::install_at`].
@@ -552,6 +599,7 @@ unsafe fn install_locked(
     name: &str,
     kind: ProbeKind,
     handler: Arc<dyn ProbeHandler>,
+    enable: bool,
 ) -> Result<HookId, AttachError> {
     let reg = guard.get_or_insert_with(|| Registry {
         sites: HashMap::new(),
@@ -610,17 +658,77 @@ unsafe fn install_locked(
         ProbeKind::Uretprobe => &entry.site.returns,
     };
     publish(list, |l| l.push((id, handler)));
-    if !entry.enabled {
-        entry.site.enabled.store(true, Ordering::Release);
-        if let Err(e) = commit(entry.detour, true, &entry.site.name) {
-            publish(list, |l| l.retain(|(i, _)| *i != id));
-            entry.site.enabled.store(false, Ordering::Release);
+    reg.hooks.insert(id, (address, kind));
+    if enable {
+        if let Err(e) = enable_sites(reg, &[address]) {
+            unpublish(reg, id);
             return Err(e);
         }
-        entry.enabled = true;
     }
-    reg.hooks.insert(id, (address, kind));
     Ok(id)
+}
+
+/// Removes hook `id` from its site's handler list; returns the site's address if the site now
+/// has no handler and is patched (to be disabled by the caller).
+fn unpublish(reg: &mut Registry, id: HookId) -> Option<u64> {
+    let (addr, kind) = reg.hooks.remove(&id)?;
+    let entry = reg.sites.get_mut(&addr).expect("hook of a known site");
+    let list = match kind {
+        ProbeKind::Uprobe => &entry.site.entries,
+        ProbeKind::Uretprobe => &entry.site.returns,
+    };
+    publish(list, |l| l.retain(|(i, _)| *i != id));
+    let empty = entry.site.entries.load(Ordering::Acquire).is_null()
+        && entry.site.returns.load(Ordering::Acquire).is_null();
+    (empty && entry.enabled).then_some(addr)
+}
+
+/// Patches (enable) or unpatches every listed site in one transaction: other threads are
+/// suspended once for all of them. All or nothing.
+fn switch_sites(reg: &mut Registry, addrs: &[u64], enable: bool) -> Result<(), AttachError> {
+    let mut addrs: Vec<u64> = addrs
+        .iter()
+        .copied()
+        .filter(|a| reg.sites.get(a).is_some_and(|e| e.enabled != enable))
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let mut tx = detour::Transaction::new();
+    for a in &addrs {
+        let e = &reg.sites[a];
+        if enable {
+            e.site.enabled.store(true, Ordering::Release);
+            tx.enable(e.detour);
+        } else {
+            e.site.enabled.store(false, Ordering::Release);
+            tx.disable(e.detour);
+        }
+    }
+    // SAFETY: every target was pre-checked; all other threads are suspended and moved out of
+    // the patched bytes while they are written; on error nothing stays applied.
+    let r = unsafe { tx.commit(detour::Threads::All) };
+    for a in &addrs {
+        let e = reg.sites.get_mut(a).expect("listed site");
+        match r {
+            Ok(()) => e.enabled = enable,
+            Err(_) => e.site.enabled.store(e.enabled, Ordering::Release),
+        }
+    }
+    r.map_err(|source| AttachError::Detour {
+        function: addrs
+            .iter()
+            .map(|a| reg.sites[a].site.name.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+        source,
+    })
+}
+
+fn enable_sites(reg: &mut Registry, addrs: &[u64]) -> Result<(), AttachError> {
+    switch_sites(reg, addrs, true)
 }
 
 struct NoopHandler;
@@ -657,6 +765,7 @@ fn ensure_unwind_fixups() {
                     &t.display_name(),
                     ProbeKind::Uprobe,
                     Arc::new(NoopHandler),
+                    true,
                 )
             };
             if let Err(e) = r {
