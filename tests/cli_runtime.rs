@@ -62,7 +62,11 @@ impl Loader {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let status = self.child.wait().unwrap();
         let out = output(&["unload", &self.object]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         status
     }
 }
@@ -143,7 +147,14 @@ fn load_start_maps_diff_unload() {
         return;
     }
     let loader = Loader::start("hash_counter", &[]);
-    assert!(loader.lines.iter().any(|l| l.contains("verified by the kernel")), "{:?}", loader.lines);
+    assert!(
+        loader
+            .lines
+            .iter()
+            .any(|l| l.contains("verified by the kernel")),
+        "{:?}",
+        loader.lines
+    );
     let out = bpftime()
         .args(["start", "--object", "hash_counter", "--"])
         .arg(victim_path())
@@ -159,13 +170,21 @@ fn load_start_maps_diff_unload() {
     assert_eq!(&map_entries("hash_counter", "calls_by_arg"), expected);
     // The forwarder catches up: the kernel mirror, bpftool and --diff agree.
     wait_for("the kernel mirror", || {
-        output(&["maps", "--diff", "hash_counter/calls_by_arg"]).status.success()
+        output(&["maps", "--diff", "hash_counter/calls_by_arg"])
+            .status
+            .success()
     });
     let diff = output(&["maps", "--diff", "calls_by_arg"]);
     assert!(String::from_utf8_lossy(&diff.stdout).contains("7 equal, 0 different"));
     let table = String::from_utf8_lossy(&output(&["maps"]).stdout).into_owned();
-    let row = table.lines().find(|l| l.starts_with("hash_counter/calls_by_arg")).unwrap();
-    assert!(row.contains("/sys/fs/bpf/bpftime-rs/hash_counter/calls_by_arg"), "{row}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("hash_counter/calls_by_arg"))
+        .unwrap();
+    assert!(
+        row.contains("/sys/fs/bpf/bpftime-rs/hash_counter/calls_by_arg"),
+        "{row}"
+    );
     assert!(loader.stop().success());
     assert!(!std::path::Path::new("/dev/shm/bpftime-rs.hash_counter.shm").exists());
 }
@@ -182,7 +201,11 @@ fn attach_to_a_sleeping_process_then_detach() {
     let pid = child.id().to_string();
     // Tests run in parallel: name the object, or every loaded one would be attached.
     let out = output(&["attach", &pid, "--object", "array_counters"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("ok array_counters/sum_by_bucket"));
     finish(child);
     let expected = &model::expected("array_counters", 2000)["sums"];
@@ -192,11 +215,21 @@ fn attach_to_a_sleeping_process_then_detach() {
     let child = victim(2000);
     std::thread::sleep(Duration::from_millis(100));
     let pid = child.id().to_string();
-    assert!(output(&["attach", &pid, "--object", "array_counters"]).status.success());
+    assert!(output(&["attach", &pid, "--object", "array_counters"])
+        .status
+        .success());
     let out = output(&["detach", &pid]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     finish(child);
-    assert_eq!(&map_entries("array_counters", "sums"), expected, "no probe ran after detach");
+    assert_eq!(
+        &map_entries("array_counters", "sums"),
+        expected,
+        "no probe ran after detach"
+    );
     loader.stop();
 }
 
@@ -210,18 +243,35 @@ fn unknown_symbol_and_faulting_program_leave_the_target_running() {
     assert!(out.status.success(), "the target runs on");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no_such_function"), "{stderr}");
-    assert!(stderr.contains("victim"), "the error names the file: {stderr}");
+    assert!(
+        stderr.contains("victim"),
+        "the error names the file: {stderr}"
+    );
     loader.stop();
 
     let loader = Loader::start("faulty", &["--no-sync", "--no-verify"]);
-    assert!(loader.lines.iter().any(|l| l.contains("Interpreter")), "{:?}", loader.lines);
+    assert!(
+        loader.lines.iter().any(|l| l.contains("Interpreter")),
+        "{:?}",
+        loader.lines
+    );
     let out = start_victim("faulty", 100);
-    assert!(out.status.success(), "a faulting probe never crashes the target");
+    assert!(
+        out.status.success(),
+        "a faulting probe never crashes the target"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("deref_argument"), "the fault is reported: {stderr}");
+    assert!(
+        stderr.contains("deref_argument"),
+        "the fault is reported: {stderr}"
+    );
     let bss = map_entries("faulty", ".bss");
-    assert_eq!(bss[0].1, 100u64.to_le_bytes().to_vec(), "the program ran on every call");
+    assert_eq!(
+        bss[0].1,
+        100u64.to_le_bytes().to_vec(),
+        "the program ran on every call"
+    );
     loader.stop();
 }
 
@@ -236,14 +286,33 @@ fn run_prints_r0_and_errors_name_what_is_wrong() {
     let object = object.to_str().unwrap();
     let ctx = ctx.to_str().unwrap();
     for vm in [&[][..], &["--no-jit"][..]] {
-        let out = output(&[&["run", object, "--program", "mix_args", "--ctx", ctx][..], vm].concat());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = output(
+            &[
+                &["run", object, "--program", "mix_args", "--ctx", ctx][..],
+                vm,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "r0 = 0");
     }
     let out = output(&["run", object, "--program", "nope", "--ctx", ctx]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no program named nope"));
-    let out = output(&["run", object, "--program", "mix_args", "--ctx", ctx, "--vm", "rbpf"]);
+    let out = output(&[
+        "run",
+        object,
+        "--program",
+        "mix_args",
+        "--ctx",
+        ctx,
+        "--vm",
+        "rbpf",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("rbpf cannot run instruction"), "{stderr}");

@@ -136,9 +136,18 @@ fn main() {
 
     println!("\n| sync measure | value |");
     println!("|---|---:|");
-    println!("| lag write -> kernel mirror, p50 | {:.1?} |", percentile(&lags, 0.5));
-    println!("| lag write -> kernel mirror, p99 | {:.1?} |", percentile(&lags, 0.99));
-    println!("| sustained synced keys/s (1 writer thread, distinct keys) | {:.0} |", synced as f64 / seconds);
+    println!(
+        "| lag write -> kernel mirror, p50 | {:.1?} |",
+        percentile(&lags, 0.5)
+    );
+    println!(
+        "| lag write -> kernel mirror, p99 | {:.1?} |",
+        percentile(&lags, 0.99)
+    );
+    println!(
+        "| sustained synced keys/s (1 writer thread, distinct keys) | {:.0} |",
+        synced as f64 / seconds
+    );
     println!("| hash lookup, tracking on (marks the entry) | {on:.1} ns |");
     println!("| hash lookup, tracking off | {off:.1} ns |");
     println!("| tracking cost per lookup | {:.1} ns |", on - off);

@@ -275,7 +275,9 @@ impl Forwarder {
             }
             for key in stale {
                 // Not in `last_sent` (cleared above), but the kernel holds it: delete it.
-                self.maps[index].last_sent.insert(key.clone(), Some(Vec::new()));
+                self.maps[index]
+                    .last_sent
+                    .insert(key.clone(), Some(Vec::new()));
                 sent += self.forward(index, key, None)? as usize;
             }
         }

@@ -46,8 +46,11 @@ pub fn victim_path() -> PathBuf {
 /// list their records in order, keyed by their index.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub maps: BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>,
+    pub maps: BTreeMap<String, Entries>,
 }
+
+/// A map's `(key, value)` pairs.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Sums per-CPU values word by word (u64 little endian).
 pub fn sum_per_cpu(values: &[Vec<u8>]) -> Vec<u8> {
@@ -135,7 +138,7 @@ pub fn run_command(command: &mut Command) -> Result<String> {
     Ok(stdout)
 }
 
-fn dump(data: &MapData, per_cpu: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+fn dump(data: &MapData, per_cpu: bool) -> Result<Entries> {
     let id = data.info()?.id();
     let handle = MapHandle::from_map_id(id).context("opening the map by id")?;
     let mut out = Vec::new();
@@ -157,7 +160,7 @@ fn dump(data: &MapData, per_cpu: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-fn ring_records(mut ring: RingBuf<MapData>) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn ring_records(mut ring: RingBuf<MapData>) -> Entries {
     let mut out = Vec::new();
     while let Some(record) = ring.next() {
         out.push(((out.len() as u32).to_le_bytes().to_vec(), record.to_vec()));

@@ -27,7 +27,7 @@ fn mix(a: u64, b: u64) -> u64 {
     h
 }
 
-type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+use crate::Entries;
 
 fn sorted(map: BTreeMap<Vec<u8>, Vec<u8>>) -> Entries {
     map.into_iter().collect()

@@ -22,10 +22,13 @@ use bpftime_sync::{Forwarder, SyncOptions};
 fn agent_path() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    [deps.join("libbpftime_agent.so"), deps.parent().unwrap().join("libbpftime_agent.so")]
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("libbpftime_agent.so is built with the tests")
+    [
+        deps.join("libbpftime_agent.so"),
+        deps.parent().unwrap().join("libbpftime_agent.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libbpftime_agent.so is built with the tests")
 }
 
 struct Cleanup(String);
@@ -98,11 +101,17 @@ fn forward(forwarder: Forwarder, stop: Arc<AtomicBool>) -> std::thread::JoinHand
 }
 
 fn assert_mirrors_equal(segment: &str, shm: &ShmObject, forwarder: &mut Forwarder) {
-    assert!(forwarder.run_until_idle(Duration::from_secs(60)).unwrap(), "forwarder idle");
+    assert!(
+        forwarder.run_until_idle(Duration::from_secs(60)).unwrap(),
+        "forwarder idle"
+    );
     for map in ["hits", "per_thread"] {
         let user = user_entries(shm, map);
         let kernel = kernel_entries(segment, map);
-        assert_eq!(user, kernel, "map {map}: kernel mirror equals userspace, entry by entry");
+        assert_eq!(
+            user, kernel,
+            "map {map}: kernel mirror equals userspace, entry by entry"
+        );
     }
 }
 
@@ -115,8 +124,12 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
     let _cleanup = Cleanup(segment.clone());
     let _ = remove_object(&segment);
     let _ = remove_object_pins(&segment);
-    let loaded = LoadedObject::load(&object_path("sync_counter"), Some(&segment), LoadOptions::default())
-        .expect("loading sync_counter");
+    let loaded = LoadedObject::load(
+        &object_path("sync_counter"),
+        Some(&segment),
+        LoadOptions::default(),
+    )
+    .expect("loading sync_counter");
     assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
     let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -138,7 +151,11 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
     let hits = user_entries(&loaded.shm, "hits");
     assert_eq!(sum(&hits), 1_000_000, "every call counted exactly once");
     assert_eq!(hits.len(), 64);
-    assert_eq!(user_entries(&loaded.shm, "per_thread").len(), 32, "4 processes x 8 threads");
+    assert_eq!(
+        user_entries(&loaded.shm, "per_thread").len(),
+        32,
+        "4 processes x 8 threads"
+    );
     read_with_a_users_kernel_program(&segment, &hits);
     for (name, c) in forwarder.counters() {
         println!(
@@ -170,10 +187,21 @@ fn read_with_a_users_kernel_program(segment: &str, hits: &BTreeMap<Vec<u8>, Vec<
                 ..Default::default()
             })
             .expect("running read_hit");
-        assert_eq!(u32::from_le_bytes(args[4..8].try_into().unwrap()), 1, "key {key:?} found");
-        assert_eq!(&args[8..16], &value[..], "the kernel program reads the synced value");
+        assert_eq!(
+            u32::from_le_bytes(args[4..8].try_into().unwrap()),
+            1,
+            "key {key:?} found"
+        );
+        assert_eq!(
+            &args[8..16],
+            &value[..],
+            "the kernel program reads the synced value"
+        );
     }
-    println!("a kernel program reading {} pinned by name saw every synced count", pin_root.display());
+    println!(
+        "a kernel program reading {} pinned by name saw every synced count",
+        pin_root.display()
+    );
 }
 
 #[test]
@@ -185,8 +213,12 @@ fn killed_target_and_restarted_forwarder_lose_nothing() {
     let _cleanup = Cleanup(segment.clone());
     let _ = remove_object(&segment);
     let _ = remove_object_pins(&segment);
-    let loaded = LoadedObject::load(&object_path("sync_counter"), Some(&segment), LoadOptions::default())
-        .expect("loading sync_counter");
+    let loaded = LoadedObject::load(
+        &object_path("sync_counter"),
+        Some(&segment),
+        LoadOptions::default(),
+    )
+    .expect("loading sync_counter");
     let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let forwarding = forward(forwarder, Arc::clone(&stop));
@@ -210,7 +242,10 @@ fn killed_target_and_restarted_forwarder_lose_nothing() {
     assert_mirrors_equal(&segment, &loaded.shm, &mut forwarder);
     let total = sum(&user_entries(&loaded.shm, "hits"));
     println!("after kill -9 and restart: {total} calls counted, kernel mirrors equal");
-    assert!(total >= 4 * 200_000, "the survivor's calls are all there ({total})");
+    assert!(
+        total >= 4 * 200_000,
+        "the survivor's calls are all there ({total})"
+    );
     for (name, c) in forwarder.counters() {
         assert_eq!((c.failed, c.pending), (0, 0), "{name}");
     }

@@ -45,10 +45,13 @@ enum Drive {
 fn agent_path() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
-    [deps.join("libbpftime_agent.so"), deps.parent().unwrap().join("libbpftime_agent.so")]
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("libbpftime_agent.so is built with the tests")
+    [
+        deps.join("libbpftime_agent.so"),
+        deps.parent().unwrap().join("libbpftime_agent.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libbpftime_agent.so is built with the tests")
 }
 
 fn run_agent_victim(segment: &str) -> Result<(), String> {
@@ -61,7 +64,8 @@ fn run_agent_victim(segment: &str) -> Result<(), String> {
             .env("BPFTIME_AGENT_CONFIG", &config),
     )
     .map_err(|e| format!("{e:#}"));
-    let status = std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
     let _ = std::fs::remove_file(&config);
     result?;
     if status.lines().any(|l| l.starts_with("error")) || !status.contains("ok ") {
@@ -152,7 +156,11 @@ fn every_example_matches_the_kernel_on_every_vm() {
     for example in EXAMPLES {
         let kernel = run_kernel(example, ROUNDS).unwrap_or_else(|e| panic!("{example}: {e:#}"));
         for (map, expected) in model::expected(example, ROUNDS) {
-            assert_eq!(kernel.maps.get(&map), Some(&expected), "{example}: kernel map {map}");
+            assert_eq!(
+                kernel.maps.get(&map),
+                Some(&expected),
+                "{example}: kernel map {map}"
+            );
         }
         let vms = [
             ("jit", VmChoice::Ours, false, Drive::Contexts),
@@ -180,7 +188,10 @@ fn every_example_matches_the_kernel_on_every_vm() {
                     println!("{example}: userspace ({tag}) == kernel");
                 }
                 Err(why) if vm == VmChoice::Rbpf => {
-                    assert!(why.contains("rbpf cannot run instruction"), "{example}: {why}");
+                    assert!(
+                        why.contains("rbpf cannot run instruction"),
+                        "{example}: {why}"
+                    );
                     rbpf_refusals.insert(*example, why);
                 }
                 Err(why) => panic!("{example} on {tag}: {why}"),

@@ -634,6 +634,7 @@ impl RuntimeHelpers {
         let map_set = Some(self.map_set);
         // SAFETY: the caller's contract; `map_set` is what `Helpers::map_set_id` returns.
         let r = unsafe { jit.run_with_map_set(args, &mut mem, self, map_set) };
+        mem.release();
         self.end_run();
         // Rebuilt rather than moved: moving the 40-byte `Result` kept across `end_run` was a
         // wide copy of narrow stores (a store-forwarding stall, ~3 ns on every run).

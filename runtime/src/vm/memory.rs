@@ -77,6 +77,16 @@ impl<'a> MemoryMap<'a> {
         }
     }
 
+    /// Drops the map; inline and without a call when it never allocated (the JIT's map of a
+    /// run whose helpers registered nothing, i.e. nearly every run).
+    #[inline]
+    pub fn release(self) {
+        if self.regions.capacity() == 0 && self.owners.0.capacity() == 0 {
+            // Nothing on the heap and nothing else to drop: skipping the destructor is exact.
+            std::mem::forget(self);
+        }
+    }
+
     /// Ends the map, keeping its storage (emptied: every region unregistered, every owner
     /// released) for [`from_buffers`](Self::from_buffers).
     pub fn into_buffers(mut self) -> MemoryBuffers {
