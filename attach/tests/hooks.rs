@@ -483,3 +483,81 @@ fn install_many_patches_in_one_batch_and_reports_each_failure() {
     assert_eq!(plain(1) + nop5(1), 4);
     assert_eq!(a.entries.load(Ordering::Relaxed), 1);
 }
+
+const CXX_LIB: &str = r#"
+#include <stdexcept>
+#define NI __attribute__((noinline))
+extern "C" NI long cxx_inner(long x) {
+    if (x > 0) throw std::runtime_error("boom");
+    volatile long y = x;
+    return y - 1;
+}
+extern "C" NI long cxx_middle(long x) {
+    long r = cxx_inner(x);
+    __asm__ volatile("" : "+r"(r));
+    return r + 10;
+}
+extern "C" NI long cxx_catcher(long x) {
+    try {
+        return cxx_middle(x);
+    } catch (const std::exception &) {
+        return 1000;
+    }
+}
+"#;
+
+#[test]
+fn cxx_exception_through_frames_with_return_hooks() {
+    let dir = common::temp_dir("cxx");
+    let src = dir.join("cxx.cc");
+    std::fs::write(&src, CXX_LIB).unwrap();
+    let so = dir.join("libcxxvictim.so");
+    let st = std::process::Command::new("c++")
+        .args(["-O2", "-shared", "-fPIC", "-fcf-protection=none", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .expect("c++");
+    assert!(st.success());
+    let c = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: dlopen/dlsym of a library just built; the symbol has this signature.
+    let catcher: extern "C" fn(i64) -> i64 = unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW);
+        assert!(!h.is_null());
+        let p = libc::dlsym(h, c"cxx_catcher".as_ptr());
+        assert!(!p.is_null());
+        std::mem::transmute::<*mut libc::c_void, extern "C" fn(i64) -> i64>(p)
+    };
+    let c_in = Arc::new(Counter::default());
+    let c_mid = Arc::new(Counter::default());
+    let c_catch = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    for (f, h) in [
+        ("cxx_inner", &c_in),
+        ("cxx_middle", &c_mid),
+        ("cxx_catcher", &c_catch),
+    ] {
+        let t = resolve(&format!("libcxxvictim.so:{f}")).unwrap();
+        set.install(&t, ProbeKind::Uprobe, h.clone()).unwrap();
+        set.install(&t, ProbeKind::Uretprobe, h.clone()).unwrap();
+    }
+    for _ in 0..100 {
+        assert_eq!(
+            catcher(1),
+            1000,
+            "thrown through two hooked frames and caught"
+        );
+        assert_eq!(catcher(0), 9, "normal path");
+    }
+    assert_eq!(c_in.entries.load(Ordering::Relaxed), 200);
+    assert_eq!(
+        c_in.returns.load(Ordering::Relaxed),
+        100,
+        "normal returns only"
+    );
+    assert_eq!(c_mid.returns.load(Ordering::Relaxed), 100);
+    // the catcher's own frame is below the throw: its pending return was given back to the
+    // unwinder too, so only the non-throwing calls report a return
+    assert_eq!(c_catch.entries.load(Ordering::Relaxed), 200);
+    assert_eq!(c_catch.returns.load(Ordering::Relaxed), 100);
+}

@@ -27,6 +27,7 @@
 //!   stub while a return hook is pending; coroutine switches (`swapcontext`) between a hooked
 //!   entry and its return are not supported for return hooks.
 
+mod callfix;
 mod stub;
 mod thread;
 
@@ -642,6 +643,8 @@ unsafe fn install_locked(
                 }
             }
         };
+        // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
+        unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
         site.trampoline
             .store(det.trampoline() as u64, Ordering::Release);
         slot.insert(SiteEntry {
@@ -752,7 +755,14 @@ fn ensure_unwind_fixups() {
     }
     DONE.store(true, Ordering::Release);
     for f in ["_Unwind_RaiseException", "_Unwind_ForcedUnwind"] {
-        if let Ok(t) = res.resolve(&format!("libgcc_s.so.1:{f}")) {
+        let t = match res.resolve(&format!("libgcc_s.so.1:{f}")) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("bpftime-attach: {e} (exceptions through uretprobe frames will abort)");
+                continue;
+            }
+        };
+        {
             let mut guard = registry();
             // SAFETY: a resolved function entry of a mapped library.
             let r = unsafe {

@@ -8,7 +8,7 @@
 //! are otherwise known to touch only valid memory).
 //!
 //! # Map fast paths
-//! Helper calls normally go through [`helper_trampoline`] into the stateful [`Helpers`] (a dyn
+//! Helper calls normally go through `helper_trampoline` into the stateful [`Helpers`] (a dyn
 //! call, a `catch_unwind`, a [`CallContext`], a match on the id): ~10 ns per call, as much as the
 //! map operation itself. The kernel avoids this because its verifier knows which map each call
 //! site uses. Given a [`JitMapResolver`] (see [`Program::with_jit_maps`]), the JIT does the
@@ -334,15 +334,17 @@ pub struct JitProgram {
     /// Native entry of each instruction that starts a function (for `callx` and callbacks);
     /// 0 elsewhere.
     func_table: Box<[u64]>,
-    /// The resolver the map fast paths were compiled against: keeps the map memory and
-    /// handles their code points at alive.
+    /// The resolver the map fast paths were compiled against: keeps alive the map memory and
+    /// the map handles that the generated code points at.
     _maps: Option<Arc<dyn JitMapResolver>>,
     /// `_maps`' [`JitMapResolver::map_set_id`].
     map_set: Option<u64>,
 }
 
 // SAFETY: the code mapping is immutable (read+execute) after `compile` and the function table is
-// never written after it; sharing them between threads is sound.
+// never written after it; sharing them between threads is sound. The map fast paths in the code
+// reach shared-memory maps built for concurrent use (from many processes), through handles that
+// `_maps` (`Send + Sync`) keeps alive.
 unsafe impl Send for JitProgram {}
 // SAFETY: as above, no interior mutability.
 unsafe impl Sync for JitProgram {}

@@ -11,7 +11,9 @@
 //!   [`VmError::MemoryFault`] naming the instruction and the address.
 //! * [`jit::JitProgram`] (via [`Program::jit`]) is the x86_64 JIT for verified programs:
 //!   unchecked memory access, per-frame native stacks, helpers through a trampoline into the
-//!   same [`Helpers`].
+//!   same [`Helpers`], except map lookups/updates/deletes on maps known at JIT time, which call
+//!   the map directly or are inlined (ARRAY lookups; see [`jit`]'s map fast paths and
+//!   [`Program::with_jit_maps`]).
 //! * Helpers: implement [`Helpers`] (stateful, `&mut self`), or use a [`HelperTable`] of
 //!   closures. A helper can read program memory and register regions through its
 //!   [`CallContext`], request a tail call with [`CallContext::tail_call`], and run a BPF

@@ -180,9 +180,11 @@ impl Program {
     }
 
     /// Let the JIT call the maps that `resolver` resolves directly (see the map fast paths in
-    /// [`super::jit`]). Set before the first [`jit`](Self::jit).
+    /// [`super::jit`]). A JIT image compiled before is dropped (the next [`jit`](Self::jit)
+    /// compiles against `resolver`).
     pub fn with_jit_maps(mut self, resolver: Arc<dyn JitMapResolver>) -> Self {
         self.jit_maps = Some(resolver);
+        self.jit = OnceLock::new();
         self
     }
 
