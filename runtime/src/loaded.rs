@@ -271,7 +271,8 @@ impl LoadedObject {
                 spec.bytecode()
             };
             // A program this VM cannot run is refused alone; the others still load.
-            let program = match compile(&object.name, &spec.name, &spec.section, &bytes, kind, &shm) {
+            let program = match compile(&object.name, &spec.name, &spec.section, &bytes, kind, &shm)
+            {
                 Ok(program) => program,
                 Err(e) => {
                     refused.push((spec.name.clone(), error_chain(&e)));
