@@ -133,6 +133,9 @@ struct Producer {
 struct DrainerState {
     stop: bool,
     kicked: bool,
+    /// Set by [`Bridge::pause_drain`]: records queue up (and senders wait once the ring is
+    /// full) until [`Bridge::resume_drain`].
+    paused: bool,
     error: Option<String>,
 }
 
@@ -346,6 +349,19 @@ impl Bridge {
         self.shared.work.notify_one();
     }
 
+    /// Stops draining: records stay in the ring and, once it is full, `send` waits. For
+    /// maintenance windows and for tests of backpressure.
+    pub fn pause_drain(&self) {
+        self.shared.state.lock().paused = true;
+    }
+
+    /// Drains again after [`Bridge::pause_drain`].
+    pub fn resume_drain(&self) {
+        let mut state = self.shared.state.lock();
+        state.paused = false;
+        self.shared.work.notify_one();
+    }
+
     /// Waits until every update sent before this call is confirmed (applied or failed).
     pub fn flush(&self, timeout: Duration) -> Result<BridgeCounters, BridgeError> {
         let target = self.shared.sent.load(Ordering::SeqCst);
@@ -432,6 +448,10 @@ fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
             let mut state = shared.state.lock();
             loop {
                 let pending = shared.sent.load(Ordering::SeqCst) > consumed;
+                if state.paused && !state.stop {
+                    shared.work.wait_for(&mut state, Duration::from_millis(100));
+                    continue;
+                }
                 if pending || state.kicked {
                     state.kicked = false;
                     break;

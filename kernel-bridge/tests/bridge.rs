@@ -187,7 +187,8 @@ fn full_ring_waits_and_loses_nothing() {
         return;
     }
     let _unpin = Unpin("test_backpressure");
-    // 4 threads x 3,000 records of 4 KiB = 48 MiB through an 8 MiB ring: senders must wait.
+    // 4 threads x 3,000 records of 4 KiB = 48 MiB through an 8 MiB ring. The drain is paused
+    // until the senders have found the ring full, so the wait is certain, not a race.
     let bridge = Arc::new(Bridge::new().unwrap());
     let id = bridge
         .create_fresh_map(desc(
@@ -199,6 +200,7 @@ fn full_ring_waits_and_loses_nothing() {
             12_000,
         ))
         .unwrap();
+    bridge.pause_drain();
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let bridge = Arc::clone(&bridge);
@@ -213,6 +215,21 @@ fn full_ring_waits_and_loses_nothing() {
             })
         })
         .collect();
+    let deadline = std::time::Instant::now() + FLUSH;
+    while bridge.counters().full_waits == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ring never filled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let queued = bridge.counters();
+    assert_eq!(queued.applied, 0, "nothing drains while paused");
+    assert!(
+        queued.sent < 12_000,
+        "senders wait for space instead of dropping"
+    );
+    bridge.resume_drain();
     for thread in threads {
         thread.join().unwrap();
     }
@@ -222,7 +239,6 @@ fn full_ring_waits_and_loses_nothing() {
         (12_000, 12_000, 0)
     );
     println!("senders waited for space {} times", counters.full_waits);
-    assert!(counters.full_waits > 0, "the ring filled up at least once");
     let entries = bridge.mirror(id).unwrap().entries().unwrap();
     assert_eq!(entries.len(), 12_000);
     for entry in entries {

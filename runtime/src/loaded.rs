@@ -250,6 +250,15 @@ impl LoadedObject {
                 shm
             }
         };
+        // `bpftime-rs maps` (another process) formats entries with the object's BTF types.
+        let btf_path = map_btf_path(&segment);
+        let saved =
+            std::fs::create_dir_all(btf_path.parent().expect("has a parent")).and_then(|()| {
+                crate::object::btf_format::MapBtfInfo::from_object(&object).save(&btf_path)
+            });
+        if let Err(e) = saved {
+            tracing::warn!("cannot save map types to {}: {e}", btf_path.display());
+        }
         let kind = options.vm_kind();
         let mut programs = Vec::new();
         let mut refused = Vec::new();
@@ -346,6 +355,11 @@ impl LoadedObject {
     pub fn helpers(&self) -> Result<RuntimeHelpers, LoadError> {
         helpers_for(&self.shm, &self.programs)
     }
+}
+
+/// Where `load` keeps the BTF descriptions of a segment's map keys and values.
+pub fn map_btf_path(segment: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/bpftime-rs").join(format!("{segment}.maps-btf.json"))
 }
 
 /// An error with its sources, for messages kept as text.

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use bpftime_kernel_bridge::mirror::{list_pinned, pin_path, Mirror};
+use bpftime_runtime::loaded::map_btf_path;
 use bpftime_runtime::maps::{list_segments, sync_slot, EntryValue, MapHandle, ShmObject};
+use bpftime_runtime::object::btf_format::MapBtfInfo;
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
@@ -239,13 +241,56 @@ fn user_entries(user: &MapHandle) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
         .collect()
 }
 
+/// Adds bpftool's `formatted` object when the loader saved the map's BTF types (per-CPU maps:
+/// one formatted value per CPU).
+fn with_formatted(
+    mut entry: Value,
+    btf: Option<&MapBtfInfo>,
+    map: &str,
+    key: &[u8],
+    values: &[Vec<u8>],
+    per_cpu: bool,
+) -> Value {
+    let Some(btf) = btf else {
+        return entry;
+    };
+    let parts: Vec<Value> = values
+        .iter()
+        .filter_map(|v| btf.format_entry(map, key, v))
+        .collect();
+    if parts.len() != values.len() || parts.is_empty() {
+        return entry;
+    }
+    entry["formatted"] = if per_cpu {
+        let values: Vec<Value> = parts
+            .iter()
+            .enumerate()
+            .map(|(cpu, p)| json!({ "cpu": cpu, "value": p["value"] }))
+            .collect();
+        json!({ "key": parts[0]["key"], "values": values })
+    } else {
+        parts[0].clone()
+    };
+    entry
+}
+
 fn row_json(row: &Row) -> Result<Value> {
     let (kind, key_size, value_size, max_entries) = row.shape();
     let per_cpu = kind.contains("percpu");
+    let btf = MapBtfInfo::load(map_btf_path(&row.object)).ok();
     let entries: Vec<Value> = match (&row.user, &row.mirror) {
         (Some(user), _) => user_entries(user)
             .iter()
-            .map(|(k, v)| entry_json(k, v, per_cpu))
+            .map(|(k, v)| {
+                with_formatted(
+                    entry_json(k, v, per_cpu),
+                    btf.as_ref(),
+                    &row.name,
+                    k,
+                    v,
+                    per_cpu,
+                )
+            })
             .collect(),
         (None, Some(mirror)) => mirror
             .entries()

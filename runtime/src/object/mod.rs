@@ -21,6 +21,7 @@
 //! pc-relative `imm`; callbacks are `lddw` with `src = BPF_PSEUDO_FUNC` and a pc-relative `imm`.
 
 pub mod btf;
+pub mod btf_format;
 pub mod core;
 mod elf;
 pub mod section;
