@@ -363,7 +363,7 @@ pub fn map_btf_path(segment: &str) -> std::path::PathBuf {
 }
 
 /// An error with its sources, for messages kept as text.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

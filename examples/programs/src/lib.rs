@@ -31,6 +31,25 @@ pub fn object_path(example: &str) -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join(format!("{example}.bpf.o"))
 }
 
+/// The agent library cargo built for the running test or bench: as a dependency it stays in
+/// `deps/`, beside the test binary (`target/<profile>/` only has it after building the agent
+/// package itself).
+pub fn agent_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe dir").to_path_buf();
+    let profile = deps
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| deps.clone());
+    [
+        deps.join("libbpftime_agent.so"),
+        profile.join("libbpftime_agent.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libbpftime_agent.so is built with the tests (dev-dependency bpftime-agent)")
+}
+
 /// Path of the multi-threaded victim (`victim_mt THREADS CALLS`, starts on a line of stdin).
 pub fn victim_mt_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim_mt")

@@ -11,25 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bpftime_example_programs::{object_path, victim_mt_path};
+use bpftime_example_programs::{agent_library, object_path, victim_mt_path};
 use bpftime_kernel_bridge::mirror::{pin_path, remove_object_pins};
 use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::Mirror;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
 use bpftime_runtime::maps::{remove_object, EntryValue, ShmObject};
 use bpftime_sync::{Forwarder, SyncOptions};
-
-fn agent_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [
-        deps.join("libbpftime_agent.so"),
-        deps.parent().unwrap().join("libbpftime_agent.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libbpftime_agent.so is built with the tests")
-}
 
 struct Cleanup(String);
 
@@ -49,7 +37,7 @@ fn spawn_victim(segment: &str, threads: u32, calls: u64) -> Child {
     std::fs::write(&config, format!("object {segment}\n")).unwrap();
     Command::new(victim_mt_path())
         .args([threads.to_string(), calls.to_string()])
-        .env("LD_PRELOAD", agent_path())
+        .env("LD_PRELOAD", agent_library())
         .env("BPFTIME_AGENT_CONFIG", &config)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -115,18 +103,22 @@ fn assert_mirrors_equal(segment: &str, shm: &ShmObject, forwarder: &mut Forwarde
     }
 }
 
-#[test]
-fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
-    if !require_kernel("four_targets_eight_threads_one_million_calls_reach_the_kernel") {
-        return;
-    }
-    let segment = "test-sync-mt".to_string();
-    let _cleanup = Cleanup(segment.clone());
-    let _ = remove_object(&segment);
-    let _ = remove_object_pins(&segment);
+/// What `bpftime-rs load` does: `sync_counter.bpf.o` into a fresh segment, and its forwarder
+/// running on a thread until the returned flag is set.
+fn load_and_forward(
+    segment: &str,
+) -> (
+    Cleanup,
+    LoadedObject,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Forwarder>,
+) {
+    let cleanup = Cleanup(segment.to_string());
+    let _ = remove_object(segment);
+    let _ = remove_object_pins(segment);
     let loaded = LoadedObject::load(
         &object_path("sync_counter"),
-        Some(&segment),
+        Some(segment),
         LoadOptions::default(),
     )
     .expect("loading sync_counter");
@@ -134,6 +126,16 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
     let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let forwarding = forward(forwarder, Arc::clone(&stop));
+    (cleanup, loaded, stop, forwarding)
+}
+
+#[test]
+fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
+    if !require_kernel("four_targets_eight_threads_one_million_calls_reach_the_kernel") {
+        return;
+    }
+    let segment = "test-sync-mt".to_string();
+    let (_cleanup, loaded, stop, forwarding) = load_and_forward(&segment);
 
     // 4 processes x 8 threads x 31,250 calls = 1,000,000 calls.
     let mut victims: Vec<Child> = (0..4).map(|_| spawn_victim(&segment, 8, 31_250)).collect();
@@ -210,18 +212,7 @@ fn killed_target_and_restarted_forwarder_lose_nothing() {
         return;
     }
     let segment = "test-sync-fault".to_string();
-    let _cleanup = Cleanup(segment.clone());
-    let _ = remove_object(&segment);
-    let _ = remove_object_pins(&segment);
-    let loaded = LoadedObject::load(
-        &object_path("sync_counter"),
-        Some(&segment),
-        LoadOptions::default(),
-    )
-    .expect("loading sync_counter");
-    let (forwarder, _) = Forwarder::start(&loaded.shm, SyncOptions::default()).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let forwarding = forward(forwarder, Arc::clone(&stop));
+    let (_cleanup, loaded, stop, forwarding) = load_and_forward(&segment);
 
     let mut survivor = spawn_victim(&segment, 4, 200_000);
     let mut doomed = spawn_victim(&segment, 4, 50_000_000);

@@ -10,22 +10,10 @@ use bpftime_example_programs::{
     EXAMPLES,
 };
 use bpftime_kernel_bridge::testing::require_kernel;
-use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
+use bpftime_runtime::loaded::{error_chain, LoadOptions, LoadedObject, VmChoice};
 use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer};
 
 const ROUNDS: u32 = 2000;
-
-/// An error with its whole source chain.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
 
 fn function_of(attach_target: &str) -> &str {
     attach_target.rsplit(':').next().unwrap_or_default()
@@ -40,27 +28,13 @@ enum Drive {
     Agent,
 }
 
-/// The agent library cargo built for this test (as a dependency it lands in `deps/`, next to
-/// the test binary; `target/<profile>/` only has it after a build of the agent package itself).
-fn agent_path() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [
-        deps.join("libbpftime_agent.so"),
-        deps.parent().unwrap().join("libbpftime_agent.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libbpftime_agent.so is built with the tests")
-}
-
 fn run_agent_victim(segment: &str) -> Result<(), String> {
     let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
     std::fs::write(&config, format!("object {segment}\n")).map_err(|e| e.to_string())?;
     let result = bpftime_example_programs::run_command(
         std::process::Command::new(bpftime_example_programs::victim_path())
             .arg(ROUNDS.to_string())
-            .env("LD_PRELOAD", agent_path())
+            .env("LD_PRELOAD", bpftime_example_programs::agent_library())
             .env("BPFTIME_AGENT_CONFIG", &config),
     )
     .map_err(|e| format!("{e:#}"));
@@ -83,7 +57,7 @@ fn run_userspace(
     let segment = format!("test-{tag}-{example}");
     let _ = bpftime_runtime::maps::remove_object(&segment);
     let loaded = LoadedObject::load(&object_path(example), Some(&segment), options)
-        .map_err(|e| chain(&e))?;
+        .map_err(|e| error_chain(&e))?;
     let result = (|| {
         if let Some((name, why)) = loaded.refused.first() {
             return Err(format!("{name}: {why}"));
@@ -102,7 +76,7 @@ fn run_userspace(
                     ctx.resize(program.context_size(), 0);
                     program
                         .run(&mut helpers, &mut ctx)
-                        .map_err(|e| format!("{}: {}", program.name, chain(&e)))?;
+                        .map_err(|e| format!("{}: {}", program.name, error_chain(&e)))?;
                 }
             }
         }
