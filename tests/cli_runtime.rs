@@ -22,6 +22,8 @@ struct Loader {
     child: Child,
     object: String,
     lines: Vec<String>,
+    /// What it prints after it is ready (trace lines, events).
+    later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Loader {
@@ -49,11 +51,18 @@ impl Loader {
             }
         }
         // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in reader.lines() {});
+        let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&later);
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Loader {
             child,
             object: example.to_string(),
             lines,
+            later,
         }
     }
 
@@ -271,6 +280,48 @@ fn unknown_symbol_and_faulting_program_leave_the_target_running() {
         bss[0].1,
         100u64.to_le_bytes().to_vec(),
         "the program ran on every call"
+    );
+    loader.stop();
+}
+
+#[test]
+fn load_prints_trace_printk_lines_and_ringbuf_events() {
+    if !require_kernel("load_prints_trace_printk_lines_and_ringbuf_events") {
+        return;
+    }
+    let loader = Loader::start("printk", &["--no-sync"]);
+    let out = start_victim("printk", 20);
+    assert!(out.status.success());
+    // vt_add(i % 7, i): a == 3 for i = 3, 10, 17.
+    wait_for("three trace lines", || {
+        loader
+            .later
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("trace: "))
+            .count()
+            == 3
+    });
+    let later = loader.later.lock().unwrap().clone();
+    assert!(
+        later.contains(&"trace: vt_add(3, 10)".to_string()),
+        "{later:?}"
+    );
+    wait_for("three ringbuf events", || {
+        loader
+            .later
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("calls: "))
+            .count()
+            == 3
+    });
+    let later = loader.later.lock().unwrap().clone();
+    assert!(
+        later.contains(&"calls: 11 00 00 00 00 00 00 00".to_string()),
+        "{later:?}"
     );
     loader.stop();
 }
