@@ -2,13 +2,18 @@
 //! (`bpftime-rs load`), a hook whose handler runs the program on the hooked call's `pt_regs`.
 //!
 //! Helpers carry per-run state (attach context, ringbuf reservations), so each thread gets its
-//! own `RuntimeHelpers` per program, created on the thread's first call and kept in a
-//! thread-local table: the hot path takes no lock and allocates nothing.
+//! own `RuntimeHelpers` per program, created on the thread's first call. The hook engine hands
+//! handlers the calling thread's slot in its own per-thread table ([`ThreadSlot`]), and each
+//! handler keeps one helpers pointer per slot: the hot path takes no lock, allocates nothing and
+//! needs no thread-local storage (general-dynamic TLS in this cdylib costs a `__tls_get_addr`
+//! call per access). Direct calls of `on_entry`/`on_return` (without a slot) use a thread-local
+//! table instead.
 
-use std::cell::RefCell;
+use std::cell::{RefCell, UnsafeCell};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bpftime_attach::hook::{ThreadSlot, MAX_THREADS};
 use bpftime_attach::{EntryAction, ProbeHandler, ProbeKind, PtRegs};
 use bpftime_runtime::helpers::RuntimeHelpers;
 use bpftime_runtime::loaded::{PublishedObject, RunnableProgram};
@@ -22,7 +27,19 @@ pub struct BpfHandler {
     slot: usize,
     /// A faulting program is reported once, not on every call.
     reported: AtomicBool,
+    /// Helpers by [`ThreadSlot`] index, created on the slot's first call. A slot passes to a
+    /// later thread only after its previous thread exited, so the helpers move with it (they
+    /// hold no thread identity; per-run state is reset by every run).
+    per_slot: Box<[SlotHelpers]>,
 }
+
+/// One thread slot's helpers; only touched by the thread holding the slot, inside the hook
+/// engine's re-entrancy guard.
+struct SlotHelpers(UnsafeCell<Option<Box<RuntimeHelpers>>>);
+
+// SAFETY: a slot's cell is only used by the one live thread that holds the slot, and never by
+// two handler invocations at once (the engine runs handlers with the thread's guard set).
+unsafe impl Sync for SlotHelpers {}
 
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
@@ -38,6 +55,61 @@ impl BpfHandler {
             func_ip,
             slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
             reported: AtomicBool::new(false),
+            per_slot: (0..MAX_THREADS)
+                .map(|_| SlotHelpers(UnsafeCell::new(None)))
+                .collect(),
+        }
+    }
+
+    /// Runs the program on `regs` with the helpers of thread slot `slot`.
+    #[inline(always)]
+    fn run_in(&self, regs: &mut PtRegs, slot: ThreadSlot) -> Option<u64> {
+        let Some(cell) = self.per_slot.get(slot.index()) else {
+            return self.run(regs);
+        };
+        // SAFETY: see `SlotHelpers`: this thread holds the slot, and no other reference to the
+        // cell's contents exists while a handler runs.
+        let entry = unsafe { &mut *cell.0.get() };
+        let helpers = match entry {
+            Some(h) => h,
+            None => self.first_helpers(entry)?,
+        };
+        self.run_with(helpers, regs)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn first_helpers<'a>(
+        &self,
+        entry: &'a mut Option<Box<RuntimeHelpers>>,
+    ) -> Option<&'a mut Box<RuntimeHelpers>> {
+        match self.object.helpers() {
+            Ok(h) => Some(entry.insert(Box::new(h))),
+            Err(e) => {
+                self.report(&format!("cannot set up helpers: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Runs the program on `regs` with `helpers`; returns the override requested, if any.
+    #[inline(always)]
+    fn run_with(&self, helpers: &mut RuntimeHelpers, regs: &mut PtRegs) -> Option<u64> {
+        helpers.attach_mut().func_ip = self.func_ip;
+        // SAFETY: PtRegs is repr(C), exactly the kernel's 168-byte struct pt_regs, which is
+        // the whole context a kprobe-type program may read (what the verifier allowed).
+        let ctx = unsafe {
+            std::slice::from_raw_parts_mut(
+                (regs as *mut PtRegs).cast::<u8>(),
+                std::mem::size_of::<PtRegs>(),
+            )
+        };
+        match self.program.run(helpers, ctx) {
+            Ok(_) => helpers.attach().override_return,
+            Err(e) => {
+                self.report(&e.to_string());
+                None
+            }
         }
     }
 
@@ -58,22 +130,7 @@ impl BpfHandler {
                 }
             }
             let helpers = table[self.slot].as_mut().expect("just set");
-            helpers.attach_mut().func_ip = self.func_ip;
-            // SAFETY: PtRegs is repr(C), exactly the kernel's 168-byte struct pt_regs, which is
-            // the whole context a kprobe-type program may read (what the verifier allowed).
-            let ctx = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (regs as *mut PtRegs).cast::<u8>(),
-                    std::mem::size_of::<PtRegs>(),
-                )
-            };
-            match self.program.run(helpers, ctx) {
-                Ok(_) => helpers.attach().override_return,
-                Err(e) => {
-                    self.report(&e.to_string());
-                    None
-                }
-            }
+            self.run_with(helpers, regs)
         })
     }
 
@@ -97,6 +154,17 @@ impl ProbeHandler for BpfHandler {
 
     fn on_return(&self, regs: &mut PtRegs) {
         self.run(regs);
+    }
+
+    fn on_entry_in(&self, regs: &mut PtRegs, thread: ThreadSlot) -> EntryAction {
+        match self.run_in(regs, thread) {
+            Some(rc) => EntryAction::Override(rc),
+            None => EntryAction::Continue,
+        }
+    }
+
+    fn on_return_in(&self, regs: &mut PtRegs, thread: ThreadSlot) {
+        self.run_in(regs, thread);
     }
 }
 

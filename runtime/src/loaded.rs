@@ -143,38 +143,53 @@ pub struct RunnableProgram {
 }
 
 impl RunnableProgram {
-    /// Runs once on `ctx` (padded by the caller to what the program type may read).
+    /// Runs once on `ctx` (padded by the caller to what the program type may read). Inline,
+    /// with only the JIT run in line: a hook calls it on every hooked call; the other VMs go
+    /// through one out-of-line call.
+    #[inline]
     pub fn run(&self, helpers: &mut RuntimeHelpers, ctx: &mut [u8]) -> Result<u64, VmError> {
-        match self.vm {
-            VmKind::Interpreter => {
-                helpers.run_interpreter(&self.program, ctx, InterpOptions::default())
+        #[inline(never)]
+        fn run_other(
+            this: &RunnableProgram,
+            helpers: &mut RuntimeHelpers,
+            ctx: &mut [u8],
+        ) -> Result<u64, VmError> {
+            match this.vm {
+                VmKind::Interpreter => {
+                    helpers.run_interpreter(&this.program, ctx, InterpOptions::default())
+                }
+                // SAFETY: as in `run`.
+                VmKind::Jit => unsafe { helpers.run_jit(&this.program, ctx) },
+                VmKind::Rbpf | VmKind::RbpfInterpreter => {
+                    let mut mem = MemoryMap::new();
+                    // Only rbpf's interpreter checks accesses (against the regions registered
+                    // before the run); its JIT, like ours, trusts verified pointers. rbpf's JIT
+                    // image is compiled once and cached in the program (`Program::rbpf_jit`).
+                    if this.vm == VmKind::RbpfInterpreter {
+                        helpers.register_global_data(&mut mem);
+                    }
+                    helpers.begin_run();
+                    // SAFETY: as above for rbpf's JIT; its interpreter checks accesses itself.
+                    let r = unsafe {
+                        crate::vm::run_with_ctx(
+                            this.vm,
+                            &this.program,
+                            ctx,
+                            &mut mem,
+                            helpers,
+                            InterpOptions::default(),
+                        )
+                    };
+                    helpers.end_run();
+                    r
+                }
             }
+        }
+        match self.vm {
             // SAFETY: JIT kinds are only chosen for bytes the kernel verifier accepted (see
             // `LoadOptions::vm_kind`), and ctx is padded to what the program type may read.
             VmKind::Jit => unsafe { helpers.run_jit(&self.program, ctx) },
-            VmKind::Rbpf | VmKind::RbpfInterpreter => {
-                let mut mem = MemoryMap::new();
-                // Only rbpf's interpreter checks accesses (against the regions registered
-                // before the run); its JIT, like ours, trusts verified pointers. rbpf's JIT
-                // image is compiled once and cached in the program (`Program::rbpf_jit`).
-                if self.vm == VmKind::RbpfInterpreter {
-                    helpers.register_global_data(&mut mem);
-                }
-                helpers.begin_run();
-                // SAFETY: as above for rbpf's JIT; its interpreter checks accesses itself.
-                let r = unsafe {
-                    crate::vm::run_with_ctx(
-                        self.vm,
-                        &self.program,
-                        ctx,
-                        &mut mem,
-                        helpers,
-                        InterpOptions::default(),
-                    )
-                };
-                helpers.end_run();
-                r
-            }
+            _ => run_other(self, helpers, ctx),
         }
     }
 

@@ -62,6 +62,41 @@ pub trait ProbeHandler: Send + Sync {
     fn on_return(&self, regs: &mut PtRegs) {
         let _ = regs;
     }
+    /// What the hook engine calls at function entry: [`on_entry`](Self::on_entry) unless
+    /// overridden. `thread` identifies the calling thread's slot, for per-thread handler state
+    /// without thread-local storage (see [`ThreadSlot`]).
+    #[inline]
+    fn on_entry_in(&self, regs: &mut PtRegs, thread: ThreadSlot) -> EntryAction {
+        let _ = thread;
+        self.on_entry(regs)
+    }
+    /// What the hook engine calls at function return: [`on_return`](Self::on_return) unless
+    /// overridden (see [`on_entry_in`](Self::on_entry_in)).
+    #[inline]
+    fn on_return_in(&self, regs: &mut PtRegs, thread: ThreadSlot) {
+        let _ = thread;
+        self.on_return(regs)
+    }
+}
+
+/// How many [`ThreadSlot`]s there are: indices run from 0 to `MAX_THREADS - 1`.
+pub const MAX_THREADS: usize = thread::MAX_THREADS;
+
+/// The calling thread's slot in the hook engine's per-thread table, handed to handlers
+/// ([`ProbeHandler::on_entry_in`]). Two threads alive at the same time never have the same
+/// slot, and a thread keeps its slot for life; after a thread exits, its slot goes to a later
+/// thread with the same thread control block (glibc reuses them). Handlers run with the
+/// thread's re-entrancy guard set, so per-thread state indexed by the slot is only ever used by
+/// one handler invocation at a time (per handler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSlot(usize);
+
+impl ThreadSlot {
+    /// The slot's index, below [`MAX_THREADS`].
+    #[inline]
+    pub fn index(self) -> usize {
+        self.0
+    }
 }
 
 /// Which handler method a hook calls.
@@ -115,7 +150,33 @@ pub fn stats() -> HookStats {
     }
 }
 
-type Handlers = Vec<(HookId, Arc<dyn ProbeHandler>)>;
+/// One registered handler. `ptr` is `handler`'s object, computed once at registration: the
+/// dispatchers call through it without re-deriving the data address from the `Arc` (a load of
+/// the vtable's alignment and arithmetic on every call).
+#[derive(Clone)]
+struct HandlerEntry {
+    id: HookId,
+    ptr: *const dyn ProbeHandler,
+    /// Keeps `ptr` valid.
+    _handler: Arc<dyn ProbeHandler>,
+}
+
+// SAFETY: `ptr` points into `_handler`, a `Send + Sync` object the entry keeps alive.
+unsafe impl Send for HandlerEntry {}
+// SAFETY: as above.
+unsafe impl Sync for HandlerEntry {}
+
+impl HandlerEntry {
+    fn new(id: HookId, handler: Arc<dyn ProbeHandler>) -> Self {
+        Self {
+            id,
+            ptr: Arc::as_ptr(&handler),
+            _handler: handler,
+        }
+    }
+}
+
+type Handlers = Vec<HandlerEntry>;
 
 /// A hooked address. Leaked: referenced by thunks and pending shadow frames forever.
 pub(crate) struct Site {
@@ -141,9 +202,9 @@ fn for_each(list: &AtomicPtr<Handlers>, mut f: impl FnMut(&dyn ProbeHandler)) {
     if p.is_null() {
         return;
     }
-    // SAFETY: lists are never freed once published.
-    for (_, h) in unsafe { &*p } {
-        f(h.as_ref());
+    // SAFETY: lists are never freed once published; each entry keeps its handler alive.
+    for h in unsafe { &*p } {
+        f(unsafe { &*h.ptr });
     }
 }
 
@@ -159,10 +220,11 @@ unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64
     if !site.enabled.load(Ordering::Relaxed) {
         return cont;
     }
-    let Some(ts) = thread::current() else {
+    let Some((index, ts)) = thread::current_indexed() else {
         NO_SLOT.fetch_add(1, Ordering::Relaxed);
         return cont;
     };
+    let slot = ThreadSlot(index);
     if ts.guard {
         REENTERED.fetch_add(1, Ordering::Relaxed);
         return cont;
@@ -174,7 +236,7 @@ unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64
     let entry_rsp = regs.rsp;
     let mut over = None;
     for_each(&site.entries, |h| {
-        match catch_unwind(AssertUnwindSafe(|| h.on_entry(regs))) {
+        match catch_unwind(AssertUnwindSafe(|| h.on_entry_in(regs, slot))) {
             Ok(EntryAction::Override(v)) if !site.mid_function => over = Some(v),
             Ok(_) => {}
             Err(_) => {
@@ -249,9 +311,10 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
     // SAFETY: see the function's contract.
     let regs = unsafe { &mut *regs };
     let slot = regs.rsp - 8;
-    let Some(ts) = thread::current() else {
+    let Some((index, ts)) = thread::current_indexed() else {
         fatal(b"bpftime-attach: return stub reached on a thread without state\n");
     };
+    let thread_slot = ThreadSlot(index);
     let frame = loop {
         if ts.depth == 0 {
             fatal(b"bpftime-attach: return stub reached with an empty shadow stack\n");
@@ -272,7 +335,7 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
     if !ts.guard && site.enabled.load(Ordering::Relaxed) {
         ts.guard = true;
         for_each(&site.returns, |h| {
-            if catch_unwind(AssertUnwindSafe(|| h.on_return(regs))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| h.on_return_in(regs, thread_slot))).is_err() {
                 PANICS.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -660,7 +723,7 @@ unsafe fn install_locked(
         ProbeKind::Uprobe => &entry.site.entries,
         ProbeKind::Uretprobe => &entry.site.returns,
     };
-    publish(list, |l| l.push((id, handler)));
+    publish(list, |l| l.push(HandlerEntry::new(id, handler)));
     reg.hooks.insert(id, (address, kind));
     if enable {
         if let Err(e) = enable_sites(reg, &[address]) {
@@ -680,7 +743,7 @@ fn unpublish(reg: &mut Registry, id: HookId) -> Option<u64> {
         ProbeKind::Uprobe => &entry.site.entries,
         ProbeKind::Uretprobe => &entry.site.returns,
     };
-    publish(list, |l| l.retain(|(i, _)| *i != id));
+    publish(list, |l| l.retain(|h| h.id != id));
     let empty = entry.site.entries.load(Ordering::Acquire).is_null()
         && entry.site.returns.load(Ordering::Acquire).is_null();
     (empty && entry.enabled).then_some(addr)

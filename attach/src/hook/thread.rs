@@ -25,32 +25,30 @@ pub(super) struct ThreadState {
     pub frames: [Frame; MAX_FRAMES],
 }
 
-struct Slot {
-    key: AtomicUsize,
-    state: UnsafeCell<ThreadState>,
+/// Keys apart from states: the key probe walks a dense array (8 bytes per slot) and finds the
+/// state by index, instead of striding through the multi-kilobyte states.
+struct Table {
+    keys: [AtomicUsize; MAX_THREADS],
+    states: [UnsafeCell<ThreadState>; MAX_THREADS],
 }
-
-struct Table([Slot; MAX_THREADS]);
 
 // SAFETY: a slot's state is only touched by the thread whose key claimed it.
 unsafe impl Sync for Table {}
 
-static TABLE: Table = Table(
-    [const {
-        Slot {
-            key: AtomicUsize::new(0),
-            state: UnsafeCell::new(ThreadState {
-                guard: false,
-                depth: 0,
-                frames: [Frame {
-                    slot: 0,
-                    orig_ret: 0,
-                    site: std::ptr::null(),
-                }; MAX_FRAMES],
-            }),
-        }
+static TABLE: Table = Table {
+    keys: [const { AtomicUsize::new(0) }; MAX_THREADS],
+    states: [const {
+        UnsafeCell::new(ThreadState {
+            guard: false,
+            depth: 0,
+            frames: [Frame {
+                slot: 0,
+                orig_ret: 0,
+                site: std::ptr::null(),
+            }; MAX_FRAMES],
+        })
     }; MAX_THREADS],
-);
+};
 
 #[inline(always)]
 fn thread_key() -> usize {
@@ -62,24 +60,24 @@ fn thread_key() -> usize {
     k
 }
 
-/// The calling thread's state, or `None` when the table is full.
+/// The calling thread's slot index (below [`MAX_THREADS`]) and state, or `None` when the table
+/// is full. Two live threads never share an index; a thread's index never changes.
 #[inline]
-pub(super) fn current() -> Option<&'static mut ThreadState> {
+pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
     let key = thread_key();
     let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) & (MAX_THREADS - 1);
     for _ in 0..MAX_THREADS {
-        let slot = &TABLE.0[i];
-        let k = slot.key.load(Ordering::Acquire);
+        let slot = &TABLE.keys[i];
+        let k = slot.load(Ordering::Acquire);
         if k == key
             || (k == 0
                 && slot
-                    .key
                     .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok())
         {
             // SAFETY: only the thread with this key (this thread) reaches this slot's state,
             // and the dispatchers never hold two references at once.
-            return Some(unsafe { &mut *slot.state.get() });
+            return Some((i, unsafe { &mut *TABLE.states[i].get() }));
         }
         i = (i + 1) & (MAX_THREADS - 1);
     }
