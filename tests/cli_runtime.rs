@@ -80,6 +80,17 @@ impl Loader {
     }
 }
 
+impl Drop for Loader {
+    /// A failing test must not leave its loader running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = output(&["unload", &self.object]);
+        }
+    }
+}
+
 fn victim(rounds: u32) -> Child {
     Command::new(victim_path())
         .arg(rounds.to_string())
@@ -249,7 +260,7 @@ fn unknown_symbol_and_faulting_program_leave_the_target_running() {
     }
     let loader = Loader::start("bad_target", &["--no-sync"]);
     let out = start_victim("bad_target", 100);
-    assert!(out.status.success(), "the target runs on");
+    assert!(out.status.success(), "the target runs on: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no_such_function"), "{stderr}");
     assert!(

@@ -286,8 +286,12 @@ extern "C" fn agent_init() {
         return; // injected mode: the injector calls bpftime_agent_start
     };
     std::env::remove_var("BPFTIME_AGENT_CONFIG");
-    if let Err(e) = start(Path::new(&config)) {
-        eprintln!("bpftime-agent: {e}");
+    // A panic must not unwind out of a constructor (that aborts the target): the target runs
+    // on unprobed instead.
+    match std::panic::catch_unwind(|| start(Path::new(&config))) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("bpftime-agent: {e}"),
+        Err(_) => eprintln!("bpftime-agent: internal error while installing hooks; none installed"),
     }
 }
 

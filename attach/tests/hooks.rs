@@ -561,3 +561,12 @@ fn cxx_exception_through_frames_with_return_hooks() {
     assert_eq!(c_catch.entries.load(Ordering::Relaxed), 200);
     assert_eq!(c_catch.returns.load(Ordering::Relaxed), 100);
 }
+
+/// Nothing to install (or nothing installable) must not panic: the agent's constructor calls
+/// this with an empty batch when every target of a loaded object failed to resolve.
+#[test]
+fn install_many_with_nothing_to_install_returns_nothing() {
+    let mut hooks = bpftime_attach::HookSet::new();
+    assert!(hooks.install_many(Vec::new()).is_empty());
+    assert!(hooks.is_empty());
+}

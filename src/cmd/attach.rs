@@ -44,11 +44,14 @@ fn agent_path() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("locating bpftime-rs")?;
     let dir = exe.parent().context("bpftime-rs has no directory")?;
-    // `cargo build` puts it beside the binary; as a test dependency it stays in `deps/`.
-    for candidate in [dir.join(AGENT_FILE), dir.join("deps").join(AGENT_FILE)] {
-        if candidate.exists() {
-            return Ok(candidate.canonicalize()?);
-        }
+    // `cargo build` puts it beside the binary; as a test dependency it stays in `deps/`. Take
+    // the newer, so a stale copy from an older build is never preloaded.
+    let newest = [dir.join(AGENT_FILE), dir.join("deps").join(AGENT_FILE)]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(modified, _)| *modified);
+    if let Some((_, path)) = newest {
+        return Ok(path.canonicalize()?);
     }
     bail!(
         "{AGENT_FILE} not found next to {} (build it with `cargo build -p bpftime-agent`, or set \

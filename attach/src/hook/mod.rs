@@ -508,10 +508,13 @@ impl HookSet {
                 any_return |= r.is_ok() && kind == ProbeKind::Uretprobe;
                 results.push(r);
             }
-            let reg = guard
-                .as_mut()
-                .expect("registry initialised by install_locked");
             let addrs: Vec<u64> = results.iter().flatten().map(|&(_, a)| a).collect();
+            // No request got as far as the registry (none given, or every one refused): there
+            // is nothing to patch, and the registry may not even exist yet.
+            let reg = match guard.as_mut() {
+                Some(reg) if !addrs.is_empty() => reg,
+                _ => return results.into_iter().map(|r| r.map(|(id, _)| id)).collect(),
+            };
             if enable_sites(reg, &addrs).is_err() {
                 for r in results.iter_mut() {
                     if let Ok((id, addr)) = *r {
