@@ -1,5 +1,8 @@
 //! The CLI over the kernel bridge: `bridge selftest`, `maps`, and bpftool agreeing with both.
 
+mod common;
+
+use common::bytes;
 use std::process::Command;
 
 use bpftime_kernel_bridge::testing::require_kernel;
@@ -18,16 +21,6 @@ fn bpftool() -> Command {
         .find(|p| std::path::Path::new(p).exists())
         .unwrap_or("bpftool");
     Command::new(path)
-}
-
-/// bpftool and `maps --json` write bytes as "0x.." strings.
-fn bytes(value: &Value) -> Vec<u8> {
-    value
-        .as_array()
-        .expect("byte array")
-        .iter()
-        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-        .collect()
 }
 
 fn entries(json: &Value) -> Vec<(Vec<u8>, Vec<u8>)> {

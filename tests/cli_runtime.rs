@@ -1,6 +1,9 @@
 //! The CLI over the userspace runtime: load, start, attach, detach, maps, run, unload, with
 //! real processes and real prog.o files (examples/programs).
 
+mod common;
+
+use common::bytes;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -120,15 +123,6 @@ fn start_victim(object: &str, rounds: u32) -> std::process::Output {
         .unwrap();
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     child.wait_with_output().unwrap()
-}
-
-fn bytes(value: &Value) -> Vec<u8> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-        .collect()
 }
 
 /// `maps --json` entries of `object/map`, sorted.

@@ -66,6 +66,19 @@ fn update_batch(keys: u32, batch: u32) -> Row {
     }
 }
 
+/// Every bridge row writes into a fresh mirror of the same shape.
+fn bench_mirror(name: &str) -> MirrorDesc {
+    MirrorDesc {
+        kind: MapKind::Hash,
+        key_size: 4,
+        value_size: 8,
+        max_entries: MAX_ENTRIES,
+        flags: 0,
+        name: name.into(),
+        object: "bench".into(),
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     Duration::from_nanos(sorted[index])
@@ -95,15 +108,7 @@ fn bridge_throughput(keys: u32, confirm_each: bool, fast_path: bool) -> Row {
     })
     .expect("bridge");
     let id = bridge
-        .create_fresh_map(MirrorDesc {
-            kind: MapKind::Hash,
-            key_size: 4,
-            value_size: 8,
-            max_entries: MAX_ENTRIES,
-            flags: 0,
-            name: "bench".into(),
-            object: "bench".into(),
-        })
+        .create_fresh_map(bench_mirror("bench"))
         .expect("mirror");
     let started = Instant::now();
     for k in 0..keys {
@@ -154,15 +159,7 @@ fn bridge_throughput(keys: u32, confirm_each: bool, fast_path: bool) -> Row {
 fn bridge_unloaded_latency(samples: u32) -> Row {
     let bridge = Bridge::new().expect("bridge");
     let id = bridge
-        .create_fresh_map(MirrorDesc {
-            kind: MapKind::Hash,
-            key_size: 4,
-            value_size: 8,
-            max_entries: MAX_ENTRIES,
-            flags: 0,
-            name: "bench_latency".into(),
-            object: "bench".into(),
-        })
+        .create_fresh_map(bench_mirror("bench_latency"))
         .expect("mirror");
     let mut nanos = Vec::with_capacity(samples as usize);
     let started = Instant::now();

@@ -141,7 +141,16 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         return diff(&rows, target);
     }
     if args.json {
-        let maps = rows.iter().map(row_json).collect::<Result<Vec<_>>>()?;
+        // One BTF description file per object, not one read per map.
+        let mut btf: BTreeMap<&str, Option<MapBtfInfo>> = BTreeMap::new();
+        for row in &rows {
+            btf.entry(row.object.as_str())
+                .or_insert_with(|| MapBtfInfo::load(map_btf_path(&row.object)).ok());
+        }
+        let maps = rows
+            .iter()
+            .map(|row| row_json(row, btf[row.object.as_str()].as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({ "maps": maps }))?
@@ -274,23 +283,13 @@ fn with_formatted(
     entry
 }
 
-fn row_json(row: &Row) -> Result<Value> {
+fn row_json(row: &Row, btf: Option<&MapBtfInfo>) -> Result<Value> {
     let (kind, key_size, value_size, max_entries) = row.shape();
     let per_cpu = kind.contains("percpu");
-    let btf = MapBtfInfo::load(map_btf_path(&row.object)).ok();
     let entries: Vec<Value> = match (&row.user, &row.mirror) {
         (Some(user), _) => user_entries(user)
             .iter()
-            .map(|(k, v)| {
-                with_formatted(
-                    entry_json(k, v, per_cpu),
-                    btf.as_ref(),
-                    &row.name,
-                    k,
-                    v,
-                    per_cpu,
-                )
-            })
+            .map(|(k, v)| with_formatted(entry_json(k, v, per_cpu), btf, &row.name, k, v, per_cpu))
             .collect(),
         (None, Some(mirror)) => mirror
             .entries()

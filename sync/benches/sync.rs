@@ -28,24 +28,14 @@ fn main() {
     let _ = remove_object_pins(OBJECT);
     let shm = ShmObject::create(
         OBJECT,
-        &[
-            MapDef {
-                map_type: MapType::Hash,
-                key_size: 4,
-                value_size: 8,
-                max_entries: 1 << 20,
-                flags: 0,
-                name: "lag".into(),
-            },
-            MapDef {
-                map_type: MapType::Hash,
-                key_size: 4,
-                value_size: 8,
-                max_entries: 1 << 20,
-                flags: 0,
-                name: "bulk".into(),
-            },
-        ],
+        &["lag", "bulk"].map(|name| MapDef {
+            map_type: MapType::Hash,
+            key_size: 4,
+            value_size: 8,
+            max_entries: 1 << 20,
+            flags: 0,
+            name: name.into(),
+        }),
     )
     .expect("shared maps");
     let (forwarder, _) = Forwarder::start(&shm, SyncOptions::default()).expect("forwarder");

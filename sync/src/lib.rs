@@ -274,11 +274,9 @@ impl Forwarder {
                 sent += self.forward(index, key, Some(value))? as usize;
             }
             for key in stale {
-                // Not in `last_sent` (cleared above), but the kernel holds it: delete it.
-                self.maps[index]
-                    .last_sent
-                    .insert(key.clone(), Some(Vec::new()));
-                sent += self.forward(index, key, None)? as usize;
+                // The kernel holds it and userspace does not: delete it unconditionally.
+                self.send_record(index, key, None)?;
+                sent += 1;
             }
         }
         Ok(sent)
@@ -360,6 +358,18 @@ impl Forwarder {
             (None, None) => return Ok(false),
             _ => {}
         }
+        self.send_record(index, key, bytes)?;
+        Ok(true)
+    }
+
+    /// Sends one update (`Some`) or delete (`None`) and records it as the kernel's last state.
+    fn send_record(
+        &mut self,
+        index: usize,
+        key: Vec<u8>,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<(), SyncError> {
+        let map = &mut self.maps[index];
         let seq = match &bytes {
             Some(value) => self.bridge.send(&Update::put(map.mirror, &key, value, 0))?,
             None => self.bridge.send(&Update::delete(map.mirror, &key))?,
@@ -367,7 +377,7 @@ impl Forwarder {
         let delete = bytes.is_none();
         map.last_sent.insert(key.clone(), bytes);
         self.track(seq, index, key, delete);
-        Ok(true)
+        Ok(())
     }
 
     fn track(&mut self, seq: u64, map: usize, key: Vec<u8>, delete: bool) {
