@@ -4,19 +4,23 @@
 //! Helpers carry per-run state (attach context, ringbuf reservations), so each thread gets its
 //! own `RuntimeHelpers` per program, created on the thread's first call. The hook engine hands
 //! handlers the calling thread's slot in its own per-thread table ([`ThreadSlot`]), and each
-//! handler keeps one helpers pointer per slot: the hot path takes no lock, allocates nothing and
-//! needs no thread-local storage (general-dynamic TLS in this cdylib costs a `__tls_get_addr`
-//! call per access). Direct calls of `on_entry`/`on_return` (without a slot) use a thread-local
+//! handler keeps one [`ProgramRunner`] per slot (the helpers, and on our JIT a run environment
+//! set up once): the hot path takes no lock, allocates nothing and needs no thread-local storage
+//! (general-dynamic TLS in this cdylib costs a `__tls_get_addr` call per access). Entry hooks
+//! reach the handler through the engine's direct entry ([`DirectEntry`]), without the generic
+//! dispatcher. Direct calls of `on_entry`/`on_return` (without a slot) use a thread-local
 //! table instead.
 
 use std::cell::{RefCell, UnsafeCell};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bpftime_attach::hook::{ThreadSlot, MAX_THREADS};
-use bpftime_attach::{EntryAction, ProbeHandler, ProbeKind, PtRegs};
+use bpftime_attach::{DirectEntry, EntryAction, ProbeHandler, ProbeKind, PtRegs};
 use bpftime_runtime::helpers::RuntimeHelpers;
-use bpftime_runtime::loaded::{PublishedObject, RunnableProgram};
+use bpftime_runtime::loaded::{ProgramRunner, PublishedObject, RunnableProgram};
+use bpftime_runtime::vm::{VmError, VmKind};
 
 /// One program on one hook.
 pub struct BpfHandler {
@@ -33,9 +37,9 @@ pub struct BpfHandler {
     per_slot: Box<[SlotHelpers]>,
 }
 
-/// One thread slot's helpers; only touched by the thread holding the slot, inside the hook
-/// engine's re-entrancy guard.
-struct SlotHelpers(UnsafeCell<Option<Box<RuntimeHelpers>>>);
+/// One thread slot's runner (helpers and JIT session); only touched by the thread holding the
+/// slot, inside the hook engine's re-entrancy guard.
+struct SlotHelpers(UnsafeCell<Option<Box<ProgramRunner>>>);
 
 // SAFETY: a slot's cell is only used by the one live thread that holds the slot, and never by
 // two handler invocations at once (the engine runs handlers with the thread's guard set).
@@ -49,6 +53,11 @@ thread_local! {
 
 impl BpfHandler {
     pub fn new(object: Arc<PublishedObject>, program: RunnableProgram, func_ip: u64) -> Self {
+        // Compiled at attach time rather than on the first hooked call (a compile error
+        // surfaces on the first run).
+        if program.vm == VmKind::Jit {
+            let _ = program.program.jit();
+        }
         Self {
             object,
             program,
@@ -61,7 +70,7 @@ impl BpfHandler {
         }
     }
 
-    /// Runs the program on `regs` with the helpers of thread slot `slot`.
+    /// Runs the program on `regs` with the runner of thread slot `slot`.
     #[inline(always)]
     fn run_in(&self, regs: &mut PtRegs, slot: ThreadSlot) -> Option<u64> {
         let Some(cell) = self.per_slot.get(slot.index()) else {
@@ -70,21 +79,25 @@ impl BpfHandler {
         // SAFETY: see `SlotHelpers`: this thread holds the slot, and no other reference to the
         // cell's contents exists while a handler runs.
         let entry = unsafe { &mut *cell.0.get() };
-        let helpers = match entry {
-            Some(h) => h,
-            None => self.first_helpers(entry)?,
+        let runner = match entry {
+            Some(r) => r,
+            None => self.first_runner(entry)?,
         };
-        self.run_with(helpers, regs)
+        let result = runner.run(&self.program, regs.as_bytes_mut());
+        self.outcome(result, runner.helpers())
     }
 
     #[cold]
     #[inline(never)]
-    fn first_helpers<'a>(
+    fn first_runner<'a>(
         &self,
-        entry: &'a mut Option<Box<RuntimeHelpers>>,
-    ) -> Option<&'a mut Box<RuntimeHelpers>> {
+        entry: &'a mut Option<Box<ProgramRunner>>,
+    ) -> Option<&'a mut Box<ProgramRunner>> {
         match self.object.helpers() {
-            Ok(h) => Some(entry.insert(Box::new(h))),
+            Ok(mut h) => {
+                h.attach_mut().func_ip = self.func_ip;
+                Some(entry.insert(Box::new(ProgramRunner::new(&self.program, h))))
+            }
             Err(e) => {
                 self.report(&format!("cannot set up helpers: {e}"));
                 None
@@ -92,19 +105,10 @@ impl BpfHandler {
         }
     }
 
-    /// Runs the program on `regs` with `helpers`; returns the override requested, if any.
+    /// The override a finished run requested, if any; a failed run is reported (once).
     #[inline(always)]
-    fn run_with(&self, helpers: &mut RuntimeHelpers, regs: &mut PtRegs) -> Option<u64> {
-        helpers.attach_mut().func_ip = self.func_ip;
-        // SAFETY: PtRegs is repr(C), exactly the kernel's 168-byte struct pt_regs, which is
-        // the whole context a kprobe-type program may read (what the verifier allowed).
-        let ctx = unsafe {
-            std::slice::from_raw_parts_mut(
-                (regs as *mut PtRegs).cast::<u8>(),
-                std::mem::size_of::<PtRegs>(),
-            )
-        };
-        match self.program.run(helpers, ctx) {
+    fn outcome(&self, result: Result<u64, VmError>, helpers: &RuntimeHelpers) -> Option<u64> {
+        match result {
             Ok(_) => helpers.attach().override_return,
             Err(e) => {
                 self.report(&e.to_string());
@@ -130,7 +134,9 @@ impl BpfHandler {
                 }
             }
             let helpers = table[self.slot].as_mut().expect("just set");
-            self.run_with(helpers, regs)
+            helpers.attach_mut().func_ip = self.func_ip;
+            let result = self.program.run(helpers, regs.as_bytes_mut());
+            self.outcome(result, helpers)
         })
     }
 
@@ -144,7 +150,33 @@ impl BpfHandler {
     }
 }
 
+/// The hook engine's direct entry for a [`BpfHandler`] (see [`DirectEntry`]).
+unsafe extern "C" fn direct_entry(data: *const (), regs: *mut PtRegs, thread: ThreadSlot) -> u64 {
+    // SAFETY: `data` is the handler that returned this entry (kept alive by the engine), `regs`
+    // the stub's frame, ours alone for the call.
+    let (handler, regs) = unsafe { (&*(data as *const BpfHandler), &mut *regs) };
+    // A panic must not unwind into the stub: the call then goes on unprobed.
+    match catch_unwind(AssertUnwindSafe(|| handler.run_in(regs, thread))) {
+        Ok(Some(rc)) => {
+            regs.rax = rc;
+            1
+        }
+        Ok(None) => 0,
+        Err(_) => {
+            handler.report("panicked");
+            0
+        }
+    }
+}
+
 impl ProbeHandler for BpfHandler {
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        Some(DirectEntry {
+            func: direct_entry,
+            data: self as *const Self as *const (),
+        })
+    }
+
     fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
         match self.run(regs) {
             Some(rc) => EntryAction::Override(rc),

@@ -8,7 +8,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use bpftime_attach::{resolve, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
+use bpftime_attach::hook::ThreadSlot;
+use bpftime_attach::{resolve, DirectEntry, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,27 @@ impl ProbeHandler for Count {
     }
     fn on_return(&self, _r: &mut PtRegs) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A counter with a direct entry: the stub calls it without the generic dispatcher.
+#[derive(Default)]
+struct DirectCount(AtomicU64);
+
+unsafe extern "C" fn direct_count(data: *const (), _regs: *mut PtRegs, _thread: ThreadSlot) -> u64 {
+    // SAFETY: `data` is the `DirectCount` that returned the entry, kept alive by the engine.
+    unsafe { &*(data as *const DirectCount) }
+        .0
+        .fetch_add(1, Ordering::Relaxed);
+    0
+}
+
+impl ProbeHandler for DirectCount {
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        Some(DirectEntry {
+            func: direct_count,
+            data: self as *const Self as *const (),
+        })
     }
 }
 
@@ -75,10 +97,13 @@ fn main() {
         };
         let row = |name: &str, kinds: &[ProbeKind]| {
             let c = Arc::new(Count::default());
+            let d = Arc::new(DirectCount::default());
             let mut set = HookSet::new();
             for k in kinds {
                 let h: Arc<dyn ProbeHandler> = if name.contains("empty") {
                     Arc::new(Empty)
+                } else if name.contains("direct") {
+                    d.clone()
                 } else {
                     c.clone()
                 };
@@ -91,12 +116,13 @@ fn main() {
                 format!("{name} ({entry_desc})"),
                 min,
                 med,
-                c.0.load(Ordering::Relaxed)
+                c.0.load(Ordering::Relaxed) + d.0.load(Ordering::Relaxed)
             );
         };
         row("no hook", &[]);
         row("userspace uprobe, empty handler", &[ProbeKind::Uprobe]);
         row("userspace uprobe, counter handler", &[ProbeKind::Uprobe]);
+        row("userspace uprobe, direct counter", &[ProbeKind::Uprobe]);
         row(
             "userspace uretprobe, counter handler",
             &[ProbeKind::Uretprobe],

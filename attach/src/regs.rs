@@ -72,7 +72,7 @@ impl PtRegs {
     }
 }
 
-/// The saved vector argument/return registers (xmm0-7), right after the [`PtRegs`] in the frame
+/// The saved vector argument/return registers (xmm0-7), 8 bytes after the [`PtRegs`] in the frame
 /// built by the hook stubs.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]

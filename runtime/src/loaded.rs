@@ -13,8 +13,9 @@ use crate::maps::{MapError, ProgramInfo, ProgramSpec as RegistrySpec, ShmObject}
 use crate::object::{AttachTarget, BpfObject, ObjectError};
 use crate::verifier::{self, VerifyError};
 use crate::vm::insn::decode_bytes;
+use crate::vm::jit::JitSession;
 use crate::vm::rbpf::{rbpf_check, RbpfMode};
-use crate::vm::{InterpOptions, MemoryMap, Program, VmError, VmKind};
+use crate::vm::{Helpers, InterpOptions, MemoryMap, Program, VmError, VmKind};
 
 /// Which VM runs the programs, as the CLI's `--vm` and `--no-jit` select it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -197,6 +198,84 @@ impl RunnableProgram {
     /// before an unchecked run (the verifier allows tracepoint programs 8 KiB).
     pub fn context_size(&self) -> usize {
         context_size(self.prog_type)
+    }
+}
+
+/// One program run again and again with one set of helpers (a hook's state for one thread).
+/// On our JIT the run environment is set up once ([`JitSession`]) instead of per run; the
+/// other VMs run as [`RunnableProgram::run`] does.
+pub struct ProgramRunner {
+    /// Declared first: dropped before the helpers it points at.
+    session: Option<Box<JitSession<'static>>>,
+    /// Owned (from `Box::into_raw`); the session holds a pointer to it.
+    helpers: std::ptr::NonNull<RuntimeHelpers>,
+}
+
+// SAFETY: the runner owns its helpers and session (which points only at them, at its own
+// memory map and at the program's image, kept alive by the program's `Arc`); moving it to
+// another thread moves all of that together. `RuntimeHelpers` itself is `Send` (checked below).
+unsafe impl Send for ProgramRunner {}
+
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<RuntimeHelpers>();
+};
+
+impl ProgramRunner {
+    /// A runner for `program` with `helpers`. A program whose JIT image does not compile gets
+    /// no session: its runs then report the compile error as [`RunnableProgram::run`] does.
+    pub fn new(program: &RunnableProgram, helpers: RuntimeHelpers) -> Self {
+        let helpers = std::ptr::NonNull::from(Box::leak(Box::new(helpers)));
+        let session = match program.vm {
+            VmKind::Jit => program.program.jit().ok().map(|jit| {
+                let h: *mut (dyn Helpers + 'static) = helpers.as_ptr();
+                // SAFETY: the helpers live until the runner drops, after the session; runs
+                // borrow the runner mutably, so nothing else uses them meanwhile. The image
+                // lives in `program.program`, an `Arc` the caller keeps for as long as it runs
+                // this runner (the contract of `run`).
+                unsafe { jit.session(h) }
+            }),
+            _ => None,
+        };
+        Self { session, helpers }
+    }
+
+    /// The helpers (between runs).
+    pub fn helpers(&mut self) -> &mut RuntimeHelpers {
+        // SAFETY: owned by the runner; no run is in progress while `self` is borrowed here.
+        unsafe { self.helpers.as_mut() }
+    }
+
+    /// Runs `program` once on `ctx`, as [`RunnableProgram::run`] does. `program` must be the
+    /// one the runner was made for (on the JIT its image is what runs, whatever is passed).
+    // Always inline: the hot path of every hooked call; one frame less per call.
+    #[inline(always)]
+    pub fn run(&mut self, program: &RunnableProgram, ctx: &mut [u8]) -> Result<u64, VmError> {
+        let helpers = self.helpers.as_ptr();
+        match &mut self.session {
+            Some(session) => {
+                // SAFETY: `helpers` is owned by the runner and not borrowed elsewhere; the
+                // session exists only for the JIT kind, chosen only for bytes the kernel
+                // verifier accepted, with `ctx` padded by the caller to what the program type
+                // may read (as `RunnableProgram::run`).
+                unsafe {
+                    (*helpers).begin_run();
+                    let r = session.run(ctx.as_mut_ptr() as u64, ctx.len() as u64);
+                    (*helpers).end_run();
+                    r
+                }
+            }
+            // SAFETY: as above, for the helpers.
+            None => program.run(unsafe { &mut *helpers }, ctx),
+        }
+    }
+}
+
+impl Drop for ProgramRunner {
+    fn drop(&mut self) {
+        self.session = None;
+        // SAFETY: from `Box::leak` in `new`; the session that pointed at it is gone.
+        drop(unsafe { Box::from_raw(self.helpers.as_ptr()) });
     }
 }
 

@@ -77,7 +77,33 @@ pub trait ProbeHandler: Send + Sync {
         let _ = thread;
         self.on_return(regs)
     }
+    /// A direct entry point doing what [`on_entry_in`](Self::on_entry_in) does, for the
+    /// engine's fast path: when this handler is the only one at a function-entry site, the
+    /// entry stub calls it itself, without the generic dispatcher. `None` (the default): calls
+    /// go through `on_entry_in`. Asked once per change of the site's handlers.
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        None
+    }
 }
+
+/// A handler's direct entry point ([`ProbeHandler::direct_entry`]).
+///
+/// The entry stub calls `func(data, regs, thread)` (SysV ABI) with the thread's re-entrancy
+/// guard set, `regs` the hooked call's registers (changes are applied) and `thread` the
+/// calling thread's [`ThreadSlot`]. It returns 0 to run the function, or nonzero to skip
+/// it and return `regs.rax` to the caller (`bpf_override_return`).
+#[derive(Debug, Clone, Copy)]
+pub struct DirectEntry {
+    /// Must not unwind (an `extern "C"` function aborts the process if it does: catch panics).
+    pub func: unsafe extern "C" fn(data: *const (), regs: *mut PtRegs, thread: ThreadSlot) -> u64,
+    /// Valid for as long as the handler that returned it lives (the engine keeps it alive).
+    pub data: *const (),
+}
+
+const _: () = {
+    assert!(std::mem::offset_of!(DirectEntry, func) == 0);
+    assert!(std::mem::offset_of!(DirectEntry, data) == 8);
+};
 
 /// How many [`ThreadSlot`]s there are: indices run from 0 to `MAX_THREADS - 1`.
 pub const MAX_THREADS: usize = thread::MAX_THREADS;
@@ -89,6 +115,7 @@ pub const MAX_THREADS: usize = thread::MAX_THREADS;
 /// thread's re-entrancy guard set, so per-thread state indexed by the slot is only ever used by
 /// one handler invocation at a time (per handler).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
 pub struct ThreadSlot(usize);
 
 impl ThreadSlot {
@@ -179,20 +206,52 @@ impl HandlerEntry {
 type Handlers = Vec<HandlerEntry>;
 
 /// A hooked address. Leaked: referenced by thunks and pending shadow frames forever.
+/// `repr(C)`: the entry stub reads the first four fields (offsets checked below).
+#[repr(C)]
 pub(crate) struct Site {
     addr: u64,
+    /// Where "continue" goes: the detour trampoline.
+    trampoline: AtomicU64,
+    /// The only entry handler's [`DirectEntry`] when the stub may call it itself (see
+    /// [`refresh_direct`]); null otherwise. Leaked like the handler lists.
+    direct: AtomicPtr<DirectEntry>,
+    enabled: AtomicBool,
     /// Hooked inside a function (no override, no return hooks).
     mid_function: bool,
     /// An unwinder entry point (`_Unwind_RaiseException`, ...): put back every replaced return
     /// address of this thread first, so the unwinder walks real frames.
     unwind_fixup: bool,
     name: String,
-    /// Where "continue" goes: the detour trampoline.
-    trampoline: AtomicU64,
-    enabled: AtomicBool,
     /// Null = empty. Replaced copy-on-write, old lists leaked (readers never see freed memory).
     entries: AtomicPtr<Handlers>,
     returns: AtomicPtr<Handlers>,
+}
+
+pub(crate) const SITE_ADDR: usize = std::mem::offset_of!(Site, addr);
+pub(crate) const SITE_TRAMPOLINE: usize = std::mem::offset_of!(Site, trampoline);
+pub(crate) const SITE_DIRECT: usize = std::mem::offset_of!(Site, direct);
+pub(crate) const SITE_ENABLED: usize = std::mem::offset_of!(Site, enabled);
+
+/// Points the site's fast path at its handler's direct entry when the stub may call it alone:
+/// exactly one entry handler offering one, no return handler (those need the shadow stack),
+/// at a function entry and not an unwinder fix-up site. Called after every change of the
+/// site's handler lists, under the registry lock.
+fn refresh_direct(site: &Site) {
+    let load = |l: &AtomicPtr<Handlers>| {
+        let p = l.load(Ordering::Acquire);
+        // SAFETY: published lists are never freed.
+        (!p.is_null()).then(|| unsafe { (*p).as_slice() })
+    };
+    let direct = match (load(&site.entries), load(&site.returns)) {
+        (Some([only]), None) if !site.mid_function && !site.unwind_fixup => {
+            // SAFETY: the entry keeps its handler alive.
+            unsafe { &*only.ptr }.direct_entry()
+        }
+        _ => None,
+    };
+    let p = direct.map_or(std::ptr::null_mut(), |d| Box::into_raw(Box::new(d)));
+    // The previous entry is leaked: a thread in the stub may still be reading it.
+    site.direct.store(p, Ordering::Release);
 }
 
 /// Runs `f` on each handler of a list.
@@ -225,14 +284,15 @@ unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64
         return cont;
     };
     let slot = ThreadSlot(index);
-    if ts.guard {
+    let guard = thread::guard(index);
+    if guard.load(Ordering::Relaxed) {
         REENTERED.fetch_add(1, Ordering::Relaxed);
         return cont;
     }
     if site.unwind_fixup {
         restore_all_frames(ts);
     }
-    ts.guard = true;
+    guard.store(true, Ordering::Relaxed);
     let entry_rsp = regs.rsp;
     let mut over = None;
     for_each(&site.entries, |h| {
@@ -255,8 +315,20 @@ unsafe extern "C" fn dispatch_entry(site: *const Site, regs: *mut PtRegs) -> u64
         }
         cont
     };
-    ts.guard = false;
+    guard.store(false, Ordering::Relaxed);
     next
+}
+
+/// The entry stub's slow thread lookup (the hash probe missed: a thread's first hooked call,
+/// or a collision): the calling thread's slot index, or -1 when the table is full (counted).
+extern "C" fn stub_thread_slot() -> isize {
+    match thread::current_indexed() {
+        Some((index, _)) => index as isize,
+        None => {
+            NO_SLOT.fetch_add(1, Ordering::Relaxed);
+            -1
+        }
+    }
 }
 
 #[inline]
@@ -332,14 +404,15 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
     regs.rip = frame.orig_ret;
     // SAFETY: sites are leaked, never freed.
     let site = unsafe { &*frame.site };
-    if !ts.guard && site.enabled.load(Ordering::Relaxed) {
-        ts.guard = true;
+    let guard = thread::guard(index);
+    if !guard.load(Ordering::Relaxed) && site.enabled.load(Ordering::Relaxed) {
+        guard.store(true, Ordering::Relaxed);
         for_each(&site.returns, |h| {
             if catch_unwind(AssertUnwindSafe(|| h.on_return_in(regs, thread_slot))).is_err() {
                 PANICS.fetch_add(1, Ordering::Relaxed);
             }
         });
-        ts.guard = false;
+        guard.store(false, Ordering::Relaxed);
     }
     frame.orig_ret
 }
@@ -682,6 +755,7 @@ unsafe fn install_locked(
             unwind_fixup,
             name: name.to_string(),
             trampoline: AtomicU64::new(0),
+            direct: AtomicPtr::new(std::ptr::null_mut()),
             enabled: AtomicBool::new(false),
             entries: AtomicPtr::new(std::ptr::null_mut()),
             returns: AtomicPtr::new(std::ptr::null_mut()),
@@ -727,6 +801,7 @@ unsafe fn install_locked(
         ProbeKind::Uretprobe => &entry.site.returns,
     };
     publish(list, |l| l.push(HandlerEntry::new(id, handler)));
+    refresh_direct(entry.site);
     reg.hooks.insert(id, (address, kind));
     if enable {
         if let Err(e) = enable_sites(reg, &[address]) {
@@ -747,6 +822,7 @@ fn unpublish(reg: &mut Registry, id: HookId) -> Option<u64> {
         ProbeKind::Uretprobe => &entry.site.returns,
     };
     publish(list, |l| l.retain(|h| h.id != id));
+    refresh_direct(entry.site);
     let empty = entry.site.entries.load(Ordering::Acquire).is_null()
         && entry.site.returns.load(Ordering::Acquire).is_null();
     (empty && entry.enabled).then_some(addr)

@@ -1,8 +1,9 @@
 //! The register-saving stubs shared by every hook.
 //!
-//! Frame built by both stubs (offsets from the final `rsp`, which is 16-byte aligned):
-//! `[0, 168)` kernel-layout `struct pt_regs`, `[168, 296)` xmm0-7, `[296]` saved rflags,
-//! `[304]` the continuation slot (where the final `ret` goes).
+//! Frame built by both stubs (offsets from the final `rsp`, which is 16-byte aligned at a
+//! function entry): `[0, 168)` kernel-layout `struct pt_regs`, `[176, 304)` xmm0-7 (16-byte
+//! aligned: unaligned vector saves split cache lines, which cost ~6 ns a call), `[312]` saved
+//! rflags, `[320]` the continuation slot (where the final jump goes).
 //!
 //! Entry stub: reached from a per-site thunk that pushed the site pointer (the slot) and jumped
 //! here, so at entry `[rsp]` = site, `[rsp+8]` = the caller's return address. The dispatcher
@@ -14,7 +15,10 @@
 //! dispatcher pops the shadow stack and returns the original return address; `ret 8` jumps there
 //! with `rsp` as right after the original return.
 
-use super::{dispatch_entry, dispatch_return};
+use super::{
+    dispatch_entry, dispatch_return, stub_thread_slot, thread, REENTERED, SITE_ADDR, SITE_DIRECT,
+    SITE_ENABLED, SITE_TRAMPOLINE,
+};
 
 macro_rules! save_regs {
     () => {
@@ -34,15 +38,15 @@ macro_rules! save_regs {
             "mov [rsp+96], rdx\n",
             "mov [rsp+104], rsi\n",
             "mov [rsp+112], rdi\n",
-            "movdqu [rsp+168], xmm0\n",
-            "movdqu [rsp+184], xmm1\n",
-            "movdqu [rsp+200], xmm2\n",
-            "movdqu [rsp+216], xmm3\n",
-            "movdqu [rsp+232], xmm4\n",
-            "movdqu [rsp+248], xmm5\n",
-            "movdqu [rsp+264], xmm6\n",
-            "movdqu [rsp+280], xmm7\n",
-            "mov rax, [rsp+296]\n",
+            "movdqu [rsp+176], xmm0\n",
+            "movdqu [rsp+192], xmm1\n",
+            "movdqu [rsp+208], xmm2\n",
+            "movdqu [rsp+224], xmm3\n",
+            "movdqu [rsp+240], xmm4\n",
+            "movdqu [rsp+256], xmm5\n",
+            "movdqu [rsp+272], xmm6\n",
+            "movdqu [rsp+288], xmm7\n",
+            "mov rax, [rsp+312]\n",
             "mov [rsp+144], rax\n",
             "mov qword ptr [rsp+120], -1\n",
             "mov qword ptr [rsp+136], 0x33\n",
@@ -55,15 +59,15 @@ macro_rules! save_regs {
 macro_rules! restore_regs {
     () => {
         concat!(
-            "mov [rsp+304], rax\n",
-            "movdqu xmm0, [rsp+168]\n",
-            "movdqu xmm1, [rsp+184]\n",
-            "movdqu xmm2, [rsp+200]\n",
-            "movdqu xmm3, [rsp+216]\n",
-            "movdqu xmm4, [rsp+232]\n",
-            "movdqu xmm5, [rsp+248]\n",
-            "movdqu xmm6, [rsp+264]\n",
-            "movdqu xmm7, [rsp+280]\n",
+            "mov [rsp+320], rax\n",
+            "movdqu xmm0, [rsp+176]\n",
+            "movdqu xmm1, [rsp+192]\n",
+            "movdqu xmm2, [rsp+208]\n",
+            "movdqu xmm3, [rsp+224]\n",
+            "movdqu xmm4, [rsp+240]\n",
+            "movdqu xmm5, [rsp+256]\n",
+            "movdqu xmm6, [rsp+272]\n",
+            "movdqu xmm7, [rsp+288]\n",
             "mov r15, [rsp+0]\n",
             "mov r14, [rsp+8]\n",
             "mov r13, [rsp+16]\n",
@@ -99,13 +103,13 @@ macro_rules! entry_stub {
             ":\n",
             // [rsp] = site (pushed by the thunk), [rsp+8] = return address
             "pushfq\n",
-            "sub rsp, 296\n",
+            "sub rsp, 312\n",
             save_regs!(),
             "lea rax, [rsp+",
             $rsp_off,
             "]\n",
             "mov [rsp+152], rax\n",
-            "mov rdi, [rsp+304]\n",
+            "mov rdi, [rsp+320]\n",
             "mov rsi, rsp\n",
             "mov rbx, rsp\n",
             "and rsp, -16\n",
@@ -125,26 +129,100 @@ macro_rules! entry_stub {
 core::arch::global_asm!(
     ".text",
     ".p2align 4",
-    // Leave without `popfq` (slow; flags are not live at a function entry) and with an indirect
-    // `jmp` rather than `ret`, which would unbalance the return stack buffer and cost two
-    // mispredictions per call. The slot at S-8 is inside the red zone, which signal delivery
-    // skips, so it survives until the jump.
-    entry_stub!(
-        "bpftime_attach_entry_stub",
-        "312",
-        "lea rsp, [rsp+312]\njmp qword ptr [rsp-8]\n"
-    ),
+    ".globl bpftime_attach_entry_stub",
+    ".hidden bpftime_attach_entry_stub",
+    ".type bpftime_attach_entry_stub,@function",
+    "bpftime_attach_entry_stub:",
+    // [rsp] = site (pushed by the thunk), [rsp+8] = return address
+    "pushfq",
+    "sub rsp, 312",
+    save_regs!(),
+    "lea rax, [rsp+328]",
+    "mov [rsp+152], rax",
+    "mov rbx, [rsp+320]",
+    "mov rax, [rbx+{site_addr}]",
+    "mov [rsp+128], rax",
+    // rbx = site, r14 = frame; both callee-saved, restored from the frame on the way out
+    "mov r14, rsp",
+    "mov r12, [rbx+{site_direct}]",
+    "test r12, r12",
+    "jz 5f",
+    // Fast path: one handler with a direct entry. Find the thread's slot: the first probe of
+    // the hash table (as `thread::current_indexed` computes it), else the slow lookup.
+    "cmp byte ptr [rbx+{site_enabled}], 0",
+    "je 3f",
+    "mov rax, qword ptr fs:[0]",
+    "mov rcx, {key_hash}",
+    "imul rcx, rax",
+    "shr rcx, {key_shift}",
+    "lea rdx, [rip+{table}]",
+    "cmp [rdx+rcx*8], rax",
+    "jne 6f",
+    "8:",
+    "lea rdx, [rip+{guards}]",
+    "cmp byte ptr [rdx+rcx], 0",
+    "jne 7f",
+    "mov byte ptr [rdx+rcx], 1",
+    "mov r13, rcx",
+    "mov rdi, [r12+8]",
+    "mov rsi, r14",
+    "mov rdx, rcx",
+    "and rsp, -16",
+    "call [r12]",
+    "mov rsp, r14",
+    "lea rdx, [rip+{guards}]",
+    "mov byte ptr [rdx+r13], 0",
+    "test rax, rax",
+    "jnz 4f",
+    // continue into the original function (its trampoline)
+    "3:",
+    "mov rax, [rbx+{site_trampoline}]",
+    "2:",
+    restore_regs!(),
+    // Leave without `popfq` (slow; flags are not live at a function entry) and with an
+    // indirect `jmp` rather than `ret`, which would unbalance the return stack buffer and cost
+    // two mispredictions per call. The slot at S-8 is inside the red zone, which signal
+    // delivery skips, so it survives until the jump.
+    "lea rsp, [rsp+328]",
+    "jmp qword ptr [rsp-8]",
+    // skip the function: return regs.rax to the caller
+    "4:",
+    "lea rax, [rip+bpftime_attach_ret_insn]",
+    "jmp 2b",
+    // generic path: the dispatcher runs every handler and returns where to continue
+    "5:",
+    "mov rdi, rbx",
+    "mov rsi, r14",
+    "and rsp, -16",
+    "call {entry}",
+    "mov rsp, r14",
+    "jmp 2b",
+    // slow thread lookup: rax = slot index, or -1 (no slot: run unprobed)
+    "6:",
+    "and rsp, -16",
+    "call {thread_slot}",
+    "mov rsp, r14",
+    "mov rcx, rax",
+    "test rax, rax",
+    "jns 8b",
+    "jmp 3b",
+    // re-entered from inside a handler: run unprobed
+    "7:",
+    "lock inc qword ptr [rip+{reentered}]",
+    "jmp 3b",
+    ".size bpftime_attach_entry_stub, .-bpftime_attach_entry_stub",
+    "",
     ".p2align 4",
-    // variant for hooks inside a function (FUNC+OFFSET): the thunk first steps over the
-    // 128-byte red zone, which may hold live data there
+    // variant for hooks inside a function (FUNC+OFFSET), generic path only: the thunk first
+    // steps over the 128-byte red zone, which may hold live data there
     entry_stub!(
         "bpftime_attach_entry_stub_rz",
-        "440",
+        "456",
         concat!(
             "mov rax, [rsp+144]\n",
-            "mov [rsp+296], rax\n",
+            "mov [rsp+312], rax\n",
             "mov rax, [rsp+80]\n",
-            "add rsp, 296\n",
+            "add rsp, 312\n",
             "popfq\n",
             "ret 128\n"
         )
@@ -166,9 +244,9 @@ core::arch::global_asm!(
     "lea rsp, [rsp-8]",
     "push 0",
     "pushfq",
-    "sub rsp, 296",
+    "sub rsp, 312",
     save_regs!(),
-    "lea rax, [rsp+320]",
+    "lea rax, [rsp+336]",
     "mov [rsp+152], rax",
     "mov rdi, rsp",
     "mov rbx, rsp",
@@ -177,11 +255,21 @@ core::arch::global_asm!(
     "mov rsp, rbx",
     restore_regs!(),
     // flags are not live after a return; jump (slot at R-16, inside the red zone)
-    "lea rsp, [rsp+320]",
+    "lea rsp, [rsp+336]",
     "jmp qword ptr [rsp-16]",
     ".size bpftime_attach_return_stub, .-bpftime_attach_return_stub",
     entry = sym dispatch_entry,
     ret = sym dispatch_return,
+    thread_slot = sym stub_thread_slot,
+    table = sym thread::TABLE,
+    guards = sym thread::GUARDS,
+    reentered = sym REENTERED,
+    key_hash = const thread::KEY_HASH,
+    key_shift = const thread::KEY_SHIFT,
+    site_addr = const SITE_ADDR,
+    site_trampoline = const SITE_TRAMPOLINE,
+    site_direct = const SITE_DIRECT,
+    site_enabled = const SITE_ENABLED,
 );
 
 extern "C" {

@@ -6,7 +6,7 @@
 
 use super::Site;
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub(super) const MAX_THREADS: usize = 2048;
 pub(super) const MAX_FRAMES: usize = 256;
@@ -20,14 +20,15 @@ pub(super) struct Frame {
 }
 
 pub(super) struct ThreadState {
-    pub guard: bool,
     pub depth: usize,
     pub frames: [Frame; MAX_FRAMES],
 }
 
 /// Keys apart from states: the key probe walks a dense array (8 bytes per slot) and finds the
-/// state by index, instead of striding through the multi-kilobyte states.
-struct Table {
+/// state by index, instead of striding through the multi-kilobyte states. `repr(C)` with the
+/// keys first: the entry stub probes `keys` itself (`TABLE` is the keys' address).
+#[repr(C)]
+pub(super) struct Table {
     keys: [AtomicUsize; MAX_THREADS],
     states: [UnsafeCell<ThreadState>; MAX_THREADS],
 }
@@ -35,11 +36,10 @@ struct Table {
 // SAFETY: a slot's state is only touched by the thread whose key claimed it.
 unsafe impl Sync for Table {}
 
-static TABLE: Table = Table {
+pub(super) static TABLE: Table = Table {
     keys: [const { AtomicUsize::new(0) }; MAX_THREADS],
     states: [const {
         UnsafeCell::new(ThreadState {
-            guard: false,
             depth: 0,
             frames: [Frame {
                 slot: 0,
@@ -49,6 +49,25 @@ static TABLE: Table = Table {
         })
     }; MAX_THREADS],
 };
+
+/// Per-slot re-entrancy guards (1 = a handler of this thread is running), apart from the states
+/// so the entry stub tests one byte at `GUARDS + index`.
+#[repr(transparent)]
+pub(super) struct Guards(pub [AtomicBool; MAX_THREADS]);
+
+pub(super) static GUARDS: Guards = Guards([const { AtomicBool::new(false) }; MAX_THREADS]);
+
+/// Multiplier of the key hash; the entry stub computes the same hash.
+pub(super) const KEY_HASH: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Right shift of the key hash: leaves the index bits.
+pub(super) const KEY_SHIFT: u32 = 64 - MAX_THREADS.trailing_zeros();
+
+/// The calling thread's guard (only the thread holding slot `index` touches it; relaxed
+/// accesses suffice).
+#[inline(always)]
+pub(super) fn guard(index: usize) -> &'static AtomicBool {
+    &GUARDS.0[index]
+}
 
 #[inline(always)]
 fn thread_key() -> usize {
@@ -65,7 +84,7 @@ fn thread_key() -> usize {
 #[inline]
 pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
     let key = thread_key();
-    let mut i = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53) & (MAX_THREADS - 1);
+    let mut i = ((key as u64).wrapping_mul(KEY_HASH) >> KEY_SHIFT) as usize & (MAX_THREADS - 1);
     for _ in 0..MAX_THREADS {
         let slot = &TABLE.keys[i];
         let k = slot.load(Ordering::Acquire);

@@ -67,7 +67,7 @@ use crate::vm::insn::{
     Insn, BPF_PSEUDO_BTF_ID, BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
     BPF_PSEUDO_MAP_VALUE, CALL, LDDW,
 };
-use crate::vm::jit::{InlineArray, JitCall, JitMap, JitMapResolver};
+use crate::vm::jit::{InlineArray, JitCall, JitMap, JitMapResolver, JitProgram};
 use crate::vm::{
     interpret, CallContext, HelperError, Helpers, InterpOptions, LddwReloc, MemoryBuffers,
     MemoryMap, Program, VmError,
@@ -628,8 +628,23 @@ impl RuntimeHelpers {
     // Inline: on the hot path of every hooked call (one call frame less per run).
     #[inline]
     pub unsafe fn run_jit(&mut self, prog: &Program, ctx: &mut [u8]) -> Result<u64, VmError> {
-        let args = [ctx.as_mut_ptr() as u64, ctx.len() as u64, 0, 0, 0];
         let jit = prog.jit()?;
+        // SAFETY: the caller's contract.
+        unsafe { self.run_jit_image(jit, ctx) }
+    }
+
+    /// [`run_jit`](Self::run_jit) with the program's image at hand ([`Program::jit`]): for a
+    /// caller that runs the same program on every call (a hook) and keeps the image.
+    ///
+    /// # Safety
+    /// As [`run_jit`](Self::run_jit).
+    #[inline]
+    pub unsafe fn run_jit_image(
+        &mut self,
+        jit: &JitProgram,
+        ctx: &mut [u8],
+    ) -> Result<u64, VmError> {
+        let args = [ctx.as_mut_ptr() as u64, ctx.len() as u64, 0, 0, 0];
         // Nothing is registered for the JIT (pointers are trusted, helpers register regions
         // and owners only on the checked interpreter), so nothing to keep alive and nothing
         // to free: the empty map is not dropped (an out-of-line drop-glue call per run), nor

@@ -718,6 +718,20 @@ impl JitProgram {
     #[inline(never)]
     unsafe fn finish(
         mut env: JitEnv<'_, '_>,
+        r: u64,
+        map_set: Option<u64>,
+    ) -> Result<u64, VmError> {
+        // SAFETY: forwarded.
+        unsafe { Self::finish_in_place(&mut env, r, map_set) }
+    }
+
+    /// [`finish`](Self::finish) on an environment that stays in place (a [`JitSession`]'s).
+    /// Leaves `env.entry`, `env.fast` and `env.jit` naming the last tail-called image.
+    ///
+    /// # Safety
+    /// As [`finish`](Self::finish).
+    unsafe fn finish_in_place(
+        env: &mut JitEnv<'_, '_>,
         mut r: u64,
         map_set: Option<u64>,
     ) -> Result<u64, VmError> {
@@ -738,21 +752,115 @@ impl JitProgram {
                 env.fast = jit.fast_for(map_set);
                 env.jit = jit;
                 // SAFETY: as above; the tail-called program is under the same contract.
-                r = unsafe { jit.enter([r1, 0, 0, 0, 0], &mut env) };
+                r = unsafe { jit.enter([r1, 0, 0, 0, 0], env) };
                 continue;
             }
-            return take_outcome(&mut env, r);
+            return take_outcome(env, r);
         }
     }
 
     /// # Safety
     /// See [`JitProgram::run`].
+    #[inline(always)]
     unsafe fn enter(&self, args: [u64; 5], env: *mut JitEnv<'_, '_>) -> u64 {
         // SAFETY: `code` starts with the outer entry, which follows the SysV ABI with the
         // signature `EntryFn`.
         let f: EntryFn = unsafe { std::mem::transmute::<*mut u8, EntryFn>(self.code) };
         // SAFETY: see the function contract.
         unsafe { f(args[0], args[1], args[2], args[3], args[4], env) }
+    }
+}
+
+/// A run environment kept across runs of one image with the same helpers: a hook runs the
+/// same program with the same per-thread helpers on every call, so the environment is filled
+/// once and a run that returns normally stores only its arguments (filling it per run, with the
+/// memory map and the result moves around it, was ~40 stores on every hooked call).
+pub struct JitSession<'h> {
+    env: JitEnv<'h, 'static>,
+    /// Where helpers may register regions (the JIT never checks them); emptied after a run
+    /// that did.
+    mem: MemoryMap<'static>,
+    image: *const JitProgram,
+    map_set: Option<u64>,
+}
+
+impl JitProgram {
+    /// A session running this image with `helpers`, boxed so the environment can point at
+    /// its own memory map.
+    ///
+    /// # Safety
+    /// `helpers` must stay valid, and be used by nothing else while a run is in progress, for
+    /// as long as the session lives; so must this image.
+    pub unsafe fn session<'h>(&self, helpers: *mut (dyn Helpers + 'h)) -> Box<JitSession<'h>> {
+        // SAFETY: the caller's contract: `helpers` is valid.
+        let map_set = unsafe { (*helpers).map_set_id() };
+        let mut session = Box::new(JitSession {
+            env: JitEnv {
+                saved_rsp: 0,
+                status: ST_OK,
+                pc: 0,
+                helper_id: 0,
+                depth: 0,
+                aux: 0,
+                entry: self.func_table[0],
+                fast: self.fast_for(map_set),
+                jit: self,
+                helpers,
+                mem: std::ptr::null_mut(),
+                error: None,
+                tail: None,
+            },
+            mem: MemoryMap::new(),
+            image: self,
+            map_set,
+        });
+        session.env.mem = &mut session.mem;
+        session
+    }
+}
+
+impl JitSession<'_> {
+    /// Runs the image with r1 = `r1`, r2 = `r2`.
+    ///
+    /// # Safety
+    /// As [`JitProgram::run`], plus the contract of [`JitProgram::session`].
+    #[inline(always)]
+    pub unsafe fn run(&mut self, r1: u64, r2: u64) -> Result<u64, VmError> {
+        // SAFETY: the caller's contract; the image outlives the session.
+        let r = unsafe { (*self.image).enter([r1, r2, 0, 0, 0], &mut self.env) };
+        if self.env.status == ST_OK && self.mem.regions().is_empty() {
+            return Ok(r);
+        }
+        // SAFETY: as above.
+        unsafe { self.finish(r) }
+    }
+
+    /// Tail calls and errors ([`JitProgram::finish`]); then puts the environment back as
+    /// [`JitProgram::session`] filled it.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run).
+    #[cold]
+    #[inline(never)]
+    unsafe fn finish(&mut self, r: u64) -> Result<u64, VmError> {
+        let result = if self.env.status == ST_OK {
+            Ok(r)
+        } else {
+            // SAFETY: forwarded.
+            unsafe { JitProgram::finish_in_place(&mut self.env, r, self.map_set) }
+        };
+        // SAFETY: the image outlives the session.
+        let image = unsafe { &*self.image };
+        self.env.status = ST_OK;
+        self.env.depth = 0;
+        self.env.entry = image.func_table[0];
+        self.env.fast = image.fast_for(self.map_set);
+        self.env.jit = image;
+        self.env.error = None;
+        self.env.tail = None;
+        self.mem = MemoryMap::new();
+        self.env.mem = &mut self.mem;
+        result
     }
 }
 

@@ -1,0 +1,247 @@
+//! The entry stub's fast path: a site whose only handler offers a [`DirectEntry`] is served by
+//! the stub calling that entry itself. Same observable behaviour as the generic dispatcher:
+//! registers in and out, override, re-entrancy, threads, and the switch back to the dispatcher
+//! when a second handler (or a return handler) joins the site.
+
+mod common;
+
+use bpftime_attach::hook::ThreadSlot;
+use bpftime_attach::{
+    hook, resolve, DirectEntry, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs,
+};
+use common::{sym, target};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counts how each call reached it (stub fast path or generic dispatcher) and acts on the
+/// registers the same way in both.
+#[derive(Default)]
+struct Probe {
+    direct: AtomicU64,
+    generic: AtomicU64,
+    /// Record PARM1..6 of each call.
+    record: bool,
+    args: Mutex<Vec<[u64; 6]>>,
+    /// rsp % 16 of the last call (8 at a function entry).
+    rsp_mod16: AtomicU64,
+    rip: AtomicU64,
+    /// (PARM1 value, override value).
+    override_on: Option<(u64, u64)>,
+    /// Allocate when PARM1 equals this (a probe on malloc that calls malloc).
+    allocate_on: Option<u64>,
+    thread_max: AtomicU64,
+}
+
+impl Probe {
+    fn act(&self, regs: &mut PtRegs) -> EntryAction {
+        if self.record {
+            let a = [1, 2, 3, 4, 5, 6].map(|i| regs.arg(i).unwrap());
+            self.args.lock().unwrap().push(a);
+        }
+        self.rsp_mod16.store(regs.rsp % 16, Ordering::Relaxed);
+        self.rip.store(regs.rip, Ordering::Relaxed);
+        if self.allocate_on == regs.arg(1) {
+            let v: Vec<u8> = Vec::with_capacity(regs.arg(1).unwrap() as usize);
+            std::hint::black_box(v);
+        }
+        match self.override_on {
+            Some((arg, value)) if regs.arg(1) == Some(arg) => EntryAction::Override(value),
+            _ => EntryAction::Continue,
+        }
+    }
+}
+
+unsafe extern "C" fn probe_direct(data: *const (), regs: *mut PtRegs, thread: ThreadSlot) -> u64 {
+    // SAFETY: `data` is the `Probe` that returned this entry, kept alive by the engine; `regs`
+    // is the stub's frame, exclusively ours during the call.
+    let (probe, regs) = unsafe { (&*(data as *const Probe), &mut *regs) };
+    probe.direct.fetch_add(1, Ordering::Relaxed);
+    probe
+        .thread_max
+        .fetch_max(thread.index() as u64, Ordering::Relaxed);
+    match probe.act(regs) {
+        EntryAction::Override(v) => {
+            regs.rax = v;
+            1
+        }
+        EntryAction::Continue => 0,
+    }
+}
+
+impl ProbeHandler for Probe {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        self.generic.fetch_add(1, Ordering::Relaxed);
+        self.act(regs)
+    }
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        Some(DirectEntry {
+            func: probe_direct,
+            data: self as *const Self as *const (),
+        })
+    }
+}
+
+fn install(set: &mut HookSet, func: &str, kind: ProbeKind, h: Arc<dyn ProbeHandler>) {
+    let t = resolve(&target(func)).unwrap();
+    set.install(&t, kind, h).unwrap();
+}
+
+#[test]
+fn direct_entry_sees_the_registers_of_the_call() {
+    type F = extern "C" fn(i64, i64, i64, i64, i64, i64) -> i64;
+    let add6: F = sym("add6");
+    let p = Arc::new(Probe {
+        record: true,
+        ..Default::default()
+    });
+    let mut set = HookSet::new();
+    install(&mut set, "add6", ProbeKind::Uprobe, p.clone());
+    assert_eq!(add6(1, 2, 3, 4, 5, -6), 1 + 4 + 9 + 16 + 25 - 36);
+    assert_eq!(add6(10, 20, 30, 40, 50, 60), 910);
+    assert_eq!(
+        p.args.lock().unwrap().as_slice(),
+        &[[1, 2, 3, 4, 5, (-6i64) as u64], [10, 20, 30, 40, 50, 60]]
+    );
+    assert_eq!(
+        p.direct.load(Ordering::Relaxed),
+        2,
+        "served by the fast path"
+    );
+    assert_eq!(p.generic.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        p.rsp_mod16.load(Ordering::Relaxed),
+        8,
+        "rsp as at the entry"
+    );
+    assert_eq!(
+        p.rip.load(Ordering::Relaxed),
+        resolve(&target("add6")).unwrap().address
+    );
+    set.detach().unwrap();
+    add6(0, 0, 0, 0, 0, 0);
+    assert_eq!(
+        p.direct.load(Ordering::Relaxed),
+        2,
+        "no call seen after detach"
+    );
+}
+
+#[test]
+fn float_arguments_survive_the_direct_path() {
+    type F = extern "C" fn(f64, f64, i64) -> f64;
+    let fmix: F = sym("fmix");
+    let p = Arc::new(Probe {
+        // recording and allocating may use the vector registers
+        record: true,
+        allocate_on: Some(3),
+        ..Default::default()
+    });
+    let mut set = HookSet::new();
+    install(&mut set, "fmix", ProbeKind::Uprobe, p.clone());
+    assert_eq!(fmix(1.5, 0.25, 3), 6.25);
+    assert_eq!(p.direct.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn direct_override_skips_the_function() {
+    type F = extern "C" fn(i32) -> i32;
+    let check: F = sym("check_secret");
+    let p = Arc::new(Probe {
+        override_on: Some((5, 1234)),
+        ..Default::default()
+    });
+    let mut set = HookSet::new();
+    install(&mut set, "check_secret", ProbeKind::Uprobe, p.clone());
+    assert_eq!(check(5), 1234);
+    assert_eq!(check(6), 1, "not overridden: the original runs");
+    assert_eq!(check(7), 0);
+    assert_eq!(p.direct.load(Ordering::Relaxed), 3);
+    set.detach().unwrap();
+    assert_eq!(check(5), 0);
+}
+
+#[test]
+fn second_handler_moves_the_site_to_the_dispatcher_and_back() {
+    type F = extern "C" fn(i64) -> i64;
+    let churn: F = sym("churn");
+    let first = Arc::new(Probe::default());
+    let second = Arc::new(Probe::default());
+    let t = resolve(&target("churn")).unwrap();
+    let mut set = HookSet::new();
+    set.install(&t, ProbeKind::Uprobe, first.clone()).unwrap();
+    churn(1);
+    let second_id = set.install(&t, ProbeKind::Uprobe, second.clone()).unwrap();
+    churn(2);
+    set.remove(second_id).unwrap();
+    churn(3);
+    let ret_id = set
+        .install(&t, ProbeKind::Uretprobe, second.clone())
+        .unwrap();
+    churn(4);
+    set.remove(ret_id).unwrap();
+    churn(5);
+    let count = |p: &Probe| {
+        (
+            p.direct.load(Ordering::Relaxed),
+            p.generic.load(Ordering::Relaxed),
+        )
+    };
+    // calls 1, 3, 5 alone (direct); 2 and 4 shared with another handler (generic)
+    assert_eq!(count(&first), (3, 2));
+    assert_eq!(count(&second), (0, 1), "the second's entry ran once");
+}
+
+#[test]
+fn direct_handler_calling_malloc_is_not_reentered() {
+    type F = extern "C" fn(usize) -> *mut u8;
+    let alloc_wrap: F = sym("alloc_wrap");
+    const MAGIC: u64 = 123_459;
+    let p = Arc::new(Probe {
+        allocate_on: Some(MAGIC),
+        ..Default::default()
+    });
+    let t = resolve("libc.so.6:malloc").unwrap();
+    let mut set = HookSet::new();
+    set.install(&t, ProbeKind::Uprobe, p.clone()).unwrap();
+    let before = hook::stats().reentered;
+    let seen_before = p.direct.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        let q = alloc_wrap(MAGIC as usize);
+        assert!(!q.is_null());
+        // SAFETY: freeing what malloc returned.
+        unsafe { libc::free(q.cast()) };
+    }
+    set.detach().unwrap();
+    assert!(p.direct.load(Ordering::Relaxed) - seen_before >= 100);
+    assert_eq!(p.generic.load(Ordering::Relaxed), 0);
+    assert!(hook::stats().reentered - before >= 100);
+}
+
+#[test]
+fn eight_threads_one_million_direct_calls_each_exact() {
+    type F = extern "C" fn(i64) -> i64;
+    let work: F = sym("work");
+    let p = Arc::new(Probe::default());
+    let mut set = HookSet::new();
+    install(&mut set, "work", ProbeKind::Uprobe, p.clone());
+    const N: u64 = 1_000_000;
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = 0i64;
+                for i in 0..N as i64 {
+                    s = s.wrapping_add(work(i + t));
+                }
+                s
+            })
+        })
+        .collect();
+    for (t, h) in threads.into_iter().enumerate() {
+        let t = t as i64;
+        let expect: i64 = (0..N as i64).map(|i| i + t + 1).sum();
+        assert_eq!(h.join().unwrap(), expect);
+    }
+    assert_eq!(p.direct.load(Ordering::Relaxed), 8 * N);
+    assert_eq!(p.generic.load(Ordering::Relaxed), 0);
+    assert!(p.thread_max.load(Ordering::Relaxed) < hook::MAX_THREADS as u64);
+}
