@@ -245,3 +245,49 @@ fn eight_threads_one_million_direct_calls_each_exact() {
     assert_eq!(p.generic.load(Ordering::Relaxed), 0);
     assert!(p.thread_max.load(Ordering::Relaxed) < hook::MAX_THREADS as u64);
 }
+
+#[test]
+fn direct_hooks_come_and_go_while_threads_run_through() {
+    type F = extern "C" fn(i64) -> i64;
+    // a function no other test of this process calls
+    let bench_plain: F = sym("bench_plain");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(bench_plain(n as i64), n as i64 + 1);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let alone = Arc::new(Probe::default());
+    let other = Arc::new(Probe::default());
+    let t = resolve(&target("bench_plain")).unwrap();
+    for round in 0..100 {
+        let mut set = HookSet::new();
+        set.install(&t, ProbeKind::Uprobe, alone.clone()).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(100));
+        // every other round a second handler joins (the site leaves the fast path) and leaves
+        if round % 2 == 1 {
+            let id = set.install(&t, ProbeKind::Uprobe, other.clone()).unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            set.remove(id).unwrap();
+        }
+        set.detach().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let calls: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(calls > 0);
+    assert!(alone.direct.load(Ordering::Relaxed) > 0, "fast path taken");
+    assert!(
+        alone.generic.load(Ordering::Relaxed) > 0,
+        "dispatcher taken"
+    );
+    assert_eq!(other.direct.load(Ordering::Relaxed), 0, "never alone");
+    assert!(alone.direct.load(Ordering::Relaxed) + alone.generic.load(Ordering::Relaxed) <= calls);
+}
