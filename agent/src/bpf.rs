@@ -14,12 +14,13 @@
 use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bpftime_attach::hook::{ThreadSlot, MAX_THREADS};
 use bpftime_attach::{DirectEntry, EntryAction, ProbeHandler, ProbeKind, PtRegs};
 use bpftime_runtime::helpers::RuntimeHelpers;
 use bpftime_runtime::loaded::{ProgramRunner, PublishedObject, RunnableProgram};
+use bpftime_runtime::vm::jit::{JitHook, JitHookSlowFn};
 use bpftime_runtime::vm::{VmError, VmKind};
 
 /// One program on one hook.
@@ -35,6 +36,10 @@ pub struct BpfHandler {
     /// later thread only after its previous thread exited, so the helpers move with it (they
     /// hold no thread identity; per-run state is reset by every run).
     per_slot: Box<[SlotHelpers]>,
+    /// The JIT's machine-code entry for a leaf program ([`JitHook`]), made on first use
+    /// (it points back at this handler, so only once the handler is in place) and `None`
+    /// when the program needs the Rust path (not on our JIT, or not a leaf).
+    jit_hook: OnceLock<Option<Box<JitHook>>>,
 }
 
 /// One thread slot's runner (helpers and JIT session); only touched by the thread holding the
@@ -67,13 +72,44 @@ impl BpfHandler {
             per_slot: (0..MAX_THREADS)
                 .map(|_| SlotHelpers(UnsafeCell::new(None)))
                 .collect(),
+            jit_hook: OnceLock::new(),
         }
+    }
+
+    /// The JIT hook entry of this handler's program, if it has one (see `jit_hook`).
+    fn jit_hook(&self) -> Option<&JitHook> {
+        self.jit_hook
+            .get_or_init(|| {
+                let jit = (self.program.vm == VmKind::Jit)
+                    .then(|| self.program.program.jit().ok())
+                    .flatten()?;
+                // SAFETY: the image lives in `self.program` and the callbacks' data is `self`:
+                // both live as long as the hook, which `self` owns; the engine calls the entry
+                // only while it keeps this handler alive.
+                unsafe {
+                    JitHook::new(
+                        jit,
+                        MAX_THREADS,
+                        std::mem::size_of::<PtRegs>() as u64,
+                        jit_hook_slow,
+                        jit_hook_after,
+                        self as *const Self as *const (),
+                    )
+                }
+            })
+            .as_deref()
     }
 
     /// Runs the program on `regs` with the runner of thread slot `slot`.
     #[inline(always)]
     fn run_in(&self, regs: &mut PtRegs, slot: ThreadSlot) -> Option<u64> {
-        let Some(cell) = self.per_slot.get(slot.index()) else {
+        self.run_slot(regs, slot.index())
+    }
+
+    /// [`run_in`](Self::run_in) by slot index (as the JIT hook entry passes it).
+    #[inline(always)]
+    fn run_slot(&self, regs: &mut PtRegs, index: usize) -> Option<u64> {
+        let Some(cell) = self.per_slot.get(index) else {
             return self.run(regs);
         };
         // SAFETY: see `SlotHelpers`: this thread holds the slot, and no other reference to the
@@ -81,7 +117,7 @@ impl BpfHandler {
         let entry = unsafe { &mut *cell.0.get() };
         let runner = match entry {
             Some(r) => r,
-            None => self.first_runner(entry)?,
+            None => self.first_runner(entry, index)?,
         };
         let result = runner.run(&self.program, regs.as_bytes_mut());
         self.outcome(result, runner.helpers())
@@ -92,11 +128,18 @@ impl BpfHandler {
     fn first_runner<'a>(
         &self,
         entry: &'a mut Option<Box<ProgramRunner>>,
+        index: usize,
     ) -> Option<&'a mut Box<ProgramRunner>> {
         match self.object.helpers() {
             Ok(mut h) => {
                 h.attach_mut().func_ip = self.func_ip;
-                Some(entry.insert(Box::new(ProgramRunner::new(&self.program, h))))
+                let runner = entry.insert(Box::new(ProgramRunner::new(&self.program, h)));
+                if let Some(hook) = self.jit_hook() {
+                    // SAFETY: the runner is boxed in this slot's cell for the handler's whole
+                    // life (never replaced), and only the thread holding the slot uses it.
+                    unsafe { runner.register_hook_slot(hook, index) };
+                }
+                Some(runner)
             }
             Err(e) => {
                 self.report(&format!("cannot set up helpers: {e}"));
@@ -156,12 +199,34 @@ unsafe extern "C" fn direct_entry(data: *const (), regs: *mut PtRegs, thread: Th
     // the stub's frame, ours alone for the call.
     let (handler, regs) = unsafe { (&*(data as *const BpfHandler), &mut *regs) };
     // A panic must not unwind into the stub: the call then goes on unprobed.
-    match catch_unwind(AssertUnwindSafe(|| handler.run_in(regs, thread))) {
-        Ok(Some(rc)) => {
-            regs.rax = rc;
-            1
-        }
-        Ok(None) => 0,
+    let run = catch_unwind(AssertUnwindSafe(|| handler.run_in(regs, thread)));
+    handler.direct_outcome(run, regs)
+}
+
+/// [`JitHook`]'s `slow` callback: the slot's first run (no session registered yet), made
+/// through the Rust path, which sets the slot up. xmm0-7 are saved by the caller.
+unsafe extern "C" fn jit_hook_slow(data: *const (), ctx: *mut u8, slot: usize) -> u64 {
+    // SAFETY: the hook's data is its handler (see `BpfHandler::jit_hook`) and `ctx` the stub's
+    // `PtRegs` frame, forwarded by the entry.
+    let (handler, regs) = unsafe { (&*(data as *const BpfHandler), &mut *(ctx as *mut PtRegs)) };
+    let run = catch_unwind(AssertUnwindSafe(|| handler.run_slot(regs, slot)));
+    handler.direct_outcome(run, regs)
+}
+
+/// [`JitHook`]'s `after` callback: a run of the slot's session that did not simply return.
+unsafe extern "C" fn jit_hook_after(data: *const (), slot: usize, r0: u64) -> u64 {
+    // SAFETY: as in `jit_hook_slow`.
+    let handler = unsafe { &*(data as *const BpfHandler) };
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        let cell = handler.per_slot.get(slot)?;
+        // SAFETY: see `SlotHelpers`; the entry only runs slots whose runner is registered.
+        let runner = unsafe { &mut *cell.0.get() }.as_mut()?;
+        // SAFETY: called right after the entry's run of this session, on the slot's thread.
+        let result = unsafe { runner.finish_hook_run(r0) };
+        handler.outcome(result, runner.helpers())
+    }));
+    match run {
+        Ok(_) => 0,
         Err(_) => {
             handler.report("panicked");
             0
@@ -169,11 +234,44 @@ unsafe extern "C" fn direct_entry(data: *const (), regs: *mut PtRegs, thread: Th
     }
 }
 
+impl BpfHandler {
+    /// What a direct entry returns for the outcome of a run (see [`DirectEntry`]).
+    fn direct_outcome(&self, run: std::thread::Result<Option<u64>>, regs: &mut PtRegs) -> u64 {
+        match run {
+            Ok(Some(rc)) => {
+                regs.rax = rc;
+                1
+            }
+            Ok(None) => 0,
+            Err(_) => {
+                self.report("panicked");
+                0
+            }
+        }
+    }
+}
+
 impl ProbeHandler for BpfHandler {
     fn direct_entry(&self) -> Option<DirectEntry> {
+        if let Some(hook) = self.jit_hook() {
+            // SAFETY: the entry's signature is the engine's with `ThreadSlot` (a transparent
+            // usize) as `usize` and the `PtRegs` pointer as the context pointer.
+            let func = unsafe {
+                std::mem::transmute::<
+                    JitHookSlowFn,
+                    unsafe extern "C" fn(*const (), *mut PtRegs, ThreadSlot) -> u64,
+                >(JitHook::entry())
+            };
+            return Some(DirectEntry {
+                func,
+                data: hook as *const JitHook as *const (),
+                preserves_vector_regs: true,
+            });
+        }
         Some(DirectEntry {
             func: direct_entry,
             data: self as *const Self as *const (),
+            preserves_vector_regs: false,
         })
     }
 

@@ -77,6 +77,7 @@ impl ProbeHandler for Probe {
         Some(DirectEntry {
             func: probe_direct,
             data: self as *const Self as *const (),
+            preserves_vector_regs: false,
         })
     }
 }
@@ -290,4 +291,63 @@ fn direct_hooks_come_and_go_while_threads_run_through() {
     );
     assert_eq!(other.direct.load(Ordering::Relaxed), 0, "never alone");
     assert!(alone.direct.load(Ordering::Relaxed) + alone.generic.load(Ordering::Relaxed) <= calls);
+}
+
+// A direct entry that touches no vector register: counts calls in the `AtomicU64` at `data`.
+core::arch::global_asm!(
+    ".text",
+    ".globl bpftime_test_count_vector_safe",
+    ".type bpftime_test_count_vector_safe,@function",
+    "bpftime_test_count_vector_safe:",
+    "lock inc qword ptr [rdi]",
+    "xor eax, eax",
+    "ret",
+    ".size bpftime_test_count_vector_safe, .-bpftime_test_count_vector_safe",
+);
+
+extern "C" {
+    fn bpftime_test_count_vector_safe(
+        data: *const (),
+        regs: *mut PtRegs,
+        thread: ThreadSlot,
+    ) -> u64;
+}
+
+#[derive(Default)]
+struct VectorSafeCounter(AtomicU64);
+
+impl ProbeHandler for VectorSafeCounter {
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        Some(DirectEntry {
+            func: bpftime_test_count_vector_safe,
+            data: &self.0 as *const AtomicU64 as *const (),
+            preserves_vector_regs: true,
+        })
+    }
+}
+
+#[test]
+fn vector_safe_entry_keeps_float_arguments_on_many_threads() {
+    type F = extern "C" fn(f64, f64, i64) -> f64;
+    let fmix: F = sym("fmix");
+    let c = Arc::new(VectorSafeCounter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "fmix", ProbeKind::Uprobe, c.clone());
+    // new threads take the stub's slow thread lookup (a Rust call) on their first call
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..10_000i64 {
+                    let a = t as f64 + 0.5;
+                    let b = i as f64 * 0.25;
+                    assert_eq!(fmix(a, b, i), a * 2.0 + b + i as f64);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(fmix(1.5, 0.25, 3), 6.25);
+    assert_eq!(c.0.load(Ordering::Relaxed), 40_001);
 }

@@ -13,7 +13,7 @@ use crate::maps::{MapError, ProgramInfo, ProgramSpec as RegistrySpec, ShmObject}
 use crate::object::{AttachTarget, BpfObject, ObjectError};
 use crate::verifier::{self, VerifyError};
 use crate::vm::insn::decode_bytes;
-use crate::vm::jit::JitSession;
+use crate::vm::jit::{JitHook, JitSession};
 use crate::vm::rbpf::{rbpf_check, RbpfMode};
 use crate::vm::{Helpers, InterpOptions, MemoryMap, Program, VmError, VmKind};
 
@@ -238,6 +238,34 @@ impl ProgramRunner {
             _ => None,
         };
         Self { session, helpers }
+    }
+
+    /// Registers this runner's JIT session as slot `slot`'s in `hook` (see [`JitHook`]):
+    /// the hook's entry then runs it directly. False when the runner has no session (not on
+    /// our JIT) or the hook is for another image.
+    ///
+    /// # Safety
+    /// The runner must stay alive and in place (boxed), and only be used by the thread
+    /// holding the slot, for as long as `hook`'s entry may be called with `slot`.
+    pub unsafe fn register_hook_slot(&mut self, hook: &JitHook, slot: usize) -> bool {
+        match &mut self.session {
+            // SAFETY: the caller's contract.
+            Some(session) => unsafe { hook.set_slot(slot, session) },
+            None => false,
+        }
+    }
+
+    /// The outcome of a run `hook`'s entry made with this runner's session that did not
+    /// simply return (its `after` callback): the error, or the result of its tail calls.
+    ///
+    /// # Safety
+    /// Only from the `after` callback of that run, on the thread holding the slot.
+    pub unsafe fn finish_hook_run(&mut self, r0: u64) -> Result<u64, VmError> {
+        match &mut self.session {
+            // SAFETY: the caller's contract.
+            Some(session) => unsafe { session.finish_hook_run(r0) },
+            None => Ok(r0),
+        }
     }
 
     /// The helpers (between runs).

@@ -90,20 +90,26 @@ pub trait ProbeHandler: Send + Sync {
 ///
 /// The entry stub calls `func(data, regs, thread)` (SysV ABI) with the thread's re-entrancy
 /// guard set, `regs` the hooked call's registers (changes are applied) and `thread` the
-/// calling thread's [`ThreadSlot`]. It returns 0 to run the function, or nonzero to skip
-/// it and return `regs.rax` to the caller (`bpf_override_return`).
+/// calling thread's [`ThreadSlot`]. It returns 0 to run the function, or nonzero to skip it and
+/// return `regs.rax` to the caller (`bpf_override_return`).
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub struct DirectEntry {
     /// Must not unwind (an `extern "C"` function aborts the process if it does: catch panics).
     pub func: unsafe extern "C" fn(data: *const (), regs: *mut PtRegs, thread: ThreadSlot) -> u64,
     /// Valid for as long as the handler that returned it lives (the engine keeps it alive).
     pub data: *const (),
+    /// `func` leaves xmm0-7 (the vector argument registers) as it found them, so the stub
+    /// need not save them (16 vector memory operations per call). Compiled Rust cannot
+    /// promise this (the compiler uses vector registers for copies); machine code written to
+    /// save them around its own calls can.
+    pub preserves_vector_regs: bool,
 }
 
-const _: () = {
-    assert!(std::mem::offset_of!(DirectEntry, func) == 0);
-    assert!(std::mem::offset_of!(DirectEntry, data) == 8);
-};
+pub(crate) const DIRECT_FUNC: usize = std::mem::offset_of!(DirectEntry, func);
+pub(crate) const DIRECT_DATA: usize = std::mem::offset_of!(DirectEntry, data);
+pub(crate) const DIRECT_PRESERVES_VECTOR_REGS: usize =
+    std::mem::offset_of!(DirectEntry, preserves_vector_regs);
 
 /// How many [`ThreadSlot`]s there are: indices run from 0 to `MAX_THREADS - 1`.
 pub const MAX_THREADS: usize = thread::MAX_THREADS;

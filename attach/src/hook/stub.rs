@@ -16,11 +16,11 @@
 //! with `rsp` as right after the original return.
 
 use super::{
-    dispatch_entry, dispatch_return, stub_thread_slot, thread, REENTERED, SITE_ADDR, SITE_DIRECT,
-    SITE_ENABLED, SITE_TRAMPOLINE,
+    dispatch_entry, dispatch_return, stub_thread_slot, thread, DIRECT_DATA, DIRECT_FUNC,
+    DIRECT_PRESERVES_VECTOR_REGS, REENTERED, SITE_ADDR, SITE_DIRECT, SITE_ENABLED, SITE_TRAMPOLINE,
 };
 
-macro_rules! save_regs {
+macro_rules! save_gprs {
     () => {
         concat!(
             "mov [rsp+0], r15\n",
@@ -38,14 +38,6 @@ macro_rules! save_regs {
             "mov [rsp+96], rdx\n",
             "mov [rsp+104], rsi\n",
             "mov [rsp+112], rdi\n",
-            "movdqu [rsp+176], xmm0\n",
-            "movdqu [rsp+192], xmm1\n",
-            "movdqu [rsp+208], xmm2\n",
-            "movdqu [rsp+224], xmm3\n",
-            "movdqu [rsp+240], xmm4\n",
-            "movdqu [rsp+256], xmm5\n",
-            "movdqu [rsp+272], xmm6\n",
-            "movdqu [rsp+288], xmm7\n",
             "mov rax, [rsp+312]\n",
             "mov [rsp+144], rax\n",
             "mov qword ptr [rsp+120], -1\n",
@@ -56,10 +48,24 @@ macro_rules! save_regs {
     };
 }
 
-macro_rules! restore_regs {
+macro_rules! save_xmm {
     () => {
         concat!(
-            "mov [rsp+320], rax\n",
+            "movdqu [rsp+176], xmm0\n",
+            "movdqu [rsp+192], xmm1\n",
+            "movdqu [rsp+208], xmm2\n",
+            "movdqu [rsp+224], xmm3\n",
+            "movdqu [rsp+240], xmm4\n",
+            "movdqu [rsp+256], xmm5\n",
+            "movdqu [rsp+272], xmm6\n",
+            "movdqu [rsp+288], xmm7\n",
+        )
+    };
+}
+
+macro_rules! restore_xmm {
+    () => {
+        concat!(
             "movdqu xmm0, [rsp+176]\n",
             "movdqu xmm1, [rsp+192]\n",
             "movdqu xmm2, [rsp+208]\n",
@@ -68,6 +74,14 @@ macro_rules! restore_regs {
             "movdqu xmm5, [rsp+256]\n",
             "movdqu xmm6, [rsp+272]\n",
             "movdqu xmm7, [rsp+288]\n",
+        )
+    };
+}
+
+/// Restores every general register from the frame (`rax` last).
+macro_rules! restore_gprs {
+    () => {
+        concat!(
             "mov r15, [rsp+0]\n",
             "mov r14, [rsp+8]\n",
             "mov r13, [rsp+16]\n",
@@ -84,6 +98,19 @@ macro_rules! restore_regs {
             "mov rdi, [rsp+112]\n",
             "mov rax, [rsp+80]\n",
         )
+    };
+}
+
+macro_rules! save_regs {
+    () => {
+        concat!(save_gprs!(), save_xmm!())
+    };
+}
+
+/// Stores `rax` (the continuation) in the slot, then restores every register.
+macro_rules! restore_regs {
+    () => {
+        concat!("mov [rsp+320], rax\n", restore_xmm!(), restore_gprs!())
     };
 }
 
@@ -136,21 +163,30 @@ core::arch::global_asm!(
     // [rsp] = site (pushed by the thunk), [rsp+8] = return address
     "pushfq",
     "sub rsp, 312",
-    save_regs!(),
+    save_gprs!(),
     "lea rax, [rsp+328]",
     "mov [rsp+152], rax",
     "mov rbx, [rsp+320]",
     "mov rax, [rbx+{site_addr}]",
     "mov [rsp+128], rax",
-    // rbx = site, r14 = frame; both callee-saved, restored from the frame on the way out
+    // rbx = site, r14 = frame, r15 = whether xmm0-7 are saved; all callee-saved, restored
+    // from the frame on the way out
     "mov r14, rsp",
+    "xor r15d, r15d",
     "mov r12, [rbx+{site_direct}]",
     "test r12, r12",
     "jz 5f",
-    // Fast path: one handler with a direct entry. Find the thread's slot: the first probe of
-    // the hash table (as `thread::current_indexed` computes it), else the slow lookup.
+    // Fast path: one handler with a direct entry. The vector registers are saved unless the
+    // entry preserves them itself.
+    "cmp byte ptr [r12+{direct_preserves}], 0",
+    "jne 9f",
+    save_xmm!(),
+    "mov r15d, 1",
+    "9:",
     "cmp byte ptr [rbx+{site_enabled}], 0",
     "je 3f",
+    // The thread's slot: the first probe of the hash table (as `thread::current_indexed`
+    // computes it), else the slow lookup.
     "mov rax, qword ptr fs:[0]",
     "mov rcx, {key_hash}",
     "imul rcx, rax",
@@ -164,11 +200,11 @@ core::arch::global_asm!(
     "jne 7f",
     "mov byte ptr [rdx+rcx], 1",
     "mov r13, rcx",
-    "mov rdi, [r12+8]",
+    "mov rdi, [r12+{direct_data}]",
     "mov rsi, r14",
     "mov rdx, rcx",
     "and rsp, -16",
-    "call [r12]",
+    "call [r12+{direct_func}]",
     "mov rsp, r14",
     "lea rdx, [rip+{guards}]",
     "mov byte ptr [rdx+r13], 0",
@@ -178,7 +214,12 @@ core::arch::global_asm!(
     "3:",
     "mov rax, [rbx+{site_trampoline}]",
     "2:",
-    restore_regs!(),
+    "mov [rsp+320], rax",
+    "test r15d, r15d",
+    "jz 12f",
+    restore_xmm!(),
+    "12:",
+    restore_gprs!(),
     // Leave without `popfq` (slow; flags are not live at a function entry) and with an
     // indirect `jmp` rather than `ret`, which would unbalance the return stack buffer and cost
     // two mispredictions per call. The slot at S-8 is inside the red zone, which signal
@@ -191,14 +232,22 @@ core::arch::global_asm!(
     "jmp 2b",
     // generic path: the dispatcher runs every handler and returns where to continue
     "5:",
+    save_xmm!(),
+    "mov r15d, 1",
     "mov rdi, rbx",
     "mov rsi, r14",
     "and rsp, -16",
     "call {entry}",
     "mov rsp, r14",
     "jmp 2b",
-    // slow thread lookup: rax = slot index, or -1 (no slot: run unprobed)
+    // slow thread lookup (Rust: saves the vector registers first): rax = slot index, or -1
+    // (no slot: run unprobed)
     "6:",
+    "test r15d, r15d",
+    "jnz 13f",
+    save_xmm!(),
+    "mov r15d, 1",
+    "13:",
     "and rsp, -16",
     "call {thread_slot}",
     "mov rsp, r14",
@@ -270,6 +319,9 @@ core::arch::global_asm!(
     site_trampoline = const SITE_TRAMPOLINE,
     site_direct = const SITE_DIRECT,
     site_enabled = const SITE_ENABLED,
+    direct_func = const DIRECT_FUNC,
+    direct_data = const DIRECT_DATA,
+    direct_preserves = const DIRECT_PRESERVES_VECTOR_REGS,
 );
 
 extern "C" {

@@ -21,6 +21,7 @@
 //! running [`Helpers`] must name the same maps ([`Helpers::map_set_id`], checked once per run);
 //! otherwise the generic trampoline runs, so behaviour never depends on the fast path.
 
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
 use super::error::{HelperError, VmError};
@@ -200,6 +201,8 @@ struct Emitter {
     buf: Vec<u8>,
     labels: Vec<Option<usize>>,
     fixups: Vec<(usize, Label)>,
+    /// Keep xmm0-7 across calls of native (Rust) code: see [`JitHook`].
+    preserve_vectors: bool,
 }
 
 impl Emitter {
@@ -317,6 +320,23 @@ impl Emitter {
     fn call_reg(&mut self, r: u8) {
         self.rr(false, &[0xff], 2, r);
     }
+    /// `call r11` into native code (a helper or map function), keeping xmm0-7 around it when
+    /// the image must preserve them. rsp stays 16-byte aligned.
+    fn native_call_r11(&mut self) {
+        if !self.preserve_vectors {
+            self.call_reg(R11);
+            return;
+        }
+        self.bytes(&[0x48, 0x81, 0xec, 0x80, 0, 0, 0]); // sub rsp, 128
+        for x in 0..8u8 {
+            self.bytes(&[0xf3, 0x0f, 0x7f, 0x44 | (x << 3), 0x24, 16 * x]); // movdqu [rsp+16x], xmmx
+        }
+        self.call_reg(R11);
+        for x in 0..8u8 {
+            self.bytes(&[0xf3, 0x0f, 0x6f, 0x44 | (x << 3), 0x24, 16 * x]); // movdqu xmmx, [rsp+16x]
+        }
+        self.bytes(&[0x48, 0x81, 0xc4, 0x80, 0, 0, 0]); // add rsp, 128
+    }
     fn env_store_imm(&mut self, off: i32, v: u32) {
         self.mem(&[], false, &[0xc7], 0, R12, off, false);
         self.imm32(v as i32);
@@ -330,6 +350,9 @@ impl Emitter {
 pub struct JitProgram {
     code: *mut u8,
     size: usize,
+    /// Calls no helper but the map lookup/update/delete and no `callx` (see [`JitHook`]);
+    /// then its native calls keep xmm0-7.
+    leaf: bool,
     len: usize,
     /// Native entry of each instruction that starts a function (for `callx` and callbacks);
     /// 0 elsewhere.
@@ -378,10 +401,12 @@ impl JitProgram {
         let n = insns.len();
         let mut func_table = vec![0u64; n].into_boxed_slice();
         let table_addr = func_table.as_mut_ptr() as u64;
+        let leaf = is_leaf(insns);
         let mut e = Emitter {
             buf: Vec::with_capacity(n * 16 + 256),
             labels: vec![None; n],
             fixups: Vec::new(),
+            preserve_vectors: leaf,
         };
         let funcs = prog.functions();
         // Call targets: the prologue of each function. The instruction's own label (used by
@@ -630,6 +655,7 @@ impl JitProgram {
         Ok(Self {
             code,
             size,
+            leaf,
             len: e.buf.len(),
             func_table,
             map_set: resolver.map(|r| r.map_set_id()),
@@ -835,6 +861,16 @@ impl JitSession<'_> {
         unsafe { self.finish(r) }
     }
 
+    /// What [`JitHook`]'s entry leaves to its `after` callback: the outcome of a run (of
+    /// this session) that returned `r0` without status OK; the session is ready again after.
+    ///
+    /// # Safety
+    /// As [`run`](Self::run); only right after such a run, before any other.
+    pub unsafe fn finish_hook_run(&mut self, r0: u64) -> Result<u64, VmError> {
+        // SAFETY: forwarded.
+        unsafe { self.finish(r0) }
+    }
+
     /// Tail calls and errors ([`JitProgram::finish`]); then puts the environment back as
     /// [`JitProgram::session`] filled it.
     ///
@@ -861,6 +897,219 @@ impl JitSession<'_> {
         self.mem = MemoryMap::new();
         self.env.mem = &mut self.mem;
         result
+    }
+}
+
+/// Whether a program is a *leaf* for [`JitHook`]: its helper calls are all map
+/// lookup/update/delete (no per-run helper state: no tail call, no override, no ringbuf
+/// reservation) and it makes no `callx` (which may reach any helper).
+fn is_leaf(insns: &[Insn]) -> bool {
+    insns.iter().all(|i| {
+        !(i.class() == BPF_JMP && i.op() == BPF_CALL)
+            || (!i.is_reg_src()
+                && (i.src == BPF_PSEUDO_CALL
+                    || matches!(
+                        i.imm as u32,
+                        HELPER_MAP_LOOKUP | HELPER_MAP_UPDATE | HELPER_MAP_DELETE
+                    )))
+    })
+}
+
+/// Called by [`JitHook`]'s entry, with xmm0-7 saved: `(data, ctx, slot)`, as the entry itself.
+pub type JitHookSlowFn = unsafe extern "C" fn(data: *const (), ctx: *mut u8, slot: usize) -> u64;
+/// Called by [`JitHook`]'s entry, with xmm0-7 saved, after a run that did not simply return
+/// (an error, see [`JitSession::finish_hook_run`]): `(data, slot, r0)`; returns what the entry
+/// returns.
+pub type JitHookAfterFn = unsafe extern "C" fn(data: *const (), slot: usize, r0: u64) -> u64;
+
+/// A machine-code entry point running a *leaf* image (see [`is_leaf`]) in per-thread-slot
+/// sessions, for a hook engine to call directly: `entry(hook, ctx, slot) -> 0`, with `ctx` the
+/// context of `ctx_len` bytes and `slot` the calling thread's slot. It touches no vector
+/// register (the image saves xmm0-7 around its own native calls, and the entry around the
+/// callbacks), so the caller need not save them; with the per-slot environment set up once,
+/// a run is a few loads, the image's code and one status test. The first run of a slot
+/// (no session registered yet, see [`set_slot`](Self::set_slot)) goes to `slow`, a run that
+/// did not simply return to `after`.
+#[repr(C)]
+pub struct JitHook {
+    envs: *const AtomicPtr<JitEnv<'static, 'static>>,
+    slots: usize,
+    code: u64,
+    ctx_len: u64,
+    slow: JitHookSlowFn,
+    after: JitHookAfterFn,
+    data: *const (),
+    image: *const JitProgram,
+    /// Owns what `envs` points at.
+    env_table: Box<[AtomicPtr<JitEnv<'static, 'static>>]>,
+}
+
+// SAFETY: the slot table is atomics; the other fields are immutable after `new`. What the
+// pointers name (the image, the callbacks' data) is owned by whoever made the hook, who keeps it
+// alive (the contract of `new`).
+unsafe impl Send for JitHook {}
+// SAFETY: as above.
+unsafe impl Sync for JitHook {}
+
+const HOOK_ENVS: usize = std::mem::offset_of!(JitHook, envs);
+const HOOK_SLOTS: usize = std::mem::offset_of!(JitHook, slots);
+const HOOK_CODE: usize = std::mem::offset_of!(JitHook, code);
+const HOOK_CTX_LEN: usize = std::mem::offset_of!(JitHook, ctx_len);
+const HOOK_SLOW: usize = std::mem::offset_of!(JitHook, slow);
+const HOOK_AFTER: usize = std::mem::offset_of!(JitHook, after);
+const HOOK_DATA: usize = std::mem::offset_of!(JitHook, data);
+
+core::arch::global_asm!(
+    ".text",
+    ".p2align 4",
+    ".globl bpftime_jit_hook_entry",
+    ".hidden bpftime_jit_hook_entry",
+    ".type bpftime_jit_hook_entry,@function",
+    "bpftime_jit_hook_entry:",
+    // rdi = hook, rsi = ctx, rdx = slot
+    "cmp rdx, [rdi+{slots}]",
+    "jae 5f",
+    "mov rax, [rdi+{envs}]",
+    "mov r9, [rax+rdx*8]",
+    "test r9, r9",
+    "jz 5f",
+    // three pushes: rsp 16-byte aligned for the call
+    "push rbx",
+    "push r12",
+    "push r13",
+    "mov rbx, r9",
+    "mov r12, rdi",
+    "mov r13, rdx",
+    "mov rdi, rsi",
+    "mov rsi, [r12+{ctx_len}]",
+    // the image's outer entry: r1 = rdi, r2 = rsi, env = r9
+    "call [r12+{code}]",
+    "cmp dword ptr [rbx+{status}], 0",
+    "jne 6f",
+    "xor eax, eax",
+    "2:",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "ret",
+    // a run that did not simply return: `after(data, slot, r0)`, vector registers saved
+    "6:",
+    "sub rsp, 128",
+    "movdqu [rsp], xmm0",
+    "movdqu [rsp+16], xmm1",
+    "movdqu [rsp+32], xmm2",
+    "movdqu [rsp+48], xmm3",
+    "movdqu [rsp+64], xmm4",
+    "movdqu [rsp+80], xmm5",
+    "movdqu [rsp+96], xmm6",
+    "movdqu [rsp+112], xmm7",
+    "mov rdi, [r12+{data}]",
+    "mov rsi, r13",
+    "mov rdx, rax",
+    "call [r12+{after}]",
+    "movdqu xmm0, [rsp]",
+    "movdqu xmm1, [rsp+16]",
+    "movdqu xmm2, [rsp+32]",
+    "movdqu xmm3, [rsp+48]",
+    "movdqu xmm4, [rsp+64]",
+    "movdqu xmm5, [rsp+80]",
+    "movdqu xmm6, [rsp+96]",
+    "movdqu xmm7, [rsp+112]",
+    "add rsp, 128",
+    "jmp 2b",
+    // no session for this slot yet: `slow(data, ctx, slot)`, vector registers saved
+    "5:",
+    "sub rsp, 136",
+    "movdqu [rsp], xmm0",
+    "movdqu [rsp+16], xmm1",
+    "movdqu [rsp+32], xmm2",
+    "movdqu [rsp+48], xmm3",
+    "movdqu [rsp+64], xmm4",
+    "movdqu [rsp+80], xmm5",
+    "movdqu [rsp+96], xmm6",
+    "movdqu [rsp+112], xmm7",
+    "mov rax, rdi",
+    "mov rdi, [rax+{data}]",
+    "call [rax+{slow}]",
+    "movdqu xmm0, [rsp]",
+    "movdqu xmm1, [rsp+16]",
+    "movdqu xmm2, [rsp+32]",
+    "movdqu xmm3, [rsp+48]",
+    "movdqu xmm4, [rsp+64]",
+    "movdqu xmm5, [rsp+80]",
+    "movdqu xmm6, [rsp+96]",
+    "movdqu xmm7, [rsp+112]",
+    "add rsp, 136",
+    "ret",
+    ".size bpftime_jit_hook_entry, .-bpftime_jit_hook_entry",
+    slots = const HOOK_SLOTS,
+    envs = const HOOK_ENVS,
+    ctx_len = const HOOK_CTX_LEN,
+    code = const HOOK_CODE,
+    status = const ENV_STATUS,
+    data = const HOOK_DATA,
+    after = const HOOK_AFTER,
+    slow = const HOOK_SLOW,
+);
+
+extern "C" {
+    fn bpftime_jit_hook_entry(hook: *const (), ctx: *mut u8, slot: usize) -> u64;
+}
+
+impl JitHook {
+    /// A hook entry for `image` with `slots` thread slots, or `None` when the image is not a
+    /// leaf (its runs need per-run helper state: run those through a [`JitSession`]).
+    ///
+    /// # Safety
+    /// `image` must outlive the hook, and `data` must stay valid for `slow` and `after` while
+    /// the entry may be called.
+    pub unsafe fn new(
+        image: &JitProgram,
+        slots: usize,
+        ctx_len: u64,
+        slow: JitHookSlowFn,
+        after: JitHookAfterFn,
+        data: *const (),
+    ) -> Option<Box<Self>> {
+        if !image.leaf {
+            return None;
+        }
+        let envs: Box<[AtomicPtr<JitEnv<'static, 'static>>]> = (0..slots)
+            .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+            .collect();
+        Some(Box::new(Self {
+            envs: envs.as_ptr(),
+            slots,
+            code: image.code as u64,
+            ctx_len,
+            slow,
+            after,
+            data,
+            image,
+            env_table: envs,
+        }))
+    }
+
+    /// The entry point, to be called as `entry(hook as *const JitHook as *const (), ctx, slot)`.
+    pub fn entry() -> JitHookSlowFn {
+        bpftime_jit_hook_entry
+    }
+
+    /// Registers `session` as slot `slot`'s: later runs of that slot go straight to the image.
+    /// Returns false (and registers nothing) when the slot is out of range or the session runs
+    /// another image.
+    ///
+    /// # Safety
+    /// The session must stay alive and in place, and be used only by the thread holding the
+    /// slot (as the entry uses it), for as long as the entry may be called with this slot.
+    pub unsafe fn set_slot(&self, slot: usize, session: &mut JitSession<'_>) -> bool {
+        if slot >= self.slots || !std::ptr::eq(session.image, self.image) {
+            return false;
+        }
+        let env: *mut JitEnv<'static, 'static> =
+            (&mut session.env as *mut JitEnv<'_, 'static>).cast();
+        self.env_table[slot].store(env, Ordering::Release);
+        true
     }
 }
 
@@ -1023,7 +1272,7 @@ fn emit_helper_call(e: &mut Emitter, pc: u32, tramp: u64, abort: Label) {
     e.env_store_imm(ENV_PC, pc);
     e.mov_rr(true, R9, R12);
     e.mov_ri64(R11, tramp);
-    e.call_reg(R11);
+    e.native_call_r11();
     // cmp dword [r12+status], 0 ; jne abort
     e.mem(&[], false, &[0x83], 7, R12, ENV_STATUS, false);
     e.byte(0);
@@ -1094,7 +1343,7 @@ fn emit_fast_map_call(
         e.mov_ri64(7, map.handle as u64); // rdi = handle
         e.mov_rr(true, R9, R12);
         e.mov_ri64(R11, f as usize as u64);
-        e.call_reg(R11);
+        e.native_call_r11();
         e.mem(&[], false, &[0x83], 7, R12, ENV_STATUS, false);
         e.byte(0);
         e.jcc(CC_NE, abort);

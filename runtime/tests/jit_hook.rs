@@ -1,0 +1,233 @@
+//! `JitHook`: the machine-code entry running a leaf program in per-slot sessions. It must run
+//! the program like `ProgramRunner::run`, send a slot's first call to `slow`, refuse programs
+//! whose helpers keep per-run state, and leave xmm0-7 untouched (a hook engine calling it saves
+//! none), also when the program calls native map functions.
+
+mod helpers_common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bpftime_runtime::helpers::RuntimeHelpers;
+use bpftime_runtime::loaded::{ProgramRunner, RunnableProgram};
+use bpftime_runtime::maps::MapType;
+use bpftime_runtime::vm::jit::JitHook;
+use bpftime_runtime::vm::{Program, VmKind};
+use helpers_common::*;
+
+// Calls `f(a, b, c)` with xmm0-7 loaded from `xin` (8 x 16 bytes) and stores xmm0-7 after the
+// call into `xout`: shows whether `f` preserved them.
+core::arch::global_asm!(
+    ".text",
+    ".globl bpftime_test_call_with_xmm",
+    ".type bpftime_test_call_with_xmm,@function",
+    "bpftime_test_call_with_xmm:",
+    // rdi = f, rsi = a, rdx = b, rcx = c, r8 = xin, r9 = xout
+    "push rbx",
+    "push r12",
+    "push r13",
+    "mov rbx, r9",
+    "movdqu xmm0, [r8]",
+    "movdqu xmm1, [r8+16]",
+    "movdqu xmm2, [r8+32]",
+    "movdqu xmm3, [r8+48]",
+    "movdqu xmm4, [r8+64]",
+    "movdqu xmm5, [r8+80]",
+    "movdqu xmm6, [r8+96]",
+    "movdqu xmm7, [r8+112]",
+    "mov rax, rdi",
+    "mov rdi, rsi",
+    "mov rsi, rdx",
+    "mov rdx, rcx",
+    "call rax",
+    "movdqu [rbx], xmm0",
+    "movdqu [rbx+16], xmm1",
+    "movdqu [rbx+32], xmm2",
+    "movdqu [rbx+48], xmm3",
+    "movdqu [rbx+64], xmm4",
+    "movdqu [rbx+80], xmm5",
+    "movdqu [rbx+96], xmm6",
+    "movdqu [rbx+112], xmm7",
+    "pop r13",
+    "pop r12",
+    "pop rbx",
+    "ret",
+    ".size bpftime_test_call_with_xmm, .-bpftime_test_call_with_xmm",
+);
+
+type EntryFn = unsafe extern "C" fn(*const (), *mut u8, usize) -> u64;
+
+extern "C" {
+    fn bpftime_test_call_with_xmm(
+        f: EntryFn,
+        a: *const (),
+        b: *mut u8,
+        c: usize,
+        xin: *const u8,
+        xout: *mut u8,
+    ) -> u64;
+}
+
+/// What the hook's callbacks see.
+struct Harness {
+    program: RunnableProgram,
+    runners: Vec<std::cell::UnsafeCell<Option<Box<ProgramRunner>>>>,
+    hook: Option<Box<JitHook>>,
+    /// The test's object (outlives the harness).
+    obj: *const bpftime_runtime::maps::ShmObject,
+    slow_calls: AtomicU64,
+    after_calls: AtomicU64,
+}
+
+unsafe extern "C" fn slow(data: *const (), ctx: *mut u8, slot: usize) -> u64 {
+    // SAFETY: `data` is the test's harness; `ctx` points at its 16-byte context.
+    let (h, ctx) = unsafe {
+        (
+            &*(data as *const Harness),
+            std::slice::from_raw_parts_mut(ctx, 16),
+        )
+    };
+    h.slow_calls.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: one test thread uses the harness.
+    let cell = unsafe { &mut *h.runners[slot].get() };
+    let runner = cell.get_or_insert_with(|| {
+        Box::new(ProgramRunner::new(
+            &h.program,
+            // SAFETY: the object outlives the harness.
+            RuntimeHelpers::from_object(unsafe { &*h.obj }),
+        ))
+    });
+    // SAFETY: the runner stays boxed in the harness for the hook's life; one thread.
+    assert!(unsafe { runner.register_hook_slot(h.hook.as_ref().unwrap(), slot) });
+    runner.run(&h.program, ctx).unwrap();
+    0
+}
+
+unsafe extern "C" fn after(data: *const (), _slot: usize, _r0: u64) -> u64 {
+    // SAFETY: as in `slow`.
+    let h = unsafe { &*(data as *const Harness) };
+    h.after_calls.fetch_add(1, Ordering::Relaxed);
+    0
+}
+
+fn runnable(program: Arc<Program>) -> RunnableProgram {
+    RunnableProgram {
+        name: "leaf".into(),
+        section: "uprobe/test".into(),
+        attach_target: String::new(),
+        prog_type: 2,
+        vm: VmKind::Jit,
+        verified: true,
+        program,
+    }
+}
+
+#[test]
+fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
+    let e = Env::new(
+        "jit-hook",
+        true,
+        &[
+            def("a", MapType::Array, 4, 8, 1),
+            def("h", MapType::Hash, 8, 8, 64),
+        ],
+    );
+    // a[0] += 1 (inline lookup); h[ctx[0] % 64] = ctx[0] (update: a call into native code)
+    let p = e.load(
+        "mov %r6, %r1\nmov %r1, 0\nstxw [%r10-4], %r1\nmov %r2, %r10\nadd %r2, -4\n\
+         ldmap %r1, 0\ncall 1\njeq %r0, 0, upd\nmov %r1, 1\nlock add [%r0], %r1\n\
+         upd:\nldxdw %r1, [%r6]\nmod %r1, 64\nstxdw [%r10-16], %r1\nldxdw %r1, [%r6]\n\
+         stxdw [%r10-24], %r1\nmov %r2, %r10\nadd %r2, -16\nmov %r3, %r10\nadd %r3, -24\n\
+         mov %r4, 0\nldmap %r1, 1\ncall 2\nmov %r0, 0\nexit",
+    );
+    let program = runnable(p);
+    let image = program.program.jit().unwrap();
+    let mut harness = Box::new(Harness {
+        program: program.clone(),
+        runners: (0..4).map(|_| Default::default()).collect(),
+        hook: None,
+        obj: &e.obj,
+        slow_calls: AtomicU64::new(0),
+        after_calls: AtomicU64::new(0),
+    });
+    let data = &*harness as *const Harness as *const ();
+    // SAFETY: the image lives in `program`, the harness outlives every call below.
+    harness.hook = unsafe { JitHook::new(image, 4, 16, slow, after, data) };
+    let hook = harness
+        .hook
+        .as_ref()
+        .expect("a leaf program gets a hook entry");
+    let hook_ptr = &**hook as *const JitHook as *const ();
+    let entry = JitHook::entry();
+
+    let xin: Vec<u8> = (0..128u8)
+        .map(|b| b.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    for i in 0..200u64 {
+        let mut ctx = [0u8; 16];
+        ctx[..8].copy_from_slice(&i.to_le_bytes());
+        let mut xout = [0u8; 128];
+        // SAFETY: the entry with its hook, a 16-byte context and slot 1 (< 4).
+        let r = unsafe {
+            bpftime_test_call_with_xmm(
+                entry,
+                hook_ptr,
+                ctx.as_mut_ptr(),
+                1,
+                xin.as_ptr(),
+                xout.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(&xout[..], &xin[..], "xmm0-7 changed by call {i}");
+    }
+    assert_eq!(
+        harness.slow_calls.load(Ordering::Relaxed),
+        1,
+        "first call only"
+    );
+    assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
+    let a = e.obj.map("a").unwrap();
+    let v = a.lookup(&0u32.to_le_bytes()).unwrap().unwrap().read();
+    assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), 200);
+    let hmap = e.obj.map("h").unwrap();
+    for k in 0..64u64 {
+        let v = hmap.lookup(&k.to_le_bytes()).unwrap().unwrap().read();
+        let last = (0..200u64).filter(|i| i % 64 == k).max().unwrap();
+        assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), last);
+    }
+    // slot out of range: the slow path, never a table overrun
+    let mut ctx = [0u8; 16];
+    // SAFETY: as above; the slow callback indexes `runners` with slot 2.
+    unsafe { entry(hook_ptr, ctx.as_mut_ptr(), 2) };
+    assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn programs_with_per_run_helper_state_get_no_hook_entry() {
+    use bpftime_runtime::vm::insn::Insn;
+    let e = Env::new("jit-hook-non-leaf", true, &[]);
+    let exit = Insn::new(0x95, 0, 0, 0, 0);
+    let programs = [
+        // a helper other than the map ones (it may keep per-run state): not a leaf
+        vec![Insn::new(0x85, 0, 0, 0, 14), exit],
+        // callx (may reach any helper): not a leaf
+        vec![
+            Insn::new(0xb7, 1, 0, 0, 1),
+            Insn::new(0x8d, 1, 0, 0, 0),
+            exit,
+        ],
+    ];
+    for insns in programs {
+        let p = Program::new(insns.clone()).expect("valid program");
+        let image = p.jit().unwrap();
+        // SAFETY: never called.
+        let hook = unsafe { JitHook::new(image, 1, 16, slow, after, std::ptr::null()) };
+        assert!(hook.is_none(), "{insns:?}");
+    }
+    // and a map-only program is one
+    let p = e.load("mov %r0, 0\nexit");
+    // SAFETY: never called.
+    let hook = unsafe { JitHook::new(p.jit().unwrap(), 1, 16, slow, after, std::ptr::null()) };
+    assert!(hook.is_some());
+}
