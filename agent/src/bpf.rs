@@ -251,28 +251,57 @@ impl BpfHandler {
     }
 }
 
-impl ProbeHandler for BpfHandler {
-    fn direct_entry(&self) -> Option<DirectEntry> {
-        if let Some(hook) = self.jit_hook() {
-            // SAFETY: the entry's signature is the engine's with `ThreadSlot` (a transparent
-            // usize) as `usize` and the `PtRegs` pointer as the context pointer.
-            let func = unsafe {
-                std::mem::transmute::<
-                    JitHookSlowFn,
-                    unsafe extern "C" fn(*const (), *mut PtRegs, ThreadSlot) -> u64,
-                >(JitHook::entry())
-            };
-            return Some(DirectEntry {
-                func,
-                data: hook as *const JitHook as *const (),
-                preserves_vector_regs: true,
-            });
-        }
+/// The hook engine's direct return entry for a [`BpfHandler`] (uretprobe): as
+/// [`direct_entry`], but an override the program asks for does not apply to a return.
+unsafe extern "C" fn direct_return_entry(
+    data: *const (),
+    regs: *mut PtRegs,
+    thread: ThreadSlot,
+) -> u64 {
+    // SAFETY: as in `direct_entry`.
+    let (handler, regs) = unsafe { (&*(data as *const BpfHandler), &mut *regs) };
+    if catch_unwind(AssertUnwindSafe(|| handler.run_in(regs, thread))).is_err() {
+        handler.report("panicked");
+    }
+    0
+}
+
+impl BpfHandler {
+    /// The JIT hook's entry as a [`DirectEntry`] (a leaf program on our JIT), if any.
+    fn jit_direct_entry(&self) -> Option<DirectEntry> {
+        let hook = self.jit_hook()?;
+        // SAFETY: the entry's signature is the engine's with `ThreadSlot` (a transparent
+        // usize) as `usize` and the `PtRegs` pointer as the context pointer.
+        let func = unsafe {
+            std::mem::transmute::<
+                JitHookSlowFn,
+                unsafe extern "C" fn(*const (), *mut PtRegs, ThreadSlot) -> u64,
+            >(JitHook::entry())
+        };
         Some(DirectEntry {
+            func,
+            data: hook as *const JitHook as *const (),
+            preserves_vector_regs: true,
+        })
+    }
+}
+
+impl ProbeHandler for BpfHandler {
+    fn direct_return(&self) -> Option<DirectEntry> {
+        // A leaf program cannot ask for an override: the JIT's entry serves returns as is.
+        self.jit_direct_entry().or(Some(DirectEntry {
+            func: direct_return_entry,
+            data: self as *const Self as *const (),
+            preserves_vector_regs: false,
+        }))
+    }
+
+    fn direct_entry(&self) -> Option<DirectEntry> {
+        self.jit_direct_entry().or(Some(DirectEntry {
             func: direct_entry,
             data: self as *const Self as *const (),
             preserves_vector_regs: false,
-        })
+        }))
     }
 
     fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {

@@ -30,6 +30,10 @@ struct Probe {
     /// Allocate when PARM1 equals this (a probe on malloc that calls malloc).
     allocate_on: Option<u64>,
     thread_max: AtomicU64,
+    /// Returns seen through the direct return entry / through `on_return`, and their rc sum.
+    ret_direct: AtomicU64,
+    ret_generic: AtomicU64,
+    rc_sum: AtomicU64,
 }
 
 impl Probe {
@@ -68,10 +72,34 @@ unsafe extern "C" fn probe_direct(data: *const (), regs: *mut PtRegs, thread: Th
     }
 }
 
+unsafe extern "C" fn probe_direct_return(
+    data: *const (),
+    regs: *mut PtRegs,
+    _thread: ThreadSlot,
+) -> u64 {
+    // SAFETY: as in `probe_direct`.
+    let (probe, regs) = unsafe { (&*(data as *const Probe), &*regs) };
+    probe.ret_direct.fetch_add(1, Ordering::Relaxed);
+    probe.rc_sum.fetch_add(regs.rc(), Ordering::Relaxed);
+    // ignored for returns
+    1
+}
+
 impl ProbeHandler for Probe {
     fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
         self.generic.fetch_add(1, Ordering::Relaxed);
         self.act(regs)
+    }
+    fn on_return(&self, regs: &mut PtRegs) {
+        self.ret_generic.fetch_add(1, Ordering::Relaxed);
+        self.rc_sum.fetch_add(regs.rc(), Ordering::Relaxed);
+    }
+    fn direct_return(&self) -> Option<DirectEntry> {
+        Some(DirectEntry {
+            func: probe_direct_return,
+            data: self as *const Self as *const (),
+            preserves_vector_regs: false,
+        })
     }
     fn direct_entry(&self) -> Option<DirectEntry> {
         Some(DirectEntry {
@@ -317,6 +345,9 @@ extern "C" {
 struct VectorSafeCounter(AtomicU64);
 
 impl ProbeHandler for VectorSafeCounter {
+    fn direct_return(&self) -> Option<DirectEntry> {
+        self.direct_entry()
+    }
     fn direct_entry(&self) -> Option<DirectEntry> {
         Some(DirectEntry {
             func: bpftime_test_count_vector_safe,
@@ -350,4 +381,91 @@ fn vector_safe_entry_keeps_float_arguments_on_many_threads() {
     }
     assert_eq!(fmix(1.5, 0.25, 3), 6.25);
     assert_eq!(c.0.load(Ordering::Relaxed), 40_001);
+}
+
+fn fib_ref(n: i64, calls: &mut u64, sum: &mut u64) -> i64 {
+    *calls += 1;
+    let r = if n < 2 {
+        n
+    } else {
+        fib_ref(n - 1, calls, sum) + fib_ref(n - 2, calls, sum)
+    };
+    *sum = sum.wrapping_add(r as u64);
+    r
+}
+
+#[test]
+fn direct_return_entry_with_recursion_exact_counts() {
+    type F = extern "C" fn(i64) -> i64;
+    let fib: F = sym("fib");
+    let p = Arc::new(Probe::default());
+    let mut set = HookSet::new();
+    install(&mut set, "fib", ProbeKind::Uretprobe, p.clone());
+    let (mut calls, mut sum) = (0, 0);
+    assert_eq!(fib(20), fib_ref(20, &mut calls, &mut sum));
+    assert_eq!(p.ret_direct.load(Ordering::Relaxed), calls);
+    assert_eq!(p.ret_generic.load(Ordering::Relaxed), 0);
+    assert_eq!(p.rc_sum.load(Ordering::Relaxed), sum);
+    set.detach().unwrap();
+    fib(5);
+    assert_eq!(
+        p.ret_direct.load(Ordering::Relaxed),
+        calls,
+        "none after detach"
+    );
+}
+
+#[test]
+fn vector_safe_return_entry_keeps_float_results_on_many_threads() {
+    type F = extern "C" fn(f64, f64, i64) -> f64;
+    let fmix: F = sym("fmix");
+    let c = Arc::new(VectorSafeCounter::default());
+    let mut set = HookSet::new();
+    // an entry and a return probe: the entry goes through the dispatcher (it pushes the shadow
+    // frame), the return through the vector-safe direct entry
+    install(&mut set, "fmix", ProbeKind::Uretprobe, c.clone());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..10_000i64 {
+                    let a = t as f64 + 0.75;
+                    let b = i as f64 * 0.5;
+                    assert_eq!(fmix(a, b, i), a * 2.0 + b + i as f64);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(c.0.load(Ordering::Relaxed), 40_000);
+}
+
+#[test]
+fn direct_return_on_eight_threads_exact() {
+    type F = extern "C" fn(i64) -> i64;
+    // called by no other test of this process
+    let mid_target: F = sym("mid_target");
+    let p = Arc::new(Probe::default());
+    let mut set = HookSet::new();
+    install(&mut set, "mid_target", ProbeKind::Uretprobe, p.clone());
+    const N: u64 = 200_000;
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = 0i64;
+                for i in 0..N as i64 {
+                    s = s.wrapping_add(mid_target(i));
+                }
+                s
+            })
+        })
+        .collect();
+    let expect: i64 = (0..N as i64).map(|i| 5 * i + 3).sum();
+    for h in threads {
+        assert_eq!(h.join().unwrap(), expect);
+    }
+    assert_eq!(p.ret_direct.load(Ordering::Relaxed), 8 * N);
+    assert_eq!(p.ret_generic.load(Ordering::Relaxed), 0);
+    assert_eq!(p.rc_sum.load(Ordering::Relaxed), 8 * expect as u64);
 }

@@ -84,6 +84,11 @@ pub trait ProbeHandler: Send + Sync {
     fn direct_entry(&self) -> Option<DirectEntry> {
         None
     }
+    /// A direct entry point doing what [`on_return_in`](Self::on_return_in) does, for the
+    /// return stub's fast path (the only return handler of a site); its result is ignored.
+    fn direct_return(&self) -> Option<DirectEntry> {
+        None
+    }
 }
 
 /// A handler's direct entry point ([`ProbeHandler::direct_entry`]).
@@ -222,6 +227,11 @@ pub(crate) struct Site {
     /// [`refresh_direct`]); null otherwise. Leaked like the handler lists.
     direct: AtomicPtr<DirectEntry>,
     enabled: AtomicBool,
+    /// Only return handlers (at a function entry): the entry stub pushes the shadow frame
+    /// itself, with no call at all.
+    returns_only: AtomicBool,
+    /// The only return handler's [`ProbeHandler::direct_return`], or null.
+    direct_return: AtomicPtr<DirectEntry>,
     /// Hooked inside a function (no override, no return hooks).
     mid_function: bool,
     /// An unwinder entry point (`_Unwind_RaiseException`, ...): put back every replaced return
@@ -237,27 +247,45 @@ pub(crate) const SITE_ADDR: usize = std::mem::offset_of!(Site, addr);
 pub(crate) const SITE_TRAMPOLINE: usize = std::mem::offset_of!(Site, trampoline);
 pub(crate) const SITE_DIRECT: usize = std::mem::offset_of!(Site, direct);
 pub(crate) const SITE_ENABLED: usize = std::mem::offset_of!(Site, enabled);
+pub(crate) const SITE_RETURNS_ONLY: usize = std::mem::offset_of!(Site, returns_only);
+pub(crate) const SITE_DIRECT_RETURN: usize = std::mem::offset_of!(Site, direct_return);
 
-/// Points the site's fast path at its handler's direct entry when the stub may call it alone:
-/// exactly one entry handler offering one, no return handler (those need the shadow stack),
-/// at a function entry and not an unwinder fix-up site. Called after every change of the
-/// site's handler lists, under the registry lock.
+/// Points the site's fast paths at its handlers' direct entries when the stubs may call them
+/// alone: exactly one entry handler offering one and no return handler (the entry stub's fast
+/// path pushes no shadow frame), or exactly one return handler offering one (the return stub's);
+/// and notes a site with return handlers only (the entry stub pushes the frame itself). Only at
+/// a function entry and not at an unwinder fix-up site. Called after every change of the site's
+/// handler lists, under the registry lock.
 fn refresh_direct(site: &Site) {
     let load = |l: &AtomicPtr<Handlers>| {
         let p = l.load(Ordering::Acquire);
         // SAFETY: published lists are never freed.
         (!p.is_null()).then(|| unsafe { (*p).as_slice() })
     };
-    let direct = match (load(&site.entries), load(&site.returns)) {
-        (Some([only]), None) if !site.mid_function && !site.unwind_fixup => {
+    let plain = !site.mid_function && !site.unwind_fixup;
+    let (entries, returns) = (load(&site.entries), load(&site.returns));
+    let direct = match (entries, returns) {
+        (Some([only]), None) if plain => {
             // SAFETY: the entry keeps its handler alive.
             unsafe { &*only.ptr }.direct_entry()
         }
         _ => None,
     };
-    let p = direct.map_or(std::ptr::null_mut(), |d| Box::into_raw(Box::new(d)));
-    // The previous entry is leaked: a thread in the stub may still be reading it.
-    site.direct.store(p, Ordering::Release);
+    let direct_return = match returns {
+        // SAFETY: as above.
+        Some([only]) if plain => unsafe { &*only.ptr }.direct_return(),
+        _ => None,
+    };
+    let leak =
+        |d: Option<DirectEntry>| d.map_or(std::ptr::null_mut(), |d| Box::into_raw(Box::new(d)));
+    // Previous entries are leaked: a thread in a stub may still be reading them.
+    site.direct.store(leak(direct), Ordering::Release);
+    site.direct_return
+        .store(leak(direct_return), Ordering::Release);
+    site.returns_only.store(
+        plain && entries.is_none() && returns.is_some(),
+        Ordering::Release,
+    );
 }
 
 /// Runs `f` on each handler of a list.
@@ -392,7 +420,6 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
     let Some((index, ts)) = thread::current_indexed() else {
         fatal(b"bpftime-attach: return stub reached on a thread without state\n");
     };
-    let thread_slot = ThreadSlot(index);
     let frame = loop {
         if ts.depth == 0 {
             fatal(b"bpftime-attach: return stub reached with an empty shadow stack\n");
@@ -408,19 +435,30 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
         STALE.fetch_add(1, Ordering::Relaxed);
     };
     regs.rip = frame.orig_ret;
-    // SAFETY: sites are leaked, never freed.
-    let site = unsafe { &*frame.site };
+    // SAFETY: sites are leaked, never freed; `index` is this thread's slot.
+    unsafe { stub_run_returns(frame.site, regs, index) };
+    frame.orig_ret
+}
+
+/// Runs the return handlers of `site` on `regs` for the thread in slot `index`, unless the
+/// thread is inside a handler already or the site is being removed. Called by
+/// [`dispatch_return`] and by the return stub's fast path (which popped the frame itself).
+///
+/// # Safety
+/// `site` is a leaked site, `regs` the return stub's frame, `index` the calling thread's slot.
+unsafe extern "C" fn stub_run_returns(site: *const Site, regs: *mut PtRegs, index: usize) {
+    // SAFETY: see the function's contract.
+    let (site, regs) = unsafe { (&*site, &mut *regs) };
     let guard = thread::guard(index);
     if !guard.load(Ordering::Relaxed) && site.enabled.load(Ordering::Relaxed) {
         guard.store(true, Ordering::Relaxed);
         for_each(&site.returns, |h| {
-            if catch_unwind(AssertUnwindSafe(|| h.on_return_in(regs, thread_slot))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| h.on_return_in(regs, ThreadSlot(index)))).is_err() {
                 PANICS.fetch_add(1, Ordering::Relaxed);
             }
         });
         guard.store(false, Ordering::Relaxed);
     }
-    frame.orig_ret
 }
 
 fn fatal(msg: &[u8]) -> ! {
@@ -763,6 +801,8 @@ unsafe fn install_locked(
             trampoline: AtomicU64::new(0),
             direct: AtomicPtr::new(std::ptr::null_mut()),
             enabled: AtomicBool::new(false),
+            returns_only: AtomicBool::new(false),
+            direct_return: AtomicPtr::new(std::ptr::null_mut()),
             entries: AtomicPtr::new(std::ptr::null_mut()),
             returns: AtomicPtr::new(std::ptr::null_mut()),
         }));

@@ -11,13 +11,19 @@
 //! `ret` to skip the function for `override_return`), stored in the slot; registers (possibly
 //! changed by handlers) are restored and `ret` jumps there with `rsp` as at function entry.
 //!
-//! Return stub: reached by the hooked function's `ret` (its return address was replaced); the
-//! dispatcher pops the shadow stack and returns the original return address; `ret 8` jumps there
-//! with `rsp` as right after the original return.
+//! Return stub: reached by the hooked function's `ret` (its return address was replaced); it
+//! pops the thread's top shadow frame itself when that frame is this return's (else the
+//! dispatcher drops stale frames first), runs the site's return handlers (the only one's direct
+//! entry, or through Rust) and jumps to the original return address with `rsp` as right after
+//! the original return.
+//!
+//! Both stubs find the calling thread's slot with one probe of the thread table (the hash
+//! `thread::current_indexed` uses) and leave anything unusual to the Rust dispatchers.
 
 use super::{
-    dispatch_entry, dispatch_return, stub_thread_slot, thread, DIRECT_DATA, DIRECT_FUNC,
-    DIRECT_PRESERVES_VECTOR_REGS, REENTERED, SITE_ADDR, SITE_DIRECT, SITE_ENABLED, SITE_TRAMPOLINE,
+    dispatch_entry, dispatch_return, stub_run_returns, stub_thread_slot, thread, DIRECT_DATA,
+    DIRECT_FUNC, DIRECT_PRESERVES_VECTOR_REGS, REENTERED, SITE_ADDR, SITE_DIRECT,
+    SITE_DIRECT_RETURN, SITE_ENABLED, SITE_RETURNS_ONLY, SITE_TRAMPOLINE,
 };
 
 macro_rules! save_gprs {
@@ -175,7 +181,7 @@ core::arch::global_asm!(
     "xor r15d, r15d",
     "mov r12, [rbx+{site_direct}]",
     "test r12, r12",
-    "jz 5f",
+    "jz 14f",
     // Fast path: one handler with a direct entry. The vector registers are saved unless the
     // entry preserves them itself.
     "cmp byte ptr [r12+{direct_preserves}], 0",
@@ -230,6 +236,47 @@ core::arch::global_asm!(
     "4:",
     "lea rax, [rip+bpftime_attach_ret_insn]",
     "jmp 2b",
+    // Return handlers only: push the shadow frame here (no call at all) unless this needs the
+    // dispatcher (no slot yet, inside a handler, stale frames to drop, a full shadow stack).
+    "14:",
+    "cmp byte ptr [rbx+{site_returns_only}], 0",
+    "je 5f",
+    "cmp byte ptr [rbx+{site_enabled}], 0",
+    "je 3b",
+    "mov rax, qword ptr fs:[0]",
+    "mov rcx, {key_hash}",
+    "imul rcx, rax",
+    "shr rcx, {key_shift}",
+    "lea rdx, [rip+{table}]",
+    "cmp [rdx+rcx*8], rax",
+    "jne 5f",
+    "lea r8, [rip+{guards}]",
+    "cmp byte ptr [r8+rcx], 0",
+    "jne 7f",
+    // r8 = the thread's state, r9 = its depth, rax = the slot holding the return address
+    "imul r8, rcx, {state_size}",
+    "lea r8, [rdx+r8+{states_offset}]",
+    "mov r9, [r8]",
+    "lea rax, [r14+328]",
+    "test r9, r9",
+    "jz 15f",
+    "lea r10, [r9+r9*2]",
+    "cmp [r8+r10*8-16], rax",
+    "jbe 5f",
+    "15:",
+    "cmp r9, {max_frames}",
+    "jae 5f",
+    "lea r10, [r9+r9*2]",
+    "lea r10, [r8+r10*8+8]",
+    "mov [r10], rax",
+    "mov rdx, [rax]",
+    "mov [r10+8], rdx",
+    "mov [r10+16], rbx",
+    "inc r9",
+    "mov [r8], r9",
+    "lea rdx, [rip+bpftime_attach_return_stub]",
+    "mov [rax], rdx",
+    "jmp 3b",
     // generic path: the dispatcher runs every handler and returns where to continue
     "5:",
     save_xmm!(),
@@ -294,18 +341,93 @@ core::arch::global_asm!(
     "push 0",
     "pushfq",
     "sub rsp, 312",
-    save_regs!(),
+    save_gprs!(),
     "lea rax, [rsp+336]",
     "mov [rsp+152], rax",
-    "mov rdi, rsp",
-    "mov rbx, rsp",
+    // r14 = frame, r15 = whether xmm0-7 are saved, rbp = the original return address,
+    // rbx = site, r13 = slot index, r12 = direct return entry
+    "mov r14, rsp",
+    "xor r15d, r15d",
+    // Fast path: pop the top shadow frame when it is this return's (else the dispatcher
+    // drops stale frames, or reports a broken stack).
+    "mov rax, qword ptr fs:[0]",
+    "mov rcx, {key_hash}",
+    "imul rcx, rax",
+    "shr rcx, {key_shift}",
+    "lea rdx, [rip+{table}]",
+    "cmp [rdx+rcx*8], rax",
+    "jne 5f",
+    "imul r8, rcx, {state_size}",
+    "lea r8, [rdx+r8+{states_offset}]",
+    "mov r9, [r8]",
+    "test r9, r9",
+    "jz 5f",
+    "lea r10, [r9+r9*2]",
+    "lea r10, [r8+r10*8-16]",
+    "lea rax, [r14+328]",
+    "cmp [r10], rax",
+    "jne 5f",
+    "dec r9",
+    "mov [r8], r9",
+    "mov rbp, [r10+8]",
+    "mov [r14+128], rbp",
+    "mov rbx, [r10+16]",
+    "mov r13, rcx",
+    "mov r12, [rbx+{site_direct_return}]",
+    "test r12, r12",
+    "jz 6f",
+    "cmp byte ptr [rbx+{site_enabled}], 0",
+    "je 3f",
+    "lea rdx, [rip+{guards}]",
+    "cmp byte ptr [rdx+r13], 0",
+    "jne 3f",
+    "cmp byte ptr [r12+{direct_preserves}], 0",
+    "jne 9f",
+    save_xmm!(),
+    "mov r15d, 1",
+    "9:",
+    "lea rdx, [rip+{guards}]",
+    "mov byte ptr [rdx+r13], 1",
+    "mov rdi, [r12+{direct_data}]",
+    "mov rsi, r14",
+    "mov rdx, r13",
     "and rsp, -16",
-    "call {ret}",
-    "mov rsp, rbx",
-    restore_regs!(),
+    "call [r12+{direct_func}]",
+    "mov rsp, r14",
+    "lea rdx, [rip+{guards}]",
+    "mov byte ptr [rdx+r13], 0",
+    "3:",
+    "mov rax, rbp",
+    "2:",
+    "mov [rsp+320], rax",
+    "test r15d, r15d",
+    "jz 12f",
+    restore_xmm!(),
+    "12:",
+    restore_gprs!(),
     // flags are not live after a return; jump (slot at R-16, inside the red zone)
     "lea rsp, [rsp+336]",
     "jmp qword ptr [rsp-16]",
+    // the return handlers through Rust (vector registers saved)
+    "6:",
+    save_xmm!(),
+    "mov r15d, 1",
+    "mov rdi, rbx",
+    "mov rsi, r14",
+    "mov rdx, r13",
+    "and rsp, -16",
+    "call {run_returns}",
+    "mov rsp, r14",
+    "jmp 3b",
+    // the dispatcher pops the frame and runs the handlers; returns where to go
+    "5:",
+    save_xmm!(),
+    "mov r15d, 1",
+    "mov rdi, r14",
+    "and rsp, -16",
+    "call {ret}",
+    "mov rsp, r14",
+    "jmp 2b",
     ".size bpftime_attach_return_stub, .-bpftime_attach_return_stub",
     entry = sym dispatch_entry,
     ret = sym dispatch_return,
@@ -322,6 +444,12 @@ core::arch::global_asm!(
     direct_func = const DIRECT_FUNC,
     direct_data = const DIRECT_DATA,
     direct_preserves = const DIRECT_PRESERVES_VECTOR_REGS,
+    run_returns = sym stub_run_returns,
+    site_returns_only = const SITE_RETURNS_ONLY,
+    site_direct_return = const SITE_DIRECT_RETURN,
+    state_size = const thread::STATE_SIZE,
+    states_offset = const thread::STATES_OFFSET,
+    max_frames = const thread::MAX_FRAMES,
 );
 
 extern "C" {

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub(super) const MAX_THREADS: usize = 2048;
 pub(super) const MAX_FRAMES: usize = 256;
 
+/// `repr(C)`: the stubs push and pop frames themselves (offsets below).
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub(super) struct Frame {
     /// Address of the stack slot holding the replaced return address (`rsp` at entry).
     pub slot: u64,
@@ -19,6 +21,7 @@ pub(super) struct Frame {
     pub site: *const Site,
 }
 
+#[repr(C)]
 pub(super) struct ThreadState {
     pub depth: usize,
     pub frames: [Frame; MAX_FRAMES],
@@ -48,6 +51,24 @@ pub(super) static TABLE: Table = Table {
             }; MAX_FRAMES],
         })
     }; MAX_THREADS],
+};
+
+/// Layout the stubs use: state `i` is at `TABLE + STATES_OFFSET + i * STATE_SIZE`; its depth at
+/// 0, frame `k` at `FRAMES_OFFSET + k * FRAME_SIZE` (slot, original return address, site).
+pub(super) const STATES_OFFSET: usize = std::mem::offset_of!(Table, states);
+pub(super) const STATE_SIZE: usize = std::mem::size_of::<ThreadState>();
+pub(super) const FRAMES_OFFSET: usize = std::mem::offset_of!(ThreadState, frames);
+pub(super) const FRAME_SIZE: usize = std::mem::size_of::<Frame>();
+
+const _: () = {
+    assert!(std::mem::offset_of!(Table, keys) == 0);
+    assert!(std::mem::offset_of!(ThreadState, depth) == 0);
+    assert!(FRAMES_OFFSET == 8);
+    assert!(FRAME_SIZE == 24);
+    assert!(std::mem::offset_of!(Frame, slot) == 0);
+    assert!(std::mem::offset_of!(Frame, orig_ret) == 8);
+    assert!(std::mem::offset_of!(Frame, site) == 16);
+    assert!(std::mem::size_of::<UnsafeCell<ThreadState>>() == STATE_SIZE);
 };
 
 /// Per-slot re-entrancy guards (1 = a handler of this thread is running), apart from the states
