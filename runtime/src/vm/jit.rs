@@ -959,6 +959,37 @@ const HOOK_SLOW: usize = std::mem::offset_of!(JitHook, slow);
 const HOOK_AFTER: usize = std::mem::offset_of!(JitHook, after);
 const HOOK_DATA: usize = std::mem::offset_of!(JitHook, data);
 
+/// xmm0-7 to / from the 128 bytes at `rsp`.
+macro_rules! save_xmm_at_rsp {
+    () => {
+        concat!(
+            "movdqu [rsp], xmm0\n",
+            "movdqu [rsp+16], xmm1\n",
+            "movdqu [rsp+32], xmm2\n",
+            "movdqu [rsp+48], xmm3\n",
+            "movdqu [rsp+64], xmm4\n",
+            "movdqu [rsp+80], xmm5\n",
+            "movdqu [rsp+96], xmm6\n",
+            "movdqu [rsp+112], xmm7\n",
+        )
+    };
+}
+
+macro_rules! restore_xmm_at_rsp {
+    () => {
+        concat!(
+            "movdqu xmm0, [rsp]\n",
+            "movdqu xmm1, [rsp+16]\n",
+            "movdqu xmm2, [rsp+32]\n",
+            "movdqu xmm3, [rsp+48]\n",
+            "movdqu xmm4, [rsp+64]\n",
+            "movdqu xmm5, [rsp+80]\n",
+            "movdqu xmm6, [rsp+96]\n",
+            "movdqu xmm7, [rsp+112]\n",
+        )
+    };
+}
+
 core::arch::global_asm!(
     ".text",
     ".p2align 4",
@@ -995,50 +1026,22 @@ core::arch::global_asm!(
     // a run that did not simply return: `after(data, slot, r0)`, vector registers saved
     "6:",
     "sub rsp, 128",
-    "movdqu [rsp], xmm0",
-    "movdqu [rsp+16], xmm1",
-    "movdqu [rsp+32], xmm2",
-    "movdqu [rsp+48], xmm3",
-    "movdqu [rsp+64], xmm4",
-    "movdqu [rsp+80], xmm5",
-    "movdqu [rsp+96], xmm6",
-    "movdqu [rsp+112], xmm7",
+    save_xmm_at_rsp!(),
     "mov rdi, [r12+{data}]",
     "mov rsi, r13",
     "mov rdx, rax",
     "call [r12+{after}]",
-    "movdqu xmm0, [rsp]",
-    "movdqu xmm1, [rsp+16]",
-    "movdqu xmm2, [rsp+32]",
-    "movdqu xmm3, [rsp+48]",
-    "movdqu xmm4, [rsp+64]",
-    "movdqu xmm5, [rsp+80]",
-    "movdqu xmm6, [rsp+96]",
-    "movdqu xmm7, [rsp+112]",
+    restore_xmm_at_rsp!(),
     "add rsp, 128",
     "jmp 2b",
     // no session for this slot yet: `slow(data, ctx, slot)`, vector registers saved
     "5:",
     "sub rsp, 136",
-    "movdqu [rsp], xmm0",
-    "movdqu [rsp+16], xmm1",
-    "movdqu [rsp+32], xmm2",
-    "movdqu [rsp+48], xmm3",
-    "movdqu [rsp+64], xmm4",
-    "movdqu [rsp+80], xmm5",
-    "movdqu [rsp+96], xmm6",
-    "movdqu [rsp+112], xmm7",
+    save_xmm_at_rsp!(),
     "mov rax, rdi",
     "mov rdi, [rax+{data}]",
     "call [rax+{slow}]",
-    "movdqu xmm0, [rsp]",
-    "movdqu xmm1, [rsp+16]",
-    "movdqu xmm2, [rsp+32]",
-    "movdqu xmm3, [rsp+48]",
-    "movdqu xmm4, [rsp+64]",
-    "movdqu xmm5, [rsp+80]",
-    "movdqu xmm6, [rsp+96]",
-    "movdqu xmm7, [rsp+112]",
+    restore_xmm_at_rsp!(),
     "add rsp, 136",
     "ret",
     ".size bpftime_jit_hook_entry, .-bpftime_jit_hook_entry",
