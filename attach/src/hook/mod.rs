@@ -8,7 +8,7 @@
 //! Return hooks replace the return address with the return stub and keep the real one on a
 //! per-thread shadow stack, validated by stack address so frames skipped by `longjmp` are dropped.
 //!
-//! Fast paths (see `stub.rs` and [`refresh_direct`]): a site whose only entry handler offers a
+//! Fast paths (see `stub.rs` and `refresh_direct`): a site whose only entry handler offers a
 //! [`DirectEntry`] is served by the stub calling it, without the dispatcher (and without saving
 //! the vector registers when the entry preserves them); at a site with return handlers only,
 //! the stub pushes the shadow frame itself; the return stub pops the top frame itself and calls
