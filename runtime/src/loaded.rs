@@ -1,7 +1,7 @@
 //! A loaded object: the parsed BPF object ([`crate::object`]), verified by the kernel
 //! ([`crate::verifier`]), its maps created in shared memory ([`crate::maps`]), and its programs
 //! published in the segment's registry with how they must run, so agents in other processes
-//! ([`PublishedProgram`]) run exactly the bytes the kernel verified.
+//! ([`PublishedObject`]) run exactly the bytes the kernel verified.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -922,8 +922,9 @@ pub type JitHookSlowFn = unsafe extern "C" fn(data: *const (), ctx: *mut u8, slo
 /// returns.
 pub type JitHookAfterFn = unsafe extern "C" fn(data: *const (), slot: usize, r0: u64) -> u64;
 
-/// A machine-code entry point running a *leaf* image (see [`is_leaf`]) in per-thread-slot
-/// sessions, for a hook engine to call directly: `entry(hook, ctx, slot) -> 0`, with `ctx` the
+/// A machine-code entry point running a *leaf* image (its only helper calls are map
+/// lookup/update/delete, and no `callx`) in per-thread-slot sessions, for a hook engine to call
+/// directly: `entry(hook, ctx, slot) -> 0`, with `ctx` the
 /// context of `ctx_len` bytes and `slot` the calling thread's slot. It touches no vector
 /// register (the image saves xmm0-7 around its own native calls, and the entry around the
 /// callbacks), so the caller need not save them; with the per-slot environment set up once,
