@@ -469,3 +469,36 @@ fn direct_return_on_eight_threads_exact() {
     assert_eq!(p.ret_generic.load(Ordering::Relaxed), 0);
     assert_eq!(p.rc_sum.load(Ordering::Relaxed), 8 * expect as u64);
 }
+
+#[test]
+fn tail_call_between_return_only_sites() {
+    type F = extern "C" fn(i64) -> i64;
+    let tail_f: F = sym("tail_f");
+    let f = Arc::new(Probe::default());
+    let g = Arc::new(Probe::default());
+    let mut set = HookSet::new();
+    // return probes only: the stubs' fast paths, with the chain left to the dispatchers
+    install(&mut set, "tail_f", ProbeKind::Uretprobe, f.clone());
+    install(&mut set, "tail_g", ProbeKind::Uretprobe, g.clone());
+    for i in 0..1000 {
+        assert_eq!(tail_f(i), 2 * i + 5);
+    }
+    // tail_g alone (no chain): the fast paths throughout
+    type G = extern "C" fn(i64) -> i64;
+    let tail_g: G = sym("tail_g");
+    for i in 0..1000 {
+        assert_eq!(tail_g(i), i + 5);
+    }
+    let sum_f: u64 = (0..1000).map(|i| 2 * i + 5).sum();
+    let sum_g: u64 = (0..1000).map(|i| i + 5).sum();
+    assert_eq!(
+        f.ret_direct.load(Ordering::Relaxed) + f.ret_generic.load(Ordering::Relaxed),
+        1000
+    );
+    assert_eq!(
+        g.ret_direct.load(Ordering::Relaxed) + g.ret_generic.load(Ordering::Relaxed),
+        2000
+    );
+    assert_eq!(f.rc_sum.load(Ordering::Relaxed), sum_f);
+    assert_eq!(g.rc_sum.load(Ordering::Relaxed), sum_f + sum_g);
+}

@@ -570,3 +570,37 @@ fn install_many_with_nothing_to_install_returns_nothing() {
     assert!(hooks.install_many(Vec::new()).is_empty());
     assert!(hooks.is_empty());
 }
+
+/// Whether `caller` reaches `callee` by a tail call (`jmp`) in the victim library.
+fn ends_in_tail_call(caller: &str) -> bool {
+    let t = resolve(&target(caller)).unwrap();
+    // SAFETY: the resolved function's bytes, mapped by the loaded library.
+    let code = unsafe { std::slice::from_raw_parts(t.address as *const u8, t.size as usize) };
+    let mut d = iced_x86::Decoder::with_ip(64, code, t.address, iced_x86::DecoderOptions::NONE);
+    d.iter()
+        .any(|i| i.flow_control() == iced_x86::FlowControl::UnconditionalBranch)
+}
+
+#[test]
+fn tail_call_between_return_hooked_functions() {
+    type F = extern "C" fn(i64) -> i64;
+    let tail_f: F = sym("tail_f");
+    assert!(ends_in_tail_call("tail_f"), "the victim must tail-call");
+    let f = Arc::new(Counter::default());
+    let g = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "tail_f", ProbeKind::Uprobe, f.clone());
+    install(&mut set, "tail_f", ProbeKind::Uretprobe, f.clone());
+    install(&mut set, "tail_g", ProbeKind::Uretprobe, g.clone());
+    for i in 0..1000 {
+        assert_eq!(tail_f(i), 2 * i + 5);
+    }
+    let sum: u64 = (0..1000).map(|i| 2 * i + 5).sum();
+    assert_eq!(f.entries.load(Ordering::Relaxed), 1000);
+    assert_eq!(f.returns.load(Ordering::Relaxed), 1000, "the shared return");
+    assert_eq!(g.returns.load(Ordering::Relaxed), 1000);
+    assert_eq!(f.rc_sum.load(Ordering::Relaxed), sum);
+    assert_eq!(g.rc_sum.load(Ordering::Relaxed), sum);
+    set.detach().unwrap();
+    assert_eq!(tail_f(1), 7);
+}

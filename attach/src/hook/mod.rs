@@ -373,27 +373,46 @@ extern "C" fn stub_thread_slot() -> isize {
 
 #[inline]
 fn push_frame(ts: &mut thread::ThreadState, site: &Site, slot: u64) {
-    // Frames at or below the current stack pointer belong to returns that never happened
+    let ret_ptr = slot as *mut u64;
+    // SAFETY: `slot` is the stack pointer at the function's entry: it holds the return address.
+    let current = unsafe { ret_ptr.read() };
+    // A function entered by a tail call (`jmp`, e.g. libc's `realloc(NULL, n)` into `malloc`)
+    // from a function whose return is hooked finds that function's frame at the same slot and
+    // the return stub already in it: the new frame chains to that one (same original return
+    // address; the shared return runs both frames' handlers, innermost first).
+    let chained = current == stub::return_stub();
+    // Other frames at or below the current stack pointer belong to returns that never happened
     // (longjmp, exceptions): drop them.
-    while ts.depth > 0 && ts.frames[ts.depth - 1].slot <= slot {
+    while let Some(top) = ts.depth.checked_sub(1).map(|i| ts.frames[i]) {
+        if top.slot > slot || (chained && top.slot == slot) {
+            break;
+        }
         ts.depth -= 1;
         STALE.fetch_add(1, Ordering::Relaxed);
     }
+    let orig_ret = if chained {
+        match ts.depth.checked_sub(1).map(|i| ts.frames[i]) {
+            Some(top) if top.slot == slot => top.orig_ret,
+            // The stub without a frame of ours: not a return this thread hooked; leave it.
+            _ => return,
+        }
+    } else {
+        current
+    };
     if ts.depth == thread::MAX_FRAMES {
         OVERFLOW.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let ret_ptr = slot as *mut u64;
-    // SAFETY: `slot` is the stack pointer at the function's entry: it holds the return address.
-    let orig_ret = unsafe { ret_ptr.read() };
     ts.frames[ts.depth] = thread::Frame {
         slot,
         orig_ret,
         site,
     };
     ts.depth += 1;
-    // SAFETY: as above; the return stub restores the real return address.
-    unsafe { ret_ptr.write(stub::return_stub()) };
+    if !chained {
+        // SAFETY: as above; the return stub restores the real return address.
+        unsafe { ret_ptr.write(stub::return_stub()) };
+    }
 }
 
 /// Writes the real return addresses back into every pending frame of this thread and empties
@@ -443,6 +462,15 @@ unsafe extern "C" fn dispatch_return(regs: *mut PtRegs) -> u64 {
     regs.rip = frame.orig_ret;
     // SAFETY: sites are leaked, never freed; `index` is this thread's slot.
     unsafe { stub_run_returns(frame.site, regs, index) };
+    // Frames chained to this one by tail calls (see `push_frame`) return here too.
+    while let Some(outer) = ts.depth.checked_sub(1).map(|i| ts.frames[i]) {
+        if outer.slot != slot {
+            break;
+        }
+        ts.depth -= 1;
+        // SAFETY: as above.
+        unsafe { stub_run_returns(outer.site, regs, index) };
+    }
     frame.orig_ret
 }
 

@@ -261,6 +261,8 @@ core::arch::global_asm!(
     "test r9, r9",
     "jz 15f",
     "lea r10, [r9+r9*2]",
+    // the top frame at or below this slot: stale frames to drop, or a tail call to chain
+    // (see `push_frame`): the dispatcher
     "cmp [r8+r10*8-16], rax",
     "jbe 5f",
     "15:",
@@ -367,6 +369,12 @@ core::arch::global_asm!(
     "lea rax, [r14+328]",
     "cmp [r10], rax",
     "jne 5f",
+    // a frame below it at the same slot (a tail call chain): the dispatcher runs both
+    "cmp r9, 1",
+    "je 16f",
+    "cmp [r10-24], rax",
+    "je 5f",
+    "16:",
     "dec r9",
     "mov [r8], r9",
     "mov rbp, [r10+8]",

@@ -71,6 +71,9 @@ NI long pass_through(long (*cb)(long), long x) {
     return r + 1;
 }
 NI long bench_plain(long x) { volatile long y = x; return y + 1; }
+/* tail_f ends in a tail call (`jmp tail_g`): tail_g returns straight to tail_f's caller */
+NI long tail_g(long x) { volatile long y = x; return y + 5; }
+NI long tail_f(long x) { volatile long z = x; return tail_g(z * 2); }
 __asm__(".text\n.globl bench_nop5\n.type bench_nop5,@function\n.p2align 4\nbench_nop5:\n"
         ".byte 0x0f,0x1f,0x44,0x00,0x00\nleaq 1(%rdi), %rax\nret\n.size bench_nop5, .-bench_nop5\n");
 NI long mid_target(long x) {
