@@ -57,13 +57,15 @@ thread_local! {
 }
 
 impl BpfHandler {
-    pub fn new(object: Arc<PublishedObject>, program: RunnableProgram, func_ip: u64) -> Self {
+    /// A handler, in its `Arc` from the start: its JIT hook entry (made on first use) points
+    /// back at it, so it never lives anywhere else.
+    pub fn new(object: Arc<PublishedObject>, program: RunnableProgram, func_ip: u64) -> Arc<Self> {
         // Compiled at attach time rather than on the first hooked call (a compile error
         // surfaces on the first run).
         if program.vm == VmKind::Jit {
             let _ = program.program.jit();
         }
-        Self {
+        Arc::new(Self {
             object,
             program,
             func_ip,
@@ -73,7 +75,7 @@ impl BpfHandler {
                 .map(|_| SlotHelpers(UnsafeCell::new(None)))
                 .collect(),
             jit_hook: OnceLock::new(),
-        }
+        })
     }
 
     /// The JIT hook entry of this handler's program, if it has one (see `jit_hook`).
@@ -119,7 +121,7 @@ impl BpfHandler {
             Some(r) => r,
             None => self.first_runner(entry, index)?,
         };
-        let result = runner.run(&self.program, regs.as_bytes_mut());
+        let result = runner.run(regs.as_bytes_mut());
         self.outcome(result, runner.helpers())
     }
 
@@ -393,7 +395,7 @@ pub fn attach_object(
             .and_then(|t| {
                 let handler = BpfHandler::new(Arc::clone(&published), program.clone(), t.address);
                 hooks
-                    .install(&t, kind, Arc::new(handler))
+                    .install(&t, kind, handler)
                     .map(|_| t)
                     .map_err(|e| e.to_string())
             });

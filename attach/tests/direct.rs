@@ -502,3 +502,61 @@ fn tail_call_between_return_only_sites() {
     assert_eq!(f.rc_sum.load(Ordering::Relaxed), sum_f);
     assert_eq!(g.rc_sum.load(Ordering::Relaxed), sum_f + sum_g);
 }
+
+/// Blocks inside its handler on the call with PARM1 == `BLOCK_ON` until released.
+#[derive(Default)]
+struct Blocking {
+    calls: AtomicU64,
+    inside: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicBool,
+}
+const BLOCK_ON: u64 = 999;
+
+impl ProbeHandler for Blocking {
+    fn on_entry(&self, regs: &mut PtRegs) -> EntryAction {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if regs.arg(1) == Some(BLOCK_ON) {
+            self.inside.store(true, Ordering::SeqCst);
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        EntryAction::Continue
+    }
+}
+
+#[test]
+fn fork_while_another_thread_is_inside_a_handler() {
+    type F = extern "C" fn(i64) -> i64;
+    let bench_nop5: F = sym("bench_nop5");
+    let b = Arc::new(Blocking::default());
+    let mut set = HookSet::new();
+    install(&mut set, "bench_nop5", ProbeKind::Uprobe, b.clone());
+    let inside = std::thread::spawn(move || bench_nop5(BLOCK_ON as i64));
+    while !b.inside.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    // SAFETY: the child only spawns a thread, calls the hooked function and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // The child's first new thread likely reuses the blocked thread's stack and TCB (so
+        // its table slot): its handlers must still run.
+        let before = b.calls.load(Ordering::SeqCst);
+        let ok = std::thread::spawn(move || bench_nop5(1) == 2)
+            .join()
+            .unwrap_or(false);
+        let ran = b.calls.load(Ordering::SeqCst) == before + 1;
+        // SAFETY: leaving the child without running the parent's test harness.
+        unsafe { libc::_exit(if ok && ran { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    b.release.store(true, Ordering::SeqCst);
+    assert_eq!(inside.join().unwrap(), BLOCK_ON as i64 + 1);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child's new thread ran no handler (status {status:#x})"
+    );
+}

@@ -209,11 +209,13 @@ pub struct ProgramRunner {
     session: Option<Box<JitSession<'static>>>,
     /// Owned (from `Box::into_raw`); the session holds a pointer to it.
     helpers: std::ptr::NonNull<RuntimeHelpers>,
+    /// The program run; keeps the session's image alive (dropped after the session).
+    program: RunnableProgram,
 }
 
-// SAFETY: the runner owns its helpers and session (which points only at them, at its own
-// memory map and at the program's image, kept alive by the program's `Arc`); moving it to
-// another thread moves all of that together. `RuntimeHelpers` itself is `Send` (checked below).
+// SAFETY: the runner owns its helpers, session and program (the session points only at the
+// helpers, at its own memory map and at the program's image); moving it to another thread
+// moves all of that together. `RuntimeHelpers` itself is `Send` (checked below).
 unsafe impl Send for ProgramRunner {}
 
 const _: () = {
@@ -222,8 +224,9 @@ const _: () = {
 };
 
 impl ProgramRunner {
-    /// A runner for `program` with `helpers`. A program whose JIT image does not compile gets
-    /// no session: its runs then report the compile error as [`RunnableProgram::run`] does.
+    /// A runner for `program` (it keeps a copy) with `helpers`. A program whose JIT image does
+    /// not compile gets no session: its runs then report the compile error as
+    /// [`RunnableProgram::run`] does.
     pub fn new(program: &RunnableProgram, helpers: RuntimeHelpers) -> Self {
         let helpers = std::ptr::NonNull::from(Box::leak(Box::new(helpers)));
         let session = match program.vm {
@@ -231,13 +234,17 @@ impl ProgramRunner {
                 let h: *mut (dyn Helpers + 'static) = helpers.as_ptr();
                 // SAFETY: the helpers live until the runner drops, after the session; runs
                 // borrow the runner mutably, so nothing else uses them meanwhile. The image
-                // lives in `program.program`, an `Arc` the caller keeps for as long as it runs
-                // this runner (the contract of `run`).
+                // lives in `program.program`, an `Arc` the runner keeps (its copy of
+                // `program`), dropped after the session.
                 unsafe { jit.session(h) }
             }),
             _ => None,
         };
-        Self { session, helpers }
+        Self {
+            session,
+            helpers,
+            program: program.clone(),
+        }
     }
 
     /// Registers this runner's JIT session as slot `slot`'s in `hook` (see [`JitHook`]):
@@ -274,11 +281,10 @@ impl ProgramRunner {
         unsafe { self.helpers.as_mut() }
     }
 
-    /// Runs `program` once on `ctx`, as [`RunnableProgram::run`] does. `program` must be the
-    /// one the runner was made for (on the JIT its image is what runs, whatever is passed).
+    /// Runs the program once on `ctx`, as [`RunnableProgram::run`] does.
     // Always inline: the hot path of every hooked call; one frame less per call.
     #[inline(always)]
-    pub fn run(&mut self, program: &RunnableProgram, ctx: &mut [u8]) -> Result<u64, VmError> {
+    pub fn run(&mut self, ctx: &mut [u8]) -> Result<u64, VmError> {
         let helpers = self.helpers.as_ptr();
         match &mut self.session {
             Some(session) => {
@@ -294,7 +300,7 @@ impl ProgramRunner {
                 }
             }
             // SAFETY: as above, for the helpers.
-            None => program.run(unsafe { &mut *helpers }, ctx),
+            None => self.program.run(unsafe { &mut *helpers }, ctx),
         }
     }
 }

@@ -99,7 +99,7 @@ unsafe extern "C" fn slow(data: *const (), ctx: *mut u8, slot: usize) -> u64 {
     });
     // SAFETY: the runner stays boxed in the harness for the hook's life; one thread.
     assert!(unsafe { runner.register_hook_slot(h.hook.as_ref().unwrap(), slot) });
-    runner.run(&h.program, ctx).unwrap();
+    runner.run(ctx).unwrap();
     0
 }
 

@@ -45,7 +45,7 @@ fn repeated_runs_keep_counting_and_return_each_result() {
         let mut runner = ProgramRunner::new(&program, RuntimeHelpers::from_object(&e.obj));
         for i in 0..1000u64 {
             let mut ctx = i.to_le_bytes();
-            assert_eq!(runner.run(&program, &mut ctx), Ok(2 * i), "{vm:?}");
+            assert_eq!(runner.run(&mut ctx), Ok(2 * i), "{vm:?}");
         }
         let v = e
             .obj
@@ -75,13 +75,13 @@ fn a_failed_run_leaves_the_runner_usable() {
         let program = runnable(p, vm);
         let mut runner = ProgramRunner::new(&program, RuntimeHelpers::from_object(&e.obj));
         for _ in 0..3 {
-            assert_eq!(runner.run(&program, &mut 0u64.to_le_bytes()), Ok(5));
-            match runner.run(&program, &mut 1u64.to_le_bytes()) {
+            assert_eq!(runner.run(&mut 0u64.to_le_bytes()), Ok(5));
+            match runner.run(&mut 1u64.to_le_bytes()) {
                 Err(VmError::Helper { .. }) => {}
                 other => panic!("{vm:?}: {other:?}"),
             }
         }
-        assert_eq!(runner.run(&program, &mut 0u64.to_le_bytes()), Ok(5));
+        assert_eq!(runner.run(&mut 0u64.to_le_bytes()), Ok(5));
     }
 }
 
@@ -115,7 +115,7 @@ fn tail_calls_restart_their_count_in_every_run() {
         let mut runner = ProgramRunner::new(&program, helpers);
         for _ in 0..3 {
             let mut ctx = [0u8; 8];
-            assert_eq!(runner.run(&program, &mut ctx), Ok(7), "{vm:?}");
+            assert_eq!(runner.run(&mut ctx), Ok(7), "{vm:?}");
             assert_eq!(u64::from_le_bytes(ctx), 34, "{vm:?}: 1 run + 33 tail calls");
         }
     }
@@ -129,13 +129,13 @@ fn override_return_is_per_run() {
         let p = e.load("ldxdw %r2, [%r1]\njeq %r2, 0, out\ncall 58\nout:\nmov %r0, 0\nexit");
         let program = runnable(p, vm);
         let mut runner = ProgramRunner::new(&program, RuntimeHelpers::from_object(&e.obj));
-        assert_eq!(runner.run(&program, &mut 77u64.to_le_bytes()), Ok(0));
+        assert_eq!(runner.run(&mut 77u64.to_le_bytes()), Ok(0));
         assert_eq!(
             runner.helpers().attach().override_return,
             Some(77),
             "{vm:?}"
         );
-        assert_eq!(runner.run(&program, &mut 0u64.to_le_bytes()), Ok(0));
+        assert_eq!(runner.run(&mut 0u64.to_le_bytes()), Ok(0));
         assert_eq!(runner.helpers().attach().override_return, None, "{vm:?}");
     }
 }

@@ -29,6 +29,9 @@
 //!   the unwinder entry points of `libgcc_s` are hooked to put real return addresses back first
 //!   (`ensure_unwind_fixups`); the return handlers of the thread's pending frames then do
 //!   not run. A program whose unwinder is linked statically is not covered.
+//! * while a hook is installed or removed, a call on another thread may still see the site's
+//!   previous handlers (or fast path) for that one call: a handler just added may miss it, a
+//!   return handler just added may miss that call's return. Nothing is freed under a thread.
 //! * a function reading its own return address (`__builtin_return_address`) sees the return
 //!   stub while a return hook is pending; coroutine switches (`swapcontext`) between a hooked
 //!   entry and its return are not supported for return hooks.
@@ -819,6 +822,7 @@ unsafe fn install_locked(
     handler: Arc<dyn ProbeHandler>,
     enable: bool,
 ) -> Result<HookId, AttachError> {
+    thread::register_fork_handler();
     let reg = guard.get_or_insert_with(|| Registry {
         sites: HashMap::new(),
         hooks: HashMap::new(),

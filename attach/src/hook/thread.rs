@@ -123,3 +123,29 @@ pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
     }
     None
 }
+
+/// In the child of a `fork` only the forking thread exists, but the table still holds the
+/// parent's other threads. glibc reuses their stacks and TCBs for the child's new threads, which
+/// would then find those slots with a guard possibly set (their handlers would never run) and
+/// pending frames. So the child resets every other slot's guard and shadow stack. Keys stay:
+/// clearing one would break the probe chains of the keys after it (the forking thread's too).
+extern "C" fn reset_other_threads_after_fork() {
+    let me = thread_key();
+    for (i, key) in TABLE.keys.iter().enumerate() {
+        let k = key.load(Ordering::Relaxed);
+        if k != 0 && k != me {
+            GUARDS.0[i].store(false, Ordering::Relaxed);
+            // SAFETY: in the child right after fork, no other thread exists to use the slot.
+            unsafe { (*TABLE.states[i].get()).depth = 0 };
+        }
+    }
+}
+
+/// Registers [`reset_other_threads_after_fork`] once per process.
+pub(super) fn register_fork_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that only touches this module's statics.
+        unsafe { libc::pthread_atfork(None, None, Some(reset_other_threads_after_fork)) };
+    });
+}

@@ -1081,8 +1081,8 @@ impl JitHook {
         let envs: Box<[AtomicPtr<JitEnv<'static, 'static>>]> = (0..slots)
             .map(|_| AtomicPtr::new(std::ptr::null_mut()))
             .collect();
-        Some(Box::new(Self {
-            envs: envs.as_ptr(),
+        let mut hook = Box::new(Self {
+            envs: std::ptr::null(),
             slots,
             code: image.code as u64,
             ctx_len,
@@ -1091,7 +1091,10 @@ impl JitHook {
             data,
             image,
             env_table: envs,
-        }))
+        });
+        // Taken from the table in its final place.
+        hook.envs = hook.env_table.as_ptr();
+        Some(hook)
     }
 
     /// The entry point, to be called as `entry(hook as *const JitHook as *const (), ctx, slot)`.
