@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use bpftime_attach::hook::{ThreadSlot, MAX_THREADS};
 use bpftime_attach::{DirectEntry, EntryAction, ProbeHandler, ProbeKind, PtRegs};
-use bpftime_runtime::helpers::RuntimeHelpers;
+use bpftime_runtime::helpers::{needs_no_run_reset, RuntimeHelpers};
 use bpftime_runtime::loaded::{ProgramRunner, PublishedObject, RunnableProgram};
 use bpftime_runtime::vm::jit::{JitHook, JitHookSlowFn};
 use bpftime_runtime::vm::{VmError, VmKind};
@@ -36,9 +36,9 @@ pub struct BpfHandler {
     /// later thread only after its previous thread exited, so the helpers move with it (they
     /// hold no thread identity; per-run state is reset by every run).
     per_slot: Box<[SlotHelpers]>,
-    /// The JIT's machine-code entry for a leaf program ([`JitHook`]), made on first use
-    /// (it points back at this handler, so only once the handler is in place) and `None`
-    /// when the program needs the Rust path (not on our JIT, or not a leaf).
+    /// The JIT's machine-code entry ([`JitHook`]) for a program that needs no per-run reset of
+    /// its helpers, made on first use (it points back at this handler); `None` when the program
+    /// needs the Rust path (not on our JIT, or its helpers keep per-run state).
     jit_hook: OnceLock<Option<Box<JitHook>>>,
 }
 
@@ -96,6 +96,7 @@ impl BpfHandler {
                         jit_hook_slow,
                         jit_hook_after,
                         self as *const Self as *const (),
+                        needs_no_run_reset(&self.program.program),
                     )
                 }
             })
@@ -283,14 +284,15 @@ impl BpfHandler {
         Some(DirectEntry {
             func,
             data: hook as *const JitHook as *const (),
-            preserves_vector_regs: true,
+            preserves_vector_regs: hook.preserves_vector_regs(),
         })
     }
 }
 
 impl ProbeHandler for BpfHandler {
     fn direct_return(&self) -> Option<DirectEntry> {
-        // A leaf program cannot ask for an override: the JIT's entry serves returns as is.
+        // A program on the JIT's entry cannot ask for an override (it needs no run reset): the
+        // entry serves returns as is.
         self.jit_direct_entry().or(Some(DirectEntry {
             func: direct_return_entry,
             data: self as *const Self as *const (),

@@ -152,7 +152,7 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
     });
     let data = &*harness as *const Harness as *const ();
     // SAFETY: the image lives in `program`, the harness outlives every call below.
-    harness.hook = unsafe { JitHook::new(image, 4, 16, slow, after, data) };
+    harness.hook = unsafe { JitHook::new(image, 4, 16, slow, after, data, false) };
     let hook = harness
         .hook
         .as_ref()
@@ -204,30 +204,93 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
 }
 
 #[test]
-fn programs_with_per_run_helper_state_get_no_hook_entry() {
+fn hook_entries_only_for_programs_without_per_run_helper_state() {
+    use bpftime_runtime::helpers::needs_no_run_reset;
     use bpftime_runtime::vm::insn::Insn;
-    let e = Env::new("jit-hook-non-leaf", true, &[]);
     let exit = Insn::new(0x95, 0, 0, 0, 0);
-    let programs = [
-        // a helper other than the map ones (it may keep per-run state): not a leaf
-        vec![Insn::new(0x85, 0, 0, 0, 14), exit],
-        // callx (may reach any helper): not a leaf
-        vec![
-            Insn::new(0xb7, 1, 0, 0, 1),
-            Insn::new(0x8d, 1, 0, 0, 0),
-            exit,
-        ],
-    ];
-    for insns in programs {
-        let p = Program::new(insns.clone()).expect("valid program");
-        let image = p.jit().unwrap();
+    let call = |id: i32| Insn::new(0x85, 0, 0, 0, id);
+    let hook_for = |insns: Vec<Insn>| {
+        let p = Program::new(insns).expect("valid program");
+        let no_reset = needs_no_run_reset(&p);
         // SAFETY: never called.
-        let hook = unsafe { JitHook::new(image, 1, 16, slow, after, std::ptr::null()) };
-        assert!(hook.is_none(), "{insns:?}");
+        let hook = unsafe {
+            JitHook::new(
+                p.jit().unwrap(),
+                1,
+                16,
+                slow,
+                after,
+                std::ptr::null(),
+                no_reset,
+            )
+        };
+        (no_reset, hook.map(|h| h.preserves_vector_regs()))
+    };
+    // helpers keeping per-run state: tail call, override_return, ringbuf reserve/submit/discard
+    for id in [12, 58, 131, 132, 133] {
+        assert_eq!(hook_for(vec![call(id), exit]), (false, None), "helper {id}");
     }
-    // and a map-only program is one
-    let p = e.load("mov %r0, 0\nexit");
-    // SAFETY: never called.
-    let hook = unsafe { JitHook::new(p.jit().unwrap(), 1, 16, slow, after, std::ptr::null()) };
-    assert!(hook.is_some());
+    // callx may reach any helper
+    let callx = vec![
+        Insn::new(0xb7, 1, 0, 0, 1),
+        Insn::new(0x8d, 1, 0, 0, 0),
+        exit,
+    ];
+    assert_eq!(hook_for(callx), (false, None));
+    // other helpers: an entry, but the caller must save the vector registers
+    assert_eq!(hook_for(vec![call(5), call(14), exit]), (true, Some(false)));
+    // map helpers only (a leaf): an entry that keeps them itself
+    assert_eq!(
+        hook_for(vec![Insn::new(0xb7, 0, 0, 0, 0), exit]),
+        (true, Some(true))
+    );
+}
+
+#[test]
+fn program_calling_other_helpers_runs_through_the_entry() {
+    let e = Env::new(
+        "jit-hook-helpers",
+        true,
+        &[def("a", MapType::Array, 4, 8, 1)],
+    );
+    // a[0] = bpf_ktime_get_ns(); return 0
+    let p = e.load(
+        "call 5\nstxdw [%r10-16], %r0\nmov %r1, 0\nstxw [%r10-4], %r1\nmov %r2, %r10\n\
+         add %r2, -4\nmov %r3, %r10\nadd %r3, -16\nmov %r4, 0\nldmap %r1, 0\ncall 2\n\
+         mov %r0, 0\nexit",
+    );
+    assert!(bpftime_runtime::helpers::needs_no_run_reset(&p));
+    let program = runnable(p);
+    let image = program.program.jit().unwrap();
+    let mut harness = Box::new(Harness {
+        program: program.clone(),
+        runners: (0..2).map(|_| Default::default()).collect(),
+        hook: None,
+        obj: &e.obj,
+        slow_calls: AtomicU64::new(0),
+        after_calls: AtomicU64::new(0),
+    });
+    let data = &*harness as *const Harness as *const ();
+    // SAFETY: the image lives in `program`; the harness outlives every call; ktime keeps no
+    // per-run state.
+    harness.hook = unsafe { JitHook::new(image, 2, 16, slow, after, data, true) };
+    let hook = harness.hook.as_ref().expect("an entry");
+    assert!(!hook.preserves_vector_regs());
+    let hook_ptr = &**hook as *const JitHook as *const ();
+    let a = e.obj.map("a").unwrap();
+    let mut last = 0;
+    for _ in 0..50 {
+        let mut ctx = [0u8; 16];
+        // SAFETY: the entry with its hook, a 16-byte context and slot 0.
+        assert_eq!(
+            unsafe { JitHook::entry()(hook_ptr, ctx.as_mut_ptr(), 0) },
+            0
+        );
+        let v = a.lookup(&0u32.to_le_bytes()).unwrap().unwrap().read();
+        let t = u64::from_le_bytes(v[..8].try_into().unwrap());
+        assert!(t > last, "a fresh timestamp on every run");
+        last = t;
+    }
+    assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 1);
+    assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
 }

@@ -247,6 +247,36 @@ pub fn check_helper_calls(insns: &[Insn]) -> Result<(), UnknownHelper> {
     Ok(())
 }
 
+/// Whether runs of `prog` can do without the per-run reset of the helpers' state
+/// ([`RuntimeHelpers::begin_run`] / [`RuntimeHelpers::end_run`]): it calls none of the helpers
+/// that keep state for the length of a run (tail calls, `bpf_override_return`, ringbuf
+/// reservations) and makes no `callx` (which may reach any helper). Such a program may run from
+/// a JIT hook entry (`vm::jit::JitHook`) that skips the reset.
+pub fn needs_no_run_reset(prog: &Program) -> bool {
+    const CALLX: u8 = 0x8d;
+    let mut pc = 0;
+    let insns = prog.insns();
+    while pc < insns.len() {
+        let i = insns[pc];
+        if i.opc == CALLX
+            || (i.opc == CALL
+                && i.src == 0
+                && matches!(
+                    i.imm as u32,
+                    ids::TAIL_CALL
+                        | ids::OVERRIDE_RETURN
+                        | ids::RINGBUF_RESERVE
+                        | ids::RINGBUF_SUBMIT
+                        | ids::RINGBUF_DISCARD
+                ))
+        {
+            return false;
+        }
+        pc += if i.opc == LDDW { 2 } else { 1 };
+    }
+    true
+}
+
 /// Errors of [`RuntimeHelpers::load_program`].
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LoadError {

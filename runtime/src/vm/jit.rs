@@ -922,15 +922,16 @@ pub type JitHookSlowFn = unsafe extern "C" fn(data: *const (), ctx: *mut u8, slo
 /// returns.
 pub type JitHookAfterFn = unsafe extern "C" fn(data: *const (), slot: usize, r0: u64) -> u64;
 
-/// A machine-code entry point running a *leaf* image (its only helper calls are map
-/// lookup/update/delete, and no `callx`) in per-thread-slot sessions, for a hook engine to call
-/// directly: `entry(hook, ctx, slot) -> 0`, with `ctx` the
-/// context of `ctx_len` bytes and `slot` the calling thread's slot. It touches no vector
-/// register (the image saves xmm0-7 around its own native calls, and the entry around the
-/// callbacks), so the caller need not save them; with the per-slot environment set up once,
-/// a run is a few loads, the image's code and one status test. The first run of a slot
-/// (no session registered yet, see [`set_slot`](Self::set_slot)) goes to `slow`, a run that
-/// did not simply return to `after`.
+/// A machine-code entry point running an image in per-thread-slot sessions, for a hook engine
+/// to call directly: `entry(hook, ctx, slot) -> 0`, with `ctx` the context of `ctx_len` bytes
+/// and `slot` the calling thread's slot. With the per-slot environment set up once, a run is a
+/// few loads, the image's code and one status test; the helpers' per-run reset is skipped, so
+/// only images whose runs need none get an entry (see [`new`](Self::new)). The entry itself
+/// touches no vector register (it saves xmm0-7 around its callbacks); a *leaf* image (its only
+/// helper calls are map lookup/update/delete, and no `callx`) saves them around its own native
+/// calls too, so a caller need not save them at all ([`preserves_vector_regs`]
+/// (Self::preserves_vector_regs)). The first run of a slot (no session registered yet, see
+/// [`set_slot`](Self::set_slot)) goes to `slow`, a run that did not simply return to `after`.
 #[repr(C)]
 pub struct JitHook {
     envs: *const AtomicPtr<JitEnv<'static, 'static>>,
@@ -1061,12 +1062,16 @@ extern "C" {
 }
 
 impl JitHook {
-    /// A hook entry for `image` with `slots` thread slots, or `None` when the image is not a
-    /// leaf (its runs need per-run helper state: run those through a [`JitSession`]).
+    /// A hook entry for `image` with `slots` thread slots, or `None` when its runs may need the
+    /// helpers' per-run reset, which the entry does not do (run those through
+    /// [`JitSession::run`] and the helpers' `begin_run`/`end_run`). A leaf image never does;
+    /// for others the caller says so with `no_run_reset` (it knows what its helpers keep per
+    /// run: `helpers::needs_no_run_reset`).
     ///
     /// # Safety
     /// `image` must outlive the hook, and `data` must stay valid for `slow` and `after` while
-    /// the entry may be called.
+    /// the entry may be called; `no_run_reset` must be true only if the image's runs need no
+    /// reset of the helpers' state between them.
     pub unsafe fn new(
         image: &JitProgram,
         slots: usize,
@@ -1074,8 +1079,9 @@ impl JitHook {
         slow: JitHookSlowFn,
         after: JitHookAfterFn,
         data: *const (),
+        no_run_reset: bool,
     ) -> Option<Box<Self>> {
-        if !image.leaf {
+        if !image.leaf && !no_run_reset {
             return None;
         }
         let envs: Box<[AtomicPtr<JitEnv<'static, 'static>>]> = (0..slots)
@@ -1095,6 +1101,13 @@ impl JitHook {
         // Taken from the table in its final place.
         hook.envs = hook.env_table.as_ptr();
         Some(hook)
+    }
+
+    /// Whether a run through the entry leaves xmm0-7 as they were (a leaf image saves them
+    /// around its own native calls); otherwise the caller must save them.
+    pub fn preserves_vector_regs(&self) -> bool {
+        // SAFETY: the image outlives the hook (the contract of `new`).
+        unsafe { (*self.image).leaf }
     }
 
     /// The entry point, to be called as `entry(hook as *const JitHook as *const (), ctx, slot)`.
