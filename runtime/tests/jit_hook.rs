@@ -77,6 +77,7 @@ struct Harness {
     obj: *const bpftime_runtime::maps::ShmObject,
     slow_calls: AtomicU64,
     after_calls: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 unsafe extern "C" fn slow(data: *const (), ctx: *mut u8, slot: usize) -> u64 {
@@ -103,10 +104,16 @@ unsafe extern "C" fn slow(data: *const (), ctx: *mut u8, slot: usize) -> u64 {
     0
 }
 
-unsafe extern "C" fn after(data: *const (), _slot: usize, _r0: u64) -> u64 {
+unsafe extern "C" fn after(data: *const (), slot: usize, r0: u64) -> u64 {
     // SAFETY: as in `slow`.
     let h = unsafe { &*(data as *const Harness) };
     h.after_calls.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: one test thread uses the harness; the slot's runner made the run.
+    if let Some(runner) = unsafe { &mut *h.runners[slot].get() } {
+        // SAFETY: right after the entry's run of this runner's session.
+        let outcome = unsafe { runner.finish_hook_run(r0) };
+        *h.last_error.lock().unwrap() = outcome.err().map(|e| e.to_string());
+    }
     0
 }
 
@@ -149,6 +156,7 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
         obj: &e.obj,
         slow_calls: AtomicU64::new(0),
         after_calls: AtomicU64::new(0),
+        last_error: Default::default(),
     });
     let data = &*harness as *const Harness as *const ();
     // SAFETY: the image lives in `program`, the harness outlives every call below.
@@ -269,6 +277,7 @@ fn program_calling_other_helpers_runs_through_the_entry() {
         obj: &e.obj,
         slow_calls: AtomicU64::new(0),
         after_calls: AtomicU64::new(0),
+        last_error: Default::default(),
     });
     let data = &*harness as *const Harness as *const ();
     // SAFETY: the image lives in `program`; the harness outlives every call; ktime keeps no
@@ -293,4 +302,61 @@ fn program_calling_other_helpers_runs_through_the_entry() {
     }
     assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 1);
     assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_failing_run_goes_to_after_and_the_next_runs_go_on() {
+    let e = Env::new("jit-hook-after", true, &[def("a", MapType::Array, 4, 8, 1)]);
+    // ctx[0] != 0: a map lookup with a bad map argument (the run fails); else a[0] += 1
+    let p = e.load(
+        "ldxdw %r2, [%r1]\njeq %r2, 0, ok\nmov %r1, 12345\nmov %r2, %r10\nadd %r2, -8\n\
+         call 1\nexit\nok:\nmov %r1, 0\nstxw [%r10-4], %r1\nmov %r2, %r10\nadd %r2, -4\n\
+         ldmap %r1, 0\ncall 1\njeq %r0, 0, out\nmov %r1, 1\nlock add [%r0], %r1\nout:\n\
+         mov %r0, 0\nexit",
+    );
+    let program = runnable(p);
+    let image = program.program.jit().unwrap();
+    let mut harness = Box::new(Harness {
+        program: program.clone(),
+        runners: (0..1).map(|_| Default::default()).collect(),
+        hook: None,
+        obj: &e.obj,
+        slow_calls: AtomicU64::new(0),
+        after_calls: AtomicU64::new(0),
+        last_error: Default::default(),
+    });
+    let data = &*harness as *const Harness as *const ();
+    // SAFETY: the image lives in `program`; the harness outlives every call.
+    harness.hook = unsafe { JitHook::new(image, 1, 16, slow, after, data, false) };
+    let hook_ptr = &**harness.hook.as_ref().unwrap() as *const JitHook as *const ();
+    let run = |fail: u64| {
+        let mut ctx = [0u8; 16];
+        ctx[..8].copy_from_slice(&fail.to_le_bytes());
+        // SAFETY: the entry with its hook, a 16-byte context and slot 0.
+        unsafe { JitHook::entry()(hook_ptr, ctx.as_mut_ptr(), 0) }
+    };
+    run(0); // the slot's first run: `slow` sets it up
+    for round in 1..=3u64 {
+        run(1);
+        assert_eq!(harness.after_calls.load(Ordering::Relaxed), round);
+        let err = harness.last_error.lock().unwrap().take();
+        assert!(err.as_deref().is_some_and(|e| e.contains("map")), "{err:?}");
+        run(0);
+        run(0);
+        assert_eq!(
+            harness.after_calls.load(Ordering::Relaxed),
+            round,
+            "good runs: no after"
+        );
+    }
+    let v = e
+        .obj
+        .map("a")
+        .unwrap()
+        .lookup(&0u32.to_le_bytes())
+        .unwrap()
+        .unwrap()
+        .read();
+    assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), 7);
+    assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 1);
 }
