@@ -712,7 +712,29 @@ impl JitProgram {
         helpers: &mut dyn Helpers,
         map_set: Option<u64>,
     ) -> Result<u64, VmError> {
-        let mut env = JitEnv {
+        let mut env = self.fresh_env(
+            map_set,
+            helpers as *mut (dyn Helpers + '_),
+            mem as *mut MemoryMap<'_>,
+        );
+        // SAFETY: the caller upholds the memory contract; `env` outlives the call.
+        let r = unsafe { self.enter(args, &mut env) };
+        if env.status == ST_OK {
+            return Ok(r);
+        }
+        // SAFETY: as above.
+        unsafe { Self::finish(env, r, map_set) }
+    }
+
+    /// The environment of a run starting in this image's main function.
+    #[inline(always)]
+    fn fresh_env<'h, 'm>(
+        &self,
+        map_set: Option<u64>,
+        helpers: *mut (dyn Helpers + 'h),
+        mem: *mut MemoryMap<'m>,
+    ) -> JitEnv<'h, 'm> {
+        JitEnv {
             saved_rsp: 0,
             status: ST_OK,
             pc: 0,
@@ -722,18 +744,11 @@ impl JitProgram {
             entry: self.func_table[0],
             fast: self.fast_for(map_set),
             jit: self,
-            helpers: helpers as *mut (dyn Helpers + '_),
-            mem: mem as *mut MemoryMap<'_>,
+            helpers,
+            mem,
             error: None,
             tail: None,
-        };
-        // SAFETY: the caller upholds the memory contract; `env` outlives the call.
-        let r = unsafe { self.enter(args, &mut env) };
-        if env.status == ST_OK {
-            return Ok(r);
         }
-        // SAFETY: as above.
-        unsafe { Self::finish(env, r, map_set) }
     }
 
     /// A run that did not simply return: tail calls (run here) and errors.
@@ -821,21 +836,7 @@ impl JitProgram {
         // SAFETY: the caller's contract: `helpers` is valid.
         let map_set = unsafe { (*helpers).map_set_id() };
         let mut session = Box::new(JitSession {
-            env: JitEnv {
-                saved_rsp: 0,
-                status: ST_OK,
-                pc: 0,
-                helper_id: 0,
-                depth: 0,
-                aux: 0,
-                entry: self.func_table[0],
-                fast: self.fast_for(map_set),
-                jit: self,
-                helpers,
-                mem: std::ptr::null_mut(),
-                error: None,
-                tail: None,
-            },
+            env: self.fresh_env(map_set, helpers, std::ptr::null_mut()),
             mem: MemoryMap::new(),
             image: self,
             map_set,
@@ -887,15 +888,8 @@ impl JitSession<'_> {
         };
         // SAFETY: the image outlives the session.
         let image = unsafe { &*self.image };
-        self.env.status = ST_OK;
-        self.env.depth = 0;
-        self.env.entry = image.func_table[0];
-        self.env.fast = image.fast_for(self.map_set);
-        self.env.jit = image;
-        self.env.error = None;
-        self.env.tail = None;
         self.mem = MemoryMap::new();
-        self.env.mem = &mut self.mem;
+        self.env = image.fresh_env(self.map_set, self.env.helpers, &mut self.mem);
         result
     }
 }
