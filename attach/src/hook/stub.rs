@@ -120,6 +120,73 @@ macro_rules! restore_regs {
     };
 }
 
+/// Saves xmm0-7 and notes it in r15 (which the leaving code tests).
+macro_rules! save_xmm_noted {
+    () => {
+        concat!(save_xmm!(), "mov r15d, 1\n")
+    };
+}
+
+/// Stores `rax` (the continuation) in the slot, restores xmm0-7 if r15 says they were saved,
+/// then every general register.
+macro_rules! restore_noted {
+    () => {
+        concat!(
+            "mov [rsp+320], rax\n",
+            "test r15d, r15d\n",
+            "jz 12f\n",
+            restore_xmm!(),
+            "12:\n",
+            restore_gprs!(),
+        )
+    };
+}
+
+/// The first probe of the thread table for the calling thread (the hash
+/// `thread::current_indexed` computes): rcx = the index, rdx = the table; "not equal" when the
+/// slot there is another thread's (the caller jumps to a slow path).
+macro_rules! probe_thread_slot {
+    () => {
+        concat!(
+            "mov rax, qword ptr fs:[0]\n",
+            "mov rcx, {key_hash}\n",
+            "imul rcx, rax\n",
+            "shr rcx, {key_shift}\n",
+            "lea rdx, [rip+{table}]\n",
+            "cmp [rdx+rcx*8], rax\n",
+        )
+    };
+}
+
+/// r8 = the state of thread slot rcx (rdx = the table, as `probe_thread_slot!` leaves it).
+macro_rules! thread_state {
+    () => {
+        concat!(
+            "imul r8, rcx, {state_size}\n",
+            "lea r8, [rdx+r8+{states_offset}]\n",
+        )
+    };
+}
+
+/// Calls the direct entry r12 for thread slot r13 on the frame r14 with the slot's guard set;
+/// rax = what it returned.
+macro_rules! call_direct {
+    () => {
+        concat!(
+            "lea rdx, [rip+{guards}]\n",
+            "mov byte ptr [rdx+r13], 1\n",
+            "mov rdi, [r12+{direct_data}]\n",
+            "mov rsi, r14\n",
+            "mov rdx, r13\n",
+            "and rsp, -16\n",
+            "call [r12+{direct_func}]\n",
+            "mov rsp, r14\n",
+            "lea rdx, [rip+{guards}]\n",
+            "mov byte ptr [rdx+r13], 0\n",
+        )
+    };
+}
+
 macro_rules! entry_stub {
     ($name:literal, $rsp_off:literal, $exit:expr) => {
         concat!(
@@ -186,46 +253,26 @@ core::arch::global_asm!(
     // entry preserves them itself.
     "cmp byte ptr [r12+{direct_preserves}], 0",
     "jne 9f",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "9:",
     "cmp byte ptr [rbx+{site_enabled}], 0",
     "je 3f",
-    // The thread's slot: the first probe of the hash table (as `thread::current_indexed`
-    // computes it), else the slow lookup.
-    "mov rax, qword ptr fs:[0]",
-    "mov rcx, {key_hash}",
-    "imul rcx, rax",
-    "shr rcx, {key_shift}",
-    "lea rdx, [rip+{table}]",
-    "cmp [rdx+rcx*8], rax",
+    // The thread's slot (else the slow lookup).
+    probe_thread_slot!(),
     "jne 6f",
     "8:",
     "lea rdx, [rip+{guards}]",
     "cmp byte ptr [rdx+rcx], 0",
     "jne 7f",
-    "mov byte ptr [rdx+rcx], 1",
     "mov r13, rcx",
-    "mov rdi, [r12+{direct_data}]",
-    "mov rsi, r14",
-    "mov rdx, rcx",
-    "and rsp, -16",
-    "call [r12+{direct_func}]",
-    "mov rsp, r14",
-    "lea rdx, [rip+{guards}]",
-    "mov byte ptr [rdx+r13], 0",
+    call_direct!(),
     "test rax, rax",
     "jnz 4f",
     // continue into the original function (its trampoline)
     "3:",
     "mov rax, [rbx+{site_trampoline}]",
     "2:",
-    "mov [rsp+320], rax",
-    "test r15d, r15d",
-    "jz 12f",
-    restore_xmm!(),
-    "12:",
-    restore_gprs!(),
+    restore_noted!(),
     // Leave without `popfq` (slow; flags are not live at a function entry) and with an
     // indirect `jmp` rather than `ret`, which would unbalance the return stack buffer and cost
     // two mispredictions per call. The slot at S-8 is inside the red zone, which signal
@@ -243,19 +290,13 @@ core::arch::global_asm!(
     "je 5f",
     "cmp byte ptr [rbx+{site_enabled}], 0",
     "je 3b",
-    "mov rax, qword ptr fs:[0]",
-    "mov rcx, {key_hash}",
-    "imul rcx, rax",
-    "shr rcx, {key_shift}",
-    "lea rdx, [rip+{table}]",
-    "cmp [rdx+rcx*8], rax",
+    probe_thread_slot!(),
     "jne 5f",
     "lea r8, [rip+{guards}]",
     "cmp byte ptr [r8+rcx], 0",
     "jne 7f",
     // r8 = the thread's state, r9 = its depth, rax = the slot holding the return address
-    "imul r8, rcx, {state_size}",
-    "lea r8, [rdx+r8+{states_offset}]",
+    thread_state!(),
     "mov r9, [r8]",
     "lea rax, [r14+328]",
     "test r9, r9",
@@ -281,8 +322,7 @@ core::arch::global_asm!(
     "jmp 3b",
     // generic path: the dispatcher runs every handler and returns where to continue
     "5:",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "mov rdi, rbx",
     "mov rsi, r14",
     "and rsp, -16",
@@ -294,8 +334,7 @@ core::arch::global_asm!(
     "6:",
     "test r15d, r15d",
     "jnz 13f",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "13:",
     "and rsp, -16",
     "call {thread_slot}",
@@ -352,15 +391,9 @@ core::arch::global_asm!(
     "xor r15d, r15d",
     // Fast path: pop the top shadow frame when it is this return's (else the dispatcher
     // drops stale frames, or reports a broken stack).
-    "mov rax, qword ptr fs:[0]",
-    "mov rcx, {key_hash}",
-    "imul rcx, rax",
-    "shr rcx, {key_shift}",
-    "lea rdx, [rip+{table}]",
-    "cmp [rdx+rcx*8], rax",
+    probe_thread_slot!(),
     "jne 5f",
-    "imul r8, rcx, {state_size}",
-    "lea r8, [rdx+r8+{states_offset}]",
+    thread_state!(),
     "mov r9, [r8]",
     "test r9, r9",
     "jz 5f",
@@ -391,35 +424,19 @@ core::arch::global_asm!(
     "jne 3f",
     "cmp byte ptr [r12+{direct_preserves}], 0",
     "jne 9f",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "9:",
-    "lea rdx, [rip+{guards}]",
-    "mov byte ptr [rdx+r13], 1",
-    "mov rdi, [r12+{direct_data}]",
-    "mov rsi, r14",
-    "mov rdx, r13",
-    "and rsp, -16",
-    "call [r12+{direct_func}]",
-    "mov rsp, r14",
-    "lea rdx, [rip+{guards}]",
-    "mov byte ptr [rdx+r13], 0",
+    call_direct!(),
     "3:",
     "mov rax, rbp",
     "2:",
-    "mov [rsp+320], rax",
-    "test r15d, r15d",
-    "jz 12f",
-    restore_xmm!(),
-    "12:",
-    restore_gprs!(),
+    restore_noted!(),
     // flags are not live after a return; jump (slot at R-16, inside the red zone)
     "lea rsp, [rsp+336]",
     "jmp qword ptr [rsp-16]",
     // the return handlers through Rust (vector registers saved)
     "6:",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "mov rdi, rbx",
     "mov rsi, r14",
     "mov rdx, r13",
@@ -429,8 +446,7 @@ core::arch::global_asm!(
     "jmp 3b",
     // the dispatcher pops the frame and runs the handlers; returns where to go
     "5:",
-    save_xmm!(),
-    "mov r15d, 1",
+    save_xmm_noted!(),
     "mov rdi, r14",
     "and rsp, -16",
     "call {ret}",
