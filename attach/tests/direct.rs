@@ -9,7 +9,7 @@ use bpftime_attach::hook::ThreadSlot;
 use bpftime_attach::{
     hook, resolve, DirectEntry, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs,
 };
-use common::{sym, target};
+use common::{fib_ref, install, sums_on_threads, sym, target, Callers};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -108,11 +108,6 @@ impl ProbeHandler for Probe {
             preserves_vector_regs: false,
         })
     }
-}
-
-fn install(set: &mut HookSet, func: &str, kind: ProbeKind, h: Arc<dyn ProbeHandler>) {
-    let t = resolve(&target(func)).unwrap();
-    set.install(&t, kind, h).unwrap();
 }
 
 #[test]
@@ -254,21 +249,10 @@ fn eight_threads_one_million_direct_calls_each_exact() {
     let mut set = HookSet::new();
     install(&mut set, "work", ProbeKind::Uprobe, p.clone());
     const N: u64 = 1_000_000;
-    let threads: Vec<_> = (0..8)
-        .map(|t| {
-            std::thread::spawn(move || {
-                let mut s = 0i64;
-                for i in 0..N as i64 {
-                    s = s.wrapping_add(work(i + t));
-                }
-                s
-            })
-        })
-        .collect();
-    for (t, h) in threads.into_iter().enumerate() {
+    for (t, sum) in sums_on_threads(work, 8, N as i64).into_iter().enumerate() {
         let t = t as i64;
         let expect: i64 = (0..N as i64).map(|i| i + t + 1).sum();
-        assert_eq!(h.join().unwrap(), expect);
+        assert_eq!(sum, expect);
     }
     assert_eq!(p.direct.load(Ordering::Relaxed), 8 * N);
     assert_eq!(p.generic.load(Ordering::Relaxed), 0);
@@ -280,20 +264,7 @@ fn direct_hooks_come_and_go_while_threads_run_through() {
     type F = extern "C" fn(i64) -> i64;
     // a function no other test of this process calls
     let bench_plain: F = sym("bench_plain");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(bench_plain(n as i64), n as i64 + 1);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let callers = Callers::start(bench_plain, |n| n + 1, 4);
     let alone = Arc::new(Probe::default());
     let other = Arc::new(Probe::default());
     let t = resolve(&target("bench_plain")).unwrap();
@@ -309,8 +280,7 @@ fn direct_hooks_come_and_go_while_threads_run_through() {
         }
         set.detach().unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let calls: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    let calls = callers.stop();
     assert!(calls > 0);
     assert!(alone.direct.load(Ordering::Relaxed) > 0, "fast path taken");
     assert!(
@@ -357,6 +327,25 @@ impl ProbeHandler for VectorSafeCounter {
     }
 }
 
+/// `threads` threads calling the victim's `fmix(a, b, i)` `calls` times each, checking every
+/// (floating-point) result.
+fn fmix_on_threads(fmix: extern "C" fn(f64, f64, i64) -> f64, threads: i64, calls: i64) {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..calls {
+                    let a = t as f64 + 0.5;
+                    let b = i as f64 * 0.25;
+                    assert_eq!(fmix(a, b, i), a * 2.0 + b + i as f64);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
 #[test]
 fn vector_safe_entry_keeps_float_arguments_on_many_threads() {
     type F = extern "C" fn(f64, f64, i64) -> f64;
@@ -365,33 +354,9 @@ fn vector_safe_entry_keeps_float_arguments_on_many_threads() {
     let mut set = HookSet::new();
     install(&mut set, "fmix", ProbeKind::Uprobe, c.clone());
     // new threads take the stub's slow thread lookup (a Rust call) on their first call
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            std::thread::spawn(move || {
-                for i in 0..10_000i64 {
-                    let a = t as f64 + 0.5;
-                    let b = i as f64 * 0.25;
-                    assert_eq!(fmix(a, b, i), a * 2.0 + b + i as f64);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    fmix_on_threads(fmix, 4, 10_000);
     assert_eq!(fmix(1.5, 0.25, 3), 6.25);
     assert_eq!(c.0.load(Ordering::Relaxed), 40_001);
-}
-
-fn fib_ref(n: i64, calls: &mut u64, sum: &mut u64) -> i64 {
-    *calls += 1;
-    let r = if n < 2 {
-        n
-    } else {
-        fib_ref(n - 1, calls, sum) + fib_ref(n - 2, calls, sum)
-    };
-    *sum = sum.wrapping_add(r as u64);
-    r
 }
 
 #[test]
@@ -424,20 +389,7 @@ fn vector_safe_return_entry_keeps_float_results_on_many_threads() {
     // an entry and a return probe: the entry goes through the dispatcher (it pushes the shadow
     // frame), the return through the vector-safe direct entry
     install(&mut set, "fmix", ProbeKind::Uretprobe, c.clone());
-    let threads: Vec<_> = (0..4)
-        .map(|t| {
-            std::thread::spawn(move || {
-                for i in 0..10_000i64 {
-                    let a = t as f64 + 0.75;
-                    let b = i as f64 * 0.5;
-                    assert_eq!(fmix(a, b, i), a * 2.0 + b + i as f64);
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    fmix_on_threads(fmix, 4, 10_000);
     assert_eq!(c.0.load(Ordering::Relaxed), 40_000);
 }
 
@@ -450,24 +402,19 @@ fn direct_return_on_eight_threads_exact() {
     let mut set = HookSet::new();
     install(&mut set, "mid_target", ProbeKind::Uretprobe, p.clone());
     const N: u64 = 200_000;
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let mut s = 0i64;
-                for i in 0..N as i64 {
-                    s = s.wrapping_add(mid_target(i));
-                }
-                s
-            })
-        })
-        .collect();
-    let expect: i64 = (0..N as i64).map(|i| 5 * i + 3).sum();
-    for h in threads {
-        assert_eq!(h.join().unwrap(), expect);
+    let mut expect_all = 0i64;
+    for (t, sum) in sums_on_threads(mid_target, 8, N as i64)
+        .into_iter()
+        .enumerate()
+    {
+        let t = t as i64;
+        let expect: i64 = (0..N as i64).map(|i| 5 * (i + t) + 3).sum();
+        assert_eq!(sum, expect);
+        expect_all += expect;
     }
     assert_eq!(p.ret_direct.load(Ordering::Relaxed), 8 * N);
     assert_eq!(p.ret_generic.load(Ordering::Relaxed), 0);
-    assert_eq!(p.rc_sum.load(Ordering::Relaxed), 8 * expect as u64);
+    assert_eq!(p.rc_sum.load(Ordering::Relaxed), expect_all as u64);
 }
 
 #[test]

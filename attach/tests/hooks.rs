@@ -5,7 +5,7 @@ mod common;
 use bpftime_attach::{
     hook, resolve, AttachError, EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs,
 };
-use common::{sym, target};
+use common::{fib_ref, install, sums_on_threads, sym, target, Callers};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -25,11 +25,6 @@ impl ProbeHandler for Counter {
         self.returns.fetch_add(1, Ordering::Relaxed);
         self.rc_sum.fetch_add(regs.rc(), Ordering::Relaxed);
     }
-}
-
-fn install(set: &mut HookSet, func: &str, kind: ProbeKind, h: Arc<dyn ProbeHandler>) {
-    let t = resolve(&target(func)).unwrap();
-    set.install(&t, kind, h).unwrap();
 }
 
 #[derive(Default)]
@@ -126,17 +121,6 @@ fn override_return_skips_the_function() {
     assert_eq!(check(5), 0);
 }
 
-fn fib_ref(n: i64, calls: &mut u64, sum: &mut u64) -> i64 {
-    *calls += 1;
-    let r = if n < 2 {
-        n
-    } else {
-        fib_ref(n - 1, calls, sum) + fib_ref(n - 2, calls, sum)
-    };
-    *sum += r as u64;
-    r
-}
-
 #[test]
 fn uretprobe_with_recursion_exact_counts() {
     type F = extern "C" fn(i64) -> i64;
@@ -162,21 +146,10 @@ fn eight_threads_one_million_calls_each_exact() {
     install(&mut set, "work", ProbeKind::Uprobe, c.clone());
     install(&mut set, "work", ProbeKind::Uretprobe, c.clone());
     const N: u64 = 1_000_000;
-    let threads: Vec<_> = (0..8)
-        .map(|t| {
-            std::thread::spawn(move || {
-                let mut s = 0i64;
-                for i in 0..N as i64 {
-                    s = s.wrapping_add(work(i + t));
-                }
-                s
-            })
-        })
-        .collect();
-    for (t, h) in threads.into_iter().enumerate() {
+    for (t, sum) in sums_on_threads(work, 8, N as i64).into_iter().enumerate() {
         let t = t as i64;
         let expect: i64 = (0..N as i64).map(|i| i + t + 1).sum();
-        assert_eq!(h.join().unwrap(), expect);
+        assert_eq!(sum, expect);
     }
     assert_eq!(c.entries.load(Ordering::Relaxed), 8 * N);
     assert_eq!(c.returns.load(Ordering::Relaxed), 8 * N);
@@ -186,20 +159,7 @@ fn eight_threads_one_million_calls_each_exact() {
 fn install_and_remove_while_threads_run_through() {
     type F = extern "C" fn(i64) -> i64;
     let churn: F = sym("churn");
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    assert_eq!(churn(n as i64), 3 * n as i64);
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let callers = Callers::start(churn, |n| 3 * n, 4);
     let c = Arc::new(Counter::default());
     let t = resolve(&target("churn")).unwrap();
     for _ in 0..100 {
@@ -209,8 +169,7 @@ fn install_and_remove_while_threads_run_through() {
         std::thread::sleep(std::time::Duration::from_micros(200));
         set.detach().unwrap();
     }
-    stop.store(true, Ordering::Relaxed);
-    let total: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    let total = callers.stop();
     assert!(total > 0);
     assert!(c.entries.load(Ordering::Relaxed) > 0);
     // every return hook seen was for an entry seen

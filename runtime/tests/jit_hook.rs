@@ -117,15 +117,36 @@ unsafe extern "C" fn after(data: *const (), slot: usize, r0: u64) -> u64 {
     0
 }
 
-fn runnable(program: Arc<Program>) -> RunnableProgram {
-    RunnableProgram {
-        name: "leaf".into(),
-        section: "uprobe/test".into(),
-        attach_target: String::new(),
-        prog_type: 2,
-        vm: VmKind::Jit,
-        verified: true,
-        program,
+impl Harness {
+    /// A harness running `program` on our JIT with `slots` thread slots and helpers on `obj`,
+    /// with its hook entry (if the program gets one; see `JitHook::new`).
+    fn new(
+        program: Arc<Program>,
+        obj: &bpftime_runtime::maps::ShmObject,
+        slots: usize,
+        no_run_reset: bool,
+    ) -> Box<Self> {
+        let mut harness = Box::new(Harness {
+            program: runnable(program, VmKind::Jit),
+            runners: (0..slots).map(|_| Default::default()).collect(),
+            hook: None,
+            obj,
+            slow_calls: AtomicU64::new(0),
+            after_calls: AtomicU64::new(0),
+            last_error: Default::default(),
+        });
+        let data = &*harness as *const Harness as *const ();
+        let image = harness.program.program.jit().unwrap();
+        // SAFETY: the image lives in the harness's program, and the harness (the callbacks'
+        // data) lives as long as its hook; `no_run_reset` is the caller's to vouch for.
+        let hook = unsafe { JitHook::new(image, slots, 16, slow, after, data, no_run_reset) };
+        harness.hook = hook;
+        harness
+    }
+
+    /// The hook's entry's first argument.
+    fn hook_ptr(&self) -> *const () {
+        &**self.hook.as_ref().expect("a hook entry") as *const JitHook as *const ()
     }
 }
 
@@ -147,25 +168,9 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
          stxdw [%r10-24], %r1\nmov %r2, %r10\nadd %r2, -16\nmov %r3, %r10\nadd %r3, -24\n\
          mov %r4, 0\nldmap %r1, 1\ncall 2\nmov %r0, 0\nexit",
     );
-    let program = runnable(p);
-    let image = program.program.jit().unwrap();
-    let mut harness = Box::new(Harness {
-        program: program.clone(),
-        runners: (0..4).map(|_| Default::default()).collect(),
-        hook: None,
-        obj: &e.obj,
-        slow_calls: AtomicU64::new(0),
-        after_calls: AtomicU64::new(0),
-        last_error: Default::default(),
-    });
-    let data = &*harness as *const Harness as *const ();
-    // SAFETY: the image lives in `program`, the harness outlives every call below.
-    harness.hook = unsafe { JitHook::new(image, 4, 16, slow, after, data, false) };
-    let hook = harness
-        .hook
-        .as_ref()
-        .expect("a leaf program gets a hook entry");
-    let hook_ptr = &**hook as *const JitHook as *const ();
+    let harness = Harness::new(p, &e.obj, 4, false);
+    assert!(harness.hook.as_ref().unwrap().preserves_vector_regs());
+    let hook_ptr = harness.hook_ptr();
     let entry = JitHook::entry();
 
     let xin: Vec<u8> = (0..128u8)
@@ -195,14 +200,10 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
         "first call only"
     );
     assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
-    let a = e.obj.map("a").unwrap();
-    let v = a.lookup(&0u32.to_le_bytes()).unwrap().unwrap().read();
-    assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), 200);
-    let hmap = e.obj.map("h").unwrap();
+    assert_eq!(value_u64(&e.obj, "a", &0u32.to_le_bytes()), 200);
     for k in 0..64u64 {
-        let v = hmap.lookup(&k.to_le_bytes()).unwrap().unwrap().read();
         let last = (0..200u64).filter(|i| i % 64 == k).max().unwrap();
-        assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), last);
+        assert_eq!(value_u64(&e.obj, "h", &k.to_le_bytes()), last);
     }
     // slot out of range: the slow path, never a table overrun
     let mut ctx = [0u8; 16];
@@ -268,25 +269,10 @@ fn program_calling_other_helpers_runs_through_the_entry() {
          mov %r0, 0\nexit",
     );
     assert!(bpftime_runtime::helpers::needs_no_run_reset(&p));
-    let program = runnable(p);
-    let image = program.program.jit().unwrap();
-    let mut harness = Box::new(Harness {
-        program: program.clone(),
-        runners: (0..2).map(|_| Default::default()).collect(),
-        hook: None,
-        obj: &e.obj,
-        slow_calls: AtomicU64::new(0),
-        after_calls: AtomicU64::new(0),
-        last_error: Default::default(),
-    });
-    let data = &*harness as *const Harness as *const ();
-    // SAFETY: the image lives in `program`; the harness outlives every call; ktime keeps no
-    // per-run state.
-    harness.hook = unsafe { JitHook::new(image, 2, 16, slow, after, data, true) };
-    let hook = harness.hook.as_ref().expect("an entry");
-    assert!(!hook.preserves_vector_regs());
-    let hook_ptr = &**hook as *const JitHook as *const ();
-    let a = e.obj.map("a").unwrap();
+    // ktime keeps no per-run state
+    let harness = Harness::new(p, &e.obj, 2, true);
+    assert!(!harness.hook.as_ref().unwrap().preserves_vector_regs());
+    let hook_ptr = harness.hook_ptr();
     let mut last = 0;
     for _ in 0..50 {
         let mut ctx = [0u8; 16];
@@ -295,8 +281,7 @@ fn program_calling_other_helpers_runs_through_the_entry() {
             unsafe { JitHook::entry()(hook_ptr, ctx.as_mut_ptr(), 0) },
             0
         );
-        let v = a.lookup(&0u32.to_le_bytes()).unwrap().unwrap().read();
-        let t = u64::from_le_bytes(v[..8].try_into().unwrap());
+        let t = value_u64(&e.obj, "a", &0u32.to_le_bytes());
         assert!(t > last, "a fresh timestamp on every run");
         last = t;
     }
@@ -314,21 +299,8 @@ fn a_failing_run_goes_to_after_and_the_next_runs_go_on() {
          ldmap %r1, 0\ncall 1\njeq %r0, 0, out\nmov %r1, 1\nlock add [%r0], %r1\nout:\n\
          mov %r0, 0\nexit",
     );
-    let program = runnable(p);
-    let image = program.program.jit().unwrap();
-    let mut harness = Box::new(Harness {
-        program: program.clone(),
-        runners: (0..1).map(|_| Default::default()).collect(),
-        hook: None,
-        obj: &e.obj,
-        slow_calls: AtomicU64::new(0),
-        after_calls: AtomicU64::new(0),
-        last_error: Default::default(),
-    });
-    let data = &*harness as *const Harness as *const ();
-    // SAFETY: the image lives in `program`; the harness outlives every call.
-    harness.hook = unsafe { JitHook::new(image, 1, 16, slow, after, data, false) };
-    let hook_ptr = &**harness.hook.as_ref().unwrap() as *const JitHook as *const ();
+    let harness = Harness::new(p, &e.obj, 1, false);
+    let hook_ptr = harness.hook_ptr();
     let run = |fail: u64| {
         let mut ctx = [0u8; 16];
         ctx[..8].copy_from_slice(&fail.to_le_bytes());
@@ -349,14 +321,6 @@ fn a_failing_run_goes_to_after_and_the_next_runs_go_on() {
             "good runs: no after"
         );
     }
-    let v = e
-        .obj
-        .map("a")
-        .unwrap()
-        .lookup(&0u32.to_le_bytes())
-        .unwrap()
-        .unwrap()
-        .read();
-    assert_eq!(u64::from_le_bytes(v[..8].try_into().unwrap()), 7);
+    assert_eq!(value_u64(&e.obj, "a", &0u32.to_le_bytes()), 7);
     assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 1);
 }

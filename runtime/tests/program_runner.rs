@@ -8,24 +8,12 @@ mod helpers_common;
 use std::sync::Arc;
 
 use bpftime_runtime::helpers::RuntimeHelpers;
-use bpftime_runtime::loaded::{ProgramRunner, RunnableProgram};
+use bpftime_runtime::loaded::ProgramRunner;
 use bpftime_runtime::maps::{MapType, BPF_ANY};
-use bpftime_runtime::vm::{Program, VmError, VmKind};
+use bpftime_runtime::vm::{VmError, VmKind};
 use helpers_common::*;
 
 const KINDS: [VmKind; 2] = [VmKind::Interpreter, VmKind::Jit];
-
-fn runnable(program: Arc<Program>, vm: VmKind) -> RunnableProgram {
-    RunnableProgram {
-        name: "test".into(),
-        section: "uprobe/test".into(),
-        attach_target: String::new(),
-        prog_type: 2,
-        vm,
-        verified: true,
-        program,
-    }
-}
 
 #[test]
 fn repeated_runs_keep_counting_and_return_each_result() {
@@ -47,19 +35,7 @@ fn repeated_runs_keep_counting_and_return_each_result() {
             let mut ctx = i.to_le_bytes();
             assert_eq!(runner.run(&mut ctx), Ok(2 * i), "{vm:?}");
         }
-        let v = e
-            .obj
-            .map("a")
-            .unwrap()
-            .lookup(&0u32.to_le_bytes())
-            .unwrap()
-            .expect("a[0]")
-            .read();
-        assert_eq!(
-            u64::from_le_bytes(v[..8].try_into().unwrap()),
-            1000,
-            "{vm:?}"
-        );
+        assert_eq!(value_u64(&e.obj, "a", &0u32.to_le_bytes()), 1000, "{vm:?}");
     }
 }
 

@@ -126,3 +126,71 @@ pub fn target(func: &str) -> String {
     let _ = victim();
     format!("libvictim.so:{func}")
 }
+
+/// Installs a hook of `kind` running `h` on the victim library's `func`.
+pub fn install(
+    set: &mut bpftime_attach::HookSet,
+    func: &str,
+    kind: bpftime_attach::ProbeKind,
+    h: std::sync::Arc<dyn bpftime_attach::ProbeHandler>,
+) {
+    let t = bpftime_attach::resolve(&target(func)).unwrap();
+    set.install(&t, kind, h).unwrap();
+}
+
+/// The victim's `fib(n)`, counting the calls it makes and summing their results (wrapping).
+pub fn fib_ref(n: i64, calls: &mut u64, sum: &mut u64) -> i64 {
+    *calls += 1;
+    let r = if n < 2 {
+        n
+    } else {
+        fib_ref(n - 1, calls, sum) + fib_ref(n - 2, calls, sum)
+    };
+    *sum = sum.wrapping_add(r as u64);
+    r
+}
+
+/// A victim function `long f(long)`.
+pub type LongFn = extern "C" fn(i64) -> i64;
+
+/// Runs `threads` threads at once, thread `t` calling `f(i + t)` for `i` in `0..calls`; each
+/// thread's wrapping sum of the results, by thread.
+pub fn sums_on_threads(f: LongFn, threads: i64, calls: i64) -> Vec<i64> {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| std::thread::spawn(move || (0..calls).fold(0i64, |s, i| s.wrapping_add(f(i + t)))))
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Threads calling `f(n)` for n = 0, 1, 2, ... and checking each result against `expect(n)`,
+/// until stopped.
+pub struct Callers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Callers {
+    pub fn start(f: LongFn, expect: fn(i64) -> i64, threads: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        assert_eq!(f(n as i64), expect(n as i64));
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Stops the threads; how many calls they made.
+    pub fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads.into_iter().map(|h| h.join().unwrap()).sum()
+    }
+}

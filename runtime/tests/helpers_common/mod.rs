@@ -92,3 +92,31 @@ pub fn save(off: usize) -> String {
 pub fn stack_ptr(reg: u8, off: i32) -> String {
     format!("mov %r{reg}, %r10\nadd %r{reg}, {off}\n")
 }
+
+/// `program` as a published uprobe program of the given VM (what an agent's hook runs).
+pub fn runnable(
+    program: Arc<Program>,
+    vm: bpftime_runtime::vm::VmKind,
+) -> bpftime_runtime::loaded::RunnableProgram {
+    bpftime_runtime::loaded::RunnableProgram {
+        name: "test".into(),
+        section: "uprobe/test".into(),
+        attach_target: String::new(),
+        prog_type: 2,
+        vm,
+        verified: true,
+        program,
+    }
+}
+
+/// The first 8 bytes of map `map`'s value at `key`, as a u64 (the entry must exist).
+pub fn value_u64(obj: &ShmObject, map: &str, key: &[u8]) -> u64 {
+    let v = obj
+        .map(map)
+        .unwrap()
+        .lookup(key)
+        .unwrap()
+        .expect("entry")
+        .read();
+    u64::from_le_bytes(v[..8].try_into().unwrap())
+}
