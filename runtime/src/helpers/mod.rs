@@ -825,17 +825,22 @@ unsafe fn jit_arg<'a>(
     Ok(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
 }
 
-/// Runs a fast map helper: panics and faults abort the program as through the trampoline.
+/// Runs a fast map helper on the map handle `map`: panics and faults abort the program as
+/// through the trampoline.
 ///
 /// # Safety
-/// `call` is the [`JitCall`] the JIT passed.
+/// `map` is a handle from `JitMaps::resolve` (kept alive by the JIT image) and `call` the
+/// [`JitCall`] the JIT passed; the JIT only runs verified programs.
 #[inline(always)]
 unsafe fn jit_map_op(
     call: *mut JitCall,
+    map: *const (),
     id: u32,
-    f: impl FnOnce() -> Result<u64, HelperFault>,
+    f: impl FnOnce(&MapHandle) -> Result<u64, HelperFault>,
 ) -> u64 {
-    let error = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    // SAFETY: the caller's contract.
+    let m = unsafe { &*(map as *const MapHandle) };
+    let error = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(m))) {
         Ok(Ok(v)) => return v,
         Ok(Err(fault)) => fault.into(),
         Err(_) => HelperError::Failed("helper panicked".into()),
@@ -843,6 +848,48 @@ unsafe fn jit_map_op(
     // SAFETY: the caller's contract.
     unsafe { JitCall::fail(call, id, error) };
     0
+}
+
+/// The key argument (r2) of a map helper called from JIT code.
+///
+/// # Safety
+/// As [`jit_arg`].
+#[inline(always)]
+unsafe fn jit_key<'a>(
+    helper: &'static str,
+    m: &MapHandle,
+    key: u64,
+) -> Result<&'a [u8], HelperFault> {
+    // SAFETY: the caller's contract.
+    unsafe { jit_arg(helper, 2, key, m.def().key_size as usize) }
+}
+
+/// The key and value arguments (r2, r3) of `bpf_map_update_elem` called from JIT code.
+///
+/// # Safety
+/// As [`jit_arg`].
+#[inline(always)]
+unsafe fn jit_update_args<'a>(
+    m: &MapHandle,
+    key: u64,
+    value: u64,
+) -> Result<(&'a [u8], &'a [u8]), HelperFault> {
+    const N: &str = "bpf_map_update_elem";
+    // SAFETY: the caller's contract.
+    unsafe {
+        Ok((
+            jit_key(N, m, key)?,
+            jit_arg(N, 3, value, m.def().value_size as usize)?,
+        ))
+    }
+}
+
+/// r0 of an update or delete: 0, or the negative errno.
+fn status(r: Result<(), MapError>) -> u64 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => neg_map(&e),
+    }
 }
 
 /// `bpf_map_lookup_elem` for JIT code (see [`JitMaps`]).
@@ -854,12 +901,10 @@ unsafe extern "C" fn jit_map_lookup(
     _: u64,
     call: *mut JitCall,
 ) -> u64 {
-    // SAFETY: `map` is a handle from `JitMaps::resolve`, kept alive by the JIT image.
-    let m = unsafe { &*(map as *const MapHandle) };
-    // SAFETY: the JIT only runs verified programs and passes its `JitCall`.
+    // SAFETY: the JIT's call of a fast path (see `jit_map_op`).
     unsafe {
-        jit_map_op(call, ids::MAP_LOOKUP_ELEM, || {
-            let key = jit_arg("bpf_map_lookup_elem", 2, key, m.def().key_size as usize)?;
+        jit_map_op(call, map, ids::MAP_LOOKUP_ELEM, |m| {
+            let key = jit_key("bpf_map_lookup_elem", m, key)?;
             Ok(match m.lookup(key) {
                 Ok(Some(v)) => v.as_ptr() as u64,
                 _ => 0,
@@ -878,11 +923,9 @@ unsafe extern "C" fn jit_hash_lookup(
     call: *mut JitCall,
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
-    let m = unsafe { &*(map as *const MapHandle) };
-    // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, ids::MAP_LOOKUP_ELEM, || {
-            let key = jit_arg("bpf_map_lookup_elem", 2, key, m.def().key_size as usize)?;
+        jit_map_op(call, map, ids::MAP_LOOKUP_ELEM, |m| {
+            let key = jit_key("bpf_map_lookup_elem", m, key)?;
             Ok(m.hash_lookup(key, 0).map_or(0, |p| p as u64))
         })
     }
@@ -898,17 +941,10 @@ unsafe extern "C" fn jit_hash_update(
     call: *mut JitCall,
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
-    let m = unsafe { &*(map as *const MapHandle) };
-    // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, ids::MAP_UPDATE_ELEM, || {
-            const N: &str = "bpf_map_update_elem";
-            let key = jit_arg(N, 2, key, m.def().key_size as usize)?;
-            let value = jit_arg(N, 3, value, m.def().value_size as usize)?;
-            Ok(match m.hash_update(key, value, flags, None) {
-                Ok(()) => 0,
-                Err(e) => neg_map(&e),
-            })
+        jit_map_op(call, map, ids::MAP_UPDATE_ELEM, |m| {
+            let (key, value) = jit_update_args(m, key, value)?;
+            Ok(status(m.hash_update(key, value, flags, None)))
         })
     }
 }
@@ -923,17 +959,10 @@ unsafe extern "C" fn jit_map_update(
     call: *mut JitCall,
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
-    let m = unsafe { &*(map as *const MapHandle) };
-    // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, ids::MAP_UPDATE_ELEM, || {
-            const N: &str = "bpf_map_update_elem";
-            let key = jit_arg(N, 2, key, m.def().key_size as usize)?;
-            let value = jit_arg(N, 3, value, m.def().value_size as usize)?;
-            Ok(match m.update(key, value, flags) {
-                Ok(()) => 0,
-                Err(e) => neg_map(&e),
-            })
+        jit_map_op(call, map, ids::MAP_UPDATE_ELEM, |m| {
+            let (key, value) = jit_update_args(m, key, value)?;
+            Ok(status(m.update(key, value, flags)))
         })
     }
 }
@@ -948,15 +977,9 @@ unsafe extern "C" fn jit_map_delete(
     call: *mut JitCall,
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
-    let m = unsafe { &*(map as *const MapHandle) };
-    // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, ids::MAP_DELETE_ELEM, || {
-            let key = jit_arg("bpf_map_delete_elem", 2, key, m.def().key_size as usize)?;
-            Ok(match m.delete(key) {
-                Ok(()) => 0,
-                Err(e) => neg_map(&e),
-            })
+        jit_map_op(call, map, ids::MAP_DELETE_ELEM, |m| {
+            Ok(status(m.delete(jit_key("bpf_map_delete_elem", m, key)?)))
         })
     }
 }
