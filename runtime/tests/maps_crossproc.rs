@@ -1,7 +1,10 @@
 //! Several processes on one segment: children are this test binary re-run with a role in the
 //! environment (see `child_entry`), so they are fresh single-threaded processes.
 
+mod maps_common;
+
 use bpftime_runtime::maps::*;
+use maps_common::*;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -14,21 +17,6 @@ const ARG: &str = "BPFTIME_MAPS_TEST_ARG";
 const PROCS: u32 = 4;
 const THREADS: u32 = 4;
 const INCS: u64 = 100_000;
-
-fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
-}
-
-fn k4(i: u32) -> [u8; 4] {
-    i.to_le_bytes()
-}
 
 /// Array "ctl": slot 0 counts ready children, slot 1 is the start flag.
 fn ctl_def() -> MapDef {
@@ -56,22 +44,6 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(t.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-struct Seg(ShmObject);
-
-impl Seg {
-    fn new(test: &str, defs: &[MapDef]) -> Self {
-        let name = format!("test-xp-{}-{test}", std::process::id());
-        let _ = remove_object(&name);
-        Seg(ShmObject::create(&name, defs).unwrap())
-    }
-}
-
-impl Drop for Seg {
-    fn drop(&mut self) {
-        let _ = self.0.remove();
     }
 }
 
@@ -236,6 +208,7 @@ fn child_entry() {
 #[test]
 fn atomic_increments_from_4_processes_x_4_threads() {
     let s = Seg::new(
+        "xp",
         "inc",
         &[
             ctl_def(),
@@ -279,6 +252,7 @@ fn atomic_increments_from_4_processes_x_4_threads() {
 #[test]
 fn killed_lock_holder_does_not_wedge_others() {
     let s = Seg::new(
+        "xp",
         "kill-holder",
         &[ctl_def(), def(MapType::Hash, 4, 8, 64, "h")],
     );
@@ -315,6 +289,7 @@ fn killed_lock_holder_does_not_wedge_others() {
 #[test]
 fn children_killed_mid_churn_do_not_wedge_the_rest() {
     let s = Seg::new(
+        "xp",
         "churn",
         &[
             ctl_def(),
@@ -379,6 +354,7 @@ fn children_killed_mid_churn_do_not_wedge_the_rest() {
 #[test]
 fn ringbuf_written_by_two_processes_read_by_a_third() {
     let s = Seg::new(
+        "xp",
         "rb",
         &[ctl_def(), def(MapType::Ringbuf, 0, 0, 64 * 1024, "rb")],
     );
@@ -405,6 +381,7 @@ fn ringbuf_written_by_two_processes_read_by_a_third() {
 #[test]
 fn reserved_record_of_a_killed_producer_does_not_stall_the_consumer() {
     let s = Seg::new(
+        "xp",
         "rb-dead",
         &[ctl_def(), def(MapType::Ringbuf, 0, 0, 4096, "rb")],
     );
@@ -431,6 +408,7 @@ fn reserved_record_of_a_killed_producer_does_not_stall_the_consumer() {
 #[test]
 fn change_marks_from_another_process_reach_the_forwarder() {
     let s = Seg::new(
+        "xp",
         "track",
         &[
             ctl_def(),
@@ -481,7 +459,7 @@ fn change_marks_from_another_process_reach_the_forwarder() {
 
 #[test]
 fn segments_of_dead_loaders_are_found_stale() {
-    let s = Seg::new("stale", &[ctl_def()]);
+    let s = Seg::new("xp", "stale", &[ctl_def()]);
     let orphan = format!("{}-orphan", s.0.object_name());
     let _ = remove_object(&orphan);
     let mut kid = spawn("create_and_exit", &s.0, 0);
@@ -521,7 +499,7 @@ fn segments_of_dead_loaders_are_found_stale() {
 /// must be refused rather than allowed to "recover" locks of live threads it cannot see.
 #[test]
 fn other_pid_namespace_is_refused() {
-    let s = Seg::new("pidns", &[ctl_def()]);
+    let s = Seg::new("xp", "pidns", &[ctl_def()]);
     let status = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(std::env::current_exe().unwrap())

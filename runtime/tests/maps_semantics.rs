@@ -1,51 +1,19 @@
 //! Single-process semantics of every map type, errnos as the kernel's.
 
+mod maps_common;
+
 use bpftime_runtime::maps::*;
+use maps_common::*;
 use std::sync::atomic::Ordering;
-
-struct Obj {
-    obj: ShmObject,
-}
-
-impl Obj {
-    fn new(test: &str, defs: &[MapDef]) -> Self {
-        let name = format!("test-sem-{}-{test}", std::process::id());
-        let _ = remove_object(&name);
-        Self {
-            obj: ShmObject::create(&name, defs).expect("create segment"),
-        }
-    }
-}
-
-impl Drop for Obj {
-    fn drop(&mut self) {
-        let _ = self.obj.remove();
-    }
-}
-
-fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
-}
 
 fn errno<T: std::fmt::Debug>(r: Result<T, MapError>) -> i32 {
     r.expect_err("expected an error").errno()
 }
 
-fn k4(i: u32) -> [u8; 4] {
-    i.to_le_bytes()
-}
-
 #[test]
 fn hash_flags_and_errnos() {
-    let o = Obj::new("hash", &[def(MapType::Hash, 4, 8, 4, "h")]);
-    let m = o.obj.map("h").unwrap();
+    let o = Seg::new("sem", "hash", &[def(MapType::Hash, 4, 8, 4, "h")]);
+    let m = o.0.map("h").unwrap();
     let v = 7u64.to_le_bytes();
     m.update(&k4(1), &v, BPF_NOEXIST).unwrap();
     assert_eq!(errno(m.update(&k4(1), &v, BPF_NOEXIST)), libc::EEXIST);
@@ -93,8 +61,8 @@ fn hash_flags_and_errnos() {
 
 #[test]
 fn hash_many_keys_and_odd_key_sizes() {
-    let o = Obj::new("hash-many", &[def(MapType::Hash, 13, 3, 5000, "h")]);
-    let m = o.obj.map(0usize).unwrap();
+    let o = Seg::new("sem", "hash-many", &[def(MapType::Hash, 13, 3, 5000, "h")]);
+    let m = o.0.map(0usize).unwrap();
     let key = |i: u32| {
         let mut k = [0xa5u8; 13];
         k[..4].copy_from_slice(&i.to_le_bytes());
@@ -125,8 +93,8 @@ fn hash_many_keys_and_odd_key_sizes() {
 
 #[test]
 fn array_semantics() {
-    let o = Obj::new("array", &[def(MapType::Array, 4, 12, 10, "a")]);
-    let m = o.obj.map("a").unwrap();
+    let o = Seg::new("sem", "array", &[def(MapType::Array, 4, 12, 10, "a")]);
+    let m = o.0.map("a").unwrap();
     assert!(m.lookup(&k4(10)).unwrap().is_none());
     let p = m.lookup(&k4(3)).unwrap().unwrap();
     assert_eq!(p.read(), vec![0; 12]);
@@ -144,16 +112,17 @@ fn array_semantics() {
 
 #[test]
 fn percpu_maps_sum_over_cpus() {
-    let o = Obj::new(
+    let o = Seg::new(
+        "sem",
         "percpu",
         &[
             def(MapType::PercpuArray, 4, 8, 4, "pa"),
             def(MapType::PercpuHash, 8, 4, 16, "ph"),
         ],
     );
-    let ncpu = o.obj.ncpu();
+    let ncpu = o.0.ncpu();
     assert_eq!(ncpu, possible_cpus());
-    let pa = o.obj.map("pa").unwrap();
+    let pa = o.0.map("pa").unwrap();
     for cpu in 0..ncpu {
         let p = pa.lookup_cpu(&k4(1), cpu).unwrap().unwrap();
         p.atomic_u64(0)
@@ -171,7 +140,7 @@ fn percpu_maps_sum_over_cpus() {
     }
     assert_eq!(errno(pa.lookup_cpu(&k4(1), ncpu)), libc::EINVAL);
 
-    let ph = o.obj.map("ph").unwrap();
+    let ph = o.0.map("ph").unwrap();
     // The program's form writes the current CPU's slot and zeroes the others.
     ph.update(&7u64.to_le_bytes(), &5u32.to_le_bytes(), BPF_ANY)
         .unwrap();
@@ -199,8 +168,8 @@ fn percpu_maps_sum_over_cpus() {
 
 #[test]
 fn lru_evicts_instead_of_failing() {
-    let o = Obj::new("lru", &[def(MapType::LruHash, 4, 8, 8, "l")]);
-    let m = o.obj.map("l").unwrap();
+    let o = Seg::new("sem", "lru", &[def(MapType::LruHash, 4, 8, 8, "l")]);
+    let m = o.0.map("l").unwrap();
     for i in 0..8 {
         m.update(&k4(i), &[0; 8], BPF_NOEXIST).unwrap();
     }
@@ -223,7 +192,8 @@ fn lru_evicts_instead_of_failing() {
 
 #[test]
 fn queue_and_stack() {
-    let o = Obj::new(
+    let o = Seg::new(
+        "sem",
         "qs",
         &[
             def(MapType::Queue, 0, 4, 3, "q"),
@@ -231,7 +201,7 @@ fn queue_and_stack() {
         ],
     );
     for (name, fifo) in [("q", true), ("s", false)] {
-        let m = o.obj.map(name).unwrap();
+        let m = o.0.map(name).unwrap();
         assert_eq!(errno(m.pop()), libc::ENOENT);
         assert_eq!(errno(m.peek()), libc::ENOENT);
         for i in 1..=3u32 {
@@ -269,8 +239,8 @@ fn queue_and_stack() {
 
 #[test]
 fn prog_array_slots() {
-    let o = Obj::new("prog", &[def(MapType::ProgArray, 4, 4, 4, "jmp")]);
-    let m = o.obj.map("jmp").unwrap();
+    let o = Seg::new("sem", "prog", &[def(MapType::ProgArray, 4, 4, 4, "jmp")]);
+    let m = o.0.map("jmp").unwrap();
     assert_eq!(m.prog_array_get(0), None);
     m.update(&k4(2), &7u32.to_le_bytes(), BPF_ANY).unwrap();
     assert_eq!(m.prog_array_get(2), Some(7));
@@ -291,8 +261,8 @@ fn prog_array_slots() {
 
 #[test]
 fn ringbuf_reserve_submit_discard_output_wrap() {
-    let o = Obj::new("rb", &[def(MapType::Ringbuf, 0, 0, 4096, "rb")]);
-    let m = o.obj.map("rb").unwrap();
+    let o = Seg::new("sem", "rb", &[def(MapType::Ringbuf, 0, 0, 4096, "rb")]);
+    let m = o.0.map("rb").unwrap();
     let mut c = RingBufConsumer::new(&m).unwrap();
     assert!(m.ringbuf_reserve(8, 1).is_none(), "flags must be 0");
     assert!(m.ringbuf_reserve(4096, 0).is_none(), "larger than the ring");
@@ -343,13 +313,17 @@ fn ringbuf_reserve_submit_discard_output_wrap() {
 
 #[test]
 fn perf_event_array_per_cpu_rings() {
-    let o = Obj::new("perf", &[def(MapType::PerfEventArray, 4, 4, 0, "events")]);
-    let m = o.obj.map("events").unwrap();
-    assert_eq!(m.def().max_entries, o.obj.ncpu());
+    let o = Seg::new(
+        "sem",
+        "perf",
+        &[def(MapType::PerfEventArray, 4, 4, 0, "events")],
+    );
+    let m = o.0.map("events").unwrap();
+    assert_eq!(m.def().max_entries, o.0.ncpu());
     m.perf_event_output(BPF_F_CURRENT_CPU, b"abc").unwrap();
     m.perf_event_output(0, b"on cpu0").unwrap();
     assert_eq!(
-        errno(m.perf_event_output(u64::from(o.obj.ncpu()), b"x")),
+        errno(m.perf_event_output(u64::from(o.0.ncpu()), b"x")),
         libc::E2BIG
     );
     assert_eq!(errno(m.perf_event_output(1 << 40, b"x")), libc::EINVAL);
@@ -363,12 +337,11 @@ fn perf_event_array_per_cpu_rings() {
 
 #[test]
 fn program_registry_roundtrip() {
-    let o = Obj::new("progs", &[def(MapType::Array, 4, 4, 1, "a")]);
-    let g0 = o.obj.programs_generation();
+    let o = Seg::new("sem", "progs", &[def(MapType::Array, 4, 4, 1, "a")]);
+    let g0 = o.0.programs_generation();
     let insns: Vec<u8> = (0..64u8).collect();
-    let i = o
-        .obj
-        .register_program(&ProgramSpec {
+    let i =
+        o.0.register_program(&ProgramSpec {
             name: "on_readline",
             section: "uretprobe//bin/bash:readline",
             attach_target: "/bin/bash:readline",
@@ -377,9 +350,8 @@ fn program_registry_roundtrip() {
             run_flags: 0x101,
         })
         .unwrap();
-    let j = o
-        .obj
-        .register_program(&ProgramSpec {
+    let j =
+        o.0.register_program(&ProgramSpec {
             name: "tp",
             section: "tracepoint/syscalls/sys_enter_openat",
             attach_target: "syscalls/sys_enter_openat",
@@ -390,7 +362,7 @@ fn program_registry_roundtrip() {
         .unwrap();
     assert_ne!(i, j);
     // An agent opens the segment by object name and reads the registry.
-    let agent = ShmObject::open(o.obj.object_name()).unwrap();
+    let agent = ShmObject::open(o.0.object_name()).unwrap();
     assert!(agent.programs_generation() > g0);
     let ps = agent.programs();
     assert_eq!(ps.len(), 2);
@@ -399,12 +371,11 @@ fn program_registry_roundtrip() {
     assert_eq!(ps[0].insns, insns);
     assert_eq!(ps[0].run_flags, 0x101);
     assert_eq!(ps[1].insns.len(), 16);
-    assert!(o.obj.unregister_program(j));
+    assert!(o.0.unregister_program(j));
     assert_eq!(agent.programs().len(), 1);
     let long = "x".repeat(300);
-    let e = o
-        .obj
-        .register_program(&ProgramSpec {
+    let e =
+        o.0.register_program(&ProgramSpec {
             name: "p",
             section: "s",
             attach_target: &long,
@@ -449,8 +420,8 @@ fn segments_list_open_remove() {
         def(MapType::Hash, 4, 4, 16, "h"),
         def(MapType::Array, 4, 4, 2, "a"),
     ];
-    let o = Obj::new("seg", &defs);
-    let name = o.obj.object_name().to_string();
+    let o = Seg::new("sem", "seg", &defs);
+    let name = o.0.object_name().to_string();
     assert!(std::path::Path::new(&format!("/dev/shm/bpftime-rs.{name}.shm")).exists());
     assert_eq!(
         ShmObject::create(&name, &defs).err().unwrap().errno(),
@@ -463,7 +434,7 @@ fn segments_list_open_remove() {
         .unwrap()
         .update(&k4(1), &k4(2), BPF_ANY)
         .unwrap();
-    assert!(o.obj.map("h").unwrap().get(&k4(1)).unwrap().is_some());
+    assert!(o.0.map("h").unwrap().get(&k4(1)).unwrap().is_some());
     assert!(ShmObject::open_or_create(&name, &defs[..1]).is_err());
     let segs = list_segments().unwrap();
     let me = segs.iter().find(|s| s.object == name).expect("listed");
@@ -471,7 +442,7 @@ fn segments_list_open_remove() {
     assert_eq!(me.creator_pid, std::process::id());
     assert_eq!(me.maps, vec!["h".to_string(), "a".to_string()]);
     assert!(find_stale().unwrap().iter().all(|s| s.object != name));
-    let e = o.obj.map("nope").unwrap_err();
+    let e = o.0.map("nope").unwrap_err();
     assert!(e.to_string().contains(&name));
     remove_object(&name).unwrap();
     assert_eq!(ShmObject::open(&name).err().unwrap().errno(), libc::ENOENT);
@@ -481,7 +452,8 @@ fn segments_list_open_remove() {
 
 #[test]
 fn queue_pushes_since_for_the_forwarder() {
-    let o = Obj::new(
+    let o = Seg::new(
+        "sem",
         "qseq",
         &[
             def(MapType::Queue, 0, 4, 4, "q"),
@@ -489,7 +461,7 @@ fn queue_pushes_since_for_the_forwarder() {
         ],
     );
     for name in ["q", "s"] {
-        let m = o.obj.map(name).unwrap();
+        let m = o.0.map(name).unwrap();
         let (none, mut next) = m.pushes_since(0).unwrap();
         assert!(none.is_empty());
         assert_eq!(next, 0);
@@ -513,15 +485,15 @@ fn queue_pushes_since_for_the_forwarder() {
 
 #[test]
 fn unmarked_lookup_and_corrupt_segment_rejected() {
-    let o = Obj::new("corrupt", &[def(MapType::Hash, 4, 8, 8, "h")]);
-    let h = o.obj.map("h").unwrap();
+    let o = Seg::new("sem", "corrupt", &[def(MapType::Hash, 4, 8, 8, "h")]);
+    let h = o.0.map("h").unwrap();
     h.update(&k4(1), &[1; 8], BPF_ANY).unwrap();
     h.drain_changes(|_| {});
     let p = h.lookup_unmarked(&k4(1), 0).unwrap().unwrap();
     assert_eq!(p.read(), vec![1; 8]);
     assert!(!h.has_changes(), "unmarked lookups leave no mark");
     // Flip a geometry field in the file: opening must refuse it rather than follow it.
-    let path = format!("/dev/shm/bpftime-rs.{}.shm", o.obj.object_name());
+    let path = format!("/dev/shm/bpftime-rs.{}.shm", o.0.object_name());
     let bytes = std::fs::read(&path).unwrap();
     // The first map region follows the program area; find its geometry by its map type,
     // key size and value size words (1, 4, 8) at a page boundary.
@@ -537,6 +509,6 @@ fn unmarked_lookup_and_corrupt_segment_rejected() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&[bytes[off + 32] ^ 0x40], (off + 32) as u64) // n_buckets
         .unwrap();
-    let e = ShmObject::open(o.obj.object_name()).err().expect("corrupt");
+    let e = ShmObject::open(o.0.object_name()).err().expect("corrupt");
     assert!(e.to_string().contains("geometry"), "{e}");
 }

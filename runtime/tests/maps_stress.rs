@@ -2,39 +2,18 @@
 //! owns a key range and checks that what it wrote is exactly what lookups see, while the
 //! others churn the same buckets and reuse the same pooled elements.
 
+mod maps_common;
+
 use bpftime_runtime::maps::*;
+use maps_common::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-struct Seg(ShmObject);
-
-impl Drop for Seg {
-    fn drop(&mut self) {
-        let _ = self.0.remove();
-    }
-}
-
-fn seg(test: &str, defs: &[MapDef]) -> Seg {
-    let name = format!("test-stress-{}-{test}", std::process::id());
-    let _ = remove_object(&name);
-    Seg(ShmObject::create(&name, defs).unwrap())
-}
-
-fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
-}
 
 #[test]
 fn owners_always_see_their_own_writes_under_churn() {
     for track in [false, true] {
-        let s = seg(
+        let s = Seg::new(
+            "stress",
             if track { "churn-track" } else { "churn" },
             &[def(MapType::Hash, 8, 16, 256, "h")],
         );
@@ -145,7 +124,8 @@ fn owners_always_see_their_own_writes_under_churn() {
 
 #[test]
 fn for_each_visits_every_entry_and_marks() {
-    let s = seg(
+    let s = Seg::new(
+        "stress",
         "foreach",
         &[
             def(MapType::Hash, 4, 8, 64, "h"),

@@ -1,40 +1,12 @@
 //! Change marks and the forwarder protocol (issue 10), in one process.
 
+mod maps_common;
+
 use bpftime_runtime::maps::*;
+use maps_common::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-struct Seg(ShmObject);
-
-impl Seg {
-    fn new(test: &str, defs: &[MapDef]) -> Self {
-        let name = format!("test-trk-{}-{test}", std::process::id());
-        let _ = remove_object(&name);
-        Seg(ShmObject::create(&name, defs).unwrap())
-    }
-}
-
-impl Drop for Seg {
-    fn drop(&mut self) {
-        let _ = self.0.remove();
-    }
-}
-
-fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
-}
-
-fn k4(i: u32) -> [u8; 4] {
-    i.to_le_bytes()
-}
 
 fn drain(m: &MapHandle) -> Vec<Change> {
     let mut v = Vec::new();
@@ -44,7 +16,7 @@ fn drain(m: &MapHandle) -> Vec<Change> {
 
 #[test]
 fn update_lookup_delete_mark_and_drain_clears() {
-    let s = Seg::new("basic", &[def(MapType::Hash, 4, 8, 8, "h")]);
+    let s = Seg::new("trk", "basic", &[def(MapType::Hash, 4, 8, 8, "h")]);
     let h = s.0.map("h").unwrap();
     assert!(drain(&h).is_empty());
     h.update(&k4(1), &1u64.to_le_bytes(), BPF_ANY).unwrap();
@@ -66,7 +38,7 @@ fn update_lookup_delete_mark_and_drain_clears() {
 
 #[test]
 fn tombstones_until_ack_and_revival() {
-    let s = Seg::new("tomb", &[def(MapType::Hash, 4, 8, 4, "h")]);
+    let s = Seg::new("trk", "tomb", &[def(MapType::Hash, 4, 8, 4, "h")]);
     let h = s.0.map("h").unwrap();
     h.set_track_deletes(true);
     for i in 0..4 {
@@ -111,7 +83,7 @@ fn tombstones_until_ack_and_revival() {
 
 #[test]
 fn unacknowledged_tombstones_never_block_inserts() {
-    let s = Seg::new("overflow", &[def(MapType::Hash, 4, 4, 4, "h")]);
+    let s = Seg::new("trk", "overflow", &[def(MapType::Hash, 4, 4, 4, "h")]);
     let h = s.0.map("h").unwrap();
     h.set_track_deletes(true);
     // Far more distinct deleted keys than the pool's spare half holds.
@@ -140,6 +112,7 @@ fn unacknowledged_tombstones_never_block_inserts() {
 #[test]
 fn array_and_percpu_marks() {
     let s = Seg::new(
+        "trk",
         "arr",
         &[
             def(MapType::Array, 4, 8, 300, "a"),
@@ -171,7 +144,7 @@ fn array_and_percpu_marks() {
 /// drain gives the final value (clear-then-read never loses the last write).
 #[test]
 fn concurrent_writer_last_value_always_reaches_the_forwarder() {
-    let s = Seg::new("race", &[def(MapType::Hash, 4, 8, 64, "h")]);
+    let s = Seg::new("trk", "race", &[def(MapType::Hash, 4, 8, 64, "h")]);
     let h = s.0.map("h").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2u32)
@@ -219,7 +192,7 @@ fn concurrent_writer_last_value_always_reaches_the_forwarder() {
 /// picked up by the cursor's re-read on the next pass.
 #[test]
 fn cursor_rereads_entries_written_after_their_lookup() {
-    let s = Seg::new("cursor", &[def(MapType::Hash, 4, 8, 8, "h")]);
+    let s = Seg::new("trk", "cursor", &[def(MapType::Hash, 4, 8, 8, "h")]);
     let h = s.0.map("h").unwrap();
     h.update(&k4(1), &0u64.to_le_bytes(), BPF_ANY).unwrap();
     let mut cur = ChangeCursor::new(2);
