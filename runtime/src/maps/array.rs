@@ -96,28 +96,9 @@ impl MapHandle {
         if flags == BPF_NOEXIST {
             return Err(self.err("update", libc::EEXIST));
         }
-        let g = &self.ctl().geo;
-        let vs = g.value_size as usize;
-        let stride = g.value_stride as usize;
-        match cpu {
-            Some(c) => {
-                // SAFETY: idx and c in range; value.len() == value_size.
-                unsafe { copy_value(value.as_ptr(), self.array_slot_ptr(idx, c), vs) }
-            }
-            None if g.nslots == 1 => {
-                // SAFETY: as above.
-                unsafe { copy_value(value.as_ptr(), self.array_slot_ptr(idx, 0), vs) }
-            }
-            None => {
-                for c in 0..g.nslots {
-                    let src = &value[c as usize * stride..c as usize * stride + vs];
-                    // SAFETY: as above, one value per CPU slot.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), self.array_slot_ptr(idx, c), vs)
-                    }
-                }
-            }
-        }
+        // SAFETY: idx in range, and every slot of an index is a value of value_size bytes;
+        // the callers checked cpu and value's length.
+        unsafe { store_slots(&self.ctl().geo, value, cpu, |c| self.array_slot_ptr(idx, c)) };
         self.mark_hard(idx, self.mark_word(idx), MARK_CHANGED);
         Ok(())
     }

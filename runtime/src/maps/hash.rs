@@ -426,31 +426,14 @@ impl MapHandle {
     /// None for a whole value (all slots, stride-padded, for per-CPU maps).
     fn write_value(&self, slot: u32, value: &[u8], cpu: Option<u32>, fresh: bool) {
         let g = &self.ctl().geo;
-        let vs = g.value_size as usize;
         let stride = g.value_stride as usize;
         if fresh {
             // SAFETY: the value area of this element: nslots * value_stride bytes.
             unsafe { std::ptr::write_bytes(self.val_ptr(slot, 0), 0, stride * g.nslots as usize) };
         }
-        match cpu {
-            Some(c) => {
-                // SAFETY: c < nslots (checked by callers), value.len() == value_size.
-                unsafe { copy_value(value.as_ptr(), self.val_ptr(slot, c), vs) }
-            }
-            None if g.nslots == 1 => {
-                // SAFETY: value.len() == value_size (checked by callers).
-                unsafe { copy_value(value.as_ptr(), self.val_ptr(slot, 0), vs) }
-            }
-            None => {
-                for c in 0..g.nslots {
-                    let src = &value[c as usize * stride..c as usize * stride + vs];
-                    // SAFETY: one value per slot, lengths checked by update_percpu.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), self.val_ptr(slot, c), vs)
-                    }
-                }
-            }
-        }
+        // SAFETY: every slot of the element holds a value of value_size bytes; the callers
+        // checked cpu and value's length.
+        unsafe { store_slots(g, value, cpu, |c| self.val_ptr(slot, c)) };
     }
 
     #[inline]

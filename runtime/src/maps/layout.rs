@@ -244,3 +244,35 @@ pub(crate) unsafe fn copy_value(src: *const u8, dst: *mut u8, n: usize) {
         }
     }
 }
+
+/// Stores `value` into an element's CPU slots, `slot_ptr(c)` being slot `c`'s value: only
+/// slot `c` for `cpu = Some(c)` (a program's update of a per-CPU map; `value` is one value), or
+/// every slot for `None` (a whole value: one value, or `nslots` stride-padded values for a
+/// per-CPU map).
+///
+/// # Safety
+/// `slot_ptr(c)` is writable for `value_size` bytes for every `c < nslots`, `cpu < nslots`,
+/// and `value` holds what `cpu` says (checked by the callers).
+#[inline(always)]
+pub(crate) unsafe fn store_slots(
+    geo: &Geometry,
+    value: &[u8],
+    cpu: Option<u32>,
+    slot_ptr: impl Fn(u32) -> *mut u8,
+) {
+    let vs = geo.value_size as usize;
+    let stride = geo.value_stride as usize;
+    // SAFETY: the caller's contract.
+    unsafe {
+        match cpu {
+            Some(c) => copy_value(value.as_ptr(), slot_ptr(c), vs),
+            None if geo.nslots == 1 => copy_value(value.as_ptr(), slot_ptr(0), vs),
+            None => {
+                for c in 0..geo.nslots {
+                    let src = &value[c as usize * stride..c as usize * stride + vs];
+                    copy_value(src.as_ptr(), slot_ptr(c), vs);
+                }
+            }
+        }
+    }
+}
