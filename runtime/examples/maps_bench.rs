@@ -6,17 +6,6 @@ use std::hint::black_box;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
-}
-
 fn bench(name: &str, iters: u64, mut f: impl FnMut(u64)) {
     for i in 0..iters / 10 {
         f(i);
@@ -37,11 +26,11 @@ fn main() {
     let obj = ShmObject::create(
         &name,
         &[
-            def(MapType::Hash, 4, 8, 10_240, "h"),
-            def(MapType::Array, 4, 8, 1024, "a"),
-            def(MapType::PercpuArray, 4, 8, 1024, "pa"),
-            def(MapType::LruHash, 4, 8, 10_240, "lru"),
-            def(MapType::Ringbuf, 0, 0, 1 << 20, "rb"),
+            MapDef::new(MapType::Hash, 4, 8, 10_240, "h"),
+            MapDef::new(MapType::Array, 4, 8, 1024, "a"),
+            MapDef::new(MapType::PercpuArray, 4, 8, 1024, "pa"),
+            MapDef::new(MapType::LruHash, 4, 8, 10_240, "lru"),
+            MapDef::new(MapType::Ringbuf, 0, 0, 1 << 20, "rb"),
         ],
     )
     .expect("create");

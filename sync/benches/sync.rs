@@ -28,14 +28,7 @@ fn main() {
     let _ = remove_object_pins(OBJECT);
     let shm = ShmObject::create(
         OBJECT,
-        &["lag", "bulk"].map(|name| MapDef {
-            map_type: MapType::Hash,
-            key_size: 4,
-            value_size: 8,
-            max_entries: 1 << 20,
-            flags: 0,
-            name: name.into(),
-        }),
+        &["lag", "bulk"].map(|name| MapDef::new(MapType::Hash, 4, 8, 1 << 20, name)),
     )
     .expect("shared maps");
     let (forwarder, _) = Forwarder::start(&shm, SyncOptions::default()).expect("forwarder");

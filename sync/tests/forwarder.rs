@@ -19,14 +19,7 @@ impl Drop for Cleanup {
 }
 
 fn def(name: &str, map_type: MapType, key_size: u32, value_size: u32, max: u32) -> MapDef {
-    MapDef {
-        map_type,
-        key_size,
-        value_size,
-        max_entries: max,
-        flags: 0,
-        name: name.into(),
-    }
+    MapDef::new(map_type, key_size, value_size, max, name)
 }
 
 /// Kernel mirror contents as (key, value) with per-CPU values summed as u64.

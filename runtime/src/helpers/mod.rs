@@ -160,14 +160,7 @@ pub const TRACE_MAP_SIZE: u32 = 256 * 1024;
 /// Definition of the trace ring the loader adds to an object's maps (after the object's own
 /// maps, so map indices are unchanged).
 pub fn trace_map_def() -> MapDef {
-    MapDef {
-        map_type: MapType::Ringbuf,
-        key_size: 0,
-        value_size: 0,
-        max_entries: TRACE_MAP_SIZE,
-        flags: 0,
-        name: TRACE_MAP_NAME.to_string(),
-    }
+    MapDef::new(MapType::Ringbuf, 0, 0, TRACE_MAP_SIZE, TRACE_MAP_NAME)
 }
 
 fn neg(errno: i32) -> u64 {

@@ -152,6 +152,26 @@ pub struct MapDef {
     pub name: String,
 }
 
+impl MapDef {
+    /// A definition without flags.
+    pub fn new(
+        map_type: MapType,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+            flags: 0,
+            name: name.into(),
+        }
+    }
+}
+
 /// Every error names the object or map concerned; [`MapError::errno`] gives the kernel errno a
 /// helper returns (negated) to the program.
 #[derive(Debug, thiserror::Error)]

@@ -21,14 +21,7 @@ impl Drop for Env {
 }
 
 pub fn def(name: &str, t: MapType, key: u32, value: u32, max: u32) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: key,
-        value_size: value,
-        max_entries: max,
-        flags: 0,
-        name: name.to_string(),
-    }
+    MapDef::new(t, key, value, max, name)
 }
 
 impl Env {

@@ -24,14 +24,7 @@ impl Drop for Seg {
 
 /// A map definition without flags.
 pub fn def(t: MapType, k: u32, v: u32, m: u32, name: &str) -> MapDef {
-    MapDef {
-        map_type: t,
-        key_size: k,
-        value_size: v,
-        max_entries: m,
-        flags: 0,
-        name: name.into(),
-    }
+    MapDef::new(t, k, v, m, name)
 }
 
 /// A 4-byte key.
