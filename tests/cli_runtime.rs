@@ -3,157 +3,11 @@
 
 mod common;
 
-use common::bytes;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use common::*;
+use std::process::Stdio;
 
 use bpftime_example_programs::{model, object_path, victim_path};
 use bpftime_kernel_bridge::testing::require_kernel;
-use serde_json::Value;
-
-fn bpftime() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bpftime-rs"))
-}
-
-fn output(args: &[&str]) -> std::process::Output {
-    bpftime().args(args).output().expect("running bpftime-rs")
-}
-
-/// `bpftime-rs load` in the background, returned once it printed that it is ready.
-struct Loader {
-    child: Child,
-    object: String,
-    lines: Vec<String>,
-    /// What it prints after it is ready (trace lines, events).
-    later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Loader {
-    fn start(example: &str, extra: &[&str]) -> Loader {
-        let _ = output(&["unload", example]);
-        let path = object_path(example);
-        let mut child = bpftime()
-            .arg("load")
-            .arg(&path)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting bpftime-rs load");
-        let mut reader = BufReader::new(child.stdout.take().unwrap());
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
-                panic!("load exited early: {lines:?}");
-            }
-            lines.push(line.trim_end().to_string());
-            if line.starts_with("loaded ") {
-                break;
-            }
-        }
-        // Keep draining its output so it never blocks on a full pipe.
-        let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = std::sync::Arc::clone(&later);
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Loader {
-            child,
-            object: example.to_string(),
-            lines,
-            later,
-        }
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().unwrap();
-        let out = output(&["unload", &self.object]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        status
-    }
-}
-
-impl Drop for Loader {
-    /// A failing test must not leave its loader running.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = output(&["unload", &self.object]);
-        }
-    }
-}
-
-fn victim(rounds: u32) -> Child {
-    Command::new(victim_path())
-        .arg(rounds.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(mut child: Child) -> String {
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the victim exits normally");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `bpftime-rs start --object OBJECT -- victim ROUNDS`, run to completion.
-fn start_victim(object: &str, rounds: u32) -> std::process::Output {
-    let mut child = bpftime()
-        .args(["start", "--object", object, "--"])
-        .arg(victim_path())
-        .arg(rounds.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    child.wait_with_output().unwrap()
-}
-
-/// `maps --json` entries of `object/map`, sorted.
-fn map_entries(object: &str, map: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let out = output(&["maps", "--json"]);
-    assert!(out.status.success());
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let row = json["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["object"] == object && m["name"] == map)
-        .unwrap_or_else(|| panic!("{object}/{map} not listed"))
-        .clone();
-    let mut entries: Vec<_> = row["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
-        .collect();
-    entries.sort();
-    entries
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn load_start_maps_diff_unload() {
@@ -211,7 +65,7 @@ fn attach_to_a_sleeping_process_then_detach() {
     let loader = Loader::start("array_counters", &["--no-sync"]);
     // Attached while blocked in read(2) on stdin.
     let child = victim(2000);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_blocked_in_read(child.id());
     let pid = child.id().to_string();
     // Tests run in parallel: name the object, or every loaded one would be attached.
     let out = output(&["attach", &pid, "--object", "array_counters"]);
@@ -227,7 +81,7 @@ fn attach_to_a_sleeping_process_then_detach() {
 
     // Attach then detach before it runs: it runs normally and counts nothing more.
     let child = victim(2000);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_blocked_in_read(child.id());
     let pid = child.id().to_string();
     assert!(output(&["attach", &pid, "--object", "array_counters"])
         .status
@@ -256,10 +110,18 @@ fn unknown_symbol_and_faulting_program_leave_the_target_running() {
     let out = start_victim("bad_target", 100);
     assert!(out.status.success(), "the target runs on: {out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no_such_function"), "{stderr}");
+    // The error part of the status line (after the section, which names the symbol too) names
+    // the resolved file and the symbol.
+    let victim = std::fs::canonicalize(victim_path()).unwrap();
+    let error = stderr
+        .lines()
+        .find_map(|l| l.split_once("(uprobe/victim:no_such_function): "))
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("no error line for the unknown symbol: {stderr}"));
     assert!(
-        stderr.contains("victim"),
-        "the error names the file: {stderr}"
+        error.contains("`no_such_function` not found in")
+            && error.contains(victim.to_str().unwrap()),
+        "the error names the symbol and the file: {error}"
     );
     loader.stop();
 
@@ -276,9 +138,17 @@ fn unknown_symbol_and_faulting_program_leave_the_target_running() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("done"));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // Reported once over the 100 faulting calls, naming the program and the faulting
+    // instruction (the `ok` status line names the program too, so match the report).
+    let reports: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("the call continues unprobed"))
+        .collect();
+    assert_eq!(reports.len(), 1, "one fault report: {stderr}");
     assert!(
-        stderr.contains("deref_argument"),
-        "the fault is reported: {stderr}"
+        reports[0].contains("deref_argument") && reports[0].contains("instruction"),
+        "{}",
+        reports[0]
     );
     let bss = map_entries("faulty", ".bss");
     assert_eq!(
@@ -337,25 +207,51 @@ fn run_prints_r0_and_errors_name_what_is_wrong() {
         return;
     }
     let ctx = std::env::temp_dir().join("bpftime-cli-regs.bin");
-    std::fs::write(&ctx, bpftime_example_programs::pt_regs(5, 9)).unwrap();
+    let regs = bpftime_example_programs::pt_regs(5, 9);
+    std::fs::write(&ctx, &regs).unwrap();
+    // A short context: the first 16 bytes (r15, r14), the rest zero-padded.
+    let short = std::env::temp_dir().join("bpftime-cli-regs-short.bin");
+    std::fs::write(&short, &regs[..16]).unwrap();
+    let args = object_path("ctx_args");
+    let args = args.to_str().unwrap();
+    let ctx = ctx.to_str().unwrap();
+    let short = short.to_str().unwrap();
+    for vm in [&[][..], &["--no-jit"][..], &["--vm", "rbpf"][..]] {
+        for (program, ctx, r0) in [
+            ("weighted_args", ctx, "r0 = 5009"),
+            ("sixth_arg", ctx, "r0 = 1"),
+            ("sixth_arg", short, "r0 = 1"),
+        ] {
+            let out =
+                output(&[&["run", args, "--program", program, "--ctx", ctx][..], vm].concat());
+            assert!(
+                out.status.success(),
+                "{program} {vm:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                r0,
+                "{program} {vm:?} on {ctx}"
+            );
+        }
+    }
+    // A context that sets PARM6 (r9) shows the padding is zeros, not whatever was there.
+    let mut six = regs.clone();
+    six[64..72].copy_from_slice(&41u64.to_le_bytes());
+    let six_path = std::env::temp_dir().join("bpftime-cli-regs-six.bin");
+    std::fs::write(&six_path, &six).unwrap();
+    let out = output(&[
+        "run",
+        args,
+        "--program",
+        "sixth_arg",
+        "--ctx",
+        six_path.to_str().unwrap(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "r0 = 42");
     let object = object_path("bpf_to_bpf");
     let object = object.to_str().unwrap();
-    let ctx = ctx.to_str().unwrap();
-    for vm in [&[][..], &["--no-jit"][..]] {
-        let out = output(
-            &[
-                &["run", object, "--program", "mix_args", "--ctx", ctx][..],
-                vm,
-            ]
-            .concat(),
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "r0 = 0");
-    }
     let out = output(&["run", object, "--program", "nope", "--ctx", ctx]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no program named nope"));

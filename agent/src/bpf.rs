@@ -133,7 +133,7 @@ impl BpfHandler {
         entry: &'a mut Option<Box<ProgramRunner>>,
         index: usize,
     ) -> Option<&'a mut Box<ProgramRunner>> {
-        match self.object.helpers() {
+        match self.object.helpers_for(&self.program) {
             Ok(mut h) => {
                 h.attach_mut().func_ip = self.func_ip;
                 let runner = entry.insert(Box::new(ProgramRunner::new(&self.program, h)));
@@ -171,7 +171,7 @@ impl BpfHandler {
                 table.resize_with(self.slot + 1, || None);
             }
             if table[self.slot].is_none() {
-                match self.object.helpers() {
+                match self.object.helpers_for(&self.program) {
                     Ok(h) => table[self.slot] = Some(h),
                     Err(e) => {
                         self.report(&format!("cannot set up helpers: {e}"));
@@ -369,7 +369,18 @@ pub fn attach_object(
     let published = match PublishedObject::open(object) {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            lines.push(format!("error object {object}: {e}"));
+            let text = bpftime_runtime::loaded::error_chain(&e);
+            let hint = if text.contains("Permission denied") {
+                format!(
+                    " (its maps are not shared with uid {}: the loader's user grants them with \
+                     `bpftime-rs load --grant UID`, or root attaches with `bpftime-rs attach PID`)",
+                    bpftime_runtime::maps::euid()
+                )
+            } else {
+                String::new()
+            };
+            eprintln!("bpftime-agent: object {object}: {text}{hint}");
+            lines.push(format!("error object {object}: {text}{hint}"));
             return 1;
         }
     };

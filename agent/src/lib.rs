@@ -12,6 +12,12 @@
 //! * Injected mode: the injector calls the exported `bpftime_agent_start(config_path)` after
 //!   `dlopen` returns (see `bpftime_attach::inject::inject_agent`).
 //!
+//! Trust: the config decides which objects this process opens, so it is read only if it is a
+//! regular file of root or of this process's user, writable by nobody else, in a directory chain
+//! nobody else can write (checked on the opened descriptor; never through a symbolic link).
+//! `bpftime-rs start`/`attach` write it in the state directory (`bpftime_runtime::state`).
+//! Programs come only from the objects' manifests, never from shared memory.
+//!
 //! Config file: one request per line, `uprobe TARGET` or `uretprobe TARGET` (also the libbpf
 //! section form `uprobe/TARGET`), `#` comments. TARGET as in `bpftime_attach::symbols`.
 //! Results: `<config>.status` (one line per request: `ok ...` or `error ...`, then `detached`
@@ -89,11 +95,14 @@ fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]
     let len = 16 + n.max(1) * 32;
     // Never truncated or shrunk: a handler of an earlier session may still be finishing a write
     // through an older mapping of the same file, and a mapped page past the end would SIGBUS.
+    use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     if f.metadata()?.len() < len as u64 {
         f.set_len(len as u64)?;
@@ -148,8 +157,13 @@ fn start(config: &Path) -> Result<usize, String> {
     if agent.as_ref().is_some_and(|a| !a.hooks.is_empty()) {
         return Err("agent already started; detach first".into());
     }
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| format!("cannot read config {}: {e}", config.display()))?;
+    let text = bpftime_runtime::state::fs::read_trusted(
+        config,
+        &bpftime_runtime::state::trusted_owners(),
+        1 << 20,
+    )
+    .map_err(|e| format!("cannot read config: {e}"))?;
+    let text = String::from_utf8_lossy(&text).into_owned();
     // `object NAME` lines: the BPF programs `bpftime-rs load` published (see bpf.rs).
     let (objects, text) = bpf::split_object_lines(&text);
     let reqs = parse_config(&text);
@@ -208,10 +222,13 @@ fn start(config: &Path) -> Result<usize, String> {
         }
     }
     let status = with_suffix(config, ".status");
-    // written whole then renamed, so a reader polling for it never sees half of it
-    let tmp = with_suffix(config, ".status.tmp");
-    if std::fs::write(&tmp, lines.join("\n") + "\n").is_ok() {
-        let _ = std::fs::rename(&tmp, &status);
+    // Written whole then renamed, so a reader polling for it never sees half of it.
+    if let Err(e) = bpftime_runtime::state::fs::write_atomic(
+        &status,
+        (lines.join("\n") + "\n").as_bytes(),
+        0o644,
+    ) {
+        eprintln!("bpftime-agent: cannot write the status: {e}");
     }
     *agent = Some(Agent { hooks, status });
     Ok(failed)
@@ -241,7 +258,11 @@ pub unsafe extern "C" fn bpftime_agent_start(config: *const c_char) -> i32 {
         .spawn(move || {
             if let Err(e) = start(&path) {
                 eprintln!("bpftime-agent: {e}");
-                let _ = std::fs::write(with_suffix(&path, ".status"), format!("error {e}\n"));
+                let _ = bpftime_runtime::state::fs::write_atomic(
+                    &with_suffix(&path, ".status"),
+                    format!("error {e}\n").as_bytes(),
+                    0o644,
+                );
             }
         });
     match spawned {
@@ -266,7 +287,12 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
         return 0;
     };
     let r = a.hooks.detach();
-    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&a.status) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&a.status)
+    {
         let _ = match &r {
             Ok(()) => writeln!(f, "detached"),
             Err(e) => writeln!(f, "detach error {e}"),

@@ -7,7 +7,11 @@ fn main() {
     bpf_build::compile_dir(&dir, &out_dir);
     // The victim keeps frame pointers and no inlining of the probed functions; -O1 keeps the
     // calls real.
-    for (victim, extra) in [("victim", None), ("victim_mt", Some("-pthread"))] {
+    for (victim, extra) in [
+        ("victim", None),
+        ("victim_mt", Some("-pthread")),
+        ("victim_keys", Some("-pthread")),
+    ] {
         let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
         cc.args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
             .arg(out_dir.join(victim))

@@ -261,9 +261,44 @@ impl Bridge {
     /// Queues one update and returns its sequence number. Waits (never drops) while the ring is
     /// full; the drain thread is kicked so it frees space.
     pub fn send(&self, update: &Update<'_>) -> Result<u64, BridgeError> {
-        let (key_size, value_size) = self.check(update)?;
-        let len = record_size(update.key.len() + update.value.len());
+        self.send_batch(std::slice::from_ref(update))
+    }
+
+    /// Queues `updates` in order, under one hold of the producer, and returns the sequence
+    /// number of the first; the others follow consecutively. Each is checked as
+    /// [`send`](Self::send) checks it; on an error, those before it are queued.
+    pub fn send_batch(&self, updates: &[Update<'_>]) -> Result<u64, BridgeError> {
         let mut producer = self.shared.producer.lock();
+        let first = producer.next_seq;
+        let mut checked: Option<(MirrorId, Arc<Mirror>)> = None;
+        for update in updates {
+            let mirror = match &checked {
+                Some((id, m)) if *id == update.mirror => Arc::clone(m),
+                _ => {
+                    let m = self.mirror(update.mirror)?;
+                    checked = Some((update.mirror, Arc::clone(&m)));
+                    m
+                }
+            };
+            let (key_size, value_size) = Self::check(&mirror, update)?;
+            self.queue_one(&mut producer, update, key_size, value_size)?;
+        }
+        drop(producer);
+        if self.shared.drainer_idle.load(Ordering::SeqCst) {
+            let _state = self.shared.state.lock();
+            self.shared.work.notify_one();
+        }
+        Ok(first)
+    }
+
+    fn queue_one(
+        &self,
+        producer: &mut Producer,
+        update: &Update<'_>,
+        key_size: u32,
+        value_size: u32,
+    ) -> Result<(), BridgeError> {
+        let len = record_size(update.key.len() + update.value.len());
         let seq = producer.next_seq;
         let header = UpdateHeader {
             seq,
@@ -296,19 +331,13 @@ impl Bridge {
         header.encode(update.key, update.value, &mut sample);
         sample.submit();
         producer.next_seq += 1;
-        drop(producer);
         self.shared.sent.fetch_add(1, Ordering::SeqCst);
-        if self.shared.drainer_idle.load(Ordering::SeqCst) {
-            let _state = self.shared.state.lock();
-            self.shared.work.notify_one();
-        }
-        Ok(seq)
+        Ok(())
     }
 
     /// Checks sizes and op against the mirror, so a malformed update fails here with the map's
     /// name rather than as a rejected record later.
-    fn check(&self, update: &Update<'_>) -> Result<(u32, u32), BridgeError> {
-        let mirror = self.mirror(update.mirror)?;
+    fn check(mirror: &Mirror, update: &Update<'_>) -> Result<(u32, u32), BridgeError> {
         let desc = mirror.desc();
         let keyless = desc.kind.is_keyless();
         let op_fits = match update.op {
@@ -415,6 +444,21 @@ impl Bridge {
         } else {
             UpdateStatus::Pending
         }
+    }
+
+    /// Every update with a lower sequence number than this is settled (applied or failed).
+    pub fn settled_below(&self) -> u64 {
+        self.shared.settled_below.load(Ordering::SeqCst)
+    }
+
+    /// The failed updates with sequence numbers in `range`, in order, with their errno.
+    pub fn failures_in(&self, range: std::ops::Range<u64>) -> Vec<(u64, i32)> {
+        self.shared
+            .failures
+            .lock()
+            .range(range)
+            .map(|(seq, errno)| (*seq, *errno))
+            .collect()
     }
 
     /// Every failed update so far: sequence number and errno.

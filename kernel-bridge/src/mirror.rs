@@ -291,11 +291,95 @@ impl Mirror {
     }
 
     /// Reads every entry back from the kernel (per-CPU maps: one value per CPU). Queues and
-    /// stacks cannot be read without popping, so they list no entries.
+    /// stacks cannot be read without popping, so they list no entries. Uses
+    /// BPF_MAP_LOOKUP_BATCH (a few syscalls for a million entries); a kernel that refuses it for
+    /// this map gets one lookup per key.
     pub fn entries(&self) -> Result<Vec<KernelEntry>, BridgeError> {
         if self.desc.kind.is_keyless() {
             return Ok(Vec::new());
         }
+        match self.entries_batched() {
+            Ok(entries) => Ok(entries),
+            // 524: the kernel's internal ENOTSUPP, which BPF commands can leak.
+            Err(libc::EINVAL | libc::ENOTSUP | 524) => self.entries_by_key(),
+            Err(errno) => Err(BridgeError::MapRead {
+                map: self.desc.name.clone(),
+                source: std::io::Error::from_raw_os_error(errno),
+            }),
+        }
+    }
+
+    fn entries_batched(&self) -> Result<Vec<KernelEntry>, i32> {
+        let key_size = self.desc.key_size as usize;
+        let (cpus, slot) = if self.desc.kind.is_percpu() {
+            (
+                possible_cpus().map_err(|_| libc::EINVAL)? as usize,
+                self.desc.value_size.next_multiple_of(8) as usize,
+            )
+        } else {
+            (1, self.desc.value_size as usize)
+        };
+        let value_bytes = slot * cpus;
+        let mut count: u32 = 4096;
+        let mut entries = Vec::new();
+        let mut in_batch = vec![0u8; key_size.max(4)];
+        let mut out_batch = vec![0u8; key_size.max(4)];
+        let mut first = true;
+        let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+            ..Default::default()
+        };
+        loop {
+            let mut keys = vec![0u8; count as usize * key_size];
+            let mut values = vec![0u8; count as usize * value_bytes];
+            let mut n = count;
+            // SAFETY: keys and values hold `count` keys and values of the map's sizes (per-CPU
+            // values: one 8-byte-padded slot per possible CPU, as the kernel copies them);
+            // in_batch/out_batch hold one batch token (the kernel uses a key-sized token for
+            // hash maps, at least 4 bytes); opts is initialised with its size.
+            let r = unsafe {
+                libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                    self.handle.as_fd().as_raw_fd(),
+                    if first {
+                        std::ptr::null_mut()
+                    } else {
+                        in_batch.as_mut_ptr().cast()
+                    },
+                    out_batch.as_mut_ptr().cast(),
+                    keys.as_mut_ptr().cast(),
+                    values.as_mut_ptr().cast(),
+                    &mut n,
+                    &opts,
+                )
+            };
+            let errno = if r < 0 { -r } else { 0 };
+            match errno {
+                0 | libc::ENOENT => {
+                    for i in 0..n as usize {
+                        let value = &values[i * value_bytes..(i + 1) * value_bytes];
+                        entries.push(KernelEntry {
+                            key: keys[i * key_size..(i + 1) * key_size].to_vec(),
+                            values: value
+                                .chunks_exact(slot.max(1))
+                                .map(|v| v[..self.desc.value_size as usize].to_vec())
+                                .collect(),
+                        });
+                    }
+                    if errno == libc::ENOENT {
+                        return Ok(entries);
+                    }
+                    std::mem::swap(&mut in_batch, &mut out_batch);
+                    first = false;
+                }
+                // A hash bucket holds more entries than fit: retry this batch larger.
+                libc::ENOSPC if count < (1 << 24) => count *= 4,
+                libc::EINTR => {}
+                e => return Err(e),
+            }
+        }
+    }
+
+    fn entries_by_key(&self) -> Result<Vec<KernelEntry>, BridgeError> {
         let read_err = |e: libbpf_rs::Error| BridgeError::MapRead {
             map: self.desc.name.clone(),
             source: std::io::Error::other(e),
@@ -322,12 +406,19 @@ impl Mirror {
         Ok(entries)
     }
 
+    /// Every key the kernel map holds (queues and stacks: none, they cannot be listed).
+    pub fn keys(&self) -> Result<Vec<Vec<u8>>, BridgeError> {
+        Ok(self.entries()?.into_iter().map(|e| e.key).collect())
+    }
+
     /// How many keys the kernel map holds (queues and stacks: 0, they cannot be listed).
     pub fn key_count(&self) -> usize {
         if self.desc.kind.is_keyless() {
             return 0;
         }
-        self.handle.keys().count()
+        self.entries()
+            .map(|e| e.len())
+            .unwrap_or_else(|_| self.handle.keys().count())
     }
 
     /// Pops every value of a QUEUE or STACK mirror, in pop order (this empties it).

@@ -1,12 +1,16 @@
-//! Shared by the test suites of every crate: kernel tests never skip silently.
+//! Shared by the test suites of every crate: kernel tests never skip silently. An explicit skip
+//! (`BPFTIME_SKIP_KERNEL_TESTS=1`) is said on stderr and, since cargo counts a test that
+//! returns early as passed, also appended to the file `BPFTIME_SKIP_REPORT` names:
+//! `scripts/test.sh` counts them and reports the run as skipped, never as green.
 
+use std::io::Write;
 use std::sync::OnceLock;
 
 /// Returns `true` when kernel tests should run. If BPF is unusable here, panics with the reason,
 /// unless `BPFTIME_SKIP_KERNEL_TESTS=1` is set, in which case it says so and returns `false`.
 pub fn require_kernel(test: &str) -> bool {
-    if std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: skipped (BPFTIME_SKIP_KERNEL_TESTS=1)");
+    if skip_requested() {
+        record_skip(test, "BPFTIME_SKIP_KERNEL_TESTS=1");
         return false;
     }
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
@@ -34,4 +38,27 @@ fn probe() -> Result<(), String> {
     libbpf_rs::MapHandle::create(libbpf_rs::MapType::Array, Some("probe"), 4, 4, 1, &opts)
         .map(drop)
         .map_err(|e| format!("creating a BPF array map failed ({e}); are you root with CAP_BPF?"))
+}
+
+/// Whether kernel tests were asked to be skipped.
+pub fn skip_requested() -> bool {
+    std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1")
+}
+
+/// Says that `test` is skipped and why, on stderr and in the skip report.
+pub fn record_skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    let Some(path) = std::env::var_os("BPFTIME_SKIP_REPORT") else {
+        return;
+    };
+    // One `write` of a whole line on an O_APPEND file: lines of parallel tests never mix.
+    let line = format!("{test}: {why}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot record the skip in {}: {e}", path.to_string_lossy());
+    }
 }

@@ -54,15 +54,13 @@ impl Echo {
     }
 }
 
-fn fixture() -> Option<Fixture> {
+fn fixture(test: &str) -> Option<Fixture> {
+    if bpftime_kernel_bridge::testing::skip_requested() {
+        bpftime_kernel_bridge::testing::record_skip(test, "BPFTIME_SKIP_KERNEL_TESTS=1");
+        return None;
+    }
     match try_fixture().map_err(|e| error_chain(&*e)) {
         Ok(fixture) => Some(fixture),
-        Err(err) if std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1") => {
-            eprintln!(
-                "SKIPPED (BPFTIME_SKIP_KERNEL_TESTS=1): cannot load the test BPF object: {err}"
-            );
-            None
-        }
         Err(err) => panic!(
             "cannot load the test BPF object: {err}. These tests need root or CAP_BPF on \
              Linux >= 6.1; set BPFTIME_SKIP_KERNEL_TESTS=1 to skip them explicitly."
@@ -186,7 +184,9 @@ fn check_echo(echo: &Echo, len: usize, seq: u32) {
 #[test]
 fn submitted_samples_reach_the_kernel_in_order() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("submitted_samples_reach_the_kernel_in_order") else {
+        return;
+    };
     assert_eq!(fx.ring.capacity(), RING_CAPACITY);
     assert_eq!(fx.ring.available(), RING_CAPACITY);
 
@@ -222,7 +222,9 @@ fn submitted_samples_reach_the_kernel_in_order() {
 #[test]
 fn other_map_types_are_refused() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("other_map_types_are_refused") else {
+        return;
+    };
     let array = fx.ebpf.take_map("echo_drops").expect("echo_drops map");
     match UserRingBuf::from_map(array) {
         Err(UserRingBufError::WrongMapType { found }) => assert_eq!(found, "Array"),
@@ -233,7 +235,9 @@ fn other_map_types_are_refused() {
 #[test]
 fn discarded_and_dropped_samples_are_skipped_by_the_drain() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("discarded_and_dropped_samples_are_skipped_by_the_drain") else {
+        return;
+    };
 
     send(&fx.ring, 16, 1).expect("reserve");
     let mut discarded = fx.ring.reserve(64).expect("reserve");
@@ -257,7 +261,9 @@ fn discarded_and_dropped_samples_are_skipped_by_the_drain() {
 #[test]
 fn unsubmitted_sample_holds_back_later_ones() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("unsubmitted_sample_holds_back_later_ones") else {
+        return;
+    };
 
     send(&fx.ring, 16, 1).expect("reserve");
     let mut pending = fx.ring.reserve(16).expect("reserve");
@@ -276,7 +282,9 @@ fn unsubmitted_sample_holds_back_later_ones() {
 #[test]
 fn full_ring_reports_full_until_drained() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("full_ring_reports_full_until_drained") else {
+        return;
+    };
 
     let record = UserRingBuf::record_size(1000);
     assert_eq!(record, 1008);
@@ -302,7 +310,9 @@ fn full_ring_reports_full_until_drained() {
 #[test]
 fn oversize_sample_reports_too_large() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("oversize_sample_reports_too_large") else {
+        return;
+    };
 
     let max = fx.ring.max_sample_size();
     assert_eq!(max, RING_CAPACITY - BPF_RINGBUF_HDR_SZ);
@@ -345,7 +355,9 @@ impl Lcg {
 #[test]
 fn wraparound_over_many_rounds_keeps_contents_intact() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("wraparound_over_many_rounds_keeps_contents_intact") else {
+        return;
+    };
 
     let mut sizes = Lcg(0x5eed);
     let mut pos = 0usize; // our model of producer_pos
@@ -406,7 +418,9 @@ fn fill_ring(ring: &UserRingBuf) -> usize {
 #[test]
 fn reserve_blocking_times_out_on_a_full_ring() {
     let _serial = serial();
-    let Some(fx) = fixture() else { return };
+    let Some(fx) = fixture("reserve_blocking_times_out_on_a_full_ring") else {
+        return;
+    };
     fill_ring(&fx.ring);
 
     let started = Instant::now();
@@ -426,7 +440,9 @@ fn reserve_blocking_times_out_on_a_full_ring() {
 #[test]
 fn reserve_blocking_is_woken_by_a_drain_on_another_thread() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("reserve_blocking_is_woken_by_a_drain_on_another_thread") else {
+        return;
+    };
     let filled = fill_ring(&fx.ring);
     let delay = Duration::from_millis(300);
 
@@ -457,7 +473,9 @@ fn reserve_blocking_is_woken_by_a_drain_on_another_thread() {
 #[test]
 fn many_producer_threads_deliver_every_sample_exactly_once() {
     let _serial = serial();
-    let Some(mut fx) = fixture() else { return };
+    let Some(mut fx) = fixture("many_producer_threads_deliver_every_sample_exactly_once") else {
+        return;
+    };
     const THREADS: u32 = 8;
     const PER_THREAD: u32 = 20_000;
     // Every DISCARD_EVERY-th sample of a thread is discarded or dropped and must never arrive.

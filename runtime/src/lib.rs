@@ -7,5 +7,6 @@ pub mod helpers;
 pub mod loaded;
 pub mod maps;
 pub mod object;
+pub mod state;
 pub mod verifier;
 pub mod vm;

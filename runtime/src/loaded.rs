@@ -1,7 +1,8 @@
 //! A loaded object: the parsed BPF object ([`crate::object`]), verified by the kernel
 //! ([`crate::verifier`]), its maps created in shared memory ([`crate::maps`]), and its programs
-//! published in the segment's registry with how they must run, so agents in other processes
-//! ([`PublishedObject`]) run exactly the bytes the kernel verified.
+//! published in the loader's manifest ([`crate::state`]) with how they must run, so agents in
+//! other processes ([`PublishedObject`]) run exactly the bytes the kernel verified, taken from a
+//! file only the loader's user can write, never from shared memory.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,8 +10,10 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::helpers::{wire, RuntimeHelpers};
-use crate::maps::{MapError, ProgramInfo, ProgramSpec as RegistrySpec, ShmObject};
+use crate::maps::{MapError, ShmObject};
 use crate::object::{AttachTarget, BpfObject, ObjectError};
+use crate::state::manifest::{vm_name, ManifestProgram};
+use crate::state::{Manifest, ManifestError, StateDir, TrustError};
 use crate::verifier::{self, VerifyError};
 use crate::vm::insn::decode_bytes;
 use crate::vm::jit::{JitHook, JitSession};
@@ -46,6 +49,9 @@ pub struct LoadOptions {
     /// Force the interpreter. Without verification the checked interpreter is used anyway:
     /// unchecked JIT code is only for verified bytes.
     pub no_jit: bool,
+    /// Publish the object for agents (write its manifest to this user's state directory).
+    /// `run` loads privately and publishes nothing.
+    pub publish: bool,
 }
 
 impl Default for LoadOptions {
@@ -54,6 +60,7 @@ impl Default for LoadOptions {
             verify: true,
             vm: VmChoice::Ours,
             no_jit: false,
+            publish: true,
         }
     }
 }
@@ -80,6 +87,10 @@ pub enum LoadError {
     Map(#[from] MapError),
     #[error(transparent)]
     UnsupportedMap(#[from] wire::UnsupportedMap),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     #[error("{object}: program {program} (section {section})")]
     Program {
         object: String,
@@ -104,30 +115,6 @@ pub enum LoadError {
         program: String,
         available: String,
     },
-}
-
-/// Registry `run_flags`: how agents must run a published program.
-mod run_flags {
-    pub const VERIFIED: u64 = 1;
-    pub const VM_SHIFT: u32 = 8;
-}
-
-fn vm_code(kind: VmKind) -> u64 {
-    match kind {
-        VmKind::Interpreter => 0,
-        VmKind::Jit => 1,
-        VmKind::Rbpf => 2,
-        VmKind::RbpfInterpreter => 3,
-    }
-}
-
-fn vm_from_code(code: u64) -> VmKind {
-    match code {
-        1 => VmKind::Jit,
-        2 => VmKind::Rbpf,
-        3 => VmKind::RbpfInterpreter,
-        _ => VmKind::Interpreter,
-    }
 }
 
 /// A program ready to run in this process.
@@ -334,15 +321,18 @@ pub struct LoadedObject {
     pub programs: Vec<RunnableProgram>,
     /// Programs the verifier or VM refused, with why (the rest load).
     pub refused: Vec<(String, String)>,
+    /// What agents read (published objects only).
+    manifest: Option<(StateDir, Manifest)>,
 }
 
 impl LoadedObject {
     /// Parses `path`, verifies its programs, creates its maps in shared memory in a segment
-    /// named `segment` (normally the object's name) and publishes the programs.
+    /// named `segment` (normally the object's name) and, unless `options.publish` is off,
+    /// publishes the programs in the object's manifest.
     ///
     /// A segment left by a loader that is gone is reopened with its map contents intact (the
-    /// targets keep using those maps; a restarted loader re-syncs from them), and its program
-    /// registry is replaced. A segment whose loader still runs is an error.
+    /// targets keep using those maps; a restarted loader re-syncs from them), and its manifest
+    /// is replaced. An object whose loader still runs is an error.
     pub fn load(
         path: &Path,
         segment: Option<&str>,
@@ -351,44 +341,36 @@ impl LoadedObject {
         let object = BpfObject::from_file(path)?;
         let segment = segment.unwrap_or(&object.name).to_string();
         let defs = wire::map_defs(&object, true)?;
-        if let Some(live) = crate::maps::list_segments()
-            .unwrap_or_default()
-            .into_iter()
-            .find(|s| s.object == segment && s.creator_alive && s.creator_pid != std::process::id())
-        {
-            return Err(LoadError::AlreadyLoaded {
-                object: segment,
-                pid: live.creator_pid,
-            });
-        }
-        let shm = match ShmObject::open(&segment) {
-            Ok(existing) if !existing.is_creator() => {
-                // Reuse the maps only if they are the same maps.
-                drop(existing);
-                let shm = ShmObject::open_or_create(&segment, &defs)?;
-                for program in shm.programs() {
-                    shm.unregister_program(program.index);
+        let state = if options.publish {
+            let dir = StateDir::ours()?;
+            if let Ok(old) = Manifest::read(&dir, &segment) {
+                if old.loader_alive() && old.loader_pid != std::process::id() {
+                    return Err(LoadError::AlreadyLoaded {
+                        object: segment,
+                        pid: old.loader_pid,
+                    });
                 }
-                shm.claim()?;
-                shm
             }
-            _ => {
+            Some(dir)
+        } else {
+            None
+        };
+        let shm = match ShmObject::open(&segment) {
+            // A restarted loader: reuse the maps only if they are the same maps.
+            Ok(existing) => {
+                drop(existing);
+                ShmObject::open_or_create(&segment, &defs)?
+            }
+            Err(e) if e.errno() == libc::ENOENT => {
                 let shm = ShmObject::create(&segment, &defs)?;
                 wire::init_global_data(&object, &shm)?;
                 shm
             }
+            Err(e) => return Err(e.into()),
         };
-        // `bpftime-rs maps` (another process) formats entries with the object's BTF types.
-        let btf_path = map_btf_path(&segment);
-        let saved =
-            std::fs::create_dir_all(btf_path.parent().expect("has a parent")).and_then(|()| {
-                crate::object::btf_format::MapBtfInfo::from_object(&object).save(&btf_path)
-            });
-        if let Err(e) = saved {
-            tracing::warn!("cannot save map types to {}: {e}", btf_path.display());
-        }
         let kind = options.vm_kind();
         let mut programs = Vec::new();
+        let mut published = Vec::new();
         let mut refused = Vec::new();
         for (index, spec) in object.programs.iter().enumerate() {
             let bytes = if options.verify {
@@ -417,25 +399,22 @@ impl LoadedObject {
                 }
             };
             let attach_target = attach_string(&spec.attach);
-            let flags = (vm_code(kind) << run_flags::VM_SHIFT)
-                | if options.verify {
-                    run_flags::VERIFIED
-                } else {
-                    0
-                };
-            shm.register_program(&RegistrySpec {
-                name: &spec.name,
-                section: &spec.section,
-                attach_target: &attach_target,
-                prog_type: spec.kernel_prog_type.unwrap_or(0),
-                insns: &bytes,
-                run_flags: flags,
-            })?;
+            let prog_type = spec.kernel_prog_type.unwrap_or(0);
+            published.push(ManifestProgram {
+                index: programs.len() as u32,
+                name: spec.name.clone(),
+                section: spec.section.clone(),
+                attach_target: attach_target.clone(),
+                prog_type,
+                vm: vm_name(kind).to_string(),
+                verified: options.verify,
+                insns: ManifestProgram::encode_insns(&bytes),
+            });
             programs.push(RunnableProgram {
                 name: spec.name.clone(),
                 section: spec.section.clone(),
                 attach_target,
-                prog_type: spec.kernel_prog_type.unwrap_or(0),
+                prog_type,
                 vm: kind,
                 verified: options.verify,
                 program: Arc::new(program),
@@ -444,12 +423,74 @@ impl LoadedObject {
         for skipped in &object.skipped {
             refused.push((skipped.name.clone(), skipped.error.to_string()));
         }
+        let manifest = match state {
+            Some(dir) => {
+                let mut manifest = Manifest::new(
+                    &segment,
+                    &path.display().to_string(),
+                    &shm.map_defs(),
+                    shm.identity(),
+                );
+                manifest.programs = published;
+                // `bpftime-rs maps` (another process) formats entries with the object's BTF.
+                let btf_path = dir.ensure_object_dir(&segment)?.join(MAP_BTF_FILE);
+                let json = crate::object::btf_format::MapBtfInfo::from_object(&object).to_json();
+                let saved = crate::state::fs::write_atomic(&btf_path, json.as_bytes(), 0o644);
+                if let Err(e) = saved {
+                    tracing::warn!("cannot save map types to {}: {e}", btf_path.display());
+                }
+                manifest.publish(&dir)?;
+                Some((dir, manifest))
+            }
+            None => None,
+        };
         Ok(Self {
             object,
             shm,
             programs,
             refused,
+            manifest,
         })
+    }
+
+    /// Gives `uids` and `gids` read-write access to the object's maps (POSIX ACL entries on its
+    /// segment), as a non-root target needs, and records them in the manifest.
+    pub fn grant(&mut self, uids: &[u32], gids: &[u32]) -> Result<(), LoadError> {
+        self.shm.grant(uids, gids)?;
+        if let Some((dir, manifest)) = &mut self.manifest {
+            for uid in uids {
+                if !manifest.granted_uids.contains(uid) {
+                    manifest.granted_uids.push(*uid);
+                }
+            }
+            for gid in gids {
+                if !manifest.granted_gids.contains(gid) {
+                    manifest.granted_gids.push(*gid);
+                }
+            }
+            manifest.publish(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes what loading made: the manifest (agents can no longer open the object) and the
+    /// shared-memory segment (mappings stay valid in processes that have them).
+    pub fn unload(self) -> Result<(), LoadError> {
+        if let Some((dir, manifest)) = &self.manifest {
+            Manifest::remove(dir, &manifest.object).map_err(|e| TrustError::Io {
+                path: dir.object_dir(&manifest.object),
+                source: e,
+            })?;
+        }
+        match self.shm.remove() {
+            Err(e) if e.errno() != libc::ENOENT => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifest agents read (published objects only).
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref().map(|(_, m)| m)
     }
 
     pub fn program(&self, name: &str) -> Result<&RunnableProgram, LoadError> {
@@ -481,13 +522,26 @@ impl LoadedObject {
     /// Helpers bound to this object's maps, with tail calls resolved among its programs and
     /// trace_printk lines going to the object's trace ring.
     pub fn helpers(&self) -> Result<RuntimeHelpers, LoadError> {
-        helpers_for(&self.shm, &self.programs)
+        helpers_for(&self.shm, &self.programs, None)
     }
 }
 
-/// Where `load` keeps the BTF descriptions of a segment's map keys and values.
-pub fn map_btf_path(segment: &str) -> std::path::PathBuf {
-    std::path::Path::new("/run/bpftime-rs").join(format!("{segment}.maps-btf.json"))
+/// Removes `object`'s manifest from this user's state directory and its segment, whatever
+/// state they are in (cleanup after tests and crashed loaders; `bpftime-rs unload` also removes
+/// the kernel pins).
+pub fn unload_object(object: &str) {
+    if let Ok(dir) = StateDir::ours() {
+        let _ = Manifest::remove(&dir, object);
+    }
+    let _ = crate::maps::remove_object(object);
+}
+
+/// The file, in an object's state directory, holding the BTF of its map keys and values.
+pub const MAP_BTF_FILE: &str = "maps-btf.json";
+
+/// Where `load` keeps the BTF descriptions of `object`'s map keys and values in `dir`.
+pub fn map_btf_path(dir: &StateDir, object: &str) -> std::path::PathBuf {
+    dir.object_dir(object).join(MAP_BTF_FILE)
 }
 
 /// An error with its sources, for messages kept as text.
@@ -538,11 +592,26 @@ fn compile(
     Ok(program)
 }
 
-fn helpers_for(shm: &ShmObject, programs: &[RunnableProgram]) -> Result<RuntimeHelpers, LoadError> {
-    let by_index: Vec<Arc<Program>> = programs.iter().map(|p| Arc::clone(&p.program)).collect();
+/// Helpers over `shm`'s maps for the programs of one object. Tail calls reach `programs` by
+/// index; with `caller` (a program type), only programs of that type, as the kernel only lets
+/// a PROG_ARRAY hold programs of the type that uses it (`bpf_prog_map_compatible`): a slot
+/// holding another index (a target can write its PROG_ARRAYs) is an empty slot.
+fn helpers_for(
+    shm: &ShmObject,
+    programs: &[RunnableProgram],
+    caller: Option<u32>,
+) -> Result<RuntimeHelpers, LoadError> {
+    let by_index: Vec<Option<Arc<Program>>> = programs
+        .iter()
+        .map(|p| {
+            caller
+                .is_none_or(|t| t == p.prog_type)
+                .then(|| Arc::clone(&p.program))
+        })
+        .collect();
     Ok(RuntimeHelpers::from_object(shm)
         .with_trace_sink(crate::helpers::RingbufTraceSink::from_object(shm)?)
-        .with_programs(by_index))
+        .with_program_resolver(move |i| by_index.get(i as usize).cloned().flatten()))
 }
 
 /// The attach target as `PATH:FUNC[+OFF]` (or the section's own text for other kinds).
@@ -572,32 +641,37 @@ fn attach_string(target: &AttachTarget) -> String {
 pub struct PublishedObject {
     pub shm: ShmObject,
     pub programs: Vec<RunnableProgram>,
+    pub manifest: Manifest,
 }
 
 impl PublishedObject {
-    /// Opens `object`'s segment and prepares every registered program to run in this process
-    /// (relocated against this process's mapping of the maps).
+    /// Finds `object`'s manifest in a trusted state directory (root's, or this process's
+    /// user's), maps the segment it names (refusing any other file of that name, or one whose
+    /// maps differ from the manifest's), and prepares every program to run in this process from
+    /// the manifest's bytes.
     pub fn open(object: &str) -> Result<Self, LoadError> {
-        let shm = ShmObject::open(object)?;
-        let mut programs = Vec::new();
-        for info in shm.programs() {
-            programs.push(Self::prepare(&shm, &info)?);
-        }
-        Ok(Self { shm, programs })
+        let found = crate::state::find_object(object)?;
+        let manifest = found.manifest;
+        let shm = ShmObject::open_expect(object, &manifest.segment, &manifest.map_defs())?;
+        let programs = manifest
+            .programs
+            .iter()
+            .map(|p| Self::prepare(&shm, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            shm,
+            programs,
+            manifest,
+        })
     }
 
-    fn prepare(shm: &ShmObject, info: &ProgramInfo) -> Result<RunnableProgram, LoadError> {
-        let verified = info.run_flags & run_flags::VERIFIED != 0;
-        let mut vm = vm_from_code((info.run_flags >> run_flags::VM_SHIFT) & 0xff);
-        if !verified && matches!(vm, VmKind::Jit | VmKind::Rbpf) {
-            // Never run unverified bytes unchecked, whatever the registry says.
-            vm = VmKind::Interpreter;
-        }
+    fn prepare(shm: &ShmObject, info: &ManifestProgram) -> Result<RunnableProgram, LoadError> {
+        let vm = info.vm_kind();
         let program = compile(
             shm.object_name(),
             &info.name,
             &info.section,
-            &info.insns,
+            &info.insn_bytes(),
             vm,
             shm,
         )?;
@@ -607,12 +681,19 @@ impl PublishedObject {
             attach_target: info.attach_target.clone(),
             prog_type: info.prog_type,
             vm,
-            verified,
+            verified: info.verified,
             program: Arc::new(program),
         })
     }
 
+    /// Helpers for running `program` (one of this object's): tail calls reach only programs of
+    /// its type.
+    pub fn helpers_for(&self, program: &RunnableProgram) -> Result<RuntimeHelpers, LoadError> {
+        helpers_for(&self.shm, &self.programs, Some(program.prog_type))
+    }
+
+    /// Helpers with every program reachable by tail calls (tests).
     pub fn helpers(&self) -> Result<RuntimeHelpers, LoadError> {
-        helpers_for(&self.shm, &self.programs)
+        helpers_for(&self.shm, &self.programs, None)
     }
 }

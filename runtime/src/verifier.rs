@@ -312,7 +312,9 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             program_index,
             name: prog.name.clone(),
             section: prog.section.clone(),
-            insns: prog.insns.clone(),
+            // What the kernel accepted, with the substituted calls put back: the runtime's
+            // bytes are derived from the verified copy, never taken separately.
+            insns: restore_helpers(&verified, &substitutions),
             verified_insns: verified,
             substitutions,
             stats,
@@ -350,6 +352,15 @@ fn substitute_helpers(prog: &ProgramSpec, insns: &mut [RawInsn]) -> Vec<HelperSu
         k += if insn::opc(&i) == 0x18 { 2 } else { 1 };
     }
     subs
+}
+
+/// The verified instructions with each substituted helper call back to its original.
+fn restore_helpers(verified: &[RawInsn], subs: &[HelperSubstitution]) -> Vec<RawInsn> {
+    let mut insns = verified.to_vec();
+    for s in subs {
+        insn::set_imm(&mut insns[s.insn_index], s.original);
+    }
+    insns
 }
 
 /// BTF id of the kernel function/hook a tracing or LSM program attaches to.

@@ -205,8 +205,8 @@ fn persisted_info_round_trips_across_processes() {
     let dir = std::env::temp_dir().join(format!("bpftime-btf-format-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("globals.maps-btf.json");
-    info.save(&path).unwrap();
-    let back = MapBtfInfo::load(&path).unwrap();
+    bpftime_runtime::state::fs::write_atomic(&path, info.to_json().as_bytes(), 0o644).unwrap();
+    let back = MapBtfInfo::load(&path, bpftime_runtime::maps::euid()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(back, info);
     assert_eq!(

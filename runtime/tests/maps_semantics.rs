@@ -336,58 +336,6 @@ fn perf_event_array_per_cpu_rings() {
 }
 
 #[test]
-fn program_registry_roundtrip() {
-    let o = Seg::new("sem", "progs", &[def(MapType::Array, 4, 4, 1, "a")]);
-    let g0 = o.0.programs_generation();
-    let insns: Vec<u8> = (0..64u8).collect();
-    let i =
-        o.0.register_program(&ProgramSpec {
-            name: "on_readline",
-            section: "uretprobe//bin/bash:readline",
-            attach_target: "/bin/bash:readline",
-            prog_type: 2,
-            insns: &insns,
-            run_flags: 0x101,
-        })
-        .unwrap();
-    let j =
-        o.0.register_program(&ProgramSpec {
-            name: "tp",
-            section: "tracepoint/syscalls/sys_enter_openat",
-            attach_target: "syscalls/sys_enter_openat",
-            prog_type: 5,
-            insns: &insns[..16],
-            run_flags: 0,
-        })
-        .unwrap();
-    assert_ne!(i, j);
-    // An agent opens the segment by object name and reads the registry.
-    let agent = ShmObject::open(o.0.object_name()).unwrap();
-    assert!(agent.programs_generation() > g0);
-    let ps = agent.programs();
-    assert_eq!(ps.len(), 2);
-    assert_eq!(ps[0].name, "on_readline");
-    assert_eq!(ps[0].attach_target, "/bin/bash:readline");
-    assert_eq!(ps[0].insns, insns);
-    assert_eq!(ps[0].run_flags, 0x101);
-    assert_eq!(ps[1].insns.len(), 16);
-    assert!(o.0.unregister_program(j));
-    assert_eq!(agent.programs().len(), 1);
-    let long = "x".repeat(300);
-    let e =
-        o.0.register_program(&ProgramSpec {
-            name: "p",
-            section: "s",
-            attach_target: &long,
-            prog_type: 0,
-            insns: &[],
-            run_flags: 0,
-        })
-        .unwrap_err();
-    assert!(e.to_string().contains("attach target"));
-}
-
-#[test]
 fn definitions_are_validated() {
     let name = format!("test-sem-{}-bad", std::process::id());
     let bad = [
@@ -438,10 +386,32 @@ fn segments_list_open_remove() {
     assert!(ShmObject::open_or_create(&name, &defs[..1]).is_err());
     let segs = list_segments().unwrap();
     let me = segs.iter().find(|s| s.object == name).expect("listed");
-    assert!(me.creator_alive);
-    assert_eq!(me.creator_pid, std::process::id());
-    assert_eq!(me.maps, vec!["h".to_string(), "a".to_string()]);
-    assert!(find_stale().unwrap().iter().all(|s| s.object != name));
+    assert_eq!(me.owner_uid, euid());
+    assert_eq!(me.identity, Some(o.0.identity()));
+    assert_eq!(again.identity(), o.0.identity());
+    assert_eq!(again.map_defs(), o.0.map_defs());
+    // Created for the loader's user alone: never world-writable, whatever the umask.
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(&me.path).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600, "segment mode {mode:o}");
+    // The manifest's identity check: the same name with another inode is refused.
+    let other = SegmentIdentity {
+        ino: o.0.identity().ino + 1,
+        ..o.0.identity()
+    };
+    let e = ShmObject::open_expect(&name, &other, &defs).err().unwrap();
+    assert!(
+        e.to_string().contains("not the segment the loader created"),
+        "{e}"
+    );
+    // ... and so are map definitions other than the loader's.
+    let mut wider = defs.to_vec();
+    wider[0].value_size = 8;
+    let e = ShmObject::open_expect(&name, &o.0.identity(), &wider)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("in the loader's definition"), "{e}");
+    assert!(ShmObject::open_expect(&name, &o.0.identity(), &defs).is_ok());
     let e = o.0.map("nope").unwrap_err();
     assert!(e.to_string().contains(&name));
     remove_object(&name).unwrap();
@@ -495,7 +465,7 @@ fn unmarked_lookup_and_corrupt_segment_rejected() {
     // Flip a geometry field in the file: opening must refuse it rather than follow it.
     let path = format!("/dev/shm/bpftime-rs.{}.shm", o.0.object_name());
     let bytes = std::fs::read(&path).unwrap();
-    // The first map region follows the program area; find its geometry by its map type,
+    // Find the first map region's geometry by its map type,
     // key size and value size words (1, 4, 8) at a page boundary.
     let pg = 4096;
     let off = (0..bytes.len() / pg)

@@ -3,23 +3,9 @@
 //! `BPFTIME_SKIP_KERNEL_TESTS=1` says to skip kernel tests.
 
 use bpftime_runtime::object::BpfObject;
-use bpftime_runtime::verifier::{
-    kernel_bpf_available, verify, VerifyError, HELPER_GET_FUNC_IP, HELPER_OVERRIDE_RETURN,
-};
+use bpftime_runtime::verifier::{verify, VerifyError, HELPER_GET_FUNC_IP, HELPER_OVERRIDE_RETURN};
 
-fn require_kernel(test: &str) -> bool {
-    if std::env::var("BPFTIME_SKIP_KERNEL_TESTS").as_deref() == Ok("1") {
-        eprintln!("{test}: skipped (BPFTIME_SKIP_KERNEL_TESTS=1)");
-        return false;
-    }
-    if let Err(why) = kernel_bpf_available() {
-        panic!(
-            "{test} needs the kernel's BPF: {why}. Run as root, or set \
-             BPFTIME_SKIP_KERNEL_TESTS=1 to skip kernel tests explicitly"
-        );
-    }
-    true
-}
+use bpftime_kernel_bridge::testing::require_kernel;
 
 fn load(name: &str) -> BpfObject {
     let path = format!("{}/{name}.bpf.o", env!("BPFTIME_TEST_BPF_DIR"));
@@ -66,8 +52,9 @@ fn good_programs_pass_the_kernel_verifier() {
         for name in programs {
             let v = verify_ok(&obj, name);
             let spec = obj.program(name).unwrap();
-            // The kernel verified exactly the bytes the runtime will run.
-            assert_eq!(v.insns, spec.insns);
+            // No substitution: the bytes the runtime runs are the bytes the kernel was handed,
+            // which are the loader's relocated instructions.
+            assert_eq!(v.insns, v.verified_insns, "{name}");
             assert_eq!(
                 v.verified_insns, spec.insns,
                 "{name}: no substitution expected"
@@ -135,7 +122,8 @@ fn override_return_is_verified_through_a_substitute() {
     );
     let imm = |i: &[u8; 8]| i32::from_le_bytes([i[4], i[5], i[6], i[7]]);
     // The runtime keeps the real call; only the verified copy differs, at that one instruction.
-    assert_eq!(v.insns, spec.insns);
+    assert_eq!(v.verified_insns.len(), spec.insns.len());
+    assert_eq!(imm(&spec.insns[s.insn_index]), HELPER_OVERRIDE_RETURN);
     assert_eq!(imm(&v.insns[s.insn_index]), HELPER_OVERRIDE_RETURN);
     assert_eq!(imm(&v.verified_insns[s.insn_index]), HELPER_GET_FUNC_IP);
     for (k, (a, b)) in v.insns.iter().zip(&v.verified_insns).enumerate() {
@@ -159,4 +147,50 @@ fn unknown_section_cannot_be_verified() {
     assert!(err.to_string().contains("weird_unknown_section/abc"));
     let err = verify(&obj, 99).unwrap_err();
     assert!(matches!(err, VerifyError::NoSuchProgram { .. }));
+}
+
+/// What agents run is what the kernel verified: the programs `LoadedObject` publishes in its
+/// manifest (the only place agents take programs from) equal, instruction by instruction, the
+/// bytes the gate handed to BPF_PROG_LOAD, except at the listed substitutions, where the
+/// original helper call stands.
+#[test]
+fn the_manifest_holds_the_bytes_the_kernel_verified() {
+    if !require_kernel("the_manifest_holds_the_bytes_the_kernel_verified") {
+        return;
+    }
+    use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
+    for object in ["mixed_sections", "uprobe_counter", "calls"] {
+        let path = format!("{}/{object}.bpf.o", env!("BPFTIME_TEST_BPF_DIR"));
+        let segment = format!("verifier-gate-{object}-{}", std::process::id());
+        let loaded = LoadedObject::load(
+            std::path::Path::new(&path),
+            Some(&segment),
+            LoadOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{object}: {e}"));
+        let obj = load(object);
+        let manifest = loaded.manifest().expect("published").clone();
+        assert!(!manifest.programs.is_empty(), "{object}: nothing published");
+        let mut substituted = 0;
+        for published in &manifest.programs {
+            let v = verify_ok(&obj, &published.name);
+            let mut expected = v.verified_insns.clone();
+            for s in &v.substitutions {
+                let i = &mut expected[s.insn_index];
+                assert_eq!(i32::from_le_bytes([i[4], i[5], i[6], i[7]]), s.replacement);
+                i[4..8].copy_from_slice(&s.original.to_le_bytes());
+                substituted += 1;
+            }
+            assert_eq!(
+                published.insn_bytes(),
+                expected.concat(),
+                "{object}/{}: the published bytes differ from the verified ones",
+                published.name
+            );
+        }
+        if object == "mixed_sections" {
+            assert!(substituted > 0, "the override program was published");
+        }
+        loaded.unload().expect("unload");
+    }
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
-use bpftime_runtime::maps::list_segments;
+use bpftime_runtime::maps::{euid, ShmObject};
+use bpftime_runtime::state::{self, fs::random_u64, StateDir};
+
+use super::objects::{trusted_objects, warn_skipped};
 
 const AGENT_FILE: &str = "libbpftime_agent.so";
 
@@ -60,28 +63,136 @@ fn agent_path() -> Result<PathBuf> {
     )
 }
 
-/// Writes the agent's config: one `object NAME` line per object to attach.
-fn write_config(objects: &[String], tag: &str) -> Result<PathBuf> {
-    let objects: Vec<String> = if objects.is_empty() {
-        list_segments()
-            .context("listing loaded objects")?
-            .into_iter()
-            .filter(|s| s.creator_alive && s.unreadable.is_none() && !s.object.starts_with("run-"))
-            .map(|s| s.object)
-            .collect()
-    } else {
-        objects.to_vec()
-    };
+/// The objects to attach: those named, or every object with a trusted manifest whose loader
+/// runs (each skipped one is reported).
+fn chosen_objects(objects: &[String]) -> Result<Vec<String>> {
+    if !objects.is_empty() {
+        return Ok(objects.to_vec());
+    }
+    let (found, skipped) = trusted_objects();
+    warn_skipped(&skipped);
+    let objects: Vec<String> = found
+        .into_iter()
+        .filter(|f| f.manifest.loader_alive() && !f.manifest.object.starts_with("run-"))
+        .map(|f| f.manifest.object)
+        .collect();
     if objects.is_empty() {
         bail!("no object is loaded: run `bpftime-rs load OBJ` first");
     }
-    let dir = Path::new("/tmp/bpftime-rs");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config = dir.join(format!("agent-{tag}.conf"));
+    Ok(objects)
+}
+
+/// Writes the agent's config (one `object NAME` line per object) in a new directory of our
+/// state directory's `agents/`, named unguessably, created exclusively, never through a link.
+/// The directory is then given to the target's user, so the agent there can write its status
+/// and counters next to the config; nobody else can write in it.
+fn write_config(objects: &[String], tag: &str, target_uid: u32) -> Result<PathBuf> {
+    let state = StateDir::ours().context("preparing the state directory")?;
+    prune_agent_dirs(&state);
+    let dir = state
+        .agents_dir()
+        .join(format!("{tag}-{:016x}", random_u64()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let config = dir.join("agent.conf");
     let text: String = objects.iter().map(|o| format!("object {o}\n")).collect();
-    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-    let _ = std::fs::remove_file(status_path(&config));
+    {
+        use std::io::Write;
+        let mut file = state::fs::create_new(&config, 0o644)?;
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", config.display()))?;
+    }
+    if target_uid != euid() {
+        let gid = primary_gid(target_uid);
+        std::os::unix::fs::lchown(&dir, Some(target_uid), gid)
+            .with_context(|| format!("giving {} to uid {target_uid}", dir.display()))?;
+    }
     Ok(config)
+}
+
+/// Removes agent directories of processes that are gone (their tag starts with the pid).
+fn prune_agent_dirs(state: &StateDir) {
+    let Ok(entries) = std::fs::read_dir(state.agents_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split('-').nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The primary group of `uid`, if the user database knows it.
+fn primary_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: passwd is a plain C struct; getpwuid_r writes into it and into buf (its length
+    // given), and result points at pwd or is null.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let r = libc::getpwuid_r(
+            uid,
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        (r == 0 && !result.is_null()).then_some(pwd.pw_gid)
+    }
+}
+
+/// The effective uid of a running process, from /proc/PID/status.
+fn process_euid(pid: i32) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1)?.parse().ok())
+        .with_context(|| format!("no Uid line in /proc/{pid}/status"))
+}
+
+/// Gives a target of another user access to the maps of `objects` (POSIX ACL entries on their
+/// segments): what `attach` to that target asks for. Only the segments' owner (the loader's
+/// user, or root) can do it; otherwise the agent reports each object it cannot open.
+fn grant_target(objects: &[String], uid: u32) {
+    if uid == 0 || uid == euid() {
+        return;
+    }
+    for object in objects {
+        let granted = state::find_object(object)
+            .map_err(anyhow::Error::from)
+            .and_then(|found| {
+                let shm = ShmObject::open_expect(
+                    object,
+                    &found.manifest.segment,
+                    &found.manifest.map_defs(),
+                )?;
+                shm.grant(&[uid], &[])?;
+                Ok(())
+            });
+        match granted {
+            Ok(()) => {
+                eprintln!("bpftime-rs: granted uid {uid} read-write access to the maps of {object}")
+            }
+            Err(e) => {
+                eprintln!("bpftime-rs: cannot give uid {uid} access to the maps of {object}: {e:#}")
+            }
+        }
+    }
 }
 
 fn status_path(config: &Path) -> PathBuf {
@@ -107,7 +218,8 @@ fn report_status(config: &Path) -> usize {
 
 pub fn start(args: &StartArgs) -> Result<()> {
     let agent = agent_path()?;
-    let config = write_config(&args.objects, &format!("start-{}", std::process::id()))?;
+    let objects = chosen_objects(&args.objects)?;
+    let config = write_config(&objects, &format!("start-{}", std::process::id()), euid())?;
     let (program, rest) = args.command.split_first().context("no command")?;
     let mut preload = agent.as_os_str().to_owned();
     if let Some(existing) = std::env::var_os("LD_PRELOAD") {
@@ -137,7 +249,10 @@ pub fn start(args: &StartArgs) -> Result<()> {
 
 pub fn attach(args: &AttachArgs) -> Result<()> {
     let agent = agent_path()?;
-    let config = write_config(&args.objects, &format!("pid-{}", args.pid))?;
+    let objects = chosen_objects(&args.objects)?;
+    let target_uid = process_euid(args.pid)?;
+    grant_target(&objects, target_uid);
+    let config = write_config(&objects, &format!("pid-{}", args.pid), target_uid)?;
     let report = inject_agent(args.pid, &agent, Some(&config), &InjectOptions::default())
         .with_context(|| format!("injecting the agent into pid {}", args.pid))?;
     if report.start_result != Some(0) {

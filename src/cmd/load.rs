@@ -34,12 +34,87 @@ pub struct LoadArgs {
     /// Stop after this many seconds instead of waiting for Ctrl-C.
     #[arg(long, value_name = "SECONDS")]
     duration: Option<f64>,
+    /// Give these users (names or uids) read-write access to the object's maps, so their
+    /// processes can be targets (the segment is otherwise the loader's user's alone).
+    #[arg(long, value_delimiter = ',', value_name = "USER[,USER]")]
+    grant: Vec<String>,
+    /// Give these groups (names or gids) read-write access to the object's maps.
+    #[arg(long, value_delimiter = ',', value_name = "GROUP[,GROUP]")]
+    grant_group: Vec<String>,
+}
+
+/// A uid from a user name or number.
+fn resolve_user(name: &str) -> Result<u32> {
+    if let Ok(uid) = name.parse() {
+        return Ok(uid);
+    }
+    let c = std::ffi::CString::new(name).context("user name with a NUL byte")?;
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: passwd is a plain C struct; getpwnam_r writes into it and into buf (its length
+    // given); result points at pwd or is null.
+    let uid = unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let r = libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        (r == 0 && !result.is_null()).then_some(pwd.pw_uid)
+    };
+    uid.with_context(|| format!("--grant: no user named {name}"))
+}
+
+/// A gid from a group name or number.
+fn resolve_group(name: &str) -> Result<u32> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).context("group name with a NUL byte")?;
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: group is a plain C struct; getgrnam_r writes into it and into buf (its length
+    // given); result points at grp or is null.
+    let gid = unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let r = libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        (r == 0 && !result.is_null()).then_some(grp.gr_gid)
+    };
+    gid.with_context(|| format!("--grant-group: no group named {name}"))
 }
 
 pub fn run(args: &LoadArgs) -> Result<()> {
-    let loaded = LoadedObject::load(&args.object, None, args.vm.options())
+    let uids = args
+        .grant
+        .iter()
+        .map(|u| resolve_user(u))
+        .collect::<Result<Vec<_>>>()?;
+    let gids = args
+        .grant_group
+        .iter()
+        .map(|g| resolve_group(g))
+        .collect::<Result<Vec<_>>>()?;
+    let mut loaded = LoadedObject::load(&args.object, None, args.vm.options())
         .with_context(|| format!("loading {}", args.object.display()))?;
     let object = loaded.object.name.clone();
+    if !uids.is_empty() || !gids.is_empty() {
+        loaded
+            .grant(&uids, &gids)
+            .with_context(|| format!("granting access to the maps of {object}"))?;
+        println!(
+            "maps of {object} shared read-write with{}{}",
+            uids.iter().map(|u| format!(" uid {u}")).collect::<String>(),
+            gids.iter().map(|g| format!(" gid {g}")).collect::<String>()
+        );
+    }
     for program in &loaded.programs {
         println!(
             "program {} ({}) -> {} on {:?}{}",

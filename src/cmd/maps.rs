@@ -3,14 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use bpftime_kernel_bridge::mirror::{list_pinned, pin_path, Mirror};
 use bpftime_runtime::loaded::map_btf_path;
-use bpftime_runtime::maps::{list_segments, sync_slot, EntryValue, MapHandle, ShmObject};
+use bpftime_runtime::maps::{EntryValue, MapHandle, ShmObject};
 use bpftime_runtime::object::btf_format::MapBtfInfo;
 use serde_json::{json, Value};
+
+use super::objects::{trusted_objects, warn_skipped};
 
 #[derive(clap::Args)]
 pub struct MapsArgs {
@@ -20,6 +21,11 @@ pub struct MapsArgs {
     /// Compare userspace and kernel contents of MAP (`name` or `object/name`) entry by entry.
     #[arg(long, value_name = "MAP")]
     diff: Option<String>,
+    /// Wait until every synced map's forwarder is idle with nothing pending or unsynced (the
+    /// kernel mirrors hold what userspace holds), at most SECONDS; exits 1 on timeout naming the
+    /// maps still behind.
+    #[arg(long, value_name = "SECONDS", conflicts_with_all = ["json", "diff"])]
+    wait_synced: Option<f64>,
 }
 
 /// One map as the table shows it: a userspace side, a kernel mirror, or both.
@@ -28,6 +34,8 @@ struct Row {
     name: String,
     user: Option<MapHandle>,
     mirror: Option<Mirror>,
+    /// Where the loader saved the BTF of the object's maps, and whose file it is.
+    btf: Option<(PathBuf, u32)>,
 }
 
 impl Row {
@@ -57,21 +65,22 @@ impl Row {
 
     /// The forwarder's counters, when a forwarder has ever synced this map.
     fn sync(&self) -> Option<SyncView> {
-        let slots = self.user.as_ref()?.sync_counters();
-        let pid = slots[sync_slot::FORWARDER_PID].load(Ordering::Relaxed);
-        if pid == 0 {
-            return None;
-        }
-        let get = |slot: usize| slots[slot].load(Ordering::Relaxed);
+        let r = self.user.as_ref()?.sync_report()?;
         Some(SyncView {
-            changes_seen: get(sync_slot::CHANGES_SEEN),
-            sent: get(sync_slot::SENT),
-            confirmed: get(sync_slot::CONFIRMED),
-            failed: get(sync_slot::FAILED),
-            pending: get(sync_slot::PENDING),
-            oldest_pending_ns: get(sync_slot::OLDEST_PENDING_NS),
-            forwarder_pid: pid,
-            forwarder_alive: process_alive(pid as i32),
+            changes_seen: r.changes_seen,
+            sent: r.sent,
+            confirmed: r.confirmed,
+            failed: r.failed,
+            pending: r.pending,
+            oldest_pending_ns: r.oldest_pending_ns,
+            forwarder_pid: r.forwarder_pid,
+            forwarder_alive: process_alive(r.forwarder_pid as i32),
+            resyncs: r.resyncs,
+            sweeps: r.sweeps,
+            sweep_fixes: r.sweep_fixes,
+            unsynced: r.unsynced,
+            idle: r.idle,
+            in_sync: r.idle && r.pending == 0 && r.unsynced == 0,
         })
     }
 }
@@ -86,6 +95,28 @@ struct SyncView {
     oldest_pending_ns: u64,
     forwarder_pid: u64,
     forwarder_alive: bool,
+    resyncs: u64,
+    sweeps: u64,
+    sweep_fixes: u64,
+    unsynced: u64,
+    idle: bool,
+    /// The forwarder is idle with nothing pending and nothing known to differ.
+    in_sync: bool,
+}
+
+impl SyncView {
+    /// The table's STATE: never "in-sync" while anything is unconfirmed or known to differ.
+    fn state(&self) -> &'static str {
+        if !self.forwarder_alive {
+            "stopped"
+        } else if self.in_sync {
+            "in-sync"
+        } else if self.unsynced > 0 {
+            "behind"
+        } else {
+            "syncing"
+        }
+    }
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -101,26 +132,28 @@ fn rows() -> Result<Vec<Row>> {
         .into_iter()
         .map(|m| (m.desc().pin_path(), m))
         .collect();
-    for segment in list_segments().context("listing shared-memory objects in /dev/shm")? {
-        if let Some(why) = &segment.unreadable {
-            tracing::warn!("skipping {}: {why}", segment.path);
-            continue;
-        }
-        let shm = match ShmObject::open(&segment.object) {
+    let (found, skipped) = trusted_objects();
+    warn_skipped(&skipped);
+    for object in found {
+        let manifest = &object.manifest;
+        let name = &manifest.object;
+        let shm = match ShmObject::open_expect(name, &manifest.segment, &manifest.map_defs()) {
             Ok(shm) => shm,
             Err(e) => {
-                tracing::warn!("skipping {}: {e}", segment.path);
+                eprintln!("bpftime-rs: skipping the maps of {name}: {e}");
                 continue;
             }
         };
+        let btf = Some((map_btf_path(&object.dir, name), object.dir.uid()));
         for user in shm.maps() {
-            let name = user.name().to_string();
-            let mirror = mirrors.remove(&pin_path(&segment.object, &name));
+            let map = user.name().to_string();
+            let mirror = mirrors.remove(&pin_path(name, &map));
             rows.push(Row {
-                object: segment.object.clone(),
-                name,
+                object: name.clone(),
+                name: map,
                 user: Some(user),
                 mirror,
+                btf: btf.clone(),
             });
         }
     }
@@ -130,6 +163,7 @@ fn rows() -> Result<Vec<Row>> {
             name: mirror.desc().name.clone(),
             user: None,
             mirror: Some(mirror),
+            btf: None,
         });
     }
     Ok(rows)
@@ -137,6 +171,9 @@ fn rows() -> Result<Vec<Row>> {
 
 pub fn run(args: &MapsArgs) -> Result<()> {
     let rows = rows()?;
+    if let Some(seconds) = args.wait_synced {
+        return wait_synced(&rows, std::time::Duration::from_secs_f64(seconds));
+    }
     if let Some(target) = &args.diff {
         return diff(&rows, target);
     }
@@ -144,8 +181,10 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         // One BTF description file per object, not one read per map.
         let mut btf: BTreeMap<&str, Option<MapBtfInfo>> = BTreeMap::new();
         for row in &rows {
-            btf.entry(row.object.as_str())
-                .or_insert_with(|| MapBtfInfo::load(map_btf_path(&row.object)).ok());
+            btf.entry(row.object.as_str()).or_insert_with(|| {
+                let (path, owner) = row.btf.as_ref()?;
+                MapBtfInfo::load(path, *owner).ok()
+            });
         }
         let maps = rows
             .iter()
@@ -158,7 +197,7 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9}  PIN",
+        "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9} {:<8}  PIN",
         "NAME",
         "TYPE",
         "KEY",
@@ -170,7 +209,8 @@ pub fn run(args: &MapsArgs) -> Result<()> {
         "CONFIRMED",
         "FAILED",
         "PENDING",
-        "OLDEST"
+        "OLDEST",
+        "STATE"
     );
     for row in &rows {
         let (kind, key, value, max) = row.shape();
@@ -186,7 +226,7 @@ pub fn run(args: &MapsArgs) -> Result<()> {
             m.desc().pin_path().display().to_string()
         });
         let dash = || "-".to_string();
-        let (sent, confirmed, failed, pending, oldest) = match row.sync() {
+        let (sent, confirmed, failed, pending, oldest, state) = match row.sync() {
             Some(s) => (
                 s.sent.to_string(),
                 s.confirmed.to_string(),
@@ -196,11 +236,12 @@ pub fn run(args: &MapsArgs) -> Result<()> {
                     "{:.1?}",
                     std::time::Duration::from_nanos(s.oldest_pending_ns)
                 ),
+                s.state().to_string(),
             ),
-            None => (dash(), dash(), dash(), dash(), dash()),
+            None => (dash(), dash(), dash(), dash(), dash(), dash()),
         };
         println!(
-            "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9}  {}",
+            "{:<32} {:<16} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>9} {:<8}  {}",
             row.full_name(),
             kind,
             key,
@@ -213,6 +254,7 @@ pub fn run(args: &MapsArgs) -> Result<()> {
             failed,
             pending,
             oldest,
+            state,
             pin
         );
     }
@@ -312,6 +354,61 @@ fn row_json(row: &Row, btf: Option<&MapBtfInfo>) -> Result<Value> {
         "kernel_entries": row.mirror.as_ref().map(|m| m.key_count()),
         "sync": row.sync(),
     }))
+}
+
+/// Why a synced map is not in sync yet, `None` when it is.
+fn behind(row: &Row, since_unix_ns: u64) -> Option<String> {
+    let user = row.user.as_ref()?;
+    let report = user.sync_report()?;
+    if !process_alive(report.forwarder_pid as i32) {
+        return Some(format!(
+            "its forwarder (pid {}) is gone",
+            report.forwarder_pid
+        ));
+    }
+    if report.last_pass_unix_ns < since_unix_ns {
+        return Some("no forwarder pass since the wait began".into());
+    }
+    if user.has_changes() {
+        return Some("changes not yet read by the forwarder".into());
+    }
+    if report.pending > 0 || report.unsynced > 0 || !report.idle {
+        return Some(format!(
+            "{} pending, {} unsynced{}",
+            report.pending,
+            report.unsynced,
+            if report.idle { "" } else { ", forwarder busy" }
+        ));
+    }
+    None
+}
+
+fn wait_synced(rows: &[Row], timeout: std::time::Duration) -> Result<()> {
+    let unix_ns = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    let since = unix_ns();
+    let deadline = std::time::Instant::now() + timeout;
+    let synced: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.user.as_ref().is_some_and(|u| u.sync_report().is_some()))
+        .collect();
+    loop {
+        let late: Vec<String> = synced
+            .iter()
+            .filter_map(|r| behind(r, since).map(|why| format!("{}: {why}", r.full_name())))
+            .collect();
+        if late.is_empty() {
+            println!("{} synced map(s) in sync", synced.len());
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("not in sync after {timeout:?}: {}", late.join("; "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn diff(rows: &[Row], target: &str) -> Result<()> {

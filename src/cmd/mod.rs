@@ -2,5 +2,6 @@ pub mod attach;
 pub mod bridge;
 pub mod load;
 pub mod maps;
+pub mod objects;
 pub mod run;
 pub mod unload;

@@ -43,6 +43,7 @@ impl VmArgs {
             verify: !self.no_verify,
             vm: self.vm,
             no_jit: self.no_jit,
+            publish: true,
         }
     }
 }
@@ -57,7 +58,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().replace('.', "_"))
             .unwrap_or_default()
     );
-    let loaded = LoadedObject::load(&args.object, Some(&segment), args.vm.options())
+    let options = LoadOptions {
+        publish: false,
+        ..args.vm.options()
+    };
+    let loaded = LoadedObject::load(&args.object, Some(&segment), options)
         .with_context(|| format!("loading {}", args.object.display()));
     let loaded = match loaded {
         Ok(l) => l,

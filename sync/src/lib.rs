@@ -3,22 +3,39 @@
 //! Programs mostly change maps by writing through a looked-up pointer, not through an update
 //! helper, so the forwarder does not replay helper calls: it reads the *current* value of every
 //! entry the maps marked (updates, deletes, and lookups that handed out a pointer; see
-//! `bpftime_runtime::maps::track`), re-reads pointer-marked entries for a grace period (the write
-//! lands after the lookup's mark), compares global-data sections (`.data`, `.bss`, written
-//! without any helper) with the last forwarded copy, and sends what differs from what the kernel
-//! was last sent. The latest value of a key wins; per-key order is the ring's order. Targets
-//! never wait for the forwarder: marks are single atomics in shared memory.
+//! `bpftime_runtime::maps::track`), compares it with what the kernel was last sent for that
+//! element, and sends what differs. The latest value of a key wins; per-key order is the ring's
+//! order. Targets never wait for the forwarder: marks are single atomics in shared memory.
+//!
+//! What keeps it lossless:
+//! * every marked entry is read after its mark is cleared, so a write that lands later marks it
+//!   again (the marks protocol in `track.rs`);
+//! * a pointer handed out by a lookup may be written through later: such entries are read again
+//!   100 µs, 2 ms, 50 ms and 1 s after the lookup was seen, and a **sweep** (a whole-map compare
+//!   with what the kernel was sent) runs once the map has been quiet for a moment after pointer
+//!   lookups; every map that changes is also swept every 30 s (or less often, to stay under 2%
+//!   of a core), a safety net: what a sweep finds is sent and counted (`sweep_fixes`: changes
+//!   tracking did not report);
+//! * deletes leave tombstones that are freed only after the delete was queued; if a map had to
+//!   drop unacknowledged tombstones (its spare half full), the forwarder deletes every kernel key
+//!   userspace no longer has (a **resync**, counted);
+//! * a record the kernel refuses is logged with its errno and its key, counted as `failed`, and
+//!   the key stays `unsynced` until a later change of it is applied;
+//! * global data (`.data`, `.bss`, written by plain stores, no marks) is compared on every pass.
+//!
+//! Per map the forwarder keeps, per element slot, what the kernel was last sent (key, value,
+//! element generation): a re-read that finds the same value sends nothing, without hashing.
+//! Changes are read into one reused buffer and sent in batches ([`Bridge::send_batch`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bpftime_kernel_bridge::{
     Bridge, BridgeConfig, BridgeError, MapKind, MirrorDesc, MirrorId, Update, UpdateStatus,
 };
-use bpftime_runtime::maps::{
-    sync_slot, ChangeCursor, EntryValue, MapDef, MapHandle, MapType, ShmObject,
-};
+use bpftime_runtime::maps::{MapDef, MapHandle, MapType, RawChange, ShmObject, SyncReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -48,9 +65,15 @@ pub enum SyncSelection {
 pub struct SyncOptions {
     pub selection: SyncSelection,
     pub confirm_each: bool,
-    /// How long an entry whose value pointer was handed out keeps being re-read. Must exceed
-    /// the time a program takes between its lookup and its last write through the pointer.
-    pub pointer_grace: Duration,
+    /// After a lookup handed out a value pointer, when to read the entry again (the write
+    /// lands after the lookup's mark).
+    pub recheck_after: [Duration; 4],
+    /// A map that saw pointer lookups is swept once it has been quiet this long.
+    pub sweep_when_quiet: Duration,
+    /// And at least this often while it stays busy (or less often, to keep sweeps under
+    /// `sweep_budget` of a core).
+    pub sweep_every: Duration,
+    pub sweep_budget: f64,
     /// Sleep between passes when nothing changed.
     pub poll_interval: Duration,
 }
@@ -60,13 +83,38 @@ impl Default for SyncOptions {
         Self {
             selection: SyncSelection::All,
             confirm_each: false,
-            pointer_grace: Duration::from_millis(2),
+            recheck_after: [
+                Duration::from_micros(100),
+                Duration::from_millis(2),
+                Duration::from_millis(50),
+                Duration::from_secs(1),
+            ],
+            sweep_when_quiet: Duration::from_millis(200),
+            sweep_every: Duration::from_secs(30),
+            sweep_budget: 0.02,
             poll_interval: Duration::from_micros(20),
         }
     }
 }
 
+/// `BPF_EXIST`.
+const BPF_EXIST: u64 = 2;
+/// Failures logged one by one per map; the rest are counted (`maps` shows them).
+const FAILURES_LOGGED: u64 = 10;
+
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists in the kernel.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
+/// The kernel LRU's per-CPU free-list batch (`LOCAL_FREE_TARGET` in kernel/bpf/bpf_lru_list.h).
+const KERNEL_LRU_LOCAL_FREE: u32 = 128;
+
 /// The kernel mirror of a userspace map, if its type has one.
+///
+/// LRU mirrors get spare capacity: userspace decides evictions (they reach the mirror as
+/// deletes), so the kernel's LRU must never evict on its own. It could otherwise: its per-CPU
+/// free lists can run dry before the map is full, and an insert can reach it before the delete
+/// of the entry it replaced. Twice the entries plus one free-list batch per CPU is room for
+/// every live entry and every tombstone userspace can hold at once. `BPF_F_NO_COMMON_LRU` is
+/// dropped for the same reason (it splits the kernel map per CPU).
 pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
     let kind = match def.map_type {
         MapType::Hash => MapKind::Hash,
@@ -79,13 +127,23 @@ pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
         MapType::Stack => MapKind::Stack,
         MapType::ProgArray | MapType::PerfEventArray | MapType::Ringbuf => return None,
     };
+    let (max_entries, flags) = if def.map_type.is_lru() {
+        let cpus = bpftime_runtime::maps::possible_cpus();
+        (
+            def.max_entries
+                .saturating_mul(2)
+                .saturating_add(cpus.saturating_mul(KERNEL_LRU_LOCAL_FREE)),
+            def.flags & !BPF_F_NO_COMMON_LRU,
+        )
+    } else {
+        (def.max_entries, def.flags)
+    };
     Some(MirrorDesc {
         kind,
         key_size: def.key_size,
         value_size: def.value_size,
-        max_entries: def.max_entries,
-        // Userspace-only flags (none today) would be dropped here; the kernel's own pass through.
-        flags: def.flags,
+        max_entries,
+        flags,
         name: def.name.clone(),
         object: object.to_string(),
     })
@@ -98,33 +156,161 @@ pub struct Unmirrorable {
     pub map_type: &'static str,
 }
 
-/// Global data: written by plain stores, so it is compared with a shadow copy.
+/// Global data: written by plain stores, so it is compared with what was sent on every pass.
 fn is_global_data(def: &MapDef) -> bool {
     def.map_type == MapType::Array && def.name.starts_with('.')
 }
 
-struct SyncedMap {
-    handle: MapHandle,
-    mirror: MirrorId,
-    name: String,
-    kind: MapKind,
-    global_data: bool,
-    cursor: ChangeCursor,
-    /// What the kernel was last sent per key (`None` = deleted), so re-reads that find the
-    /// same value send nothing.
-    last_sent: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Queues/stacks: the next push sequence number to forward.
-    next_push: u64,
+/// What the kernel was last sent, per element slot of one userspace map.
+struct SentTable {
+    key_len: usize,
+    value_len: usize,
+    /// Per slot: 0 unknown (never sent, or a send failed), 1 present, 2 deleted.
+    state: Vec<u8>,
+    generation: Vec<u32>,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+const UNKNOWN: u8 = 0;
+const PRESENT: u8 = 1;
+const DELETED: u8 = 2;
+
+impl SentTable {
+    fn new(key_len: usize, value_len: usize) -> Self {
+        Self {
+            key_len,
+            value_len,
+            state: Vec::new(),
+            generation: Vec::new(),
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    fn grow(&mut self, slot: usize) {
+        if slot >= self.state.len() {
+            let n = (slot + 1).next_power_of_two().max(1024);
+            self.state.resize(n, UNKNOWN);
+            self.generation.resize(n, 0);
+            self.keys.resize(n * self.key_len, 0);
+            self.values.resize(n * self.value_len, 0);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.state.fill(UNKNOWN);
+    }
+
+    /// Whether the kernel needs this change: a live value it was not sent for this element,
+    /// or the delete of an element whose value it was sent. A tombstone of an element the
+    /// kernel never saw needs nothing: every earlier holder of the key sent its own delete
+    /// before its element was freed (or the map asked for a resync).
+    fn needs(&self, c: &RawChange<'_>) -> bool {
+        let slot = c.slot as usize;
+        let (state, generation) = match self.state.get(slot) {
+            Some(&s) => (s, self.generation[slot]),
+            None => (UNKNOWN, 0),
+        };
+        let same_element = state != UNKNOWN && generation == c.generation;
+        match c.value {
+            Some(v) => !(same_element && state == PRESENT && self.value(slot) == v),
+            None => same_element && state == PRESENT,
+        }
+    }
+
+    fn value(&self, slot: usize) -> &[u8] {
+        &self.values[slot * self.value_len..(slot + 1) * self.value_len]
+    }
+
+    fn key(&self, slot: usize) -> &[u8] {
+        &self.keys[slot * self.key_len..(slot + 1) * self.key_len]
+    }
+
+    /// Records that `c`'s state was sent.
+    fn record(&mut self, c: &RawChange<'_>) {
+        let slot = c.slot as usize;
+        self.grow(slot);
+        self.generation[slot] = c.generation;
+        self.keys[slot * self.key_len..(slot + 1) * self.key_len].copy_from_slice(c.key);
+        match c.value {
+            Some(v) => {
+                self.state[slot] = PRESENT;
+                self.values[slot * self.value_len..(slot + 1) * self.value_len].copy_from_slice(v);
+            }
+            None => self.state[slot] = DELETED,
+        }
+    }
+
+    /// The kernel refused what was sent for `slot`: its state is unknown again, so the next
+    /// change of the slot is sent.
+    fn forget(&mut self, slot: usize) {
+        if let Some(s) = self.state.get_mut(slot) {
+            *s = UNKNOWN;
+        }
+    }
+}
+
+/// Changes to send, gathered into one buffer.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    items: Vec<BatchItem>,
+}
+
+struct BatchItem {
+    slot: u32,
+    generation: u32,
+    key: Range<usize>,
+    /// `None`: a delete.
+    value: Option<Range<usize>>,
+    /// A tombstone to free once its delete is queued.
+    ack: bool,
+}
+
+/// Records sent per [`Bridge::send_batch`] call at most.
+const BATCH: usize = 4096;
+
+impl Batch {
+    fn push(&mut self, c: &RawChange<'_>, ack: bool) {
+        let k = self.bytes.len();
+        self.bytes.extend_from_slice(c.key);
+        let key = k..self.bytes.len();
+        let value = c.value.map(|v| {
+            let s = self.bytes.len();
+            self.bytes.extend_from_slice(v);
+            s..self.bytes.len()
+        });
+        self.items.push(BatchItem {
+            slot: c.slot,
+            generation: c.generation,
+            key,
+            value,
+            ack,
+        });
+    }
+
+    fn is_full(&self) -> bool {
+        self.items.len() >= BATCH
+    }
+}
+
+/// A pointer-handed entry to read again.
+struct Recheck {
+    slot: u32,
+    generation: u32,
+    due: Instant,
 }
 
 struct InFlight {
     seq: u64,
-    sent_at: Instant,
-    key: Vec<u8>,
+    /// The element slot (`u32::MAX` for queue pushes).
+    slot: u32,
     delete: bool,
+    sent_at: Instant,
 }
 
-/// Per-map counters, also published in the map's shared-memory sync slots for `bpftime-rs maps`.
+/// Per-map counters, also published in the map's shared memory for `bpftime-rs maps`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncCounters {
     pub changes_seen: u64,
@@ -133,17 +319,48 @@ pub struct SyncCounters {
     pub failed: u64,
     pub pending: u64,
     pub oldest_pending: Duration,
+    /// Deletes of kernel keys userspace no longer has, after the map dropped tombstones.
+    pub resyncs: u64,
+    pub sweeps: u64,
+    /// Differences a sweep found that change tracking had not reported.
+    pub sweep_fixes: u64,
+    /// Keys whose latest send the kernel refused, not yet sent again successfully.
+    pub unsynced: u64,
+}
+
+struct SyncedMap {
+    handle: MapHandle,
+    mirror: MirrorId,
+    name: String,
+    kind: MapKind,
+    global_data: bool,
+    sent: SentTable,
+    rechecks: [VecDeque<Recheck>; 4],
+    /// Per slot, a bit for each recheck stage it is queued in (one entry per slot and stage:
+    /// a key looked up on every call must not fill the queues).
+    queued: Vec<u8>,
+    in_flight: VecDeque<InFlight>,
+    counters: SyncCounters,
+    /// Queues/stacks: the next push sequence number to forward.
+    next_push: u64,
+    /// Pointer lookups seen since the last sweep.
+    pointers_since_sweep: bool,
+    /// Any change seen since the last sweep.
+    changed_since_sweep: bool,
+    last_change: Instant,
+    last_sweep: Instant,
+    last_sweep_cost: Duration,
+    /// Slots whose latest send failed.
+    unsynced: HashSet<u32>,
 }
 
 pub struct Forwarder {
     bridge: Bridge,
     object: String,
     maps: Vec<SyncedMap>,
-    counters: Vec<SyncCounters>,
-    /// Per map, records sent and not yet confirmed, in send order.
-    in_flight: Vec<VecDeque<InFlight>>,
     options: SyncOptions,
-    grace_passes: u32,
+    buf: Vec<u8>,
+    batch: Batch,
 }
 
 impl Forwarder {
@@ -184,6 +401,7 @@ impl Forwarder {
                 }
             }
         }
+        let now = Instant::now();
         for handle in handles {
             let def = handle.def().clone();
             let Some(desc) = mirror_desc(&def, &object) else {
@@ -202,33 +420,34 @@ impl Forwarder {
             if def.map_type.is_hash() {
                 handle.set_track_deletes(true);
             }
+            let sent = SentTable::new(def.key_size as usize, handle.raw_value_len());
             maps.push(SyncedMap {
                 handle,
                 mirror,
                 name: def.name.clone(),
                 kind: desc.kind,
                 global_data: is_global_data(&def),
-                cursor: ChangeCursor::new(1),
-                last_sent: HashMap::new(),
+                sent,
+                rechecks: Default::default(),
+                queued: Vec::new(),
+                in_flight: VecDeque::new(),
+                counters: SyncCounters::default(),
                 next_push: 0,
+                pointers_since_sweep: false,
+                changed_since_sweep: false,
+                last_change: now,
+                last_sweep: now,
+                last_sweep_cost: Duration::ZERO,
+                unsynced: HashSet::new(),
             });
         }
-        let grace_passes = (options.pointer_grace.as_nanos()
-            / options.poll_interval.as_nanos().max(1))
-        .clamp(2, 100_000) as u32;
-        for map in &mut maps {
-            map.cursor = ChangeCursor::new(grace_passes);
-        }
-        let counters = vec![SyncCounters::default(); maps.len()];
-        let in_flight = (0..maps.len()).map(|_| VecDeque::new()).collect();
         let mut forwarder = Self {
             bridge,
             object,
             maps,
-            counters,
-            in_flight,
             options,
-            grace_passes,
+            buf: Vec::new(),
+            batch: Batch::default(),
         };
         forwarder.resync_all()?;
         Ok((forwarder, unmirrorable))
@@ -247,148 +466,289 @@ impl Forwarder {
     pub fn resync_all(&mut self) -> Result<usize, SyncError> {
         let mut sent = 0;
         for index in 0..self.maps.len() {
-            let map = &mut self.maps[index];
-            map.last_sent.clear();
-            if map.kind.is_keyless() {
-                continue;
-            }
-            let mut current = Vec::new();
-            map.handle.snapshot_changes(|c| {
-                if let Some(value) = c.value {
-                    current.push((c.key, value));
+            sent += self.resync_map(index, true)?;
+        }
+        self.settle();
+        Ok(sent)
+    }
+
+    /// Deletes every kernel key of map `index` that userspace does not hold; with `values`,
+    /// also sends every userspace entry (the kernel's state being unknown).
+    fn resync_map(&mut self, index: usize, values: bool) -> Result<usize, SyncError> {
+        if self.maps[index].kind.is_keyless() {
+            return Ok(0);
+        }
+        let mirror = self.bridge.mirror(self.maps[index].mirror)?;
+        let keyed_by_index = matches!(self.maps[index].kind, MapKind::Array | MapKind::PercpuArray);
+        let mut sent = 0;
+        if values {
+            self.maps[index].sent.clear();
+            sent += self.scan(index, false)?;
+        }
+        if !keyed_by_index {
+            let mut stale = Vec::new();
+            let map = &self.maps[index];
+            for key in mirror.keys()? {
+                if matches!(map.handle.lookup_unmarked(&key, 0), Ok(None)) {
+                    stale.push(key);
                 }
-            });
-            let mirror = self.bridge.mirror(map.mirror)?;
-            let kernel_keys: Vec<Vec<u8>> = mirror.entries()?.into_iter().map(|e| e.key).collect();
-            let keep: std::collections::HashSet<&Vec<u8>> =
-                current.iter().map(|(k, _)| k).collect();
-            let stale: Vec<Vec<u8>> = if matches!(map.kind, MapKind::Array | MapKind::PercpuArray) {
-                Vec::new()
-            } else {
-                kernel_keys
-                    .into_iter()
-                    .filter(|k| !keep.contains(k))
-                    .collect()
-            };
-            for (key, value) in current {
-                sent += self.forward(index, key, Some(value))? as usize;
             }
             for key in stale {
                 // The kernel holds it and userspace does not: delete it unconditionally.
-                self.send_record(index, key, None)?;
+                let map = &mut self.maps[index];
+                let seq = self.bridge.send(&Update::delete(map.mirror, &key))?;
+                map.track(seq, u32::MAX, true, Instant::now());
                 sent += 1;
             }
         }
         Ok(sent)
     }
 
-    /// One pass over every synced map: forwards what changed. Returns records sent.
-    pub fn pass(&mut self) -> Result<usize, SyncError> {
+    /// Reads every slot of map `index` and sends what differs from what the kernel was sent
+    /// (a full resync, or a sweep with `counting_fixes`).
+    fn scan(&mut self, index: usize, counting_fixes: bool) -> Result<usize, SyncError> {
+        let bound = self.maps[index].handle.scan_bound();
         let mut sent = 0;
-        for index in 0..self.maps.len() {
-            if self.maps[index].handle.take_resync_needed() {
-                tracing::warn!(map = %self.maps[index].name, "tombstones were dropped: full resync");
-                sent += self.resync_all()?;
-            }
+        for slot in 0..bound {
             let map = &mut self.maps[index];
-            if map.kind.is_keyless() {
-                let (pushes, next) =
-                    map.handle
-                        .pushes_since(map.next_push)
-                        .map_err(|source| SyncError::Map {
-                            map: map.name.clone(),
-                            source,
-                        })?;
-                map.next_push = next;
-                for push in pushes {
-                    self.counters[index].changes_seen += 1;
-                    let seq =
-                        self.bridge
-                            .send(&Update::push(self.maps[index].mirror, &push.value, 0))?;
-                    self.track(seq, index, Vec::new(), false);
-                    sent += 1;
+            if counting_fixes && map.handle.is_marked(slot) {
+                // The next drain reports it.
+                continue;
+            }
+            let Some(c) = map.handle.read_slot_raw(slot, &mut self.buf) else {
+                continue;
+            };
+            if !map.sent.needs(&c) {
+                if c.value.is_none() {
+                    map.handle.ack_deleted(c.slot, c.generation);
                 }
                 continue;
             }
-            let mut changes = Vec::new();
-            map.cursor.pass(&map.handle, |c| changes.push(c));
-            if map.global_data {
-                // Plain stores leave no mark: compare the section with the last forwarded copy.
-                if let Some(c) = map.handle.read_slot(0) {
-                    changes.push(c);
-                }
+            if counting_fixes {
+                map.counters.sweep_fixes += 1;
+                tracing::warn!(
+                    object = %self.object,
+                    map = %map.name,
+                    key = ?c.key,
+                    "a sweep found a change that change tracking did not report; sending it"
+                );
             }
-            for change in changes {
-                self.counters[index].changes_seen += 1;
-                let deleted = change.value.is_none();
-                let (slot, generation) = (change.slot, change.generation);
-                sent += self.forward(index, change.key, change.value)? as usize;
-                if deleted {
-                    // The delete is in the ring (which never drops); the tombstone can go.
-                    self.maps[index].handle.ack_deleted(slot, generation);
+            self.batch.push(&c, c.value.is_none());
+            if self.batch.is_full() {
+                sent += self.flush(index)?;
+            }
+        }
+        sent += self.flush(index)?;
+        Ok(sent)
+    }
+
+    /// Sends the gathered batch for map `index` (see [`send_gathered`]).
+    fn flush(&mut self, index: usize) -> Result<usize, SyncError> {
+        let map = &mut self.maps[index];
+        send_gathered(
+            &self.bridge,
+            &mut self.batch,
+            map.mirror,
+            &map.handle,
+            &mut map.sent,
+            &mut map.in_flight,
+            &mut map.counters,
+        )
+    }
+
+    /// One pass over every synced map: forwards what changed. Returns records sent.
+    pub fn pass(&mut self) -> Result<usize, SyncError> {
+        let mut sent = 0;
+        let now = Instant::now();
+        for index in 0..self.maps.len() {
+            if self.maps[index].handle.take_resync_needed() {
+                tracing::warn!(
+                    map = %self.maps[index].name,
+                    "tombstones were dropped before they were forwarded: deleting the kernel \
+                     keys userspace no longer has"
+                );
+                self.maps[index].counters.resyncs += 1;
+                sent += self.resync_map(index, false)?;
+            }
+            if self.maps[index].kind.is_keyless() {
+                sent += self.forward_pushes(index)?;
+                continue;
+            }
+            sent += self.drain(index, now)?;
+            if self.maps[index].global_data {
+                // Plain stores leave no mark: compare the section with what was sent. That
+                // compare is a sweep of the whole map on every pass, so a pointer lookup seen
+                // by the drain leaves no sweep owing (else the map never counts as idle).
+                let map = &mut self.maps[index];
+                map.pointers_since_sweep = false;
+                if let Some(c) = map.handle.read_slot_raw(0, &mut self.buf) {
+                    if map.sent.needs(&c) {
+                        self.batch.push(&c, false);
+                        map.last_change = now;
+                    }
                 }
+                sent += self.flush(index)?;
+            }
+            sent += self.recheck(index, now)?;
+            if self.sweep_due(index, now) {
+                let started = Instant::now();
+                sent += self.scan(index, true)?;
+                let map = &mut self.maps[index];
+                map.counters.sweeps += 1;
+                map.pointers_since_sweep = false;
+                map.changed_since_sweep = false;
+                map.last_sweep = Instant::now();
+                map.last_sweep_cost = started.elapsed();
             }
         }
         self.settle();
         Ok(sent)
     }
 
-    fn forward(
-        &mut self,
-        index: usize,
-        key: Vec<u8>,
-        value: Option<EntryValue>,
-    ) -> Result<bool, SyncError> {
-        let map = &mut self.maps[index];
-        let bytes = value.map(|v| match v {
-            EntryValue::Single(bytes) => bytes,
-            EntryValue::PerCpu(cpus) => {
-                let slot = map.handle.def().value_size.next_multiple_of(8) as usize;
-                cpus.into_iter()
-                    .flat_map(|mut v| {
-                        v.resize(slot, 0);
-                        v
-                    })
-                    .collect()
+    /// Forwards the marked entries of map `index`.
+    fn drain(&mut self, index: usize, now: Instant) -> Result<usize, SyncError> {
+        let first_recheck = self.options.recheck_after[0];
+        let mut sent = 0;
+        let mut error = None;
+        let Self {
+            bridge,
+            batch,
+            buf,
+            maps,
+            ..
+        } = self;
+        let SyncedMap {
+            handle,
+            mirror,
+            sent: table,
+            rechecks,
+            queued,
+            in_flight,
+            counters,
+            pointers_since_sweep,
+            changed_since_sweep,
+            last_change,
+            ..
+        } = &mut maps[index];
+        let seen = handle.drain_changes_raw(buf, |c| {
+            if error.is_some() {
+                // The bridge failed: nothing more can be sent; a restarted loader resyncs.
+                return;
+            }
+            counters.changes_seen += 1;
+            if c.kind.pointer_handed_out() {
+                if enqueue(queued, c.slot, 0) {
+                    rechecks[0].push_back(Recheck {
+                        slot: c.slot,
+                        generation: c.generation,
+                        due: now + first_recheck,
+                    });
+                }
+                *pointers_since_sweep = true;
+            }
+            if table.needs(&c) {
+                batch.push(&c, c.value.is_none());
+                if batch.is_full() {
+                    match send_gathered(bridge, batch, *mirror, handle, table, in_flight, counters)
+                    {
+                        Ok(n) => sent += n,
+                        Err(e) => error = Some(e),
+                    }
+                }
+            } else if c.value.is_none() {
+                handle.ack_deleted(c.slot, c.generation);
             }
         });
-        match (map.last_sent.get(&key), &bytes) {
-            (Some(last), _) if *last == bytes => return Ok(false),
-            // Created and deleted before it was ever forwarded: the kernel never had it.
-            (None, None) => return Ok(false),
-            _ => {}
+        if let Some(e) = error {
+            return Err(e);
         }
-        self.send_record(index, key, bytes)?;
-        Ok(true)
+        if seen > 0 {
+            *last_change = now;
+            *changed_since_sweep = true;
+        }
+        sent += send_gathered(bridge, batch, *mirror, handle, table, in_flight, counters)?;
+        Ok(sent)
     }
 
-    /// Sends one update (`Some`) or delete (`None`) and records it as the kernel's last state.
-    fn send_record(
-        &mut self,
-        index: usize,
-        key: Vec<u8>,
-        bytes: Option<Vec<u8>>,
-    ) -> Result<(), SyncError> {
+    /// Reads again the pointer-handed entries that are due, and moves each to its next stage.
+    fn recheck(&mut self, index: usize, now: Instant) -> Result<usize, SyncError> {
+        let delays = self.options.recheck_after;
+        let mut sent = 0;
+        for stage in 0..delays.len() {
+            loop {
+                let map = &mut self.maps[index];
+                let Some(front) = map.rechecks[stage].front() else {
+                    break;
+                };
+                if front.due > now {
+                    break;
+                }
+                let r = map.rechecks[stage].pop_front().expect("front exists");
+                map.queued[r.slot as usize] &= !(1 << stage);
+                if let Some(c) = map.handle.read_slot_raw(r.slot, &mut self.buf) {
+                    if c.generation == r.generation && c.value.is_some() {
+                        if map.sent.needs(&c) {
+                            self.batch.push(&c, false);
+                            map.last_change = now;
+                        }
+                        if let Some(next) = delays.get(stage + 1) {
+                            if enqueue(&mut map.queued, r.slot, stage + 1) {
+                                let due = now + (*next - delays[stage]);
+                                map.rechecks[stage + 1].push_back(Recheck { due, ..r });
+                            }
+                        }
+                    }
+                }
+                if self.batch.is_full() {
+                    sent += self.flush(index)?;
+                }
+            }
+        }
+        sent += self.flush(index)?;
+        Ok(sent)
+    }
+
+    fn sweep_due(&self, index: usize, now: Instant) -> bool {
+        let map = &self.maps[index];
+        if map.kind.is_keyless() || map.global_data {
+            return false;
+        }
+        let quiet = map.rechecks.iter().all(VecDeque::is_empty)
+            && now.duration_since(map.last_change) >= self.options.sweep_when_quiet;
+        if map.pointers_since_sweep && quiet {
+            return true;
+        }
+        // And now and then for any map that changed, within the budget: a safety net that
+        // makes any change tracking missed (there is no known way) visible in `sweep_fixes`.
+        let every = self.options.sweep_every.max(
+            map.last_sweep_cost
+                .div_f64(self.options.sweep_budget.max(1e-6)),
+        );
+        map.changed_since_sweep && now.duration_since(map.last_sweep) >= every
+    }
+
+    fn forward_pushes(&mut self, index: usize) -> Result<usize, SyncError> {
         let map = &mut self.maps[index];
-        let seq = match &bytes {
-            Some(value) => self.bridge.send(&Update::put(map.mirror, &key, value, 0))?,
-            None => self.bridge.send(&Update::delete(map.mirror, &key))?,
+        let (pushes, next) = match map.handle.pushes_since(map.next_push) {
+            Ok(p) => p,
+            // Its lock held past the timeout (a stopped or corrupted holder): next pass.
+            Err(e) => {
+                tracing::warn!(map = %map.name, "cannot read the pushes: {e}");
+                return Ok(0);
+            }
         };
-        let delete = bytes.is_none();
-        map.last_sent.insert(key.clone(), bytes);
-        self.track(seq, index, key, delete);
-        Ok(())
-    }
-
-    fn track(&mut self, seq: u64, map: usize, key: Vec<u8>, delete: bool) {
-        self.counters[map].sent += 1;
-        self.counters[map].pending += 1;
-        self.in_flight[map].push_back(InFlight {
-            seq,
-            sent_at: Instant::now(),
-            key,
-            delete,
-        });
+        map.next_push = next;
+        let now = Instant::now();
+        for push in &pushes {
+            map.counters.changes_seen += 1;
+            // BPF_EXIST: a full kernel queue drops its oldest value, as userspace's did to
+            // hold this push (a push userspace refused was never queued, so never forwarded).
+            let seq = self
+                .bridge
+                .send(&Update::push(map.mirror, &push.value, BPF_EXIST))?;
+            map.track(seq, u32::MAX, false, now);
+        }
+        Ok(pushes.len())
     }
 
     /// Matches confirmations to the records sent, in order, and publishes the counters.
@@ -397,57 +757,97 @@ impl Forwarder {
         let unix_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        for (index, map) in self.maps.iter_mut().enumerate() {
-            let in_flight = &mut self.in_flight[index];
-            let counters = &mut self.counters[index];
-            while let Some(front) = in_flight.front() {
-                match self.bridge.status(front.seq) {
-                    UpdateStatus::Pending => break,
-                    UpdateStatus::Applied => counters.confirmed += 1,
-                    // Deleting what the kernel does not hold reaches the wanted state.
-                    UpdateStatus::Failed { errno } if front.delete && errno == libc::ENOENT => {
-                        counters.confirmed += 1
-                    }
-                    UpdateStatus::Failed { errno } => {
-                        counters.failed += 1;
-                        tracing::warn!(
-                            object = %self.object,
-                            map = %map.name,
-                            key = ?front.key,
-                            errno,
-                            "kernel mirror update failed: {}",
-                            std::io::Error::from_raw_os_error(errno)
-                        );
-                        // The kernel does not hold this value: forget it so a later change
-                        // resends.
-                        map.last_sent.remove(&front.key);
+        let below = self.bridge.settled_below();
+        for map in &mut self.maps {
+            if let Some(front) = map.in_flight.front() {
+                let failures: HashMap<u64, i32> = if front.seq < below {
+                    self.bridge
+                        .failures_in(front.seq..below)
+                        .into_iter()
+                        .collect()
+                } else {
+                    HashMap::new()
+                };
+                while let Some(front) = map.in_flight.front() {
+                    let errno = if front.seq < below {
+                        failures.get(&front.seq).copied()
+                    } else {
+                        // Not covered by a confirmation yet; a failure is reported on its own
+                        // (before the batch's confirmation, or alone with --confirm-each).
+                        match self.bridge.status(front.seq) {
+                            UpdateStatus::Failed { errno } => Some(errno),
+                            _ => break,
+                        }
+                    };
+                    let f = map.in_flight.pop_front().expect("front exists");
+                    map.counters.pending -= 1;
+                    match errno {
+                        None => {
+                            map.counters.confirmed += 1;
+                            if f.slot != u32::MAX {
+                                map.unsynced.remove(&f.slot);
+                            }
+                        }
+                        // Deleting what the kernel does not hold reaches the wanted state.
+                        Some(libc::ENOENT) if f.delete => map.counters.confirmed += 1,
+                        Some(errno) => {
+                            map.counters.failed += 1;
+                            let key = (f.slot != u32::MAX)
+                                .then(|| map.sent.key(f.slot as usize).to_vec());
+                            if map.counters.failed <= FAILURES_LOGGED {
+                                tracing::warn!(
+                                    object = %self.object,
+                                    map = %map.name,
+                                    key = ?key,
+                                    errno,
+                                    "kernel mirror update failed: {}{}",
+                                    std::io::Error::from_raw_os_error(errno),
+                                    if map.counters.failed == FAILURES_LOGGED {
+                                        " (further failures of this map are only counted)"
+                                    } else {
+                                        ""
+                                    }
+                                );
+                            }
+                            if f.slot != u32::MAX {
+                                // The kernel does not hold this state: the slot's next change
+                                // is sent again.
+                                map.sent.forget(f.slot as usize);
+                                map.unsynced.insert(f.slot);
+                            }
+                        }
                     }
                 }
-                counters.pending -= 1;
-                in_flight.pop_front();
             }
-            counters.oldest_pending = in_flight
+            map.counters.oldest_pending = map
+                .in_flight
                 .front()
                 .map_or(Duration::ZERO, |f| now - f.sent_at);
-            let c = *counters;
-            let slots = map.handle.sync_counters();
-            slots[sync_slot::CHANGES_SEEN].store(c.changes_seen, Ordering::Relaxed);
-            slots[sync_slot::SENT].store(c.sent, Ordering::Relaxed);
-            slots[sync_slot::CONFIRMED].store(c.confirmed, Ordering::Relaxed);
-            slots[sync_slot::FAILED].store(c.failed, Ordering::Relaxed);
-            slots[sync_slot::PENDING].store(c.pending, Ordering::Relaxed);
-            slots[sync_slot::OLDEST_PENDING_NS]
-                .store(c.oldest_pending.as_nanos() as u64, Ordering::Relaxed);
-            slots[sync_slot::LAST_PASS_UNIX_NS].store(unix_ns, Ordering::Relaxed);
-            slots[sync_slot::FORWARDER_PID].store(u64::from(std::process::id()), Ordering::Relaxed);
+            map.counters.unsynced = map.unsynced.len() as u64;
+            let idle = map.is_idle();
+            let c = map.counters;
+            map.handle.publish_sync(&SyncReport {
+                changes_seen: c.changes_seen,
+                sent: c.sent,
+                confirmed: c.confirmed,
+                failed: c.failed,
+                pending: c.pending,
+                oldest_pending_ns: c.oldest_pending.as_nanos() as u64,
+                last_pass_unix_ns: unix_ns,
+                forwarder_pid: u64::from(std::process::id()),
+                resyncs: c.resyncs,
+                sweeps: c.sweeps,
+                sweep_fixes: c.sweep_fixes,
+                unsynced: c.unsynced,
+                idle,
+            });
         }
     }
 
     pub fn counters(&self) -> Vec<(String, SyncCounters)> {
         self.maps
             .iter()
-            .zip(&self.counters)
-            .map(|(m, c)| (m.name.clone(), *c))
+            .map(|m| (m.name.clone(), m.counters))
             .collect()
     }
 
@@ -455,13 +855,10 @@ impl Forwarder {
         &self.bridge
     }
 
-    /// Nothing left to do: no marked entry, none under re-read, nothing unconfirmed.
+    /// Nothing left to do: no marked entry, none to read again, no sweep waiting, nothing
+    /// unconfirmed.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.iter().all(VecDeque::is_empty)
-            && self
-                .maps
-                .iter()
-                .all(|m| m.cursor.pending_rechecks() == 0 && !m.handle.has_changes())
+        self.maps.iter().all(SyncedMap::is_idle)
     }
 
     /// Runs passes until `stop` is set, sleeping `poll_interval` between idle passes.
@@ -488,7 +885,7 @@ impl Forwarder {
             self.pass()?;
             if self.is_idle() {
                 idle_passes += 1;
-                if idle_passes > self.grace_passes.min(1000) {
+                if idle_passes > 3 {
                     return Ok(true);
                 }
             } else {
@@ -498,4 +895,90 @@ impl Forwarder {
         }
         Ok(false)
     }
+}
+
+impl SyncedMap {
+    fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+            && self.rechecks.iter().all(VecDeque::is_empty)
+            && !self.pointers_since_sweep
+            && !self.handle.has_changes()
+    }
+
+    fn track(&mut self, seq: u64, slot: u32, delete: bool, sent_at: Instant) {
+        self.counters.sent += 1;
+        self.counters.pending += 1;
+        self.in_flight.push_back(InFlight {
+            seq,
+            slot,
+            delete,
+            sent_at,
+        });
+    }
+}
+
+/// Marks `slot` as queued in recheck `stage`; false if it already was.
+fn enqueue(queued: &mut Vec<u8>, slot: u32, stage: usize) -> bool {
+    let slot = slot as usize;
+    if slot >= queued.len() {
+        queued.resize((slot + 1).next_power_of_two().max(1024), 0);
+    }
+    let bit = 1 << stage;
+    let fresh = queued[slot] & bit == 0;
+    queued[slot] |= bit;
+    fresh
+}
+
+/// Sends a gathered batch, records it as the kernel's state and frees the tombstones whose
+/// deletes it queued. ([`Forwarder::flush`], and from inside a drain (where `self` is borrowed in parts).
+fn send_gathered(
+    bridge: &Bridge,
+    batch: &mut Batch,
+    mirror: MirrorId,
+    handle: &MapHandle,
+    table: &mut SentTable,
+    in_flight: &mut VecDeque<InFlight>,
+    counters: &mut SyncCounters,
+) -> Result<usize, SyncError> {
+    let n = batch.items.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let bytes = &batch.bytes;
+    let updates: Vec<Update<'_>> = batch
+        .items
+        .iter()
+        .map(|item| match &item.value {
+            Some(v) => Update::put(mirror, &bytes[item.key.clone()], &bytes[v.clone()], 0),
+            None => Update::delete(mirror, &bytes[item.key.clone()]),
+        })
+        .collect();
+    let first = bridge.send_batch(&updates)?;
+    drop(updates);
+    let now = Instant::now();
+    for (i, item) in batch.items.iter().enumerate() {
+        let change = RawChange {
+            slot: item.slot,
+            generation: item.generation,
+            kind: bpftime_runtime::maps::ChangeKind(0),
+            key: &bytes[item.key.clone()],
+            value: item.value.clone().map(|v| &bytes[v]),
+        };
+        table.record(&change);
+        counters.sent += 1;
+        counters.pending += 1;
+        in_flight.push_back(InFlight {
+            seq: first + i as u64,
+            slot: item.slot,
+            delete: item.value.is_none(),
+            sent_at: now,
+        });
+        if item.ack {
+            // The delete is in the ring (which never drops): the tombstone can go.
+            handle.ack_deleted(item.slot, item.generation);
+        }
+    }
+    batch.bytes.clear();
+    batch.items.clear();
+    Ok(n)
 }

@@ -1,5 +1,11 @@
-//! Shared by the CLI test binaries.
+//! Shared by the CLI test binaries (each uses a part of it).
+#![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bpftime_example_programs::{object_path, victim_path};
 use serde_json::Value;
 
 /// bpftool and `bpftime-rs maps --json` write bytes as `"0x.."` strings.
@@ -10,4 +16,171 @@ pub fn bytes(value: &Value) -> Vec<u8> {
         .iter()
         .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
         .collect()
+}
+
+pub fn bpftime() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bpftime-rs"))
+}
+
+pub fn output(args: &[&str]) -> std::process::Output {
+    bpftime().args(args).output().expect("running bpftime-rs")
+}
+
+/// `bpftime-rs load` in the background, returned once it printed that it is ready.
+pub struct Loader {
+    pub child: Child,
+    pub object: String,
+    pub lines: Vec<String>,
+    /// What it prints after it is ready (trace lines, events).
+    pub later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Loader {
+    /// Unloads what an earlier run left of `example`, then loads it.
+    pub fn start(example: &str, extra: &[&str]) -> Loader {
+        let _ = output(&["unload", example]);
+        Self::restart(example, extra)
+    }
+
+    /// Loads `example` over what a dead loader left (its segment, manifest and mirrors), as a
+    /// restarted `load` does after a crash.
+    pub fn restart(example: &str, extra: &[&str]) -> Loader {
+        let path = object_path(example);
+        let mut child = bpftime()
+            .arg("load")
+            .arg(&path)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting bpftime-rs load");
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                panic!("load exited early: {lines:?}");
+            }
+            lines.push(line.trim_end().to_string());
+            if line.starts_with("loaded ") {
+                break;
+            }
+        }
+        // Keep draining its output so it never blocks on a full pipe.
+        let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&later);
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Loader {
+            child,
+            object: example.to_string(),
+            lines,
+            later,
+        }
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        let out = output(&["unload", &self.object]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        status
+    }
+}
+
+impl Loader {
+    /// SIGKILL, as a crash would: nothing is cleaned up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Loader {
+    /// A failing test must not leave its loader running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = output(&["unload", &self.object]);
+        }
+    }
+}
+
+pub fn victim(rounds: u32) -> Child {
+    Command::new(victim_path())
+        .arg(rounds.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub fn finish(mut child: Child) -> String {
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the victim exits normally");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `bpftime-rs start --object OBJECT -- victim ROUNDS`, run to completion.
+pub fn start_victim(object: &str, rounds: u32) -> std::process::Output {
+    let mut child = bpftime()
+        .args(["start", "--object", object, "--"])
+        .arg(victim_path())
+        .arg(rounds.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `maps --json` entries of `object/map`, sorted.
+pub fn map_entries(object: &str, map: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let out = output(&["maps", "--json"]);
+    assert!(out.status.success());
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = json["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["object"] == object && m["name"] == map)
+        .unwrap_or_else(|| panic!("{object}/{map} not listed"))
+        .clone();
+    let mut entries: Vec<_> = row["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (bytes(&e["key"]), bytes(&e["value"])))
+        .collect();
+    entries.sort();
+    entries
+}
+
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `pid` is blocked in read(2) (syscall 0 in /proc/PID/syscall), e.g. a victim
+/// waiting for its go line, instead of sleeping and hoping it got there.
+pub fn wait_blocked_in_read(pid: u32) {
+    wait_for("the target blocked in read(2)", || {
+        std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .is_ok_and(|s| s.split_whitespace().next() == Some("0"))
+    });
 }

@@ -173,11 +173,12 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
         }
         Probe::User { object, no_jit } => {
             let segment = format!("bench-{object}-{}", std::process::id());
-            let _ = bpftime_runtime::maps::remove_object(&segment);
+            bpftime_runtime::loaded::unload_object(&segment);
             let options = LoadOptions {
                 verify: true,
                 vm: VmChoice::Ours,
                 no_jit,
+                ..LoadOptions::default()
             };
             let loaded = LoadedObject::load(&object_path(object), Some(&segment), options)
                 .map_err(|e| anyhow::anyhow!("loading {object}: {e}"))?;
@@ -200,7 +201,7 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
                 remove_agent_files(&config);
                 run
             })();
-            let _ = loaded.shm.remove();
+            let _ = loaded.unload();
             result
         }
     }

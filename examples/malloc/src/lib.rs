@@ -352,7 +352,7 @@ pub fn run_userspace(
     options: LoadOptions,
     segment: &str,
 ) -> Result<(u32, MallocMaps, String)> {
-    let _ = bpftime_runtime::maps::remove_object(segment);
+    bpftime_runtime::loaded::unload_object(segment);
     let loaded = LoadedObject::load(&object_path("malloc"), Some(segment), options)
         .map_err(|e| anyhow::anyhow!("loading malloc.bpf.o: {e}"))?;
     let result = (|| {
@@ -373,6 +373,6 @@ pub fn run_userspace(
         remove_agent_files(&config);
         run
     })();
-    let _ = loaded.shm.remove();
+    let _ = loaded.unload();
     result
 }

@@ -45,7 +45,7 @@ fn kernel_ns(program: &str) -> f64 {
 /// CPU ns per run of `program` (see [`best_cpu_ns`]), `None` if the VM refuses it.
 fn userspace_ns(program: &str, vm: VmChoice, no_jit: bool) -> Option<f64> {
     let segment = format!("bench-vm-{}", std::process::id());
-    let _ = bpftime_runtime::maps::remove_object(&segment);
+    bpftime_runtime::loaded::unload_object(&segment);
     let loaded = match LoadedObject::load(
         &object_path("vm_bench"),
         Some(&segment),
@@ -53,6 +53,7 @@ fn userspace_ns(program: &str, vm: VmChoice, no_jit: bool) -> Option<f64> {
             verify: true,
             vm,
             no_jit,
+            ..LoadOptions::default()
         },
     ) {
         Ok(l) => l,
@@ -65,7 +66,7 @@ fn userspace_ns(program: &str, vm: VmChoice, no_jit: bool) -> Option<f64> {
             black_box(p.run(&mut helpers, black_box(&mut ctx)).expect("run"));
         })
     });
-    let _ = loaded.shm.remove();
+    let _ = loaded.unload();
     result
 }
 
@@ -174,7 +175,7 @@ fn best_cpu_ns(mut f: impl FnMut()) -> f64 {
 /// lookup+update (see [`best_cpu_ns`]): what the JIT's map calls cost at least.
 fn map_ops_ns() -> f64 {
     let segment = format!("bench-vm-maps-{}", std::process::id());
-    let _ = bpftime_runtime::maps::remove_object(&segment);
+    bpftime_runtime::loaded::unload_object(&segment);
     let loaded = LoadedObject::load(
         &object_path("vm_bench"),
         Some(&segment),
@@ -195,6 +196,6 @@ fn map_ops_ns() -> f64 {
         };
         m.update(&key, &next.to_le_bytes(), 0).expect("update");
     });
-    let _ = loaded.shm.remove();
+    let _ = loaded.unload();
     best
 }

@@ -55,6 +55,11 @@ pub fn victim_mt_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim_mt")
 }
 
+/// Path of the sync scale victim (`victim_keys THREADS KEYS BASE`, starts on a line of stdin).
+pub fn victim_keys_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_keys")
+}
+
 /// Path of the victim binary (`victim ROUNDS`, starts on a line of stdin).
 pub fn victim_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim")

@@ -15,15 +15,16 @@ use bpftime_example_programs::{agent_library, object_path, victim_mt_path};
 use bpftime_kernel_bridge::mirror::{pin_path, remove_object_pins};
 use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::Mirror;
+use bpftime_runtime::loaded::unload_object;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
-use bpftime_runtime::maps::{remove_object, EntryValue, ShmObject};
+use bpftime_runtime::maps::{EntryValue, ShmObject};
 use bpftime_sync::{Forwarder, SyncOptions};
 
 struct Cleanup(String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = remove_object(&self.0);
+        unload_object(&self.0);
         let _ = remove_object_pins(&self.0);
     }
 }
@@ -114,7 +115,7 @@ fn load_and_forward(
     std::thread::JoinHandle<Forwarder>,
 ) {
     let cleanup = Cleanup(segment.to_string());
-    let _ = remove_object(segment);
+    unload_object(segment);
     let _ = remove_object_pins(segment);
     let loaded = LoadedObject::load(
         &object_path("sync_counter"),

@@ -55,7 +55,7 @@ fn run_userspace(
     drive: Drive,
 ) -> Result<Snapshot, String> {
     let segment = format!("test-{tag}-{example}");
-    let _ = bpftime_runtime::maps::remove_object(&segment);
+    bpftime_runtime::loaded::unload_object(&segment);
     let loaded = LoadedObject::load(&object_path(example), Some(&segment), options)
         .map_err(|e| error_chain(&e))?;
     let result = (|| {
@@ -117,7 +117,7 @@ fn run_userspace(
         }
         Ok(snapshot)
     })();
-    let _ = loaded.shm.remove();
+    let _ = loaded.unload();
     result
 }
 
@@ -148,6 +148,7 @@ fn every_example_matches_the_kernel_on_every_vm() {
                 verify: true,
                 vm,
                 no_jit,
+                ..LoadOptions::default()
             };
             match run_userspace(example, options, tag, drive) {
                 Ok(user) => {

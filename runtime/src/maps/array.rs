@@ -8,7 +8,7 @@ use super::{Entry, EntryValue, MapError, MapHandle, BPF_ANY, BPF_EXIST, BPF_NOEX
 impl MapHandle {
     #[inline]
     fn array_slot_ptr(&self, idx: u32, cpu: u32) -> *mut u8 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         self.at(g.data_off
             + (u64::from(idx) * u64::from(g.nslots) + u64::from(cpu)) * u64::from(g.value_stride))
     }
@@ -33,7 +33,7 @@ impl MapHandle {
         if self.def.map_type != super::MapType::Array {
             return None;
         }
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         if g.nslots != 1 {
             return None;
         }
@@ -56,7 +56,7 @@ impl MapHandle {
     }
 
     pub(crate) fn array_value_at(&self, idx: u32) -> EntryValue {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         let vs = g.value_size as usize;
         let read = |c: u32| {
             let mut v = vec![0u8; vs];
@@ -98,7 +98,7 @@ impl MapHandle {
         }
         // SAFETY: idx in range, and every slot of an index is a value of value_size bytes;
         // the callers checked cpu and value's length.
-        unsafe { store_slots(&self.ctl().geo, value, cpu, |c| self.array_slot_ptr(idx, c)) };
+        unsafe { store_slots(&self.geo, value, cpu, |c| self.array_slot_ptr(idx, c)) };
         self.mark_hard(idx, self.mark_word(idx), MARK_CHANGED);
         Ok(())
     }
@@ -115,7 +115,7 @@ impl MapHandle {
     #[inline]
     fn prog_slot(&self, idx: u32) -> &AtomicU32 {
         // SAFETY: callers check idx < max_entries; data area holds max_entries u32s.
-        unsafe { &*(self.at(self.ctl().geo.data_off) as *const AtomicU32).add(idx as usize) }
+        unsafe { &*(self.at(self.geo.data_off) as *const AtomicU32).add(idx as usize) }
     }
 
     /// The program index stored at `idx` of a PROG_ARRAY (what `bpf_tail_call` jumps to).

@@ -70,7 +70,7 @@ struct Found {
 impl MapHandle {
     #[inline]
     pub(crate) fn elem_ptr(&self, slot: u32) -> *mut u8 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         debug_assert!(slot < g.pool);
         self.at(g.elems_off + u64::from(slot) * u64::from(g.elem_size))
     }
@@ -89,14 +89,14 @@ impl MapHandle {
 
     #[inline]
     fn val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         self.elem_ptr(slot)
             .wrapping_add(16 + g.key_stride as usize + (cpu * g.value_stride) as usize)
     }
 
     #[inline]
     fn bucket(&self, h: u32) -> &Bucket {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         let i = h & (g.n_buckets - 1);
         // SAFETY: i < n_buckets; the bucket array lies in this map's region.
         unsafe { &*(self.at(g.buckets_off) as *const Bucket).add(i as usize) }
@@ -132,7 +132,7 @@ impl MapHandle {
     #[inline]
     fn find_live(&self, h: u32, key: &[u8]) -> Option<u32> {
         let b = self.bucket(h);
-        let pool = self.ctl().geo.pool;
+        let pool = self.geo.pool;
         let mut tries = 0u32;
         loop {
             let s1 = b.seq.load(Ordering::Acquire);
@@ -171,13 +171,23 @@ impl MapHandle {
         } else {
             // A writer that stays mid-unlink this long may be dead: taking the lock recovers
             // it (and repairs the sequence) if so.
-            drop(self.lock_bucket(b));
+            if let Some(g) = self.lock_bucket(b) {
+                // Writers make the sequence odd only while they hold the lock: odd with the
+                // lock ours means nobody is unlinking (a corrupted word); make it even, or
+                // readers would wait for ever.
+                let s = b.seq.load(Ordering::Relaxed);
+                if s & 1 != 0 {
+                    b.seq.store(s.wrapping_add(1), Ordering::Release);
+                }
+                drop(g);
+            }
             std::thread::yield_now();
         }
     }
 
-    fn lock_bucket<'b>(&self, b: &'b Bucket) -> LockGuard<'b> {
-        let g = LockGuard::new(&b.lock);
+    /// The bucket's lock, or `None` when a live holder kept it past the lock timeout.
+    fn lock_bucket<'b>(&self, b: &'b Bucket) -> Option<LockGuard<'b>> {
+        let g = LockGuard::new(&b.lock)?;
         if g.acquired == Acquired::Recovered {
             // Every mutation of a chain is a single store; only the sequence can be left odd.
             let s = b.seq.load(Ordering::Relaxed);
@@ -186,14 +196,14 @@ impl MapHandle {
             }
             self.count(ctr::RECOVERIES);
         }
-        g
+        Some(g)
     }
 
     /// Chain search under the bucket lock, also finding tombstones of the key.
     fn find_locked(&self, b: &Bucket, h: u32, key: &[u8]) -> Option<Found> {
         let mut prev = None;
         let mut idx = b.head.load(Ordering::Acquire);
-        let pool = self.ctl().geo.pool;
+        let pool = self.geo.pool;
         let mut steps = 0;
         while idx != 0 && idx <= pool && steps <= pool {
             let slot = idx - 1;
@@ -216,7 +226,7 @@ impl MapHandle {
     fn find_prev_locked(&self, b: &Bucket, slot: u32) -> Option<Option<u32>> {
         let mut prev = None;
         let mut idx = b.head.load(Ordering::Acquire);
-        let pool = self.ctl().geo.pool;
+        let pool = self.geo.pool;
         let mut steps = 0;
         while idx != 0 && idx <= pool && steps <= pool {
             if idx - 1 == slot {
@@ -267,7 +277,7 @@ impl MapHandle {
 
     fn alloc_elem(&self, held: &Bucket) -> Option<u32> {
         let a = &self.ctl().alloc;
-        let pool = self.ctl().geo.pool;
+        let pool = self.geo.pool;
         let mut head = a.free_head.load(Ordering::Acquire);
         loop {
             let idx = head as u32;
@@ -300,10 +310,10 @@ impl MapHandle {
     /// Reuses an unacknowledged tombstone when the spare half of the pool is exhausted.
     #[cold]
     fn reclaim_tombstone(&self, held: &Bucket) -> Option<u32> {
-        let pool = self.ctl().geo.pool;
+        let pool = self.geo.pool;
         let a = &self.ctl().alloc;
         for _ in 0..2 * pool {
-            let slot = a.clock.fetch_add(1, Ordering::Relaxed) % pool;
+            let slot = a.reclaim_hand.fetch_add(1, Ordering::Relaxed) % pool;
             let e = self.elem(slot);
             if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_TOMB {
                 continue;
@@ -359,10 +369,7 @@ impl MapHandle {
     /// Clock sweep over the pool: the first live element without its reference bit goes.
     fn lru_evict(&self, held: &Bucket) -> bool {
         let a = &self.ctl().alloc;
-        let limit = a
-            .next_fresh
-            .load(Ordering::Acquire)
-            .min(self.ctl().geo.pool);
+        let limit = a.next_fresh.load(Ordering::Acquire).min(self.geo.pool);
         if limit == 0 {
             return false;
         }
@@ -425,7 +432,7 @@ impl MapHandle {
     /// Writes a value: `cpu` = Some for a program's update of a per-CPU map (its slot only),
     /// None for a whole value (all slots, stride-padded, for per-CPU maps).
     fn write_value(&self, slot: u32, value: &[u8], cpu: Option<u32>, fresh: bool) {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         let stride = g.value_stride as usize;
         if fresh {
             // SAFETY: the value area of this element: nslots * value_stride bytes.
@@ -457,7 +464,7 @@ impl MapHandle {
     }
 
     fn read_value(&self, slot: u32) -> EntryValue {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         let vs = g.value_size as usize;
         let read = |c: u32| {
             let mut v = vec![0u8; vs];
@@ -498,7 +505,9 @@ impl MapHandle {
         let h = hash_key(key);
         let b = self.bucket(h);
         let slot = {
-            let _g = self.lock_bucket(b);
+            let _g = self
+                .lock_bucket(b)
+                .ok_or_else(|| self.err("update", libc::EBUSY))?;
             self.update_locked(b, h, key, value, flags, cpu)?
         };
         // Marked after the unlock: the unlock is a full barrier, so the new value is visible
@@ -556,7 +565,7 @@ impl MapHandle {
             return Err(self.err("update", libc::E2BIG));
         };
         let e = self.elem(slot);
-        let ks = self.ctl().geo.key_stride as usize;
+        let ks = self.geo.key_stride as usize;
         // SAFETY: the element is ours (just allocated); key area is key_stride bytes.
         unsafe {
             let kp = self.elem_ptr(slot).add(16);
@@ -578,7 +587,9 @@ impl MapHandle {
     pub(crate) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
         let h = hash_key(key);
         let b = self.bucket(h);
-        let _g = self.lock_bucket(b);
+        let _g = self
+            .lock_bucket(b)
+            .ok_or_else(|| self.err("delete", libc::EBUSY))?;
         match self.find_locked(b, h, key) {
             Some(f) if f.live => {
                 self.remove_locked(b, f.slot, f.prev);
@@ -595,7 +606,7 @@ impl MapHandle {
             .alloc
             .next_fresh
             .load(Ordering::Acquire)
-            .min(self.ctl().geo.pool);
+            .min(self.geo.pool);
         (0..limit)
             .filter_map(|s| self.hash_read_slot(s))
             .filter_map(|c| {
@@ -605,6 +616,13 @@ impl MapHandle {
                 })
             })
             .collect()
+    }
+
+    /// Whether a hash element is free (never true for array slots).
+    pub(crate) fn slot_is_free(&self, slot: u32) -> bool {
+        self.def.map_type.is_hash()
+            && slot < self.geo.pool
+            && self.elem(slot).state.load(Ordering::Acquire) & STATE_MASK == ELEM_FREE
     }
 
     pub(crate) fn hash_read_slot(&self, slot: u32) -> Option<Change> {
@@ -641,7 +659,7 @@ impl MapHandle {
             .alloc
             .next_fresh
             .load(Ordering::Acquire)
-            .min(self.ctl().geo.pool);
+            .min(self.geo.pool);
         let lru = if self.def.map_type.is_lru() {
             LRU_REF
         } else {
@@ -677,7 +695,7 @@ impl MapHandle {
     /// from the [`Change`]); frees the tombstone. False if the slot is no longer that
     /// tombstone (revived or reclaimed meanwhile).
     pub fn ack_deleted(&self, slot: u32, generation: u32) -> bool {
-        if !self.def.map_type.is_hash() || slot >= self.ctl().geo.pool {
+        if !self.def.map_type.is_hash() || slot >= self.geo.pool {
             return false;
         }
         let e = self.elem(slot);
@@ -686,7 +704,9 @@ impl MapHandle {
             return false;
         }
         let b = self.bucket(e.hash.load(Ordering::Relaxed));
-        let _g = self.lock_bucket(b);
+        let Some(_g) = self.lock_bucket(b) else {
+            return false;
+        };
         if e.state.load(Ordering::Acquire) != want {
             return false;
         }
@@ -704,7 +724,7 @@ impl MapHandle {
     #[doc(hidden)]
     pub fn debug_hold_bucket_lock(&self, key: &[u8]) {
         let b = self.bucket(hash_key(key));
-        b.lock.lock();
+        let _ = b.lock.lock();
         let s = b.seq.load(Ordering::Relaxed);
         b.seq.store(s | 1, Ordering::Release);
     }

@@ -4,22 +4,25 @@
 //! ```text
 //! 0                 SegHeader (one page)
 //! maps_off          MapRecord x map_count
-//! progs_off         ProgRecord x max_programs
-//! prog_bytes_off    instruction bytes of registered programs (bump allocated)
 //! map regions       one page-aligned region per map, starting with MapCtl
 //! ```
+//!
+//! Everything here can be written by any process that maps the segment (targets run programs
+//! there), so nothing read from it is trusted: the header and map table are checked against the
+//! loader's definitions on open, each process keeps its own copy of every map's [`Geometry`],
+//! and indices read from shared memory are bounds-checked before use. Programs are not in the
+//! segment at all (see `crate::state::manifest`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use super::lock::ShmLock;
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"BPFTRSM\0");
-pub(crate) const VERSION: u32 = 1;
+/// 2: programs moved out to the loader's manifest; creator fields dropped.
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const STATE_READY: u32 = 1;
 
 pub(crate) const NAME_LEN: usize = 64;
-pub(crate) const SECTION_LEN: usize = 128;
-pub(crate) const ATTACH_LEN: usize = 256;
 pub(crate) const OBJECT_LEN: usize = 128;
 
 #[repr(C)]
@@ -28,20 +31,10 @@ pub(crate) struct SegHeader {
     pub version: u32,
     pub state: AtomicU32,
     pub total_size: u64,
-    pub creator_pid: u32,
     pub ncpu: u32,
-    pub creator_start: u64,
-    pub created_unix_ns: u64,
     pub map_count: u32,
-    pub max_programs: u32,
+    pub created_unix_ns: u64,
     pub maps_off: u64,
-    pub progs_off: u64,
-    pub prog_bytes_off: u64,
-    pub prog_bytes_cap: u64,
-    pub prog_bytes_used: AtomicU64,
-    pub progs_generation: AtomicU64,
-    pub prog_lock: ShmLock,
-    pub prog_count: AtomicU32,
     /// Inode of the creator's pid namespace: lock owners are recorded as tids, which only
     /// mean the same thing inside one namespace.
     pub pidns: u64,
@@ -62,25 +55,10 @@ pub(crate) struct MapRecord {
     pub _reserved: [u64; 4],
 }
 
-pub(crate) const PROG_FREE: u32 = 0;
-pub(crate) const PROG_VALID: u32 = 1;
-
-#[repr(C)]
-pub(crate) struct ProgRecord {
-    pub state: AtomicU32,
-    pub prog_type: u32,
-    pub insn_off: u64,
-    pub insn_len: u64,
-    pub name: [u8; NAME_LEN],
-    pub section: [u8; SECTION_LEN],
-    pub attach: [u8; ATTACH_LEN],
-    /// How agents must run the program (VM, verified); defined by `crate::loaded`.
-    pub run_flags: u64,
-    pub _reserved: [u64; 7],
-}
-
-/// Immutable per-map geometry, written once by the creator.
-#[derive(Debug, PartialEq, Eq)]
+/// Per-map geometry, written once by the creator. Every process checks the copy in the segment
+/// against what the map's definition plans when it opens the segment, and from then on uses its
+/// own copy: a target rewriting this block cannot move any offset another process follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C, align(64))]
 pub(crate) struct Geometry {
     pub map_type: u32,
@@ -119,6 +97,10 @@ pub(crate) struct AllocState {
     pub qhead: AtomicU32,
     pub qtail: AtomicU32,
     pub track_deletes: AtomicU32,
+    /// Hand of the tombstone-reclaiming sweep, apart from the LRU clock: sharing one hand made
+    /// each sweep skip the whole region the other had just produced (tombstones trail the
+    /// eviction hand, live elements trail the reclaim hand), 65k slots per insert.
+    pub reclaim_hand: AtomicU32,
 }
 
 /// Written by every first mark after a forwarder pass; alone on its line so the hot readers
@@ -131,12 +113,32 @@ pub(crate) struct DirtyLine {
 }
 
 pub(crate) const COUNTERS: usize = 16;
-pub(crate) const SYNC_SLOTS: usize = 16;
 
 #[repr(C, align(64))]
 pub(crate) struct Counters {
     pub c: [AtomicU64; COUNTERS],
-    pub sync: [AtomicU64; SYNC_SLOTS],
+    pub sync: SyncSlots,
+}
+
+/// The sync forwarder's status of one map, published for `bpftime-rs maps` in other processes
+/// (see [`super::SyncReport`] for the meaning of each field).
+#[repr(C)]
+pub(crate) struct SyncSlots {
+    pub changes_seen: AtomicU64,
+    pub sent: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub failed: AtomicU64,
+    pub pending: AtomicU64,
+    pub oldest_pending_ns: AtomicU64,
+    pub kernel_entries: AtomicU64,
+    pub last_pass_unix_ns: AtomicU64,
+    pub forwarder_pid: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub sweeps: AtomicU64,
+    pub sweep_fixes: AtomicU64,
+    pub unsynced: AtomicU64,
+    pub idle: AtomicU64,
+    pub _reserved: [AtomicU64; 2],
 }
 
 #[repr(C)]
@@ -220,6 +222,7 @@ pub(crate) fn get_str(src: &[u8]) -> String {
 }
 
 const _: () = assert!(std::mem::size_of::<SegHeader>() <= 4096);
+const _: () = assert!(std::mem::size_of::<SyncSlots>() == 16 * 8);
 const _: () = assert!(std::mem::size_of::<ElemHdr>() == 16);
 const _: () = assert!(std::mem::size_of::<Bucket>() == 16);
 

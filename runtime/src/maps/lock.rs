@@ -7,6 +7,11 @@
 //! mutexes because the recovery decision stays in our hands (no EOWNERDEAD/consistent dance in
 //! every caller) and the lock word is a plain u32 that any process can inspect for diagnostics.
 //! Limitation: all processes sharing a segment must be in one pid namespace.
+//!
+//! Waiting is bounded by [`LOCK_TIMEOUT`]: a lock word that a live thread holds for that long
+//! (a holder stopped with SIGSTOP or in a debugger, or a word a target overwrote with the id of
+//! some live thread) makes the operation fail with `EBUSY` instead of hanging its caller, which
+//! may be a hooked function in a target or the root forwarder.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,6 +19,10 @@ use std::sync::Once;
 use std::time::Duration;
 
 const WAITERS: u32 = 1 << 31;
+
+/// How long an operation waits for a shared-memory lock before failing with `EBUSY`: far above
+/// any legitimate hold (a few hundred nanoseconds of copying).
+pub(crate) const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 const TID_MASK: u32 = !WAITERS;
 
 thread_local! {
@@ -133,15 +142,16 @@ pub(crate) enum Acquired {
 }
 
 impl ShmLock {
+    /// Takes the lock, waiting at most [`LOCK_TIMEOUT`]; `None` when that passed.
     #[inline]
-    pub(crate) fn lock(&self) -> Acquired {
+    pub(crate) fn lock(&self) -> Option<Acquired> {
         let me = current_tid();
         if self
             .0
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            return Acquired::Clean;
+            return Some(Acquired::Clean);
         }
         self.lock_slow(me)
     }
@@ -154,8 +164,10 @@ impl ShmLock {
     }
 
     #[cold]
-    fn lock_slow(&self, me: u32) -> Acquired {
+    fn lock_slow(&self, me: u32) -> Option<Acquired> {
         let mut spins = 0u32;
+        // Taken only once the wait gets long (the common contended case never reads a clock).
+        let mut deadline: Option<std::time::Instant> = None;
         // After sleeping once we cannot know whether others sleep too, so we keep the waiters
         // bit when we take the lock (the classic futex mutex "contended" state).
         let mut slept = false;
@@ -168,7 +180,7 @@ impl ShmLock {
                     .compare_exchange(0, want, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    return Acquired::Clean;
+                    return Some(Acquired::Clean);
                 }
                 continue;
             }
@@ -187,7 +199,7 @@ impl ShmLock {
                     )
                     .is_ok()
                 {
-                    return Acquired::Recovered;
+                    return Some(Acquired::Recovered);
                 }
                 continue;
             }
@@ -214,9 +226,22 @@ impl ShmLock {
                         dead_owner = owner,
                         "took over a shared-memory lock from a dead thread"
                     );
-                    return Acquired::Recovered;
+                    return Some(Acquired::Recovered);
                 }
                 continue;
+            }
+            let now = std::time::Instant::now();
+            match deadline {
+                None => deadline = Some(now + LOCK_TIMEOUT),
+                Some(d) if now >= d => {
+                    tracing::warn!(
+                        owner,
+                        "a shared-memory lock stayed held by a live thread for {LOCK_TIMEOUT:?}; \
+                         giving up (EBUSY)"
+                    );
+                    return None;
+                }
+                Some(_) => {}
             }
             if cur & WAITERS == 0
                 && self
@@ -255,10 +280,11 @@ pub(crate) struct LockGuard<'a> {
 }
 
 impl<'a> LockGuard<'a> {
+    /// Takes `lock` (see [`ShmLock::lock`]); `None` after [`LOCK_TIMEOUT`].
     #[inline]
-    pub(crate) fn new(lock: &'a ShmLock) -> Self {
-        let acquired = lock.lock();
-        Self { lock, acquired }
+    pub(crate) fn new(lock: &'a ShmLock) -> Option<Self> {
+        let acquired = lock.lock()?;
+        Some(Self { lock, acquired })
     }
 }
 
@@ -278,11 +304,26 @@ mod tests {
         let l = ShmLock(AtomicU32::new(0));
         // A tid that cannot exist (above pid_max's hard limit of 2^22).
         l.0.store(4_194_305 + 7, Ordering::Relaxed);
-        assert_eq!(l.lock(), Acquired::Recovered);
+        assert_eq!(l.lock(), Some(Acquired::Recovered));
         assert_eq!(l.holder(), current_tid());
         l.unlock();
-        assert_eq!(l.lock(), Acquired::Clean);
+        assert_eq!(l.lock(), Some(Acquired::Clean));
         l.unlock();
+    }
+
+    #[test]
+    fn maps_lock_held_by_a_live_thread_times_out() {
+        let l = ShmLock(AtomicU32::new(0));
+        // pid 1 always lives: a lock word naming it (a corrupted word, or a stopped holder)
+        // must not hang the caller.
+        l.0.store(1, Ordering::Relaxed);
+        let start = std::time::Instant::now();
+        assert_eq!(l.lock(), None);
+        let waited = start.elapsed();
+        assert!(
+            waited >= LOCK_TIMEOUT && waited < LOCK_TIMEOUT * 3,
+            "{waited:?}"
+        );
     }
 
     #[test]

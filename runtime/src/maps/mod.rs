@@ -1,34 +1,33 @@
 //! Shared-memory BPF maps with kernel semantics.
 //!
 //! One POSIX shm segment per loaded object (`/dev/shm/bpftime-rs.<object>.shm`) holds a header,
-//! a registry of the object's maps, a registry of its programs and their attach targets (read by
-//! agents), and one region per map. The loader creates it ([`ShmObject::create`]); every agent
-//! and the CLI open it ([`ShmObject::open`]) and get [`MapHandle`]s.
+//! a table of the object's maps and one region per map. The loader creates it
+//! ([`ShmObject::create`]); agents, the forwarder and the CLI open it ([`ShmObject::open`], or
+//! [`ShmObject::open_expect`] against the loader's manifest) and get [`MapHandle`]s.
 //!
 //! Cross-process rules kept throughout: only offsets are stored in shared memory; locks record
 //! their holder's tid and are taken over when the holder is dead (`lock.rs`); lookups never lock;
 //! value pointers stay valid while their entry lives (preallocated elements); every update,
 //! delete and pointer-handing lookup leaves a change mark for the sync forwarder ([`Change`]).
 //!
-//! Layout (see `layout.rs`): a one-page header (magic, version, creator pid + start time, pid
-//! namespace, CPU count, registry offsets), the map registry (name, definition, region offset
-//! and size per map), the program registry (fixed rows: name, section, attach target, program
-//! type, offset+len of the instruction bytes kept in the segment), the instruction bytes, then
+//! Layout (see `layout.rs`): a one-page header (magic, version, size, pid namespace, CPU count,
+//! map table offset), the map table (name, definition, region offset and size per map), then
 //! one page-aligned region per map: a control block (geometry, allocation state, dirty flag,
-//! counters, 16 slots for the forwarder's sync counters) followed by the map's data (hash:
-//! buckets, change summary, element pool; array: marks, summary, values; ringbuf: the kernel's
-//! consumer page, producer page and data).
+//! counters, the forwarder's sync status) followed by the map's data (hash: buckets, change
+//! summary, element pool; array: marks, summary, values; ringbuf: the kernel's consumer page,
+//! producer page and data).
 //!
-//! Permissions: segments are created with mode 0666 (fchmod, so the umask does not narrow it),
-//! so a non-root target started by the user can open a segment that a root `load` created.
-//! Pass a narrower [`ShmConfig::mode`] to restrict that. Every process sharing a segment must
-//! see the same /dev/shm and be in the same pid namespace (checked on open).
+//! Trust: the segment holds map data only; programs live in the loader's manifest
+//! (`crate::state`). Segments are created mode 0600 (the loader's user only); a non-root target
+//! is given access explicitly with [`ShmObject::grant`] (a POSIX ACL entry for its user or
+//! group). Opening checks the segment's owner on the descriptor, and every byte read from the
+//! segment is treated as untrusted input (see `layout.rs`). Every process sharing a segment
+//! must see the same /dev/shm and be in the same pid namespace (checked on open).
 
 mod array;
 mod hash;
 mod layout;
 pub(crate) mod lock;
-mod progs;
 mod queue;
 mod ring;
 mod segment;
@@ -42,10 +41,10 @@ use std::time::Duration;
 use layout::*;
 use segment::{Mapping, RingMapping};
 
-pub use progs::{ProgramInfo, ProgramSpec};
 pub use queue::QueuedPush;
 pub use ring::{RingBufConsumer, RingRecord};
-pub use track::{Change, ChangeCursor, ChangeKind};
+pub use segment::{euid, process_start_time, trusted_owners};
+pub use track::{Change, ChangeCursor, ChangeKind, RawChange};
 
 /// `BPF_ANY`: create or update.
 pub const BPF_ANY: u64 = 0;
@@ -195,8 +194,12 @@ pub enum MapError {
     },
     #[error("object `{object}`: {reason}")]
     Corrupt { object: String, reason: String },
-    #[error("object `{object}`: {reason}")]
-    Registry { object: String, reason: String },
+    #[error("object `{object}`: {path}: refusing to use it: {reason}")]
+    Untrusted {
+        object: String,
+        path: String,
+        reason: String,
+    },
 }
 
 impl MapError {
@@ -208,7 +211,7 @@ impl MapError {
             Self::NoSuchMap { .. } => libc::ENOENT,
             Self::Segment { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Self::Corrupt { .. } => libc::EINVAL,
-            Self::Registry { .. } => libc::ENOSPC,
+            Self::Untrusted { .. } => libc::EPERM,
         }
     }
 }
@@ -237,11 +240,8 @@ fn errno_text(e: i32) -> String {
 /// Creation options.
 #[derive(Debug, Clone)]
 pub struct ShmConfig {
-    /// Rows of the program registry.
-    pub max_programs: u32,
-    /// Bytes reserved for registered programs' instructions.
-    pub program_bytes: u64,
-    /// File mode of the segment.
+    /// File mode of the segment: 0600 by default (the loader's user only; grant others with
+    /// [`ShmObject::grant`]). Never world-writable.
     pub mode: u32,
     /// Commit the segment's memory at creation (fail early with ENOSPC rather than SIGBUS
     /// in a target when /dev/shm fills up). Hash pools are 2 x max_entries elements.
@@ -251,45 +251,65 @@ pub struct ShmConfig {
 impl Default for ShmConfig {
     fn default() -> Self {
         Self {
-            max_programs: 256,
-            program_bytes: 8 << 20,
-            mode: 0o666,
+            mode: 0o600,
             reserve_memory: true,
         }
     }
 }
 
-/// Indices into [`MapHandle::sync_counters`], written by the sync forwarder (issue 10) and
-/// read by `bpftime-rs maps`.
-pub mod sync_slot {
-    pub const CHANGES_SEEN: usize = 0;
-    pub const SENT: usize = 1;
-    pub const CONFIRMED: usize = 2;
-    pub const FAILED: usize = 3;
-    pub const PENDING: usize = 4;
-    /// Age in nanoseconds of the oldest unconfirmed record, 0 when none.
-    pub const OLDEST_PENDING_NS: usize = 5;
-    pub const KERNEL_ENTRIES: usize = 6;
-    /// Unix time in nanoseconds of the forwarder's last pass (tells a dead forwarder).
-    pub const LAST_PASS_UNIX_NS: usize = 7;
-    /// Pid of the forwarding process.
-    pub const FORWARDER_PID: usize = 8;
+/// Which file is an object's shared-memory segment: device, inode and owner, from `fstat` of
+/// the descriptor. The loader's manifest records it; agents check the segment they map is it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub uid: u32,
 }
 
-/// A segment found in /dev/shm.
+/// The sync forwarder's status of one map, kept in the map's control block so `bpftime-rs
+/// maps` in another process can show it. Written only by the forwarder; a target can overwrite
+/// its own object's copy, which only changes what `maps` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Marked entries (and pushes) the forwarder looked at.
+    pub changes_seen: u64,
+    /// Records sent to the kernel.
+    pub sent: u64,
+    /// Records the kernel confirmed.
+    pub confirmed: u64,
+    /// Records the kernel refused (each logged with its errno).
+    pub failed: u64,
+    /// Records sent and not yet confirmed.
+    pub pending: u64,
+    /// Age in nanoseconds of the oldest unconfirmed record, 0 when none.
+    pub oldest_pending_ns: u64,
+    /// Unix time in nanoseconds of the forwarder's last pass (tells a dead forwarder).
+    pub last_pass_unix_ns: u64,
+    /// Pid of the forwarding process (0: never synced).
+    pub forwarder_pid: u64,
+    /// Full resyncs of this map (after the map lost track of deletions).
+    pub resyncs: u64,
+    /// Verification sweeps: whole-map comparisons with what the kernel was sent.
+    pub sweeps: u64,
+    /// Differences a sweep found that change tracking had not reported (then sent).
+    pub sweep_fixes: u64,
+    /// Entries known to differ from the kernel and not yet sent (e.g. refused by the kernel);
+    /// 0 when the forwarder believes userspace and kernel agree.
+    pub unsynced: u64,
+    /// At the last pass the forwarder had nothing left to do for this map: no marked entry,
+    /// nothing to read again, no sweep waiting, nothing unconfirmed.
+    pub idle: bool,
+}
+
+/// A bpftime-rs segment file found in /dev/shm (whose it is, not whether to trust it).
 #[derive(Debug, Clone)]
 pub struct SegmentInfo {
     pub object: String,
     pub path: String,
     pub size: u64,
-    pub creator_pid: u32,
-    /// The creating loader still runs (same pid and start time).
-    pub creator_alive: bool,
-    pub maps: Vec<String>,
-    /// The header could not be read (foreign or half-created file).
-    pub unreadable: Option<String>,
-    /// Other processes that have the segment mapped (agents in targets, a running loader);
-    /// a segment whose creator is dead may still be in use by these.
+    pub owner_uid: u32,
+    pub identity: Option<SegmentIdentity>,
+    /// Processes (other than this one) that have the segment mapped.
     pub mapped_by: Vec<u32>,
 }
 
@@ -422,6 +442,8 @@ impl<'a> ValuePtr<'a> {
 pub(crate) struct MapMeta {
     name: Arc<str>,
     def: MapDef,
+    /// This process's copy, checked against `def` on open (never re-read from the segment).
+    geo: Geometry,
     region_off: u64,
     rings: Option<Arc<Vec<RingMapping>>>,
 }
@@ -673,6 +695,12 @@ impl ShmObject {
                 "invalid object name {object:?} (use [A-Za-z0-9_.+-], at most 200 bytes)"
             )));
         }
+        if cfg.mode & 0o002 != 0 {
+            return Err(oerr(format!(
+                "mode {:o} would let every user write the maps; grant users instead",
+                cfg.mode
+            )));
+        }
         let pg = segment::page_size() as u64;
         let ncpu = possible_cpus();
         for (i, d) in defs.iter().enumerate() {
@@ -687,26 +715,12 @@ impl ShmObject {
                 });
             }
         }
-        let defs: Vec<MapDef> = defs
-            .iter()
-            .map(|d| {
-                let mut d = d.clone();
-                if d.map_type == MapType::PerfEventArray && d.max_entries == 0 {
-                    d.max_entries = ncpu;
-                }
-                d
-            })
-            .collect();
+        let defs: Vec<MapDef> = defs.iter().map(|d| normalized(d, ncpu)).collect();
         let maps_off = pg;
-        let progs_off = round_up(
+        let mut cur = round_up(
             maps_off + defs.len() as u64 * std::mem::size_of::<MapRecord>() as u64,
             pg,
         );
-        let prog_bytes_off = round_up(
-            progs_off + u64::from(cfg.max_programs) * std::mem::size_of::<ProgRecord>() as u64,
-            pg,
-        );
-        let mut cur = round_up(prog_bytes_off + cfg.program_bytes, pg);
         let mut geos = Vec::with_capacity(defs.len());
         for d in &defs {
             let g = plan_region(d, ncpu, cur, pg);
@@ -723,23 +737,18 @@ impl ShmObject {
                 source,
             })?;
         let base = mapping.base();
-        // SAFETY: the segment is freshly created and sized `total`; nobody else can observe it
-        // before STATE_READY is stored; all offsets below were computed within `total`.
+        // SAFETY: the segment is freshly created (O_EXCL, mode without other users' access) and
+        // sized `total`; nobody else can observe it before STATE_READY is stored; all offsets
+        // below were computed within `total`.
         unsafe {
             let h = &mut *(base as *mut SegHeader);
             h.magic = MAGIC;
             h.version = VERSION;
             h.total_size = total;
-            h.creator_pid = lock::current_pid();
             h.ncpu = ncpu;
-            h.creator_start = segment::process_start_time(h.creator_pid).unwrap_or(0);
             h.created_unix_ns = unix_ns();
             h.map_count = defs.len() as u32;
-            h.max_programs = cfg.max_programs;
             h.maps_off = maps_off;
-            h.progs_off = progs_off;
-            h.prog_bytes_off = prog_bytes_off;
-            h.prog_bytes_cap = cfg.program_bytes;
             h.pidns = segment::pid_namespace();
             put_str(&mut h.object, object);
             for (i, (d, (off, size, g))) in defs.iter().zip(geos).enumerate() {
@@ -758,7 +767,7 @@ impl ShmObject {
             }
             h.state.store(STATE_READY, Ordering::Release);
         }
-        let inner = Self::build_inner(object, mapping).inspect_err(|_| {
+        let inner = Self::build_inner(object, mapping, Some(&defs)).inspect_err(|_| {
             let _ = segment::unlink(object);
         })?;
         tracing::debug!(
@@ -773,8 +782,43 @@ impl ShmObject {
         })
     }
 
-    /// Opens an existing segment.
+    /// Opens an existing segment owned by root or by this process's user (checked on the
+    /// descriptor). Its header and map table are validated; nothing else about it is trusted.
     pub fn open(object: &str) -> Result<Self, MapError> {
+        let mapping = Self::open_mapping(object, &trusted_owners())?;
+        Ok(Self {
+            inner: Arc::new(Self::build_inner(object, mapping, None)?),
+            creator: false,
+        })
+    }
+
+    /// Opens the segment a loader's manifest names: the same file (device, inode, owner) and
+    /// exactly these maps, or an error saying what differs.
+    pub fn open_expect(
+        object: &str,
+        identity: &SegmentIdentity,
+        defs: &[MapDef],
+    ) -> Result<Self, MapError> {
+        let mapping = Self::open_mapping(object, &[identity.uid])?;
+        let got = mapping.identity();
+        if got != *identity {
+            return Err(MapError::Untrusted {
+                object: object.to_string(),
+                path: segment::shm_path(object),
+                reason: format!(
+                    "it is not the segment the loader created (device {}, inode {}, uid {}; \
+                     the loader's: device {}, inode {}, uid {})",
+                    got.dev, got.ino, got.uid, identity.dev, identity.ino, identity.uid
+                ),
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(Self::build_inner(object, mapping, Some(defs))?),
+            creator: false,
+        })
+    }
+
+    fn open_mapping(object: &str, trusted: &[u32]) -> Result<Mapping, MapError> {
         if !segment::valid_object_name(object) {
             return Err(MapError::Corrupt {
                 object: object.to_string(),
@@ -782,11 +826,11 @@ impl ShmObject {
             });
         }
         let mut tries = 0;
-        let mapping = loop {
-            match Mapping::open(object) {
-                Ok(m) if m.len() >= 4096 => break m,
+        loop {
+            match Mapping::open(object, trusted) {
+                Ok(m) if m.len() >= 4096 => return Ok(m),
                 // A creator between shm_open and ftruncate: give it a moment.
-                Ok(_) | Err(_) if tries < 50 && segment::exists(object) => {
+                Ok(_) if tries < 50 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -796,7 +840,14 @@ impl ShmObject {
                         reason: "segment smaller than its header".into(),
                     })
                 }
-                Err(source) => {
+                Err(segment::OpenError::Untrusted(reason)) => {
+                    return Err(MapError::Untrusted {
+                        object: object.to_string(),
+                        path: segment::shm_path(object),
+                        reason,
+                    })
+                }
+                Err(segment::OpenError::Io(source)) => {
                     return Err(MapError::Segment {
                         object: object.to_string(),
                         path: segment::shm_path(object),
@@ -804,11 +855,7 @@ impl ShmObject {
                     })
                 }
             }
-        };
-        Ok(Self {
-            inner: Arc::new(Self::build_inner(object, mapping)?),
-            creator: false,
-        })
+        }
     }
 
     /// Opens the segment if it exists with the same map definitions (a restarted loader keeps
@@ -816,14 +863,13 @@ impl ShmObject {
     pub fn open_or_create(object: &str, defs: &[MapDef]) -> Result<Self, MapError> {
         match Self::open(object) {
             Ok(o) => {
+                let ncpu = o.inner.ncpu;
                 let same = o.inner.maps.len() == defs.len()
-                    && o.inner.maps.iter().zip(defs).all(|(m, d)| {
-                        let mut d = d.clone();
-                        if d.map_type == MapType::PerfEventArray && d.max_entries == 0 {
-                            d.max_entries = o.inner.ncpu;
-                        }
-                        m.def == d
-                    });
+                    && o.inner
+                        .maps
+                        .iter()
+                        .zip(defs)
+                        .all(|(m, d)| m.def == normalized(d, ncpu));
                 if same {
                     Ok(o)
                 } else {
@@ -842,7 +888,14 @@ impl ShmObject {
         }
     }
 
-    fn build_inner(object: &str, mapping: Mapping) -> Result<ObjInner, MapError> {
+    /// Validates the header and the map table of a freshly opened mapping (against `expect`,
+    /// the loader's definitions, when given) and takes this process's copy of every map's
+    /// geometry. Every check reads the segment once; nothing read here is read again later.
+    fn build_inner(
+        object: &str,
+        mapping: Mapping,
+        expect: Option<&[MapDef]>,
+    ) -> Result<ObjInner, MapError> {
         let corrupt = |reason: String| MapError::Corrupt {
             object: object.to_string(),
             reason,
@@ -863,20 +916,33 @@ impl ShmObject {
             std::thread::sleep(Duration::from_millis(10));
             waited += 1;
         }
-        if h.magic != MAGIC || h.version != VERSION {
+        // Volatile reads: another process may be rewriting the header right now; each field is
+        // read once into a local and only the local is used.
+        // SAFETY: the header lies in the mapping; plain integer fields.
+        let (magic, version, total_size, ncpu, map_count, maps_off, pidns) = unsafe {
+            (
+                std::ptr::read_volatile(&h.magic),
+                std::ptr::read_volatile(&h.version),
+                std::ptr::read_volatile(&h.total_size),
+                std::ptr::read_volatile(&h.ncpu),
+                std::ptr::read_volatile(&h.map_count),
+                std::ptr::read_volatile(&h.maps_off),
+                std::ptr::read_volatile(&h.pidns),
+            )
+        };
+        if magic != MAGIC || version != VERSION {
             return Err(corrupt(format!(
-                "bad magic/version ({:#x}/{}) — not a bpftime-rs v{VERSION} segment",
-                h.magic, h.version
+                "bad magic/version ({magic:#x}/{version}) — not a bpftime-rs v{VERSION} segment \
+                 (an older bpftime-rs made it? unload it)"
             )));
         }
-        if h.total_size != len {
+        if total_size != len {
             return Err(corrupt(format!(
-                "size {len} differs from header {}",
-                h.total_size
+                "size {len} differs from header {total_size}"
             )));
         }
         let ns = segment::pid_namespace();
-        if h.pidns != 0 && ns != 0 && h.pidns != ns {
+        if pidns != 0 && ns != 0 && pidns != ns {
             return Err(corrupt(
                 "segment was created in another pid namespace; its lock owners (thread ids) \
                  cannot be checked from here, so it cannot be shared safely"
@@ -884,21 +950,35 @@ impl ShmObject {
             ));
         }
         let rec_size = std::mem::size_of::<MapRecord>() as u64;
-        let prog_size = std::mem::size_of::<ProgRecord>() as u64;
-        if h.ncpu == 0
-            || h.ncpu > 65536
-            || h.maps_off + u64::from(h.map_count) * rec_size > h.progs_off
-            || h.progs_off + u64::from(h.max_programs) * prog_size > h.prog_bytes_off
-            || h.prog_bytes_off.saturating_add(h.prog_bytes_cap) > len
-        {
-            return Err(corrupt("header offsets out of bounds".into()));
-        }
         let pg = segment::page_size() as u64;
-        let mut maps = Vec::with_capacity(h.map_count as usize);
-        for i in 0..h.map_count as u64 {
-            // SAFETY: bounds checked above.
-            let r =
-                unsafe { &*(base.add((h.maps_off + i * rec_size) as usize) as *const MapRecord) };
+        if ncpu == 0
+            || ncpu > 65536
+            || map_count > 4096
+            || maps_off < pg
+            || maps_off
+                .checked_add(u64::from(map_count) * rec_size)
+                .is_none_or(|end| end > len)
+        {
+            return Err(corrupt("header fields out of bounds".into()));
+        }
+        if let Some(expect) = expect {
+            if expect.len() != map_count as usize {
+                return Err(corrupt(format!(
+                    "the segment has {map_count} maps, the loader defined {}",
+                    expect.len()
+                )));
+            }
+        }
+        let mut maps: Vec<MapMeta> = Vec::with_capacity(map_count as usize);
+        let mut prev_end = maps_off + u64::from(map_count) * rec_size;
+        for i in 0..u64::from(map_count) {
+            // SAFETY: the record lies inside the mapping (bounds checked above); read once, by
+            // value, so later writes by other processes cannot change what is validated.
+            let r = unsafe {
+                std::ptr::read_volatile(
+                    base.add((maps_off + i * rec_size) as usize) as *const MapRecord
+                )
+            };
             let name = get_str(&r.name);
             let Some(map_type) = MapType::from_raw(r.map_type) else {
                 return Err(corrupt(format!("map {name}: unknown type {}", r.map_type)));
@@ -911,30 +991,61 @@ impl ShmObject {
                 flags: r.flags,
                 name: name.clone(),
             };
-            if r.region_off + r.region_size > len || r.region_off % pg != 0 {
-                return Err(corrupt(format!("map {name}: region out of bounds")));
+            if let Some(expect) = expect {
+                let want = normalized(&expect[i as usize], ncpu);
+                if def != want {
+                    return Err(corrupt(format!(
+                        "map #{i} is {} {name} (key {}, value {}, max {}, flags {:#x}) in the \
+                         segment but {} {} (key {}, value {}, max {}, flags {:#x}) in the loader's \
+                         definition",
+                        def.map_type.name(),
+                        def.key_size,
+                        def.value_size,
+                        def.max_entries,
+                        def.flags,
+                        want.map_type.name(),
+                        want.name,
+                        want.key_size,
+                        want.value_size,
+                        want.max_entries,
+                        want.flags
+                    )));
+                }
+            }
+            if maps.iter().any(|m| *m.name == *name) {
+                return Err(corrupt(format!("map {name}: duplicate name")));
             }
             validate(&def, pg).map_err(|reason| corrupt(format!("map {name}: {reason}")))?;
+            let region_end_off = r.region_off.checked_add(r.region_size);
+            if region_end_off.is_none_or(|end| end > len)
+                || r.region_off % pg != 0
+                || r.region_off < prev_end
+            {
+                return Err(corrupt(format!("map {name}: region out of bounds")));
+            }
             if r.region_size < std::mem::size_of::<MapCtl>() as u64 {
                 return Err(corrupt(format!("map {name}: region too small")));
             }
-            // SAFETY: region bounds checked.
-            let g = unsafe { &(*(base.add(r.region_off as usize) as *const MapCtl)).geo };
-            // Every offset we will ever follow derives from the geometry, so it must be
-            // exactly what this definition plans, inside the region.
-            let want = plan_region(&def, h.ncpu, r.region_off, pg);
-            if *g != want || region_end(&want, r.region_off, pg) > r.region_off + r.region_size {
+            prev_end = r.region_off + r.region_size;
+            // Every offset this process will ever follow derives from its own geometry, planned
+            // from the definition; the segment's copy must agree, inside the region.
+            let geo = plan_region(&def, ncpu, r.region_off, pg);
+            // SAFETY: region bounds checked; Geometry is plain integers, read once by value.
+            let stored = unsafe {
+                std::ptr::read_volatile(&(*(base.add(r.region_off as usize) as *const MapCtl)).geo)
+            };
+            if stored != geo || region_end(&geo, r.region_off, pg) > r.region_off + r.region_size {
                 return Err(corrupt(format!(
                     "map {name}: geometry does not match its definition"
                 )));
             }
-            let rings = if g.rings > 0 {
-                let mut v = Vec::with_capacity(g.rings as usize);
-                for ri in 0..u64::from(g.rings) {
-                    let off = g.data_off + ri * (2 * pg + g.data_size);
+            let rings = if geo.rings > 0 {
+                let mut v = Vec::with_capacity(geo.rings as usize);
+                for ri in 0..u64::from(geo.rings) {
+                    let off = geo.data_off + ri * (2 * pg + geo.data_size);
                     v.push(
                         mapping
-                            .map_ring(off as usize, g.data_size as usize)
+                            .map_ring(off as usize, geo.data_size as usize)
                             .map_err(|source| MapError::Segment {
                                 object: object.to_string(),
                                 path: segment::shm_path(object),
@@ -949,21 +1060,17 @@ impl ShmObject {
             maps.push(MapMeta {
                 name: name.into(),
                 def,
+                geo,
                 region_off: r.region_off,
                 rings,
             });
         }
         Ok(ObjInner {
-            ncpu: h.ncpu,
+            ncpu,
             mapping,
             object: object.to_string(),
             maps,
         })
-    }
-
-    fn header(&self) -> &SegHeader {
-        // SAFETY: validated in build_inner; lives as long as the mapping.
-        unsafe { &*(self.inner.mapping.base() as *const SegHeader) }
     }
 
     pub fn object_name(&self) -> &str {
@@ -975,25 +1082,26 @@ impl ShmObject {
         self.creator
     }
 
-    pub fn creator_pid(&self) -> u32 {
-        self.header().creator_pid
+    /// The segment file's device, inode and owner (what a manifest records).
+    pub fn identity(&self) -> SegmentIdentity {
+        self.inner.mapping.identity()
     }
 
-    /// Makes this process the segment's loader (a restarted `load` taking over a segment whose
-    /// loader died), so liveness checks and stale detection follow the new loader.
-    pub fn claim(&self) -> Result<(), MapError> {
-        let pid = lock::current_pid();
-        let start = segment::process_start_time(pid).unwrap_or(0);
-        let h = self.inner.mapping.base() as *mut SegHeader;
-        // SAFETY: the header lies at the start of the live mapping; readers in other processes
-        // only compare these two words with /proc, so the volatile word-sized stores (start
-        // first, so a reader never pairs the new pid with the dead loader's start time in a way
-        // that looks alive) are enough.
-        unsafe {
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*h).creator_start), start);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*h).creator_pid), pid);
-        }
-        Ok(())
+    /// Gives `uids` and `gids` read-write access to this segment (POSIX ACL entries on the
+    /// file): the explicit grant a non-root target needs to map a root loader's maps. The
+    /// segment stays closed to everyone else.
+    pub fn grant(&self, uids: &[u32], gids: &[u32]) -> Result<(), MapError> {
+        self.inner
+            .mapping
+            .grant(uids, gids)
+            .map_err(|source| MapError::Segment {
+                object: self.inner.object.clone(),
+                path: format!(
+                    "{} (granting access with a POSIX ACL)",
+                    segment::shm_path(&self.inner.object)
+                ),
+                source,
+            })
     }
 
     /// Per-CPU slot count recorded by the creator (all processes index by it).
@@ -1021,6 +1129,7 @@ impl ShmObject {
             // SAFETY: region bounds validated in build_inner.
             ctl: unsafe { base.add(m.region_off as usize) } as *const MapCtl,
             base,
+            geo: m.geo,
             def: m.def.clone(),
             name: m.name.clone(),
             rings: m.rings.clone(),
@@ -1041,36 +1150,50 @@ impl ShmObject {
     }
 }
 
-/// Every bpftime-rs segment in /dev/shm.
+/// A definition as the segment stores it (a PERF_EVENT_ARRAY without max_entries gets one ring
+/// per CPU, as the kernel does).
+fn normalized(def: &MapDef, ncpu: u32) -> MapDef {
+    let mut d = def.clone();
+    if d.map_type == MapType::PerfEventArray && d.max_entries == 0 {
+        d.max_entries = ncpu;
+    }
+    d
+}
+
+/// Every bpftime-rs segment file in /dev/shm, with its owner; none is opened.
 pub fn list_segments() -> io::Result<Vec<SegmentInfo>> {
+    use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     for object in segment::list_object_names()? {
         let path = segment::shm_path(&object);
-        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let mut info = SegmentInfo {
-            object: object.clone(),
-            path,
-            size,
-            creator_pid: 0,
-            creator_alive: false,
-            maps: Vec::new(),
-            unreadable: None,
-            mapped_by: Vec::new(),
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
         };
-        match ShmObject::open(&object) {
-            Ok(o) => {
-                let h = o.header();
-                info.creator_pid = h.creator_pid;
-                info.creator_alive = segment::process_start_time(h.creator_pid)
-                    .is_some_and(|t| h.creator_start == 0 || t == h.creator_start);
-                info.maps = o.inner.maps.iter().map(|m| m.name.to_string()).collect();
-            }
-            Err(e) => info.unreadable = Some(e.to_string()),
-        }
-        info.mapped_by = segment::pids_mapping(&info.path);
-        out.push(info);
+        let mapped_by = segment::pids_mapping(&path);
+        out.push(SegmentInfo {
+            object,
+            size: meta.len(),
+            owner_uid: meta.uid(),
+            identity: meta.is_file().then(|| SegmentIdentity {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                uid: meta.uid(),
+            }),
+            mapped_by,
+            path,
+        });
     }
     Ok(out)
+}
+
+/// Whether `name` can name an object (it becomes part of file names).
+pub fn valid_object_name(name: &str) -> bool {
+    segment::valid_object_name(name)
+}
+
+/// Path of `object`'s segment.
+pub fn segment_path(object: &str) -> String {
+    segment::shm_path(object)
 }
 
 /// Unlinks the segment of `object`.
@@ -1088,19 +1211,13 @@ pub fn remove_object(object: &str) -> Result<(), MapError> {
     })
 }
 
-/// Segments whose creating loader is gone (or whose header is unreadable).
-pub fn find_stale() -> io::Result<Vec<SegmentInfo>> {
-    Ok(list_segments()?
-        .into_iter()
-        .filter(|s| !s.creator_alive)
-        .collect())
-}
-
 /// A map of an opened object. Cheap to clone; keeps the segment mapped.
 #[derive(Clone)]
 pub struct MapHandle {
     ctl: *const MapCtl,
     base: *mut u8,
+    /// This process's copy of the geometry (see [`MapMeta::geo`]).
+    geo: Geometry,
     def: MapDef,
     name: Arc<str>,
     rings: Option<Arc<Vec<RingMapping>>>,
@@ -1190,7 +1307,7 @@ impl MapHandle {
 
     /// As [`lookup`](Self::lookup) for a given CPU slot.
     pub fn lookup_cpu(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
-        if cpu >= self.ctl().geo.nslots {
+        if cpu >= self.geo.nslots {
             return Err(self.err("lookup", libc::EINVAL));
         }
         self.lookup_inner(key, cpu)
@@ -1200,7 +1317,7 @@ impl MapHandle {
     /// (CLI listings, the forwarder, benchmarks of the tracking cost).
     pub fn lookup_unmarked(&self, key: &[u8], cpu: u32) -> Result<Option<ValuePtr<'_>>, MapError> {
         self.check_key("lookup", key)?;
-        if cpu >= self.ctl().geo.nslots {
+        if cpu >= self.geo.nslots {
             return Err(self.err("lookup", libc::EINVAL));
         }
         let t = self.def.map_type;
@@ -1266,7 +1383,7 @@ impl MapHandle {
     /// multiple of 8 bytes (the kernel syscall's layout). Non-per-CPU maps take one value.
     pub fn update_percpu(&self, key: &[u8], values: &[u8], flags: u64) -> Result<(), MapError> {
         self.check_key("update", key)?;
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         if values.len() != (g.value_stride * g.nslots) as usize
             && !(g.nslots == 1 && values.len() == g.value_size as usize)
         {
@@ -1337,7 +1454,7 @@ impl MapHandle {
     /// pointer, since the callback may write through it.
     pub fn for_each_ptr(&self, cpu: u32, mut f: impl FnMut(*const u8, *mut u8) -> bool) -> u64 {
         let t = self.def.map_type;
-        if cpu >= self.ctl().geo.nslots {
+        if cpu >= self.geo.nslots {
             return 0;
         }
         let mut n = 0;
@@ -1396,9 +1513,48 @@ impl MapHandle {
         }
     }
 
-    /// Sixteen u64 slots in shared memory reserved for the sync forwarder's counters, indexed
-    /// by [`sync_slot`], so `bpftime-rs maps` in another process can show them.
-    pub fn sync_counters(&self) -> &[AtomicU64; SYNC_SLOTS] {
-        &self.ctl().counters.sync
+    /// Publishes the sync forwarder's status of this map (see [`SyncReport`]).
+    pub fn publish_sync(&self, r: &SyncReport) {
+        let s = &self.ctl().counters.sync;
+        let put = |slot: &AtomicU64, v: u64| slot.store(v, Ordering::Relaxed);
+        put(&s.changes_seen, r.changes_seen);
+        put(&s.sent, r.sent);
+        put(&s.confirmed, r.confirmed);
+        put(&s.failed, r.failed);
+        put(&s.pending, r.pending);
+        put(&s.oldest_pending_ns, r.oldest_pending_ns);
+        put(&s.resyncs, r.resyncs);
+        put(&s.sweeps, r.sweeps);
+        put(&s.sweep_fixes, r.sweep_fixes);
+        put(&s.unsynced, r.unsynced);
+        put(&s.idle, u64::from(r.idle));
+        put(&s.last_pass_unix_ns, r.last_pass_unix_ns);
+        // Last: a reader that sees the pid sees a whole first report.
+        s.forwarder_pid.store(r.forwarder_pid, Ordering::Release);
+    }
+
+    /// The forwarder's last published status, `None` if no forwarder ever synced this map.
+    pub fn sync_report(&self) -> Option<SyncReport> {
+        let s = &self.ctl().counters.sync;
+        let forwarder_pid = s.forwarder_pid.load(Ordering::Acquire);
+        if forwarder_pid == 0 {
+            return None;
+        }
+        let get = |slot: &AtomicU64| slot.load(Ordering::Relaxed);
+        Some(SyncReport {
+            changes_seen: get(&s.changes_seen),
+            sent: get(&s.sent),
+            confirmed: get(&s.confirmed),
+            failed: get(&s.failed),
+            pending: get(&s.pending),
+            oldest_pending_ns: get(&s.oldest_pending_ns),
+            last_pass_unix_ns: get(&s.last_pass_unix_ns),
+            forwarder_pid,
+            resyncs: get(&s.resyncs),
+            sweeps: get(&s.sweeps),
+            sweep_fixes: get(&s.sweep_fixes),
+            unsynced: get(&s.unsynced),
+            idle: get(&s.idle) != 0,
+        })
     }
 }

@@ -17,24 +17,25 @@ impl MapHandle {
         }
     }
 
-    fn qlock(&self) -> LockGuard<'_> {
-        let g = LockGuard::new(&self.ctl().alloc.lock);
+    /// The map's lock; `EBUSY` when a live holder kept it past the lock timeout.
+    fn qlock(&self, op: &'static str) -> Result<LockGuard<'_>, MapError> {
+        let g = LockGuard::new(&self.ctl().alloc.lock).ok_or_else(|| self.err(op, libc::EBUSY))?;
         if g.acquired == Acquired::Recovered {
             self.count(ctr::RECOVERIES);
         }
-        g
+        Ok(g)
     }
 
     #[inline]
     fn qslot(&self, i: u32) -> *mut u8 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         self.at(g.data_off + u64::from(i) * u64::from(g.value_stride))
     }
 
     #[inline]
     fn qseq(&self, i: u32) -> &AtomicU64 {
         // SAFETY: i < size; the sequence array holds max_entries + 1 u64s at marks_off.
-        unsafe { &*(self.at(self.ctl().geo.marks_off) as *const AtomicU64).add(i as usize) }
+        unsafe { &*(self.at(self.geo.marks_off) as *const AtomicU64).add(i as usize) }
     }
 
     fn qsize(&self) -> u32 {
@@ -52,7 +53,7 @@ impl MapHandle {
         }
         let a = &self.ctl().alloc;
         let size = self.qsize();
-        let _g = self.qlock();
+        let _g = self.qlock("push")?;
         let head = a.qhead.load(Ordering::Relaxed) % size;
         let mut tail = a.qtail.load(Ordering::Relaxed) % size;
         if (head + 1) % size == tail {
@@ -83,7 +84,7 @@ impl MapHandle {
         }
         let a = &self.ctl().alloc;
         let size = self.qsize();
-        let _g = self.qlock();
+        let _g = self.qlock(op)?;
         let head = a.qhead.load(Ordering::Relaxed) % size;
         let tail = a.qtail.load(Ordering::Relaxed) % size;
         if head == tail {
@@ -142,7 +143,10 @@ impl MapHandle {
     pub(crate) fn queue_entries(&self) -> Vec<Entry> {
         let a = &self.ctl().alloc;
         let size = self.qsize();
-        let _g = self.qlock();
+        let Ok(_g) = self.qlock("lookup") else {
+            tracing::warn!(map = %self.name, "queue lock held too long: listing nothing");
+            return Vec::new();
+        };
         let head = a.qhead.load(Ordering::Relaxed) % size;
         let tail = a.qtail.load(Ordering::Relaxed) % size;
         let n = (head + size - tail) % size;
@@ -182,7 +186,9 @@ impl MapHandle {
         self.qcheck("pushes_since")?;
         let a = &self.ctl().alloc;
         let size = self.qsize();
-        let _g = self.qlock();
+        // Cleared before reading, so a push that lands after this read sets it again.
+        self.ctl().dirty.dirty.swap(0, Ordering::SeqCst);
+        let _g = self.qlock("pushes_since")?;
         let head = a.qhead.load(Ordering::Relaxed) % size;
         let tail = a.qtail.load(Ordering::Relaxed) % size;
         let next = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);

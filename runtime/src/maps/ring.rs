@@ -75,13 +75,13 @@ impl MapHandle {
         Some(Ring {
             base: r.base,
             pg: page_size(),
-            size: self.ctl().geo.data_size,
+            size: self.geo.data_size,
             _m: std::marker::PhantomData,
         })
     }
 
     pub(crate) fn ring_lost(&self) -> u64 {
-        (0..self.ctl().geo.rings)
+        (0..self.geo.rings)
             .filter_map(|i| self.ring(i))
             .map(|r| r.lost().load(Ordering::Relaxed))
             .sum()
@@ -96,7 +96,10 @@ impl MapHandle {
         if len > r.size {
             return None;
         }
-        let g = LockGuard::new(r.lock());
+        let Some(g) = LockGuard::new(r.lock()) else {
+            r.lost().fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
         if g.acquired == Acquired::Recovered {
             // The dead holder either published producer_pos or did not; the header it may
             // have written beyond producer_pos is overwritten by the next reservation.
@@ -104,9 +107,11 @@ impl MapHandle {
         }
         let cons = r.cons().load(Ordering::Acquire);
         let prod = r.prod().load(Ordering::Relaxed);
-        let new = prod + len;
-        // The kernel keeps the producer at most size - 1 bytes ahead; so do we.
-        if new - cons > r.size - 1 {
+        let new = prod.wrapping_add(len);
+        // The kernel keeps the producer at most size - 1 bytes ahead; so do we. Positions are
+        // shared memory anyone mapping the ring can write: compare with wrapping arithmetic, so
+        // garbage refuses the record instead of overflowing.
+        if new.wrapping_sub(cons) > r.size - 1 {
             drop(g);
             r.lost().fetch_add(1, Ordering::Relaxed);
             return None;
@@ -211,7 +216,7 @@ impl MapHandle {
         if flags & !BPF_F_INDEX_MASK != 0 {
             return Err(self.err(OP, libc::EINVAL));
         }
-        let rings = self.ctl().geo.rings;
+        let rings = self.geo.rings;
         let idx = if flags & BPF_F_INDEX_MASK == BPF_F_CURRENT_CPU {
             current_cpu(self.ncpu)
         } else {
@@ -234,7 +239,9 @@ impl MapHandle {
     /// Bytes waiting in ring `i` (0 for a RINGBUF).
     pub fn ring_pending(&self, i: u32) -> u64 {
         self.ring(i).map_or(0, |r| {
-            r.prod().load(Ordering::Acquire) - r.cons().load(Ordering::Acquire)
+            r.prod()
+                .load(Ordering::Acquire)
+                .saturating_sub(r.cons().load(Ordering::Acquire))
         })
     }
 }
@@ -298,6 +305,13 @@ impl RingBufConsumer {
             if cons >= prod {
                 break;
             }
+            // Producers (targets) can write anything into the ring: a producer position more
+            // than a ring ahead, or a record longer than what is left, is corruption. Skip to
+            // the producer and count it; never read outside the mapping.
+            if prod - cons > r.size {
+                self.skip_corrupt(&r, ri, prod);
+                break;
+            }
             let h = r.hdr(cons);
             let word = h.load(Ordering::Acquire);
             if word & RINGBUF_BUSY_BIT != 0 {
@@ -308,9 +322,15 @@ impl RingBufConsumer {
             }
             self.stuck[ri as usize] = None;
             let len = (word & !(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)) as u64;
+            let step = round_up(len + RINGBUF_HDR_SZ as u64, 8);
+            if step > prod - cons {
+                self.skip_corrupt(&r, ri, prod);
+                break;
+            }
             if word & RINGBUF_DISCARD_BIT == 0 {
-                // SAFETY: a committed record of `len` bytes follows the header; the double
-                // mapping keeps it contiguous even when it wraps.
+                // SAFETY: a committed record of `len` bytes follows the header, inside the
+                // ring (checked above: it ends before the producer, at most a ring away); the
+                // double mapping keeps it contiguous even when it wraps.
                 let data = unsafe {
                     std::slice::from_raw_parts(
                         (h as *const AtomicU32 as *const u8).add(RINGBUF_HDR_SZ),
@@ -320,10 +340,22 @@ impl RingBufConsumer {
                 f(RingRecord { ring: ri, data });
                 n += 1;
             }
-            cons += round_up(len + RINGBUF_HDR_SZ as u64, 8);
+            cons += step;
             r.cons().store(cons, Ordering::Release);
         }
         n
+    }
+
+    #[cold]
+    fn skip_corrupt(&mut self, r: &Ring<'_>, ri: u32, prod: u64) {
+        r.cons().store(prod, Ordering::Release);
+        self.stuck[ri as usize] = None;
+        self.map.count(ctr::LOST);
+        tracing::warn!(
+            map = self.map.name(),
+            ring = ri,
+            "ring positions or a record header are corrupt: skipped to the producer"
+        );
     }
 
     /// Marks a BUSY record discarded if it has been BUSY a while and its producer is gone.

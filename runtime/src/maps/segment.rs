@@ -1,14 +1,34 @@
-//! POSIX shared-memory segments: naming, creation, mapping, discovery.
+//! POSIX shared-memory segments: naming, creation, mapping, ownership checks, access grants.
 //!
 //! We call shm_open/mmap through `libc` rather than the `shared_memory` crate because we need
-//! exact control over the name (`/dev/shm/bpftime-rs.<object>.shm`, so `unload` and stale
-//! detection can find segments by listing /dev/shm), O_EXCL creation, an explicit fchmod so
-//! non-root targets can open a root loader's segment despite the umask, and the raw fd to map
-//! ring buffer data pages twice back to back as the kernel does.
+//! exact control over the name (`/dev/shm/bpftime-rs.<object>.shm`, so `unload` can find
+//! segments by listing /dev/shm), O_EXCL creation with an exact mode (0600: nobody but the
+//! loader's user, whatever the umask), `fstat` of the descriptor to check who owns what we
+//! mapped, POSIX ACL entries on the descriptor to grant one more user or group access, and the
+//! raw fd to map ring buffer data pages twice back to back as the kernel does.
 
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+
+use super::SegmentIdentity;
+
+/// This process's effective user id.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The users whose files this process trusts: root and itself.
+pub fn trusted_owners() -> Vec<u32> {
+    let me = euid();
+    if me == 0 {
+        vec![0]
+    } else {
+        vec![0, me]
+    }
+}
 
 pub(crate) const SHM_DIR: &str = "/dev/shm";
 pub(crate) const PREFIX: &str = "bpftime-rs.";
@@ -51,6 +71,7 @@ pub(crate) struct Mapping {
     base: *mut u8,
     len: usize,
     fd: OwnedFd,
+    identity: SegmentIdentity,
 }
 
 // SAFETY: the mapping is plain shared memory; all concurrent access goes through atomics or
@@ -112,17 +133,43 @@ impl Mapping {
         }
     }
 
-    pub(crate) fn open(object: &str) -> io::Result<Self> {
+    /// Opens the segment of `object` if its owner is one of `trusted` and it is not writable by
+    /// everyone (checked on the descriptor).
+    pub(crate) fn open(object: &str, trusted: &[u32]) -> Result<Self, OpenError> {
         let name = CString::new(shm_name(object)).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: valid NUL-terminated name.
+        // SAFETY: valid NUL-terminated name (glibc's shm_open adds O_NOFOLLOW).
         let fd = unsafe { libc::shm_open(name.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC, 0) };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(io::Error::last_os_error().into());
         }
         // SAFETY: fd was just returned by shm_open.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = std::fs::File::from(fd.try_clone()?).metadata()?.len() as usize;
-        Self::map_fd(fd, len)
+        let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+        if !meta.is_file() {
+            return Err(OpenError::Untrusted("not a regular file".into()));
+        }
+        if !trusted.contains(&meta.uid()) {
+            return Err(OpenError::Untrusted(format!(
+                "owned by uid {}, not by {}",
+                meta.uid(),
+                trusted
+                    .iter()
+                    .map(|u| if *u == 0 {
+                        "root".to_string()
+                    } else {
+                        format!("uid {u}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )));
+        }
+        if meta.mode() & 0o002 != 0 {
+            return Err(OpenError::Untrusted(format!(
+                "writable by every user (mode {:o}); an older bpftime-rs made it so: unload it",
+                meta.mode() & 0o777
+            )));
+        }
+        Ok(Self::map_fd(fd, meta.len() as usize)?)
     }
 
     fn map_fd(fd: OwnedFd, len: usize) -> io::Result<Self> {
@@ -143,11 +190,36 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        let identity = match std::fs::File::from(fd.try_clone()?).metadata() {
+            Ok(meta) => SegmentIdentity {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                uid: meta.uid(),
+            },
+            Err(e) => {
+                // SAFETY: unmapping what was just mapped; nothing refers to it yet.
+                unsafe { libc::munmap(p, len) };
+                return Err(e);
+            }
+        };
         Ok(Self {
             base: p as *mut u8,
             len,
             fd,
+            identity,
         })
+    }
+
+    /// Which file this is (device, inode, owner), from `fstat` of the mapped descriptor.
+    pub(crate) fn identity(&self) -> SegmentIdentity {
+        self.identity
+    }
+
+    /// Adds POSIX ACL entries giving `uids` and `gids` read-write access (the mode's owner
+    /// bits stay; others keep none). Needs a filesystem with ACLs (tmpfs has them with
+    /// CONFIG_TMPFS_POSIX_ACL, as Debian's kernels do).
+    pub(crate) fn grant(&self, uids: &[u32], gids: &[u32]) -> io::Result<()> {
+        acl::grant(&self.fd, uids, gids)
     }
 
     pub(crate) fn base(&self) -> *mut u8 {
@@ -275,7 +347,7 @@ pub(crate) fn list_object_names() -> io::Result<Vec<String>> {
 }
 
 /// Start time (clock ticks since boot) of a process, to tell a live creator from a recycled pid.
-pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
+pub fn process_start_time(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
     let mut f = rest.split_whitespace();
@@ -285,10 +357,6 @@ pub(crate) fn process_start_time(pid: u32) -> Option<u64> {
     }
     // After the state, starttime is the 19th field (field 22 of the whole line).
     f.nth(18)?.parse().ok()
-}
-
-pub(crate) fn exists(object: &str) -> bool {
-    std::path::Path::new(&shm_path(object)).exists()
 }
 
 /// Pids (other than ours) whose /proc/PID/maps shows `path`.
@@ -315,4 +383,156 @@ pub(crate) fn pids_mapping(path: &str) -> Vec<u32> {
 pub(crate) fn pid_namespace() -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
+}
+
+/// Why an existing segment was not opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    Io(io::Error),
+    /// It exists but is not one this process may trust (owner, mode).
+    Untrusted(String),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<io::ErrorKind> for OpenError {
+    fn from(e: io::ErrorKind) -> Self {
+        Self::Io(e.into())
+    }
+}
+
+/// POSIX access control lists, written directly as the kernel's `system.posix_acl_access`
+/// extended attribute (no libacl: the format is a version word and fixed 8-byte entries).
+mod acl {
+    use std::io;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+
+    const NAME: &[u8] = b"system.posix_acl_access\0";
+    const VERSION: u32 = 2;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const UNDEFINED_ID: u32 = u32::MAX;
+    const RW: u16 = 0o6;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    struct Entry {
+        tag: u16,
+        id: u32,
+        perm: u16,
+    }
+
+    fn read(fd: &OwnedFd) -> io::Result<Vec<Entry>> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: buf is writable for its length; the name is NUL-terminated.
+        let n = unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                NAME.as_ptr().cast(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENODATA) {
+                return Err(e);
+            }
+            // No ACL yet: the one the mode stands for.
+            let file = std::fs::File::from(fd.try_clone()?);
+            let mode = file.metadata()?.mode();
+            let bits = |shift: u32| ((mode >> shift) & 7) as u16;
+            return Ok(vec![
+                Entry {
+                    tag: USER_OBJ,
+                    id: UNDEFINED_ID,
+                    perm: bits(6),
+                },
+                Entry {
+                    tag: GROUP_OBJ,
+                    id: UNDEFINED_ID,
+                    perm: bits(3),
+                },
+                Entry {
+                    tag: OTHER,
+                    id: UNDEFINED_ID,
+                    perm: bits(0),
+                },
+            ]);
+        }
+        let buf = &buf[..n as usize];
+        if buf.len() < 4 || u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) != VERSION {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unknown ACL format",
+            ));
+        }
+        Ok(buf[4..]
+            .chunks_exact(8)
+            .map(|c| Entry {
+                tag: u16::from_le_bytes([c[0], c[1]]),
+                perm: u16::from_le_bytes([c[2], c[3]]),
+                id: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect())
+    }
+
+    pub(super) fn grant(fd: &OwnedFd, uids: &[u32], gids: &[u32]) -> io::Result<()> {
+        if uids.is_empty() && gids.is_empty() {
+            return Ok(());
+        }
+        let mut entries = read(fd)?;
+        let mut add =
+            |tag: u16, id: u32| match entries.iter_mut().find(|e| e.tag == tag && e.id == id) {
+                Some(e) => e.perm |= RW,
+                None => entries.push(Entry { tag, id, perm: RW }),
+            };
+        for &uid in uids {
+            add(USER, uid);
+        }
+        for &gid in gids {
+            add(GROUP, gid);
+        }
+        // The mask bounds the group class (named users, groups, the owning group): exactly
+        // what they were given.
+        let mask = entries
+            .iter()
+            .filter(|e| matches!(e.tag, USER | GROUP | GROUP_OBJ))
+            .fold(0, |m, e| m | e.perm);
+        entries.retain(|e| e.tag != MASK);
+        entries.push(Entry {
+            tag: MASK,
+            id: UNDEFINED_ID,
+            perm: mask,
+        });
+        entries.sort_by_key(|e| (e.tag, e.id));
+        let mut buf = VERSION.to_le_bytes().to_vec();
+        for e in &entries {
+            buf.extend_from_slice(&e.tag.to_le_bytes());
+            buf.extend_from_slice(&e.perm.to_le_bytes());
+            buf.extend_from_slice(&e.id.to_le_bytes());
+        }
+        // SAFETY: buf is readable for its length; the name is NUL-terminated.
+        let r = unsafe {
+            libc::fsetxattr(
+                fd.as_raw_fd(),
+                NAME.as_ptr().cast(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }

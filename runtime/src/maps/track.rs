@@ -49,10 +49,108 @@ pub struct Change {
     pub value: Option<EntryValue>,
 }
 
+/// A marked entry, borrowed from the caller's buffer (see
+/// [`MapHandle::drain_changes_raw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawChange<'a> {
+    pub slot: u32,
+    pub generation: u32,
+    pub kind: ChangeKind,
+    pub key: &'a [u8],
+    /// The current value, [`MapHandle::raw_value_len`] bytes: per-CPU maps give every CPU's
+    /// value, each padded to 8 bytes (the layout of BPF_MAP_UPDATE_ELEM for per-CPU maps).
+    /// `None` for a deleted entry (a tombstone).
+    pub value: Option<&'a [u8]>,
+}
+
 impl MapHandle {
+    /// Length of a [`RawChange`] value.
+    pub fn raw_value_len(&self) -> usize {
+        let g = &self.geo;
+        if self.def.map_type.is_percpu() {
+            g.value_stride as usize * g.nslots as usize
+        } else {
+            g.value_size as usize
+        }
+    }
+
+    /// The current state of one slot, read into `buf` (`None` for a free hash element, or one
+    /// that writers kept changing while it was read).
+    pub fn read_slot_raw<'b>(&self, slot: u32, buf: &'b mut Vec<u8>) -> Option<RawChange<'b>> {
+        let t = self.def.map_type;
+        let ks = self.def.key_size as usize;
+        let vlen = self.raw_value_len();
+        buf.clear();
+        buf.reserve(ks + vlen);
+        // Appends `n` bytes read from shared memory at `src` (writers may change them meanwhile:
+        // the hash path validates with the element state; arrays give a racy copy, as the
+        // kernel's syscall lookup does).
+        let append = |buf: &mut Vec<u8>, src: *const u8, n: usize| {
+            let len = buf.len();
+            // SAFETY: capacity for ks + vlen was reserved above and len + n stays within it
+            // (key then value); `src` points at n readable bytes of the live mapping (callers
+            // pass key/value areas of a slot below the pool or max_entries).
+            unsafe {
+                std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr().add(len), n);
+                buf.set_len(len + n);
+            }
+        };
+        let generation;
+        let live;
+        if t.is_hash() {
+            if slot >= self.geo.pool {
+                return None;
+            }
+            let e = self.elem(slot);
+            let mut read = None;
+            for _ in 0..16 {
+                let st = e.state.load(Ordering::Acquire);
+                let is_live = match st & STATE_MASK {
+                    ELEM_LIVE => true,
+                    ELEM_TOMB => false,
+                    _ => return None,
+                };
+                buf.clear();
+                append(buf, self.elem_ptr(slot).wrapping_add(16), ks);
+                if is_live {
+                    append(buf, self.hash_val_ptr(slot, 0), vlen);
+                }
+                std::sync::atomic::fence(Ordering::Acquire);
+                if e.state.load(Ordering::Relaxed) == st {
+                    read = Some((st >> 2, is_live));
+                    break;
+                }
+            }
+            (generation, live) = read?;
+        } else if t.is_array() {
+            if slot >= self.def.max_entries {
+                return None;
+            }
+            buf.extend_from_slice(&slot.to_le_bytes());
+            append(buf, self.array_ptr(slot, 0), vlen);
+            (generation, live) = (0, true);
+        } else {
+            return None;
+        }
+        let (key, value) = buf.split_at(ks);
+        Some(RawChange {
+            slot,
+            generation,
+            kind: ChangeKind(0),
+            key,
+            value: live.then_some(value),
+        })
+    }
+
+    /// Slots a full scan must visit ([`read_slot_raw`](Self::read_slot_raw) of each gives
+    /// every entry): the allocated part of a hash pool, every index of an array.
+    pub fn scan_bound(&self) -> u32 {
+        self.slot_count()
+    }
+
     #[inline]
     pub(crate) fn summary_word(&self, slot: u32) -> &AtomicU64 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         let w = (slot / 4096) as usize;
         debug_assert!(w < g.summary_words as usize);
         // SAFETY: summary_off..+summary_words*8 lies in this map's region; w is in range for
@@ -62,7 +160,7 @@ impl MapHandle {
 
     #[inline]
     pub(crate) fn mark_word(&self, slot: u32) -> &AtomicU32 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         if MapType::from_raw(g.map_type).is_some_and(|t| t.is_hash()) {
             &self.elem(slot).mark
         } else {
@@ -128,6 +226,11 @@ impl MapHandle {
         }
     }
 
+    /// Whether `slot` carries a change mark now (the next drain reports it).
+    pub fn is_marked(&self, slot: u32) -> bool {
+        slot < self.mark_capacity() && self.mark_word(slot).load(Ordering::Acquire) & MARKS != 0
+    }
+
     /// Whether any entry was marked since the last drain (cheap poll for the forwarder).
     pub fn has_changes(&self) -> bool {
         self.ctl().dirty.dirty.load(Ordering::Acquire) != 0
@@ -138,8 +241,9 @@ impl MapHandle {
         self.ctl().dirty.epoch.load(Ordering::Relaxed)
     }
 
+    /// Slots allocated so far (hash: the fresh-slot bound; arrays: every index).
     fn slot_count(&self) -> u32 {
-        let g = &self.ctl().geo;
+        let g = &self.geo;
         if self.def.map_type.is_hash() {
             g.next_fresh_bound(self)
         } else {
@@ -147,9 +251,55 @@ impl MapHandle {
         }
     }
 
+    /// Every slot a mark can be on: the whole element pool of a hash, every index of an array.
+    fn mark_capacity(&self) -> u32 {
+        if self.def.map_type.is_hash() {
+            self.geo.pool
+        } else {
+            self.geo.max_entries
+        }
+    }
+
     /// Calls `f` for each marked entry with its current state, clearing the marks first.
     /// Returns how many changes were reported. Only hash and array maps carry marks.
+    ///
+    /// Pairs with [`mark_slow`](Self::mark_slow): a marker sets the entry's mark, then the
+    /// summary bit, then the dirty flag (SeqCst read-modify-writes); this pass swaps the dirty
+    /// flag, then each summary word, then clears each mark, and only then reads the entry. So a
+    /// marker whose summary bit was already set when it looked (and therefore did not set it
+    /// again) has its mark seen by this pass, and a mark set after this pass cleared the summary
+    /// bit sets that bit again for the next pass. A summary bit stands for 64 slots, and all 64
+    /// are visited, whatever the map's allocation bound is now: bounding the visit by the
+    /// number of slots allocated when the pass began would clear the bit of a slot allocated
+    /// during the pass while leaving its mark set, and a set mark is never published again.
     pub fn drain_changes(&self, mut f: impl FnMut(Change)) -> usize {
+        self.drain_marked(|slot, kind| match self.read_slot(slot) {
+            Some(mut c) => {
+                c.kind = kind;
+                f(c);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// [`drain_changes`](Self::drain_changes) without allocating: each change is read into
+    /// `buf` and reported borrowed (what the forwarder uses on every pass).
+    pub fn drain_changes_raw(&self, buf: &mut Vec<u8>, mut f: impl FnMut(RawChange<'_>)) -> usize {
+        self.drain_marked(|slot, kind| match self.read_slot_raw(slot, buf) {
+            Some(mut c) => {
+                c.kind = kind;
+                f(c);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// The marks protocol of [`drain_changes`](Self::drain_changes): `visit(slot, kind)` reads
+    /// and reports one entry whose mark was just cleared, and returns false if it could not read
+    /// it (then the mark is set again, unless the element is free).
+    fn drain_marked(&self, mut visit: impl FnMut(u32, ChangeKind) -> bool) -> usize {
         let t = self.def.map_type;
         if !(t.is_hash() || t.is_array()) {
             return 0;
@@ -159,8 +309,8 @@ impl MapHandle {
             return 0;
         }
         d.epoch.fetch_add(1, Ordering::Relaxed);
-        let g = &self.ctl().geo;
-        let limit = self.slot_count();
+        let g = &self.geo;
+        let capacity = self.mark_capacity();
         let mut n = 0;
         for w in 0..g.summary_words {
             let s = self.summary_word(w * 4096);
@@ -169,15 +319,24 @@ impl MapHandle {
                 let b = bits.trailing_zeros();
                 bits &= bits - 1;
                 let first = w * 4096 + b * 64;
-                for slot in first..(first + 64).min(limit) {
-                    let m = self.mark_word(slot).fetch_and(!MARKS, Ordering::SeqCst);
+                for slot in first..(first + 64).min(capacity) {
+                    let word = self.mark_word(slot);
+                    // SeqCst load: ordered after the summary swap above (see the doc).
+                    if word.load(Ordering::SeqCst) & MARKS == 0 {
+                        continue;
+                    }
+                    let m = word.fetch_and(!MARKS, Ordering::SeqCst);
                     if m & MARKS == 0 {
                         continue;
                     }
-                    if let Some(mut c) = self.read_slot(slot) {
-                        c.kind = ChangeKind(m & MARKS);
-                        f(c);
+                    if visit(slot, ChangeKind(m & MARKS)) {
                         n += 1;
+                    } else if !self.slot_is_free(slot) {
+                        // Writers kept changing it while it was read: the next pass reads it.
+                        // (A hash element freed since it was marked took its key's change with
+                        // it: a forwarded delete, or a dropped tombstone, which sets the resync
+                        // flag.)
+                        self.mark_hard(slot, word, m & MARKS);
                     }
                 }
             }
@@ -208,7 +367,7 @@ impl MapHandle {
     pub fn read_slot(&self, slot: u32) -> Option<Change> {
         let t = self.def.map_type;
         if t.is_hash() {
-            if slot >= self.ctl().geo.pool {
+            if slot >= self.geo.pool {
                 return None;
             }
             self.hash_read_slot(slot)

@@ -178,21 +178,13 @@ impl MapBtfInfo {
         serde_json::from_str(text)
     }
 
-    /// Writes the JSON to `path` atomically (temporary file, then rename), so a reader in another
-    /// process never sees a partial file.
-    pub fn save(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
-        let path = path.as_ref();
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp.{}", std::process::id()));
-        std::fs::write(&tmp, self.to_json())?;
-        std::fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
-    }
-
-    /// Reads a file written by [`MapBtfInfo::save`].
-    pub fn load(path: impl AsRef<Path>) -> std::io::Result<Self> {
-        let text = std::fs::read_to_string(path)?;
+    /// Reads a description `load` saved in a state directory of `owner` (root's or this
+    /// user's; see `crate::state`), refusing a file anyone else could have written.
+    pub fn load(path: impl AsRef<Path>, owner: u32) -> std::io::Result<Self> {
+        let bytes = crate::state::fs::read_trusted(path.as_ref(), &[0, owner], 64 << 20)
+            .map_err(std::io::Error::other)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         Self::from_json(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
