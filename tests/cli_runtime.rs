@@ -277,3 +277,85 @@ fn run_prints_r0_and_errors_name_what_is_wrong() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("bpftime-junk.o"));
 }
+
+/// The pid of the only child of `pid` (the command `start` runs).
+fn only_child(pid: u32) -> u32 {
+    let mut found = None;
+    wait_for("the command under start", || {
+        found = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok());
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// Whether `pid` has exited (gone, or a zombie its new parent has not reaped yet).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')').next().unwrap().trim_start().starts_with('Z')
+    })
+}
+
+#[test]
+fn start_stands_in_for_its_command() {
+    if !require_kernel("start_stands_in_for_its_command") {
+        return;
+    }
+    let loader = Loader::start("percpu_array", &["--no-sync"]);
+    let start = || {
+        bpftime()
+            .args(["start", "--object", "percpu_array", "--"])
+            .arg(victim_path())
+            .arg("10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    use std::os::unix::process::ExitStatusExt;
+    // A signal sent to `start` reaches the command, and `start` exits as the command did.
+    let mut child = start();
+    let command = only_child(child.id());
+    wait_blocked_in_read(command);
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    // Its stdin stays open: at EOF the victim would exit on its own.
+    let stdin = child.stdin.take();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(exited(command), "the command outlived start");
+
+    // `start` killed outright: the command dies with it instead of running on unsupervised.
+    let mut child = start();
+    let command = only_child(child.id());
+    wait_blocked_in_read(command);
+    let stdin = child.stdin.take();
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    wait_for("the command to die with start", || exited(command));
+    drop(stdin);
+
+    // The command's own exit code comes back.
+    let out = bpftime()
+        .args([
+            "start",
+            "--object",
+            "percpu_array",
+            "--",
+            "/bin/sh",
+            "-c",
+            "exit 3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(loader.stop().success());
+}

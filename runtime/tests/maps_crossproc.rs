@@ -192,6 +192,11 @@ fn child_entry() {
             let a = obj.map("a").unwrap();
             a.update(&k4(2), &5u64.to_le_bytes(), BPF_ANY).unwrap();
         }
+        "stop_mid_insert" => {
+            obj.map("h").unwrap().debug_stop_mid_insert(&k4(100));
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
         "hold_lock_ctl" => {
             ctl_add(&obj, 0, 1);
             std::thread::sleep(Duration::from_secs(600));
@@ -284,6 +289,57 @@ fn killed_lock_holder_does_not_wedge_others() {
     assert_eq!(v.read(), 2u64.to_le_bytes());
     assert!(h.counters().recoveries >= 1);
     h.delete(&k4(42)).unwrap();
+}
+
+#[test]
+fn a_writer_killed_mid_insert_leaves_no_capacity_reserved() {
+    let s = Seg::new(
+        "xp",
+        "midins",
+        &[ctl_def(), def(MapType::Hash, 4, 8, 32, "h")],
+    );
+    let h = s.0.map("h").unwrap();
+    for k in 0..31 {
+        h.update(&k4(k), &u64::from(k).to_le_bytes(), BPF_ANY)
+            .unwrap();
+    }
+    // The child takes the last unit of capacity for key 100 and dies before linking it.
+    let mut kid = spawn("stop_mid_insert", &s.0, 0);
+    wait_until("child mid-insert", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    assert_eq!(h.len(), 32, "the child reserved its entry");
+    sigkill(&kid);
+    kid.wait().unwrap();
+    // The next writer of that bucket takes the lock over and recounts: the capacity the dead
+    // writer held is free again, exactly once.
+    h.update(&k4(100), &100u64.to_le_bytes(), BPF_ANY)
+        .expect("the dead writer's reservation was given back");
+    assert_eq!(h.len(), 32);
+    assert_eq!(h.iter().len(), 32);
+    assert_eq!(h.counters().repairs, 1);
+    let full = h
+        .update(&k4(200), &1u64.to_le_bytes(), BPF_ANY)
+        .unwrap_err();
+    assert!(
+        matches!(
+            full,
+            MapError::Op {
+                errno: libc::E2BIG,
+                ..
+            }
+        ),
+        "{full}"
+    );
+    // Deleting and re-inserting still works from the rebuilt free list.
+    for k in 0..31 {
+        h.delete(&k4(k)).unwrap();
+    }
+    for k in 1000..1031 {
+        h.update(&k4(k), &1u64.to_le_bytes(), BPF_ANY).unwrap();
+    }
+    assert_eq!(h.len(), 32);
+    assert_eq!(h.iter().len(), 32);
 }
 
 #[test]

@@ -226,12 +226,33 @@ pub fn start(args: &StartArgs) -> Result<()> {
         preload.push(":");
         preload.push(existing);
     }
-    let mut child = std::process::Command::new(program)
+    // Catch the signals before the command exists, so none of them ends `start` and leaves
+    // the command running without the supervisor that reports its status.
+    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+        .context("installing the signal forwarder")?;
+    let mut command = std::process::Command::new(program);
+    command
         .args(rest)
         .env("LD_PRELOAD", preload)
-        .env("BPFTIME_AGENT_CONFIG", &config)
+        .env("BPFTIME_AGENT_CONFIG", &config);
+    die_with_parent(&mut command);
+    let mut child = command
         .spawn()
         .with_context(|| format!("starting {program}"))?;
+    let child_pid = child.id() as libc::pid_t;
+    // `start -- CMD` stands in for CMD: a signal sent to `start` goes on to the command, and
+    // `start` leaves when the command does. SIGINT and SIGQUIT from a terminal already reach the
+    // command (same process group); they are forwarded only when sent to `start` alone.
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if matches!(signal, libc::SIGINT | libc::SIGQUIT) && same_foreground_group(child_pid) {
+                continue;
+            }
+            // SAFETY: kill(2) on the pid of our own child, which we have not reaped yet (the
+            // main thread reaps it only after it exits, and then this process exits too).
+            unsafe { libc::kill(child_pid, signal) };
+        }
+    });
     // The agent installs its hooks before `main`; its status file says how it went.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !status_path(&config).exists() && Instant::now() < deadline {
@@ -244,7 +265,62 @@ pub fn start(args: &StartArgs) -> Result<()> {
         report_status(&config);
     }
     let status = child.wait()?;
-    std::process::exit(status.code().unwrap_or(128 + 9));
+    std::process::exit(exit_code(status));
+}
+
+/// The signals `start` passes on to its command (SIGKILL cannot be caught: the command's
+/// parent-death signal covers it).
+const FORWARDED_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Makes the command get SIGKILL when `start` dies (killed with SIGKILL, say), so a target is
+/// never left running unsupervised, the way `unshare --kill-child` and `bwrap --die-with-parent`
+/// tie a child to its launcher.
+fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe; read here, before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl and getppid,
+    // both async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nothing would signal us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "bpftime-rs start exited before the command ran",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether the command shares the terminal's foreground process group with `start`, so a
+/// terminal's SIGINT/SIGQUIT has reached it already.
+fn same_foreground_group(child: libc::pid_t) -> bool {
+    // SAFETY: getpgid and tcgetpgrp only read process state; a failure returns -1.
+    unsafe {
+        let foreground = libc::tcgetpgrp(libc::STDIN_FILENO);
+        foreground > 0 && libc::getpgid(child) == foreground && libc::getpgid(0) == foreground
+    }
+}
+
+/// The shell's convention: the command's exit code, or 128 + the signal that ended it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(128)
 }
 
 pub fn attach(args: &AttachArgs) -> Result<()> {

@@ -195,8 +195,134 @@ impl MapHandle {
                 b.seq.store(s.wrapping_add(1), Ordering::Release);
             }
             self.count(ctr::RECOVERIES);
+            // The dead writer may have taken a unit of capacity or an element without linking
+            // it, or unlinked one without freeing it; that is not visible from this bucket.
+            self.ctl().alloc.repair.store(1, Ordering::Release);
         }
         Some(g)
+    }
+
+    /// Recounts the map's bookkeeping if a writer died mid-update; called by writers once
+    /// they hold no bucket lock (one relaxed load on the fast path).
+    #[inline]
+    fn repair_if_needed(&self) {
+        if self.ctl().alloc.repair.load(Ordering::Relaxed) != 0 {
+            self.repair_bookkeeping();
+        }
+    }
+
+    /// Makes `count`, `tombs` and the free list agree with the chains again after a writer
+    /// died holding a bucket lock. The global counters and the free list change outside any one
+    /// bucket's critical section, so the only exact view is with every bucket locked: no
+    /// writer is then between reserving and linking (all of them reserve, allocate, link,
+    /// unlink and free under their bucket's lock). Lock-free readers are unaffected: linked
+    /// chains change only by the ordinary unlink. Costs one pass over the buckets and the
+    /// pool, after a kill only. If a live thread holds a bucket past the lock timeout the
+    /// repair stays pending for the next writer.
+    #[cold]
+    #[inline(never)]
+    fn repair_bookkeeping(&self) {
+        let a = &self.ctl().alloc;
+        // For hash maps `alloc.lock` serves only this: one repairer at a time.
+        let Some(_serial) = LockGuard::new(&a.lock) else {
+            return;
+        };
+        if a.repair.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let g = &self.geo;
+        let mut held = Vec::with_capacity(g.n_buckets as usize);
+        for i in 0..g.n_buckets {
+            let b = self.bucket(i);
+            let Some(guard) = LockGuard::new(&b.lock) else {
+                tracing::warn!(
+                    map = self.name(),
+                    "a live thread holds a bucket past the lock timeout: recount postponed"
+                );
+                return;
+            };
+            if guard.acquired == Acquired::Recovered {
+                let s = b.seq.load(Ordering::Relaxed);
+                if s & 1 != 0 {
+                    b.seq.store(s.wrapping_add(1), Ordering::Release);
+                }
+                self.count(ctr::RECOVERIES);
+            }
+            held.push(guard);
+        }
+        let fresh = a.next_fresh.load(Ordering::Acquire).min(g.pool);
+        let mut linked = vec![false; fresh as usize];
+        let (mut live, mut tombs) = (0u32, 0u32);
+        for i in 0..g.n_buckets {
+            let b = self.bucket(i);
+            let mut prev = None;
+            let mut idx = b.head.load(Ordering::Acquire);
+            while idx != 0 && idx <= fresh && !linked[(idx - 1) as usize] {
+                let slot = idx - 1;
+                let e = self.elem(slot);
+                let next = e.next.load(Ordering::Acquire);
+                match e.state.load(Ordering::Acquire) & STATE_MASK {
+                    ELEM_LIVE => live += 1,
+                    ELEM_TOMB => tombs += 1,
+                    // Not reachable by the ordinary paths (they unlink before freeing); a
+                    // free element in a chain would be handed out twice.
+                    _ => {
+                        self.unlink_locked(b, slot, prev);
+                        idx = next;
+                        continue;
+                    }
+                }
+                linked[slot as usize] = true;
+                prev = Some(slot);
+                idx = next;
+            }
+        }
+        // Every allocated element outside the chains is free: rebuild the list from them (the
+        // dead writer's popped-but-unlinked or unlinked-but-unfreed element among them).
+        let mut head = 0u32;
+        let mut free = 0u32;
+        for slot in (0..fresh).rev() {
+            if linked[slot as usize] {
+                continue;
+            }
+            let e = self.elem(slot);
+            let st = e.state.load(Ordering::Relaxed);
+            if st & STATE_MASK != ELEM_FREE {
+                e.state.store(
+                    (st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE,
+                    Ordering::Release,
+                );
+            }
+            e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
+            e.next.store(head, Ordering::Relaxed);
+            head = slot + 1;
+            free += 1;
+        }
+        let old = a.free_head.load(Ordering::Acquire);
+        a.free_head.store(
+            (((old >> 32) + 1) << 32) | u64::from(head),
+            Ordering::Release,
+        );
+        let (was_live, was_tombs) = (
+            a.count.swap(live, Ordering::AcqRel),
+            a.tombs.swap(tombs, Ordering::AcqRel),
+        );
+        a.repair.store(0, Ordering::Release);
+        // What the dead writer changed may not be marked: the forwarder compares everything.
+        self.ctl().dirty.resync.store(1, Ordering::Release);
+        self.count(ctr::REPAIRS);
+        drop(held);
+        tracing::warn!(
+            map = self.name(),
+            live,
+            was_live,
+            tombs,
+            was_tombs,
+            free,
+            elapsed = ?started.elapsed(),
+            "recounted the map after a writer died mid-update"
+        );
     }
 
     /// Chain search under the bucket lock, also finding tombstones of the key.
@@ -504,17 +630,41 @@ impl MapHandle {
         }
         let h = hash_key(key);
         let b = self.bucket(h);
-        let slot = {
-            let _g = self
-                .lock_bucket(b)
-                .ok_or_else(|| self.err("update", libc::EBUSY))?;
-            self.update_locked(b, h, key, value, flags, cpu)?
-        };
+        let mut updated = self.update_in_bucket(b, h, key, value, flags, cpu);
+        if self.ctl().alloc.repair.load(Ordering::Relaxed) != 0 {
+            self.repair_bookkeeping();
+            // Capacity a dead writer had reserved is back: a refusal for want of it is retried.
+            if matches!(
+                updated,
+                Err(MapError::Op {
+                    errno: libc::E2BIG,
+                    ..
+                })
+            ) {
+                updated = self.update_in_bucket(b, h, key, value, flags, cpu);
+            }
+        }
+        let slot = updated?;
         // Marked after the unlock: the unlock is a full barrier, so the new value is visible
         // before we look at the mark, and an already-set mark (forwarder not yet there) costs
         // only a load. A mark landing on an element reused meanwhile is a harmless extra report.
         self.mark_soft(slot, &self.elem(slot).mark, MARK_CHANGED);
         Ok(())
+    }
+
+    fn update_in_bucket(
+        &self,
+        b: &Bucket,
+        h: u32,
+        key: &[u8],
+        value: &[u8],
+        flags: u64,
+        cpu: Option<u32>,
+    ) -> Result<u32, MapError> {
+        let _g = self
+            .lock_bucket(b)
+            .ok_or_else(|| self.err("update", libc::EBUSY))?;
+        self.update_locked(b, h, key, value, flags, cpu)
     }
 
     fn update_locked(
@@ -587,17 +737,24 @@ impl MapHandle {
     pub(crate) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
         let h = hash_key(key);
         let b = self.bucket(h);
-        let _g = self
-            .lock_bucket(b)
-            .ok_or_else(|| self.err("delete", libc::EBUSY))?;
-        match self.find_locked(b, h, key) {
-            Some(f) if f.live => {
-                self.remove_locked(b, f.slot, f.prev);
-                self.count(ctr::DELETES);
-                Ok(())
+        let removed = {
+            let _g = self
+                .lock_bucket(b)
+                .ok_or_else(|| self.err("delete", libc::EBUSY))?;
+            match self.find_locked(b, h, key) {
+                Some(f) if f.live => {
+                    self.remove_locked(b, f.slot, f.prev);
+                    true
+                }
+                _ => false,
             }
-            _ => Err(self.err("delete", libc::ENOENT)),
+        };
+        self.repair_if_needed();
+        if !removed {
+            return Err(self.err("delete", libc::ENOENT));
         }
+        self.count(ctr::DELETES);
+        Ok(())
     }
 
     pub(crate) fn hash_entries(&self) -> Vec<Entry> {
@@ -716,7 +873,22 @@ impl MapHandle {
         self.unlink_locked(b, slot, prev);
         self.ctl().alloc.tombs.fetch_sub(1, Ordering::Relaxed);
         self.free_elem(slot);
+        drop(_g);
+        self.repair_if_needed();
         true
+    }
+
+    /// Test hook: a writer killed between taking capacity for `key` and linking it: takes the
+    /// bucket lock, reserves an entry and an element, and returns with the lock held.
+    #[doc(hidden)]
+    pub fn debug_stop_mid_insert(&self, key: &[u8]) {
+        let b = self.bucket(hash_key(key));
+        let _ = b.lock.lock();
+        assert!(
+            self.reserve_entry(b),
+            "debug_stop_mid_insert: the map is full"
+        );
+        let _ = self.alloc_elem(b);
     }
 
     /// Test hook: takes the bucket lock of `key` and leaves it held with the bucket sequence

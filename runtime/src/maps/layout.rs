@@ -101,6 +101,10 @@ pub(crate) struct AllocState {
     /// each sweep skip the whole region the other had just produced (tombstones trail the
     /// eviction hand, live elements trail the reclaim hand), 65k slots per insert.
     pub reclaim_hand: AtomicU32,
+    /// Set when a hash bucket's lock was taken over from a dead writer: its half-done insert or
+    /// delete may have left `count`, `tombs` or the free list off by an element, which the next
+    /// writer recounts from the chains (`MapHandle::repair_bookkeeping`).
+    pub repair: AtomicU32,
 }
 
 /// Written by every first mark after a forwarder pass; alone on its line so the hot readers
@@ -160,6 +164,7 @@ pub(crate) mod ctr {
     pub const POPS: usize = 6;
     pub const RECOVERIES: usize = 8;
     pub const DEAD_RECORDS: usize = 9;
+    pub const REPAIRS: usize = 10;
 }
 
 /// Hash bucket: writers serialise on `lock`; readers validate with `seq` (odd while a writer

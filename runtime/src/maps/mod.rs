@@ -334,6 +334,8 @@ pub struct MapCounters {
     pub recoveries: u64,
     /// Ringbuf records of dead producers discarded by a consumer.
     pub dead_records: u64,
+    /// Hash-map recounts after a writer died mid-update (see `repair_bookkeeping`).
+    pub repairs: u64,
 }
 
 /// Value of an entry as listed.
@@ -1510,6 +1512,7 @@ impl MapHandle {
             pops: g(ctr::POPS),
             recoveries: g(ctr::RECOVERIES),
             dead_records: g(ctr::DEAD_RECORDS),
+            repairs: g(ctr::REPAIRS),
         }
     }
 
