@@ -253,8 +253,7 @@ fn run_prints_r0_and_errors_name_what_is_wrong() {
     let object = object_path("bpf_to_bpf");
     let object = object.to_str().unwrap();
     let out = output(&["run", object, "--program", "nope", "--ctx", ctx]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no program named nope"));
+    assert!(one_line_error(&out).contains("no program named nope"));
     let out = output(&[
         "run",
         object,
@@ -265,17 +264,22 @@ fn run_prints_r0_and_errors_name_what_is_wrong() {
         "--vm",
         "rbpf",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("rbpf cannot run instruction"), "{stderr}");
+    let error = one_line_error(&out);
+    assert!(error.contains("rbpf cannot run instruction"), "{error}");
     let out = output(&["load", "/nonexistent/prog.o"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/prog.o"));
+    assert!(one_line_error(&out).contains("/nonexistent/prog.o"));
     let junk = std::env::temp_dir().join("bpftime-junk.o");
     std::fs::write(&junk, b"not an elf file at all").unwrap();
     let out = output(&["run", junk.to_str().unwrap(), "--program", "x"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bpftime-junk.o"));
+    assert!(one_line_error(&out).contains("bpftime-junk.o"));
+}
+
+/// A failed command's error: exactly one line on stderr (the README's promise), returned.
+fn one_line_error(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "the command succeeded: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+    stderr
 }
 
 /// The pid of the only child of `pid` (the command `start` runs).

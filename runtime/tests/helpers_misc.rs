@@ -113,8 +113,20 @@ fn process_and_time_helpers() {
             .name("helper-comm".into())
             .spawn(move || {
                 let mut ctx = [0u8; 256];
-                let before = std::time::Instant::now();
+                let clock = |id| {
+                    let mut ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    // SAFETY: clock_gettime writes the timespec we own.
+                    assert_eq!(unsafe { libc::clock_gettime(id, &mut ts) }, 0);
+                    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+                };
+                let (mono_before, boot_before) =
+                    (clock(libc::CLOCK_MONOTONIC), clock(libc::CLOCK_BOOTTIME));
                 assert_eq!(e.run(&p, &mut ctx), Ok(0));
+                let (mono_after, boot_after) =
+                    (clock(libc::CLOCK_MONOTONIC), clock(libc::CLOCK_BOOTTIME));
                 // SAFETY: plain libc queries.
                 let (pid, tid, uid, gid) = unsafe {
                     (
@@ -126,17 +138,22 @@ fn process_and_time_helpers() {
                 };
                 assert_eq!(at(&ctx, 0), ((pid as u64) << 32) | tid as u64);
                 assert_eq!(at(&ctx, 8), ((gid as u64) << 32) | uid as u64);
+                // bpf_ktime_get_ns is CLOCK_MONOTONIC, bpf_ktime_get_boot_ns CLOCK_BOOTTIME, as
+                // in the kernel: each read lies between the same clock read around the run.
+                let (k1, k2, boot) = (at(&ctx, 16), at(&ctx, 24), at(&ctx, 32));
                 assert!(
-                    at(&ctx, 16) > 0 && at(&ctx, 24) >= at(&ctx, 16),
-                    "monotonic"
+                    mono_before <= k1 && k1 <= k2 && k2 <= mono_after,
+                    "ktime {k1}, {k2} outside CLOCK_MONOTONIC [{mono_before}, {mono_after}]"
                 );
-                assert!(at(&ctx, 32) >= at(&ctx, 16), "boot time includes suspend");
+                assert!(
+                    boot_before <= boot && boot <= boot_after,
+                    "boot ns {boot} outside CLOCK_BOOTTIME [{boot_before}, {boot_after}]"
+                );
                 assert!(at(&ctx, 40) < possible_cpus() as u64);
                 assert!(at(&ctx, 48) <= u32::MAX as u64 && at(&ctx, 56) <= u32::MAX as u64);
                 assert_ne!(at(&ctx, 48), at(&ctx, 56), "random");
                 assert_eq!(&ctx[64..80], b"helper-comm\0\0\0\0\0");
                 assert_eq!(at(&ctx, 80), 0);
-                let _ = before;
             })
             .unwrap()
             .join()

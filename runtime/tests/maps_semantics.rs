@@ -356,8 +356,12 @@ fn definitions_are_validated() {
         def(MapType::Array, 4, 4, 1, "a"),
         def(MapType::Array, 4, 4, 1, "a"),
     ];
-    assert!(ShmObject::create(&name, &dup).is_err());
-    assert!(ShmObject::create("../etc", &[]).is_err());
+    let e = ShmObject::create(&name, &dup)
+        .err()
+        .expect("duplicate names");
+    eprintln!("DUP errno={} msg={e}", e.errno());
+    let e = ShmObject::create("../etc", &[]).err().expect("a path");
+    eprintln!("PATH errno={} msg={e}", e.errno());
     assert_eq!(MapType::from_raw(27), Some(MapType::Ringbuf));
     assert_eq!(MapType::from_raw(12), None);
 }
@@ -383,7 +387,10 @@ fn segments_list_open_remove() {
         .update(&k4(1), &k4(2), BPF_ANY)
         .unwrap();
     assert!(o.0.map("h").unwrap().get(&k4(1)).unwrap().is_some());
-    assert!(ShmObject::open_or_create(&name, &defs[..1]).is_err());
+    let e = ShmObject::open_or_create(&name, &defs[..1])
+        .err()
+        .expect("other maps");
+    eprintln!("MISMATCH errno={} msg={e}", e.errno());
     let segs = list_segments().unwrap();
     let me = segs.iter().find(|s| s.object == name).expect("listed");
     assert_eq!(me.owner_uid, euid());

@@ -310,6 +310,14 @@ struct InFlight {
     sent_at: Instant,
 }
 
+/// The latest update of a map the kernel refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncFailure {
+    /// The key, when the update was one key's (None for global data and queue pushes).
+    pub key: Option<Vec<u8>>,
+    pub errno: i32,
+}
+
 /// Per-map counters, also published in the map's shared memory for `bpftime-rs maps`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncCounters {
@@ -352,6 +360,7 @@ struct SyncedMap {
     last_sweep_cost: Duration,
     /// Slots whose latest send failed.
     unsynced: HashSet<u32>,
+    last_failure: Option<SyncFailure>,
 }
 
 pub struct Forwarder {
@@ -439,6 +448,7 @@ impl Forwarder {
                 last_sweep: now,
                 last_sweep_cost: Duration::ZERO,
                 unsynced: HashSet::new(),
+                last_failure: None,
             });
         }
         let mut forwarder = Self {
@@ -794,6 +804,10 @@ impl Forwarder {
                             map.counters.failed += 1;
                             let key = (f.slot != u32::MAX)
                                 .then(|| map.sent.key(f.slot as usize).to_vec());
+                            map.last_failure = Some(SyncFailure {
+                                key: key.clone(),
+                                errno,
+                            });
                             if map.counters.failed <= FAILURES_LOGGED {
                                 tracing::warn!(
                                     object = %self.object,
@@ -849,6 +863,14 @@ impl Forwarder {
             .iter()
             .map(|m| (m.name.clone(), m.counters))
             .collect()
+    }
+
+    /// The latest update of `map` the kernel refused, with its key and errno.
+    pub fn last_failure(&self, map: &str) -> Option<&SyncFailure> {
+        self.maps
+            .iter()
+            .find(|m| m.name == map)
+            .and_then(|m| m.last_failure.as_ref())
     }
 
     pub fn bridge(&self) -> &Bridge {

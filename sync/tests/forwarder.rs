@@ -215,6 +215,15 @@ fn restarted_forwarder_resyncs_and_full_kernel_map_reports_failures() {
         counters.failed, 1,
         "the new key 50 did not fit: {counters:?}"
     );
+    assert_eq!(
+        forwarder.last_failure("kv"),
+        Some(&bpftime_sync::SyncFailure {
+            key: Some(50u32.to_le_bytes().to_vec()),
+            errno: libc::E2BIG,
+        }),
+        "the refusal names its key and the kernel's errno"
+    );
+    assert_eq!(counters.unsynced, 1, "key 50 stays unsynced: {counters:?}");
     let kernel = kernel_state(&forwarder, 0);
     assert!(
         kernel.contains(&(20u32.to_le_bytes().to_vec(), 99)),
