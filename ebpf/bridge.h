@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (MIT OR Apache-2.0) */
 /*
  * Wire format between kernel-bridge (Rust, kernel-bridge/src/record.rs) and the drain program.
- * Both sides must agree byte for byte; the Rust side has a test that checks these sizes.
+ * Both sides must agree byte for byte: kernel-bridge/tests/wire_format.rs compiles a probe against
+ * this header and compares every size, offset and constant with the Rust side.
  */
 #ifndef BPFTIME_BRIDGE_H
 #define BPFTIME_BRIDGE_H

@@ -122,6 +122,9 @@ pub struct BridgeCounters {
     pub full_waits: u64,
     /// BPF_PROG_RUN calls of the drain program; `sent / drain_runs` is the mean batch.
     pub drain_runs: u64,
+    /// Confirmation records received: one per update with `confirm_each`, else one per drained
+    /// batch plus one per failure.
+    pub confirmations: u64,
 }
 
 struct Producer {
@@ -151,6 +154,7 @@ struct Shared {
     failed: AtomicU64,
     full_waits: AtomicU64,
     drain_runs: AtomicU64,
+    confirmations: AtomicU64,
     /// Every sequence number below this one is settled (applied or failed).
     settled_below: AtomicU64,
     failures: Mutex<BTreeMap<u64, i32>>,
@@ -200,6 +204,7 @@ impl Bridge {
             failed: AtomicU64::new(0),
             full_waits: AtomicU64::new(0),
             drain_runs: AtomicU64::new(0),
+            confirmations: AtomicU64::new(0),
             settled_below: AtomicU64::new(1),
             failures: Mutex::new(BTreeMap::new()),
             drainer_idle: AtomicBool::new(false),
@@ -431,6 +436,7 @@ impl Bridge {
             pending: sent.saturating_sub(applied + failed),
             full_waits: self.shared.full_waits.load(Ordering::Relaxed),
             drain_runs: self.shared.drain_runs.load(Ordering::Relaxed),
+            confirmations: self.shared.confirmations.load(Ordering::Relaxed),
         }
     }
 
@@ -545,6 +551,7 @@ fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
 }
 
 fn settle(shared: &Shared, record: &ConfirmRecord) {
+    shared.confirmations.fetch_add(1, Ordering::Relaxed);
     let confirmation = match record.kind {
         ConfirmKind::Batch => {
             let failed = record.result.max(0) as u64;

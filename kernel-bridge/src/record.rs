@@ -140,13 +140,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layouts_match_bridge_h() {
-        assert_eq!(std::mem::size_of::<UpdateHeader>(), 32);
-        assert_eq!(std::mem::size_of::<MirrorSlot>(), 16);
-        assert_eq!(std::mem::size_of::<DrainArgs>(), 8);
-    }
-
-    #[test]
     fn encode_places_key_after_header_and_value_after_key() {
         let header = UpdateHeader {
             seq: 7,

@@ -247,11 +247,13 @@ fn main() -> Result<()> {
     let results: Vec<Measured> = results.into_iter().flatten().collect();
     let base = results[0].median;
     let nop5 = results[3].median;
+    let nop5_ret = results[7].median;
     println!(
         "\nns per call of a hooked function ({iters} calls x 5, median; min in parentheses; the \
          single-stepped row {} calls x 5; best of {rounds} interleaved rounds per row; same \
-         array-counter program in every probed row; last column: the kernel nop5 uprobe's probe \
-         cost / this row's)",
+         array-counter program in every probed row; last column: the probe cost of the kernel's \
+         nop5 path of the same kind (uprobe rows: the nop5 uprobe, uretprobe rows: the nop5 \
+         uretprobe) / this row's)",
         iters / SLOW_DIVISOR
     );
     println!(
@@ -263,9 +265,14 @@ fn main() -> Result<()> {
         let cost = m.median - base;
         // The ratio of probe costs (call minus the unprobed call): how many times cheaper than
         // the kernel's fast path this probe is (below 1: more expensive).
+        let kernel_nop5 = if row.label.contains("uretprobe") {
+            nop5_ret
+        } else {
+            nop5
+        };
         let ratio = match row.probe {
             Probe::None => "-".to_string(),
-            _ => format!("{:.1}", (nop5 - base) / cost.max(0.01)),
+            _ => format!("{:.1}", (kernel_nop5 - base) / cost.max(0.01)),
         };
         println!(
             "| {:<52} | {:>18} | {:>10} | {:>20} |",
