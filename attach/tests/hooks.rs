@@ -162,11 +162,21 @@ fn install_and_remove_while_threads_run_through() {
     let callers = Callers::start(churn, |n| 3 * n, 4);
     let c = Arc::new(Counter::default());
     let t = resolve(&target("churn")).unwrap();
-    for _ in 0..100 {
+    for round in 0..100 {
         let mut set = HookSet::new();
+        let before = c.entries.load(Ordering::Relaxed);
         set.install(&t, ProbeKind::Uprobe, c.clone()).unwrap();
         set.install(&t, ProbeKind::Uretprobe, c.clone()).unwrap();
-        std::thread::sleep(std::time::Duration::from_micros(200));
+        // Wait for callers to cross the hooked site (not a fixed sleep): the removal below
+        // then always happens with calls in flight through it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.entries.load(Ordering::Relaxed) < before + 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no caller crossed the installed hook"
+            );
+            std::thread::yield_now();
+        }
         set.detach().unwrap();
     }
     let total = callers.stop();
@@ -174,6 +184,72 @@ fn install_and_remove_while_threads_run_through() {
     assert!(c.entries.load(Ordering::Relaxed) > 0);
     // every return hook seen was for an entry seen
     assert!(c.returns.load(Ordering::Relaxed) <= c.entries.load(Ordering::Relaxed));
+}
+
+#[test]
+fn recursion_deeper_than_the_shadow_stack_counts_what_it_skips() {
+    type F = extern "C" fn(i64) -> i64;
+    let deep: F = sym("deep");
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "deep", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "deep", ProbeKind::Uretprobe, c.clone());
+    const DEPTH: u64 = 1000;
+    // A fresh thread: its shadow stack starts empty whatever other tests left on theirs.
+    let (result, overflowed) = std::thread::spawn(move || {
+        let before = bpftime_attach::hook::stats().shadow_overflow;
+        let r = deep(DEPTH as i64);
+        (r, bpftime_attach::hook::stats().shadow_overflow - before)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(result, DEPTH as i64, "the function itself ran correctly");
+    let frames = 256;
+    // Every call's entry ran; the outermost 256 calls got return hooks, the rest were skipped
+    // and counted (the documented behaviour of a full shadow stack), not lost silently.
+    assert_eq!(c.entries.load(Ordering::Relaxed), DEPTH + 1);
+    assert_eq!(c.returns.load(Ordering::Relaxed), frames);
+    assert_eq!(overflowed, DEPTH + 1 - frames);
+    // The stack drained: the next calls are exact again.
+    let c2 = Arc::new(Counter::default());
+    set.detach().unwrap();
+    let mut set = HookSet::new();
+    install(&mut set, "deep", ProbeKind::Uprobe, c2.clone());
+    install(&mut set, "deep", ProbeKind::Uretprobe, c2.clone());
+    assert_eq!(deep(10), 10);
+    assert_eq!(c2.entries.load(Ordering::Relaxed), 11);
+    assert_eq!(c2.returns.load(Ordering::Relaxed), 11);
+}
+
+#[test]
+fn five_thousand_threads_that_come_and_go_are_all_probed() {
+    type F = extern "C" fn(i64) -> i64;
+    let hit: F = sym("thread_hit");
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "thread_hit", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "thread_hit", ProbeKind::Uretprobe, c.clone());
+    let before = bpftime_attach::hook::stats().no_thread_slot;
+    // 5,000 threads, 100 alive at a time, with stack sizes that vary so glibc's stack cache
+    // cannot hand every one the same stack (and TCB) back: the thread table must not fill up.
+    const THREADS: u64 = 5000;
+    for batch in 0..THREADS / 100 {
+        let threads: Vec<_> = (0..100)
+            .map(|i| {
+                std::thread::Builder::new()
+                    .stack_size((64 + ((batch * 100 + i) % 61) as usize * 16) * 1024)
+                    .spawn(move || hit(1))
+                    .unwrap()
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3);
+        }
+    }
+    let skipped = bpftime_attach::hook::stats().no_thread_slot - before;
+    assert_eq!(skipped, 0, "calls skipped for want of a thread slot");
+    assert_eq!(c.entries.load(Ordering::Relaxed), THREADS);
+    assert_eq!(c.returns.load(Ordering::Relaxed), THREADS);
 }
 
 #[test]

@@ -281,3 +281,109 @@ fn sync_selection_names_unknown_and_unmirrorable_maps() {
         "{err}"
     );
 }
+
+#[test]
+fn every_mirrorable_map_type_reaches_the_kernel() {
+    if !require_kernel("every_mirrorable_map_type_reaches_the_kernel") {
+        return;
+    }
+    const OBJECT: &str = "test_sync_types";
+    let _cleanup = Cleanup(OBJECT);
+    let _ = remove_object(OBJECT);
+    let _ = remove_object_pins(OBJECT);
+    let maps = [
+        def("array", MapType::Array, 4, 8, 64),
+        def("lru", MapType::LruHash, 4, 8, 128),
+        def("percpu_hash", MapType::PercpuHash, 4, 8, 128),
+        def("queue", MapType::Queue, 0, 8, 64),
+        def("stack", MapType::Stack, 0, 8, 64),
+    ];
+    let shm = Arc::new(ShmObject::create(OBJECT, &maps).unwrap());
+    let (mut forwarder, unmirrorable) = Forwarder::start(&shm, SyncOptions::default()).unwrap();
+    assert!(unmirrorable.is_empty(), "{unmirrorable:?}");
+    let ncpu = shm.map("percpu_hash").unwrap().ncpu() as usize;
+    // 4 threads: array slots through the update helper, 1,000 distinct keys each into a
+    // 128-entry LRU (which evicts), whole per-CPU values; one thread pushes onto the queue and
+    // the stack (their order is the test's to know).
+    let writers: Vec<_> = (0..4u32)
+        .map(|t| {
+            let shm = Arc::clone(&shm);
+            std::thread::spawn(move || {
+                let array = shm.map("array").unwrap();
+                let lru = shm.map("lru").unwrap();
+                let percpu = shm.map("percpu_hash").unwrap();
+                for i in 0..1000u32 {
+                    array
+                        .update(
+                            &(i % 64).to_le_bytes(),
+                            &u64::from(t * 10_000 + i).to_le_bytes(),
+                            0,
+                        )
+                        .unwrap();
+                    lru.update(
+                        &(t * 1000 + i).to_le_bytes(),
+                        &u64::from(i).to_le_bytes(),
+                        0,
+                    )
+                    .unwrap();
+                    let per_cpu: Vec<u8> = (0..ncpu as u64)
+                        .flat_map(|c| (u64::from(i) + c).to_le_bytes())
+                        .collect();
+                    percpu
+                        .update_percpu(&(t * 25 + i % 25).to_le_bytes(), &per_cpu, 0)
+                        .unwrap();
+                    if t == 0 && i < 50 {
+                        shm.map("queue")
+                            .unwrap()
+                            .push(&u64::from(i).to_le_bytes(), 0)
+                            .unwrap();
+                        shm.map("stack")
+                            .unwrap()
+                            .push(&u64::from(100 + i).to_le_bytes(), 0)
+                            .unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    while writers.iter().any(|w| !w.is_finished()) {
+        forwarder.pass().unwrap();
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(forwarder.run_until_idle(Duration::from_secs(30)).unwrap());
+    let names = forwarder.map_names();
+    let index = |name: &str| names.iter().position(|n| *n == name).unwrap();
+    for name in ["array", "lru", "percpu_hash"] {
+        let user = user_state(&shm, name);
+        assert!(!user.is_empty(), "{name}");
+        assert_eq!(user, kernel_state(&forwarder, index(name)), "map {name}");
+    }
+    assert_eq!(
+        user_state(&shm, "lru").len(),
+        128,
+        "the LRU is full, the rest evicted"
+    );
+    assert_eq!(user_state(&shm, "array").len(), 64);
+    // Every push reached the kernel's queue and stack: popped there in FIFO and LIFO order.
+    let popped = |name: &str| -> Vec<u64> {
+        bpftime_kernel_bridge::Mirror::open_pinned(
+            &bpftime_kernel_bridge::mirror::pin_path(OBJECT, name),
+            OBJECT,
+        )
+        .unwrap()
+        .drain_queue()
+        .unwrap()
+        .into_iter()
+        .map(|v| u64::from_le_bytes(v[..8].try_into().unwrap()))
+        .collect()
+    };
+    assert_eq!(popped("queue"), (0..50).collect::<Vec<u64>>());
+    assert_eq!(popped("stack"), (100..150).rev().collect::<Vec<u64>>());
+    for (name, c) in forwarder.counters() {
+        assert_eq!(c.sent, c.confirmed, "{name}: every record confirmed");
+        assert_eq!((c.failed, c.pending), (0, 0), "{name}");
+    }
+}

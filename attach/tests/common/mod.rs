@@ -59,6 +59,13 @@ NI long fib(long n) {
 NI int check_secret(int x) { volatile int y = x * 7; return y == 42 ? 1 : 0; }
 NI long work(long x) { volatile long y = x; return y + 1; }
 NI long churn(long x) { volatile long y = x; return y * 3; }
+NI long deep(long n) {
+    if (n == 0) return 0;
+    long r = deep(n - 1);
+    __asm__ volatile("" : "+r"(r)); /* a real call, not a loop */
+    return r + 1;
+}
+NI long thread_hit(long x) { volatile long y = x; return y + 2; }
 NI int tiny(int x) { return x; }
 NI double fmix(double a, double b, long c) { return a * 2.0 + b + (double)c; }
 static jmp_buf jb;
