@@ -13,9 +13,10 @@
 //! * a pointer handed out by a lookup may be written through later: such entries are read again
 //!   100 µs, 2 ms, 50 ms and 1 s after the lookup was seen, and a **sweep** (a whole-map compare
 //!   with what the kernel was sent) runs once the map has been quiet for a moment after pointer
-//!   lookups; every map that changes is also swept every 30 s (or less often, to stay under 2%
-//!   of a core), a safety net: what a sweep finds is sent and counted (`sweep_fixes`: changes
-//!   tracking did not report);
+//!   lookups; a map that has ever handed out a pointer is swept every 5 s, since a write through
+//!   a pointer kept past the last recheck sets no mark, and every map that changes every 30 s
+//!   (each less often if needed to stay under 2% of a core): what a sweep finds is sent and
+//!   counted (`sweep_fixes`);
 //! * deletes leave tombstones that are freed only after the delete was queued; if a map had to
 //!   drop unacknowledged tombstones (its spare half full), the forwarder deletes every kernel key
 //!   userspace no longer has (a **resync**, counted);
@@ -73,6 +74,10 @@ pub struct SyncOptions {
     /// And at least this often while it stays busy (or less often, to keep sweeps under
     /// `sweep_budget` of a core).
     pub sweep_every: Duration,
+    /// A map that has ever handed out a value pointer is swept at least this often (within
+    /// the budget) even when nothing marked it: a pointer stays valid while its entry lives,
+    /// and a write through it after the last recheck sets no mark.
+    pub pointer_sweep_every: Duration,
     pub sweep_budget: f64,
     /// Sleep between passes when nothing changed.
     pub poll_interval: Duration,
@@ -91,6 +96,7 @@ impl Default for SyncOptions {
             ],
             sweep_when_quiet: Duration::from_millis(200),
             sweep_every: Duration::from_secs(30),
+            pointer_sweep_every: Duration::from_secs(5),
             sweep_budget: 0.02,
             poll_interval: Duration::from_micros(20),
         }
@@ -353,6 +359,8 @@ struct SyncedMap {
     next_push: u64,
     /// Pointer lookups seen since the last sweep.
     pointers_since_sweep: bool,
+    /// Any pointer lookup seen since the forwarder started.
+    ever_handed_pointers: bool,
     /// Any change seen since the last sweep.
     changed_since_sweep: bool,
     last_change: Instant,
@@ -443,6 +451,7 @@ impl Forwarder {
                 counters: SyncCounters::default(),
                 next_push: 0,
                 pointers_since_sweep: false,
+                ever_handed_pointers: false,
                 changed_since_sweep: false,
                 last_change: now,
                 last_sweep: now,
@@ -636,6 +645,7 @@ impl Forwarder {
             in_flight,
             counters,
             pointers_since_sweep,
+            ever_handed_pointers,
             changed_since_sweep,
             last_change,
             ..
@@ -655,6 +665,7 @@ impl Forwarder {
                     });
                 }
                 *pointers_since_sweep = true;
+                *ever_handed_pointers = true;
             }
             if table.needs(&c) {
                 batch.push(&c, c.value.is_none());
@@ -730,11 +741,17 @@ impl Forwarder {
         }
         // And now and then for any map that changed, within the budget: a safety net that
         // makes any change tracking missed (there is no known way) visible in `sweep_fixes`.
-        let every = self.options.sweep_every.max(
-            map.last_sweep_cost
-                .div_f64(self.options.sweep_budget.max(1e-6)),
-        );
-        map.changed_since_sweep && now.duration_since(map.last_sweep) >= every
+        let within_budget = map
+            .last_sweep_cost
+            .div_f64(self.options.sweep_budget.max(1e-6));
+        let since = now.duration_since(map.last_sweep);
+        // A pointer handed out long ago can still be written through, unmarked: such maps are
+        // swept on a shorter clock whether or not anything marked them.
+        if map.ever_handed_pointers && since >= self.options.pointer_sweep_every.max(within_budget)
+        {
+            return true;
+        }
+        map.changed_since_sweep && since >= self.options.sweep_every.max(within_budget)
     }
 
     fn forward_pushes(&mut self, index: usize) -> Result<usize, SyncError> {

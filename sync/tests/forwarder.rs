@@ -387,3 +387,49 @@ fn every_mirrorable_map_type_reaches_the_kernel() {
         assert_eq!((c.failed, c.pending), (0, 0), "{name}");
     }
 }
+
+#[test]
+fn a_pointer_write_long_after_its_lookup_still_reaches_the_kernel() {
+    if !require_kernel("a_pointer_write_long_after_its_lookup_still_reaches_the_kernel") {
+        return;
+    }
+    const OBJECT: &str = "test_sync_late";
+    let _cleanup = Cleanup(OBJECT);
+    let _ = remove_object(OBJECT);
+    let _ = remove_object_pins(OBJECT);
+    let shm = Arc::new(ShmObject::create(OBJECT, &[def("late", MapType::Hash, 4, 8, 16)]).unwrap());
+    let (mut forwarder, _) = Forwarder::start(&shm, SyncOptions::default()).unwrap();
+    let map = shm.map("late").unwrap();
+    map.update(&1u32.to_le_bytes(), &5u64.to_le_bytes(), 0)
+        .unwrap();
+    // A program looks the value up and keeps the pointer (a target preempted, or a value kept
+    // across calls through a map-value pointer).
+    let value = map.lookup(&1u32.to_le_bytes()).unwrap().unwrap();
+    // Every recheck of that lookup (up to 1 s) and the quiet sweep pass with nothing to find.
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < quiet_until {
+        forwarder.pass().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        kernel_state(&forwarder, 0),
+        vec![(1u32.to_le_bytes().to_vec(), 5)]
+    );
+    // Then the write through the old pointer: no mark, no lookup, no helper call.
+    value
+        .atomic_u64(0)
+        .unwrap()
+        .store(77, std::sync::atomic::Ordering::SeqCst);
+    let written = std::time::Instant::now();
+    while kernel_state(&forwarder, 0) != vec![(1u32.to_le_bytes().to_vec(), 77)] {
+        assert!(
+            written.elapsed() < Duration::from_secs(20),
+            "a write through a pointer looked up long before never reached the kernel"
+        );
+        forwarder.pass().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("arrived {:?} after the write", written.elapsed());
+    let (_, c) = &forwarder.counters()[0];
+    assert_eq!(c.sweep_fixes, 1, "found by a sweep, and counted: {c:?}");
+}
