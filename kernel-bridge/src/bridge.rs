@@ -296,6 +296,24 @@ impl Bridge {
         Ok(first)
     }
 
+    /// Test hook: queues `update` with the header sizes given, skipping the checks `send`
+    /// makes, so the drain program's own check of every record is exercised (a malformed
+    /// record from a buggy or hostile producer must be rejected in the kernel too).
+    #[doc(hidden)]
+    pub fn debug_send_unchecked(
+        &self,
+        update: &Update<'_>,
+        key_size: u32,
+        value_size: u32,
+    ) -> Result<u64, BridgeError> {
+        let mut producer = self.shared.producer.lock();
+        let seq = producer.next_seq;
+        self.queue_one(&mut producer, update, key_size, value_size)?;
+        drop(producer);
+        self.kick();
+        Ok(seq)
+    }
+
     fn queue_one(
         &self,
         producer: &mut Producer,

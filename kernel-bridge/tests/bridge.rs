@@ -289,6 +289,52 @@ fn malformed_updates_are_refused_with_the_map_named() {
         "nothing malformed reaches the ring"
     );
 
+    // The drain checks each record again in the kernel: sizes that do not match the mirror
+    // (as a buggy or hostile producer could write) are rejected with EINVAL, the map untouched,
+    // and the records after them still apply.
+    let good = bridge
+        .send(&Update::put(id, &[1, 0, 0, 0], &[7; 8], 0))
+        .unwrap();
+    let short_key = bridge
+        .debug_send_unchecked(&Update::put(id, &[2, 0, 0], &[9; 8], 0), 3, 8)
+        .unwrap();
+    let long_value = bridge
+        .debug_send_unchecked(&Update::put(id, &[3, 0, 0, 0], &[9; 12], 0), 4, 12)
+        .unwrap();
+    let keyless = bridge
+        .debug_send_unchecked(&Update::push(id, &[9; 8], 0), 0, 8)
+        .unwrap();
+    let after = bridge
+        .send(&Update::put(id, &[4, 0, 0, 0], &[8; 8], 0))
+        .unwrap();
+    let counters = bridge.flush(Duration::from_secs(10)).unwrap();
+    assert_eq!(counters.pending, 0);
+    for seq in [short_key, long_value, keyless] {
+        assert_eq!(
+            bridge.status(seq),
+            UpdateStatus::Failed {
+                errno: libc::EINVAL
+            },
+            "record {seq}"
+        );
+    }
+    assert_eq!(bridge.status(good), UpdateStatus::Applied);
+    assert_eq!(bridge.status(after), UpdateStatus::Applied);
+    let mut keys: Vec<Vec<u8>> = bridge
+        .mirror(id)
+        .unwrap()
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![vec![1, 0, 0, 0], vec![4, 0, 0, 0]],
+        "only the well-formed records"
+    );
+
     let err = bridge
         .create_map(desc("test_bad", "counts", MapKind::Hash, 4, 16, 16))
         .unwrap_err();
