@@ -268,15 +268,30 @@ fn direct_hooks_come_and_go_while_threads_run_through() {
     let alone = Arc::new(Probe::default());
     let other = Arc::new(Probe::default());
     let t = resolve(&target("bench_plain")).unwrap();
+    let seen = |p: &Probe| p.direct.load(Ordering::Relaxed) + p.generic.load(Ordering::Relaxed);
+    // Waits until callers crossed the site `n` more times under the current handlers (not a
+    // fixed sleep): each change below then happens with calls in flight.
+    let crossed = |p: &Probe, n: u64, what: &str| {
+        let from = seen(p);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while seen(p) < from + n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no caller crossed: {what}"
+            );
+            std::thread::yield_now();
+        }
+    };
     for round in 0..100 {
         let mut set = HookSet::new();
         set.install(&t, ProbeKind::Uprobe, alone.clone()).unwrap();
-        std::thread::sleep(std::time::Duration::from_micros(100));
+        crossed(&alone, 8, "alone");
         // every other round a second handler joins (the site leaves the fast path) and leaves
         if round % 2 == 1 {
             let id = set.install(&t, ProbeKind::Uprobe, other.clone()).unwrap();
-            std::thread::sleep(std::time::Duration::from_micros(100));
+            crossed(&other, 8, "with a second handler");
             set.remove(id).unwrap();
+            crossed(&alone, 8, "alone again");
         }
         set.detach().unwrap();
     }
@@ -472,6 +487,14 @@ impl ProbeHandler for Blocking {
     }
 }
 
+/// The calling thread's TCB address (`fs:0`), the key of its hook-table slot.
+fn tcb() -> u64 {
+    let k: u64;
+    // SAFETY: on x86_64 Linux fs:0 holds the thread control block's own address.
+    unsafe { core::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) k, options(nostack, readonly)) };
+    k
+}
+
 #[test]
 fn fork_while_another_thread_is_inside_a_handler() {
     type F = extern "C" fn(i64) -> i64;
@@ -479,23 +502,49 @@ fn fork_while_another_thread_is_inside_a_handler() {
     let b = Arc::new(Blocking::default());
     let mut set = HookSet::new();
     install(&mut set, "bench_nop5", ProbeKind::Uprobe, b.clone());
-    let inside = std::thread::spawn(move || bench_nop5(BLOCK_ON as i64));
+    let blocked_tcb = Arc::new(AtomicU64::new(0));
+    let tcb_out = blocked_tcb.clone();
+    let inside = std::thread::spawn(move || {
+        tcb_out.store(tcb(), Ordering::SeqCst);
+        bench_nop5(BLOCK_ON as i64)
+    });
     while !b.inside.load(Ordering::SeqCst) {
         std::thread::yield_now();
     }
-    // SAFETY: the child only spawns a thread, calls the hooked function and exits.
+    let target_tcb = blocked_tcb.load(Ordering::SeqCst);
+    // SAFETY: the child only spawns threads, calls the hooked function and exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        // The child's first new thread likely reuses the blocked thread's stack and TCB (so
-        // its table slot): its handlers must still run.
-        let before = b.calls.load(Ordering::SeqCst);
-        let ok = std::thread::spawn(move || bench_nop5(1) == 2)
-            .join()
-            .unwrap_or(false);
-        let ran = b.calls.load(Ordering::SeqCst) == before + 1;
+        // glibc gives the stacks of the threads that do not exist in the child back to its
+        // cache, so new threads reuse them and their TCBs, and with them the blocked thread's
+        // table slot. Keep threads alive until one has that TCB (each takes another cached
+        // stack), then check its handler runs.
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let mut parked = Vec::new();
+        let mut result = 3; // never reused the blocked thread's TCB
+        for _ in 0..64 {
+            let (tx, b) = (tx.clone(), b.clone());
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            parked.push(go_tx);
+            std::thread::spawn(move || {
+                if tcb() != target_tcb {
+                    let _ = tx.send(false);
+                    let _ = go_rx.recv();
+                    return;
+                }
+                let before = b.calls.load(Ordering::SeqCst);
+                let ok = bench_nop5(1) == 2 && b.calls.load(Ordering::SeqCst) == before + 1;
+                let _ = tx.send(true);
+                let _ = tx.send(ok);
+            });
+            if rx.recv().unwrap_or(false) {
+                result = if rx.recv().unwrap_or(false) { 0 } else { 1 };
+                break;
+            }
+        }
         // SAFETY: leaving the child without running the parent's test harness.
-        unsafe { libc::_exit(if ok && ran { 0 } else { 1 }) };
+        unsafe { libc::_exit(result) };
     }
     let mut status = 0;
     // SAFETY: waiting for our child.
@@ -503,7 +552,12 @@ fn fork_while_another_thread_is_inside_a_handler() {
     b.release.store(true, Ordering::SeqCst);
     assert_eq!(inside.join().unwrap(), BLOCK_ON as i64 + 1);
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the child's new thread ran no handler (status {status:#x})"
+        libc::WIFEXITED(status),
+        "the child died (status {status:#x})"
     );
+    match libc::WEXITSTATUS(status) {
+        0 => {}
+        3 => panic!("no new thread of the child reused the blocked thread's TCB: case not reached"),
+        code => panic!("the child's thread on the blocked thread's slot ran no handler ({code})"),
+    }
 }
