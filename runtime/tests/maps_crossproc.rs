@@ -198,6 +198,13 @@ fn child_entry() {
             let a = obj.map("a").unwrap();
             a.update(&k4(2), &5u64.to_le_bytes(), BPF_ANY).unwrap();
         }
+        "stop_mid_push" => {
+            obj.map("q")
+                .unwrap()
+                .debug_stop_mid_push(&3u64.to_le_bytes());
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
         "stop_mid_insert" => {
             obj.map("h").unwrap().debug_stop_mid_insert(&k4(100));
             ctl_add(&obj, 0, 1);
@@ -346,6 +353,42 @@ fn a_writer_killed_mid_insert_leaves_no_capacity_reserved() {
     }
     assert_eq!(h.len(), 32);
     assert_eq!(h.iter().len(), 32);
+}
+
+#[test]
+fn a_pusher_killed_mid_push_leaves_every_push_numbered_once() {
+    let s = Seg::new(
+        "xp",
+        "midpush",
+        &[ctl_def(), def(MapType::Queue, 0, 8, 8, "q")],
+    );
+    let q = s.0.map("q").unwrap();
+    q.push(&1u64.to_le_bytes(), 0).unwrap();
+    q.push(&2u64.to_le_bytes(), 0).unwrap();
+    let mut kid = spawn("stop_mid_push", &s.0, 0);
+    wait_until("child mid-push", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    sigkill(&kid);
+    kid.wait().unwrap();
+    // The next push takes the lock over from the dead pusher, whose value stays queued.
+    q.push(&4u64.to_le_bytes(), 0).unwrap();
+    assert_eq!(q.counters().recoveries, 1);
+    let (pushes, next) = q.pushes_since(0).unwrap();
+    let values: Vec<u64> = pushes
+        .iter()
+        .map(|p| u64::from_le_bytes(p.value[..8].try_into().unwrap()))
+        .collect();
+    assert_eq!(values, [1, 2, 3, 4]);
+    let seqs: Vec<u64> = pushes.iter().map(|p| p.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "each push numbered once: {seqs:?}"
+    );
+    assert!(next > *seqs.last().unwrap());
+    // What the forwarder has seen is not handed back again.
+    let (again, _) = q.pushes_since(next).unwrap();
+    assert!(again.is_empty(), "{} pushes seen twice", again.len());
 }
 
 #[test]

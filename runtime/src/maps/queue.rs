@@ -22,8 +22,43 @@ impl MapHandle {
         let g = LockGuard::new(&self.ctl().alloc.lock).ok_or_else(|| self.err(op, libc::EBUSY))?;
         if g.acquired == Acquired::Recovered {
             self.count(ctr::RECOVERIES);
+            self.repair_push_numbering();
         }
         Ok(g)
+    }
+
+    /// A pusher killed between publishing its value (the head store) and counting it leaves
+    /// the newest queued value numbered like the next push would be: the next push would share
+    /// its number and the forwarder would send one of them twice. Numbers continue after the
+    /// newest queued one.
+    fn repair_push_numbering(&self) {
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let tail = a.qtail.load(Ordering::Relaxed) % size;
+        if head == tail {
+            return;
+        }
+        let newest = self.qseq((head + size - 1) % size).load(Ordering::Relaxed);
+        let pushes = &self.ctl().counters.c[ctr::PUSHES];
+        if pushes.load(Ordering::Relaxed) <= newest {
+            pushes.store(newest + 1, Ordering::Release);
+        }
+    }
+
+    /// Test hook: a pusher killed after publishing `value` and before counting the push: takes
+    /// the lock, queues the value, and returns with the lock held and the count not advanced.
+    #[doc(hidden)]
+    pub fn debug_stop_mid_push(&self, value: &[u8]) {
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _ = self.ctl().alloc.lock.lock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
+        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
+        self.qseq(head).store(seq, Ordering::Relaxed);
+        a.qhead.store((head + 1) % size, Ordering::Release);
     }
 
     #[inline]
@@ -206,6 +241,9 @@ impl MapHandle {
             i = (i + 1) % size;
         }
         out.sort_by_key(|p| p.seq);
+        // Never hand back a number at or below one returned: the caller would see that push
+        // again (a dead pusher can leave the count behind its published value).
+        let next = out.last().map_or(next, |p| next.max(p.seq + 1));
         Ok((out, next))
     }
 }
