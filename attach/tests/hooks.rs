@@ -359,6 +359,7 @@ fn hook_at_function_offset() {
     let mid: F = sym("mid_target");
     let base = resolve(&target("mid_target")).unwrap();
     // find an instruction boundary >= 4 bytes in
+    // SAFETY: the function's code, `size` bytes from its resolved address, mapped executable.
     let code = unsafe { std::slice::from_raw_parts(base.address as *const u8, base.size as usize) };
     let mut dec = iced_decoder_boundaries(code);
     let off = dec

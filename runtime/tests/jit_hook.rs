@@ -276,11 +276,11 @@ fn program_calling_other_helpers_runs_through_the_entry() {
     let mut last = 0;
     for _ in 0..50 {
         let mut ctx = [0u8; 16];
-        // SAFETY: the entry with its hook, a 16-byte context and slot 0.
-        assert_eq!(
-            unsafe { JitHook::entry()(hook_ptr, ctx.as_mut_ptr(), 0) },
-            0
-        );
+        let r0 = {
+            // SAFETY: the entry with its hook, a 16-byte context and slot 0.
+            unsafe { JitHook::entry()(hook_ptr, ctx.as_mut_ptr(), 0) }
+        };
+        assert_eq!(r0, 0);
         let t = value_u64(&e.obj, "a", &0u32.to_le_bytes());
         assert!(t > last, "a fresh timestamp on every run");
         last = t;

@@ -306,6 +306,7 @@ fn for_each(list: &AtomicPtr<Handlers>, mut f: impl FnMut(&dyn ProbeHandler)) {
     }
     // SAFETY: lists are never freed once published; each entry keeps its handler alive.
     for h in unsafe { &*p } {
+        // SAFETY: `ptr` points into the `Arc` the entry holds, alive as long as the entry.
         f(unsafe { &*h.ptr });
     }
 }

@@ -364,9 +364,9 @@ impl RbpfProgram {
         mem: &mut MemoryMap<'_>,
         helpers: &mut dyn Helpers,
     ) -> Result<u64, VmError> {
-        // SAFETY (lifetime erasure): the pointers are only used by `dispatch` on this thread
-        // while `vm` runs below, during which `helpers` and `mem` stay exclusively borrowed.
         let cur = Current {
+            // SAFETY: lifetime erasure: the pointers are only used by `dispatch` on this thread
+            // while `vm` runs below, during which `helpers` and `mem` stay exclusively borrowed.
             helpers: unsafe {
                 std::mem::transmute::<*mut (dyn Helpers + '_), *mut (dyn Helpers + 'static)>(
                     helpers as *mut (dyn Helpers + '_),
@@ -375,7 +375,7 @@ impl RbpfProgram {
             mem: (mem as *mut MemoryMap<'_>).cast::<MemoryMap<'static>>(),
             error: None,
         };
-        // SAFETY (lifetime extension): rbpf uses `data` only during this call (it passes the
+        // SAFETY: lifetime extension: rbpf uses `data` only during this call (it passes the
         // pointer to the program and keeps nothing afterwards); the borrow outlives the call.
         let data: &'static mut [u8] =
             unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr(), data.len()) };
