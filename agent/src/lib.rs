@@ -107,21 +107,11 @@ fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]
     if f.metadata()?.len() < len as u64 {
         f.set_len(len as u64)?;
     }
-    use std::os::fd::AsRawFd;
-    // SAFETY: shared mapping of a file we just sized; checked below; never unmapped.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
+    use std::os::fd::AsFd;
+    // Never unmapped: handlers may count into it until the process exits.
+    let p = bpftime_abi::Mmap::shared(f.as_fd(), len, 0, bpftime_abi::os::Access::ReadWrite)?
+        .leak()
+        .as_ptr();
     // SAFETY: the mapping is page aligned, `len` bytes, zero filled, lives forever; AtomicU64
     // has the layout of u64.
     unsafe {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bpftime_kernel_bridge::testing::require_kernel;
-use bpftime_kernel_bridge::{Bridge, BridgeConfig, Confirmation, MapKind, MirrorDesc, Update};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+use bpftime_kernel_bridge::{Bridge, BridgeConfig, Confirmation, MapType, MirrorDesc, Update};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 const MAX_ENTRIES: u32 = 1 << 20;
 
@@ -24,7 +24,15 @@ fn fresh_map() -> MapHandle {
         sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
         ..Default::default()
     };
-    MapHandle::create(MapType::Hash, Some("bench"), 4, 8, MAX_ENTRIES, &opts).expect("map")
+    MapHandle::create(
+        libbpf_rs::MapType::Hash,
+        Some("bench"),
+        4,
+        8,
+        MAX_ENTRIES,
+        &opts,
+    )
+    .expect("map")
 }
 
 fn one_syscall_per_update(keys: u32) -> Row {
@@ -69,7 +77,7 @@ fn update_batch(keys: u32, batch: u32) -> Row {
 /// Every bridge row writes into a fresh mirror of the same shape.
 fn bench_mirror(name: &str) -> MirrorDesc {
     MirrorDesc {
-        kind: MapKind::Hash,
+        kind: MapType::Hash,
         key_size: 4,
         value_size: 8,
         max_entries: MAX_ENTRIES,

@@ -16,8 +16,8 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::drain::DrainProgram;
 use crate::error::BridgeError;
 use crate::mirror::{Mirror, MirrorDesc};
-use crate::record::{record_size, ConfirmKind, ConfirmRecord, Op, UpdateHeader, MAX_MIRRORS};
 use crate::user_ringbuf::{UserRingBuf, UserRingBufError};
+use bpftime_abi::bridge::{record_size, ConfirmKind, ConfirmRecord, Op, UpdateHeader, MAX_MIRRORS};
 
 /// Index of a mirror within one [`Bridge`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -389,7 +389,7 @@ impl Bridge {
         expect("key", update.key.len(), desc.key_bytes() as usize)?;
         let value_bytes = match update.op {
             Op::Delete => 0,
-            Op::Update | Op::Push => desc.value_bytes()? as usize,
+            Op::Update | Op::Push => desc.value_bytes() as usize,
         };
         expect("value", update.value.len(), value_bytes)?;
         Ok((update.key.len() as u32, update.value.len() as u32))

@@ -9,9 +9,11 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
 
+use bpftime_abi::bridge::{DrainArgs, MirrorSlot};
+use bpftime_abi::MapType;
+
 use crate::error::BridgeError;
-use crate::mirror::{MapKind, MirrorDesc};
-use crate::record::{DrainArgs, MirrorSlot};
+use crate::mirror::MirrorDesc;
 
 const BRIDGE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bridge.bpf.o"));
 
@@ -19,12 +21,12 @@ const BRIDGE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bridge.bp
 /// `bpf_map_update_elem` on an inner map instead of a whole `bpf_sys_bpf` syscall per record.
 /// The kernel only accepts an inner map whose type, key/value sizes and flags equal the
 /// template's, so only flag-less mirrors of these exact shapes qualify.
-const FAST_SHAPES: [(MapKind, u32, u32, u32, &str); 5] = [
-    (MapKind::Hash, 4, 8, 1, "fast_hash_4_8"),
-    (MapKind::Hash, 8, 8, 2, "fast_hash_8_8"),
-    (MapKind::Hash, 4, 4, 3, "fast_hash_4_4"),
-    (MapKind::LruHash, 4, 8, 4, "fast_lru_4_8"),
-    (MapKind::LruHash, 8, 8, 5, "fast_lru_8_8"),
+const FAST_SHAPES: [(MapType, u32, u32, u32, &str); 5] = [
+    (MapType::Hash, 4, 8, 1, "fast_hash_4_8"),
+    (MapType::Hash, 8, 8, 2, "fast_hash_8_8"),
+    (MapType::Hash, 4, 4, 3, "fast_hash_4_4"),
+    (MapType::LruHash, 4, 8, 4, "fast_lru_4_8"),
+    (MapType::LruHash, 8, 8, 5, "fast_lru_8_8"),
 ];
 
 fn fast_shape(desc: &MirrorDesc) -> Option<(u32, &'static str)> {
@@ -98,7 +100,7 @@ impl DrainProgram {
         let slot = MirrorSlot {
             fd: mirror_fd,
             key_size: desc.key_bytes(),
-            value_size: desc.value_bytes()?,
+            value_size: desc.value_bytes(),
             fast_shape: fast.map_or(0, |(id, _)| id),
         };
         self.map("mirrors")?

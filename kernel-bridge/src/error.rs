@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::record::Op;
 use crate::user_ringbuf::UserRingBufError;
+use bpftime_abi::bridge::Op;
 
 /// Everything that can go wrong in the bridge, each naming the map or file concerned.
 #[derive(Debug, thiserror::Error)]

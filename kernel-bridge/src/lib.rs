@@ -9,14 +9,14 @@ pub mod bridge;
 mod drain;
 pub mod error;
 pub mod mirror;
-pub mod record;
 pub mod selftest;
 pub mod testing;
 pub mod user_ringbuf;
 
+pub use bpftime_abi::bridge::Op;
+pub use bpftime_abi::MapType;
 pub use bridge::{
     Bridge, BridgeConfig, BridgeCounters, Confirmation, MirrorId, Update, UpdateStatus,
 };
 pub use error::BridgeError;
-pub use mirror::{KernelEntry, MapKind, Mirror, MirrorDesc, PIN_ROOT};
-pub use record::Op;
+pub use mirror::{KernelEntry, Mirror, MirrorDesc, PIN_ROOT};

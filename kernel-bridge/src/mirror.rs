@@ -5,96 +5,20 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+use bpftime_abi::{possible_cpus, MapType};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::error::BridgeError;
-use crate::record::SCRATCH_SIZE;
+use bpftime_abi::bridge::SCRATCH_SIZE;
 
 /// Where every mirror is pinned.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/bpftime-rs";
 
-/// The map types a mirror can have: those whose state the bridge can reproduce with
-/// BPF_MAP_UPDATE_ELEM / DELETE_ELEM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MapKind {
-    Hash,
-    Array,
-    PercpuHash,
-    PercpuArray,
-    LruHash,
-    LruPercpuHash,
-    Queue,
-    Stack,
-}
-
-impl MapKind {
-    /// The kernel's `BPF_MAP_TYPE_*` number.
-    pub fn kernel_type(self) -> u32 {
-        self.libbpf_type() as u32
-    }
-
-    fn libbpf_type(self) -> MapType {
-        match self {
-            MapKind::Hash => MapType::Hash,
-            MapKind::Array => MapType::Array,
-            MapKind::PercpuHash => MapType::PercpuHash,
-            MapKind::PercpuArray => MapType::PercpuArray,
-            MapKind::LruHash => MapType::LruHash,
-            MapKind::LruPercpuHash => MapType::LruPercpuHash,
-            MapKind::Queue => MapType::Queue,
-            MapKind::Stack => MapType::Stack,
-        }
-    }
-
-    /// Maps a kernel `BPF_MAP_TYPE_*` number to a mirrorable kind; `None` for RINGBUF,
-    /// PERF_EVENT_ARRAY, PROG_ARRAY and the others, which have no meaningful mirror.
-    pub fn from_kernel_type(map_type: u32) -> Option<Self> {
-        [
-            MapKind::Hash,
-            MapKind::Array,
-            MapKind::PercpuHash,
-            MapKind::PercpuArray,
-            MapKind::LruHash,
-            MapKind::LruPercpuHash,
-            MapKind::Queue,
-            MapKind::Stack,
-        ]
-        .into_iter()
-        .find(|kind| kind.kernel_type() == map_type)
-    }
-
-    /// bpftool's name for the type.
-    pub fn name(self) -> &'static str {
-        match self {
-            MapKind::Hash => "hash",
-            MapKind::Array => "array",
-            MapKind::PercpuHash => "percpu_hash",
-            MapKind::PercpuArray => "percpu_array",
-            MapKind::LruHash => "lru_hash",
-            MapKind::LruPercpuHash => "lru_percpu_hash",
-            MapKind::Queue => "queue",
-            MapKind::Stack => "stack",
-        }
-    }
-
-    pub fn is_percpu(self) -> bool {
-        matches!(
-            self,
-            MapKind::PercpuHash | MapKind::PercpuArray | MapKind::LruPercpuHash
-        )
-    }
-
-    /// Queues and stacks have no key: records push values.
-    pub fn is_keyless(self) -> bool {
-        matches!(self, MapKind::Queue | MapKind::Stack)
-    }
-}
-
 /// Everything needed to create a mirror: the source map's shape and where to pin it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MirrorDesc {
-    pub kind: MapKind,
+    /// A type with [`MapType::is_mirrorable`]; [`MirrorDesc::validate`] refuses the others.
+    pub kind: MapType,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
@@ -112,11 +36,11 @@ impl MirrorDesc {
 
     /// The bytes the kernel copies for one value: per-CPU maps carry one 8-byte-aligned slot
     /// per possible CPU.
-    pub fn value_bytes(&self) -> Result<u32, BridgeError> {
+    pub fn value_bytes(&self) -> u32 {
         if self.kind.is_percpu() {
-            Ok(self.value_size.next_multiple_of(8) * possible_cpus()?)
+            self.value_size.next_multiple_of(8) * possible_cpus()
         } else {
-            Ok(self.value_size)
+            self.value_size
         }
     }
 
@@ -134,6 +58,12 @@ impl MirrorDesc {
             map: self.name.clone(),
             why,
         };
+        if !self.kind.is_mirrorable() {
+            return Err(invalid(format!(
+                "a {} map carries events, not state, and has no kernel mirror",
+                self.kind
+            )));
+        }
         if self.name.is_empty() || self.name.contains('/') || self.name.contains('\0') {
             return Err(invalid(
                 "a map name must be non-empty, without '/' or NUL".into(),
@@ -148,7 +78,7 @@ impl MirrorDesc {
         if self.kind.is_keyless() && self.key_size != 0 {
             return Err(invalid(format!("a {} has no key", self.kind.name())));
         }
-        let record = self.key_bytes() as usize + self.value_bytes()? as usize;
+        let record = self.key_bytes() as usize + self.value_bytes() as usize;
         if record > SCRATCH_SIZE {
             return Err(invalid(format!(
                 "key + value is {record} bytes, the bridge carries at most {SCRATCH_SIZE}"
@@ -221,7 +151,7 @@ impl Mirror {
         };
         let kernel_name: String = desc.name.chars().take(15).collect();
         let mut handle = MapHandle::create(
-            desc.kind.libbpf_type(),
+            libbpf_rs::MapType::from(desc.kind.as_raw()),
             Some(kernel_name),
             desc.key_bytes(),
             desc.value_size,
@@ -255,10 +185,14 @@ impl Mirror {
             source: std::io::Error::other(e),
         })?;
         let map_type = info.info.type_;
-        let kind =
-            MapKind::from_kernel_type(map_type).ok_or_else(|| BridgeError::InvalidMirror {
+        let kind = MapType::from_raw(map_type)
+            .filter(|t| t.is_mirrorable())
+            .ok_or_else(|| BridgeError::InvalidMirror {
                 map: path.display().to_string(),
-                why: format!("map type {map_type} cannot be a mirror"),
+                why: format!(
+                    "{} cannot be a mirror",
+                    bpftime_abi::UnknownMapType(map_type)
+                ),
             })?;
         let name = path
             .file_name()
@@ -313,7 +247,7 @@ impl Mirror {
         let key_size = self.desc.key_size as usize;
         let (cpus, slot) = if self.desc.kind.is_percpu() {
             (
-                possible_cpus().map_err(|_| libc::EINVAL)? as usize,
+                possible_cpus() as usize,
                 self.desc.value_size.next_multiple_of(8) as usize,
             )
         } else {
@@ -508,14 +442,4 @@ pub fn remove_object_pins(object: &str) -> Result<usize, BridgeError> {
     }
     std::fs::remove_dir(&dir).map_err(|e| pin_err(&dir, e))?;
     Ok(removed)
-}
-
-/// Number of possible CPUs, as the kernel sizes per-CPU values.
-pub fn possible_cpus() -> Result<u32, BridgeError> {
-    libbpf_rs::num_possible_cpus()
-        .map(|n| n as u32)
-        .map_err(|e| BridgeError::System {
-            what: "reading the number of possible CPUs",
-            source: std::io::Error::other(e),
-        })
 }

@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 
 use crate::bridge::{Bridge, BridgeConfig, BridgeCounters, MirrorId, Update, UpdateStatus};
 use crate::error::BridgeError;
-use crate::mirror::{MapKind, MirrorDesc};
+use crate::mirror::MirrorDesc;
+use bpftime_abi::flags::{BPF_ANY, BPF_EXIST, BPF_NOEXIST};
+use bpftime_abi::MapType;
 
 /// The pin directory of the selftest's mirrors: `/sys/fs/bpf/bpftime-rs/selftest/<map>`.
 pub const OBJECT: &str = "selftest";
 
-const BPF_ANY: u64 = 0;
-const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 const ENOENT: i32 = libc::ENOENT;
 const EEXIST: i32 = libc::EEXIST;
 const E2BIG: i32 = libc::E2BIG;
@@ -129,7 +128,7 @@ impl ModelMap {
 
     /// Applies an update to the model and returns the errno the kernel must give (0 = success).
     fn apply_update(&mut self, key: Vec<u8>, value: Vec<u8>, flags: u64) -> i32 {
-        let is_array = matches!(self.desc.kind, MapKind::Array | MapKind::PercpuArray);
+        let is_array = matches!(self.desc.kind, MapType::Array | MapType::PercpuArray);
         if is_array {
             let index = u32::from_ne_bytes(key[..4].try_into().unwrap());
             if index >= self.desc.max_entries {
@@ -155,7 +154,7 @@ impl ModelMap {
     }
 
     fn apply_delete(&mut self, key: &[u8]) -> i32 {
-        if matches!(self.desc.kind, MapKind::Array | MapKind::PercpuArray) {
+        if matches!(self.desc.kind, MapType::Array | MapType::PercpuArray) {
             return EINVAL;
         }
         if self.entries.remove(key).is_some() {
@@ -188,18 +187,18 @@ fn shapes() -> Vec<(MirrorDesc, u64)> {
     };
     vec![
         // (description, key pool): pools above max_entries make a hash fill up and give E2BIG.
-        (desc("u32_u64", MapKind::Hash, 4, 8, 65_536), 50_000),
-        (desc("key16_val4000", MapKind::Hash, 16, 4000, 512), 600),
+        (desc("u32_u64", MapType::Hash, 4, 8, 65_536), 50_000),
+        (desc("key16_val4000", MapType::Hash, 16, 4000, 512), 600),
         (
-            desc("percpu_u32_u64", MapKind::PercpuHash, 4, 8, 4096),
+            desc("percpu_u32_u64", MapType::PercpuHash, 4, 8, 4096),
             3000,
         ),
-        (desc("array_u32_u64", MapKind::Array, 4, 8, 1024), 1030),
-        (desc("percpu_array", MapKind::PercpuArray, 4, 16, 256), 256),
+        (desc("array_u32_u64", MapType::Array, 4, 8, 1024), 1030),
+        (desc("percpu_array", MapType::PercpuArray, 4, 16, 256), 256),
         // The kernel LRU evicts before it is full: keep the pool far below capacity.
-        (desc("lru_u64_u64", MapKind::LruHash, 8, 8, 8192), 1024),
-        (desc("small_u32_u64", MapKind::Hash, 4, 8, 64), 256),
-        (desc("queue_u64", MapKind::Queue, 0, 8, 1 << 20), 0),
+        (desc("lru_u64_u64", MapType::LruHash, 8, 8, 8192), 1024),
+        (desc("small_u32_u64", MapType::Hash, 4, 8, 64), 256),
+        (desc("queue_u64", MapType::Queue, 0, 8, 1 << 20), 0),
     ]
 }
 
@@ -241,8 +240,8 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
             })
             .expect("weights cover the range");
         let map = &mut maps[index];
-        let value_bytes = map.desc.value_bytes()? as usize;
-        if map.desc.kind == MapKind::Queue {
+        let value_bytes = map.desc.value_bytes() as usize;
+        if map.desc.kind == MapType::Queue {
             let value = map.value(&mut rng, value_bytes);
             let seq = bridge.send(&Update::push(map.id, &value, BPF_ANY))?;
             map.pushed.push(value);
@@ -291,7 +290,7 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
     let mut reports = Vec::new();
     for map in &maps {
         let mirror = bridge.mirror(map.id)?;
-        let kernel_entries = if map.desc.kind == MapKind::Queue {
+        let kernel_entries = if map.desc.kind == MapType::Queue {
             compare_queue(&mirror, map, &mut mismatches)?
         } else {
             compare_entries(&mirror, map, &mut mismatches)?
@@ -300,7 +299,7 @@ pub fn run(options: &SelftestOptions) -> Result<SelftestReport, BridgeError> {
             name: map.desc.name.clone(),
             kind: map.desc.kind.name(),
             pin: map.desc.pin_path().display().to_string(),
-            expected_entries: if map.desc.kind == MapKind::Queue {
+            expected_entries: if map.desc.kind == MapType::Queue {
                 map.pushed.len()
             } else {
                 map.entries.len()
@@ -327,7 +326,7 @@ fn compare_entries(
 ) -> Result<usize, BridgeError> {
     let name = &map.desc.name;
     let entries = mirror.entries()?;
-    let is_array = matches!(map.desc.kind, MapKind::Array | MapKind::PercpuArray);
+    let is_array = matches!(map.desc.kind, MapType::Array | MapType::PercpuArray);
     let slot = map.desc.value_size.next_multiple_of(8) as usize;
     let mut seen = 0;
     for entry in &entries {

@@ -10,9 +10,9 @@
 //! * page 1 holds our `producer_pos`, followed by the data area mapped twice in a row so that a
 //!   sample that wraps past the end of the ring is still one contiguous slice;
 //! * every sample is preceded by an 8-byte header whose first `u32` is the sample length with
-//!   [`BPF_RINGBUF_BUSY_BIT`] set while user space is still writing it. The kernel's
+//!   `BPF_RINGBUF_BUSY_BIT` set while user space is still writing it. The kernel's
 //!   `bpf_user_ringbuf_drain` stops at the first busy sample and skips samples carrying
-//!   [`BPF_RINGBUF_DISCARD_BIT`].
+//!   `BPF_RINGBUF_DISCARD_BIT`.
 //!
 //! # Waiting for space, and the deadlock it can cause
 //!
@@ -49,7 +49,6 @@
 //! # }
 //! ```
 
-use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -59,14 +58,12 @@ use std::time::{Duration, Instant};
 use std::{fmt, io};
 
 use aya::maps::{Map, MapData, MapError, MapType};
+use bpftime_abi::os::Access;
+use bpftime_abi::{ringbuf, Mmap};
 use parking_lot::Mutex;
 
-/// Set in a sample header while user space still owns the sample (`BPF_RINGBUF_BUSY_BIT`).
-pub const BPF_RINGBUF_BUSY_BIT: u32 = 1 << 31;
-/// Set in a sample header to make the kernel skip the sample (`BPF_RINGBUF_DISCARD_BIT`).
-pub const BPF_RINGBUF_DISCARD_BIT: u32 = 1 << 30;
 /// Size of the header in front of every sample (`BPF_RINGBUF_HDR_SZ`).
-pub const BPF_RINGBUF_HDR_SZ: usize = 8;
+pub const BPF_RINGBUF_HDR_SZ: usize = ringbuf::HDR_SZ;
 
 /// The kernel hands each sample to the BPF callback as a `bpf_dynptr`, whose size field has 24
 /// bits (`DYNPTR_MAX_SIZE`). A larger sample would make every later drain fail with `-E2BIG`
@@ -157,28 +154,23 @@ impl UserRingBuf {
             });
         }
         let capacity = usize::try_from(info.max_entries()).map_err(|_| invalid_size(0))?;
-        let page_size = page_size()?;
+        let page_size = bpftime_abi::page_size();
         // The kernel enforces both at map creation; checking again keeps `mask` and the mapping
         // arithmetic below sound even for a map obtained from an unexpected source.
         if !capacity.is_power_of_two() || capacity % page_size != 0 {
             return Err(invalid_size(capacity).into());
         }
         let fd = map.fd().as_fd();
-        let consumer = Mmap::new(fd, page_size, libc::PROT_READ, 0)?;
+        let consumer = Mmap::shared(fd, page_size, 0, Access::ReadOnly)?;
         let producer_len = capacity
             .checked_mul(2)
             .and_then(|n| n.checked_add(page_size))
             .ok_or_else(|| invalid_size(capacity))?;
-        let producer_offset = libc::off_t::try_from(page_size).map_err(|_| invalid_size(0))?;
-        let producer = Mmap::new(
-            fd,
-            producer_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            producer_offset,
-        )?;
+        // The kernel maps the data pages twice itself (see `ringbuf_map_mmap_user`).
+        let producer = Mmap::shared(fd, producer_len, page_size as u64, Access::ReadWrite)?;
         // SAFETY: the producer mapping is `page_size + 2 * capacity` bytes long, so the data
         // area starting one page in is inside it.
-        let data = unsafe { producer.ptr.add(page_size) };
+        let data = unsafe { producer.as_non_null().add(page_size) };
         Ok(Self {
             consumer,
             producer,
@@ -229,7 +221,7 @@ impl UserRingBuf {
     pub const fn record_size(len: usize) -> usize {
         // `len` is at most `max_sample_size` in any reservation, so this cannot overflow there;
         // saturate so that absurd inputs give an absurd size rather than a wrapped small one.
-        len.saturating_add(BPF_RINGBUF_HDR_SZ + 7) & !7
+        len.saturating_add(ringbuf::HDR_SZ + 7) & !7
     }
 
     /// Bytes free in the ring now, headers included: the drain program frees space, producers
@@ -258,8 +250,9 @@ impl UserRingBuf {
         }
         let total = Self::record_size(len);
         let _guard = self.reserve_lock.lock();
-        // Acquire pairs with the kernel's release store after it finished reading the samples
-        // before `consumer_pos`, so their space may be reused.
+        // Acquire pairs with the kernel's smp_store_release(&rb->consumer_pos) in
+        // __bpf_user_ringbuf_sample_release(): the samples before it were read, their space
+        // may be reused.
         let cons = self.consumer_pos().load(Ordering::Acquire);
         // Only producers write `producer_pos`, and they all hold `reserve_lock`.
         let prod = self.producer_pos().load(Ordering::Relaxed);
@@ -270,10 +263,11 @@ impl UserRingBuf {
         let header = self.header_at(prod);
         // `len <= DYNPTR_MAX_SIZE < 2^24`, so it fits and leaves the flag bits clear.
         let len32 = len as u32;
-        header[0].store(len32 | BPF_RINGBUF_BUSY_BIT, Ordering::Relaxed);
+        header[0].store(len32 | ringbuf::BUSY_BIT, Ordering::Relaxed);
         header[1].store(0, Ordering::Relaxed);
-        // Release publishes the busy header before the kernel can see the new producer_pos
-        // (it loads producer_pos with acquire and then the header).
+        // Release publishes the busy header before the new producer_pos; pairs with
+        // smp_load_acquire(&rb->producer_pos) in the kernel's __bpf_user_ringbuf_peek(), which
+        // then reads the header.
         self.producer_pos()
             .store(prod.wrapping_add(total), Ordering::Release);
         let offset = prod.wrapping_add(BPF_RINGBUF_HDR_SZ) & self.mask;
@@ -339,13 +333,13 @@ impl UserRingBuf {
         // SAFETY: the consumer page starts with the kernel's `unsigned long consumer_pos`,
         // page-aligned and therefore aligned for AtomicUsize; the mapping lives as long as self.
         // The kernel writes it concurrently, hence atomic access only.
-        unsafe { self.consumer.ptr.cast::<AtomicUsize>().as_ref() }
+        unsafe { &*self.consumer.as_ptr().cast::<AtomicUsize>() }
     }
 
     fn producer_pos(&self) -> &AtomicUsize {
         // SAFETY: as for `consumer_pos`, on the first page of the producer mapping, which holds
         // `unsigned long producer_pos`.
-        unsafe { self.producer.ptr.cast::<AtomicUsize>().as_ref() }
+        unsafe { &*self.producer.as_ptr().cast::<AtomicUsize>() }
     }
 
     /// The two header words of the record starting at ring position `pos`.
@@ -386,13 +380,14 @@ impl UserRingBufSample<'_> {
 
     /// Releases the sample's space without the kernel ever passing it to the BPF callback.
     pub fn discard(self) {
-        let header = self.len32 | BPF_RINGBUF_DISCARD_BIT;
+        let header = self.len32 | ringbuf::DISCARD_BIT;
         self.commit(header);
     }
 
     fn commit(self, header: u32) {
-        // Release makes the payload written through DerefMut visible to the kernel, which loads
-        // the header with acquire before reading the sample.
+        // Release makes the payload written through DerefMut visible to the kernel; pairs with
+        // smp_load_acquire(hdr) in __bpf_user_ringbuf_peek() before it reads the sample
+        // (libbpf's user_ringbuf_commit() does the same).
         self.header.store(header, Ordering::Release);
         std::mem::forget(self);
     }
@@ -401,7 +396,7 @@ impl UserRingBufSample<'_> {
 impl Drop for UserRingBufSample<'_> {
     fn drop(&mut self) {
         self.header
-            .store(self.len32 | BPF_RINGBUF_DISCARD_BIT, Ordering::Release);
+            .store(self.len32 | ringbuf::DISCARD_BIT, Ordering::Release);
     }
 }
 
@@ -428,45 +423,6 @@ impl fmt::Debug for UserRingBufSample<'_> {
         f.debug_struct("UserRingBufSample")
             .field("len", &self.len)
             .finish_non_exhaustive()
-    }
-}
-
-/// One shared mapping of a map fd, unmapped on drop.
-struct Mmap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mmap {
-    fn new(fd: BorrowedFd<'_>, len: usize, prot: i32, offset: libc::off_t) -> io::Result<Self> {
-        // SAFETY: a fresh shared mapping chosen by the kernel (addr = NULL) aliases no Rust
-        // object; the result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(Self { ptr, len })
-    }
-}
-
-impl Drop for Mmap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `new`; every reference into it borrows
-        // the owning `UserRingBuf`, so none outlives this.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len);
-        }
     }
 }
 
@@ -522,15 +478,6 @@ impl SpaceWaiter {
         }
         Ok(())
     }
-}
-
-fn page_size() -> io::Result<usize> {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size)
-        .ok()
-        .filter(|s| s.is_power_of_two())
-        .ok_or_else(io::Error::last_os_error)
 }
 
 fn invalid_size(capacity: usize) -> io::Error {

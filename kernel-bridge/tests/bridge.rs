@@ -6,7 +6,7 @@ use std::time::Duration;
 use bpftime_kernel_bridge::selftest::{self, SelftestOptions};
 use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::{
-    Bridge, BridgeConfig, BridgeError, Confirmation, MapKind, Mirror, MirrorDesc, Update,
+    Bridge, BridgeConfig, BridgeError, Confirmation, MapType, Mirror, MirrorDesc, Update,
     UpdateStatus,
 };
 
@@ -24,7 +24,7 @@ impl Drop for Unpin {
 /// The selftest pins its mirrors under one directory; its runs must not overlap.
 static SELFTEST: Mutex<()> = Mutex::new(());
 
-fn desc(object: &str, name: &str, kind: MapKind, key: u32, value: u32, max: u32) -> MirrorDesc {
+fn desc(object: &str, name: &str, kind: MapType, key: u32, value: u32, max: u32) -> MirrorDesc {
     MirrorDesc {
         kind,
         key_size: key,
@@ -102,7 +102,7 @@ fn full_hash_gives_e2big_and_noexist_gives_eexist() {
                 .create_fresh_map(desc(
                     "test_errno",
                     &name,
-                    MapKind::Hash,
+                    MapType::Hash,
                     key_size,
                     value_size,
                     2,
@@ -194,7 +194,7 @@ fn full_ring_waits_and_loses_nothing() {
         .create_fresh_map(desc(
             "test_backpressure",
             "big",
-            MapKind::Hash,
+            MapType::Hash,
             16,
             4000,
             12_000,
@@ -258,7 +258,7 @@ fn malformed_updates_are_refused_with_the_map_named() {
     let _unpin = Unpin("test_bad");
     let bridge = Bridge::new().unwrap();
     let id = bridge
-        .create_fresh_map(desc("test_bad", "counts", MapKind::Hash, 4, 8, 16))
+        .create_fresh_map(desc("test_bad", "counts", MapType::Hash, 4, 8, 16))
         .unwrap();
     let err = bridge
         .send(&Update::put(id, &[1, 2], &[0; 8], 0))
@@ -336,11 +336,11 @@ fn malformed_updates_are_refused_with_the_map_named() {
     );
 
     let err = bridge
-        .create_map(desc("test_bad", "counts", MapKind::Hash, 4, 16, 16))
+        .create_map(desc("test_bad", "counts", MapType::Hash, 4, 16, 16))
         .unwrap_err();
     assert!(err.to_string().contains("another shape"), "{err}");
     let err = bridge
-        .create_map(desc("test_bad", "a/b", MapKind::Hash, 4, 8, 16))
+        .create_map(desc("test_bad", "a/b", MapType::Hash, 4, 8, 16))
         .unwrap_err();
     assert!(matches!(err, BridgeError::InvalidMirror { .. }), "{err}");
 }
@@ -351,7 +351,7 @@ fn reopened_mirror_keeps_its_entries() {
         return;
     }
     let _unpin = Unpin("test_reopen");
-    let shape = desc("test_reopen", "kept", MapKind::Array, 4, 8, 4);
+    let shape = desc("test_reopen", "kept", MapType::Array, 4, 8, 4);
     {
         let bridge = Bridge::new().unwrap();
         let id = bridge.create_fresh_map(shape.clone()).unwrap();

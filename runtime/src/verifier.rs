@@ -22,6 +22,7 @@
 use std::ffi::CString;
 use std::os::raw::{c_char, c_int, c_void};
 
+use bpftime_abi::{HelperId, MapType};
 use libbpf_sys as sys;
 
 use crate::object::btf::kind as btf_kind;
@@ -30,18 +31,14 @@ use crate::object::{
 };
 
 /// `bpf_override_return`.
-pub const HELPER_OVERRIDE_RETURN: i32 = 58;
+pub const HELPER_OVERRIDE_RETURN: i32 = HelperId::OVERRIDE_RETURN.0 as i32;
 /// `bpf_get_func_ip`, the stand-in verified in place of `bpf_override_return`.
-pub const HELPER_GET_FUNC_IP: i32 = 173;
+pub const HELPER_GET_FUNC_IP: i32 = HelperId::GET_FUNC_IP.0 as i32;
 
 /// Verifier log buffer for a rejected program (the kernel keeps the tail when it overflows).
 const LOG_SIZE: usize = 4 << 20;
 /// Log lines kept in [`VerifyError::Rejected`]'s message.
 const LOG_TAIL_LINES: usize = 40;
-const BPF_MAP_TYPE_PERF_EVENT_ARRAY: u32 = 4;
-const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
-const BPF_MAP_TYPE_HASH_OF_MAPS: u32 = 13;
-const BPF_F_NUMA_NODE: u32 = 1 << 2;
 /// `BPF_LOG_LEVEL1` and `BPF_LOG_STATS`.
 const LOG_LEVEL1: u32 = 1;
 const LOG_STATS: u32 = 4;
@@ -156,7 +153,7 @@ pub fn kernel_bpf_available() -> Result<(), String> {
     let spec = MapSpec {
         name: "bpftime_probe".into(),
         origin: MapOrigin::BtfMaps,
-        map_type: 2,
+        map_type: MapType::Array.as_raw(),
         key_size: 4,
         value_size: 4,
         max_entries: 1,
@@ -420,14 +417,14 @@ fn load_btf(raw: &[u8]) -> Result<Fd, String> {
 fn create_map(spec: &MapSpec, btf_fd: Option<c_int>) -> Result<Fd, std::io::Error> {
     if matches!(
         spec.map_type,
-        BPF_MAP_TYPE_ARRAY_OF_MAPS | BPF_MAP_TYPE_HASH_OF_MAPS
+        sys::BPF_MAP_TYPE_ARRAY_OF_MAPS | sys::BPF_MAP_TYPE_HASH_OF_MAPS
     ) {
         return Err(std::io::Error::other(
             "map-in-map definitions are not supported by the verifier gate",
         ));
     }
     let mut max_entries = spec.max_entries;
-    if spec.map_type == BPF_MAP_TYPE_PERF_EVENT_ARRAY && max_entries == 0 {
+    if spec.map_type == sys::BPF_MAP_TYPE_PERF_EVENT_ARRAY && max_entries == 0 {
         // libbpf's convention: one slot per possible CPU.
         // SAFETY: plain query of /sys/devices/system/cpu/possible, no pointers.
         max_entries = unsafe { sys::libbpf_num_possible_cpus() }.max(1) as u32;
@@ -440,7 +437,7 @@ fn create_map(spec: &MapSpec, btf_fd: Option<c_int>) -> Result<Fd, std::io::Erro
             map_extra: spec.map_extra,
             ..Default::default()
         };
-        if spec.flags & BPF_F_NUMA_NODE != 0 {
+        if spec.flags & sys::BPF_F_NUMA_NODE != 0 {
             opts.numa_node = spec.numa_node;
         }
         if let (true, Some(fd)) = (with_btf, btf_fd) {

@@ -33,8 +33,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use bpftime_abi::flags::{BPF_EXIST, BPF_F_NO_COMMON_LRU};
 use bpftime_kernel_bridge::{
-    Bridge, BridgeConfig, BridgeError, MapKind, MirrorDesc, MirrorId, Update, UpdateStatus,
+    Bridge, BridgeConfig, BridgeError, MirrorDesc, MirrorId, Update, UpdateStatus,
 };
 use bpftime_runtime::maps::{MapDef, MapHandle, MapType, RawChange, ShmObject, SyncReport};
 
@@ -103,13 +104,9 @@ impl Default for SyncOptions {
     }
 }
 
-/// `BPF_EXIST`.
-const BPF_EXIST: u64 = 2;
 /// Failures logged one by one per map; the rest are counted (`maps` shows them).
 const FAILURES_LOGGED: u64 = 10;
 
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists in the kernel.
-const BPF_F_NO_COMMON_LRU: u32 = 2;
 /// The kernel LRU's per-CPU free-list batch (`LOCAL_FREE_TARGET` in kernel/bpf/bpf_lru_list.h).
 const KERNEL_LRU_LOCAL_FREE: u32 = 128;
 
@@ -122,19 +119,11 @@ const KERNEL_LRU_LOCAL_FREE: u32 = 128;
 /// every live entry and every tombstone userspace can hold at once. `BPF_F_NO_COMMON_LRU` is
 /// dropped for the same reason (it splits the kernel map per CPU).
 pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
-    let kind = match def.map_type {
-        MapType::Hash => MapKind::Hash,
-        MapType::Array => MapKind::Array,
-        MapType::PercpuHash => MapKind::PercpuHash,
-        MapType::PercpuArray => MapKind::PercpuArray,
-        MapType::LruHash => MapKind::LruHash,
-        MapType::LruPercpuHash => MapKind::LruPercpuHash,
-        MapType::Queue => MapKind::Queue,
-        MapType::Stack => MapKind::Stack,
-        MapType::ProgArray | MapType::PerfEventArray | MapType::Ringbuf => return None,
-    };
+    if !def.map_type.is_mirrorable() {
+        return None;
+    }
     let (max_entries, flags) = if def.map_type.is_lru() {
-        let cpus = bpftime_runtime::maps::possible_cpus();
+        let cpus = bpftime_abi::possible_cpus();
         (
             def.max_entries
                 .saturating_mul(2)
@@ -145,7 +134,7 @@ pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
         (def.max_entries, def.flags)
     };
     Some(MirrorDesc {
-        kind,
+        kind: def.map_type,
         key_size: def.key_size,
         value_size: def.value_size,
         max_entries,
@@ -346,7 +335,7 @@ struct SyncedMap {
     handle: MapHandle,
     mirror: MirrorId,
     name: String,
-    kind: MapKind,
+    kind: MapType,
     global_data: bool,
     sent: SentTable,
     rechecks: [VecDeque<Recheck>; 4],
@@ -498,7 +487,7 @@ impl Forwarder {
             return Ok(0);
         }
         let mirror = self.bridge.mirror(self.maps[index].mirror)?;
-        let keyed_by_index = matches!(self.maps[index].kind, MapKind::Array | MapKind::PercpuArray);
+        let keyed_by_index = self.maps[index].kind.is_array();
         let mut sent = 0;
         if values {
             self.maps[index].sent.clear();

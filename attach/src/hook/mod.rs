@@ -548,36 +548,12 @@ fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
     code[push_at + 2..push_at + 6].copy_from_slice(&d1.to_le_bytes());
     code[jmp_at + 2..jmp_at + 6].copy_from_slice(&d2.to_le_bytes());
 
-    let page = 4096;
-    // SAFETY: anonymous private mapping, checked below.
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            page,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if mem == libc::MAP_FAILED {
-        return Err(AttachError::Os {
-            what: "mmap of a hook thunk",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: `mem` is a fresh writable page larger than `code`; then made read+exec.
-    let rc = unsafe {
-        std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast::<u8>(), code.len());
-        libc::mprotect(mem, page, libc::PROT_READ | libc::PROT_EXEC)
-    };
-    if rc != 0 {
-        return Err(AttachError::Os {
-            what: "mprotect of a hook thunk",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(mem as u64)
+    // Thunks live for the rest of the process: a thread may be inside one whenever.
+    let thunk = bpftime_abi::Mmap::executable(&code).map_err(|source| AttachError::Os {
+        what: "mapping a hook thunk",
+        source,
+    })?;
+    Ok(thunk.leak().as_ptr() as u64)
 }
 
 fn publish(list: &AtomicPtr<Handlers>, f: impl FnOnce(&mut Handlers)) {

@@ -53,13 +53,13 @@
 //! * A failing `bpf_tail_call` (empty slot, bad index, 33 tail calls done) returns `-ENOENT`
 //!   and the program continues, as in the kernel (where r0 is then unspecified).
 
-pub mod names;
 pub mod printk;
 pub mod probe;
 pub mod wire;
 
 use std::sync::{Arc, Mutex};
 
+use bpftime_abi::HelperId;
 use thiserror::Error;
 
 use crate::maps::{self, MapDef, MapError, MapHandle, MapType, ShmObject};
@@ -73,60 +73,52 @@ use crate::vm::{
     MemoryMap, Program, VmError,
 };
 
-pub use names::{helper_display_name, helper_name};
-
-/// Helper ids (`enum bpf_func_id`) implemented here.
-pub mod ids {
-    pub const MAP_LOOKUP_ELEM: u32 = 1;
-    pub const MAP_UPDATE_ELEM: u32 = 2;
-    pub const MAP_DELETE_ELEM: u32 = 3;
-    pub const PROBE_READ: u32 = 4;
-    pub const KTIME_GET_NS: u32 = 5;
-    pub const TRACE_PRINTK: u32 = 6;
-    pub const GET_PRANDOM_U32: u32 = 7;
-    pub const GET_SMP_PROCESSOR_ID: u32 = 8;
-    pub const TAIL_CALL: u32 = 12;
-    pub const GET_CURRENT_PID_TGID: u32 = 14;
-    pub const GET_CURRENT_UID_GID: u32 = 15;
-    pub const GET_CURRENT_COMM: u32 = 16;
-    pub const PERF_EVENT_OUTPUT: u32 = 25;
-    pub const GET_CURRENT_TASK: u32 = 35;
-    pub const PROBE_WRITE_USER: u32 = 36;
-    pub const PROBE_READ_STR: u32 = 45;
-    pub const OVERRIDE_RETURN: u32 = 58;
-    pub const MAP_PUSH_ELEM: u32 = 87;
-    pub const MAP_POP_ELEM: u32 = 88;
-    pub const MAP_PEEK_ELEM: u32 = 89;
-    pub const PROBE_READ_USER: u32 = 112;
-    pub const PROBE_READ_KERNEL: u32 = 113;
-    pub const PROBE_READ_USER_STR: u32 = 114;
-    pub const PROBE_READ_KERNEL_STR: u32 = 115;
-    pub const KTIME_GET_BOOT_NS: u32 = 125;
-    pub const RINGBUF_OUTPUT: u32 = 130;
-    pub const RINGBUF_RESERVE: u32 = 131;
-    pub const RINGBUF_SUBMIT: u32 = 132;
-    pub const RINGBUF_DISCARD: u32 = 133;
-    pub const RINGBUF_QUERY: u32 = 134;
-    pub const KTIME_GET_COARSE_NS: u32 = 160;
-    pub const FOR_EACH_MAP_ELEM: u32 = 164;
-    pub const SNPRINTF: u32 = 165;
-    pub const GET_FUNC_IP: u32 = 173;
-    pub const GET_ATTACH_COOKIE: u32 = 174;
-    pub const TRACE_VPRINTK: u32 = 177;
-    pub const LOOP: u32 = 181;
-    pub const MAP_LOOKUP_PERCPU_ELEM: u32 = 195;
-    pub const KTIME_GET_TAI_NS: u32 = 208;
-}
-
 /// Every helper id [`RuntimeHelpers`] implements, ascending.
-pub const SUPPORTED_HELPERS: &[u32] = &[
-    1, 2, 3, 4, 5, 6, 7, 8, 12, 14, 15, 16, 25, 35, 36, 45, 58, 87, 88, 89, 112, 113, 114, 115,
-    125, 130, 131, 132, 133, 134, 160, 164, 165, 173, 174, 177, 181, 195, 208,
+pub const SUPPORTED_HELPERS: &[HelperId] = &[
+    HelperId::MAP_LOOKUP_ELEM,
+    HelperId::MAP_UPDATE_ELEM,
+    HelperId::MAP_DELETE_ELEM,
+    HelperId::PROBE_READ,
+    HelperId::KTIME_GET_NS,
+    HelperId::TRACE_PRINTK,
+    HelperId::GET_PRANDOM_U32,
+    HelperId::GET_SMP_PROCESSOR_ID,
+    HelperId::TAIL_CALL,
+    HelperId::GET_CURRENT_PID_TGID,
+    HelperId::GET_CURRENT_UID_GID,
+    HelperId::GET_CURRENT_COMM,
+    HelperId::PERF_EVENT_OUTPUT,
+    HelperId::GET_CURRENT_TASK,
+    HelperId::PROBE_WRITE_USER,
+    HelperId::PROBE_READ_STR,
+    HelperId::OVERRIDE_RETURN,
+    HelperId::MAP_PUSH_ELEM,
+    HelperId::MAP_POP_ELEM,
+    HelperId::MAP_PEEK_ELEM,
+    HelperId::PROBE_READ_USER,
+    HelperId::PROBE_READ_KERNEL,
+    HelperId::PROBE_READ_USER_STR,
+    HelperId::PROBE_READ_KERNEL_STR,
+    HelperId::KTIME_GET_BOOT_NS,
+    HelperId::RINGBUF_OUTPUT,
+    HelperId::RINGBUF_RESERVE,
+    HelperId::RINGBUF_SUBMIT,
+    HelperId::RINGBUF_DISCARD,
+    HelperId::RINGBUF_QUERY,
+    HelperId::KTIME_GET_COARSE_NS,
+    HelperId::FOR_EACH_MAP_ELEM,
+    HelperId::SNPRINTF,
+    HelperId::GET_FUNC_IP,
+    HelperId::GET_ATTACH_COOKIE,
+    HelperId::TRACE_VPRINTK,
+    HelperId::LOOP,
+    HelperId::MAP_LOOKUP_PERCPU_ELEM,
+    HelperId::KTIME_GET_TAI_NS,
 ];
 
 /// Whether [`RuntimeHelpers`] implements helper `id`.
 pub fn is_supported(id: u32) -> bool {
-    SUPPORTED_HELPERS.binary_search(&id).is_ok()
+    SUPPORTED_HELPERS.binary_search(&HelperId(id)).is_ok()
 }
 
 /// Tag of map tokens (see the module docs): bits 32..63 of every token.
@@ -143,8 +135,7 @@ pub fn map_index(token: u64) -> Option<usize> {
     (token & MAP_TOKEN_MASK == MAP_TOKEN_TAG).then_some((token & !MAP_TOKEN_MASK) as usize)
 }
 
-/// `BPF_F_RDONLY_PROG`: programs may only read the map (`.rodata`).
-pub const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+pub use bpftime_abi::flags::BPF_F_RDONLY_PROG;
 /// Maximum `nr_loops` of `bpf_loop`.
 pub const BPF_MAX_LOOPS: u64 = 1 << 23;
 /// Maximum chained tail calls (kernel `MAX_TAIL_CALL_CNT`).
@@ -230,7 +221,7 @@ pub fn check_helper_calls(insns: &[Insn]) -> Result<(), UnknownHelper> {
             if !is_supported(id) && id != POISON_HELPER {
                 return Err(UnknownHelper {
                     id,
-                    name: helper_display_name(id),
+                    name: HelperId(id).display_name(),
                     pc,
                 });
             }
@@ -255,12 +246,12 @@ pub fn needs_no_run_reset(prog: &Program) -> bool {
             || (i.opc == CALL
                 && i.src == 0
                 && matches!(
-                    i.imm as u32,
-                    ids::TAIL_CALL
-                        | ids::OVERRIDE_RETURN
-                        | ids::RINGBUF_RESERVE
-                        | ids::RINGBUF_SUBMIT
-                        | ids::RINGBUF_DISCARD
+                    HelperId(i.imm as u32),
+                    HelperId::TAIL_CALL
+                        | HelperId::OVERRIDE_RETURN
+                        | HelperId::RINGBUF_RESERVE
+                        | HelperId::RINGBUF_SUBMIT
+                        | HelperId::RINGBUF_DISCARD
                 ))
         {
             return false;
@@ -896,7 +887,7 @@ unsafe extern "C" fn jit_map_lookup(
 ) -> u64 {
     // SAFETY: the JIT's call of a fast path (see `jit_map_op`).
     unsafe {
-        jit_map_op(call, map, ids::MAP_LOOKUP_ELEM, |m| {
+        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m| {
             let key = jit_key("bpf_map_lookup_elem", m, key)?;
             Ok(match m.lookup(key) {
                 Ok(Some(v)) => v.as_ptr() as u64,
@@ -917,7 +908,7 @@ unsafe extern "C" fn jit_hash_lookup(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, ids::MAP_LOOKUP_ELEM, |m| {
+        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m| {
             let key = jit_key("bpf_map_lookup_elem", m, key)?;
             Ok(m.hash_lookup(key, 0).map_or(0, |p| p as u64))
         })
@@ -935,7 +926,7 @@ unsafe extern "C" fn jit_hash_update(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, ids::MAP_UPDATE_ELEM, |m| {
+        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m| {
             let (key, value) = jit_update_args(m, key, value)?;
             Ok(status(m.hash_update(key, value, flags, None)))
         })
@@ -953,7 +944,7 @@ unsafe extern "C" fn jit_map_update(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, ids::MAP_UPDATE_ELEM, |m| {
+        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m| {
             let (key, value) = jit_update_args(m, key, value)?;
             Ok(status(m.update(key, value, flags)))
         })
@@ -971,7 +962,7 @@ unsafe extern "C" fn jit_map_delete(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, ids::MAP_DELETE_ELEM, |m| {
+        jit_map_op(call, map, HelperId::MAP_DELETE_ELEM.0, |m| {
             Ok(status(m.delete(jit_key("bpf_map_delete_elem", m, key)?)))
         })
     }
@@ -1033,10 +1024,10 @@ impl Helpers for RuntimeHelpers {
         a: [u64; 5],
         ctx: &mut CallContext<'_, '_>,
     ) -> Result<u64, HelperError> {
-        use ids::*;
-        Ok(match id {
-            MAP_LOOKUP_ELEM | MAP_LOOKUP_PERCPU_ELEM => {
-                let name = if id == MAP_LOOKUP_ELEM {
+        use HelperId as H;
+        Ok(match HelperId(id) {
+            H::MAP_LOOKUP_ELEM | H::MAP_LOOKUP_PERCPU_ELEM => {
+                let name = if HelperId(id) == H::MAP_LOOKUP_ELEM {
                     "bpf_map_lookup_elem"
                 } else {
                     "bpf_map_lookup_percpu_elem"
@@ -1045,7 +1036,7 @@ impl Helpers for RuntimeHelpers {
                 let m = &self.maps[idx];
                 let ks = m.def().key_size as usize;
                 let key = read_arg(ctx, name, 2, a[1], ks)?;
-                let found = if id == MAP_LOOKUP_ELEM {
+                let found = if HelperId(id) == H::MAP_LOOKUP_ELEM {
                     m.lookup(key)
                 } else if !m.map_type().is_percpu() {
                     return Ok(0);
@@ -1061,7 +1052,7 @@ impl Helpers for RuntimeHelpers {
                     _ => 0,
                 }
             }
-            MAP_UPDATE_ELEM => {
+            H::MAP_UPDATE_ELEM => {
                 const N: &str = "bpf_map_update_elem";
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
@@ -1086,7 +1077,7 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            MAP_DELETE_ELEM => {
+            H::MAP_DELETE_ELEM => {
                 const N: &str = "bpf_map_delete_elem";
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
@@ -1096,7 +1087,7 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            MAP_PUSH_ELEM => {
+            H::MAP_PUSH_ELEM => {
                 const N: &str = "bpf_map_push_elem";
                 let idx = self.map_arg(N, 1, a[0])?;
                 let m = &self.maps[idx];
@@ -1109,8 +1100,8 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            MAP_POP_ELEM | MAP_PEEK_ELEM => {
-                let n = if id == MAP_POP_ELEM {
+            H::MAP_POP_ELEM | H::MAP_PEEK_ELEM => {
+                let n = if HelperId(id) == H::MAP_POP_ELEM {
                     "bpf_map_pop_elem"
                 } else {
                     "bpf_map_peek_elem"
@@ -1121,7 +1112,7 @@ impl Helpers for RuntimeHelpers {
                     return Ok(neg(libc::EINVAL));
                 }
                 let out = write_arg(ctx, n, 2, a[1], m.def().value_size as usize)?;
-                let r = if id == MAP_POP_ELEM {
+                let r = if HelperId(id) == H::MAP_POP_ELEM {
                     m.pop()
                 } else {
                     m.peek()
@@ -1134,7 +1125,7 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            PROBE_READ | PROBE_READ_USER | PROBE_READ_KERNEL => {
+            H::PROBE_READ | H::PROBE_READ_USER | H::PROBE_READ_KERNEL => {
                 let len = a[1] as u32 as usize;
                 let dst = write_arg(ctx, "bpf_probe_read", 1, a[0], len)?;
                 if probe::read(a[2], dst) {
@@ -1144,7 +1135,7 @@ impl Helpers for RuntimeHelpers {
                     neg(libc::EFAULT)
                 }
             }
-            PROBE_READ_STR | PROBE_READ_USER_STR | PROBE_READ_KERNEL_STR => {
+            H::PROBE_READ_STR | H::PROBE_READ_USER_STR | H::PROBE_READ_KERNEL_STR => {
                 let len = a[1] as u32 as usize;
                 let dst = write_arg(ctx, "bpf_probe_read_str", 1, a[0], len)?;
                 match probe::read_str(a[2], dst) {
@@ -1155,7 +1146,7 @@ impl Helpers for RuntimeHelpers {
                     }
                 }
             }
-            PROBE_WRITE_USER => {
+            H::PROBE_WRITE_USER => {
                 let len = a[2] as u32 as usize;
                 let src = read_arg(ctx, "bpf_probe_write_user", 2, a[1], len)?;
                 if probe::write(a[0], src) {
@@ -1164,23 +1155,23 @@ impl Helpers for RuntimeHelpers {
                     neg(libc::EFAULT)
                 }
             }
-            KTIME_GET_NS => clock_ns(libc::CLOCK_MONOTONIC),
-            KTIME_GET_BOOT_NS => clock_ns(libc::CLOCK_BOOTTIME),
-            KTIME_GET_COARSE_NS => clock_ns(libc::CLOCK_MONOTONIC_COARSE),
-            KTIME_GET_TAI_NS => clock_ns(libc::CLOCK_TAI),
-            GET_PRANDOM_U32 => u64::from(self.next_random()),
-            GET_SMP_PROCESSOR_ID => u64::from(maps::current_cpu(self.ncpu)),
-            GET_CURRENT_PID_TGID => {
+            H::KTIME_GET_NS => clock_ns(libc::CLOCK_MONOTONIC),
+            H::KTIME_GET_BOOT_NS => clock_ns(libc::CLOCK_BOOTTIME),
+            H::KTIME_GET_COARSE_NS => clock_ns(libc::CLOCK_MONOTONIC_COARSE),
+            H::KTIME_GET_TAI_NS => clock_ns(libc::CLOCK_TAI),
+            H::GET_PRANDOM_U32 => u64::from(self.next_random()),
+            H::GET_SMP_PROCESSOR_ID => u64::from(maps::current_cpu(self.ncpu)),
+            H::GET_CURRENT_PID_TGID => {
                 // SAFETY: getpid has no preconditions.
                 let tgid = unsafe { libc::getpid() } as u32;
                 (u64::from(tgid) << 32) | u64::from(gettid())
             }
-            GET_CURRENT_UID_GID => {
+            H::GET_CURRENT_UID_GID => {
                 // SAFETY: getuid/getgid have no preconditions.
                 let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
                 (u64::from(gid) << 32) | u64::from(uid)
             }
-            GET_CURRENT_COMM => {
+            H::GET_CURRENT_COMM => {
                 let comm = current_comm();
                 let out = write_arg(ctx, "bpf_get_current_comm", 1, a[0], a[1] as u32 as usize)?;
                 // strscpy_pad: at most len-1 bytes, NUL-terminated, zero-padded.
@@ -1191,13 +1182,13 @@ impl Helpers for RuntimeHelpers {
                 }
                 0
             }
-            GET_CURRENT_TASK => 0,
-            TRACE_PRINTK => {
+            H::GET_CURRENT_TASK => 0,
+            H::TRACE_PRINTK => {
                 let fmt = read_arg(ctx, "bpf_trace_printk", 1, a[0], a[1] as u32 as usize)?;
                 self.printk(fmt, &a[2..5])
             }
-            TRACE_VPRINTK | SNPRINTF => self.vprintk(id, a, ctx)?,
-            RINGBUF_OUTPUT => {
+            H::TRACE_VPRINTK | H::SNPRINTF => self.vprintk(id, a, ctx)?,
+            H::RINGBUF_OUTPUT => {
                 const N: &str = "bpf_ringbuf_output";
                 let idx = self.map_arg(N, 1, a[0])?;
                 let data = read_arg(ctx, N, 2, a[1], a[2] as usize)?;
@@ -1206,7 +1197,7 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            RINGBUF_RESERVE => {
+            H::RINGBUF_RESERVE => {
                 let idx = self.map_arg("bpf_ringbuf_reserve", 1, a[0])?;
                 match self.maps[idx].ringbuf_reserve(a[1], a[2]) {
                     Some(p) => {
@@ -1222,8 +1213,8 @@ impl Helpers for RuntimeHelpers {
                     None => 0,
                 }
             }
-            RINGBUF_SUBMIT | RINGBUF_DISCARD => {
-                let n = if id == RINGBUF_SUBMIT {
+            H::RINGBUF_SUBMIT | H::RINGBUF_DISCARD => {
+                let n = if HelperId(id) == H::RINGBUF_SUBMIT {
                     "bpf_ringbuf_submit"
                 } else {
                     "bpf_ringbuf_discard"
@@ -1239,7 +1230,7 @@ impl Helpers for RuntimeHelpers {
                     ctx.memory().remove(r.ptr, r.len);
                 }
                 let m = &self.maps[r.map];
-                let res = if id == RINGBUF_SUBMIT {
+                let res = if HelperId(id) == H::RINGBUF_SUBMIT {
                     m.ringbuf_submit(r.ptr as *mut u8, a[1])
                 } else {
                     m.ringbuf_discard(r.ptr as *mut u8, a[1])
@@ -1247,7 +1238,7 @@ impl Helpers for RuntimeHelpers {
                 res.map_err(|e| HelperError::Failed(e.to_string()))?;
                 0
             }
-            RINGBUF_QUERY => {
+            H::RINGBUF_QUERY => {
                 let idx = self.map_arg("bpf_ringbuf_query", 1, a[0])?;
                 let m = &self.maps[idx];
                 match a[1] {
@@ -1256,7 +1247,7 @@ impl Helpers for RuntimeHelpers {
                     _ => 0,
                 }
             }
-            PERF_EVENT_OUTPUT => {
+            H::PERF_EVENT_OUTPUT => {
                 const N: &str = "bpf_perf_event_output";
                 let idx = self.map_arg(N, 2, a[1])?;
                 let data = read_arg(ctx, N, 4, a[3], a[4] as usize)?;
@@ -1265,13 +1256,13 @@ impl Helpers for RuntimeHelpers {
                     Err(e) => neg_map(&e),
                 }
             }
-            GET_FUNC_IP => self.attach.func_ip,
-            GET_ATTACH_COOKIE => self.attach.cookie,
-            OVERRIDE_RETURN => {
+            H::GET_FUNC_IP => self.attach.func_ip,
+            H::GET_ATTACH_COOKIE => self.attach.cookie,
+            H::OVERRIDE_RETURN => {
                 self.attach.override_return = Some(a[1]);
                 0
             }
-            TAIL_CALL => {
+            H::TAIL_CALL => {
                 let idx = self.map_arg("bpf_tail_call", 2, a[1])?;
                 let m = &self.maps[idx];
                 let target = (self.tail_calls < MAX_TAIL_CALLS)
@@ -1287,7 +1278,7 @@ impl Helpers for RuntimeHelpers {
                     None => neg(libc::ENOENT),
                 }
             }
-            LOOP => {
+            H::LOOP => {
                 if a[3] != 0 {
                     return Ok(neg(libc::EINVAL));
                 }
@@ -1304,8 +1295,8 @@ impl Helpers for RuntimeHelpers {
                 }
                 i
             }
-            FOR_EACH_MAP_ELEM => self.for_each_map_elem(a, ctx)?,
-            POISON_HELPER => {
+            H::FOR_EACH_MAP_ELEM => self.for_each_map_elem(a, ctx)?,
+            HelperId(POISON_HELPER) => {
                 return Err(HelperFault::CoreRelocation { id, pc: ctx.pc() }.into());
             }
             _ => return Err(HelperError::Unknown(id)),
@@ -1323,9 +1314,9 @@ impl RuntimeHelpers {
         a: [u64; 5],
         ctx: &mut CallContext<'_, '_>,
     ) -> Result<u64, HelperFault> {
-        use ids::SNPRINTF;
-        let (fmt_at, data_at) = if id == SNPRINTF { (2, 3) } else { (0, 2) };
-        let n = if id == SNPRINTF {
+        let snprintf = HelperId(id) == HelperId::SNPRINTF;
+        let (fmt_at, data_at) = if snprintf { (2, 3) } else { (0, 2) };
+        let n = if snprintf {
             "bpf_snprintf"
         } else {
             "bpf_trace_vprintk"
@@ -1339,7 +1330,7 @@ impl RuntimeHelpers {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
-        let fmt = if id == SNPRINTF {
+        let fmt = if snprintf {
             // A constant string (the verifier requires read-only map memory) of
             // unknown length: read up to the kernel's limit.
             let mut v = vec![0u8; printk::MAX_OUTPUT];
@@ -1349,7 +1340,7 @@ impl RuntimeHelpers {
         } else {
             read_arg(ctx, n, 1, a[0], a[1] as u32 as usize)?.to_vec()
         };
-        if id == SNPRINTF {
+        if snprintf {
             self.snprintf(ctx, a[0], a[1] as u32 as usize, &fmt, &args)
         } else {
             Ok(self.printk(&fmt, &args))
@@ -1489,8 +1480,9 @@ mod tests {
     fn supported_table_is_sorted_named_and_implemented() {
         assert!(SUPPORTED_HELPERS.windows(2).all(|w| w[0] < w[1]));
         let mut h = RuntimeHelpers::new(Vec::new());
-        for &id in SUPPORTED_HELPERS {
-            assert!(helper_name(id).is_some(), "{id}");
+        for &helper in SUPPORTED_HELPERS {
+            let id = helper.0;
+            assert!(helper.name().is_some(), "{id}");
             let mut mem = MemoryMap::new();
             let mut ctx = CallContext::new(0, &mut mem);
             // NULL/zero arguments: a result or a typed failure, never "unknown".
@@ -1500,8 +1492,5 @@ mod tests {
         let mut mem = MemoryMap::new();
         let mut ctx = CallContext::new(0, &mut mem);
         assert_eq!(h.call(27, [0; 5], &mut ctx), Err(HelperError::Unknown(27)));
-        assert_eq!(helper_display_name(27), "bpf_get_stackid");
-        assert_eq!(helper_display_name(181), "bpf_loop");
-        assert_eq!(helper_display_name(5000), "unknown");
     }
 }

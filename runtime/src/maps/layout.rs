@@ -205,9 +205,6 @@ pub(crate) const LRU_REF: u32 = 0x100;
 /// page, where kernel-compatible consumers do not look.
 pub(crate) const RING_LOCK_OFF: usize = 64;
 pub(crate) const RING_LOST_OFF: usize = 128;
-pub(crate) const RINGBUF_BUSY_BIT: u32 = 1 << 31;
-pub(crate) const RINGBUF_DISCARD_BIT: u32 = 1 << 30;
-pub(crate) const RINGBUF_HDR_SZ: usize = 8;
 /// Data bytes per CPU ring of a PERF_EVENT_ARRAY.
 pub(crate) const PERF_RING_DATA: usize = 64 * 1024;
 

@@ -46,99 +46,11 @@ pub use ring::{RingBufConsumer, RingRecord};
 pub use segment::{euid, process_start_time, trusted_owners};
 pub use track::{Change, ChangeCursor, ChangeKind, RawChange};
 
-/// `BPF_ANY`: create or update.
-pub const BPF_ANY: u64 = 0;
-/// `BPF_NOEXIST`: create only.
-pub const BPF_NOEXIST: u64 = 1;
-/// `BPF_EXIST`: update only.
-pub const BPF_EXIST: u64 = 2;
-/// `BPF_F_LOCK` (accepted by the kernel only for maps with a bpf_spin_lock; we have none).
-pub const BPF_F_LOCK: u64 = 4;
-/// `BPF_RB_NO_WAKEUP` / `BPF_RB_FORCE_WAKEUP`: ringbuf submit flags.
-pub const BPF_RB_NO_WAKEUP: u64 = 1;
-pub const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// `BPF_F_CURRENT_CPU` / `BPF_F_INDEX_MASK` for perf_event_output.
-pub const BPF_F_CURRENT_CPU: u64 = 0xffff_ffff;
-pub const BPF_F_INDEX_MASK: u64 = 0xffff_ffff;
-
-/// Kernel `BPF_MAP_TYPE_*` numbers of the types we implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum MapType {
-    Hash = 1,
-    Array = 2,
-    ProgArray = 3,
-    PerfEventArray = 4,
-    PercpuHash = 5,
-    PercpuArray = 6,
-    LruHash = 9,
-    LruPercpuHash = 10,
-    Queue = 22,
-    Stack = 23,
-    Ringbuf = 27,
-}
-
-impl MapType {
-    pub fn from_raw(v: u32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Hash,
-            2 => Self::Array,
-            3 => Self::ProgArray,
-            4 => Self::PerfEventArray,
-            5 => Self::PercpuHash,
-            6 => Self::PercpuArray,
-            9 => Self::LruHash,
-            10 => Self::LruPercpuHash,
-            22 => Self::Queue,
-            23 => Self::Stack,
-            27 => Self::Ringbuf,
-            _ => return None,
-        })
-    }
-
-    pub fn as_raw(self) -> u32 {
-        self as u32
-    }
-
-    /// bpftool's name for the type.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Hash => "hash",
-            Self::Array => "array",
-            Self::ProgArray => "prog_array",
-            Self::PerfEventArray => "perf_event_array",
-            Self::PercpuHash => "percpu_hash",
-            Self::PercpuArray => "percpu_array",
-            Self::LruHash => "lru_hash",
-            Self::LruPercpuHash => "lru_percpu_hash",
-            Self::Queue => "queue",
-            Self::Stack => "stack",
-            Self::Ringbuf => "ringbuf",
-        }
-    }
-
-    pub fn is_hash(self) -> bool {
-        matches!(
-            self,
-            Self::Hash | Self::PercpuHash | Self::LruHash | Self::LruPercpuHash
-        )
-    }
-
-    pub fn is_lru(self) -> bool {
-        matches!(self, Self::LruHash | Self::LruPercpuHash)
-    }
-
-    pub fn is_percpu(self) -> bool {
-        matches!(
-            self,
-            Self::PercpuHash | Self::PercpuArray | Self::LruPercpuHash
-        )
-    }
-
-    pub fn is_array(self) -> bool {
-        matches!(self, Self::Array | Self::PercpuArray)
-    }
-}
+pub use bpftime_abi::flags::{
+    BPF_ANY, BPF_EXIST, BPF_F_CURRENT_CPU, BPF_F_INDEX_MASK, BPF_F_LOCK, BPF_NOEXIST,
+    BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+};
+pub use bpftime_abi::{possible_cpus, MapType};
 
 /// A map definition as the loader reads it from the object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -495,22 +407,6 @@ impl MapSel for &String {
     fn describe(&self) -> String {
         format!("`{self}`")
     }
-}
-
-/// Number of possible CPUs (the per-CPU slot count), from /sys/devices/system/cpu/possible.
-pub fn possible_cpus() -> u32 {
-    let parse = |s: &str| -> Option<u32> {
-        let mut max = 0u32;
-        for part in s.trim().split(',') {
-            let last = part.rsplit('-').next()?;
-            max = max.max(last.trim().parse::<u32>().ok()?);
-        }
-        Some(max + 1)
-    };
-    std::fs::read_to_string("/sys/devices/system/cpu/possible")
-        .ok()
-        .and_then(|s| parse(&s))
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
 }
 
 /// The CPU a helper call runs on, as an index into per-CPU slots.

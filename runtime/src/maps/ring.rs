@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bpftime_abi::ringbuf;
+
 use super::layout::*;
 use super::lock::{current_pid, task_alive, Acquired, LockGuard, ShmLock};
 use super::segment::{page_size, RingMapping};
@@ -73,7 +75,7 @@ impl MapHandle {
         let rings = self.rings.as_ref()?;
         let r = rings.get(i as usize)?;
         Some(Ring {
-            base: r.base,
+            base: r.base(),
             pg: page_size(),
             size: self.geo.data_size,
             _m: std::marker::PhantomData,
@@ -92,7 +94,7 @@ impl MapHandle {
         if size > u64::from(u32::MAX >> 2) {
             return None;
         }
-        let len = round_up(size + RINGBUF_HDR_SZ as u64, 8);
+        let len = ringbuf::record_len(size as usize) as u64;
         if len > r.size {
             return None;
         }
@@ -117,7 +119,7 @@ impl MapHandle {
             return None;
         }
         let h = r.hdr(prod);
-        h.store(size as u32 | RINGBUF_BUSY_BIT, Ordering::Relaxed);
+        h.store(size as u32 | ringbuf::BUSY_BIT, Ordering::Relaxed);
         // SAFETY: the pid word follows the len word in the 8-byte header.
         unsafe {
             (*(h as *const AtomicU32).add(1)).store(current_pid(), Ordering::Relaxed);
@@ -128,7 +130,7 @@ impl MapHandle {
         // SAFETY: the record body follows its header; the double mapping keeps it contiguous.
         Some(unsafe {
             r.data()
-                .add(((prod & (r.size - 1)) as usize) + RINGBUF_HDR_SZ)
+                .add(((prod & (r.size - 1)) as usize) + ringbuf::HDR_SZ)
         })
     }
 
@@ -142,21 +144,21 @@ impl MapHandle {
         let r = self.ring(ri).ok_or_else(|| self.err(op, libc::EINVAL))?;
         let data = r.data() as usize;
         let p = sample as usize;
-        if p < data + RINGBUF_HDR_SZ
-            || p >= data + r.size as usize + RINGBUF_HDR_SZ
+        if p < data + ringbuf::HDR_SZ
+            || p >= data + r.size as usize + ringbuf::HDR_SZ
             || (p - data) & 7 != 0
         {
             return Err(self.err(op, libc::EINVAL));
         }
         // SAFETY: validated to be 8 bytes after a header position inside the first data copy.
-        let h = unsafe { &*((sample.sub(RINGBUF_HDR_SZ)) as *const AtomicU32) };
+        let h = unsafe { &*((sample.sub(ringbuf::HDR_SZ)) as *const AtomicU32) };
         let cur = h.load(Ordering::Relaxed);
-        if cur & RINGBUF_BUSY_BIT == 0 {
+        if cur & ringbuf::BUSY_BIT == 0 {
             return Err(self.err(op, libc::EINVAL));
         }
-        let mut new = cur & !RINGBUF_BUSY_BIT;
+        let mut new = cur & !ringbuf::BUSY_BIT;
         if discard {
-            new |= RINGBUF_DISCARD_BIT;
+            new |= ringbuf::DISCARD_BIT;
         }
         // Release: the body written through the sample pointer is visible with the header.
         h.store(new, Ordering::Release);
@@ -314,26 +316,26 @@ impl RingBufConsumer {
             }
             let h = r.hdr(cons);
             let word = h.load(Ordering::Acquire);
-            if word & RINGBUF_BUSY_BIT != 0 {
+            if word & ringbuf::BUSY_BIT != 0 {
                 if !self.reap_dead(ri, cons, h, word) {
                     break;
                 }
                 continue;
             }
             self.stuck[ri as usize] = None;
-            let len = (word & !(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)) as u64;
-            let step = round_up(len + RINGBUF_HDR_SZ as u64, 8);
+            let len = ringbuf::payload_len(word) as u64;
+            let step = ringbuf::record_len(len as usize) as u64;
             if step > prod - cons {
                 self.skip_corrupt(&r, ri, prod);
                 break;
             }
-            if word & RINGBUF_DISCARD_BIT == 0 {
+            if word & ringbuf::DISCARD_BIT == 0 {
                 // SAFETY: a committed record of `len` bytes follows the header, inside the
                 // ring (checked above: it ends before the producer, at most a ring away); the
                 // double mapping keeps it contiguous even when it wraps.
                 let data = unsafe {
                     std::slice::from_raw_parts(
-                        (h as *const AtomicU32 as *const u8).add(RINGBUF_HDR_SZ),
+                        (h as *const AtomicU32 as *const u8).add(ringbuf::HDR_SZ),
                         len as usize,
                     )
                 };
@@ -378,7 +380,7 @@ impl RingBufConsumer {
             *slot = Some((pos, Instant::now()));
             return false;
         }
-        let new = (word & !RINGBUF_BUSY_BIT) | RINGBUF_DISCARD_BIT;
+        let new = (word & !ringbuf::BUSY_BIT) | ringbuf::DISCARD_BIT;
         if h.compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {

@@ -9,8 +9,11 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+
+use bpftime_abi::os::Access;
+use bpftime_abi::Mmap;
 
 use super::SegmentIdentity;
 
@@ -34,18 +37,7 @@ pub(crate) const SHM_DIR: &str = "/dev/shm";
 pub(crate) const PREFIX: &str = "bpftime-rs.";
 pub(crate) const SUFFIX: &str = ".shm";
 
-pub(crate) fn page_size() -> usize {
-    static PG: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PG.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if p <= 0 {
-            4096
-        } else {
-            p as usize
-        }
-    })
-}
+pub(crate) use bpftime_abi::page_size;
 
 /// Object names become file names, so keep them to a safe alphabet.
 pub(crate) fn valid_object_name(name: &str) -> bool {
@@ -68,17 +60,10 @@ pub(crate) fn shm_path(object: &str) -> String {
 
 /// A whole-file shared mapping. Unmapped on drop.
 pub(crate) struct Mapping {
-    base: *mut u8,
-    len: usize,
+    map: Mmap,
     fd: OwnedFd,
     identity: SegmentIdentity,
 }
-
-// SAFETY: the mapping is plain shared memory; all concurrent access goes through atomics or
-// through raw-pointer copies whose races are part of the documented map semantics.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
 
 impl Mapping {
     pub(crate) fn create(object: &str, len: usize, mode: u32, reserve: bool) -> io::Result<Self> {
@@ -176,38 +161,16 @@ impl Mapping {
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "empty segment"));
         }
-        // SAFETY: fresh shared mapping of a file we hold open; nothing else owns this range.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = Mmap::shared(fd.as_fd(), len, 0, Access::ReadWrite)?;
         let identity = match std::fs::File::from(fd.try_clone()?).metadata() {
             Ok(meta) => SegmentIdentity {
                 dev: meta.dev(),
                 ino: meta.ino(),
                 uid: meta.uid(),
             },
-            Err(e) => {
-                // SAFETY: unmapping what was just mapped; nothing refers to it yet.
-                unsafe { libc::munmap(p, len) };
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
-        Ok(Self {
-            base: p as *mut u8,
-            len,
-            fd,
-            identity,
-        })
+        Ok(Self { map, fd, identity })
     }
 
     /// Which file this is (device, inode, owner), from `fstat` of the mapped descriptor.
@@ -223,97 +186,30 @@ impl Mapping {
     }
 
     pub(crate) fn base(&self) -> *mut u8 {
-        self.base
+        self.map.as_ptr()
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Maps `[file_off, file_off + 2 pages + data)` and then the data pages a second time right
     /// after, so a ring record that wraps is contiguous in memory (the kernel's ringbuf trick;
     /// a BPF program writes a reserved record through one pointer).
     pub(crate) fn map_ring(&self, file_off: usize, data: usize) -> io::Result<RingMapping> {
-        let pg = page_size();
-        let total = 2 * pg + 2 * data;
-        // SAFETY: reserving address space only.
-        let res = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                total,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if res == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let res = res as *mut u8;
-        let ring = RingMapping {
-            base: res,
-            len: total,
-        };
-        // SAFETY: MAP_FIXED over the reservation we own; offsets are page aligned by layout.
-        let a = unsafe {
-            libc::mmap(
-                res as *mut libc::c_void,
-                2 * pg + data,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                self.fd.as_raw_fd(),
-                file_off as libc::off_t,
-            )
-        };
-        if a == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above, the second view of the data pages.
-        let b = unsafe {
-            libc::mmap(
-                res.add(2 * pg + data) as *mut libc::c_void,
-                data,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                self.fd.as_raw_fd(),
-                (file_off + 2 * pg) as libc::off_t,
-            )
-        };
-        if b == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(ring)
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what map_fd mapped; no references outlive self (handles
-        // hold an Arc to the mapping).
-        unsafe {
-            libc::munmap(self.base as *mut libc::c_void, self.len);
-        }
+        let map = Mmap::ring(self.fd.as_fd(), file_off as u64, 2 * page_size(), data)?;
+        Ok(RingMapping { map })
     }
 }
 
 /// The double view of one ring (consumer page, producer page, data, data again).
 pub(crate) struct RingMapping {
-    pub(crate) base: *mut u8,
-    len: usize,
+    map: Mmap,
 }
 
-// SAFETY: shared memory accessed via atomics / documented racy copies.
-unsafe impl Send for RingMapping {}
-// SAFETY: as above.
-unsafe impl Sync for RingMapping {}
-
-impl Drop for RingMapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the reservation made in map_ring.
-        unsafe {
-            libc::munmap(self.base as *mut libc::c_void, self.len);
-        }
+impl RingMapping {
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.map.as_ptr()
     }
 }
 

@@ -8,31 +8,9 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-/// BTF magic number (little-endian encoding on the host).
-const BTF_MAGIC: u16 = 0xeb9f;
-
 /// BTF kinds (`BTF_KIND_*` in `linux/btf.h`).
-pub mod kind {
-    pub const INT: u8 = 1;
-    pub const PTR: u8 = 2;
-    pub const ARRAY: u8 = 3;
-    pub const STRUCT: u8 = 4;
-    pub const UNION: u8 = 5;
-    pub const ENUM: u8 = 6;
-    pub const FWD: u8 = 7;
-    pub const TYPEDEF: u8 = 8;
-    pub const VOLATILE: u8 = 9;
-    pub const CONST: u8 = 10;
-    pub const RESTRICT: u8 = 11;
-    pub const FUNC: u8 = 12;
-    pub const FUNC_PROTO: u8 = 13;
-    pub const VAR: u8 = 14;
-    pub const DATASEC: u8 = 15;
-    pub const FLOAT: u8 = 16;
-    pub const DECL_TAG: u8 = 17;
-    pub const TYPE_TAG: u8 = 18;
-    pub const ENUM64: u8 = 19;
-}
+pub use bpftime_abi::btf::kind;
+use bpftime_abi::btf::MAGIC as BTF_MAGIC;
 
 /// A malformed BTF blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

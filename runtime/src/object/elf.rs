@@ -15,8 +15,6 @@ use super::{
     BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
 };
 
-/// `BPF_MAP_TYPE_ARRAY`: global-data sections become one-element arrays, as in libbpf.
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
 /// Upper bound on a linked program (the kernel's limit is 1M verified instructions).
 const MAX_LINKED_INSNS: usize = 1 << 20;
 /// `struct bpf_map_def` in the legacy `maps` section: type, key_size, value_size, max_entries,
@@ -276,7 +274,8 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
             origin: MapOrigin::GlobalData {
                 section: s.name.clone(),
             },
-            map_type: BPF_MAP_TYPE_ARRAY,
+            // Global-data sections become one-element arrays, as in libbpf.
+            map_type: bpftime_abi::MapType::Array.as_raw(),
             key_size: 4,
             value_size,
             max_entries: 1,

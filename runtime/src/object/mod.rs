@@ -36,17 +36,10 @@ pub use self::section::{parse_section, AttachTarget, ProgramKind, SectionInfo};
 /// Where the running kernel publishes its BTF (the CO-RE target).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
-/// `lddw` source for "map by index" (kernel `fd_array` convention).
-pub const BPF_PSEUDO_MAP_IDX: u8 = 5;
-/// `lddw` source for "address inside a map value, map by index".
-pub const BPF_PSEUDO_MAP_IDX_VALUE: u8 = 6;
-/// `call` source for a bpf-to-bpf call.
-pub const BPF_PSEUDO_CALL: u8 = 1;
-/// `lddw` source for the address of a subprogram (callbacks).
-pub const BPF_PSEUDO_FUNC: u8 = 4;
-
-/// `BPF_F_RDONLY_PROG`: programs may only read the map (how libbpf creates `.rodata`).
-pub const BPF_F_RDONLY_PROG: u32 = 1 << 7;
+pub use bpftime_abi::flags::BPF_F_RDONLY_PROG;
+pub use bpftime_abi::insn::{
+    BPF_PSEUDO_CALL, BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
+};
 
 /// One 8-byte BPF instruction, exactly as in the ELF (little-endian).
 pub type RawInsn = [u8; 8];

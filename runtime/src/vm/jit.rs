@@ -24,6 +24,8 @@
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
+use bpftime_abi::{HelperId, Mmap};
+
 use super::error::{HelperError, VmError};
 use super::helpers::{CallContext, FuncInvoker, Helpers};
 use super::insn::*;
@@ -95,9 +97,9 @@ const _: () = {
 };
 
 /// Helper ids with map fast paths.
-const HELPER_MAP_LOOKUP: u32 = 1;
-const HELPER_MAP_UPDATE: u32 = 2;
-const HELPER_MAP_DELETE: u32 = 3;
+const HELPER_MAP_LOOKUP: HelperId = HelperId::MAP_LOOKUP_ELEM;
+const HELPER_MAP_UPDATE: HelperId = HelperId::MAP_UPDATE_ELEM;
+const HELPER_MAP_DELETE: HelperId = HelperId::MAP_DELETE_ELEM;
 
 /// A map helper the JIT calls directly (see the module docs), with the SysV ABI: r1 replaced by
 /// [`JitMap::handle`], r2..r5 as the program passed them, and the run's [`JitCall`] (for
@@ -348,8 +350,8 @@ impl Emitter {
 
 /// Compiled native code of a program.
 pub struct JitProgram {
-    code: *mut u8,
-    size: usize,
+    /// Read+execute copy of the generated code (W^X, see [`Mmap::executable`]).
+    code: Mmap,
     /// Calls no helper but the map lookup/update/delete and no `callx` (see [`JitHook`]);
     /// then its native calls keep xmm0-7.
     leaf: bool,
@@ -375,17 +377,8 @@ unsafe impl Sync for JitProgram {}
 impl std::fmt::Debug for JitProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JitProgram")
-            .field("size", &self.size)
+            .field("size", &self.code.len())
             .finish()
-    }
-}
-
-impl Drop for JitProgram {
-    fn drop(&mut self) {
-        // SAFETY: `code`/`size` come from a successful mmap in `compile` and are unmapped once.
-        unsafe {
-            libc::munmap(self.code as *mut libc::c_void, self.size);
-        }
     }
 }
 
@@ -614,47 +607,14 @@ impl JitProgram {
             e.buf[pos..pos + 4].copy_from_slice(&(rel as i32).to_le_bytes());
         }
 
-        let size = e.buf.len().div_ceil(4096) * 4096;
-        // SAFETY: anonymous private mapping; the result is checked before use.
-        let code = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if code == libc::MAP_FAILED {
-            return Err(VmError::Jit(format!(
-                "mmap failed: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let code = code as *mut u8;
-        // SAFETY: `code` is a fresh writable mapping of `size >= buf.len()` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(e.buf.as_ptr(), code, e.buf.len()) };
-        // SAFETY: switching our own mapping to read+execute (W^X: never writable and executable).
-        let rc = unsafe {
-            libc::mprotect(
-                code as *mut libc::c_void,
-                size,
-                libc::PROT_READ | libc::PROT_EXEC,
-            )
-        };
-        if rc != 0 {
-            // SAFETY: unmapping the mapping created above.
-            unsafe { libc::munmap(code as *mut libc::c_void, size) };
-            return Err(VmError::Jit("mprotect failed".into()));
-        }
+        let code =
+            Mmap::executable(&e.buf).map_err(|err| VmError::Jit(format!("mapping code: {err}")))?;
         for &f in funcs.iter() {
             let off = e.labels[func_labels[&f]].expect("function label bound");
-            func_table[f] = code as u64 + off as u64;
+            func_table[f] = code.as_ptr() as u64 + off as u64;
         }
         Ok(Self {
             code,
-            size,
             leaf,
             len: e.buf.len(),
             func_table,
@@ -673,12 +633,12 @@ impl JitProgram {
     pub fn code(&self) -> &[u8] {
         // SAFETY: the first `len` bytes of the read+execute mapping hold the code; the mapping
         // lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.code, self.len) }
+        unsafe { std::slice::from_raw_parts(self.code.as_ptr(), self.len) }
     }
 
     /// Size of the generated code mapping in bytes.
     pub fn code_size(&self) -> usize {
-        self.size
+        self.code.len()
     }
 
     /// Run the compiled code with r1..r5 = `args`; helpers reach `helpers` and `mem` through
@@ -806,7 +766,7 @@ impl JitProgram {
     unsafe fn enter(&self, args: [u64; 5], env: *mut JitEnv<'_, '_>) -> u64 {
         // SAFETY: `code` starts with the outer entry, which follows the SysV ABI with the
         // signature `EntryFn`.
-        let f: EntryFn = unsafe { std::mem::transmute::<*mut u8, EntryFn>(self.code) };
+        let f: EntryFn = unsafe { std::mem::transmute::<*mut u8, EntryFn>(self.code.as_ptr()) };
         // SAFETY: see the function contract.
         unsafe { f(args[0], args[1], args[2], args[3], args[4], env) }
     }
@@ -903,7 +863,7 @@ fn is_leaf(insns: &[Insn]) -> bool {
             || (!i.is_reg_src()
                 && (i.src == BPF_PSEUDO_CALL
                     || matches!(
-                        i.imm as u32,
+                        HelperId(i.imm as u32),
                         HELPER_MAP_LOOKUP | HELPER_MAP_UPDATE | HELPER_MAP_DELETE
                     )))
     })
@@ -1084,7 +1044,7 @@ impl JitHook {
         let mut hook = Box::new(Self {
             envs: std::ptr::null(),
             slots,
-            code: image.code as u64,
+            code: image.code.as_ptr() as u64,
             ctx_len,
             slow,
             after,
@@ -1317,7 +1277,7 @@ fn track_tokens(tokens: &mut [Option<u64>; 11], i: &Insn, next: Option<&Insn>) {
 }
 
 fn has_fast_path(map: &JitMap, id: u32) -> bool {
-    match id {
+    match HelperId(id) {
         HELPER_MAP_LOOKUP => map.lookup.is_some(),
         HELPER_MAP_UPDATE => map.update.is_some(),
         HELPER_MAP_DELETE => map.delete.is_some(),
@@ -1346,7 +1306,7 @@ fn emit_fast_map_call(
     e.mov_ri64(R11, token);
     e.alu_rr(true, 0x39, 7, R11); // cmp rdi, r11
     e.jcc(CC_NE, generic);
-    let f = match id {
+    let f = match HelperId(id) {
         HELPER_MAP_LOOKUP => map.lookup,
         HELPER_MAP_UPDATE => map.update,
         _ => map.delete,
@@ -1363,7 +1323,7 @@ fn emit_fast_map_call(
         e.jcc(CC_NE, abort);
     };
     match map.inline_array {
-        Some(a) if id == HELPER_MAP_LOOKUP && a.stride <= i32::MAX as u32 => {
+        Some(a) if HelperId(id) == HELPER_MAP_LOOKUP && a.stride <= i32::MAX as u32 => {
             let null = e.new_label();
             let unmarked = e.new_label();
             // A NULL key (only in unverified code) goes to the function, which reports it

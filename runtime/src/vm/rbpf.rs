@@ -184,7 +184,6 @@ fn align_stubs() -> Result<&'static AlignStubs, VmError> {
     STUBS
         .get_or_init(|| {
             let n = MAX_RBPF_HELPER as usize + 1;
-            let size = (n * STUB_STRIDE).div_ceil(4096) * 4096;
             let mut code = Vec::with_capacity(n * STUB_STRIDE);
             let target = dispatch_c as *const () as usize as u64;
             for id in 0..n as u32 {
@@ -197,28 +196,13 @@ fn align_stubs() -> Result<&'static AlignStubs, VmError> {
                 code.extend_from_slice(&[0xff, 0xd0, 0x48, 0x89, 0xec, 0x5d, 0xc3]);
                 code.resize(start + STUB_STRIDE, 0xcc);
             }
-            // SAFETY: fresh anonymous private mapping, checked below.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(VmError::Rbpf("mmap of helper stubs failed".into()));
-            }
-            // SAFETY: `p` is a writable mapping of `size >= code.len()` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), p as *mut u8, code.len()) };
-            // SAFETY: W^X: the stubs become read+execute and are never written again; the
-            // mapping lives for the rest of the process.
-            if unsafe { libc::mprotect(p, size, libc::PROT_READ | libc::PROT_EXEC) } != 0 {
-                return Err(VmError::Rbpf("mprotect of helper stubs failed".into()));
-            }
-            Ok(AlignStubs { base: p as usize })
+            // The stubs live for the rest of the process: rbpf programs hold their addresses.
+            let stubs = bpftime_abi::Mmap::executable(&code)
+                .map_err(|e| VmError::Rbpf(format!("mapping helper stubs: {e}")))?
+                .leak();
+            Ok(AlignStubs {
+                base: stubs.as_ptr() as usize,
+            })
         })
         .as_ref()
         .map_err(Clone::clone)

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-use bpftime_kernel_bridge::record::*;
+use bpftime_abi::bridge::*;
 
 const PROBE: &str = r#"
 #include <linux/types.h>
@@ -65,7 +65,10 @@ fn header_dir() -> PathBuf {
 
 /// Compiles the probe against bridge.h and runs it; its lines as `name -> (a, b)` text.
 fn probe(record_hex: &str) -> BTreeMap<String, (String, String)> {
-    let dir = std::env::temp_dir().join(format!("bpftime-wire-{}", std::process::id()));
+    // One directory per call: the tests run in parallel and each removes its own.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("bpftime-wire-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("probe.c");
     let exe = dir.join("probe");

@@ -1,5 +1,7 @@
-//! The wire format shared with `ebpf/bridge.h`: one [`UpdateHeader`] per user-ringbuf sample, and
-//! one [`ConfirmRecord`] per confirmation. Layouts are `repr(C)` and checked against the C sizes.
+//! The wire format shared with `ebpf/bridge.h`, the header the kernel drain program is compiled
+//! with: one [`UpdateHeader`] per user-ringbuf sample, and one [`ConfirmRecord`] per
+//! confirmation. `tests/wire_format.rs` compiles a C probe against the header and checks every
+//! size, offset and constant here against it, and records in both directions.
 
 /// What a record asks the drain to do to its mirror map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

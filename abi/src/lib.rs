@@ -1,0 +1,24 @@
+//! The vocabulary every bpftime-rs crate shares with the kernel and with its own BPF C.
+//!
+//! Kernel numbers (map types, flags, opcodes, pseudo sources, helper ids and names, ringbuf
+//! header bits, BTF kinds) come from libbpf-sys's generated UAPI bindings and from libbpf's generated
+//! `bpf_helper_defs.h`, never from hand copies: a copied constant is a place for the product's
+//! promise of kernel semantics to drift silently. The typed wrappers add what the numbers alone
+//! do not say (bpftool's names, which types are per-CPU or keyless, which can be mirrored).
+//!
+//! The crate also holds the two other things several crates need exactly once: the wire format
+//! of `ebpf/bridge.h` (records between the forwarder and the kernel drain program) and the OS
+//! primitives (`Mmap`, `page_size`, `possible_cpus`).
+
+pub mod bridge;
+pub mod btf;
+pub mod flags;
+pub mod helper;
+pub mod insn;
+pub mod map_type;
+pub mod os;
+pub mod ringbuf;
+
+pub use helper::HelperId;
+pub use map_type::{MapType, UnknownMapType};
+pub use os::{page_size, possible_cpus, Mmap};
