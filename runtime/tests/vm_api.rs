@@ -242,7 +242,7 @@ fn helper_errors_abort() {
     let mk = || {
         let mut h = HelperTable::new();
         h.register(3, |_a: [u64; 5], _c: &mut CallContext<'_, '_>| {
-            Err::<u64, HelperError>(HelperError::Failed("boom".into()))
+            Err::<u64, HelperError>(HelperError::other(std::io::Error::other("boom")))
         });
         h
     };

@@ -78,7 +78,7 @@ fn helper_errors_are_reported_after_the_run() {
     let p = prog("call 2\nmov %r0, 3\nexit");
     let mut h = HelperTable::new();
     h.register(2, |_a: [u64; 5], _c: &mut CallContext<'_, '_>| {
-        Err::<u64, HelperError>(HelperError::Failed("nope".into()))
+        Err::<u64, HelperError>(HelperError::other(std::io::Error::other("nope")))
     });
     let mut mem = MemoryMap::new();
     // SAFETY: the program touches no memory.

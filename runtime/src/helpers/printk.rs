@@ -6,10 +6,16 @@
 //! `0 - + space` and a width. Anything else, a format without its NUL, or more arguments than
 //! allowed is `EINVAL`, as in the kernel.
 
+use bpftime_abi::HelperId;
 use thiserror::Error;
+
+use super::{neg, probe, read_arg, write_arg, RuntimeHelpers};
+use crate::vm::{CallContext, HelperError, HelperFault};
 
 /// Longest formatted output, as the kernel's per-CPU printk buffer.
 pub const MAX_OUTPUT: usize = 512;
+/// Most arguments a vprintk/snprintf format takes (the kernel's `MAX_BPRINTF_VARARGS`).
+const MAX_ARGS: usize = 12;
 /// Longest string a `%s` reads.
 const MAX_STR: usize = 256;
 
@@ -169,6 +175,117 @@ pub fn terminated(fmt: &[u8]) -> Result<&[u8], FormatError> {
         Some(n) => Ok(&fmt[..n]),
         None => Err(FormatError::NotTerminated),
     }
+}
+
+// The helpers themselves.
+
+type Ret = Result<u64, HelperError>;
+
+/// `bpf_trace_printk(fmt, fmt_size, arg1, arg2, arg3)`.
+pub(super) fn trace_printk(
+    h: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    let fmt = read_arg(ctx, HelperId::TRACE_PRINTK, 1, a[0], a[1] as u32 as usize)?;
+    Ok(emit(h, fmt, &a[2..5]))
+}
+
+/// `bpf_trace_vprintk(fmt, fmt_size, data, data_len)`.
+#[inline(never)]
+pub(super) fn trace_vprintk(
+    h: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    const ID: HelperId = HelperId::TRACE_VPRINTK;
+    let Some(args) = packed_args(ctx, ID, 3, a[2], a[3])? else {
+        return Ok(neg(libc::EINVAL));
+    };
+    let fmt = read_arg(ctx, ID, 1, a[0], a[1] as u32 as usize)?.to_vec();
+    Ok(emit(h, &fmt, &args))
+}
+
+/// `bpf_snprintf(str, str_size, fmt, data, data_len)`.
+#[inline(never)]
+pub(super) fn snprintf(_: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
+    const ID: HelperId = HelperId::SNPRINTF;
+    let Some(args) = packed_args(ctx, ID, 4, a[3], a[4])? else {
+        return Ok(neg(libc::EINVAL));
+    };
+    // A constant string (the verifier requires read-only map memory) of unknown length: read
+    // up to the kernel's limit.
+    let mut fmt = vec![0u8; MAX_OUTPUT];
+    let n = probe::read_str(a[2], &mut fmt).unwrap_or(0);
+    fmt.truncate(n);
+    let Ok(fmt) = terminated(&fmt) else {
+        return Ok(neg(libc::EINVAL));
+    };
+    let out = write_arg(ctx, ID, 1, a[0], a[1] as u32 as usize)?;
+    Ok(match format(fmt, &args, read_str_arg) {
+        Ok(s) => {
+            if !out.is_empty() {
+                let n = s.len().min(out.len() - 1);
+                out[..n].copy_from_slice(&s[..n]);
+                out[n] = 0;
+            }
+            s.len() as u64 + 1
+        }
+        Err(_) => {
+            if let Some(b) = out.first_mut() {
+                *b = 0;
+            }
+            neg(libc::EINVAL)
+        }
+    })
+}
+
+/// The u64 arguments packed at `data` (`data_len` bytes, argument `arg`), as the kernel's
+/// `bpf_bprintf_prepare` takes them; `None` for a length it refuses.
+fn packed_args(
+    ctx: &mut CallContext<'_, '_>,
+    id: HelperId,
+    arg: u8,
+    data: u64,
+    data_len: u64,
+) -> Result<Option<Vec<u64>>, HelperFault> {
+    let data_len = data_len as u32 as usize;
+    if !data_len.is_multiple_of(8) || data_len > MAX_ARGS * 8 {
+        return Ok(None);
+    }
+    let data = read_arg(ctx, id, arg, data, data_len)?;
+    Ok(Some(
+        data.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    ))
+}
+
+/// Formats one line into the trace sink; r0 is its length, trailing newline included.
+#[inline(never)]
+fn emit(h: &mut RuntimeHelpers, fmt: &[u8], args: &[u64]) -> u64 {
+    let Ok(fmt) = terminated(fmt) else {
+        return neg(libc::EINVAL);
+    };
+    match format(fmt, args, read_str_arg) {
+        Ok(mut line) => {
+            let n = line.len() as u64;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            h.trace.emit(&line);
+            n
+        }
+        Err(_) => neg(libc::EINVAL),
+    }
+}
+
+/// `%s` argument reader: up to `max` bytes of a string anywhere in the process.
+fn read_str_arg(addr: u64, max: usize) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; max];
+    let n = probe::read_str(addr, &mut v)?;
+    v.truncate(n.saturating_sub(1));
+    Some(v)
 }
 
 #[cfg(test)]

@@ -5,6 +5,11 @@
 //! walk, so an unmapped or protected address gives `EFAULT` instead of a SIGSEGV, and a write
 //! to a read-only mapping fails the way the kernel's `copy_to_user_nofault` does.
 
+use bpftime_abi::HelperId;
+
+use super::{neg, read_arg, write_arg, RuntimeHelpers};
+use crate::vm::{CallContext, HelperError};
+
 /// Size of the chunks string reads use: a read never crosses a page boundary, so a string that
 /// ends right before an unmapped page is still read.
 const PAGE: u64 = 4096;
@@ -88,6 +93,101 @@ pub fn read_str(src: u64, dst: &mut [u8]) -> Option<usize> {
     }
     dst[max] = 0;
     Some(dst.len())
+}
+
+// The helpers themselves. The `_kernel` variants read this process's memory too (there is no
+// kernel memory to read from user space).
+
+type Ret = Result<u64, HelperError>;
+
+pub(super) fn probe_read(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_helper(HelperId::PROBE_READ, a, ctx)
+}
+
+pub(super) fn probe_read_user(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_helper(HelperId::PROBE_READ_USER, a, ctx)
+}
+
+pub(super) fn probe_read_kernel(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_helper(HelperId::PROBE_READ_KERNEL, a, ctx)
+}
+
+/// `(dst, size, unsafe_ptr)`: the destination is zeroed when the source is unreadable.
+fn read_helper(id: HelperId, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
+    let dst = write_arg(ctx, id, 1, a[0], a[1] as u32 as usize)?;
+    Ok(if read(a[2], dst) {
+        0
+    } else {
+        dst.fill(0);
+        neg(libc::EFAULT)
+    })
+}
+
+pub(super) fn probe_read_str(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_str_helper(HelperId::PROBE_READ_STR, a, ctx)
+}
+
+pub(super) fn probe_read_user_str(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_str_helper(HelperId::PROBE_READ_USER_STR, a, ctx)
+}
+
+pub(super) fn probe_read_kernel_str(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_str_helper(HelperId::PROBE_READ_KERNEL_STR, a, ctx)
+}
+
+/// r0 is the string's length including its NUL.
+fn read_str_helper(id: HelperId, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
+    let dst = write_arg(ctx, id, 1, a[0], a[1] as u32 as usize)?;
+    Ok(match read_str(a[2], dst) {
+        Some(n) => n as u64,
+        None => {
+            dst.fill(0);
+            neg(libc::EFAULT)
+        }
+    })
+}
+
+pub(super) fn probe_write_user(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    let src = read_arg(
+        ctx,
+        HelperId::PROBE_WRITE_USER,
+        2,
+        a[1],
+        a[2] as u32 as usize,
+    )?;
+    Ok(if write(a[0], src) {
+        0
+    } else {
+        neg(libc::EFAULT)
+    })
 }
 
 #[cfg(test)]

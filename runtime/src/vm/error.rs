@@ -1,5 +1,8 @@
 //! Typed errors of the VM layer.
 
+use std::sync::Arc;
+
+use bpftime_abi::HelperId;
 use thiserror::Error;
 
 /// Kind of a memory access, for fault reports.
@@ -20,19 +23,94 @@ impl std::fmt::Display for AccessKind {
     }
 }
 
-/// Error returned by a helper function.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+/// Error returned by a helper function: the run aborts with it.
+#[derive(Debug, Clone, Error)]
 pub enum HelperError {
     #[error("unknown helper {0}")]
     Unknown(u32),
-    #[error("{0}")]
-    Failed(String),
+    /// A call the program cannot continue after (bad pointer, bad map, ...).
+    #[error(transparent)]
+    Fault(#[from] HelperFault),
+    /// The helper panicked; the VM caught it at the helper boundary.
+    #[error("the helper panicked")]
+    Panicked,
     /// A BPF callback the helper ran (see [`CallContext::call_function`]) failed; the VM
     /// reports the inner error itself, not wrapped in [`VmError::Helper`].
     ///
     /// [`CallContext::call_function`]: super::CallContext::call_function
     #[error("callback failed: {0}")]
     Callback(Box<VmError>),
+    /// A failure of an embedder's own [`Helpers`](super::Helpers) implementation, with its
+    /// source kept.
+    #[error("{0}")]
+    Other(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl HelperError {
+    /// An embedder's failure (see [`HelperError::Other`]).
+    pub fn other(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        HelperError::Other(Arc::new(e))
+    }
+}
+
+/// `Other` errors compare by message (their sources need not be comparable).
+impl PartialEq for HelperError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Unknown(a), Self::Unknown(b)) => a == b,
+            (Self::Fault(a), Self::Fault(b)) => a == b,
+            (Self::Panicked, Self::Panicked) => true,
+            (Self::Callback(a), Self::Callback(b)) => a == b,
+            (Self::Other(a), Self::Other(b)) => a.to_string() == b.to_string(),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for HelperError {}
+
+/// A helper call the program cannot continue after (the VM aborts the run with it). Each
+/// names the helper by its kernel name.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum HelperFault {
+    #[error(
+        "{}: argument r{arg} = {addr:#x} ({len} bytes) is not accessible program memory",
+        .helper.display_name()
+    )]
+    BadPointer {
+        helper: HelperId,
+        arg: u8,
+        addr: u64,
+        len: usize,
+    },
+    #[error(
+        "{}: argument r{arg} = {value:#x} is not a map of this program",
+        .helper.display_name()
+    )]
+    BadMap {
+        helper: HelperId,
+        arg: u8,
+        value: u64,
+    },
+    #[error("{}: {addr:#x} is not a reserved ringbuf record", .helper.display_name())]
+    BadRecord { helper: HelperId, addr: u64 },
+    /// The map refused an operation the program cannot be told about (a record it reserved
+    /// could not be committed: the ring was changed under it).
+    #[error(
+        "{}: map `{map}` refused the operation: {}",
+        .helper.display_name(),
+        std::io::Error::from_raw_os_error(*.errno)
+    )]
+    Map {
+        helper: HelperId,
+        map: Arc<str>,
+        errno: i32,
+    },
+    #[error(
+        "the program reached an instruction whose CO-RE relocation failed (helper {id:#x} at \
+         instruction {pc})"
+    )]
+    CoreRelocation { id: u32, pc: usize },
 }
 
 impl From<VmError> for HelperError {

@@ -1234,7 +1234,7 @@ unsafe extern "C" fn helper_trampoline(
             env.error = Some(VmError::Helper {
                 pc,
                 id,
-                source: HelperError::Failed("helper panicked".into()),
+                source: HelperError::Panicked,
             });
             env.status = ST_HELPER_ERR;
             0

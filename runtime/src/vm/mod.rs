@@ -32,7 +32,7 @@ pub mod memory;
 pub mod program;
 pub mod rbpf;
 
-pub use error::{AccessKind, HelperError, VmError};
+pub use error::{AccessKind, HelperError, HelperFault, VmError};
 pub use helpers::{CallContext, HelperFn, HelperTable, Helpers, NoHelpers};
 pub use insn::Insn;
 pub use interp::{interpret, InterpOptions};

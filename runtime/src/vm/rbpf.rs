@@ -134,7 +134,7 @@ fn dispatch(id: u32, args: [u64; 5]) -> u64 {
                 cur.error = Some(VmError::Helper {
                     pc: 0,
                     id,
-                    source: HelperError::Failed("helper panicked".into()),
+                    source: HelperError::Panicked,
                 });
                 0
             }
