@@ -100,7 +100,7 @@ fn main() {
     bench("ringbuf output 16 B (+ consume every 1024)", N, |i| {
         let mut rec = [0u8; 16];
         rec[..8].copy_from_slice(&i.to_le_bytes());
-        rb.ringbuf_output(&rec, 0).unwrap();
+        rb.as_ringbuf().unwrap().output(&rec, 0).unwrap();
         if i & 1023 == 1023 {
             c.poll(|r| {
                 black_box(r.data);

@@ -171,7 +171,7 @@ fn check(case: &Case, r: Result<u64, String>) -> Result<(), String> {
     }
 }
 
-/// The suite this README's table counts: every file of ../shared/bpf_conformance/tests.
+/// The suite this README's table counts: every file of the conformance directory.
 const SUITE_FILES: usize = 313;
 
 /// The cases, checked to be the whole suite when it is the default one (a smaller directory

@@ -134,7 +134,11 @@ fn child_entry() {
             }
         }
         "hold_lock" => {
-            obj.map("h").unwrap().debug_hold_bucket_lock(&k4(42));
+            obj.map("h")
+                .unwrap()
+                .as_hash()
+                .unwrap()
+                .debug_hold_bucket_lock(&k4(42));
             ctl_add(&obj, 0, 1);
             std::thread::sleep(Duration::from_secs(600));
         }
@@ -154,11 +158,11 @@ fn child_entry() {
                         let _ = h.delete(&k);
                     }
                     1 => {
-                        let _ = q.push(&k, BPF_EXIST);
-                        let _ = q.pop();
+                        let _ = q.as_queue().unwrap().push(&k, BPF_EXIST);
+                        let _ = q.as_queue().unwrap().pop();
                     }
                     2 => {
-                        let _ = rb.ringbuf_output(&k, 0);
+                        let _ = rb.as_ringbuf().unwrap().output(&k, 0);
                     }
                     _ => match h.update(&k, &k4(i), BPF_ANY) {
                         Ok(()) => {}
@@ -175,14 +179,14 @@ fn child_entry() {
                 rec[..4].copy_from_slice(&arg.to_le_bytes());
                 rec[4..8].copy_from_slice(&seq.to_le_bytes());
                 let len = 8 + (seq % 17) as usize;
-                while rb.ringbuf_output(&rec[..len], 0).is_err() {
+                while rb.as_ringbuf().unwrap().output(&rec[..len], 0).is_err() {
                     std::thread::yield_now();
                 }
             }
         }
         "rb_reserve_die" => {
             let rb = obj.map("rb").unwrap();
-            let p = rb.ringbuf_reserve(16, 0).unwrap();
+            let p = rb.as_ringbuf().unwrap().reserve(16, 0).unwrap();
             // SAFETY: 16 reserved bytes.
             unsafe { std::ptr::write_bytes(p, 0xee, 16) };
             ctl_add(&obj, 0, 1);
@@ -201,12 +205,18 @@ fn child_entry() {
         "stop_mid_push" => {
             obj.map("q")
                 .unwrap()
+                .as_queue()
+                .unwrap()
                 .debug_stop_mid_push(&3u64.to_le_bytes());
             ctl_add(&obj, 0, 1);
             std::thread::sleep(Duration::from_secs(600));
         }
         "stop_mid_insert" => {
-            obj.map("h").unwrap().debug_stop_mid_insert(&k4(100));
+            obj.map("h")
+                .unwrap()
+                .as_hash()
+                .unwrap()
+                .debug_stop_mid_insert(&k4(100));
             ctl_add(&obj, 0, 1);
             std::thread::sleep(Duration::from_secs(600));
         }
@@ -363,8 +373,8 @@ fn a_pusher_killed_mid_push_leaves_every_push_numbered_once() {
         &[ctl_def(), def(MapType::Queue, 0, 8, 8, "q")],
     );
     let q = s.0.map("q").unwrap();
-    q.push(&1u64.to_le_bytes(), 0).unwrap();
-    q.push(&2u64.to_le_bytes(), 0).unwrap();
+    q.as_queue().unwrap().push(&1u64.to_le_bytes(), 0).unwrap();
+    q.as_queue().unwrap().push(&2u64.to_le_bytes(), 0).unwrap();
     let mut kid = spawn("stop_mid_push", &s.0, 0);
     wait_until("child mid-push", Duration::from_secs(30), || {
         ctl_get(&s.0, 0) == 1
@@ -372,9 +382,9 @@ fn a_pusher_killed_mid_push_leaves_every_push_numbered_once() {
     sigkill(&kid);
     kid.wait().unwrap();
     // The next push takes the lock over from the dead pusher, whose value stays queued.
-    q.push(&4u64.to_le_bytes(), 0).unwrap();
+    q.as_queue().unwrap().push(&4u64.to_le_bytes(), 0).unwrap();
     assert_eq!(q.counters().recoveries, 1);
-    let (pushes, next) = q.pushes_since(0).unwrap();
+    let (pushes, next) = q.as_queue().unwrap().pushes_since(0).unwrap();
     let values: Vec<u64> = pushes
         .iter()
         .map(|p| u64::from_le_bytes(p.value[..8].try_into().unwrap()))
@@ -387,7 +397,7 @@ fn a_pusher_killed_mid_push_leaves_every_push_numbered_once() {
     );
     assert!(next > *seqs.last().unwrap());
     // What the forwarder has seen is not handed back again.
-    let (again, _) = q.pushes_since(next).unwrap();
+    let (again, _) = q.as_queue().unwrap().pushes_since(next).unwrap();
     assert!(again.is_empty(), "{} pushes seen twice", again.len());
 }
 
@@ -445,12 +455,12 @@ fn children_killed_mid_churn_do_not_wedge_the_rest() {
         h.update(&k4(i), &k4(i), BPF_NOEXIST).unwrap();
     }
     let q = s.0.map("q").unwrap();
-    while q.pop().is_ok() {}
-    q.push(&k4(1), BPF_ANY).unwrap();
-    assert_eq!(q.pop().unwrap(), k4(1));
+    while q.as_queue().unwrap().pop().is_ok() {}
+    q.as_queue().unwrap().push(&k4(1), BPF_ANY).unwrap();
+    assert_eq!(q.as_queue().unwrap().pop().unwrap(), k4(1));
     let rb = s.0.map("rb").unwrap();
     c.poll(|_| {});
-    rb.ringbuf_output(b"still alive", 0).unwrap();
+    rb.as_ringbuf().unwrap().output(b"still alive", 0).unwrap();
     let mut got = Vec::new();
     c.poll_timeout(Duration::from_secs(5), |r| got.push(r.data.to_vec()));
     assert!(got.iter().any(|r| r == b"still alive"), "ring stalled");
@@ -495,7 +505,10 @@ fn reserved_record_of_a_killed_producer_does_not_stall_the_consumer() {
     wait_until("reservation", Duration::from_secs(30), || {
         ctl_get(&s.0, 0) == 1
     });
-    rb.ringbuf_output(b"behind the dead one", 0).unwrap();
+    rb.as_ringbuf()
+        .unwrap()
+        .output(b"behind the dead one", 0)
+        .unwrap();
     let mut c = RingBufConsumer::new(&rb).unwrap();
     assert_eq!(
         c.poll(|_| {}),
@@ -522,7 +535,7 @@ fn change_marks_from_another_process_reach_the_forwarder() {
         ],
     );
     let h = s.0.map("h").unwrap();
-    h.set_track_deletes(true);
+    h.as_hash().unwrap().set_track_deletes(true);
     for i in 1..=4 {
         h.update(&k4(i), &u64::from(i).to_le_bytes(), BPF_ANY)
             .unwrap();
@@ -553,7 +566,7 @@ fn change_marks_from_another_process_reach_the_forwarder() {
     let c3 = &seen[&3];
     assert_eq!(c3.value, None, "a delete is reported as a tombstone");
     assert_eq!(h.counters().tombstones, 1);
-    assert!(h.ack_deleted(c3.slot, c3.generation));
+    assert!(h.as_hash().unwrap().ack_deleted(c3.slot, c3.generation));
     assert_eq!(h.counters().tombstones, 0);
     assert_eq!(h.drain_changes(|_| {}), 0);
     let mut arr = Vec::new();

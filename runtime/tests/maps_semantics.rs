@@ -202,18 +202,27 @@ fn queue_and_stack() {
     );
     for (name, fifo) in [("q", true), ("s", false)] {
         let m = o.0.map(name).unwrap();
-        assert_eq!(errno(m.pop()), libc::ENOENT);
-        assert_eq!(errno(m.peek()), libc::ENOENT);
+        assert_eq!(errno(m.as_queue().unwrap().pop()), libc::ENOENT);
+        assert_eq!(errno(m.as_queue().unwrap().peek()), libc::ENOENT);
         for i in 1..=3u32 {
-            m.push(&i.to_le_bytes(), BPF_ANY).unwrap();
+            m.as_queue()
+                .unwrap()
+                .push(&i.to_le_bytes(), BPF_ANY)
+                .unwrap();
         }
-        assert_eq!(errno(m.push(&4u32.to_le_bytes(), BPF_ANY)), libc::E2BIG);
         assert_eq!(
-            errno(m.push(&4u32.to_le_bytes(), BPF_NOEXIST)),
+            errno(m.as_queue().unwrap().push(&4u32.to_le_bytes(), BPF_ANY)),
+            libc::E2BIG
+        );
+        assert_eq!(
+            errno(m.as_queue().unwrap().push(&4u32.to_le_bytes(), BPF_NOEXIST)),
             libc::EINVAL
         );
         // BPF_EXIST on a full map drops the oldest value.
-        m.push(&4u32.to_le_bytes(), BPF_EXIST).unwrap();
+        m.as_queue()
+            .unwrap()
+            .push(&4u32.to_le_bytes(), BPF_EXIST)
+            .unwrap();
         assert_eq!(m.len(), 3);
         let order: Vec<u32> = m
             .iter()
@@ -225,14 +234,17 @@ fn queue_and_stack() {
             .collect();
         let expect = if fifo { vec![2, 3, 4] } else { vec![4, 3, 2] };
         assert_eq!(order, expect);
-        assert_eq!(m.peek().unwrap(), expect[0].to_le_bytes());
+        assert_eq!(
+            m.as_queue().unwrap().peek().unwrap(),
+            expect[0].to_le_bytes()
+        );
         for want in expect {
-            assert_eq!(m.pop().unwrap(), want.to_le_bytes());
+            assert_eq!(m.as_queue().unwrap().pop().unwrap(), want.to_le_bytes());
         }
-        assert_eq!(errno(m.pop()), libc::ENOENT);
+        assert_eq!(errno(m.as_queue().unwrap().pop()), libc::ENOENT);
         // update() on a queue is a push, lookups hand out nothing.
         m.update(&[], &9u32.to_le_bytes(), BPF_ANY).unwrap();
-        assert_eq!(m.pop().unwrap(), 9u32.to_le_bytes());
+        assert_eq!(m.as_queue().unwrap().pop().unwrap(), 9u32.to_le_bytes());
         assert_eq!(errno(m.lookup(&[])), libc::ENOTSUP);
     }
 }
@@ -241,9 +253,9 @@ fn queue_and_stack() {
 fn prog_array_slots() {
     let o = Seg::new("sem", "prog", &[def(MapType::ProgArray, 4, 4, 4, "jmp")]);
     let m = o.0.map("jmp").unwrap();
-    assert_eq!(m.prog_array_get(0), None);
+    assert_eq!(m.as_prog_array().unwrap().get(0), None);
     m.update(&k4(2), &7u32.to_le_bytes(), BPF_ANY).unwrap();
-    assert_eq!(m.prog_array_get(2), Some(7));
+    assert_eq!(m.as_prog_array().unwrap().get(2), Some(7));
     assert_eq!(
         errno(m.update(&k4(2), &7u32.to_le_bytes(), BPF_NOEXIST)),
         libc::EINVAL
@@ -256,7 +268,7 @@ fn prog_array_slots() {
     m.delete(&k4(2)).unwrap();
     assert_eq!(errno(m.delete(&k4(2))), libc::ENOENT);
     assert_eq!(errno(m.delete(&k4(9))), libc::EINVAL);
-    assert_eq!(m.prog_array_get(2), None);
+    assert_eq!(m.as_prog_array().unwrap().get(2), None);
 }
 
 #[test]
@@ -264,25 +276,35 @@ fn ringbuf_reserve_submit_discard_output_wrap() {
     let o = Seg::new("sem", "rb", &[def(MapType::Ringbuf, 0, 0, 4096, "rb")]);
     let m = o.0.map("rb").unwrap();
     let mut c = RingBufConsumer::new(&m).unwrap();
-    assert!(m.ringbuf_reserve(8, 1).is_none(), "flags must be 0");
-    assert!(m.ringbuf_reserve(4096, 0).is_none(), "larger than the ring");
-    let p = m.ringbuf_reserve(5, 0).unwrap();
+    assert!(
+        m.as_ringbuf().unwrap().reserve(8, 1).is_none(),
+        "flags must be 0"
+    );
+    assert!(
+        m.as_ringbuf().unwrap().reserve(4096, 0).is_none(),
+        "larger than the ring"
+    );
+    let p = m.as_ringbuf().unwrap().reserve(5, 0).unwrap();
     // SAFETY: 5 reserved bytes.
     unsafe { std::ptr::copy_nonoverlapping(b"hello".as_ptr(), p, 5) };
-    let d = m.ringbuf_reserve(3, 0).unwrap();
+    let d = m.as_ringbuf().unwrap().reserve(3, 0).unwrap();
     // A BUSY record blocks the ones behind it until submitted.
-    m.ringbuf_output(b"after", 0).unwrap();
+    m.as_ringbuf().unwrap().output(b"after", 0).unwrap();
     assert_eq!(c.poll(|_| panic!("record still busy")), 0);
-    m.ringbuf_submit(p, 0).unwrap();
+    m.as_ringbuf().unwrap().submit(p, 0).unwrap();
     let mut got = Vec::new();
     c.poll(|r| got.push(r.data.to_vec()));
     assert_eq!(got, vec![b"hello".to_vec()]);
-    m.ringbuf_discard(d, 0).unwrap();
-    assert_eq!(errno(m.ringbuf_submit(d, 0)), libc::EINVAL, "double commit");
+    m.as_ringbuf().unwrap().discard(d, 0).unwrap();
+    assert_eq!(
+        errno(m.as_ringbuf().unwrap().submit(d, 0)),
+        libc::EINVAL,
+        "double commit"
+    );
     got.clear();
     c.poll(|r| got.push(r.data.to_vec()));
     assert_eq!(got, vec![b"after".to_vec()]);
-    assert_eq!(errno(m.ringbuf_output(b"x", 8)), libc::EINVAL);
+    assert_eq!(errno(m.as_ringbuf().unwrap().output(b"x", 8)), libc::EINVAL);
 
     // Many records of varying size, several times around the ring, including wrapping ones.
     let mut next = 0u32;
@@ -290,7 +312,7 @@ fn ringbuf_reserve_submit_discard_output_wrap() {
     for round in 0..2000u32 {
         let len = 1 + (round * 37 % 300) as usize;
         let rec: Vec<u8> = (0..len).map(|i| (next as usize + i) as u8).collect();
-        if m.ringbuf_output(&rec, 0).is_ok() {
+        if m.as_ringbuf().unwrap().output(&rec, 0).is_ok() {
             next += 1;
         } else {
             // Full: drain and retry once.
@@ -298,7 +320,7 @@ fn ringbuf_reserve_submit_discard_output_wrap() {
                 assert_eq!(r.data[0], expect as u8);
                 expect += 1;
             });
-            m.ringbuf_output(&rec, 0).unwrap();
+            m.as_ringbuf().unwrap().output(&rec, 0).unwrap();
             next += 1;
         }
     }
@@ -308,7 +330,7 @@ fn ringbuf_reserve_submit_discard_output_wrap() {
     });
     assert_eq!(expect, next);
     assert!(m.counters().lost > 0, "the ring was full at times");
-    assert_eq!(m.ring_pending(0), 0);
+    assert_eq!(m.as_ringbuf().unwrap().pending(), 0);
 }
 
 #[test]
@@ -320,13 +342,26 @@ fn perf_event_array_per_cpu_rings() {
     );
     let m = o.0.map("events").unwrap();
     assert_eq!(m.def().max_entries, o.0.ncpu());
-    m.perf_event_output(BPF_F_CURRENT_CPU, b"abc").unwrap();
-    m.perf_event_output(0, b"on cpu0").unwrap();
+    m.as_perf_event_array()
+        .unwrap()
+        .output(BPF_F_CURRENT_CPU, b"abc")
+        .unwrap();
+    m.as_perf_event_array()
+        .unwrap()
+        .output(0, b"on cpu0")
+        .unwrap();
     assert_eq!(
-        errno(m.perf_event_output(u64::from(o.0.ncpu()), b"x")),
+        errno(
+            m.as_perf_event_array()
+                .unwrap()
+                .output(u64::from(o.0.ncpu()), b"x")
+        ),
         libc::E2BIG
     );
-    assert_eq!(errno(m.perf_event_output(1 << 40, b"x")), libc::EINVAL);
+    assert_eq!(
+        errno(m.as_perf_event_array().unwrap().output(1 << 40, b"x")),
+        libc::EINVAL
+    );
     let mut c = RingBufConsumer::new(&m).unwrap();
     let mut got = Vec::new();
     c.poll(|r| got.push((r.ring, r.data.to_vec())));
@@ -439,20 +474,20 @@ fn queue_pushes_since_for_the_forwarder() {
     );
     for name in ["q", "s"] {
         let m = o.0.map(name).unwrap();
-        let (none, mut next) = m.pushes_since(0).unwrap();
+        let (none, mut next) = m.as_queue().unwrap().pushes_since(0).unwrap();
         assert!(none.is_empty());
         assert_eq!(next, 0);
-        m.push(&k4(1), BPF_ANY).unwrap();
-        m.push(&k4(2), BPF_ANY).unwrap();
-        let (got, n) = m.pushes_since(next).unwrap();
+        m.as_queue().unwrap().push(&k4(1), BPF_ANY).unwrap();
+        m.as_queue().unwrap().push(&k4(2), BPF_ANY).unwrap();
+        let (got, n) = m.as_queue().unwrap().pushes_since(next).unwrap();
         assert_eq!(
             got.iter().map(|p| p.value.clone()).collect::<Vec<_>>(),
             vec![k4(1).to_vec(), k4(2).to_vec()]
         );
         next = n;
-        m.pop().unwrap();
-        m.push(&k4(3), BPF_ANY).unwrap();
-        let (got, n) = m.pushes_since(next).unwrap();
+        m.as_queue().unwrap().pop().unwrap();
+        m.as_queue().unwrap().push(&k4(3), BPF_ANY).unwrap();
+        let (got, n) = m.as_queue().unwrap().pushes_since(next).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].value, k4(3));
         assert_eq!(got[0].seq, 2);
@@ -488,4 +523,61 @@ fn unmarked_lookup_and_corrupt_segment_rejected() {
         .unwrap();
     let e = ShmObject::open(o.0.object_name()).err().expect("corrupt");
     assert!(e.to_string().contains("geometry"), "{e}");
+}
+
+#[test]
+fn typed_views_check_the_type_once_and_refuse_others() {
+    let defs = [
+        def(MapType::Hash, 4, 8, 4, "h"),
+        def(MapType::LruPercpuHash, 4, 8, 4, "lru"),
+        def(MapType::PercpuArray, 4, 8, 4, "a"),
+        def(MapType::ProgArray, 4, 4, 4, "jmp"),
+        def(MapType::Stack, 0, 8, 4, "s"),
+        def(MapType::Ringbuf, 0, 0, 4096, "rb"),
+        def(MapType::PerfEventArray, 4, 4, 0, "perf"),
+    ];
+    let o = Seg::new("sem", "typed", &defs);
+    let family = |name: &str| match o.0.map(name).unwrap().typed() {
+        MapRef::Hash(_) => "hash",
+        MapRef::Array(_) => "array",
+        MapRef::ProgArray(_) => "prog_array",
+        MapRef::Queue(_) => "queue",
+        MapRef::RingBuf(_) => "ringbuf",
+        MapRef::PerfEventArray(_) => "perf",
+    };
+    let families: Vec<_> = defs.iter().map(|d| family(&d.name)).collect();
+    assert_eq!(
+        families,
+        [
+            "hash",
+            "hash",
+            "array",
+            "prog_array",
+            "queue",
+            "ringbuf",
+            "perf"
+        ]
+    );
+
+    let h = o.0.map("h").unwrap();
+    let e = QueueMap::try_from(h.clone()).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert_eq!(e.to_string(), "map `h`: is a hash, not a queue or stack");
+    assert!(h.as_queue().is_none() && h.as_ringbuf().is_none() && h.as_array().is_none());
+    let e = <&RingBuf>::try_from(&o.0.map("s").unwrap()).unwrap_err();
+    assert_eq!(e.to_string(), "map `s`: is a stack, not a ringbuf");
+
+    // A view is the map: operations through it and through the handle see each other.
+    let stack = QueueMap::try_from(o.0.map("s").unwrap()).unwrap();
+    stack.push(&5u64.to_le_bytes(), BPF_ANY).unwrap();
+    assert_eq!(o.0.map("s").unwrap().len(), 1);
+    let hash = HashMap::try_from(h.clone()).unwrap();
+    h.update(&k4(1), &3u64.to_le_bytes(), BPF_ANY).unwrap();
+    let p = hash.lookup_ptr(&k4(1)).expect("the handle's entry");
+    // SAFETY: the value of a live entry, 8 bytes in the mapping `hash` keeps alive.
+    assert_eq!(unsafe { (p as *const u64).read_unaligned() }, 3);
+    assert!(
+        hash.lookup_ptr(&[1, 2]).is_none(),
+        "a short key finds nothing"
+    );
 }

@@ -18,7 +18,7 @@ fn owners_always_see_their_own_writes_under_churn() {
             &[def(MapType::Hash, 8, 16, 256, "h")],
         );
         let h = s.0.map("h").unwrap();
-        h.set_track_deletes(track);
+        h.as_hash().unwrap().set_track_deletes(track);
         let stop = Arc::new(AtomicBool::new(false));
         // A forwarder acknowledging tombstones concurrently, when tracking.
         let fwd = {
@@ -34,7 +34,7 @@ fn owners_always_see_their_own_writes_under_churn() {
                         }
                     });
                     for (slot, g) in dead {
-                        acked += u64::from(h.ack_deleted(slot, g));
+                        acked += u64::from(h.as_hash().unwrap().ack_deleted(slot, g));
                     }
                 }
                 acked
@@ -108,7 +108,7 @@ fn owners_always_see_their_own_writes_under_churn() {
             });
             let late = dead
                 .into_iter()
-                .filter(|&(s, g)| h.ack_deleted(s, g))
+                .filter(|&(s, g)| h.as_hash().unwrap().ack_deleted(s, g))
                 .count();
             let c = h.counters();
             eprintln!("acked {acked} concurrently + {late} at the end; {c:?}");

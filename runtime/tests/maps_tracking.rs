@@ -1,4 +1,4 @@
-//! Change marks and the forwarder protocol (issue 10), in one process.
+//! Change marks and the forwarder protocol, in one process.
 
 mod maps_common;
 
@@ -40,7 +40,7 @@ fn update_lookup_delete_mark_and_drain_clears() {
 fn tombstones_until_ack_and_revival() {
     let s = Seg::new("trk", "tomb", &[def(MapType::Hash, 4, 8, 4, "h")]);
     let h = s.0.map("h").unwrap();
-    h.set_track_deletes(true);
+    h.as_hash().unwrap().set_track_deletes(true);
     for i in 0..4 {
         h.update(&k4(i), &[0; 8], BPF_ANY).unwrap();
     }
@@ -70,13 +70,24 @@ fn tombstones_until_ack_and_revival() {
     assert_eq!(by_key[&10].value, None);
     assert!(by_key[&11].value.is_some());
     // A stale acknowledgment (revived element) is refused; real ones free the tombstones.
-    assert!(!h.ack_deleted(by_key[&1].slot, by_key[&1].generation));
-    assert!(h.ack_deleted(by_key[&0].slot, by_key[&0].generation));
+    assert!(!h
+        .as_hash()
+        .unwrap()
+        .ack_deleted(by_key[&1].slot, by_key[&1].generation));
+    assert!(h
+        .as_hash()
+        .unwrap()
+        .ack_deleted(by_key[&0].slot, by_key[&0].generation));
     assert!(
-        !h.ack_deleted(by_key[&0].slot, by_key[&0].generation),
+        !h.as_hash()
+            .unwrap()
+            .ack_deleted(by_key[&0].slot, by_key[&0].generation),
         "acked twice"
     );
-    assert!(h.ack_deleted(by_key[&10].slot, by_key[&10].generation));
+    assert!(h
+        .as_hash()
+        .unwrap()
+        .ack_deleted(by_key[&10].slot, by_key[&10].generation));
     assert_eq!(h.counters().tombstones, 0);
     assert!(!h.take_resync_needed());
 }
@@ -85,7 +96,7 @@ fn tombstones_until_ack_and_revival() {
 fn unacknowledged_tombstones_never_block_inserts() {
     let s = Seg::new("trk", "overflow", &[def(MapType::Hash, 4, 4, 4, "h")]);
     let h = s.0.map("h").unwrap();
-    h.set_track_deletes(true);
+    h.as_hash().unwrap().set_track_deletes(true);
     // Far more distinct deleted keys than the pool's spare half holds.
     for i in 0..100 {
         h.update(&k4(i), &k4(i), BPF_NOEXIST).unwrap();

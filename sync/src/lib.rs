@@ -110,6 +110,13 @@ const FAILURES_LOGGED: u64 = 10;
 /// The kernel LRU's per-CPU free-list batch (`LOCAL_FREE_TARGET` in kernel/bpf/bpf_lru_list.h).
 const KERNEL_LRU_LOCAL_FREE: u32 = 128;
 
+/// Frees the tombstone of a delete the kernel has been sent (deletes come from hash maps only).
+fn ack_tombstone(handle: &MapHandle, slot: u32, generation: u32) {
+    if let Some(hash) = handle.as_hash() {
+        hash.ack_deleted(slot, generation);
+    }
+}
+
 /// The kernel mirror of a userspace map, if its type has one.
 ///
 /// LRU mirrors get spare capacity: userspace decides evictions (they reach the mirror as
@@ -423,8 +430,8 @@ impl Forwarder {
                 }
             }
             let mirror = bridge.create_map(desc.clone())?;
-            if def.map_type.is_hash() {
-                handle.set_track_deletes(true);
+            if let Some(hash) = handle.as_hash() {
+                hash.set_track_deletes(true);
             }
             let sent = SentTable::new(def.key_size as usize, handle.raw_value_len());
             maps.push(SyncedMap {
@@ -528,7 +535,7 @@ impl Forwarder {
             };
             if !map.sent.needs(&c) {
                 if c.value.is_none() {
-                    map.handle.ack_deleted(c.slot, c.generation);
+                    ack_tombstone(&map.handle, c.slot, c.generation);
                 }
                 continue;
             }
@@ -666,7 +673,7 @@ impl Forwarder {
                     }
                 }
             } else if c.value.is_none() {
-                handle.ack_deleted(c.slot, c.generation);
+                ack_tombstone(handle, c.slot, c.generation);
             }
         });
         if let Some(e) = error {
@@ -745,7 +752,10 @@ impl Forwarder {
 
     fn forward_pushes(&mut self, index: usize) -> Result<usize, SyncError> {
         let map = &mut self.maps[index];
-        let (pushes, next) = match map.handle.pushes_since(map.next_push) {
+        let Some(queue) = map.handle.as_queue() else {
+            return Ok(0);
+        };
+        let (pushes, next) = match queue.pushes_since(map.next_push) {
             Ok(p) => p,
             // Its lock held past the timeout (a stopped or corrupted holder): next pass.
             Err(e) => {
@@ -1003,7 +1013,7 @@ fn send_gathered(
         });
         if item.ack {
             // The delete is in the ring (which never drops): the tombstone can go.
-            handle.ack_deleted(item.slot, item.generation);
+            ack_tombstone(handle, item.slot, item.generation);
         }
     }
     batch.bytes.clear();

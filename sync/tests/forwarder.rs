@@ -335,9 +335,13 @@ fn every_mirrorable_map_type_reaches_the_kernel() {
                     if t == 0 && i < 50 {
                         shm.map("queue")
                             .unwrap()
+                            .as_queue()
+                            .unwrap()
                             .push(&u64::from(i).to_le_bytes(), 0)
                             .unwrap();
                         shm.map("stack")
+                            .unwrap()
+                            .as_queue()
                             .unwrap()
                             .push(&u64::from(100 + i).to_le_bytes(), 0)
                             .unwrap();

@@ -285,10 +285,10 @@ fn main() -> Result<()> {
     let jit = results[4].median;
     let ratio = (nop5 - base) / (jit - base).max(0.01);
     let cost = jit - base;
-    // The issue's budget: 20x below the kernel nop5 path measured on an idle machine (~268 ns),
+    // The README's budget: 20x below the kernel nop5 path measured on an idle machine (~268 ns),
     // i.e. about 13 ns per call; the ratio in this run moves with the load on the kernel rows.
     println!(
-        "\ntarget (issue 9): userspace uprobe (trivial array counter, JIT) at least 20x cheaper \
+        "\ntarget: userspace uprobe (trivial array counter, JIT) at least 20x cheaper \
          than the kernel nop5 uprobe, i.e. about 13 ns per call.\nthis run: kernel nop5 \
          {nop5:.1} ns, userspace JIT {jit:.1} ns ({cost:.1} ns probe cost): {ratio:.1}x cheaper -> \
          {}; 13 ns budget -> {}",

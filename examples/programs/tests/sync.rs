@@ -1,4 +1,4 @@
-//! Issue 10's end-to-end test: target processes run a userspace uprobe (through the agent) that
+//! The sync forwarder end to end: target processes run a userspace uprobe (through the agent) that
 //! counts into a synced hash map through looked-up pointers and updates a second map through
 //! the update helper; once the forwarder is idle the kernel mirrors equal the userspace maps.
 //! Kills of real targets and of `bpftime-rs load` itself, with every survivor's keys checked

@@ -14,7 +14,7 @@ pub(super) fn tail_call(h: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallConte
     let idx = h.map_arg(HelperId::TAIL_CALL, 2, a[1])?;
     let m = &h.maps[idx];
     let target = (h.tail_calls < MAX_TAIL_CALLS)
-        .then(|| m.prog_array_get(a[2] as u32))
+        .then(|| m.as_prog_array().and_then(|p| p.get(a[2] as u32)))
         .flatten()
         .and_then(|p| h.programs.as_ref().and_then(|r| r(p)));
     Ok(match target {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use bpftime_abi::HelperId;
 
 use super::{map_index, neg_map};
-use crate::maps::{MapError, MapHandle};
+use crate::maps::{HashMap, MapError, MapHandle, MapRef};
 use crate::vm::jit::{InlineArray, JitCall, JitMap, JitMapResolver};
 use crate::vm::{HelperError, HelperFault};
 
@@ -56,25 +56,27 @@ impl JitMapResolver for JitMaps {
 
     fn resolve(&self, token: u64) -> Option<JitMap> {
         let m = self.maps.get(map_index(token)?)?;
-        let t = m.map_type();
-        if !(t.is_hash() || t.is_array()) {
+        let (plain_hash, inline_array) = match m.typed() {
+            // Plain (not per-CPU) hash maps, the common case, go straight to the hash code: no
+            // key-size check (the slice is built with the key size), no CPU lookup, no
+            // `Result`.
+            MapRef::Hash(_) => (!m.map_type().is_percpu(), None),
+            MapRef::Array(array) => (
+                false,
+                array.inline_layout().map(|l| InlineArray {
+                    values: l.values,
+                    stride: l.stride,
+                    max_entries: m.def().max_entries,
+                    marks: l.marks,
+                    mark_bit: l.mark_bit,
+                }),
+            ),
             // Other types: the generic helper (errors, queue/stack semantics).
-            return None;
-        }
-        let inline_array = m
-            .inline_array_layout()
-            .map(|(values, stride, marks, mark_bit)| InlineArray {
-                values,
-                stride,
-                max_entries: m.def().max_entries,
-                marks,
-                mark_bit,
-            });
-        // Plain (not per-CPU) hash maps, the common case, go straight to the hash code: no
-        // key-size check (the slice is built with the key size), no CPU lookup, no `Result`.
-        let plain_hash = t.is_hash() && !t.is_percpu();
+            _ => return None,
+        };
         Some(JitMap {
-            // Points into `self.maps`, which the JIT image keeps alive with this resolver.
+            // Points into `self.maps`, which the JIT image keeps alive with this resolver. A
+            // hash map's view is the same address (`HashMap` is a transparent `MapHandle`).
             handle: m as *const MapHandle as *const (),
             lookup: Some(if plain_hash {
                 jit_hash_lookup
@@ -122,14 +124,15 @@ unsafe fn jit_arg<'a>(
 /// `map` is a handle from `JitMaps::resolve` (kept alive by the JIT image) and `call` the
 /// [`JitCall`] the JIT passed; the JIT only runs verified programs.
 #[inline(always)]
-unsafe fn jit_map_op(
+unsafe fn jit_map_op<M>(
     call: *mut JitCall,
     map: *const (),
     id: u32,
-    f: impl FnOnce(&MapHandle) -> Result<u64, HelperFault>,
+    f: impl FnOnce(&M) -> Result<u64, HelperFault>,
 ) -> u64 {
-    // SAFETY: the caller's contract.
-    let m = unsafe { &*(map as *const MapHandle) };
+    // SAFETY: the caller's contract: `map` is a handle from `JitMaps::resolve`, and `M` its
+    // type or a view of it (views are transparent `MapHandle`s whose type the caller knows).
+    let m = unsafe { &*(map as *const M) };
     let error = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(m))) {
         Ok(Ok(v)) => return v,
         Ok(Err(fault)) => fault.into(),
@@ -189,7 +192,7 @@ unsafe extern "C" fn jit_map_lookup(
 ) -> u64 {
     // SAFETY: the JIT's call of a fast path (see `jit_map_op`).
     unsafe {
-        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m| {
+        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m: &MapHandle| {
             let key = jit_key(HelperId::MAP_LOOKUP_ELEM, m, key)?;
             Ok(match m.lookup(key) {
                 Ok(Some(v)) => v.as_ptr() as u64,
@@ -199,7 +202,7 @@ unsafe extern "C" fn jit_map_lookup(
     }
 }
 
-/// [`jit_map_lookup`] for a HASH or LRU_HASH map.
+/// [`jit_map_lookup`] for a HASH or LRU_HASH map (`map` is its [`HashMap`] view).
 unsafe extern "C" fn jit_hash_lookup(
     map: *const (),
     key: u64,
@@ -210,14 +213,14 @@ unsafe extern "C" fn jit_hash_lookup(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m| {
+        jit_map_op(call, map, HelperId::MAP_LOOKUP_ELEM.0, |m: &HashMap| {
             let key = jit_key(HelperId::MAP_LOOKUP_ELEM, m, key)?;
-            Ok(m.hash_lookup(key, 0).map_or(0, |p| p as u64))
+            Ok(m.lookup_ptr(key).map_or(0, |p| p as u64))
         })
     }
 }
 
-/// [`jit_map_update`] for a HASH or LRU_HASH map.
+/// [`jit_map_update`] for a HASH or LRU_HASH map (`map` is its [`HashMap`] view).
 unsafe extern "C" fn jit_hash_update(
     map: *const (),
     key: u64,
@@ -228,9 +231,9 @@ unsafe extern "C" fn jit_hash_update(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m| {
+        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m: &HashMap| {
             let (key, value) = jit_update_args(m, key, value)?;
-            Ok(status(m.hash_update(key, value, flags, None)))
+            Ok(status(m.update_plain(key, value, flags)))
         })
     }
 }
@@ -246,7 +249,7 @@ unsafe extern "C" fn jit_map_update(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m| {
+        jit_map_op(call, map, HelperId::MAP_UPDATE_ELEM.0, |m: &MapHandle| {
             let (key, value) = jit_update_args(m, key, value)?;
             Ok(status(m.update(key, value, flags)))
         })
@@ -264,7 +267,7 @@ unsafe extern "C" fn jit_map_delete(
 ) -> u64 {
     // SAFETY: as in `jit_map_lookup`.
     unsafe {
-        jit_map_op(call, map, HelperId::MAP_DELETE_ELEM.0, |m| {
+        jit_map_op(call, map, HelperId::MAP_DELETE_ELEM.0, |m: &MapHandle| {
             Ok(status(m.delete(jit_key(
                 HelperId::MAP_DELETE_ELEM,
                 m,

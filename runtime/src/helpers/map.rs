@@ -4,7 +4,7 @@
 use bpftime_abi::HelperId;
 
 use super::{neg, neg_map, read_arg, readonly, register, write_arg, RuntimeHelpers};
-use crate::maps::{self, MapType};
+use crate::maps;
 use crate::vm::{CallContext, HelperError, HelperFault};
 
 type Ret = Result<u64, HelperError>;
@@ -94,12 +94,11 @@ pub(super) fn delete_elem(
 pub(super) fn push_elem(h: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
     const ID: HelperId = HelperId::MAP_PUSH_ELEM;
     let idx = h.map_arg(ID, 1, a[0])?;
-    let m = &h.maps[idx];
-    if !matches!(m.map_type(), MapType::Queue | MapType::Stack) {
+    let Some(q) = h.maps[idx].as_queue() else {
         return Ok(neg(libc::EINVAL));
-    }
-    let val = read_arg(ctx, ID, 2, a[1], m.def().value_size as usize)?;
-    Ok(match m.push(val, a[2]) {
+    };
+    let val = read_arg(ctx, ID, 2, a[1], q.def().value_size as usize)?;
+    Ok(match q.push(val, a[2]) {
         Ok(()) => 0,
         Err(e) => neg_map(&e),
     })
@@ -116,21 +115,17 @@ pub(super) fn peek_elem(h: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallConte
 /// `bpf_map_pop_elem` (removes the value) and `bpf_map_peek_elem` (keeps it).
 fn take(h: &mut RuntimeHelpers, id: HelperId, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
     let idx = h.map_arg(id, 1, a[0])?;
-    let m = &h.maps[idx];
-    if !matches!(m.map_type(), MapType::Queue | MapType::Stack) {
+    let Some(q) = h.maps[idx].as_queue() else {
         return Ok(neg(libc::EINVAL));
-    }
-    let out = write_arg(ctx, id, 2, a[1], m.def().value_size as usize)?;
+    };
+    let out = write_arg(ctx, id, 2, a[1], q.def().value_size as usize)?;
     let r = if id == HelperId::MAP_POP_ELEM {
-        m.pop()
+        q.pop_into(out)
     } else {
-        m.peek()
+        q.peek_into(out)
     };
     Ok(match r {
-        Ok(v) => {
-            out.copy_from_slice(&v[..out.len()]);
-            0
-        }
+        Ok(()) => 0,
         Err(e) => neg_map(&e),
     })
 }

@@ -366,7 +366,9 @@ impl RuntimeHelpers {
     #[inline(never)]
     fn discard_reserved(&mut self) {
         for r in self.reserved.drain(..) {
-            let _ = self.maps[r.map].ringbuf_discard(r.ptr as *mut u8, 0);
+            if let Some(rb) = self.maps[r.map].as_ringbuf() {
+                let _ = rb.discard(r.ptr as *mut u8, 0);
+            }
         }
     }
 

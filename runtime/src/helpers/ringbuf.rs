@@ -3,7 +3,7 @@
 
 use bpftime_abi::HelperId;
 
-use super::{neg_map, read_arg, register, Reservation, RuntimeHelpers};
+use super::{neg, neg_map, read_arg, register, Reservation, RuntimeHelpers};
 use crate::vm::{CallContext, HelperError, HelperFault};
 
 type Ret = Result<u64, HelperError>;
@@ -16,7 +16,10 @@ pub(super) fn ringbuf_output(
     const ID: HelperId = HelperId::RINGBUF_OUTPUT;
     let idx = h.map_arg(ID, 1, a[0])?;
     let data = read_arg(ctx, ID, 2, a[1], a[2] as usize)?;
-    Ok(match h.maps[idx].ringbuf_output(data, a[3]) {
+    let Some(rb) = h.maps[idx].as_ringbuf() else {
+        return Ok(neg(libc::EINVAL));
+    };
+    Ok(match rb.output(data, a[3]) {
         Ok(()) => 0,
         Err(e) => neg_map(&e),
     })
@@ -30,7 +33,10 @@ pub(super) fn ringbuf_reserve(
     ctx: &mut CallContext<'_, '_>,
 ) -> Ret {
     let idx = h.map_arg(HelperId::RINGBUF_RESERVE, 1, a[0])?;
-    Ok(match h.maps[idx].ringbuf_reserve(a[1], a[2]) {
+    let Some(rb) = h.maps[idx].as_ringbuf() else {
+        return Ok(0);
+    };
+    Ok(match rb.reserve(a[1], a[2]) {
         Some(p) => {
             let p = p as u64;
             register(ctx, &h.maps, p, a[1], true);
@@ -75,10 +81,15 @@ fn commit(h: &mut RuntimeHelpers, id: HelperId, a: [u64; 5], ctx: &mut CallConte
         ctx.memory().remove(r.ptr, r.len);
     }
     let m = &h.maps[r.map];
+    // Reservations are made on RINGBUF maps only.
+    let rb = m.as_ringbuf().ok_or(HelperFault::BadRecord {
+        helper: id,
+        addr: a[0],
+    })?;
     let res = if id == HelperId::RINGBUF_SUBMIT {
-        m.ringbuf_submit(r.ptr as *mut u8, a[1])
+        rb.submit(r.ptr as *mut u8, a[1])
     } else {
-        m.ringbuf_discard(r.ptr as *mut u8, a[1])
+        rb.discard(r.ptr as *mut u8, a[1])
     };
     res.map_err(|e| HelperFault::Map {
         helper: id,
@@ -97,7 +108,7 @@ pub(super) fn ringbuf_query(
     let idx = h.map_arg(HelperId::RINGBUF_QUERY, 1, a[0])?;
     let m = &h.maps[idx];
     Ok(match a[1] {
-        0 => m.ring_pending(0),
+        0 => m.as_ringbuf().map_or(0, |rb| rb.pending()),
         1 => u64::from(m.def().max_entries),
         _ => 0,
     })
@@ -111,7 +122,10 @@ pub(super) fn perf_event_output(
     const ID: HelperId = HelperId::PERF_EVENT_OUTPUT;
     let idx = h.map_arg(ID, 2, a[1])?;
     let data = read_arg(ctx, ID, 4, a[3], a[4] as usize)?;
-    Ok(match h.maps[idx].perf_event_output(a[2], data) {
+    let Some(perf) = h.maps[idx].as_perf_event_array() else {
+        return Ok(neg(libc::EINVAL));
+    };
+    Ok(match perf.output(a[2], data) {
         Ok(()) => 0,
         Err(e) => neg_map(&e),
     })

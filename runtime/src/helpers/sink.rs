@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::TRACE_MAP_NAME;
-use crate::maps::{MapError, MapHandle, MapType, ShmObject};
+use crate::maps::{MapError, MapHandle, RingBuf, ShmObject};
 
 /// Where `bpf_trace_printk` lines go.
 pub trait TraceSink: Send {
@@ -63,18 +63,12 @@ impl TraceSink for MemoryTraceSink {
 /// consumer in any process (the CLI's `load`) reads them. A full ring drops the line (counted
 /// in the map's `lost` counter), as the kernel's trace buffer overwrites.
 #[derive(Debug, Clone)]
-pub struct RingbufTraceSink(MapHandle);
+pub struct RingbufTraceSink(RingBuf);
 
 impl RingbufTraceSink {
     /// Sink into `map`, which must be a RINGBUF.
     pub fn new(map: MapHandle) -> Result<Self, MapError> {
-        if map.map_type() != MapType::Ringbuf {
-            return Err(MapError::InvalidDef {
-                map: map.name().to_string(),
-                reason: "the trace sink needs a RINGBUF map".into(),
-            });
-        }
-        Ok(Self(map))
+        Ok(Self(RingBuf::try_from(map)?))
     }
 
     /// Sink into the object's [`TRACE_MAP_NAME`] map.
@@ -86,6 +80,6 @@ impl RingbufTraceSink {
 impl TraceSink for RingbufTraceSink {
     fn emit(&mut self, line: &[u8]) {
         // A full ring loses the line; the map counts it.
-        let _ = self.0.ringbuf_output(line, 0);
+        let _ = self.0.output(line, 0);
     }
 }

@@ -3,7 +3,103 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::layout::*;
-use super::{Entry, EntryValue, MapError, MapHandle, BPF_ANY, BPF_EXIST, BPF_NOEXIST};
+use super::typed::typed_map;
+use super::{Entry, EntryValue, MapError, MapHandle, MapType, BPF_ANY, BPF_EXIST, BPF_NOEXIST};
+
+typed_map!(
+    /// An ARRAY or PERCPU_ARRAY: every index exists, lookups are index arithmetic.
+    ArrayMap,
+    Array,
+    "array"
+);
+
+typed_map!(
+    /// A PROG_ARRAY: program indices for `bpf_tail_call`.
+    ProgArray,
+    ProgArray,
+    "prog_array"
+);
+
+/// What the JIT needs to inline an ARRAY lookup (see [`ArrayMap::inline_layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InlineArrayLayout {
+    /// Address of value 0.
+    pub values: *mut u8,
+    pub stride: u32,
+    /// One `u32` mark word per index.
+    pub marks: *const u32,
+    /// The bit a lookup sets in the mark word.
+    pub mark_bit: u32,
+}
+
+/// ARRAY / PERCPU_ARRAY definitions: 4-byte keys (the index).
+pub(super) fn validate_array(def: &super::MapDef) -> Result<(), String> {
+    if def.key_size != 4 || def.value_size == 0 || def.max_entries == 0 {
+        return Err("arrays need key_size 4, value_size > 0, max_entries > 0".into());
+    }
+    Ok(())
+}
+
+/// PROG_ARRAY definitions: 4-byte keys and values (program indices).
+pub(super) fn validate_prog_array(def: &super::MapDef) -> Result<(), String> {
+    if def.key_size != 4 || def.value_size != 4 {
+        return Err("prog_array needs key_size 4 and value_size 4".into());
+    }
+    if def.max_entries == 0 {
+        return Err("max_entries must be > 0".into());
+    }
+    Ok(())
+}
+
+/// Region layout after the control block at `cur`: mark words, change summary, values.
+pub(super) fn plan_array(g: &mut Geometry, def: &super::MapDef, mut cur: u64) {
+    let m = u64::from(def.max_entries);
+    g.marks_off = cur;
+    cur += m * 4;
+    cur = round_up(cur, 64);
+    g.summary_off = cur;
+    g.summary_words = summary_words(m) as u32;
+    cur += u64::from(g.summary_words) * 8;
+    cur = round_up(cur, 64);
+    g.data_off = cur;
+    g.data_size = m * u64::from(g.value_stride) * u64::from(g.nslots);
+}
+
+/// Region layout: one `u32` program slot per entry.
+pub(super) fn plan_prog_array(g: &mut Geometry, def: &super::MapDef, cur: u64) {
+    g.data_off = cur;
+    g.data_size = u64::from(def.max_entries) * 4;
+}
+
+impl ArrayMap {
+    /// For the JIT's inline ARRAY lookups (`vm::jit::InlineArray`): inline code must keep
+    /// [`MapHandle::lookup`]'s semantics: bounds check, then the mark test (a plain load of
+    /// the index's mark word; when `mark_bit` is missing it must call the real lookup, which
+    /// sets the mark and the summary bits). `None` for per-CPU arrays.
+    pub fn inline_layout(&self) -> Option<InlineArrayLayout> {
+        if self.def.map_type != MapType::Array {
+            return None;
+        }
+        let g = &self.geo;
+        if g.nslots != 1 {
+            return None;
+        }
+        Some(InlineArrayLayout {
+            values: self.array_slot_ptr(0, 0),
+            stride: g.value_stride,
+            marks: self.at(g.marks_off) as *const u32,
+            mark_bit: MARK_LOOKUP,
+        })
+    }
+}
+
+impl ProgArray {
+    /// The program index stored at `idx` (what `bpf_tail_call` jumps to).
+    #[inline]
+    pub fn get(&self, idx: u32) -> Option<u32> {
+        self.prog_array_value(idx)
+    }
+}
 
 impl MapHandle {
     #[inline]
@@ -14,7 +110,7 @@ impl MapHandle {
     }
 
     #[inline]
-    pub(crate) fn array_ptr(&self, idx: u32, cpu: u32) -> *mut u8 {
+    pub(super) fn array_ptr(&self, idx: u32, cpu: u32) -> *mut u8 {
         self.array_slot_ptr(idx, cpu)
     }
 
@@ -23,30 +119,8 @@ impl MapHandle {
         u32::from_le_bytes(key.try_into().expect("array keys are 4 bytes"))
     }
 
-    /// For the JIT's inline ARRAY lookups (`crate::helpers`, `vm::jit::InlineArray`): the
-    /// address of value 0, the value stride, and the mark words (`u32` per index). Inline code
-    /// must keep [`array_lookup`](Self::array_lookup)'s semantics: bounds check, then the
-    /// `mark_soft` test (a plain load of the index's mark word; when `MARK_LOOKUP` is missing it
-    /// must call the real lookup, which sets the mark and the summary bits). `None` for per-CPU
-    /// and non-array maps.
-    pub(crate) fn inline_array_layout(&self) -> Option<(*mut u8, u32, *const u32, u32)> {
-        if self.def.map_type != super::MapType::Array {
-            return None;
-        }
-        let g = &self.geo;
-        if g.nslots != 1 {
-            return None;
-        }
-        Some((
-            self.array_slot_ptr(0, 0),
-            g.value_stride,
-            self.at(g.marks_off) as *const u32,
-            MARK_LOOKUP,
-        ))
-    }
-
     #[inline]
-    pub(crate) fn array_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
+    pub(super) fn array_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
         let idx = Self::index_of(key);
         if idx >= self.def.max_entries {
             return None;
@@ -55,7 +129,7 @@ impl MapHandle {
         Some(self.array_slot_ptr(idx, cpu))
     }
 
-    pub(crate) fn array_value_at(&self, idx: u32) -> EntryValue {
+    pub(super) fn array_value_at(&self, idx: u32) -> EntryValue {
         let g = &self.geo;
         let vs = g.value_size as usize;
         let read = |c: u32| {
@@ -73,12 +147,12 @@ impl MapHandle {
         }
     }
 
-    pub(crate) fn array_get(&self, key: &[u8]) -> Option<EntryValue> {
+    pub(super) fn array_get(&self, key: &[u8]) -> Option<EntryValue> {
         let idx = Self::index_of(key);
         (idx < self.def.max_entries).then(|| self.array_value_at(idx))
     }
 
-    pub(crate) fn array_update(
+    pub(super) fn array_update(
         &self,
         key: &[u8],
         value: &[u8],
@@ -103,7 +177,7 @@ impl MapHandle {
         Ok(())
     }
 
-    pub(crate) fn array_entries(&self) -> Vec<Entry> {
+    pub(super) fn array_entries(&self) -> Vec<Entry> {
         (0..self.def.max_entries)
             .map(|i| Entry {
                 key: i.to_le_bytes().to_vec(),
@@ -112,16 +186,9 @@ impl MapHandle {
             .collect()
     }
 
-    #[inline]
-    fn prog_slot(&self, idx: u32) -> &AtomicU32 {
-        // SAFETY: callers check idx < max_entries; data area holds max_entries u32s.
-        unsafe { &*(self.at(self.geo.data_off) as *const AtomicU32).add(idx as usize) }
-    }
-
-    /// The program index stored at `idx` of a PROG_ARRAY (what `bpf_tail_call` jumps to).
-    #[inline]
-    pub fn prog_array_get(&self, idx: u32) -> Option<u32> {
-        if self.def.map_type != super::MapType::ProgArray || idx >= self.def.max_entries {
+    /// The program index at `idx` of a PROG_ARRAY's data, `None` beyond it or when unset.
+    pub(super) fn prog_array_value(&self, idx: u32) -> Option<u32> {
+        if idx >= self.def.max_entries {
             return None;
         }
         match self.prog_slot(idx).load(Ordering::Acquire) {
@@ -130,7 +197,13 @@ impl MapHandle {
         }
     }
 
-    pub(crate) fn prog_array_update(
+    #[inline]
+    fn prog_slot(&self, idx: u32) -> &AtomicU32 {
+        // SAFETY: callers check idx < max_entries; data area holds max_entries u32s.
+        unsafe { &*(self.at(self.geo.data_off) as *const AtomicU32).add(idx as usize) }
+    }
+
+    pub(super) fn prog_array_update(
         &self,
         key: &[u8],
         value: &[u8],
@@ -156,7 +229,7 @@ impl MapHandle {
         Ok(())
     }
 
-    pub(crate) fn prog_array_delete(&self, key: &[u8]) -> Result<(), MapError> {
+    pub(super) fn prog_array_delete(&self, key: &[u8]) -> Result<(), MapError> {
         let idx = Self::index_of(key);
         if idx >= self.def.max_entries {
             return Err(self.err("delete", libc::EINVAL));
@@ -167,10 +240,10 @@ impl MapHandle {
         Ok(())
     }
 
-    pub(crate) fn prog_array_entries(&self) -> Vec<Entry> {
+    pub(super) fn prog_array_entries(&self) -> Vec<Entry> {
         (0..self.def.max_entries)
             .filter_map(|i| {
-                self.prog_array_get(i).map(|p| Entry {
+                self.prog_array_value(i).map(|p| Entry {
                     key: i.to_le_bytes().to_vec(),
                     value: EntryValue::Single(p.to_le_bytes().to_vec()),
                 })

@@ -15,12 +15,74 @@ use std::sync::atomic::{fence, Ordering};
 use super::layout::*;
 use super::lock::{Acquired, LockGuard};
 use super::track::{Change, ChangeKind};
+use super::typed::typed_map;
 use super::{Entry, EntryValue, MapError, MapHandle, BPF_EXIST, BPF_NOEXIST};
+
+typed_map!(
+    /// A HASH, PERCPU_HASH, LRU_HASH or LRU_PERCPU_HASH.
+    HashMap,
+    Hash,
+    "hash map"
+);
+
+impl HashMap {
+    /// A program lookup as the JIT makes it: a pointer to the value (CPU slot 0), marked like
+    /// [`MapHandle::lookup`]. A key of the wrong length finds nothing.
+    #[inline]
+    pub fn lookup_ptr(&self, key: &[u8]) -> Option<*mut u8> {
+        self.hash_lookup(key, 0)
+    }
+
+    /// A program update as the JIT makes it on a plain (not per-CPU) map; other shapes take
+    /// [`MapHandle::update`]'s checked path.
+    #[inline]
+    pub fn update_plain(&self, key: &[u8], value: &[u8], flags: u64) -> Result<(), MapError> {
+        let d = &self.def;
+        if self.geo.nslots != 1
+            || key.len() != d.key_size as usize
+            || value.len() != d.value_size as usize
+        {
+            return self.0.update(key, value, flags);
+        }
+        self.hash_update(key, value, flags, None)
+    }
+}
+
+/// HASH family definitions: key, value and entries all non-zero.
+pub(super) fn validate(def: &super::MapDef) -> Result<(), String> {
+    let (k, v, m) = (def.key_size, def.value_size, def.max_entries);
+    if k == 0 || v == 0 || m == 0 {
+        return Err("hash maps need key_size, value_size and max_entries > 0".into());
+    }
+    if m > (1 << 28) {
+        return Err(format!("max_entries {m} too large"));
+    }
+    Ok(())
+}
+
+/// Region layout after the control block at `cur`: buckets, change summary, element pool.
+pub(super) fn plan(g: &mut Geometry, def: &super::MapDef, mut cur: u64) {
+    let m = u64::from(def.max_entries);
+    g.n_buckets = m.next_power_of_two() as u32;
+    // Twice max_entries: room for as many tombstones as live entries before a forwarder
+    // acknowledges them (see the module docs for what happens beyond).
+    g.pool = (2 * m) as u32;
+    g.elem_size =
+        (16 + u64::from(g.key_stride) + u64::from(g.value_stride) * u64::from(g.nslots)) as u32;
+    g.buckets_off = cur;
+    cur += u64::from(g.n_buckets) * 16;
+    cur = round_up(cur, 64);
+    g.summary_off = cur;
+    g.summary_words = summary_words(u64::from(g.pool)) as u32;
+    cur += u64::from(g.summary_words) * 8;
+    cur = round_up(cur, 64);
+    g.elems_off = cur;
+}
 
 /// 64-bit multiply/rotate mixing over 8-byte words, finished with murmur3's fmix64. No seed:
 /// every process must place a key in the same bucket.
 #[inline]
-pub(crate) fn hash_key(key: &[u8]) -> u32 {
+pub(super) fn hash_key(key: &[u8]) -> u32 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h: u64 = 0x243F_6A88_85A3_08D3 ^ (key.len() as u64).wrapping_mul(K);
     let mut chunks = key.chunks_exact(8);
@@ -69,21 +131,21 @@ struct Found {
 
 impl MapHandle {
     #[inline]
-    pub(crate) fn elem_ptr(&self, slot: u32) -> *mut u8 {
+    pub(super) fn elem_ptr(&self, slot: u32) -> *mut u8 {
         let g = &self.geo;
         debug_assert!(slot < g.pool);
         self.at(g.elems_off + u64::from(slot) * u64::from(g.elem_size))
     }
 
     #[inline]
-    pub(crate) fn elem(&self, slot: u32) -> &ElemHdr {
+    pub(super) fn elem(&self, slot: u32) -> &ElemHdr {
         // SAFETY: slot < pool (all callers derive it from bounded indices), so the header lies
         // inside the element area of this map's region.
         unsafe { &*(self.elem_ptr(slot) as *const ElemHdr) }
     }
 
     #[inline]
-    pub(crate) fn hash_val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
+    pub(super) fn hash_val_ptr(&self, slot: u32, cpu: u32) -> *mut u8 {
         self.val_ptr(slot, cpu)
     }
 
@@ -570,7 +632,7 @@ impl MapHandle {
     }
 
     #[inline]
-    pub(crate) fn hash_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
+    pub(super) fn hash_lookup(&self, key: &[u8], cpu: u32) -> Option<*mut u8> {
         let slot = self.find_live(hash_key(key), key)?;
         let e = self.elem(slot);
         let bits = if self.def.map_type.is_lru() {
@@ -582,7 +644,7 @@ impl MapHandle {
         Some(self.val_ptr(slot, cpu))
     }
 
-    pub(crate) fn hash_find_slot(&self, key: &[u8]) -> Option<u32> {
+    pub(super) fn hash_find_slot(&self, key: &[u8]) -> Option<u32> {
         if key.len() != self.def.key_size as usize {
             return None;
         }
@@ -613,12 +675,12 @@ impl MapHandle {
         k
     }
 
-    pub(crate) fn hash_get(&self, key: &[u8]) -> Option<EntryValue> {
+    pub(super) fn hash_get(&self, key: &[u8]) -> Option<EntryValue> {
         let slot = self.find_live(hash_key(key), key)?;
         Some(self.read_value(slot))
     }
 
-    pub(crate) fn hash_update(
+    pub(super) fn hash_update(
         &self,
         key: &[u8],
         value: &[u8],
@@ -734,7 +796,7 @@ impl MapHandle {
         Ok(slot)
     }
 
-    pub(crate) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
+    pub(super) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
         let h = hash_key(key);
         let b = self.bucket(h);
         let removed = {
@@ -757,7 +819,7 @@ impl MapHandle {
         Ok(())
     }
 
-    pub(crate) fn hash_entries(&self) -> Vec<Entry> {
+    pub(super) fn hash_entries(&self) -> Vec<Entry> {
         let limit = self
             .ctl()
             .alloc
@@ -776,13 +838,13 @@ impl MapHandle {
     }
 
     /// Whether a hash element is free (never true for array slots).
-    pub(crate) fn slot_is_free(&self, slot: u32) -> bool {
+    pub(super) fn slot_is_free(&self, slot: u32) -> bool {
         self.def.map_type.is_hash()
             && slot < self.geo.pool
             && self.elem(slot).state.load(Ordering::Acquire) & STATE_MASK == ELEM_FREE
     }
 
-    pub(crate) fn hash_read_slot(&self, slot: u32) -> Option<Change> {
+    pub(super) fn hash_read_slot(&self, slot: u32) -> Option<Change> {
         let e = self.elem(slot);
         for _ in 0..16 {
             let st = e.state.load(Ordering::Acquire);
@@ -806,7 +868,7 @@ impl MapHandle {
         None
     }
 
-    pub(crate) fn hash_for_each(
+    pub(super) fn hash_for_each(
         &self,
         cpu: u32,
         f: &mut impl FnMut(*const u8, *mut u8) -> bool,
@@ -839,7 +901,9 @@ impl MapHandle {
         }
         n
     }
+}
 
+impl HashMap {
     /// Whether deletes leave tombstones for the forwarder (set by `load` for synced maps).
     pub fn set_track_deletes(&self, on: bool) {
         self.ctl()
@@ -852,7 +916,7 @@ impl MapHandle {
     /// from the [`Change`]); frees the tombstone. False if the slot is no longer that
     /// tombstone (revived or reclaimed meanwhile).
     pub fn ack_deleted(&self, slot: u32, generation: u32) -> bool {
-        if !self.def.map_type.is_hash() || slot >= self.geo.pool {
+        if slot >= self.geo.pool {
             return false;
         }
         let e = self.elem(slot);

@@ -208,6 +208,11 @@ pub(crate) const RING_LOST_OFF: usize = 128;
 /// Data bytes per CPU ring of a PERF_EVENT_ARRAY.
 pub(crate) const PERF_RING_DATA: usize = 64 * 1024;
 
+/// Words of the change summary of `n` slots: one bit per 64 slots (see `track.rs`).
+pub(crate) const fn summary_words(n: u64) -> u64 {
+    n.div_ceil(4096)
+}
+
 pub(crate) const fn round_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }

@@ -6,17 +6,34 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::layout::*;
 use super::lock::{Acquired, LockGuard};
+use super::typed::typed_map;
 use super::{Entry, EntryValue, MapError, MapHandle, MapType, BPF_EXIST, BPF_NOEXIST};
 
-impl MapHandle {
-    fn qcheck(&self, op: &'static str) -> Result<(), MapError> {
-        if matches!(self.def.map_type, MapType::Queue | MapType::Stack) {
-            Ok(())
-        } else {
-            Err(self.err(op, libc::ENOTSUP))
-        }
-    }
+typed_map!(
+    /// A QUEUE (pops the oldest value) or STACK (pops the newest).
+    QueueMap,
+    Queue,
+    "queue or stack"
+);
 
+/// QUEUE / STACK definitions: no key.
+pub(super) fn validate(def: &super::MapDef) -> Result<(), String> {
+    if def.key_size != 0 || def.value_size == 0 || def.max_entries == 0 {
+        return Err("queue/stack need key_size 0, value_size > 0, max_entries > 0".into());
+    }
+    Ok(())
+}
+
+/// Region layout after the control block at `cur`: the push sequence number of each slot
+/// (for the forwarder's `pushes_since`), then max_entries + 1 value slots.
+pub(super) fn plan(g: &mut Geometry, def: &super::MapDef, cur: u64) {
+    let slots = u64::from(def.max_entries) + 1;
+    g.marks_off = cur;
+    g.data_off = round_up(cur + slots * 8, 64);
+    g.data_size = slots * u64::from(g.value_stride);
+}
+
+impl MapHandle {
     /// The map's lock; `EBUSY` when a live holder kept it past the lock timeout.
     fn qlock(&self, op: &'static str) -> Result<LockGuard<'_>, MapError> {
         let g = LockGuard::new(&self.ctl().alloc.lock).ok_or_else(|| self.err(op, libc::EBUSY))?;
@@ -46,21 +63,6 @@ impl MapHandle {
         }
     }
 
-    /// Test hook: a pusher killed after publishing `value` and before counting the push: takes
-    /// the lock, queues the value, and returns with the lock held and the count not advanced.
-    #[doc(hidden)]
-    pub fn debug_stop_mid_push(&self, value: &[u8]) {
-        let a = &self.ctl().alloc;
-        let size = self.qsize();
-        let _ = self.ctl().alloc.lock.lock();
-        let head = a.qhead.load(Ordering::Relaxed) % size;
-        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
-        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
-        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
-        self.qseq(head).store(seq, Ordering::Relaxed);
-        a.qhead.store((head + 1) % size, Ordering::Release);
-    }
-
     #[inline]
     fn qslot(&self, i: u32) -> *mut u8 {
         let g = &self.geo;
@@ -77,42 +79,8 @@ impl MapHandle {
         self.def.max_entries + 1
     }
 
-    /// `bpf_map_push_elem`: BPF_EXIST on a full map drops the oldest value.
-    pub fn push(&self, value: &[u8], flags: u64) -> Result<(), MapError> {
-        self.qcheck("push")?;
-        if flags & BPF_NOEXIST != 0 || flags > BPF_EXIST {
-            return Err(self.err("push", libc::EINVAL));
-        }
-        if value.len() != self.def.value_size as usize {
-            return Err(self.err("push", libc::EINVAL));
-        }
-        let a = &self.ctl().alloc;
-        let size = self.qsize();
-        let _g = self.qlock("push")?;
-        let head = a.qhead.load(Ordering::Relaxed) % size;
-        let mut tail = a.qtail.load(Ordering::Relaxed) % size;
-        if (head + 1) % size == tail {
-            if flags != BPF_EXIST {
-                self.count(ctr::FULL);
-                return Err(self.err("push", libc::E2BIG));
-            }
-            tail = (tail + 1) % size;
-            a.qtail.store(tail, Ordering::Release);
-        }
-        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
-        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
-        // Pushes are numbered under the lock, so the numbers are the push order.
-        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
-        self.qseq(head).store(seq, Ordering::Relaxed);
-        a.qhead.store((head + 1) % size, Ordering::Release);
-        self.ctl().counters.c[ctr::PUSHES].store(seq + 1, Ordering::Release);
-        self.ctl().dirty.dirty.store(1, Ordering::Release);
-        Ok(())
-    }
-
     /// Copies the next value into `out` (value_size bytes; the helper's form, no allocation).
     fn take_into(&self, op: &'static str, remove: bool, out: &mut [u8]) -> Result<(), MapError> {
-        self.qcheck(op)?;
         let vs = self.def.value_size as usize;
         if out.len() < vs {
             return Err(self.err(op, libc::EINVAL));
@@ -143,31 +111,7 @@ impl MapHandle {
         Ok(())
     }
 
-    /// `bpf_map_pop_elem`: ENOENT when empty.
-    pub fn pop(&self) -> Result<Vec<u8>, MapError> {
-        let mut v = vec![0u8; self.def.value_size as usize];
-        self.take_into("pop", true, &mut v)?;
-        Ok(v)
-    }
-
-    /// `bpf_map_peek_elem`: ENOENT when empty.
-    pub fn peek(&self) -> Result<Vec<u8>, MapError> {
-        let mut v = vec![0u8; self.def.value_size as usize];
-        self.take_into("peek", false, &mut v)?;
-        Ok(v)
-    }
-
-    /// `pop` into a caller buffer of at least value_size bytes (no allocation).
-    pub fn pop_into(&self, out: &mut [u8]) -> Result<(), MapError> {
-        self.take_into("pop", true, out)
-    }
-
-    /// `peek` into a caller buffer of at least value_size bytes (no allocation).
-    pub fn peek_into(&self, out: &mut [u8]) -> Result<(), MapError> {
-        self.take_into("peek", false, out)
-    }
-
-    pub(crate) fn queue_len(&self) -> usize {
+    pub(super) fn queue_len(&self) -> usize {
         let a = &self.ctl().alloc;
         let size = self.qsize();
         let head = a.qhead.load(Ordering::Acquire) % size;
@@ -175,7 +119,7 @@ impl MapHandle {
         ((head + size - tail) % size) as usize
     }
 
-    pub(crate) fn queue_entries(&self) -> Vec<Entry> {
+    pub(super) fn queue_entries(&self) -> Vec<Entry> {
         let a = &self.ctl().alloc;
         let size = self.qsize();
         let Ok(_g) = self.qlock("lookup") else {
@@ -212,13 +156,83 @@ pub struct QueuedPush {
     pub value: Vec<u8>,
 }
 
-impl MapHandle {
+impl QueueMap {
+    /// Test hook: a pusher killed after publishing `value` and before counting the push: takes
+    /// the lock, queues the value, and returns with the lock held and the count not advanced.
+    #[doc(hidden)]
+    pub fn debug_stop_mid_push(&self, value: &[u8]) {
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _ = self.ctl().alloc.lock.lock();
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
+        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
+        self.qseq(head).store(seq, Ordering::Relaxed);
+        a.qhead.store((head + 1) % size, Ordering::Release);
+    }
+
+    /// `bpf_map_push_elem`: BPF_EXIST on a full map drops the oldest value.
+    pub fn push(&self, value: &[u8], flags: u64) -> Result<(), MapError> {
+        if flags & BPF_NOEXIST != 0 || flags > BPF_EXIST {
+            return Err(self.err("push", libc::EINVAL));
+        }
+        if value.len() != self.def.value_size as usize {
+            return Err(self.err("push", libc::EINVAL));
+        }
+        let a = &self.ctl().alloc;
+        let size = self.qsize();
+        let _g = self.qlock("push")?;
+        let head = a.qhead.load(Ordering::Relaxed) % size;
+        let mut tail = a.qtail.load(Ordering::Relaxed) % size;
+        if (head + 1) % size == tail {
+            if flags != BPF_EXIST {
+                self.count(ctr::FULL);
+                return Err(self.err("push", libc::E2BIG));
+            }
+            tail = (tail + 1) % size;
+            a.qtail.store(tail, Ordering::Release);
+        }
+        // SAFETY: head < size; each slot holds value_stride >= value_size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(value.as_ptr(), self.qslot(head), value.len()) };
+        // Pushes are numbered under the lock, so the numbers are the push order.
+        let seq = self.ctl().counters.c[ctr::PUSHES].load(Ordering::Relaxed);
+        self.qseq(head).store(seq, Ordering::Relaxed);
+        a.qhead.store((head + 1) % size, Ordering::Release);
+        self.ctl().counters.c[ctr::PUSHES].store(seq + 1, Ordering::Release);
+        self.ctl().dirty.dirty.store(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// `bpf_map_pop_elem`: ENOENT when empty.
+    pub fn pop(&self) -> Result<Vec<u8>, MapError> {
+        let mut v = vec![0u8; self.def.value_size as usize];
+        self.take_into("pop", true, &mut v)?;
+        Ok(v)
+    }
+
+    /// `bpf_map_peek_elem`: ENOENT when empty.
+    pub fn peek(&self) -> Result<Vec<u8>, MapError> {
+        let mut v = vec![0u8; self.def.value_size as usize];
+        self.take_into("peek", false, &mut v)?;
+        Ok(v)
+    }
+
+    /// `pop` into a caller buffer of at least value_size bytes (no allocation).
+    pub fn pop_into(&self, out: &mut [u8]) -> Result<(), MapError> {
+        self.take_into("pop", true, out)
+    }
+
+    /// `peek` into a caller buffer of at least value_size bytes (no allocation).
+    pub fn peek_into(&self, out: &mut [u8]) -> Result<(), MapError> {
+        self.take_into("peek", false, out)
+    }
+
     /// For the forwarder of a QUEUE/STACK: the values pushed with sequence number >= `since`
     /// that are still queued, oldest push first, and the sequence number to pass next time.
     /// Values pushed and popped in between are not seen (the kernel mirror would not have
     /// kept them either once popped by a program).
     pub fn pushes_since(&self, since: u64) -> Result<(Vec<QueuedPush>, u64), MapError> {
-        self.qcheck("pushes_since")?;
         let a = &self.ctl().alloc;
         let size = self.qsize();
         // Cleared before reading, so a push that lands after this read sets it again.

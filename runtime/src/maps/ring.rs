@@ -19,8 +19,9 @@ use bpftime_abi::ringbuf;
 
 use super::layout::*;
 use super::lock::{current_pid, task_alive, Acquired, LockGuard, ShmLock};
-use super::segment::{page_size, RingMapping};
-use super::{current_cpu, MapError, MapHandle, MapType, BPF_F_CURRENT_CPU, BPF_F_INDEX_MASK};
+use super::segment::file::{page_size, RingMapping};
+use super::typed::typed_map;
+use super::{current_cpu, MapError, MapHandle, BPF_F_CURRENT_CPU, BPF_F_INDEX_MASK};
 
 struct Ring<'a> {
     base: *mut u8,
@@ -62,6 +63,42 @@ impl Ring<'_> {
     }
 }
 
+/// RINGBUF definitions: no key or value; the size is a power-of-2 number of pages.
+pub(super) fn validate_ringbuf(def: &super::MapDef, pg: u64) -> Result<(), String> {
+    if def.key_size != 0 || def.value_size != 0 {
+        return Err("ringbuf needs key_size 0 and value_size 0".into());
+    }
+    let m = def.max_entries;
+    if !m.is_power_of_two() || !u64::from(m).is_multiple_of(pg) {
+        return Err(format!(
+            "ringbuf max_entries {m} must be a power of 2 and a multiple of the page size"
+        ));
+    }
+    Ok(())
+}
+
+/// PERF_EVENT_ARRAY definitions: 4-byte keys (the CPU) and values.
+pub(super) fn validate_perf_event_array(def: &super::MapDef) -> Result<(), String> {
+    if def.key_size != 4 || def.value_size != 4 {
+        return Err("perf_event_array needs key_size 4 and value_size 4".into());
+    }
+    Ok(())
+}
+
+/// Region layout: one ring of max_entries bytes from the next page.
+pub(super) fn plan_ringbuf(g: &mut Geometry, def: &super::MapDef, cur: u64, pg: u64) {
+    g.rings = 1;
+    g.data_size = u64::from(def.max_entries);
+    g.data_off = round_up(cur, pg);
+}
+
+/// Region layout: one ring of [`PERF_RING_DATA`] bytes per CPU from the next page.
+pub(super) fn plan_perf_event_array(g: &mut Geometry, ncpu: u32, cur: u64, pg: u64) {
+    g.rings = ncpu;
+    g.data_size = PERF_RING_DATA as u64;
+    g.data_off = round_up(cur, pg);
+}
+
 /// One record handed to a consumer callback.
 #[derive(Debug)]
 pub struct RingRecord<'a> {
@@ -82,7 +119,7 @@ impl MapHandle {
         })
     }
 
-    pub(crate) fn ring_lost(&self) -> u64 {
+    pub(super) fn ring_lost(&self) -> u64 {
         (0..self.geo.rings)
             .filter_map(|i| self.ring(i))
             .map(|r| r.lost().load(Ordering::Relaxed))
@@ -107,6 +144,8 @@ impl MapHandle {
             // have written beyond producer_pos is overwritten by the next reservation.
             self.count(ctr::RECOVERIES);
         }
+        // Acquire pairs with the consumer's release store of consumer_pos (ours in `poll`, or
+        // libbpf's smp_store_release in ringbuf_process_ring()): the space before it is free.
         let cons = r.cons().load(Ordering::Acquire);
         let prod = r.prod().load(Ordering::Relaxed);
         let new = prod.wrapping_add(len);
@@ -124,7 +163,9 @@ impl MapHandle {
         unsafe {
             (*(h as *const AtomicU32).add(1)).store(current_pid(), Ordering::Relaxed);
         }
-        // Release: the consumer sees the BUSY header before the new producer_pos.
+        // Release: the consumer sees the BUSY header before the new producer_pos; pairs with
+        // the acquire load of producer_pos in `poll` and in libbpf's ringbuf_process_ring()
+        // (the kernel's __bpf_ringbuf_reserve() publishes it the same way).
         r.prod().store(new, Ordering::Release);
         drop(g);
         // SAFETY: the record body follows its header; the double mapping keeps it contiguous.
@@ -160,43 +201,61 @@ impl MapHandle {
         if discard {
             new |= ringbuf::DISCARD_BIT;
         }
-        // Release: the body written through the sample pointer is visible with the header.
+        // Release: the body written through the sample pointer is visible with the header;
+        // pairs with the consumer's acquire load of the header (`poll`; libbpf's
+        // smp_load_acquire(len_ptr)), as the kernel's bpf_ringbuf_commit() xchg does.
         h.store(new, Ordering::Release);
         Ok(())
     }
 
-    fn ringbuf_only(&self, op: &'static str) -> Result<(), MapError> {
-        if self.def.map_type == MapType::Ringbuf {
-            Ok(())
-        } else {
-            Err(self.err(op, libc::EINVAL))
-        }
+    /// Bytes waiting in ring `i`.
+    pub(super) fn ring_pending(&self, i: u32) -> u64 {
+        self.ring(i).map_or(0, |r| {
+            r.prod()
+                .load(Ordering::Acquire)
+                .saturating_sub(r.cons().load(Ordering::Acquire))
+        })
     }
+}
 
-    /// `bpf_ringbuf_reserve`: a pointer to `size` writable bytes, or None when the ring is full,
-    /// the size is too large or `flags` is not 0 (the kernel returns NULL in all three cases).
-    pub fn ringbuf_reserve(&self, size: u64, flags: u64) -> Option<*mut u8> {
-        if flags != 0 || self.def.map_type != MapType::Ringbuf {
+typed_map!(
+    /// A RINGBUF: the kernel's ring layout, so consumers in any process (and kernel-style
+    /// consumers) read it.
+    RingBuf,
+    RingBuf,
+    "ringbuf"
+);
+
+typed_map!(
+    /// A PERF_EVENT_ARRAY: one ring per CPU.
+    PerfEventArray,
+    PerfEventArray,
+    "perf_event_array"
+);
+
+impl RingBuf {
+    /// `bpf_ringbuf_reserve`: a pointer to `size` writable bytes, or None when the ring is
+    /// full, the size is too large or `flags` is not 0 (the kernel returns NULL in all three
+    /// cases).
+    pub fn reserve(&self, size: u64, flags: u64) -> Option<*mut u8> {
+        if flags != 0 {
             return None;
         }
         self.ring_reserve(0, size)
     }
 
-    /// `bpf_ringbuf_submit` of a pointer returned by [`ringbuf_reserve`](Self::ringbuf_reserve).
-    pub fn ringbuf_submit(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
-        self.ringbuf_only("ringbuf_submit")?;
+    /// `bpf_ringbuf_submit` of a pointer returned by [`reserve`](Self::reserve).
+    pub fn submit(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
         self.ring_commit(0, sample, false, "ringbuf_submit")
     }
 
     /// `bpf_ringbuf_discard`.
-    pub fn ringbuf_discard(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
-        self.ringbuf_only("ringbuf_discard")?;
+    pub fn discard(&self, sample: *mut u8, _flags: u64) -> Result<(), MapError> {
         self.ring_commit(0, sample, true, "ringbuf_discard")
     }
 
     /// `bpf_ringbuf_output`: EAGAIN when full, EINVAL for unknown flags.
-    pub fn ringbuf_output(&self, data: &[u8], flags: u64) -> Result<(), MapError> {
-        self.ringbuf_only("ringbuf_output")?;
+    pub fn output(&self, data: &[u8], flags: u64) -> Result<(), MapError> {
         if flags & !(super::BPF_RB_NO_WAKEUP | super::BPF_RB_FORCE_WAKEUP) != 0 {
             return Err(self.err("ringbuf_output", libc::EINVAL));
         }
@@ -208,13 +267,17 @@ impl MapHandle {
         self.ring_commit(0, p, false, "ringbuf_output")
     }
 
+    /// Bytes waiting for the consumer (`BPF_RB_AVAIL_DATA`).
+    pub fn pending(&self) -> u64 {
+        self.ring_pending(0)
+    }
+}
+
+impl PerfEventArray {
     /// `bpf_perf_event_output` into the ring of the CPU named by `flags` (BPF_F_CURRENT_CPU or
     /// an index). E2BIG for an index beyond the array, ENOSPC when that ring is full.
-    pub fn perf_event_output(&self, flags: u64, data: &[u8]) -> Result<(), MapError> {
+    pub fn output(&self, flags: u64, data: &[u8]) -> Result<(), MapError> {
         const OP: &str = "perf_event_output";
-        if self.def.map_type != MapType::PerfEventArray {
-            return Err(self.err(OP, libc::EINVAL));
-        }
         if flags & !BPF_F_INDEX_MASK != 0 {
             return Err(self.err(OP, libc::EINVAL));
         }
@@ -238,13 +301,9 @@ impl MapHandle {
         self.ring_commit(idx, p, false, OP)
     }
 
-    /// Bytes waiting in ring `i` (0 for a RINGBUF).
-    pub fn ring_pending(&self, i: u32) -> u64 {
-        self.ring(i).map_or(0, |r| {
-            r.prod()
-                .load(Ordering::Acquire)
-                .saturating_sub(r.cons().load(Ordering::Acquire))
-        })
+    /// Bytes waiting in the ring of `cpu`.
+    pub fn pending(&self, cpu: u32) -> u64 {
+        self.ring_pending(cpu)
     }
 }
 

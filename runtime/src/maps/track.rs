@@ -1,4 +1,4 @@
-//! Change tracking for the sync forwarder (issue 10).
+//! Change tracking for the sync forwarder.
 //!
 //! Every entry has a mark word. Marks are set by update and delete (`MARK_CHANGED`, one
 //! `fetch_or`) and by every lookup that hands out a value pointer (`MARK_LOOKUP`, a relaxed load

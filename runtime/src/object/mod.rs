@@ -4,8 +4,8 @@
 //!
 //! # Why goblin and our own BTF/CO-RE code, not aya-obj
 //! aya-obj 0.3.0 has BTF and CO-RE code, but `Object::parse` fails the *whole* object on any
-//! executable section whose name it does not know (e.g. `SEC("syscall")`, see
-//! `shared/notes/kernel-bridge-evidence.md`), and its relocation entry points are tied to its own
+//! executable section whose name it does not know (e.g. `SEC("syscall")`: its `ProgramSection`
+//! has no such variant), and its relocation entry points are tied to its own
 //! object model. The runtime must load every program it can run from such objects, keep unknown
 //! sections as "unknown" programs, and report malformed input as typed errors with the file,
 //! section and instruction index (never a panic). So the ELF container is read with goblin (a

@@ -1,0 +1,163 @@
+//! Typed maps over [`MapHandle`]: one view per map family, defined in the family's file, each
+//! checking the map's type once (when made, aya's `TryFrom<Map>` pattern) so its operations
+//! cannot be called on a map of another type. [`MapHandle::typed`] is the one place that maps
+//! a map to its view; the common operations of [`MapHandle`], definition checks and region
+//! layouts dispatch on the family.
+
+use super::{ArrayMap, HashMap, MapError, MapHandle, MapType, PerfEventArray, ProgArray};
+use super::{QueueMap, RingBuf};
+
+/// The map families, one file each. [`Family::of`] is the one match from [`MapType`] to
+/// family: a new map type is added there (the compiler asks), then in its family's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Family {
+    Hash,
+    Array,
+    ProgArray,
+    Queue,
+    RingBuf,
+    PerfEventArray,
+}
+
+impl Family {
+    pub(super) fn of(t: MapType) -> Self {
+        match t {
+            MapType::Hash | MapType::PercpuHash | MapType::LruHash | MapType::LruPercpuHash => {
+                Family::Hash
+            }
+            MapType::Array | MapType::PercpuArray => Family::Array,
+            MapType::ProgArray => Family::ProgArray,
+            MapType::Queue | MapType::Stack => Family::Queue,
+            MapType::Ringbuf => Family::RingBuf,
+            MapType::PerfEventArray => Family::PerfEventArray,
+        }
+    }
+}
+
+/// A map seen through its family's view.
+#[derive(Debug, Clone, Copy)]
+pub enum MapRef<'a> {
+    Hash(&'a HashMap),
+    Array(&'a ArrayMap),
+    ProgArray(&'a ProgArray),
+    Queue(&'a QueueMap),
+    RingBuf(&'a RingBuf),
+    PerfEventArray(&'a PerfEventArray),
+}
+
+/// Defines a typed view: `repr(transparent)` over [`MapHandle`] (so `&MapHandle` converts to
+/// `&View` without a copy), `Deref` to the handle for the common operations, and `TryFrom`
+/// from owned and borrowed handles that checks the type through [`MapHandle::typed`].
+macro_rules! typed_map {
+    ($(#[$doc:meta])* $view:ident, $variant:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        #[repr(transparent)]
+        pub struct $view(super::MapHandle);
+
+        impl $view {
+            /// # Safety
+            /// `m`'s type belongs to this family (only [`MapHandle::typed`] calls it).
+            pub(super) unsafe fn from_handle_unchecked(m: &super::MapHandle) -> &Self {
+                // SAFETY: `Self` is repr(transparent) over MapHandle, so the layouts are equal
+                // and the reference keeps its lifetime; the caller checked the type.
+                unsafe { &*(m as *const super::MapHandle as *const Self) }
+            }
+
+            /// The untyped handle.
+            pub fn handle(&self) -> &super::MapHandle {
+                &self.0
+            }
+
+            /// The family's name in errors.
+            pub const FAMILY: &'static str = $what;
+        }
+
+        impl std::ops::Deref for $view {
+            type Target = super::MapHandle;
+
+            fn deref(&self) -> &super::MapHandle {
+                &self.0
+            }
+        }
+
+        impl<'a> TryFrom<&'a super::MapHandle> for &'a $view {
+            type Error = super::MapError;
+
+            fn try_from(m: &'a super::MapHandle) -> Result<Self, super::MapError> {
+                match m.typed() {
+                    super::MapRef::$variant(v) => Ok(v),
+                    _ => Err(m.wrong_type($what)),
+                }
+            }
+        }
+
+        impl TryFrom<super::MapHandle> for $view {
+            type Error = super::MapError;
+
+            fn try_from(m: super::MapHandle) -> Result<Self, super::MapError> {
+                <&$view>::try_from(&m)?;
+                Ok($view(m))
+            }
+        }
+    };
+}
+pub(super) use typed_map;
+
+impl MapHandle {
+    /// This map through its family's view.
+    #[inline]
+    pub fn typed(&self) -> MapRef<'_> {
+        // SAFETY: in every arm the view is the family of the map's own type.
+        unsafe {
+            match Family::of(self.def.map_type) {
+                Family::Hash => MapRef::Hash(HashMap::from_handle_unchecked(self)),
+                Family::Array => MapRef::Array(ArrayMap::from_handle_unchecked(self)),
+                Family::ProgArray => MapRef::ProgArray(ProgArray::from_handle_unchecked(self)),
+                Family::Queue => MapRef::Queue(QueueMap::from_handle_unchecked(self)),
+                Family::RingBuf => MapRef::RingBuf(RingBuf::from_handle_unchecked(self)),
+                Family::PerfEventArray => {
+                    MapRef::PerfEventArray(PerfEventArray::from_handle_unchecked(self))
+                }
+            }
+        }
+    }
+
+    /// This map as a queue or stack, `None` for other types.
+    pub fn as_queue(&self) -> Option<&QueueMap> {
+        <&QueueMap>::try_from(self).ok()
+    }
+
+    /// This map as a hash map (any variant), `None` for other types.
+    pub fn as_hash(&self) -> Option<&HashMap> {
+        <&HashMap>::try_from(self).ok()
+    }
+
+    /// This map as an array (plain or per-CPU), `None` for other types.
+    pub fn as_array(&self) -> Option<&ArrayMap> {
+        <&ArrayMap>::try_from(self).ok()
+    }
+
+    /// This map as a RINGBUF, `None` for other types.
+    pub fn as_ringbuf(&self) -> Option<&RingBuf> {
+        <&RingBuf>::try_from(self).ok()
+    }
+
+    /// This map as a PERF_EVENT_ARRAY, `None` for other types.
+    pub fn as_perf_event_array(&self) -> Option<&PerfEventArray> {
+        <&PerfEventArray>::try_from(self).ok()
+    }
+
+    /// This map as a PROG_ARRAY, `None` for other types.
+    pub fn as_prog_array(&self) -> Option<&ProgArray> {
+        <&ProgArray>::try_from(self).ok()
+    }
+
+    pub(super) fn wrong_type(&self, expected: &'static str) -> MapError {
+        MapError::WrongType {
+            map: self.name.clone(),
+            found: self.def.map_type,
+            expected,
+        }
+    }
+}
