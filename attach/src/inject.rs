@@ -18,7 +18,7 @@
 //!   delivered.
 
 use crate::error::InjectError;
-use crate::maps::{self, MapEntry};
+use crate::procmaps::{self, MapEntry};
 use crate::symbols::Resolver;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -380,7 +380,7 @@ fn seize_at_safe_point(pid: i32, opts: &InjectOptions) -> Result<(Tracee, u32), 
     let mut rejected = 0;
     let mut last_reason = "no thread could be stopped";
     for _ in 0..opts.max_tries {
-        let maps = maps::read_maps(Some(pid as u32))?;
+        let maps = procmaps::read_maps(Some(pid as u32))?;
         for tid in threads_of(pid) {
             let attempt = Tracee::seize(pid, tid).and_then(|t| {
                 let regs = t.getregs()?;

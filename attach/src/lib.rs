@@ -11,8 +11,8 @@
 pub mod error;
 pub mod hook;
 pub mod inject;
-pub mod maps;
 pub mod precheck;
+pub mod procmaps;
 pub mod regs;
 pub mod symbols;
 

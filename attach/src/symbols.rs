@@ -6,7 +6,7 @@
 //! Symbols come from `.dynsym` and `.symtab` of the ELF file that `/proc/PID/maps` shows mapped.
 
 use crate::error::AttachError;
-use crate::maps::{self, MapEntry};
+use crate::procmaps::{self, MapEntry};
 use goblin::elf::{program_header::PT_LOAD, sym, Elf};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -113,7 +113,7 @@ impl Resolver {
     pub fn new(pid: Option<u32>) -> Result<Self, AttachError> {
         Ok(Resolver {
             pid,
-            maps: maps::read_maps(pid)?,
+            maps: procmaps::read_maps(pid)?,
             files: HashMap::new(),
         })
     }
@@ -147,8 +147,8 @@ impl Resolver {
                 .ok_or_else(not_loaded)
         };
         match module {
-            None => by_inode(maps::proc_dir(self.pid).join("exe")),
-            Some(m) if m.contains('/') => by_inode(maps::host_path(self.pid, m)),
+            None => by_inode(procmaps::proc_dir(self.pid).join("exe")),
+            Some(m) if m.contains('/') => by_inode(procmaps::host_path(self.pid, m)),
             Some(name) => {
                 let matches = |f: &str| {
                     f == name
@@ -166,7 +166,7 @@ impl Resolver {
 
     fn file(&mut self, path: &str) -> Result<&[u8], AttachError> {
         if !self.files.contains_key(path) {
-            let hp = maps::host_path(self.pid, path);
+            let hp = procmaps::host_path(self.pid, path);
             let bytes =
                 std::fs::read(&hp).map_err(|source| AttachError::Io { path: hp, source })?;
             self.files.insert(path.to_string(), bytes);

@@ -127,9 +127,9 @@ fn neg_map(e: &MapError) -> u64 {
     neg(e.errno())
 }
 
-/// Errors of [`RuntimeHelpers::load_program`].
+/// Errors of [`RuntimeHelpers::load_program`]: the program cannot be linked against these maps and helpers.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum LoadError {
+pub enum LinkError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -305,7 +305,7 @@ impl RuntimeHelpers {
     /// Relocate `insns` against these maps and check that every helper it calls exists. The
     /// program's JIT image gets the map fast paths ([`JitMaps`]) for these maps: helpers over
     /// the same maps (e.g. another `RuntimeHelpers::from_object` of the same object) use them.
-    pub fn load_program(&self, insns: Vec<Insn>) -> Result<Program, LoadError> {
+    pub fn load_program(&self, insns: Vec<Insn>) -> Result<Program, LinkError> {
         let p = Program::with_relocations(insns, |r| self.resolve_lddw(r))?
             .with_jit_maps(Arc::new(self.jit_maps()));
         check_helpers(&p)?;

@@ -103,7 +103,7 @@ static DISPATCH: [Option<HelperFn>; DISPATCH_LEN] = {
     table
 };
 
-/// The call a failed CO-RE relocation leaves in the program (see [`crate::object::core`]).
+/// The call a failed CO-RE relocation leaves in the program (see [`crate::object::co_re`]).
 pub const POISON_HELPER: u32 = crate::object::POISON_HELPER as u32;
 
 /// Runs helper `id`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use goblin::elf::{header, section_header as sh, sym, Elf};
 
 use super::btf::{fixup_datasecs, kind, Btf, BtfError, BtfExt, ExtRecord};
-use super::core::{self as co_re, CoreRelocation};
+use super::co_re::{self, CoreRelocation};
 use super::insn;
 use super::section::parse_section;
 use super::{

@@ -22,7 +22,7 @@
 
 pub mod btf;
 pub mod btf_format;
-pub mod core;
+pub mod co_re;
 mod elf;
 pub mod section;
 
@@ -30,8 +30,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use self::btf::{Btf, BtfError};
-pub use self::core::{CoreReloKind, CoreRelocation, POISON_HELPER};
 pub use self::section::{parse_section, AttachTarget, ProgramKind, SectionInfo};
+pub use co_re::{CoreReloKind, CoreRelocation, POISON_HELPER};
 
 /// Where the running kernel publishes its BTF (the CO-RE target).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
