@@ -19,14 +19,21 @@ pub enum Op {
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct UpdateHeader {
+    /// The bridge's sequence number of this record; confirmations name it.
     pub seq: u64,
+    /// Index of the mirror in the drain's mirror table.
     pub mirror: u32,
+    /// An [`Op`].
     pub op: u32,
+    /// Key bytes following the header (0 for a push).
     pub key_size: u32,
+    /// Value bytes following the key (0 for a delete).
     pub value_size: u32,
+    /// `BPF_MAP_UPDATE_ELEM` flags (`BPF_ANY`, `BPF_NOEXIST`, `BPF_EXIST`).
     pub flags: u64,
 }
 
+/// Size of [`UpdateHeader`] on the wire.
 pub const UPDATE_HEADER_SIZE: usize = std::mem::size_of::<UpdateHeader>();
 
 /// `BRIDGE_MIN_RECORD`: records are padded to this size so the drain reads a small record
@@ -61,13 +68,18 @@ impl UpdateHeader {
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct MirrorSlot {
+    /// Fd of the mirror in the process that runs the drain.
     pub fd: u32,
+    /// Bytes the kernel copies for a key (0 for a queue or stack).
     pub key_size: u32,
+    /// Bytes the kernel copies for a value (per-CPU: `round_up(v, 8)` times the CPU count).
     pub value_size: u32,
+    /// 0 for the generic path through `bpf_sys_bpf`, else the index of a fast path.
     pub fast_shape: u32,
 }
 
 impl MirrorSlot {
+    /// The slot as the drain's mirror-table map stores it.
     pub fn to_bytes(self) -> [u8; 16] {
         let mut out = [0u8; 16];
         out[0..4].copy_from_slice(&self.fd.to_ne_bytes());
@@ -81,22 +93,32 @@ impl MirrorSlot {
 /// `enum bridge_confirm_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfirmKind {
+    /// One update applied (confirm-each mode).
     Applied,
+    /// One update failed with `-result`.
     Failed,
+    /// Records `first_seq..=seq` drained; `result` of them failed (each also reported).
     Batch,
+    /// A malformed record (its sizes do not match the mirror).
     Rejected,
 }
 
 /// `struct bridge_confirm`, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfirmRecord {
+    /// The record confirmed (for a batch: the last one).
     pub seq: u64,
+    /// For a batch: the first record drained.
     pub first_seq: u64,
+    /// The kernel's result: 0, a negative errno, or a batch's failure count.
     pub result: i64,
+    /// What is confirmed.
     pub kind: ConfirmKind,
+    /// Records a batch covers (1 otherwise).
     pub count: u32,
 }
 
+/// Size of `struct bridge_confirm` on the wire.
 pub const CONFIRM_RECORD_SIZE: usize = 32;
 
 impl ConfirmRecord {
@@ -128,7 +150,9 @@ impl ConfirmRecord {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DrainArgs {
+    /// Non-zero: one confirmation per record instead of one per drained batch.
     pub confirm_each: u32,
+    /// Keeps the struct 8 bytes, as in C.
     pub pad: u32,
 }
 

@@ -14,7 +14,8 @@ pub mod kind {
 
     macro_rules! kinds {
         ($($name:ident = $sys:ident),* $(,)?) => {
-            $(pub const $name: u8 = {
+            $(#[doc = concat!("`", stringify!($sys), "`.")]
+            pub const $name: u8 = {
                 assert!(sys::$sys <= u8::MAX as u32);
                 sys::$sys as u8
             };)*

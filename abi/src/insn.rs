@@ -6,7 +6,9 @@ use libbpf_sys as sys;
 /// `u8` opcode-field constants from the `u32` bindings; a value that does not fit fails the build.
 macro_rules! opcode_bits {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        $($(#[$doc])* pub const $name: u8 = {
+        $($(#[$doc])*
+        #[doc = concat!("`", stringify!($name), "` of the UAPI.")]
+        pub const $name: u8 = {
             assert!(sys::$name <= u8::MAX as u32);
             sys::$name as u8
         };)*
@@ -35,7 +37,10 @@ opcode_bits! {
     BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
 }
 
-/// Atomic operation codes, as the `imm` of a `BPF_ATOMIC` instruction holds them.
+// Atomic operation codes, as the `imm` of a `BPF_ATOMIC` instruction holds them.
+/// The old value is returned in the source register.
 pub const BPF_FETCH: i32 = sys::BPF_FETCH as i32;
+/// Exchange (always fetching).
 pub const BPF_XCHG: i32 = sys::BPF_XCHG as i32;
+/// Compare with r0 and exchange (always fetching, into r0).
 pub const BPF_CMPXCHG: i32 = sys::BPF_CMPXCHG as i32;

@@ -10,6 +10,8 @@
 //! of `ebpf/bridge.h` (records between the forwarder and the kernel drain program) and the OS
 //! primitives (`Mmap`, `page_size`, `possible_cpus`).
 
+#![warn(missing_docs)]
+
 pub mod bridge;
 pub mod btf;
 pub mod flags;

@@ -9,7 +9,9 @@ macro_rules! map_types {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[repr(u32)]
         pub enum MapType {
-            $($(#[$doc])* $variant = libbpf_sys::$sys,)*
+            $($(#[$doc])*
+            #[doc = concat!("`", stringify!($sys), "` (bpftool: `", $name, "`).")]
+            $variant = libbpf_sys::$sys,)*
         }
 
         impl MapType {
@@ -63,6 +65,7 @@ impl MapType {
         self as u32
     }
 
+    /// HASH and its per-CPU and LRU variants.
     pub fn is_hash(self) -> bool {
         matches!(
             self,
@@ -70,6 +73,7 @@ impl MapType {
         )
     }
 
+    /// The LRU hashes: inserts into a full map evict instead of failing.
     pub fn is_lru(self) -> bool {
         matches!(self, Self::LruHash | Self::LruPercpuHash)
     }
@@ -82,6 +86,7 @@ impl MapType {
         )
     }
 
+    /// ARRAY and PERCPU_ARRAY (not the program and perf arrays).
     pub fn is_array(self) -> bool {
         matches!(self, Self::Array | Self::PercpuArray)
     }

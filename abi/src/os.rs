@@ -62,7 +62,9 @@ unsafe impl Sync for Mmap {}
 /// Access to a shared mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// `PROT_READ`.
     ReadOnly,
+    /// `PROT_READ | PROT_WRITE`.
     ReadWrite,
 }
 

@@ -28,6 +28,8 @@
 //! element generation): a re-read that finds the same value sends nothing, without hashing.
 //! Changes are read into one reused buffer and sent in batches ([`Bridge::send_batch`]).
 
+#![warn(missing_docs)]
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,18 +41,29 @@ use bpftime_kernel_bridge::{
 };
 use bpftime_runtime::maps::{MapDef, MapHandle, MapType, RawChange, ShmObject, SyncReport};
 
+/// Why the forwarder could not start or continue.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// The kernel side (mirror creation, sending, confirmations) failed.
     #[error(transparent)]
     Bridge(#[from] BridgeError),
+    /// A userspace map could not be read.
     #[error("map {map}")]
     Map {
+        /// The map's name.
         map: String,
+        /// What reading it gave.
         #[source]
         source: bpftime_runtime::maps::MapError,
     },
+    /// `--sync` named a map that does not exist or cannot be mirrored.
     #[error("--sync names {map}, which {why}")]
-    Selection { map: String, why: String },
+    Selection {
+        /// The name as given.
+        map: String,
+        /// Why it cannot be synced.
+        why: String,
+    },
 }
 
 /// Which maps to sync.
@@ -63,9 +76,12 @@ pub enum SyncSelection {
     Only(Vec<String>),
 }
 
+/// How the forwarder works; the defaults are what `bpftime-rs load` uses.
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
+    /// Which maps get kernel mirrors.
     pub selection: SyncSelection,
+    /// One kernel confirmation per record instead of per drained batch (`--confirm-each`).
     pub confirm_each: bool,
     /// After a lookup handed out a value pointer, when to read the entry again (the write
     /// lands after the lookup's mark).
@@ -79,6 +95,7 @@ pub struct SyncOptions {
     /// the budget) even when nothing marked it: a pointer stays valid while its entry lives,
     /// and a write through it after the last recheck sets no mark.
     pub pointer_sweep_every: Duration,
+    /// The share of one core sweeps may take (0.02: 2%).
     pub sweep_budget: f64,
     /// Sleep between passes when nothing changed.
     pub poll_interval: Duration,
@@ -154,7 +171,9 @@ pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
 /// A map the selection skipped because it cannot be mirrored, for `load` to report.
 #[derive(Debug, Clone)]
 pub struct Unmirrorable {
+    /// The map's name.
     pub name: String,
+    /// bpftool's name of its type.
     pub map_type: &'static str,
 }
 
@@ -317,20 +336,28 @@ struct InFlight {
 pub struct SyncFailure {
     /// The key, when the update was one key's (None for global data and queue pushes).
     pub key: Option<Vec<u8>>,
+    /// The kernel's errno (positive).
     pub errno: i32,
 }
 
 /// Per-map counters, also published in the map's shared memory for `bpftime-rs maps`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncCounters {
+    /// Marked entries (and pushes) looked at.
     pub changes_seen: u64,
+    /// Records sent to the kernel.
     pub sent: u64,
+    /// Records the kernel confirmed.
     pub confirmed: u64,
+    /// Records the kernel refused.
     pub failed: u64,
+    /// Records sent and not yet confirmed.
     pub pending: u64,
+    /// Age of the oldest unconfirmed record.
     pub oldest_pending: Duration,
     /// Deletes of kernel keys userspace no longer has, after the map dropped tombstones.
     pub resyncs: u64,
+    /// Whole-map comparisons with what the kernel was sent.
     pub sweeps: u64,
     /// Differences a sweep found that change tracking had not reported.
     pub sweep_fixes: u64,
@@ -367,6 +394,8 @@ struct SyncedMap {
     last_failure: Option<SyncFailure>,
 }
 
+/// Keeps the kernel mirrors of one object's maps equal to the userspace maps: reads change
+/// marks, sends updates through the [`Bridge`], tracks confirmations (see the crate docs).
 pub struct Forwarder {
     bridge: Bridge,
     object: String,
@@ -468,6 +497,7 @@ impl Forwarder {
         Ok((forwarder, unmirrorable))
     }
 
+    /// The object whose maps this forwarder syncs.
     pub fn object(&self) -> &str {
         &self.object
     }
@@ -874,6 +904,7 @@ impl Forwarder {
         }
     }
 
+    /// Each synced map's counters, by name.
     pub fn counters(&self) -> Vec<(String, SyncCounters)> {
         self.maps
             .iter()
@@ -889,6 +920,7 @@ impl Forwarder {
             .and_then(|m| m.last_failure.as_ref())
     }
 
+    /// The bridge the updates go through.
     pub fn bridge(&self) -> &Bridge {
         &self.bridge
     }
