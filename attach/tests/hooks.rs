@@ -253,6 +253,65 @@ fn five_thousand_threads_that_come_and_go_are_all_probed() {
 }
 
 #[test]
+fn threads_with_their_own_stacks_free_their_slots_when_they_exit() {
+    type F = extern "C" fn(i64) -> i64;
+    static HIT: std::sync::OnceLock<F> = std::sync::OnceLock::new();
+    HIT.get_or_init(|| sym("thread_hit"));
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    install(&mut set, "thread_hit", ProbeKind::Uprobe, c.clone());
+    install(&mut set, "thread_hit", ProbeKind::Uretprobe, c.clone());
+    let before = bpftime_attach::hook::stats();
+    // Each thread runs on a stack of its own that stays mapped, so every thread has a TCB
+    // (glibc puts it at the top of a user stack) no earlier thread had: without freeing slots
+    // on exit, the table fills after 2048 threads and later calls run unprobed.
+    const THREADS: u64 = 3000;
+    const STACK: usize = 64 * 1024;
+    extern "C" fn body(_: *mut libc::c_void) -> *mut libc::c_void {
+        (HIT.get().unwrap())(1) as usize as *mut libc::c_void
+    }
+    let mut stacks = Vec::new();
+    for _ in 0..THREADS {
+        let stack = bpftime_abi::Mmap::anonymous(STACK).unwrap();
+        // SAFETY: attr is initialised before use and destroyed after; the stack is a private
+        // mapping of STACK bytes that outlives the thread (kept in `stacks`); the thread is
+        // joined before its stack could go.
+        unsafe {
+            let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+            assert_eq!(libc::pthread_attr_init(&mut attr), 0);
+            assert_eq!(
+                libc::pthread_attr_setstack(&mut attr, stack.as_ptr().cast(), STACK),
+                0
+            );
+            let mut t: libc::pthread_t = 0;
+            assert_eq!(
+                libc::pthread_create(&mut t, &attr, body, std::ptr::null_mut()),
+                0
+            );
+            let mut ret = std::ptr::null_mut();
+            assert_eq!(libc::pthread_join(t, &mut ret), 0);
+            assert_eq!(ret as usize, 3);
+            libc::pthread_attr_destroy(&mut attr);
+        }
+        stacks.push(stack);
+    }
+    let after = bpftime_attach::hook::stats();
+    assert_eq!(
+        after.no_thread_slot - before.no_thread_slot,
+        0,
+        "calls skipped for want of a thread slot"
+    );
+    assert_eq!(c.entries.load(Ordering::Relaxed), THREADS);
+    assert_eq!(c.returns.load(Ordering::Relaxed), THREADS);
+    assert!(
+        after.thread_slots_in_use <= before.thread_slots_in_use + 16,
+        "exited threads keep slots: {} before, {} after",
+        before.thread_slots_in_use,
+        after.thread_slots_in_use
+    );
+}
+
+#[test]
 fn too_short_function_is_refused_with_a_clear_error() {
     type F = extern "C" fn(i32) -> i32;
     let tiny: F = sym("tiny");

@@ -19,8 +19,8 @@
 //!
 //! Known limits:
 //! * per-thread state lives in a fixed table of 2048 slots keyed by TCB
-//!   address (no TLS, see `thread.rs`); beyond that, calls run without handlers
-//!   ([`HookStats::no_thread_slot`]). Shadow stacks hold 256 frames; deeper pending returns are
+//!   address (no TLS, see `thread.rs`), freed when a thread exits; beyond 2048 live threads,
+//!   calls run without handlers ([`HookStats::no_thread_slot`]). Shadow stacks hold 256 frames; deeper pending returns are
 //!   not hooked ([`HookStats::shadow_overflow`]).
 //! * stale shadow frames (longjmp, exceptions) are recognised by stack address; a signal
 //!   handler on an alternate stack placed *above* the thread's stack that calls a
@@ -178,6 +178,8 @@ pub struct HookStats {
     pub stale_frames: u64,
     /// Handlers that panicked (treated as `Continue`).
     pub handler_panics: u64,
+    /// Thread-table slots held by live threads now (exited threads free theirs).
+    pub thread_slots_in_use: u64,
 }
 
 static REENTERED: AtomicU64 = AtomicU64::new(0);
@@ -194,6 +196,7 @@ pub fn stats() -> HookStats {
         shadow_overflow: OVERFLOW.load(Ordering::Relaxed),
         stale_frames: STALE.load(Ordering::Relaxed),
         handler_panics: PANICS.load(Ordering::Relaxed),
+        thread_slots_in_use: thread::slots_in_use() as u64,
     }
 }
 
@@ -799,7 +802,7 @@ unsafe fn install_locked(
     handler: Arc<dyn ProbeHandler>,
     enable: bool,
 ) -> Result<HookId, AttachError> {
-    thread::register_fork_handler();
+    thread::register_process_handlers();
     let reg = guard.get_or_insert_with(|| Registry {
         sites: HashMap::new(),
         hooks: HashMap::new(),

@@ -1,8 +1,10 @@
 //! Per-thread hook state (re-entrancy guard and shadow stack of return addresses) without
 //! thread-local storage: a dlopen'ed agent's TLS is allocated lazily by `__tls_get_addr`, which
 //! calls `malloc`, which may be the hooked function. Threads are keyed by their TCB address
-//! (`fs:0`) in a fixed open-addressed table in `.bss`; a thread that exits leaves its slot to
-//! the next thread with the same TCB (glibc reuses cached stacks and TCBs).
+//! (`fs:0`) in a fixed open-addressed table in `.bss`. A thread that exits frees its slot: a
+//! pthread key destructor (glibc keeps the first 32 keys' values inline in the TCB, so setting
+//! one allocates nothing, even from inside a hooked `malloc`) leaves a tombstone that later
+//! claims reuse, so threads that come and go never fill the table, whatever their TCBs.
 
 use super::Site;
 use std::cell::UnsafeCell;
@@ -100,28 +102,94 @@ fn thread_key() -> usize {
     k
 }
 
+/// The key of a slot freed by an exited thread. Lookups walk past it (the keys after it stay
+/// reachable); a claim reuses it. No TCB is at address 1.
+const TOMBSTONE: usize = 1;
+
 /// The calling thread's slot index (below [`MAX_THREADS`]) and state, or `None` when the table
-/// is full. Two live threads never share an index; a thread's index never changes.
+/// is full. Two live threads never share an index; a thread's index never changes while it
+/// lives.
 #[inline]
 pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
     let key = thread_key();
-    let mut i = ((key as u64).wrapping_mul(KEY_HASH) >> KEY_SHIFT) as usize & (MAX_THREADS - 1);
+    let home = ((key as u64).wrapping_mul(KEY_HASH) >> KEY_SHIFT) as usize & (MAX_THREADS - 1);
+    // Found at once in the common case; otherwise claimed (a few retries at most when other
+    // new threads claim the same free slot first).
     for _ in 0..MAX_THREADS {
-        let slot = &TABLE.keys[i];
-        let k = slot.load(Ordering::Acquire);
-        if k == key
-            || (k == 0
-                && slot
-                    .compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok())
-        {
-            // SAFETY: only the thread with this key (this thread) reaches this slot's state,
-            // and the dispatchers never hold two references at once.
-            return Some((i, unsafe { &mut *TABLE.states[i].get() }));
+        let mut free = None;
+        let mut i = home;
+        for _ in 0..MAX_THREADS {
+            let k = TABLE.keys[i].load(Ordering::Acquire);
+            if k == key {
+                // SAFETY: only the thread with this key (this thread) reaches this slot's
+                // state, and the dispatchers never hold two references at once.
+                return Some((i, unsafe { &mut *TABLE.states[i].get() }));
+            }
+            if k == TOMBSTONE && free.is_none() {
+                free = Some((i, TOMBSTONE));
+            }
+            if k == 0 {
+                // The key is not in the table: its chain ends here.
+                free = free.or(Some((i, 0)));
+                break;
+            }
+            i = (i + 1) & (MAX_THREADS - 1);
         }
-        i = (i + 1) & (MAX_THREADS - 1);
+        let (i, was) = free?;
+        if TABLE.keys[i]
+            .compare_exchange(was, key, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            release_at_exit(i);
+            // SAFETY: as above; the slot was free, so no other thread uses its state. A
+            // previous owner that exited mid-call left nothing pending that is still valid.
+            let state = unsafe { &mut *TABLE.states[i].get() };
+            state.depth = 0;
+            guard(i).store(false, Ordering::Relaxed);
+            return Some((i, state));
+        }
     }
     None
+}
+
+/// The pthread key whose destructor frees a thread's slot; `u32::MAX` until created, or when it
+/// could not be made one of the inline keys (then slots are not freed).
+static EXIT_KEY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// glibc's `PTHREAD_KEY_2NDLEVEL_SIZE`: keys below it keep their values in the TCB itself.
+const INLINE_PTHREAD_KEYS: u32 = 32;
+
+/// Arranges for slot `index` to be freed when the calling thread exits.
+fn release_at_exit(index: usize) {
+    let key = EXIT_KEY.load(Ordering::Relaxed);
+    if key < INLINE_PTHREAD_KEYS {
+        // SAFETY: `key` is a live pthread key; the value is a plain integer, never
+        // dereferenced (slot index + 1, so never NULL).
+        unsafe { libc::pthread_setspecific(key, (index + 1) as *const libc::c_void) };
+    }
+}
+
+/// Runs on the exiting thread after its TLS destructors: frees the slot it held. glibc runs
+/// key destructors again (up to 4 rounds) if a later destructor's hooked call claims a slot
+/// anew, so that one is freed too.
+extern "C" fn free_slot_at_exit(value: *mut libc::c_void) {
+    let index = (value as usize).wrapping_sub(1);
+    if index < MAX_THREADS && TABLE.keys[index].load(Ordering::Relaxed) == thread_key() {
+        guard(index).store(false, Ordering::Relaxed);
+        // SAFETY: the slot is this thread's, and the thread is exiting: no handler of it runs.
+        unsafe { (*TABLE.states[index].get()).depth = 0 };
+        // Release: the reset state is visible to the thread that claims the slot next.
+        TABLE.keys[index].store(TOMBSTONE, Ordering::Release);
+    }
+}
+
+/// Slots held by live threads (for tests and stats).
+pub(super) fn slots_in_use() -> usize {
+    TABLE
+        .keys
+        .iter()
+        .filter(|k| !matches!(k.load(Ordering::Relaxed), 0 | TOMBSTONE))
+        .count()
 }
 
 /// In the child of a `fork` only the forking thread exists, but the table still holds the
@@ -133,7 +201,7 @@ extern "C" fn reset_other_threads_after_fork() {
     let me = thread_key();
     for (i, key) in TABLE.keys.iter().enumerate() {
         let k = key.load(Ordering::Relaxed);
-        if k != 0 && k != me {
+        if k != 0 && k != TOMBSTONE && k != me {
             GUARDS.0[i].store(false, Ordering::Relaxed);
             // SAFETY: in the child right after fork, no other thread exists to use the slot.
             unsafe { (*TABLE.states[i].get()).depth = 0 };
@@ -141,11 +209,23 @@ extern "C" fn reset_other_threads_after_fork() {
     }
 }
 
-/// Registers [`reset_other_threads_after_fork`] once per process.
-pub(super) fn register_fork_handler() {
+/// Registers [`reset_other_threads_after_fork`] and the thread-exit key once per process.
+pub(super) fn register_process_handlers() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: registers a handler that only touches this module's statics.
         unsafe { libc::pthread_atfork(None, None, Some(reset_other_threads_after_fork)) };
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer; the destructor only touches this module's
+        // statics.
+        if unsafe { libc::pthread_key_create(&mut key, Some(free_slot_at_exit)) } == 0 {
+            if key < INLINE_PTHREAD_KEYS {
+                EXIT_KEY.store(key, Ordering::Relaxed);
+            } else {
+                // Setting it could allocate inside a hooked malloc: keep slots instead.
+                // SAFETY: deleting the key just created, which holds no values.
+                unsafe { libc::pthread_key_delete(key) };
+            }
+        }
     });
 }
