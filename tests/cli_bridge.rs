@@ -5,7 +5,7 @@ mod common;
 use common::bytes;
 use std::process::Command;
 
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 use serde_json::Value;
 
 fn bpftime(args: &[&str]) -> std::process::Output {

@@ -8,7 +8,7 @@ use common::*;
 use std::time::Instant;
 
 use bpftime_example_programs::{model, object_path};
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 use serde_json::Value;
 
 /// The tests load the same objects: one at a time.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use bpftime_example_programs::model;
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 use serde_json::Value;
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -7,7 +7,7 @@ use common::*;
 use std::process::Stdio;
 
 use bpftime_example_programs::{model, object_path, victim_path};
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 
 #[test]
 fn load_start_maps_diff_unload() {

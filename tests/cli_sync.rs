@@ -13,8 +13,8 @@ use std::io::Write;
 use std::process::{Child, Stdio};
 
 use bpftime_example_programs::victim_keys_path;
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_runtime::maps::{EntryValue, ShmObject};
+use bpftime_testutils::require_kernel;
 
 const OBJECT: &str = "sync_keys";
 

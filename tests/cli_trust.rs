@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bpftime_example_programs::{agent_library, model, victim_path};
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 use rand::{Rng, SeedableRng};
 
 const NOBODY: u32 = 65534;

@@ -8,7 +8,8 @@
 //!
 //! The crate also holds the two other things several crates need exactly once: the wire format
 //! of `ebpf/bridge.h` (records between the forwarder and the kernel drain program) and the OS
-//! primitives (`Mmap`, `page_size`, `possible_cpus`).
+//! primitives (`Mmap`, `page_size`, `possible_cpus`), and [`sys`], the one layer every `bpf()`
+//! command of the project goes through (with a test override).
 
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod insn;
 pub mod map_type;
 pub mod os;
 pub mod ringbuf;
+pub mod sys;
 
 pub use helper::HelperId;
 pub use map_type::{MapType, UnknownMapType};

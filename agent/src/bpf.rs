@@ -358,6 +358,19 @@ pub fn split_object_lines(text: &str) -> (Vec<String>, String) {
     (objects, rest)
 }
 
+/// An error with its sources, `: `-separated: the agent's status lines and stderr are text, and
+/// the errno (say, EACCES on the object's maps) is usually a source.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Hooks every uprobe/uretprobe program of the published `object`; one status line per
 /// program in `lines`. Returns how many could not be attached (the process runs on regardless).
 pub fn attach_object(
@@ -369,7 +382,7 @@ pub fn attach_object(
     let published = match PublishedObject::open(object) {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            let text = bpftime_runtime::loaded::error_chain(&e);
+            let text = error_chain(&e);
             let hint = if text.contains("Permission denied") {
                 format!(
                     " (its maps are not shared with uid {}: the loader's user grants them with \

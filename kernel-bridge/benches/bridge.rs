@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::{Bridge, BridgeConfig, Confirmation, MapType, MirrorDesc, Update};
+use bpftime_testutils::require_kernel;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 const MAX_ENTRIES: u32 = 1 << 20;

@@ -139,7 +139,7 @@ struct DrainerState {
     /// Set by [`Bridge::pause_drain`]: records queue up (and senders wait once the ring is
     /// full) until [`Bridge::resume_drain`].
     paused: bool,
-    error: Option<String>,
+    error: Option<Arc<BridgeError>>,
 }
 
 struct Shared {
@@ -178,19 +178,14 @@ impl Bridge {
 
     pub fn with_config(config: BridgeConfig) -> Result<Self, BridgeError> {
         let drain = DrainProgram::load()?;
-        let map_data = |name: &str| {
-            MapData::from_fd(drain.map_fd(name)?).map_err(|e| BridgeError::System {
-                what: "opening a bridge map with aya",
-                source: std::io::Error::other(e),
-            })
-        };
-        let ring = UserRingBuf::new(map_data("updates")?)?;
-        let confirmations =
-            RingBuf::try_from(Map::RingBuf(map_data("confirmations")?)).map_err(|e| {
-                BridgeError::System {
-                    what: "opening the confirmation ringbuf",
-                    source: std::io::Error::other(e),
-                }
+        let ring = UserRingBuf::from_fd(drain.map_fd("updates")?)?;
+        // aya's RingBuf is the consumer of the kernel ringbuf (it only mmaps the map; its one
+        // `bpf()` command is the info query in `MapData::from_fd`).
+        let confirmations = MapData::from_fd(drain.map_fd("confirmations")?)
+            .and_then(|map| RingBuf::try_from(Map::RingBuf(map)))
+            .map_err(|source| BridgeError::AyaMap {
+                what: "opening the confirmation ringbuf",
+                source,
             })?;
         let shared = Arc::new(Shared {
             drain: Mutex::new(drain),
@@ -543,9 +538,9 @@ fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
         let drained = match drained {
             Ok(n) => n,
             Err(e) => {
-                tracing::error!("bridge drain failed: {e}");
+                tracing::error!(error = ?e, "bridge drain failed: {e}");
                 let mut state = shared.state.lock();
-                state.error = Some(e.to_string());
+                state.error = Some(Arc::new(e));
                 shared.progress.notify_all();
                 return;
             }

@@ -3,19 +3,25 @@
 //! aya 0.14 cannot load a `SEC("syscall")` program (aya-obj has no such program section), so this
 //! one object is loaded through libbpf (libbpf-rs; libbpf-sys builds libbpf from its own crate
 //! sources), which knows syscall programs, sets `BPF_F_SLEEPABLE` and loads BTF with func_info for
-//! the drain callback. Everything else in the crate uses aya. See kernel-bridge/README.md.
+//! the drain callback. Loading the object is the one place where libbpf issues its own `bpf()`
+//! commands; every command on the loaded maps and program (registering mirrors, running the
+//! drain) goes through `bpftime_abi::sys` like the rest of the project. See kernel-bridge/README.md.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
+use libbpf_rs::{MapCore, Object, ObjectBuilder};
 
 use bpftime_abi::bridge::{DrainArgs, MirrorSlot};
+use bpftime_abi::sys;
 use bpftime_abi::MapType;
 
 use crate::error::BridgeError;
 use crate::mirror::MirrorDesc;
 
 const BRIDGE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bridge.bpf.o"));
+
+/// `BPF_ANY`.
+const ANY: u64 = 0;
 
 /// Mirror shapes with a fast path in the drain (`FAST_SHAPE` in bridge.bpf.c): updated with
 /// `bpf_map_update_elem` on an inner map instead of a whole `bpf_sys_bpf` syscall per record.
@@ -42,29 +48,40 @@ fn fast_shape(desc: &MirrorDesc) -> Option<(u32, &'static str)> {
 }
 
 pub(crate) struct DrainProgram {
+    /// The drain program's own fd (a duplicate: the object keeps its own).
+    drain: OwnedFd,
     object: Object,
 }
 
 impl DrainProgram {
     pub fn load() -> Result<Self, BridgeError> {
-        let load_err = |e: libbpf_rs::Error| BridgeError::LoadDrain(std::io::Error::other(e));
         let open = ObjectBuilder::default()
             .name("bpftime_bridge")
-            .map_err(load_err)?
+            .map_err(BridgeError::LoadDrain)?
             .open_memory(BRIDGE_OBJECT)
-            .map_err(load_err)?;
-        let object = open.load().map_err(load_err)?;
-        Ok(Self { object })
+            .map_err(BridgeError::LoadDrain)?;
+        let object = open.load().map_err(BridgeError::LoadDrain)?;
+        let drain = object
+            .progs()
+            .find(|p| p.name() == "drain")
+            .ok_or_else(|| BridgeError::DrainIncomplete("program drain".into()))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| BridgeError::System {
+                what: "duplicating the drain program fd",
+                source,
+            })?;
+        Ok(Self { drain, object })
     }
 
     fn map(&self, name: &str) -> Result<libbpf_rs::Map<'_>, BridgeError> {
         self.object
             .maps()
             .find(|m| m.name() == name)
-            .ok_or_else(|| BridgeError::LoadDrain(std::io::Error::other(format!("no map {name}"))))
+            .ok_or_else(|| BridgeError::DrainIncomplete(format!("map {name}")))
     }
 
-    /// A new fd of one of the object's maps (for aya's `MapData::from_fd`).
+    /// A new fd of one of the object's maps.
     pub fn map_fd(&self, name: &str) -> Result<OwnedFd, BridgeError> {
         self.map(name)?
             .as_fd()
@@ -83,19 +100,20 @@ impl DrainProgram {
         desc: &MirrorDesc,
         allow_fast: bool,
     ) -> Result<bool, BridgeError> {
-        let update_err = |e: libbpf_rs::Error| BridgeError::MapCreate {
+        let update_err = |source| BridgeError::MapCreate {
             map: desc.name.clone(),
-            source: std::io::Error::other(e),
+            source,
         };
         let fast = fast_shape(desc).filter(|_| allow_fast);
         if let Some((_, outer)) = fast {
-            self.map(outer)?
-                .update(
-                    &index.to_ne_bytes(),
-                    &mirror_fd.to_ne_bytes(),
-                    MapFlags::ANY,
-                )
-                .map_err(update_err)?;
+            let outer = self.map(outer)?;
+            sys::map_update_elem(
+                outer.as_fd(),
+                &index.to_ne_bytes(),
+                &mirror_fd.to_ne_bytes(),
+                ANY,
+            )
+            .map_err(update_err)?;
         }
         let slot = MirrorSlot {
             fd: mirror_fd,
@@ -103,43 +121,95 @@ impl DrainProgram {
             value_size: desc.value_bytes(),
             fast_shape: fast.map_or(0, |(id, _)| id),
         };
-        self.map("mirrors")?
-            .update(&index.to_ne_bytes(), &slot.to_bytes(), MapFlags::ANY)
+        let mirrors = self.map("mirrors")?;
+        sys::map_update_elem(mirrors.as_fd(), &index.to_ne_bytes(), &slot.to_bytes(), ANY)
             .map_err(update_err)?;
         Ok(fast.is_some())
     }
 
     /// Runs the drain once with BPF_PROG_RUN; returns how many records it consumed.
     pub fn run(&self, confirm_each: bool) -> Result<u32, BridgeError> {
-        let program = self
-            .object
-            .progs()
-            .find(|p| p.name() == "drain")
-            .ok_or_else(|| BridgeError::LoadDrain(std::io::Error::other("no program drain")))?;
-        let mut args = DrainArgs {
-            confirm_each: confirm_each as u32,
-            pad: 0,
-        };
-        let mut opts = libbpf_rs::libbpf_sys::bpf_test_run_opts {
-            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_test_run_opts>() as _,
-            ctx_in: (&mut args as *mut DrainArgs).cast(),
-            ctx_size_in: std::mem::size_of::<DrainArgs>() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `opts` points at `args`, which lives across the call; the kernel only reads
-        // ctx_size_in bytes from it, and the program fd is owned by `self.object`.
-        let rc = unsafe {
-            libbpf_rs::libbpf_sys::bpf_prog_test_run_opts(program.as_fd().as_raw_fd(), &mut opts)
-        };
-        if rc < 0 {
-            return Err(BridgeError::Drain(std::io::Error::from_raw_os_error(-rc)));
+        run_drain(self.drain.as_fd(), confirm_each)
+    }
+}
+
+/// One BPF_PROG_RUN of the drain program `drain`: the command's failure, or the program's
+/// `-errno`, is an error; otherwise the number of records consumed.
+fn run_drain(drain: BorrowedFd<'_>, confirm_each: bool) -> Result<u32, BridgeError> {
+    let args = DrainArgs {
+        confirm_each: confirm_each as u32,
+        pad: 0,
+    };
+    let mut ctx = [0u8; std::mem::size_of::<DrainArgs>()];
+    ctx[..4].copy_from_slice(&args.confirm_each.to_ne_bytes());
+    ctx[4..].copy_from_slice(&args.pad.to_ne_bytes());
+    let run = sys::prog_test_run(drain, &ctx).map_err(BridgeError::Drain)?;
+    let retval = run.retval as i32;
+    if retval < 0 {
+        return Err(BridgeError::DrainReturned(
+            std::io::Error::from_raw_os_error(-retval),
+        ));
+    }
+    Ok(retval as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drain run's error paths through `sys`'s test override (no root, no drain object).
+
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use bpftime_abi::sys::{fake, Call};
+
+    use super::*;
+
+    #[test]
+    fn a_failing_prog_run_keeps_its_errno() {
+        let _fake = fake::install(|call: &mut Call<'_>| match call {
+            Call::ProgTestRun { .. } => Err(libc::EPERM),
+            other => Ok(fake::success(other)),
+        });
+        let fd = fake::dummy_fd();
+        match run_drain(fd.as_fd(), false) {
+            Err(BridgeError::Drain(e)) => {
+                assert_eq!((e.call, e.errno()), ("BPF_PROG_TEST_RUN", libc::EPERM));
+            }
+            other => panic!("expected a Drain error, got {other:?}"),
         }
-        let retval = opts.retval as i32;
-        if retval < 0 {
-            return Err(BridgeError::Drain(std::io::Error::from_raw_os_error(
-                -retval,
-            )));
+    }
+
+    #[test]
+    fn a_negative_drain_return_is_its_errno() {
+        let _fake = fake::install(|call: &mut Call<'_>| {
+            if let Call::ProgTestRun { result, .. } = call {
+                result.retval = (-libc::E2BIG) as u32;
+            }
+            Ok(fake::success(call))
+        });
+        let fd = fake::dummy_fd();
+        match run_drain(fd.as_fd(), false) {
+            Err(BridgeError::DrainReturned(e)) => assert_eq!(e.raw_os_error(), Some(libc::E2BIG)),
+            other => panic!("expected DrainReturned, got {other:?}"),
         }
-        Ok(retval as u32)
+    }
+
+    #[test]
+    fn the_drain_gets_its_mode_and_its_count_comes_back() {
+        let ctxs = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&ctxs);
+        let _fake = fake::install(move |call: &mut Call<'_>| {
+            if let Call::ProgTestRun { ctx_in, result, .. } = call {
+                seen.borrow_mut().push(ctx_in.to_vec());
+                result.retval = 17;
+            }
+            Ok(fake::success(call))
+        });
+        let fd = fake::dummy_fd();
+        assert_eq!(run_drain(fd.as_fd(), true).unwrap(), 17);
+        assert_eq!(run_drain(fd.as_fd(), false).unwrap(), 17);
+        let ctxs = ctxs.borrow();
+        assert_eq!(ctxs[0], [1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(ctxs[1], [0; 8]);
     }
 }

@@ -10,7 +10,6 @@ mod drain;
 pub mod error;
 pub mod mirror;
 pub mod selftest;
-pub mod testing;
 pub mod user_ringbuf;
 
 pub use bpftime_abi::bridge::Op;

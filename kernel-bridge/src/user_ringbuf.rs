@@ -1,4 +1,5 @@
-//! A producer for `BPF_MAP_TYPE_USER_RINGBUF` maps, built on aya's [`MapData`].
+//! A producer for `BPF_MAP_TYPE_USER_RINGBUF` maps: from a map fd ([`UserRingBuf::from_fd`]), or
+//! from aya's [`MapData`] or [`Map`] for programs loaded with aya.
 //!
 //! aya 0.14 can create a user ringbuf map, but only when loading with
 //! `EbpfLoader::allow_unsupported_maps()`, and then hands it out as [`Map::Unsupported`]; it has
@@ -57,9 +58,10 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use std::{fmt, io};
 
-use aya::maps::{Map, MapData, MapError, MapType};
+use aya::maps::{Map, MapData};
 use bpftime_abi::os::Access;
-use bpftime_abi::{ringbuf, Mmap};
+use bpftime_abi::sys::{self, SyscallError};
+use bpftime_abi::{ringbuf, MapType, Mmap, UnknownMapType};
 use parking_lot::Mutex;
 
 /// Size of the header in front of every sample (`BPF_RINGBUF_HDR_SZ`).
@@ -93,9 +95,9 @@ pub enum UserRingBufError {
         /// What the map is instead.
         found: String,
     },
-    /// Querying the map failed.
-    #[error("user ringbuf map: {0}")]
-    Map(#[from] MapError),
+    /// Querying the map's type and size (`BPF_OBJ_GET_INFO_BY_FD`) failed.
+    #[error("user ringbuf map")]
+    Info(#[source] SyscallError),
     /// A system call (`mmap`, `epoll_*`) failed.
     #[error("user ringbuf I/O: {0}")]
     Io(#[from] io::Error),
@@ -113,7 +115,7 @@ pub struct UserRingBuf {
     // Declared before `map` so the mappings are gone before the map fd is closed.
     consumer: Mmap,
     producer: Mmap,
-    map: MapData,
+    map: OwnedFd,
     /// Data area: `2 * capacity` bytes, the second half aliasing the first.
     data: NonNull<u8>,
     capacity: usize,
@@ -146,21 +148,28 @@ impl UserRingBuf {
     /// Fails with [`UserRingBufError::WrongMapType`] for any other map type and with
     /// [`UserRingBufError::Io`] if the map cannot be mapped.
     pub fn new(map: MapData) -> Result<Self, UserRingBufError> {
-        let info = map.info()?;
-        let map_type = info.map_type()?;
-        if map_type != MapType::UserRingBuf {
+        Self::from_fd(map.fd().as_fd().try_clone_to_owned()?)
+    }
+
+    /// Like [`UserRingBuf::new`], for a map fd (such as one of a libbpf-loaded object).
+    pub fn from_fd(map: OwnedFd) -> Result<Self, UserRingBufError> {
+        let info = sys::map_info(map.as_fd()).map_err(UserRingBufError::Info)?;
+        if info.map_type != libbpf_rs::libbpf_sys::BPF_MAP_TYPE_USER_RINGBUF {
             return Err(UserRingBufError::WrongMapType {
-                found: format!("{map_type:?}"),
+                found: MapType::from_raw(info.map_type).map_or_else(
+                    || UnknownMapType(info.map_type).to_string(),
+                    |t| t.name().to_string(),
+                ),
             });
         }
-        let capacity = usize::try_from(info.max_entries()).map_err(|_| invalid_size(0))?;
+        let capacity = usize::try_from(info.max_entries).map_err(|_| invalid_size(0))?;
         let page_size = bpftime_abi::page_size();
         // The kernel enforces both at map creation; checking again keeps `mask` and the mapping
         // arithmetic below sound even for a map obtained from an unexpected source.
         if !capacity.is_power_of_two() || capacity % page_size != 0 {
             return Err(invalid_size(capacity).into());
         }
-        let fd = map.fd().as_fd();
+        let fd = map.as_fd();
         let consumer = Mmap::shared(fd, page_size, 0, Access::ReadOnly)?;
         let producer_len = capacity
             .checked_mul(2)
@@ -199,9 +208,9 @@ impl UserRingBuf {
         }
     }
 
-    /// The underlying map, e.g. for its fd or to pin it.
-    pub fn map(&self) -> &MapData {
-        &self.map
+    /// The map's fd, e.g. to pin it.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.map.as_fd()
     }
 
     /// Size of the data area in bytes (the map's `max_entries`).
@@ -312,7 +321,7 @@ impl UserRingBuf {
         let deadline = Instant::now().checked_add(timeout);
         // Registering before the next attempt means a drain that completes between that attempt
         // and epoll_wait still leaves an event behind.
-        let waiter = SpaceWaiter::new(self.map.fd().as_fd())?;
+        let waiter = SpaceWaiter::new(self.map.as_fd())?;
         loop {
             match self.reserve(len) {
                 Err(UserRingBufError::Full) => {}
@@ -485,4 +494,60 @@ fn invalid_size(capacity: usize) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("user ringbuf size {capacity} is not a power-of-two multiple of the page size"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checks `from_fd` makes before mapping anything, with the map's info chosen through
+    //! `sys`'s test override (no root).
+
+    use bpftime_abi::sys::{fake, Call, MapInfo};
+
+    use super::*;
+
+    fn with_info(info: Result<MapInfo, i32>) -> fake::Override {
+        fake::install(move |call: &mut Call<'_>| {
+            if let Call::MapInfo { info: out, .. } = call {
+                **out = info.clone()?;
+            }
+            Ok(fake::success(call))
+        })
+    }
+
+    #[test]
+    fn a_failing_info_query_keeps_its_errno() {
+        let _fake = with_info(Err(libc::EBADF));
+        match UserRingBuf::from_fd(fake::dummy_fd()).unwrap_err() {
+            UserRingBufError::Info(e) => {
+                assert_eq!((e.call, e.errno()), ("BPF_OBJ_GET_INFO_BY_FD", libc::EBADF));
+            }
+            other => panic!("expected Info, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn another_map_type_is_named() {
+        let _fake = with_info(Ok(MapInfo {
+            map_type: MapType::Array.as_raw(),
+            max_entries: 4096,
+            ..MapInfo::default()
+        }));
+        match UserRingBuf::from_fd(fake::dummy_fd()).unwrap_err() {
+            UserRingBufError::WrongMapType { found } => assert_eq!(found, "array"),
+            other => panic!("expected WrongMapType, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_size_that_is_no_power_of_two_pages_is_refused_before_mapping() {
+        let _fake = with_info(Ok(MapInfo {
+            map_type: libbpf_rs::libbpf_sys::BPF_MAP_TYPE_USER_RINGBUF,
+            max_entries: 3 * bpftime_abi::page_size() as u32,
+            ..MapInfo::default()
+        }));
+        match UserRingBuf::from_fd(fake::dummy_fd()).unwrap_err() {
+            UserRingBufError::Io(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData),
+            other => panic!("expected Io, got {other:?}"),
+        }
+    }
 }

@@ -4,11 +4,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bpftime_kernel_bridge::selftest::{self, SelftestOptions};
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::{
     Bridge, BridgeConfig, BridgeError, Confirmation, MapType, Mirror, MirrorDesc, Update,
     UpdateStatus,
 };
+use bpftime_testutils::require_kernel;
 
 const FLUSH: Duration = Duration::from_secs(60);
 

@@ -55,28 +55,18 @@ impl Echo {
 }
 
 fn fixture(test: &str) -> Option<Fixture> {
-    if bpftime_kernel_bridge::testing::skip_requested() {
-        bpftime_kernel_bridge::testing::record_skip(test, "BPFTIME_SKIP_KERNEL_TESTS=1");
+    if bpftime_testutils::skip_requested() {
+        bpftime_testutils::record_skip(test, "BPFTIME_SKIP_KERNEL_TESTS=1");
         return None;
     }
-    match try_fixture().map_err(|e| error_chain(&*e)) {
+    // aya's errors keep the errno in their source, which plain Display leaves out.
+    match try_fixture().map_err(|e| bpftime_testutils::error_chain(&*e)) {
         Ok(fixture) => Some(fixture),
         Err(err) => panic!(
             "cannot load the test BPF object: {err}. These tests need root or CAP_BPF on \
              Linux >= 6.1; set BPFTIME_SKIP_KERNEL_TESTS=1 to skip them explicitly."
         ),
     }
-}
-
-/// aya's errors keep the errno in their source, which plain Display leaves out.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 fn try_fixture() -> Result<Fixture, Box<dyn std::error::Error>> {

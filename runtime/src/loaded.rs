@@ -544,8 +544,9 @@ pub fn map_btf_path(dir: &StateDir, object: &str) -> std::path::PathBuf {
     dir.object_dir(object).join(MAP_BTF_FILE)
 }
 
-/// An error with its sources, for messages kept as text.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its sources, for the refusals kept as text in [`LoadedObject::refused`]. Not
+/// exported: printing errors is each front end's business (the CLI has its own).
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -15,19 +15,21 @@
 //! so a copy with that call replaced by `bpf_get_func_ip` (helper 173: same `ctx` argument, same
 //! `u64`-compatible return, same program types) is verified instead, and a warning says so.
 //!
-//! Raw `bpf()` commands go through libbpf's thin wrappers (`bpf_map_create`, `bpf_btf_load`,
-//! `bpf_prog_load` from libbpf-sys, the crate kernel-bridge already builds through libbpf-rs):
-//! they handle `attr` sizes and retries, and leave the object model entirely to us.
+//! Its `bpf()` commands go through [`bpftime_abi::sys`] (libbpf's thin wrappers underneath): the
+//! kernel objects are `OwnedFd`s, and every failure keeps its command and errno, so the gate's
+//! error paths are unit-tested below with that layer's test override, without root.
 
 use std::ffi::CString;
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
+use bpftime_abi::sys::{self as bpf, MapBtf, MapCreate, ProgLoad, SyscallError};
 use bpftime_abi::{HelperId, MapType};
 use libbpf_sys as sys;
 
 use crate::object::btf::kind as btf_kind;
 use crate::object::{
-    insn, AttachTarget, BpfObject, Btf, MapOrigin, MapSpec, ProgramKind, ProgramSpec, RawInsn,
+    insn, AttachTarget, BpfObject, Btf, BtfError, MapOrigin, MapSpec, ProgramKind, ProgramSpec,
+    RawInsn,
 };
 
 /// `bpf_override_return`.
@@ -88,21 +90,49 @@ pub enum VerifyError {
         section: String,
         reason: String,
     },
-    #[error("program {program} (section {section}): creating kernel map {map} failed: {source}")]
+    #[error("program {program} (section {section}): cannot verify: kernel BTF: {source}")]
+    KernelBtf {
+        program: String,
+        section: String,
+        #[source]
+        source: BtfError,
+    },
+    /// Creating (or, for global data, filling or freezing) a kernel map of the program failed:
+    /// `source` names the command and keeps the errno.
+    #[error(
+        "program {program} (section {section}): creating kernel map {map} failed: {}",
+        .source.source
+    )]
     MapCreate {
         program: String,
         section: String,
         map: String,
-        source: std::io::Error,
+        #[source]
+        source: SyscallError,
+    },
+    /// `BPF_PROG_LOAD` failed with EPERM before the verifier said anything: this process may
+    /// not load programs of this type.
+    #[error(
+        "program {program} (section {section}): the kernel refused to load it ({}): loading \
+         BPF programs needs root or CAP_BPF (with CAP_PERFMON for tracing programs)",
+        .source.source
+    )]
+    NotPermitted {
+        program: String,
+        section: String,
+        #[source]
+        source: SyscallError,
     },
     #[error(
-        "program {program} (section {section}) rejected by the kernel verifier ({source}); \
-         log tail:\n{log_tail}"
+        "program {program} (section {section}) rejected by the kernel verifier ({}); \
+         log tail:\n{log_tail}",
+        .source.source
     )]
     Rejected {
         program: String,
         section: String,
-        source: std::io::Error,
+        #[source]
+        source: SyscallError,
         /// The whole log the kernel returned.
         log: String,
         /// Its last lines (also in the message).
@@ -110,46 +140,19 @@ pub enum VerifyError {
     },
 }
 
-/// An owned file descriptor, closed on drop (this is what unloads maps, BTF and the program).
-struct Fd(c_int);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: the fd was returned by a successful bpf() call and is owned only by this guard.
-        unsafe {
-            libc::close(self.0);
-        }
-    }
-}
-
-fn last_os_error(ret: c_int) -> std::io::Error {
-    // libbpf returns -errno.
-    if ret < 0 {
-        std::io::Error::from_raw_os_error(-ret)
-    } else {
-        std::io::Error::last_os_error()
-    }
-}
-
 /// Kernel object names: at most 15 bytes of `[A-Za-z0-9_.]`.
 fn kernel_name(name: &str) -> CString {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(15)
-        .collect();
-    CString::new(cleaned).unwrap_or_default()
+    bpf::object_name(name)
 }
+
+/// The kernel's BPF is not usable by this process.
+#[derive(Debug, thiserror::Error)]
+#[error("creating a BPF array map failed ({}); are you root with CAP_BPF?", .0.source)]
+pub struct BpfUnavailable(#[source] pub SyscallError);
 
 /// Checks that this process can use the kernel's BPF (creates and closes a tiny array map), for
 /// callers that want a clear message before verifying anything.
-pub fn kernel_bpf_available() -> Result<(), String> {
+pub fn kernel_bpf_available() -> Result<(), BpfUnavailable> {
     let spec = MapSpec {
         name: "bpftime_probe".into(),
         origin: MapOrigin::BtfMaps,
@@ -165,9 +168,11 @@ pub fn kernel_bpf_available() -> Result<(), String> {
         btf_key_type_id: None,
         btf_value_type_id: None,
     };
-    create_map(&spec, None)
-        .map(drop)
-        .map_err(|e| format!("creating a BPF array map failed ({e}); are you root with CAP_BPF?"))
+    match create_map(&spec, None) {
+        Ok(_) => Ok(()),
+        Err(MapError::Syscall(e)) => Err(BpfUnavailable(e)),
+        Err(MapError::MapInMap) => unreachable!("the probe is an array map"),
+    }
 }
 
 /// Verifies every program of `obj` (convenience for loaders).
@@ -197,7 +202,14 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             program: prog.name.clone(),
             section: prog.section.clone(),
         })?;
-    let attach_btf_id = attach_btf_id(prog).map_err(unsupported)?;
+    let attach_btf_id = attach_btf_id(prog).map_err(|e| match e {
+        AttachError::Unsupported(reason) => unsupported(reason),
+        AttachError::KernelBtf(source) => VerifyError::KernelBtf {
+            program: prog.name.clone(),
+            section: prog.section.clone(),
+            source,
+        },
+    })?;
 
     // The copy the kernel sees.
     let mut verified = prog.insns.clone();
@@ -216,14 +228,14 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
     // kernel's own message).
     let btf_fd = obj.kernel_btf.as_ref().and_then(|raw| match load_btf(raw) {
         Ok(fd) => Some(fd),
-        Err(e) => {
-            tracing::warn!(object = %obj.name, error = %e, "kernel rejected the object's BTF; verifying without BTF");
+        Err((e, log)) => {
+            tracing::warn!(object = %obj.name, error = %e.source, log = %log.trim(), "kernel rejected the object's BTF; verifying without BTF");
             None
         }
     });
 
     // Kernel maps for the maps this program references, placed at their indices in fd_array.
-    let mut fd_array: Vec<c_int> = vec![-1; obj.maps.len()];
+    let mut fd_array: Vec<RawFd> = vec![-1; obj.maps.len()];
     let mut map_fds = Vec::new();
     let mut used: Vec<usize> = prog.map_relocs.iter().map(|r| r.map_index).collect();
     used.sort_unstable();
@@ -233,15 +245,19 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             .maps
             .get(idx)
             .ok_or_else(|| unsupported(format!("map index {idx} is outside the object's maps")))?;
-        let fd = create_map(spec, btf_fd.as_ref().map(|f| f.0)).map_err(|source| {
-            VerifyError::MapCreate {
+        let fd = create_map(spec, btf_fd.as_ref()).map_err(|e| match e {
+            MapError::MapInMap => unsupported(format!(
+                "map {}: map-in-map definitions are not supported by the verifier gate",
+                spec.name
+            )),
+            MapError::Syscall(source) => VerifyError::MapCreate {
                 program: prog.name.clone(),
                 section: prog.section.clone(),
                 map: spec.name.clone(),
                 source,
-            }
+            },
         })?;
-        fd_array[idx] = fd.0;
+        fd_array[idx] = fd.as_raw_fd();
         map_fds.push(fd);
     }
 
@@ -283,7 +299,7 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
         prog_flags: prog.prog_flags,
         kern_version: obj.kernel_version,
         attach_btf_id,
-        btf_fd: btf_fd.as_ref().map(|f| f.0),
+        btf_fd: btf_fd.as_ref(),
         fd_array: &fd_array,
         func_info: &func_info,
         line_info: &line_info,
@@ -316,6 +332,14 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             substitutions,
             stats,
         }),
+        // EPERM with an empty log: the verifier never ran, the process lacks the privilege.
+        Err((source, log)) if source.errno() == libc::EPERM && log.trim().is_empty() => {
+            Err(VerifyError::NotPermitted {
+                program: prog.name.clone(),
+                section: prog.section.clone(),
+                source,
+            })
+        }
         Err((source, log)) => {
             let lines: Vec<&str> = log.lines().collect();
             let log_tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
@@ -360,8 +384,13 @@ fn restore_helpers(verified: &[RawInsn], subs: &[HelperSubstitution]) -> Vec<Raw
     insns
 }
 
+enum AttachError {
+    Unsupported(String),
+    KernelBtf(BtfError),
+}
+
 /// BTF id of the kernel function/hook a tracing or LSM program attaches to.
-fn attach_btf_id(prog: &ProgramSpec) -> Result<u32, String> {
+fn attach_btf_id(prog: &ProgramSpec) -> Result<u32, AttachError> {
     let (name, k) = match (&prog.kind, &prog.attach) {
         (
             ProgramKind::Fentry | ProgramKind::Fexit | ProgramKind::FmodRet,
@@ -384,115 +413,85 @@ fn attach_btf_id(prog: &ProgramSpec) -> Result<u32, String> {
             | ProgramKind::Iter
             | ProgramKind::TpBtf,
             _,
-        ) => return Err("the section names no attach target".into()),
+        ) => {
+            return Err(AttachError::Unsupported(
+                "the section names no attach target".into(),
+            ))
+        }
         (ProgramKind::StructOps, _) => {
-            return Err("struct_ops programs need their struct_ops map; not supported".into())
+            return Err(AttachError::Unsupported(
+                "struct_ops programs need their struct_ops map; not supported".into(),
+            ))
         }
         _ => return Ok(0),
     };
-    let vmlinux = Btf::vmlinux().map_err(|e| format!("kernel BTF: {e}"))?;
+    let vmlinux = Btf::vmlinux().map_err(AttachError::KernelBtf)?;
     vmlinux
         .find_by_name_kind(&name, k)
-        .ok_or_else(|| format!("kernel BTF has no {name}"))
+        .ok_or_else(|| AttachError::Unsupported(format!("kernel BTF has no {name}")))
 }
 
-fn load_btf(raw: &[u8]) -> Result<Fd, String> {
+/// Loads the object's BTF; on failure, the error and the kernel's log.
+fn load_btf(raw: &[u8]) -> Result<OwnedFd, (SyscallError, String)> {
     let mut log = vec![0u8; 256 * 1024];
-    let mut opts = sys::bpf_btf_load_opts {
-        sz: std::mem::size_of::<sys::bpf_btf_load_opts>() as _,
-        log_buf: log.as_mut_ptr() as *mut c_char,
-        log_size: log.len() as u32,
-        log_level: 0,
-        ..Default::default()
-    };
-    // SAFETY: `raw` and `log` outlive the call; `opts.sz` is this struct's size.
-    let fd = unsafe { sys::bpf_btf_load(raw.as_ptr() as *const c_void, raw.len() as _, &mut opts) };
-    if fd < 0 {
-        let err = last_os_error(fd);
-        return Err(format!("{err}: {}", c_log(&log)));
-    }
-    Ok(Fd(fd))
+    bpf::btf_load(raw, &mut log, 0).map_err(|e| (e, bpf::log_text(&log)))
 }
 
-fn create_map(spec: &MapSpec, btf_fd: Option<c_int>) -> Result<Fd, std::io::Error> {
+/// Why a kernel copy of a map could not be made.
+enum MapError {
+    MapInMap,
+    Syscall(SyscallError),
+}
+
+fn create_map(spec: &MapSpec, btf_fd: Option<&OwnedFd>) -> Result<OwnedFd, MapError> {
     if matches!(
         spec.map_type,
         sys::BPF_MAP_TYPE_ARRAY_OF_MAPS | sys::BPF_MAP_TYPE_HASH_OF_MAPS
     ) {
-        return Err(std::io::Error::other(
-            "map-in-map definitions are not supported by the verifier gate",
-        ));
+        return Err(MapError::MapInMap);
     }
     let mut max_entries = spec.max_entries;
     if spec.map_type == sys::BPF_MAP_TYPE_PERF_EVENT_ARRAY && max_entries == 0 {
         // libbpf's convention: one slot per possible CPU.
-        // SAFETY: plain query of /sys/devices/system/cpu/possible, no pointers.
-        max_entries = unsafe { sys::libbpf_num_possible_cpus() }.max(1) as u32;
+        max_entries = bpftime_abi::possible_cpus().max(1);
     }
     let name = kernel_name(&spec.name);
-    let create = |with_btf: bool| -> c_int {
-        let mut opts = sys::bpf_map_create_opts {
-            sz: std::mem::size_of::<sys::bpf_map_create_opts>() as _,
-            map_flags: spec.flags,
-            map_extra: spec.map_extra,
-            ..Default::default()
-        };
-        if spec.flags & sys::BPF_F_NUMA_NODE != 0 {
-            opts.numa_node = spec.numa_node;
-        }
-        if let (true, Some(fd)) = (with_btf, btf_fd) {
-            if spec.btf_key_type_id.is_some() || spec.btf_value_type_id.is_some() {
-                opts.btf_fd = fd as u32;
-                opts.btf_key_type_id = spec.btf_key_type_id.unwrap_or(0);
-                opts.btf_value_type_id = spec.btf_value_type_id.unwrap_or(0);
-            }
-        }
-        // SAFETY: `name` is a valid C string and `opts` a properly sized struct; both outlive
-        // the call.
-        unsafe {
-            sys::bpf_map_create(
-                spec.map_type,
-                name.as_ptr(),
-                spec.key_size,
-                spec.value_size,
-                max_entries,
-                &opts,
-            )
-        }
+    let mut args = MapCreate {
+        map_flags: spec.flags,
+        map_extra: spec.map_extra,
+        ..MapCreate::new(
+            spec.map_type,
+            &name,
+            spec.key_size,
+            spec.value_size,
+            max_entries,
+        )
     };
-    let mut fd = create(true);
-    if fd < 0 && btf_fd.is_some() {
+    if spec.flags & sys::BPF_F_NUMA_NODE != 0 {
+        args.numa_node = spec.numa_node;
+    }
+    let btf = btf_fd
+        .filter(|_| spec.btf_key_type_id.is_some() || spec.btf_value_type_id.is_some())
+        .map(|fd| MapBtf {
+            fd: fd.as_fd(),
+            key_type_id: spec.btf_key_type_id.unwrap_or(0),
+            value_type_id: spec.btf_value_type_id.unwrap_or(0),
+        });
+    let fd = match bpf::map_create(&MapCreate { btf, ..args }) {
         // As libbpf does: BTF type info is optional for the map itself; retry without it.
-        fd = create(false);
+        Err(_) if btf.is_some() => bpf::map_create(&args),
+        other => other,
     }
-    if fd < 0 {
-        return Err(last_os_error(fd));
-    }
-    let fd = Fd(fd);
+    .map_err(MapError::Syscall)?;
     if let MapOrigin::GlobalData { .. } = spec.origin {
         if let Some(data) = &spec.initial_data {
-            let key = 0u32;
-            // SAFETY: key is 4 bytes and `data` has value_size bytes (the section size).
-            let r = unsafe {
-                sys::bpf_map_update_elem(
-                    fd.0,
-                    &key as *const u32 as *const c_void,
-                    data.as_ptr() as *const c_void,
-                    0,
-                )
-            };
-            if r < 0 {
-                return Err(last_os_error(r));
-            }
+            bpf::map_update_elem(fd.as_fd(), &0u32.to_ne_bytes(), data, 0)
+                .map_err(MapError::Syscall)?;
         }
         if spec.is_readonly() {
             // Frozen + BPF_F_RDONLY_PROG: the verifier treats .rodata values as constants, as it
             // does for libbpf-loaded programs.
-            // SAFETY: fd is a map fd we own.
-            let r = unsafe { sys::bpf_map_freeze(fd.0) };
-            if r < 0 {
-                return Err(last_os_error(r));
-            }
+            bpf::map_freeze(fd.as_fd()).map_err(MapError::Syscall)?;
         }
     }
     Ok(fd)
@@ -508,70 +507,243 @@ struct LoadArgs<'a> {
     prog_flags: u32,
     kern_version: u32,
     attach_btf_id: u32,
-    btf_fd: Option<c_int>,
-    fd_array: &'a [c_int],
+    btf_fd: Option<&'a OwnedFd>,
+    fd_array: &'a [RawFd],
     func_info: &'a [sys::bpf_func_info],
     line_info: &'a [sys::bpf_line_info],
 }
 
 impl LoadArgs<'_> {
     /// One `BPF_PROG_LOAD`; returns the log's statistics on success, the error and log on failure.
-    fn run(&self, log_level: u32, log_size: usize) -> Result<String, (std::io::Error, String)> {
-        // 8-byte aligned copy of the instructions for the C side.
-        let words: Vec<u64> = self.insns.iter().map(|i| u64::from_le_bytes(*i)).collect();
+    /// The program is unloaded again at once: only the verdict is wanted.
+    fn run(&self, log_level: u32, log_size: usize) -> Result<String, (SyscallError, String)> {
         let mut log = vec![0u8; log_size];
-        let mut opts = sys::bpf_prog_load_opts {
-            sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
+        let load = ProgLoad {
+            prog_type: self.prog_type,
+            name: self.name,
+            license: self.license,
+            insns: self.insns,
             expected_attach_type: self.expected_attach_type,
             prog_flags: self.prog_flags,
             kern_version: self.kern_version,
             attach_btf_id: self.attach_btf_id,
-            fd_array: if self.fd_array.is_empty() {
-                std::ptr::null()
-            } else {
-                self.fd_array.as_ptr()
-            },
+            btf: self.btf_fd.map(|fd| fd.as_fd()),
+            fd_array: self.fd_array,
+            func_info: self.func_info,
+            line_info: self.line_info,
             log_level,
-            log_size: log.len() as u32,
-            log_buf: log.as_mut_ptr() as *mut c_char,
-            ..Default::default()
         };
-        if let Some(fd) = self.btf_fd {
-            opts.prog_btf_fd = fd as u32;
-            if !self.func_info.is_empty() {
-                opts.func_info = self.func_info.as_ptr() as *const c_void;
-                opts.func_info_cnt = self.func_info.len() as u32;
-                opts.func_info_rec_size = std::mem::size_of::<sys::bpf_func_info>() as u32;
+        let result = bpf::prog_load(&load, &mut log);
+        let text = bpf::log_text(&log);
+        match result {
+            Ok(fd) => {
+                drop(fd);
+                Ok(text.trim().to_string())
             }
-            if !self.line_info.is_empty() {
-                opts.line_info = self.line_info.as_ptr() as *const c_void;
-                opts.line_info_cnt = self.line_info.len() as u32;
-                opts.line_info_rec_size = std::mem::size_of::<sys::bpf_line_info>() as u32;
-            }
+            Err(e) => Err((e, text)),
         }
-        // SAFETY: every pointer in `opts` and the arguments (names, license, instructions,
-        // fd_array, func/line info, log) points into buffers that outlive this call, with the
-        // counts and sizes set next to them; `opts.sz` is this struct's size.
-        let fd = unsafe {
-            sys::bpf_prog_load(
-                self.prog_type,
-                self.name.as_ptr(),
-                self.license.as_ptr(),
-                words.as_ptr() as *const sys::bpf_insn,
-                words.len() as _,
-                &mut opts,
-            )
-        };
-        let text = c_log(&log);
-        if fd < 0 {
-            return Err((last_os_error(fd), text));
-        }
-        drop(Fd(fd));
-        Ok(text.trim().to_string())
     }
 }
 
-fn c_log(buf: &[u8]) -> String {
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+#[cfg(test)]
+mod tests {
+    //! The gate's error paths, with the kernel's answers chosen through `sys`'s test override:
+    //! no root needed, and every answer (EPERM, E2BIG, a rejecting log) is exactly the one
+    //! under test.
+
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use bpftime_abi::sys::{fake, Call};
+
+    use super::*;
+
+    fn object(name: &str) -> BpfObject {
+        let path = format!("{}/{name}.bpf.o", env!("BPFTIME_TEST_BPF_DIR"));
+        BpfObject::from_file(&path).unwrap_or_else(|e| panic!("loading {path}: {e}"))
+    }
+
+    /// `uprobe_counter`'s `count_arg`: one hash map, object BTF, no attach target.
+    fn count_arg() -> (BpfObject, usize) {
+        let obj = object("uprobe_counter");
+        let index = obj.program_index("count_arg").expect("count_arg");
+        (obj, index)
+    }
+
+    fn os_text(errno: i32) -> String {
+        std::io::Error::from_raw_os_error(errno).to_string()
+    }
+
+    #[test]
+    fn eperm_from_prog_load_says_what_is_missing() {
+        let (obj, index) = count_arg();
+        let _fake = fake::install(|call: &mut Call<'_>| match call {
+            Call::ProgLoad { .. } => Err(libc::EPERM),
+            other => Ok(fake::success(other)),
+        });
+        let err = verify(&obj, index).unwrap_err();
+        match &err {
+            VerifyError::NotPermitted {
+                program,
+                section,
+                source,
+            } => {
+                assert_eq!(program, "count_arg");
+                assert!(section.starts_with("uprobe"), "{section}");
+                assert_eq!(
+                    (source.call, source.errno()),
+                    ("BPF_PROG_LOAD", libc::EPERM)
+                );
+            }
+            other => panic!("expected NotPermitted, got {other}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains("count_arg"), "{msg}");
+        assert!(msg.contains(&os_text(libc::EPERM)), "{msg}");
+        assert!(msg.contains("needs root or CAP_BPF"), "{msg}");
+        assert!(!msg.contains("rejected by the kernel verifier"), "{msg}");
+    }
+
+    #[test]
+    fn a_rejected_program_keeps_its_log_and_the_message_its_last_lines() {
+        let (obj, index) = count_arg();
+        let text: String = (0..100).map(|i| format!("insn {i:03}: bad\n")).collect();
+        let levels = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&levels);
+        let log_text = text.clone();
+        let _fake = fake::install(move |call: &mut Call<'_>| match call {
+            Call::ProgLoad { load, log } => {
+                seen.borrow_mut().push(load.log_level);
+                // The kernel writes the verifier's trace only at level 1 and up.
+                if load.log_level & LOG_LEVEL1 != 0 {
+                    fake::write_log(log, &log_text);
+                }
+                Err(libc::EACCES)
+            }
+            other => Ok(fake::success(other)),
+        });
+        let err = verify(&obj, index).unwrap_err();
+        // A quiet first attempt, then one with the whole log.
+        assert_eq!(*levels.borrow(), [LOG_STATS, LOG_LEVEL1 | LOG_STATS]);
+        let msg = err.to_string();
+        match err {
+            VerifyError::Rejected {
+                program,
+                source,
+                log,
+                log_tail,
+                ..
+            } => {
+                assert_eq!(program, "count_arg");
+                assert_eq!(
+                    (source.call, source.errno()),
+                    ("BPF_PROG_LOAD", libc::EACCES)
+                );
+                assert_eq!(log, text);
+                let tail: Vec<&str> = log_tail.lines().collect();
+                assert_eq!(tail.len(), LOG_TAIL_LINES);
+                assert_eq!(tail.first(), Some(&"insn 060: bad"));
+                assert_eq!(tail.last(), Some(&"insn 099: bad"));
+            }
+            other => panic!("expected Rejected, got {other}"),
+        }
+        assert!(msg.contains("rejected by the kernel verifier"), "{msg}");
+        assert!(msg.contains(&os_text(libc::EACCES)), "{msg}");
+        assert!(msg.contains("insn 099: bad"), "{msg}");
+        assert!(!msg.contains("insn 059"), "{msg}");
+    }
+
+    #[test]
+    fn e2big_on_map_create_names_the_map_and_loads_nothing() {
+        let (obj, index) = count_arg();
+        let calls = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&calls);
+        let _fake = fake::install(move |call: &mut Call<'_>| {
+            seen.borrow_mut().push(call.name());
+            match call {
+                Call::MapCreate(_) => Err(libc::E2BIG),
+                other => Ok(fake::success(other)),
+            }
+        });
+        let err = verify(&obj, index).unwrap_err();
+        let msg = err.to_string();
+        match err {
+            VerifyError::MapCreate { map, source, .. } => {
+                assert_eq!(map, "counts");
+                assert_eq!(
+                    (source.call, source.errno()),
+                    ("BPF_MAP_CREATE", libc::E2BIG)
+                );
+            }
+            other => panic!("expected MapCreate, got {other}"),
+        }
+        assert!(msg.contains("creating kernel map counts failed"), "{msg}");
+        assert!(msg.contains(&os_text(libc::E2BIG)), "{msg}");
+        assert!(
+            !calls.borrow().contains(&"BPF_PROG_LOAD"),
+            "{:?}",
+            calls.borrow()
+        );
+    }
+
+    #[test]
+    fn a_map_refusing_its_btf_types_is_created_without_them() {
+        let (obj, index) = count_arg();
+        let creates = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&creates);
+        let _fake = fake::install(move |call: &mut Call<'_>| match call {
+            Call::MapCreate(args) => {
+                seen.borrow_mut().push(args.btf.is_some());
+                if args.btf.is_some() {
+                    Err(libc::EINVAL)
+                } else {
+                    Ok(fake::success(call))
+                }
+            }
+            Call::ProgLoad { log, .. } => {
+                fake::write_log(log, "processed 12 insns (limit 1000000)\n");
+                Ok(fake::success(call))
+            }
+            other => Ok(fake::success(other)),
+        });
+        let v = verify(&obj, index).expect("accepted");
+        assert_eq!(*creates.borrow(), [true, false]);
+        assert_eq!(v.stats, "processed 12 insns (limit 1000000)");
+        assert_eq!(v.insns, obj.programs[index].insns);
+    }
+
+    #[test]
+    fn rejected_object_btf_is_left_out_of_the_load() {
+        let (obj, index) = count_arg();
+        let with_btf = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&with_btf);
+        let _fake = fake::install(move |call: &mut Call<'_>| match call {
+            Call::BtfLoad { .. } => Err(libc::EINVAL),
+            Call::ProgLoad { load, .. } => {
+                seen.borrow_mut()
+                    .push((load.btf.is_some(), load.func_info.len()));
+                Ok(fake::success(call))
+            }
+            Call::MapCreate(args) => {
+                seen.borrow_mut().push((args.btf.is_some(), 0));
+                Ok(fake::success(call))
+            }
+            other => Ok(fake::success(other)),
+        });
+        verify(&obj, index).expect("accepted");
+        assert_eq!(*with_btf.borrow(), [(false, 0), (false, 0)]);
+    }
+
+    #[test]
+    fn unusable_bpf_is_a_typed_error_with_the_hint() {
+        let _fake = fake::install(|call: &mut Call<'_>| match call {
+            Call::MapCreate(_) => Err(libc::EPERM),
+            other => Ok(fake::success(other)),
+        });
+        let err = kernel_bpf_available().unwrap_err();
+        assert_eq!(err.0.errno(), libc::EPERM);
+        let msg = err.to_string();
+        assert!(msg.contains(&os_text(libc::EPERM)), "{msg}");
+        assert!(msg.contains("are you root with CAP_BPF?"), "{msg}");
+    }
 }

@@ -622,8 +622,8 @@ fn other_pid_namespace_is_refused() {
         .is_ok_and(|s| s.success());
     if !can_unshare {
         let why = "`unshare --pid --fork --mount-proc true` failed (no unshare or no privilege)";
-        if bpftime_kernel_bridge::testing::skip_requested() {
-            bpftime_kernel_bridge::testing::record_skip("other_pid_namespace_is_refused", why);
+        if bpftime_testutils::skip_requested() {
+            bpftime_testutils::record_skip("other_pid_namespace_is_refused", why);
             return;
         }
         panic!("{why}; set BPFTIME_SKIP_KERNEL_TESTS=1 to skip this test explicitly");

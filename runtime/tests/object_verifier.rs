@@ -5,7 +5,7 @@
 use bpftime_runtime::object::BpfObject;
 use bpftime_runtime::verifier::{verify, VerifyError, HELPER_GET_FUNC_IP, HELPER_OVERRIDE_RETURN};
 
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 
 fn load(name: &str) -> BpfObject {
     let path = format!("{}/{name}.bpf.o", env!("BPFTIME_TEST_BPF_DIR"));

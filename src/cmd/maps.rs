@@ -12,6 +12,7 @@ use bpftime_runtime::object::btf_format::MapBtfInfo;
 use serde_json::{json, Value};
 
 use super::objects::{trusted_objects, warn_skipped};
+use crate::error_chain::error_chain;
 
 #[derive(clap::Args)]
 pub struct MapsArgs {
@@ -140,7 +141,10 @@ fn rows() -> Result<Vec<Row>> {
         let shm = match ShmObject::open_expect(name, &manifest.segment, &manifest.map_defs()) {
             Ok(shm) => shm,
             Err(e) => {
-                eprintln!("bpftime-rs: skipping the maps of {name}: {e}");
+                eprintln!(
+                    "bpftime-rs: skipping the maps of {name}: {}",
+                    error_chain(&e)
+                );
                 continue;
             }
         };

@@ -8,6 +8,8 @@ use bpftime_kernel_bridge::mirror::remove_object_pins;
 use bpftime_runtime::maps::{euid, list_segments, remove_object, SegmentInfo};
 use bpftime_runtime::state::{Manifest, StateDir};
 
+use crate::error_chain::error_chain;
+
 #[derive(clap::Args)]
 pub struct UnloadArgs {
     /// The object (file stem) to unload; omitted: clean up after dead loaders.
@@ -35,7 +37,7 @@ fn unload_stale(state: &StateDir) -> Result<()> {
         let manifest = match Manifest::read(state, &object) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("bpftime-rs: skipping object {object}: {e}");
+                eprintln!("bpftime-rs: skipping object {object}: {}", error_chain(&e));
                 continue;
             }
         };

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bpftime_kernel_bridge::mirror::{pin_path, remove_object_pins};
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_runtime::maps::{remove_object, MapDef, MapType, ShmObject};
 use bpftime_sync::{Forwarder, SyncOptions};
+use bpftime_testutils::require_kernel;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 const OBJECT: &str = "bench_sync";

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bpftime_kernel_bridge::mirror::remove_object_pins;
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_runtime::maps::{remove_object, EntryValue, MapDef, MapType, ShmObject};
 use bpftime_sync::{Forwarder, SyncOptions, SyncSelection};
+use bpftime_testutils::require_kernel;
 
 struct Cleanup(&'static str);
 

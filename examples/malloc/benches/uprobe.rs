@@ -209,7 +209,7 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
 
 fn main() -> Result<()> {
     // Without usable BPF this fails with the reason (or skips when told to), like the tests.
-    if !bpftime_kernel_bridge::testing::require_kernel("uprobe benchmark") {
+    if !bpftime_testutils::require_kernel("uprobe benchmark") {
         return Ok(());
     }
     let iters: u64 = std::env::var("BENCH_ITERS")

@@ -9,8 +9,8 @@
 //! the kernel.
 
 use bpftime_example_malloc::{run_kernel, run_userspace, victim_model, Deterministic, MallocMaps};
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_runtime::loaded::{LoadOptions, VmChoice};
+use bpftime_testutils::require_kernel;
 
 const ROUNDS: u64 = 20_000;
 

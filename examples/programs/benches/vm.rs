@@ -12,8 +12,8 @@
 use std::hint::black_box;
 
 use bpftime_example_programs::object_path;
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
+use bpftime_testutils::require_kernel;
 
 const PROGRAMS: [&str; 3] = ["trivial", "array_counter", "hash_lookup_update"];
 const RUNS: u32 = 2_000_000;

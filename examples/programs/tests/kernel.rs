@@ -1,7 +1,7 @@
 //! Each example under real kernel uprobes matches the model of the victim's calls.
 
 use bpftime_example_programs::{model, run_kernel, EXAMPLES};
-use bpftime_kernel_bridge::testing::require_kernel;
+use bpftime_testutils::require_kernel;
 
 const ROUNDS: u32 = 2000;
 

@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bpftime_example_programs::{agent_library, object_path, victim_mt_path};
 use bpftime_kernel_bridge::mirror::{pin_path, remove_object_pins};
-use bpftime_kernel_bridge::testing::require_kernel;
 use bpftime_kernel_bridge::Mirror;
 use bpftime_runtime::loaded::unload_object;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
 use bpftime_runtime::maps::{EntryValue, ShmObject};
 use bpftime_sync::{Forwarder, SyncOptions};
+use bpftime_testutils::require_kernel;
 
 struct Cleanup(String);
 

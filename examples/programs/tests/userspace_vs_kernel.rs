@@ -9,9 +9,10 @@ use bpftime_example_programs::{
     model, object_path, pt_regs, run_kernel, sum_per_cpu, victim_calls, victim_words, Snapshot,
     EXAMPLES,
 };
-use bpftime_kernel_bridge::testing::require_kernel;
-use bpftime_runtime::loaded::{error_chain, LoadOptions, LoadedObject, VmChoice};
+use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
 use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer};
+use bpftime_testutils::error_chain;
+use bpftime_testutils::require_kernel;
 
 const ROUNDS: u32 = 2000;
 

@@ -11,9 +11,7 @@ const COUNT: u32 = 25;
 #[test]
 fn echoes_every_sample_with_pid_comm_and_sequence() {
     // Skipped only when asked; a failing example is always a failure.
-    if !bpftime_kernel_bridge::testing::require_kernel(
-        "echoes_every_sample_with_pid_comm_and_sequence",
-    ) {
+    if !bpftime_testutils::require_kernel("echoes_every_sample_with_pid_comm_and_sequence") {
         return;
     }
     // Meanwhile this process calls kill() too: had the BPF side not filtered on the example's

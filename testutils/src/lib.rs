@@ -1,10 +1,13 @@
-//! Shared by the test suites of every crate: kernel tests never skip silently. An explicit skip
+//! Test helpers shared by the test suites and benchmarks of every crate (a dev-dependency only,
+//! never published): kernel tests never skip silently. An explicit skip
 //! (`BPFTIME_SKIP_KERNEL_TESTS=1`) is said on stderr and, since cargo counts a test that
 //! returns early as passed, also appended to the file `BPFTIME_SKIP_REPORT` names:
 //! `scripts/test.sh` counts them and reports the run as skipped, never as green.
 
 use std::io::Write;
 use std::sync::OnceLock;
+
+use bpftime_abi::{sys, MapType};
 
 /// Returns `true` when kernel tests should run. If BPF is unusable here, panics with the reason,
 /// unless `BPFTIME_SKIP_KERNEL_TESTS=1` is set, in which case it says so and returns `false`.
@@ -31,13 +34,14 @@ fn probe() -> Result<(), String> {
     {
         return Err("bpffs is not mounted at /sys/fs/bpf".into());
     }
-    let opts = libbpf_rs::libbpf_sys::bpf_map_create_opts {
-        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_create_opts>() as _,
-        ..Default::default()
-    };
-    libbpf_rs::MapHandle::create(libbpf_rs::MapType::Array, Some("probe"), 4, 4, 1, &opts)
-        .map(drop)
-        .map_err(|e| format!("creating a BPF array map failed ({e}); are you root with CAP_BPF?"))
+    let name = sys::object_name("probe");
+    let args = sys::MapCreate::new(MapType::Array.as_raw(), &name, 4, 4, 1);
+    sys::map_create(&args).map(drop).map_err(|e| {
+        format!(
+            "creating a BPF array map failed ({}); are you root with CAP_BPF?",
+            e.source
+        )
+    })
 }
 
 /// Whether kernel tests were asked to be skipped.
@@ -61,4 +65,16 @@ pub fn record_skip(test: &str, why: &str) {
     if let Err(e) = written {
         eprintln!("cannot record the skip in {}: {e}", path.to_string_lossy());
     }
+}
+
+/// An error with its sources, `: `-separated, for test failure messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
