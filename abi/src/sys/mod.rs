@@ -38,6 +38,7 @@ pub struct SyscallError {
 }
 
 impl SyscallError {
+    /// `call` failed with `errno`.
     pub fn new(call: &'static str, errno: i32) -> Self {
         Self {
             call,
@@ -57,15 +58,21 @@ pub type SysResult<T> = Result<T, SyscallError>;
 /// Arguments of `BPF_MAP_CREATE`.
 #[derive(Debug, Clone, Copy)]
 pub struct MapCreate<'a> {
+    /// A `BPF_MAP_TYPE_*`.
     pub map_type: u32,
     /// The kernel keeps 15 bytes of `[A-Za-z0-9_.]` (see [`object_name`]).
     pub name: &'a CStr,
+    /// Key bytes.
     pub key_size: u32,
+    /// Value bytes.
     pub value_size: u32,
+    /// Capacity (for a ringbuf: its size in bytes).
     pub max_entries: u32,
+    /// `BPF_F_*` map flags.
     pub map_flags: u32,
     /// Read by the kernel only with `BPF_F_NUMA_NODE` in `map_flags`.
     pub numa_node: u32,
+    /// Type-specific extra (a bloom filter's hash count); 0 otherwise.
     pub map_extra: u64,
     /// Type information for keys and values from a loaded BTF object.
     pub btf: Option<MapBtf<'a>>,
@@ -97,28 +104,40 @@ impl<'a> MapCreate<'a> {
 /// BTF type ids of a map's key and value, in the BTF object `fd`.
 #[derive(Debug, Clone, Copy)]
 pub struct MapBtf<'a> {
+    /// The loaded BTF object.
     pub fd: BorrowedFd<'a>,
+    /// Type id of the key.
     pub key_type_id: u32,
+    /// Type id of the value.
     pub value_type_id: u32,
 }
 
 /// Arguments of `BPF_PROG_LOAD` (the log buffer is passed beside them).
 #[derive(Debug, Clone, Copy)]
 pub struct ProgLoad<'a> {
+    /// A `BPF_PROG_TYPE_*`.
     pub prog_type: u32,
+    /// Program name (the kernel keeps 15 bytes).
     pub name: &'a CStr,
+    /// License string; GPL-only helpers need a GPL-compatible one.
     pub license: &'a CStr,
     /// Raw 8-byte instructions, in memory order.
     pub insns: &'a [[u8; 8]],
+    /// A `BPF_*` attach type, for program types that need one at load.
     pub expected_attach_type: u32,
+    /// `BPF_F_*` program flags (e.g. `BPF_F_SLEEPABLE`).
     pub prog_flags: u32,
+    /// `LINUX_VERSION_CODE` for old kprobe checks; 0 otherwise.
     pub kern_version: u32,
+    /// BTF id of the attach target (tracing programs).
     pub attach_btf_id: u32,
     /// The program's BTF; `func_info` and `line_info` are passed only with it.
     pub btf: Option<BorrowedFd<'a>>,
     /// Map fds the instructions refer to by index (`BPF_PSEUDO_MAP_IDX`); -1 for unused slots.
     pub fd_array: &'a [RawFd],
+    /// `.BTF.ext` function records (needed for callbacks and subprograms).
     pub func_info: &'a [libbpf::bpf_func_info],
+    /// `.BTF.ext` line records (for readable verifier logs).
     pub line_info: &'a [libbpf::bpf_line_info],
     /// `BPF_LOG_LEVEL1` (1), `BPF_LOG_LEVEL2` (2), `BPF_LOG_STATS` (4), or a mix.
     pub log_level: u32,
@@ -127,11 +146,17 @@ pub struct ProgLoad<'a> {
 /// What `BPF_OBJ_GET_INFO_BY_FD` says about a map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapInfo {
+    /// Its `BPF_MAP_TYPE_*`.
     pub map_type: u32,
+    /// Its kernel-wide id.
     pub id: u32,
+    /// Key bytes.
     pub key_size: u32,
+    /// Value bytes.
     pub value_size: u32,
+    /// Capacity.
     pub max_entries: u32,
+    /// `BPF_F_*` map flags.
     pub map_flags: u32,
     /// The kernel's copy of the name (at most 15 bytes).
     pub name: String,
@@ -147,8 +172,10 @@ pub struct TestRun {
 }
 
 /// One command, as the test override sees it: its arguments, and the buffers the kernel would
-/// fill (which the override may fill instead).
+/// fill (which the override may fill instead). Each variant is the command of the function of
+/// the same name, and its fields are that function's arguments.
 #[derive(Debug)]
+#[allow(missing_docs)]
 pub enum Call<'a> {
     MapCreate(&'a MapCreate<'a>),
     MapLookupElem {
