@@ -30,16 +30,22 @@
 
 #![warn(missing_docs)]
 
+mod batch;
+mod mirror_desc;
+mod sent;
+
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use bpftime_abi::flags::{BPF_EXIST, BPF_F_NO_COMMON_LRU};
-use bpftime_kernel_bridge::{
-    Bridge, BridgeConfig, BridgeError, MirrorDesc, MirrorId, Update, UpdateStatus,
-};
-use bpftime_runtime::maps::{MapDef, MapHandle, MapType, RawChange, ShmObject, SyncReport};
+use bpftime_abi::flags::BPF_EXIST;
+use bpftime_kernel_bridge::{Bridge, BridgeConfig, BridgeError, MirrorId, Update, UpdateStatus};
+use bpftime_runtime::maps::{MapHandle, MapType, RawChange, ShmObject, SyncReport};
+
+use batch::Batch;
+use mirror_desc::is_global_data;
+pub use mirror_desc::{mirror_desc, Unmirrorable};
+use sent::SentTable;
 
 /// Why the forwarder could not start or continue.
 #[derive(Debug, thiserror::Error)]
@@ -124,195 +130,10 @@ impl Default for SyncOptions {
 /// Failures logged one by one per map; the rest are counted (`maps` shows them).
 const FAILURES_LOGGED: u64 = 10;
 
-/// The kernel LRU's per-CPU free-list batch (`LOCAL_FREE_TARGET` in kernel/bpf/bpf_lru_list.h).
-const KERNEL_LRU_LOCAL_FREE: u32 = 128;
-
 /// Frees the tombstone of a delete the kernel has been sent (deletes come from hash maps only).
 fn ack_tombstone(handle: &MapHandle, slot: u32, generation: u32) {
     if let Some(hash) = handle.as_hash() {
         hash.ack_deleted(slot, generation);
-    }
-}
-
-/// The kernel mirror of a userspace map, if its type has one.
-///
-/// LRU mirrors get spare capacity: userspace decides evictions (they reach the mirror as
-/// deletes), so the kernel's LRU must never evict on its own. It could otherwise: its per-CPU
-/// free lists can run dry before the map is full, and an insert can reach it before the delete
-/// of the entry it replaced. Twice the entries plus one free-list batch per CPU is room for
-/// every live entry and every tombstone userspace can hold at once. `BPF_F_NO_COMMON_LRU` is
-/// dropped for the same reason (it splits the kernel map per CPU).
-pub fn mirror_desc(def: &MapDef, object: &str) -> Option<MirrorDesc> {
-    if !def.map_type.is_mirrorable() {
-        return None;
-    }
-    let (max_entries, flags) = if def.map_type.is_lru() {
-        let cpus = bpftime_abi::possible_cpus();
-        (
-            def.max_entries
-                .saturating_mul(2)
-                .saturating_add(cpus.saturating_mul(KERNEL_LRU_LOCAL_FREE)),
-            def.flags & !BPF_F_NO_COMMON_LRU,
-        )
-    } else {
-        (def.max_entries, def.flags)
-    };
-    Some(MirrorDesc {
-        kind: def.map_type,
-        key_size: def.key_size,
-        value_size: def.value_size,
-        max_entries,
-        flags,
-        name: def.name.clone(),
-        object: object.to_string(),
-    })
-}
-
-/// A map the selection skipped because it cannot be mirrored, for `load` to report.
-#[derive(Debug, Clone)]
-pub struct Unmirrorable {
-    /// The map's name.
-    pub name: String,
-    /// bpftool's name of its type.
-    pub map_type: &'static str,
-}
-
-/// Global data: written by plain stores, so it is compared with what was sent on every pass.
-fn is_global_data(def: &MapDef) -> bool {
-    def.map_type == MapType::Array && def.name.starts_with('.')
-}
-
-/// What the kernel was last sent, per element slot of one userspace map.
-struct SentTable {
-    key_len: usize,
-    value_len: usize,
-    /// Per slot: 0 unknown (never sent, or a send failed), 1 present, 2 deleted.
-    state: Vec<u8>,
-    generation: Vec<u32>,
-    keys: Vec<u8>,
-    values: Vec<u8>,
-}
-
-const UNKNOWN: u8 = 0;
-const PRESENT: u8 = 1;
-const DELETED: u8 = 2;
-
-impl SentTable {
-    fn new(key_len: usize, value_len: usize) -> Self {
-        Self {
-            key_len,
-            value_len,
-            state: Vec::new(),
-            generation: Vec::new(),
-            keys: Vec::new(),
-            values: Vec::new(),
-        }
-    }
-
-    fn grow(&mut self, slot: usize) {
-        if slot >= self.state.len() {
-            let n = (slot + 1).next_power_of_two().max(1024);
-            self.state.resize(n, UNKNOWN);
-            self.generation.resize(n, 0);
-            self.keys.resize(n * self.key_len, 0);
-            self.values.resize(n * self.value_len, 0);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.state.fill(UNKNOWN);
-    }
-
-    /// Whether the kernel needs this change: a live value it was not sent for this element,
-    /// or the delete of an element whose value it was sent. A tombstone of an element the
-    /// kernel never saw needs nothing: every earlier holder of the key sent its own delete
-    /// before its element was freed (or the map asked for a resync).
-    fn needs(&self, c: &RawChange<'_>) -> bool {
-        let slot = c.slot as usize;
-        let (state, generation) = match self.state.get(slot) {
-            Some(&s) => (s, self.generation[slot]),
-            None => (UNKNOWN, 0),
-        };
-        let same_element = state != UNKNOWN && generation == c.generation;
-        match c.value {
-            Some(v) => !(same_element && state == PRESENT && self.value(slot) == v),
-            None => same_element && state == PRESENT,
-        }
-    }
-
-    fn value(&self, slot: usize) -> &[u8] {
-        &self.values[slot * self.value_len..(slot + 1) * self.value_len]
-    }
-
-    fn key(&self, slot: usize) -> &[u8] {
-        &self.keys[slot * self.key_len..(slot + 1) * self.key_len]
-    }
-
-    /// Records that `c`'s state was sent.
-    fn record(&mut self, c: &RawChange<'_>) {
-        let slot = c.slot as usize;
-        self.grow(slot);
-        self.generation[slot] = c.generation;
-        self.keys[slot * self.key_len..(slot + 1) * self.key_len].copy_from_slice(c.key);
-        match c.value {
-            Some(v) => {
-                self.state[slot] = PRESENT;
-                self.values[slot * self.value_len..(slot + 1) * self.value_len].copy_from_slice(v);
-            }
-            None => self.state[slot] = DELETED,
-        }
-    }
-
-    /// The kernel refused what was sent for `slot`: its state is unknown again, so the next
-    /// change of the slot is sent.
-    fn forget(&mut self, slot: usize) {
-        if let Some(s) = self.state.get_mut(slot) {
-            *s = UNKNOWN;
-        }
-    }
-}
-
-/// Changes to send, gathered into one buffer.
-#[derive(Default)]
-struct Batch {
-    bytes: Vec<u8>,
-    items: Vec<BatchItem>,
-}
-
-struct BatchItem {
-    slot: u32,
-    generation: u32,
-    key: Range<usize>,
-    /// `None`: a delete.
-    value: Option<Range<usize>>,
-    /// A tombstone to free once its delete is queued.
-    ack: bool,
-}
-
-/// Records sent per [`Bridge::send_batch`] call at most.
-const BATCH: usize = 4096;
-
-impl Batch {
-    fn push(&mut self, c: &RawChange<'_>, ack: bool) {
-        let k = self.bytes.len();
-        self.bytes.extend_from_slice(c.key);
-        let key = k..self.bytes.len();
-        let value = c.value.map(|v| {
-            let s = self.bytes.len();
-            self.bytes.extend_from_slice(v);
-            s..self.bytes.len()
-        });
-        self.items.push(BatchItem {
-            slot: c.slot,
-            generation: c.generation,
-            key,
-            value,
-            ack,
-        });
-    }
-
-    fn is_full(&self) -> bool {
-        self.items.len() >= BATCH
     }
 }
 
