@@ -99,11 +99,13 @@ pub enum LoadError {
         #[source]
         source: VmError,
     },
-    #[error("{object}: program {program}: {why}")]
+    #[error("{object}: program {program}")]
     Unrunnable {
         object: String,
         program: String,
-        why: String,
+        /// Why the verifier, the loader or the VM refused it.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     #[error(
         "{object} is already loaded by pid {pid}: stop it or run `bpftime-rs unload {object}`"
@@ -320,7 +322,7 @@ pub struct LoadedObject {
     pub shm: ShmObject,
     pub programs: Vec<RunnableProgram>,
     /// Programs the verifier or VM refused, with why (the rest load).
-    pub refused: Vec<(String, String)>,
+    pub refused: Vec<(String, Arc<dyn std::error::Error + Send + Sync>)>,
     /// What agents read (published objects only).
     manifest: Option<(StateDir, Manifest)>,
 }
@@ -371,7 +373,7 @@ impl LoadedObject {
         let kind = options.vm_kind();
         let mut programs = Vec::new();
         let mut published = Vec::new();
-        let mut refused = Vec::new();
+        let mut refused: Vec<(String, Arc<dyn std::error::Error + Send + Sync>)> = Vec::new();
         for (index, spec) in object.programs.iter().enumerate() {
             let bytes = if options.verify {
                 match verifier::verify(&object, index) {
@@ -382,7 +384,7 @@ impl LoadedObject {
                         v.insns.concat()
                     }
                     Err(e) => {
-                        refused.push((spec.name.clone(), error_chain(&e)));
+                        refused.push((spec.name.clone(), Arc::new(e)));
                         continue;
                     }
                 }
@@ -394,7 +396,7 @@ impl LoadedObject {
             {
                 Ok(program) => program,
                 Err(e) => {
-                    refused.push((spec.name.clone(), error_chain(&e)));
+                    refused.push((spec.name.clone(), Arc::new(e)));
                     continue;
                 }
             };
@@ -421,7 +423,7 @@ impl LoadedObject {
             });
         }
         for skipped in &object.skipped {
-            refused.push((skipped.name.clone(), skipped.error.to_string()));
+            refused.push((skipped.name.clone(), Arc::new(skipped.error.clone())));
         }
         let manifest = match state {
             Some(dir) => {
@@ -502,7 +504,7 @@ impl LoadedObject {
                     LoadError::Unrunnable {
                         object: self.object.name.clone(),
                         program: name.to_string(),
-                        why: why.clone(),
+                        source: why.clone(),
                     }
                 } else {
                     LoadError::NoSuchProgram {
@@ -544,19 +546,6 @@ pub fn map_btf_path(dir: &StateDir, object: &str) -> std::path::PathBuf {
     dir.object_dir(object).join(MAP_BTF_FILE)
 }
 
-/// An error with its sources, for the refusals kept as text in [`LoadedObject::refused`]. Not
-/// exported: printing errors is each front end's business (the CLI has its own).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn compile(
     object: &str,
     name: &str,
@@ -578,7 +567,7 @@ fn compile(
         .map_err(|e| LoadError::Unrunnable {
             object: object.to_string(),
             program: name.to_string(),
-            why: e.to_string(),
+            source: Arc::new(e),
         })?;
     match kind {
         VmKind::Rbpf => rbpf_check(&program, RbpfMode::Jit).map_err(program_err)?,
