@@ -357,7 +357,10 @@ pub fn run_userspace(
         .map_err(|e| anyhow::anyhow!("loading malloc.bpf.o: {e}"))?;
     let result = (|| {
         if let Some((name, why)) = loaded.refused.first() {
-            bail!("{name} refused: {why}");
+            let chain =
+                std::iter::successors(Some(why.as_ref() as &dyn std::error::Error), |e| e.source());
+            let why: Vec<String> = chain.map(|e| e.to_string()).collect();
+            bail!("{name} refused: {}", why.join(": "));
         }
         let mut command = Command::new(victim_path());
         command.arg(rounds.to_string());

@@ -61,7 +61,7 @@ fn run_userspace(
         .map_err(|e| error_chain(&e))?;
     let result = (|| {
         if let Some((name, why)) = loaded.refused.first() {
-            return Err(format!("{name}: {why}"));
+            return Err(format!("{name}: {}", error_chain(why.as_ref())));
         }
         if drive == Drive::Agent {
             run_agent_victim(&segment)?;
