@@ -302,6 +302,44 @@ fn exited(pid: u32) -> bool {
 }
 
 #[test]
+fn override_return_replaces_what_the_hooked_function_returns() {
+    if !require_kernel("override_return_replaces_what_the_hooked_function_returns") {
+        return;
+    }
+    let loader = Loader::start("override_return", &["--no-sync"]);
+    assert!(
+        loader
+            .lines
+            .iter()
+            .any(|l| l.contains("bpf_get_func_ip") || l.contains("verified by the kernel")),
+        "{:?}",
+        loader.lines
+    );
+    const ROUNDS: i64 = 500;
+    let out = bpftime()
+        .args(["start", "--object", "override_return", "--"])
+        .arg(victim_path())
+        .arg(ROUNDS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = finish(out);
+    // The victim sums vt_add(i % 7, i) and vt_message(word, len) over the rounds; with the
+    // override every vt_add returns (i % 7) * 100 instead of i % 7 + i.
+    let message = |i: i64| [6, 5, 7, 5, 19][(i % 5) as usize];
+    let overridden: i64 = (0..ROUNDS).map(|i| (i % 7) * 100 + message(i)).sum();
+    let original: i64 = (0..ROUNDS).map(|i| i % 7 + i + message(i)).sum();
+    assert_ne!(overridden, original);
+    assert!(
+        stdout.contains(&format!("done {overridden}")),
+        "expected done {overridden} (not {original}): {stdout}"
+    );
+    assert!(loader.stop().success());
+}
+
+#[test]
 fn start_stands_in_for_its_command() {
     if !require_kernel("start_stands_in_for_its_command") {
         return;
