@@ -132,3 +132,81 @@ fn kernel_uprobes_give_the_same_deterministic_maps() {
         kernel.marked.values().sum::<u64>()
     );
 }
+
+/// `malloc_stats` reads the shared maps while the victim runs: two prints a few hundred ms apart
+/// show the victim's pid with growing counts, and never more than the maps hold after it exits.
+#[test]
+fn malloc_stats_prints_the_counts_live() {
+    if !require_kernel("malloc_stats_prints_the_counts_live") {
+        return;
+    }
+    use bpftime_example_malloc::{
+        object_path, remove_agent_files, victim_path, with_agent, Waiting,
+    };
+    use bpftime_runtime::loaded::LoadedObject;
+    use std::time::{Duration, Instant};
+
+    let segment = "malloc-stats-live";
+    bpftime_runtime::loaded::unload_object(segment);
+    let loaded = LoadedObject::load(&object_path("malloc"), Some(segment), options(false)).unwrap();
+    assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
+    // 20,000 rounds with a 100 ms pause every 1,000: about 2 s of a running victim.
+    let mut command = std::process::Command::new(victim_path());
+    command.args([&ROUNDS.to_string(), "--sleep-ms", "100"]);
+    let config = with_agent(&mut command, segment).unwrap();
+    let victim = Waiting::spawn(&mut command).unwrap();
+    let pid = victim.pid();
+    let running = std::thread::spawn(move || victim.go());
+    let calls_now = || {
+        MallocMaps::from_shm(&loaded.shm)
+            .unwrap()
+            .stats
+            .get(&pid)
+            .map(|s| s.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls_now().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the victim's calls never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_malloc_stats"))
+        .args([segment, "--count", "2", "--interval-ms", "300"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == pid.to_string()).then(|| f.next()?.parse().ok())?
+        })
+        .collect();
+    assert_eq!(
+        printed.len(),
+        2,
+        "one line for the victim per print: {stdout}"
+    );
+    assert!(
+        printed[1] > printed[0],
+        "counts grow while it runs: {stdout}"
+    );
+    let victim_out = running.join().unwrap().unwrap();
+    assert!(victim_out.contains("done"), "{victim_out}");
+    let final_calls = calls_now().unwrap();
+    assert!(printed[1] <= final_calls, "{printed:?} then {final_calls}");
+    let (victim_calls, _, _) = victim_model(ROUNDS);
+    assert!(
+        final_calls >= victim_calls,
+        "{final_calls} < the victim's {victim_calls}"
+    );
+    remove_agent_files(&config);
+    let _ = loaded.unload();
+}
