@@ -31,13 +31,18 @@ impl Drop for Cleanup {
 
 /// Starts a victim with the agent preloaded and hooks in place; it runs when `go` is called.
 fn spawn_victim(segment: &str, threads: u32, calls: u64) -> Child {
+    spawn_paced_victim(segment, threads, calls, 0)
+}
+
+/// [`spawn_victim`] whose threads sleep `pause_us` after every 1000 calls.
+fn spawn_paced_victim(segment: &str, threads: u32, calls: u64, pause_us: u64) -> Child {
     // One config per victim: rewriting a shared one could let a starting agent read it empty.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let config = std::env::temp_dir().join(format!("bpftime-sync-{segment}-{n}.conf"));
     std::fs::write(&config, format!("object {segment}\n")).unwrap();
     Command::new(victim_mt_path())
-        .args([threads.to_string(), calls.to_string()])
+        .args([threads.to_string(), calls.to_string(), pause_us.to_string()])
         .env("LD_PRELOAD", agent_library())
         .env("BPFTIME_AGENT_CONFIG", &config)
         .stdin(Stdio::piped())
@@ -168,6 +173,52 @@ fn four_targets_eight_threads_one_million_calls_reach_the_kernel() {
         assert_eq!(c.sent, c.confirmed, "{name}: sent == confirmed");
         assert_eq!((c.failed, c.pending), (0, 0), "{name}");
     }
+}
+
+/// The mirror follows while targets run, not only once they are done: two reads of the kernel
+/// map, both while the victim is still calling, see the count grow; at the end it is exact.
+#[test]
+fn the_kernel_mirror_follows_while_targets_run() {
+    if !require_kernel("the_kernel_mirror_follows_while_targets_run") {
+        return;
+    }
+    let segment = "test-sync-live".to_string();
+    let (_cleanup, loaded, stop, forwarding) = load_and_forward(&segment);
+    // 2 threads x 40,000 calls, 20 ms pause per 1,000: about 0.8 s of calls.
+    let mut victim = spawn_paced_victim(&segment, 2, 40_000, 20_000);
+    go(&mut victim);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let kernel_sum = || sum(&kernel_entries(&segment, "hits"));
+    while kernel_sum() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing reached the kernel"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let first = kernel_sum();
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the victim ended before the first read"
+    );
+    std::thread::sleep(Duration::from_millis(150));
+    let second = kernel_sum();
+    assert!(
+        victim.try_wait().unwrap().is_none(),
+        "the victim ended before the second read"
+    );
+    assert!(
+        second > first,
+        "the mirror did not move while the victim ran: {first} then {second}"
+    );
+    assert!(second < 80_000, "the victim had not finished: {second}");
+    let out = victim.wait_with_output().unwrap();
+    assert!(out.status.success());
+    stop.store(true, Ordering::Relaxed);
+    let mut forwarder = forwarding.join().unwrap();
+    assert_mirrors_equal(&segment, &loaded.shm, &mut forwarder);
+    assert_eq!(sum(&user_entries(&loaded.shm, "hits")), 80_000);
+    println!("kernel mirror while running: {first}, then {second} of 80000");
 }
 
 /// `kernel_reader.bpf.c`, opened by libbpf with `pin_root_path` at the object's pin directory,
