@@ -18,6 +18,8 @@ const VICTIM: &str = r#"
 #include <pthread.h>
 #include <signal.h>
 #include <ucontext.h>
+#include <errno.h>
+#include <dlfcn.h>
 static void on_segv(int sig, siginfo_t *si, void *uc_) {
     ucontext_t *uc = uc_;
     char buf[200];
@@ -89,6 +91,65 @@ int main(int argc, char **argv) {
         fflush(stdout);
         for (int i = 0; i < 4; i++) pthread_join(t[i], 0); /* main thread waits in futex */
         printf("done 0\n");
+        return 0;
+    }
+    if (strcmp(argv[1], "redzone") == 0) {
+        /* The only thread keeps canaries in the 128-byte red zone below rsp for ~1 ms at a time:
+           an injection that pushed anything there while stopping it would be caught. */
+        printf("ready %d\n", getpid());
+        fflush(stdout);
+        for (long round = 0;; round++) {
+            long bad, canary = round ^ 0x5a5a5a5a5a5a5a5aL;
+            __asm__ volatile(
+                "mov %1, -8(%%rsp)\n\t"
+                "mov %1, -64(%%rsp)\n\t"
+                "mov %1, -128(%%rsp)\n\t"
+                "mov $20000, %%ecx\n\t"
+                "1: pause\n\t"
+                "dec %%ecx\n\t"
+                "jnz 1b\n\t"
+                "xor %0, %0\n\t"
+                "cmp %1, -8(%%rsp)\n\t"
+                "jne 2f\n\t"
+                "cmp %1, -64(%%rsp)\n\t"
+                "jne 2f\n\t"
+                "cmp %1, -128(%%rsp)\n\t"
+                "je 3f\n\t"
+                "2: mov $1, %0\n\t"
+                "3:\n\t"
+                : "=&r"(bad) : "r"(canary) : "rcx", "memory", "cc");
+            if (bad) { write(2, "victim: red zone clobbered\n", 27); _exit(42); }
+            if ((round & 63) == 0 && stop_requested(argv[2])) break;
+        }
+        printf("done redzone\n");
+        return 0;
+    }
+    if (strcmp(argv[1], "reader") == 0) {
+        /* The only thread is blocked in read(2) on stdin: injection must make it restart. */
+        char buf[64];
+        printf("ready %d\n", getpid());
+        fflush(stdout);
+        ssize_t got = read(0, buf, sizeof buf - 1);
+        if (got < 0) { printf("read failed: %s\n", strerror(errno)); return 43; }
+        buf[got] = 0;
+        printf("got %s", buf);
+        return 0;
+    }
+    if (strcmp(argv[1], "dlopen") == 0) {
+        /* The only thread loads and unloads a library in a loop, with a short spin outside libc
+           between: many stops land inside the dynamic loader's lock, where injecting dlopen would
+           deadlock, and some outside it. */
+        long loops = 0;
+        printf("ready %d\n", getpid());
+        fflush(stdout);
+        while (!stop_requested(argv[2])) {
+            void *h = dlopen("libm.so.6", RTLD_NOW | RTLD_LOCAL);
+            if (!h) { printf("dlopen: %s\n", dlerror()); return 44; }
+            dlclose(h);
+            for (volatile int k = 0; k < 20000; k++) {}
+            loops++;
+        }
+        printf("done %ld\n", loops);
         return 0;
     }
     /* sleep|busy STOPFILE */
@@ -385,6 +446,120 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
     std::fs::write(&v.stop, b"").unwrap();
     let st = v.child.wait().unwrap();
     assert!(st.success(), "victim exit {st:?}");
+}
+
+/// Injects the agent and detaches it `rounds` times, with a probe on `target_fn`.
+fn attach_detach_rounds(pid: i32, config: &Path, rounds: usize) -> u64 {
+    use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
+    std::fs::write(config, "uprobe target_fn\n").unwrap();
+    let opts = InjectOptions::default();
+    let mut unsafe_stops = 0;
+    for round in 0..rounds {
+        let rep = inject_agent(pid, &agent_path(), Some(config), &opts)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(rep.start_result, Some(0), "round {round}");
+        unsafe_stops += rep.unsafe_stops;
+        wait_until("status", Duration::from_secs(10), || {
+            status(config).lines().any(|l| l.starts_with("ok "))
+        });
+        assert_eq!(
+            detach_agent(pid, &opts).expect("detach"),
+            0,
+            "round {round}"
+        );
+        let mut st = config.as_os_str().to_owned();
+        st.push(".status");
+        let _ = std::fs::remove_file(PathBuf::from(st));
+    }
+    u64::from(unsafe_stops)
+}
+
+#[test]
+fn injection_leaves_the_red_zone_intact() {
+    let dir = temp_dir("redzone");
+    let exe = build_victim(&dir, true);
+    let mut v = spawn_victim(&exe, "redzone", &dir);
+    attach_detach_rounds(v.pid, &dir.join("redzone.conf"), 8);
+    std::fs::write(&v.stop, b"").unwrap();
+    let st = v.child.wait().unwrap();
+    // Exit 42: a canary below rsp changed while the thread was stopped for an injection.
+    assert!(st.success(), "victim exit {st:?}");
+    let mut rest = String::new();
+    v.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut rest)
+        .unwrap();
+    assert!(rest.contains("done redzone"), "{rest}");
+}
+
+#[test]
+fn a_read_blocked_during_injection_restarts_instead_of_failing() {
+    let dir = temp_dir("reader");
+    let exe = build_victim(&dir, true);
+    let mut child = Command::new(&exe)
+        .args(["reader", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let pid = child.id() as i32;
+    // Blocked in read(2) before the first injection (not merely started).
+    wait_until(
+        "the victim blocked in read",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+                .is_ok_and(|s| s.split_whitespace().next() == Some("0"))
+        },
+    );
+    attach_detach_rounds(pid, &dir.join("reader.conf"), 4);
+    use std::io::Write;
+    child.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
+    let st = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    // Exit 43 with "read failed: Interrupted system call": the syscall was not restarted.
+    assert!(st.success(), "victim exit {st:?}: {rest}");
+    assert_eq!(rest, "got hello\n");
+}
+
+#[test]
+fn injection_never_stops_a_thread_inside_the_dynamic_loader() {
+    let dir = temp_dir("dlopen");
+    let exe = build_victim(&dir, true);
+    let mut v = spawn_victim(&exe, "dlopen", &dir);
+    // Injecting dlopen while the thread holds the loader's lock would deadlock: run the rounds
+    // on a thread and require them to finish.
+    let pid = v.pid;
+    let config = dir.join("dlopen.conf");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(attach_detach_rounds(pid, &config, 6)).unwrap());
+    let unsafe_stops = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("attach rounds into a dlopen loop did not finish (a deadlock in the loader?)");
+    eprintln!("6 rounds, {unsafe_stops} stops rejected as unsafe");
+    assert!(
+        unsafe_stops > 0,
+        "no stop inside the loader was ever refused: the safe-point check did not run"
+    );
+    std::fs::write(&v.stop, b"").unwrap();
+    let st = v.child.wait().unwrap();
+    assert!(st.success(), "victim exit {st:?}");
+    let mut rest = String::new();
+    v.child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut rest)
+        .unwrap();
+    let loops: u64 = rest.trim().strip_prefix("done ").unwrap().parse().unwrap();
+    assert!(loops > 0, "{rest}");
 }
 
 #[test]
