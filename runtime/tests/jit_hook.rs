@@ -212,6 +212,65 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
     assert_eq!(harness.slow_calls.load(Ordering::Relaxed), 2);
 }
 
+/// 64-byte values: the native update copies them with a memcpy of runtime length and the
+/// lookup hands out their address; xmm0-7 still come back unchanged.
+#[test]
+fn wide_values_through_native_map_calls_keep_vector_registers() {
+    let e = Env::new("jit-hook-wide", true, &[def("h", MapType::Hash, 8, 64, 64)]);
+    // h[ctx[0] % 64] = eight copies of ctx[0]; then look it up again.
+    let mut asm =
+        String::from("mov %r6, %r1\nldxdw %r1, [%r6]\nmod %r1, 64\nstxdw [%r10-8], %r1\n");
+    asm.push_str("ldxdw %r1, [%r6]\n");
+    for k in 0..8 {
+        asm.push_str(&format!("stxdw [%r10-{}], %r1\n", 72 - 8 * k));
+    }
+    asm.push_str(
+        "mov %r2, %r10\nadd %r2, -8\nmov %r3, %r10\nadd %r3, -72\nmov %r4, 0\nldmap %r1, 0\n\
+         call 2\nmov %r2, %r10\nadd %r2, -8\nldmap %r1, 0\ncall 1\nmov %r0, 0\nexit",
+    );
+    let harness = Harness::new(e.load(&asm), &e.obj, 4, false);
+    assert!(harness.hook.as_ref().unwrap().preserves_vector_regs());
+    let (hook_ptr, entry) = (harness.hook_ptr(), JitHook::entry());
+    let xin: Vec<u8> = (0..128u8)
+        .map(|b| b.wrapping_mul(91).wrapping_add(3))
+        .collect();
+    for i in 0..200u64 {
+        let mut ctx = [0u8; 16];
+        ctx[..8].copy_from_slice(&i.to_le_bytes());
+        let mut xout = [0u8; 128];
+        // SAFETY: the entry with its hook, a 16-byte context and slot 1 (< 4).
+        let r = unsafe {
+            bpftime_test_call_with_xmm(
+                entry,
+                hook_ptr,
+                ctx.as_mut_ptr(),
+                1,
+                xin.as_ptr(),
+                xout.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(&xout[..], &xin[..], "xmm0-7 changed by call {i}");
+    }
+    assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
+    for k in 0..64u64 {
+        let last = (0..200u64).filter(|i| i % 64 == k).max().unwrap();
+        let v = e
+            .obj
+            .map("h")
+            .unwrap()
+            .get(&k.to_le_bytes())
+            .unwrap()
+            .unwrap();
+        let want: Vec<u8> = (0..8).flat_map(|_| last.to_le_bytes()).collect();
+        assert_eq!(
+            v,
+            bpftime_runtime::maps::EntryValue::Single(want),
+            "key {k}"
+        );
+    }
+}
+
 #[test]
 fn hook_entries_only_for_programs_without_per_run_helper_state() {
     use bpftime_runtime::helpers::needs_no_run_reset;
