@@ -1,0 +1,169 @@
+//! Userspace maps against real kernel maps: the same seeded sequence of operations on a
+//! shared-memory map and on a kernel map of the same shape (through the `sys` layer), with
+//! every result (value or errno) and the final contents compared. The kernel is the reference
+//! for "kernel semantics", not numbers written into the tests.
+
+mod maps_common;
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use bpftime_abi::sys::{self, MapCreate};
+use bpftime_runtime::maps::{MapHandle, MapType, BPF_ANY, BPF_EXIST, BPF_F_LOCK, BPF_NOEXIST};
+use bpftime_testutils::require_kernel;
+use maps_common::*;
+use rand::{Rng, SeedableRng};
+
+const SEED: u64 = 0x6b65_726e_656c;
+
+fn kernel_map(t: MapType, key: u32, value: u32, max: u32) -> OwnedFd {
+    let name = sys::object_name("vs_kernel");
+    sys::map_create(&MapCreate::new(t.as_raw(), &name, key, value, max)).expect("kernel map")
+}
+
+/// `Ok(value)`, `Ok(None)` for a missing key, or the errno.
+type Outcome = Result<Option<Vec<u8>>, i32>;
+
+fn user_lookup(m: &MapHandle, key: &[u8]) -> Outcome {
+    match m.get(key) {
+        Ok(Some(v)) => Ok(Some(match v {
+            bpftime_runtime::maps::EntryValue::Single(v) => v,
+            other => panic!("per-CPU value {other:?}"),
+        })),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.errno()),
+    }
+}
+
+fn kernel_lookup(fd: &OwnedFd, key: &[u8], value_size: usize) -> Outcome {
+    let mut v = vec![0u8; value_size];
+    match sys::map_lookup_elem(fd.as_fd(), key, &mut v, 0) {
+        Ok(()) => Ok(Some(v)),
+        Err(e) if e.errno() == libc::ENOENT => Ok(None),
+        Err(e) => Err(e.errno()),
+    }
+}
+
+fn status<E>(r: Result<(), E>, errno: impl Fn(&E) -> i32) -> i32 {
+    r.err().map_or(0, |e| errno(&e))
+}
+
+/// Random updates (every flag, valid or not), deletes and lookups over twice the capacity's
+/// keys; each result must be the kernel's.
+fn keyed(t: MapType, max: u32, ops: usize) {
+    let (ks, vs) = (4u32, 8u32);
+    let seg = Seg::new("vs-kernel", t.name(), &[def(t, ks, vs, max, "m")]);
+    let user = seg.0.map("m").unwrap();
+    let kernel = kernel_map(t, ks, vs, max);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ u64::from(t.as_raw()));
+    let flags = [BPF_ANY, BPF_NOEXIST, BPF_EXIST, 3, BPF_F_LOCK];
+    let (mut refused, mut applied) = (0, 0);
+    for op in 0..ops {
+        let key = rng.random_range(0..2 * max).to_le_bytes();
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let value = rng.random::<u64>().to_le_bytes();
+                let f = flags[rng.random_range(0..flags.len())];
+                let u = status(user.update(&key, &value, f), |e| e.errno());
+                let k = status(sys::map_update_elem(kernel.as_fd(), &key, &value, f), |e| {
+                    e.errno()
+                });
+                assert_eq!(u, k, "{t:?} op {op}: update {key:?} flags {f}");
+                if u == 0 {
+                    applied += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            6..=7 => {
+                let u = status(user.delete(&key), |e| e.errno());
+                let k = status(sys::map_delete_elem(kernel.as_fd(), &key), |e| e.errno());
+                assert_eq!(u, k, "{t:?} op {op}: delete {key:?}");
+            }
+            _ => assert_eq!(
+                user_lookup(&user, &key),
+                kernel_lookup(&kernel, &key, vs as usize),
+                "{t:?} op {op}: lookup {key:?}"
+            ),
+        }
+    }
+    for key in 0..2 * max {
+        let key = key.to_le_bytes();
+        assert_eq!(
+            user_lookup(&user, &key),
+            kernel_lookup(&kernel, &key, vs as usize),
+            "{t:?} at the end: {key:?}"
+        );
+    }
+    assert!(
+        applied > 0 && refused > 0,
+        "{t:?}: {applied} applied, {refused} refused"
+    );
+    println!("{t:?}: {ops} ops, {applied} updates applied, {refused} refused, all as the kernel");
+}
+
+/// Random pushes (every flag), pops and peeks on a QUEUE or STACK; each result the kernel's.
+fn keyless(t: MapType, max: u32, ops: usize) {
+    let vs = 8u32;
+    let seg = Seg::new("vs-kernel", t.name(), &[def(t, 0, vs, max, "q")]);
+    let user = seg.0.map("q").unwrap();
+    let queue = user.as_queue().unwrap();
+    let kernel = kernel_map(t, 0, vs, max);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ u64::from(t.as_raw()));
+    let flags = [BPF_ANY, BPF_EXIST, BPF_NOEXIST, 7];
+    let mut full = 0;
+    for op in 0..ops {
+        match rng.random_range(0..10) {
+            0..=5 => {
+                let value = rng.random::<u64>().to_le_bytes();
+                let f = flags[rng.random_range(0..flags.len())];
+                let u = status(queue.push(&value, f), |e| e.errno());
+                let k = status(sys::map_update_elem(kernel.as_fd(), &[], &value, f), |e| {
+                    e.errno()
+                });
+                assert_eq!(u, k, "{t:?} op {op}: push flags {f}");
+                full += usize::from(u == libc::E2BIG);
+            }
+            pop => {
+                let mut kv = vec![0u8; vs as usize];
+                let (u, k) = if pop <= 7 {
+                    (
+                        queue.pop().map_err(|e| e.errno()),
+                        sys::map_lookup_and_delete_elem(kernel.as_fd(), &[], &mut kv),
+                    )
+                } else {
+                    (
+                        queue.peek().map_err(|e| e.errno()),
+                        sys::map_lookup_elem(kernel.as_fd(), &[], &mut kv, 0),
+                    )
+                };
+                let k = k.map(|()| kv).map_err(|e| e.errno());
+                assert_eq!(
+                    u,
+                    k,
+                    "{t:?} op {op}: {}",
+                    if pop <= 7 { "pop" } else { "peek" }
+                );
+            }
+        }
+    }
+    assert!(full > 0, "{t:?}: the map never filled up");
+    println!("{t:?}: {ops} ops, {full} pushes refused as full, all as the kernel");
+}
+
+#[test]
+fn hashes_and_arrays_behave_as_the_kernels() {
+    if !require_kernel("hashes_and_arrays_behave_as_the_kernels") {
+        return;
+    }
+    keyed(MapType::Hash, 64, 20_000);
+    keyed(MapType::Array, 64, 20_000);
+}
+
+#[test]
+fn queues_and_stacks_behave_as_the_kernels() {
+    if !require_kernel("queues_and_stacks_behave_as_the_kernels") {
+        return;
+    }
+    keyless(MapType::Queue, 16, 20_000);
+    keyless(MapType::Stack, 16, 20_000);
+}
