@@ -1,7 +1,12 @@
 //! Bridge throughput and latency against the kernel's own map-update syscalls, in one run, on the
 //! same map shape: a fresh preallocated HASH of 1M u32 -> u64 entries per row, 1M distinct keys.
 //!
-//! `cargo bench -p bpftime-kernel-bridge --bench bridge [-- --keys N]` (as root).
+//! Every row runs `--rounds` times (default 3), the rows interleaved and rotated round by round
+//! so machine drift reaches each alike; a row keeps its fastest round. Beside wall-clock rate
+//! each row shows the CPU time of the whole process per update (every thread, user and system:
+//! the bridge's sender and drain thread against the baseline's one thread).
+//!
+//! `cargo bench -p bpftime-kernel-bridge --bench bridge [-- --keys N] [--rounds N]` (as root).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +22,20 @@ struct Row {
     path: String,
     per_sec: f64,
     latency: Option<(Duration, Duration)>,
+    /// Process CPU time (all threads) per update over the timed part.
+    cpu_per_update: Duration,
+}
+
+/// CPU time (user + system) of every thread of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn fresh_map() -> MapHandle {
@@ -37,23 +56,25 @@ fn fresh_map() -> MapHandle {
 
 fn one_syscall_per_update(keys: u32) -> Row {
     let map = fresh_map();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     for k in 0..keys {
         map.update(&k.to_ne_bytes(), &u64::from(k).to_ne_bytes(), MapFlags::ANY)
             .expect("update");
     }
     let per_sec = f64::from(keys) / started.elapsed().as_secs_f64();
+    let cpu_per_update = (process_cpu() - cpu) / keys.max(1);
     assert_eq!(map.keys().count() as u32, keys);
     Row {
         path: "BPF_MAP_UPDATE_ELEM, one syscall per update".into(),
         per_sec,
         latency: None,
+        cpu_per_update,
     }
 }
 
 fn update_batch(keys: u32, batch: u32) -> Row {
     let map = fresh_map();
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     let mut k = 0;
     while k < keys {
         let n = batch.min(keys - k);
@@ -66,11 +87,13 @@ fn update_batch(keys: u32, batch: u32) -> Row {
         k += n;
     }
     let per_sec = f64::from(keys) / started.elapsed().as_secs_f64();
+    let cpu_per_update = (process_cpu() - cpu) / keys.max(1);
     assert_eq!(map.keys().count() as u32, keys);
     Row {
         path: format!("BPF_MAP_UPDATE_BATCH, {batch} per call"),
         per_sec,
         latency: None,
+        cpu_per_update,
     }
 }
 
@@ -118,7 +141,7 @@ fn bridge_throughput(keys: u32, confirm_each: bool, fast_path: bool) -> Row {
     let id = bridge
         .create_fresh_map(bench_mirror("bench"))
         .expect("mirror");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     for k in 0..keys {
         let (key, value) = (k.to_ne_bytes(), u64::from(k).to_ne_bytes());
         // The sequence number is k + 1: record the time before the send makes it visible.
@@ -129,6 +152,7 @@ fn bridge_throughput(keys: u32, confirm_each: bool, fast_path: bool) -> Row {
     }
     let counters = bridge.flush(Duration::from_secs(120)).expect("flush");
     let per_sec = f64::from(keys) / started.elapsed().as_secs_f64();
+    let cpu_per_update = (process_cpu() - cpu) / keys.max(1);
     assert_eq!((counters.applied, counters.failed), (u64::from(keys), 0));
     eprintln!(
         "confirm_each={confirm_each} fast_path={fast_path}: {} drain runs, {:.0} records per run, {} full waits",
@@ -160,6 +184,7 @@ fn bridge_throughput(keys: u32, confirm_each: bool, fast_path: bool) -> Row {
         path: format!("bridge, {path}, {mode}"),
         per_sec,
         latency: Some((percentile(&sorted, 0.5), percentile(&sorted, 0.99))),
+        cpu_per_update,
     }
 }
 
@@ -170,7 +195,7 @@ fn bridge_unloaded_latency(samples: u32) -> Row {
         .create_fresh_map(bench_mirror("bench_latency"))
         .expect("mirror");
     let mut nanos = Vec::with_capacity(samples as usize);
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), process_cpu());
     for k in 0..samples {
         let sent = Instant::now();
         bridge
@@ -180,11 +205,13 @@ fn bridge_unloaded_latency(samples: u32) -> Row {
         nanos.push(sent.elapsed().as_nanos() as u64);
     }
     let per_sec = f64::from(samples) / started.elapsed().as_secs_f64();
+    let cpu_per_update = (process_cpu() - cpu) / samples.max(1);
     nanos.sort_unstable();
     Row {
         path: "bridge, one update in flight (send, wait for its confirmation)".into(),
         per_sec,
         latency: Some((percentile(&nanos, 0.5), percentile(&nanos, 0.99))),
+        cpu_per_update,
     }
 }
 
@@ -192,42 +219,69 @@ fn main() {
     if !require_kernel("bridge benchmark") {
         return;
     }
-    let mut keys: u32 = 1_000_000;
+    let (mut keys, mut rounds): (u32, usize) = (1_000_000, 3);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--keys" {
-            keys = args
-                .next()
-                .and_then(|n| n.parse().ok())
-                .expect("--keys takes a number");
+        let mut number = || -> Option<u32> { args.next().and_then(|n| n.parse().ok()) };
+        match arg.as_str() {
+            "--keys" => keys = number().expect("--keys takes a number"),
+            "--rounds" => rounds = number().expect("--rounds takes a number") as usize,
+            _ => {}
         }
     }
     keys = keys.min(MAX_ENTRIES);
-    let rows = vec![
-        one_syscall_per_update(keys),
-        update_batch(keys, 1024),
-        bridge_throughput(keys, false, true),
-        bridge_throughput(keys, true, true),
-        bridge_throughput(keys, false, false),
-        bridge_throughput(keys, true, false),
-        bridge_unloaded_latency(20_000),
+    const LATENCY_SAMPLES: u32 = 20_000;
+    type RowFn = Box<dyn Fn(u32) -> Row>;
+    let rows: Vec<(u32, RowFn)> = vec![
+        (keys, Box::new(one_syscall_per_update)),
+        (keys, Box::new(|k| update_batch(k, 1024))),
+        (keys, Box::new(|k| bridge_throughput(k, false, true))),
+        (keys, Box::new(|k| bridge_throughput(k, true, true))),
+        (keys, Box::new(|k| bridge_throughput(k, false, false))),
+        (keys, Box::new(|k| bridge_throughput(k, true, false))),
+        (LATENCY_SAMPLES, Box::new(bridge_unloaded_latency)),
     ];
+    let mut best: Vec<Option<Row>> = (0..rows.len()).map(|_| None).collect();
+    for round in 0..rounds.max(1) {
+        for i in 0..rows.len() {
+            let index = (i + round) % rows.len();
+            let (updates, row) = &rows[index];
+            let r = row(*updates);
+            eprintln!(
+                "round {}: {}: {:.2} M/s, {:?} CPU per update",
+                round + 1,
+                r.path,
+                r.per_sec / 1e6,
+                r.cpu_per_update
+            );
+            if best[index].as_ref().is_none_or(|b| r.per_sec > b.per_sec) {
+                best[index] = Some(r);
+            }
+        }
+    }
+    let rows: Vec<Row> = best.into_iter().flatten().collect();
     // Leave no 1M-entry mirror pinned behind for `bpftime-rs maps` to list.
     bpftime_kernel_bridge::mirror::remove_object_pins("bench").expect("unpinning bench mirrors");
     let baseline = rows[0].per_sec;
-    println!("\n{keys} distinct u32 -> u64 keys into a fresh 1M-entry HASH per row\n");
-    println!("| path | updates/s | vs one syscall per update | p50 send->confirmed | p99 |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "\n{keys} distinct u32 -> u64 keys into a fresh 1M-entry HASH per row; best of {rounds} \
+         interleaved rounds; CPU: the whole process (every thread, user + system) per update\n"
+    );
+    println!(
+        "| path | updates/s | vs one syscall per update | CPU per update | p50 send->confirmed | p99 |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         let (p50, p99) = match row.latency {
             Some((p50, p99)) => (format!("{p50:.1?}"), format!("{p99:.1?}")),
             None => ("-".into(), "-".into()),
         };
         println!(
-            "| {} | {:.2} M | {:.2}x | {p50} | {p99} |",
+            "| {} | {:.2} M | {:.2}x | {:.2?} | {p50} | {p99} |",
             row.path,
             row.per_sec / 1e6,
-            row.per_sec / baseline
+            row.per_sec / baseline,
+            row.cpu_per_update
         );
     }
 }

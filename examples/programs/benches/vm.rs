@@ -15,7 +15,13 @@ use bpftime_example_programs::object_path;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
 use bpftime_testutils::require_kernel;
 
-const PROGRAMS: [&str; 3] = ["trivial", "array_counter", "hash_lookup_update"];
+const PROGRAMS: [&str; 5] = [
+    "trivial",
+    "array_counter",
+    "hash_lookup_update",
+    "hash_random_keys",
+    "compute_loop",
+];
 const RUNS: u32 = 2_000_000;
 
 fn kernel_ns(program: &str) -> f64 {
