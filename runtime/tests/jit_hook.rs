@@ -150,6 +150,33 @@ impl Harness {
     }
 }
 
+/// Runs the hook's entry `calls` times on slot 1 with ctx[0..8] = the call number and xmm0-7
+/// loaded with a pattern (from `seed`); each call must return 0 and leave xmm0-7 as they were.
+fn run_keeping_xmm(harness: &Harness, calls: u64, seed: u8) {
+    let (hook_ptr, entry) = (harness.hook_ptr(), JitHook::entry());
+    let xin: Vec<u8> = (0..128u8)
+        .map(|b| b.wrapping_mul(seed).wrapping_add(11))
+        .collect();
+    for i in 0..calls {
+        let mut ctx = [0u8; 16];
+        ctx[..8].copy_from_slice(&i.to_le_bytes());
+        let mut xout = [0u8; 128];
+        // SAFETY: the entry with its hook, a 16-byte context and slot 1 (the harnesses have 4).
+        let r = unsafe {
+            bpftime_test_call_with_xmm(
+                entry,
+                hook_ptr,
+                ctx.as_mut_ptr(),
+                1,
+                xin.as_ptr(),
+                xout.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(&xout[..], &xin[..], "xmm0-7 changed by call {i}");
+    }
+}
+
 #[test]
 fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
     let e = Env::new(
@@ -170,30 +197,8 @@ fn leaf_program_runs_through_the_entry_and_keeps_vector_registers() {
     );
     let harness = Harness::new(p, &e.obj, 4, false);
     assert!(harness.hook.as_ref().unwrap().preserves_vector_regs());
-    let hook_ptr = harness.hook_ptr();
-    let entry = JitHook::entry();
-
-    let xin: Vec<u8> = (0..128u8)
-        .map(|b| b.wrapping_mul(37).wrapping_add(11))
-        .collect();
-    for i in 0..200u64 {
-        let mut ctx = [0u8; 16];
-        ctx[..8].copy_from_slice(&i.to_le_bytes());
-        let mut xout = [0u8; 128];
-        // SAFETY: the entry with its hook, a 16-byte context and slot 1 (< 4).
-        let r = unsafe {
-            bpftime_test_call_with_xmm(
-                entry,
-                hook_ptr,
-                ctx.as_mut_ptr(),
-                1,
-                xin.as_ptr(),
-                xout.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        assert_eq!(&xout[..], &xin[..], "xmm0-7 changed by call {i}");
-    }
+    run_keeping_xmm(&harness, 200, 37);
+    let (hook_ptr, entry) = (harness.hook_ptr(), JitHook::entry());
     assert_eq!(
         harness.slow_calls.load(Ordering::Relaxed),
         1,
@@ -230,28 +235,7 @@ fn wide_values_through_native_map_calls_keep_vector_registers() {
     );
     let harness = Harness::new(e.load(&asm), &e.obj, 4, false);
     assert!(harness.hook.as_ref().unwrap().preserves_vector_regs());
-    let (hook_ptr, entry) = (harness.hook_ptr(), JitHook::entry());
-    let xin: Vec<u8> = (0..128u8)
-        .map(|b| b.wrapping_mul(91).wrapping_add(3))
-        .collect();
-    for i in 0..200u64 {
-        let mut ctx = [0u8; 16];
-        ctx[..8].copy_from_slice(&i.to_le_bytes());
-        let mut xout = [0u8; 128];
-        // SAFETY: the entry with its hook, a 16-byte context and slot 1 (< 4).
-        let r = unsafe {
-            bpftime_test_call_with_xmm(
-                entry,
-                hook_ptr,
-                ctx.as_mut_ptr(),
-                1,
-                xin.as_ptr(),
-                xout.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        assert_eq!(&xout[..], &xin[..], "xmm0-7 changed by call {i}");
-    }
+    run_keeping_xmm(&harness, 200, 91);
     assert_eq!(harness.after_calls.load(Ordering::Relaxed), 0);
     for k in 0..64u64 {
         let last = (0..200u64).filter(|i| i % 64 == k).max().unwrap();
