@@ -1,0 +1,489 @@
+//! The global registry of hooked sites: installing (thunks, detours, handler lists),
+//! switching between the fast path and the dispatchers, removing, and the unwinder fix-ups.
+
+use super::*;
+
+/// A site and its detour, in the global registry.
+pub(super) struct SiteEntry {
+    site: &'static Site,
+    detour: &'static detour::RawDetour,
+    enabled: bool,
+}
+
+pub(super) struct Registry {
+    sites: HashMap<u64, SiteEntry>,
+    hooks: HashMap<HookId, (u64, ProbeKind)>,
+    next_id: u64,
+}
+
+pub(super) static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+pub(super) fn registry() -> MutexGuard<'static, Option<Registry>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds the per-site thunk (`push [site]; jmp [stub]`) on its own never-modified page.
+pub(super) fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
+    let red_zone = site.mid_function;
+    let mut code: Vec<u8> = Vec::with_capacity(48);
+    if red_zone {
+        code.extend_from_slice(&[0x48, 0x8d, 0x64, 0x24, 0x80]); // lea rsp, [rsp-128]
+    }
+    let push_at = code.len();
+    code.extend_from_slice(&[0xff, 0x35, 0, 0, 0, 0]); // push qword [rip+d]
+    let jmp_at = code.len();
+    code.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]); // jmp qword [rip+d]
+    while !code.len().is_multiple_of(8) {
+        code.push(0xcc);
+    }
+    let data = code.len();
+    code.extend_from_slice(&(site as *const Site as u64).to_le_bytes());
+    code.extend_from_slice(&stub_addr.to_le_bytes());
+    let d1 = (data - (push_at + 6)) as i32;
+    let d2 = (data + 8 - (jmp_at + 6)) as i32;
+    code[push_at + 2..push_at + 6].copy_from_slice(&d1.to_le_bytes());
+    code[jmp_at + 2..jmp_at + 6].copy_from_slice(&d2.to_le_bytes());
+
+    // Thunks live for the rest of the process: a thread may be inside one whenever.
+    let thunk = bpftime_abi::Mmap::executable(&code).map_err(|source| AttachError::Os {
+        what: "mapping a hook thunk",
+        source,
+    })?;
+    Ok(thunk.leak().as_ptr() as u64)
+}
+
+pub(super) fn publish(list: &AtomicPtr<Handlers>, f: impl FnOnce(&mut Handlers)) {
+    let old = list.load(Ordering::Acquire);
+    let mut new: Handlers = if old.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: published lists are never freed.
+        unsafe { &*old }.clone()
+    };
+    f(&mut new);
+    let p = if new.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        Box::into_raw(Box::new(new))
+    };
+    // The old list is leaked on purpose: another thread may be iterating it.
+    list.store(p, Ordering::Release);
+}
+
+/// The hooks installed by one owner. Dropping it removes them.
+#[derive(Default)]
+pub struct HookSet {
+    ids: Vec<HookId>,
+}
+
+impl HookSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs a hook on a resolved target (see [`crate::symbols`]).
+    pub fn install(
+        &mut self,
+        target: &ResolvedTarget,
+        kind: ProbeKind,
+        handler: Arc<dyn ProbeHandler>,
+    ) -> Result<HookId, AttachError> {
+        check_kind(target, kind)?;
+        // SAFETY: a resolved target is the runtime address of a function symbol of `size` bytes
+        // in a file mapped by this process.
+        unsafe {
+            self.install_at(
+                target.address,
+                target.size,
+                target.offset != 0,
+                &target.display_name(),
+                kind,
+                handler,
+            )
+        }
+    }
+
+    /// Installs many hooks, patching all their sites in one transaction (other threads are
+    /// suspended once, not once per hook). Each request succeeds or fails on its own; if the
+    /// common transaction fails, the sites are patched one by one instead.
+    pub fn install_many(
+        &mut self,
+        requests: Vec<(ResolvedTarget, ProbeKind, Arc<dyn ProbeHandler>)>,
+    ) -> Vec<Result<HookId, AttachError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        let mut any_return = false;
+        {
+            let mut guard = registry();
+            for (target, kind, handler) in requests {
+                let r = check_kind(&target, kind).and_then(|()| {
+                    // SAFETY: as in `install`.
+                    unsafe {
+                        install_locked(
+                            &mut guard,
+                            target.address,
+                            target.size,
+                            target.offset != 0,
+                            false,
+                            &target.display_name(),
+                            kind,
+                            handler,
+                            false,
+                        )
+                    }
+                    .map(|id| (id, target.address))
+                });
+                any_return |= r.is_ok() && kind == ProbeKind::Uretprobe;
+                results.push(r);
+            }
+            let addrs: Vec<u64> = results.iter().flatten().map(|&(_, a)| a).collect();
+            // No request got as far as the registry (none given, or every one refused): there
+            // is nothing to patch, and the registry may not even exist yet.
+            let reg = match guard.as_mut() {
+                Some(reg) if !addrs.is_empty() => reg,
+                _ => return results.into_iter().map(|r| r.map(|(id, _)| id)).collect(),
+            };
+            if enable_sites(reg, &addrs).is_err() {
+                for r in results.iter_mut() {
+                    if let Ok((id, addr)) = *r {
+                        if let Err(e) = enable_sites(reg, &[addr]) {
+                            unpublish(reg, id);
+                            *r = Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        if any_return {
+            ensure_unwind_fixups();
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.map(|(id, _)| {
+                    self.ids.push(id);
+                    id
+                })
+            })
+            .collect()
+    }
+
+    /// Installs a hook at a raw address.
+    ///
+    /// # Safety
+    /// `address..address + size` must be mapped code of one function (from `address` to its end);
+    /// `mid_function` must be true unless `address` is the function's entry.
+    pub unsafe fn install_at(
+        &mut self,
+        address: u64,
+        size: u64,
+        mid_function: bool,
+        name: &str,
+        kind: ProbeKind,
+        handler: Arc<dyn ProbeHandler>,
+    ) -> Result<HookId, AttachError> {
+        let id = {
+            let mut guard = registry();
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                install_locked(
+                    &mut guard,
+                    address,
+                    size,
+                    mid_function,
+                    false,
+                    name,
+                    kind,
+                    handler,
+                    true,
+                )?
+            }
+        };
+        if kind == ProbeKind::Uretprobe {
+            ensure_unwind_fixups();
+        }
+        self.ids.push(id);
+        Ok(id)
+    }
+
+    /// Removes one hook. The site is unpatched when its last hook goes; return hooks pending on
+    /// some thread's stack still return correctly (without calling the handler).
+    pub fn remove(&mut self, id: HookId) -> Result<(), AttachError> {
+        let pos = self
+            .ids
+            .iter()
+            .position(|i| *i == id)
+            .ok_or(AttachError::NoSuchHook(id.0))?;
+        self.ids.swap_remove(pos);
+        remove_hooks(&[id])
+    }
+
+    /// Removes every hook of this set, unpatching their sites in one transaction.
+    pub fn detach(&mut self) -> Result<(), AttachError> {
+        remove_hooks(&std::mem::take(&mut self.ids))
+    }
+
+    pub fn ids(&self) -> &[HookId] {
+        &self.ids
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl Drop for HookSet {
+    fn drop(&mut self) {
+        let _ = self.detach();
+    }
+}
+
+pub(super) fn remove_hooks(ids: &[HookId]) -> Result<(), AttachError> {
+    let mut guard = registry();
+    let Some(reg) = guard.as_mut() else {
+        return ids
+            .first()
+            .map_or(Ok(()), |id| Err(AttachError::NoSuchHook(id.0)));
+    };
+    let mut missing = None;
+    let mut to_disable = Vec::new();
+    for &id in ids {
+        if !reg.hooks.contains_key(&id) {
+            missing.get_or_insert(AttachError::NoSuchHook(id.0));
+            continue;
+        }
+        to_disable.extend(unpublish(reg, id));
+    }
+    switch_sites(reg, &to_disable, false)?;
+    missing.map_or(Ok(()), Err)
+}
+
+/// Number of currently patched sites in this process.
+pub fn active_sites() -> usize {
+    registry()
+        .as_ref()
+        .map_or(0, |r| r.sites.values().filter(|s| s.enabled).count())
+}
+
+pub(super) fn check_kind(target: &ResolvedTarget, kind: ProbeKind) -> Result<(), AttachError> {
+    if kind == ProbeKind::Uretprobe && target.offset != 0 {
+        return Err(AttachError::Unpatchable {
+            function: target.display_name(),
+            reason: "a uretprobe must be at the function entry (offset 0)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Installs a hook with the registry locked; patches the site now if `enable`, else the caller
+/// does (see [`switch_sites`]).
+///
+/// # Safety
+/// As [`HookSet::install_at`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn install_locked(
+    guard: &mut MutexGuard<'static, Option<Registry>>,
+    address: u64,
+    size: u64,
+    mid_function: bool,
+    unwind_fixup: bool,
+    name: &str,
+    kind: ProbeKind,
+    handler: Arc<dyn ProbeHandler>,
+    enable: bool,
+) -> Result<HookId, AttachError> {
+    thread::register_process_handlers();
+    let reg = guard.get_or_insert_with(|| Registry {
+        sites: HashMap::new(),
+        hooks: HashMap::new(),
+        next_id: 1,
+    });
+    if let std::collections::hash_map::Entry::Vacant(slot) = reg.sites.entry(address) {
+        // SAFETY: forwarded from the caller.
+        unsafe { precheck::check_site(address, size, name)? };
+        let site: &'static Site = Box::leak(Box::new(Site {
+            addr: address,
+            mid_function,
+            unwind_fixup,
+            name: name.to_string(),
+            trampoline: AtomicU64::new(0),
+            direct: AtomicPtr::new(std::ptr::null_mut()),
+            enabled: AtomicBool::new(false),
+            returns_only: AtomicBool::new(false),
+            direct_return: AtomicPtr::new(std::ptr::null_mut()),
+            entries: AtomicPtr::new(std::ptr::null_mut()),
+            returns: AtomicPtr::new(std::ptr::null_mut()),
+        }));
+        let stub_addr = if mid_function {
+            stub::entry_stub_red_zone()
+        } else {
+            stub::entry_stub()
+        };
+        let thunk = make_thunk(site, stub_addr)?;
+        // detour checks executability through /proc/self/maps, which the kernel does not
+        // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
+        let mut attempt = 0;
+        let det = loop {
+            // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
+            // instructions of one function; the thunk is valid code that preserves all
+            // registers.
+            match unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) } {
+                Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
+                r => {
+                    break r.map_err(|source| AttachError::Detour {
+                        function: name.to_string(),
+                        source,
+                    })?
+                }
+            }
+        };
+        // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
+        unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
+        site.trampoline
+            .store(det.trampoline() as u64, Ordering::Release);
+        slot.insert(SiteEntry {
+            site,
+            detour: Box::leak(Box::new(det)),
+            enabled: false,
+        });
+    }
+    let id = HookId(reg.next_id);
+    reg.next_id += 1;
+    let entry = reg.sites.get_mut(&address).expect("site just inserted");
+    let list = match kind {
+        ProbeKind::Uprobe => &entry.site.entries,
+        ProbeKind::Uretprobe => &entry.site.returns,
+    };
+    publish(list, |l| l.push(HandlerEntry::new(id, handler)));
+    refresh_direct(entry.site);
+    reg.hooks.insert(id, (address, kind));
+    if enable {
+        if let Err(e) = enable_sites(reg, &[address]) {
+            unpublish(reg, id);
+            return Err(e);
+        }
+    }
+    Ok(id)
+}
+
+/// Removes hook `id` from its site's handler list; returns the site's address if the site now
+/// has no handler and is patched (to be disabled by the caller).
+pub(super) fn unpublish(reg: &mut Registry, id: HookId) -> Option<u64> {
+    let (addr, kind) = reg.hooks.remove(&id)?;
+    let entry = reg.sites.get_mut(&addr).expect("hook of a known site");
+    let list = match kind {
+        ProbeKind::Uprobe => &entry.site.entries,
+        ProbeKind::Uretprobe => &entry.site.returns,
+    };
+    publish(list, |l| l.retain(|h| h.id != id));
+    refresh_direct(entry.site);
+    let empty = entry.site.entries.load(Ordering::Acquire).is_null()
+        && entry.site.returns.load(Ordering::Acquire).is_null();
+    (empty && entry.enabled).then_some(addr)
+}
+
+/// Patches (enable) or unpatches every listed site in one transaction: other threads are
+/// suspended once for all of them. All or nothing.
+pub(super) fn switch_sites(
+    reg: &mut Registry,
+    addrs: &[u64],
+    enable: bool,
+) -> Result<(), AttachError> {
+    let mut addrs: Vec<u64> = addrs
+        .iter()
+        .copied()
+        .filter(|a| reg.sites.get(a).is_some_and(|e| e.enabled != enable))
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let mut tx = detour::Transaction::new();
+    for a in &addrs {
+        let e = &reg.sites[a];
+        if enable {
+            e.site.enabled.store(true, Ordering::Release);
+            tx.enable(e.detour);
+        } else {
+            e.site.enabled.store(false, Ordering::Release);
+            tx.disable(e.detour);
+        }
+    }
+    // SAFETY: every target was pre-checked; all other threads are suspended and moved out of
+    // the patched bytes while they are written; on error nothing stays applied.
+    let r = unsafe { tx.commit(detour::Threads::All) };
+    for a in &addrs {
+        let e = reg.sites.get_mut(a).expect("listed site");
+        match r {
+            Ok(()) => e.enabled = enable,
+            Err(_) => e.site.enabled.store(e.enabled, Ordering::Release),
+        }
+    }
+    r.map_err(|source| AttachError::Detour {
+        function: addrs
+            .iter()
+            .map(|a| reg.sites[a].site.name.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+        source,
+    })
+}
+
+pub(super) fn enable_sites(reg: &mut Registry, addrs: &[u64]) -> Result<(), AttachError> {
+    switch_sites(reg, addrs, true)
+}
+
+pub(super) struct NoopHandler;
+impl ProbeHandler for NoopHandler {}
+
+/// With return hooks pending, a C++ exception (or Rust panic, or `pthread_exit`) unwinding
+/// through a hooked frame would meet the return stub's address where the unwinder expects the
+/// caller's, find no unwind info and abort. So the unwinder's entry points in `libgcc_s` are
+/// hooked too (once per process, never removed); their hook puts the real return addresses back
+/// on the throwing thread's stack first.
+pub(super) fn ensure_unwind_fixups() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(mut res) = crate::symbols::Resolver::new(None) else {
+        return;
+    };
+    if res.find_module(Some("libgcc_s.so.1")).is_err() {
+        return; // not loaded (yet): retried at the next uretprobe install
+    }
+    DONE.store(true, Ordering::Release);
+    for f in ["_Unwind_RaiseException", "_Unwind_ForcedUnwind"] {
+        let t = match res.resolve(&format!("libgcc_s.so.1:{f}")) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("bpftime-attach: {e} (exceptions through uretprobe frames will abort)");
+                continue;
+            }
+        };
+        {
+            let mut guard = registry();
+            // SAFETY: a resolved function entry of a mapped library.
+            let r = unsafe {
+                install_locked(
+                    &mut guard,
+                    t.address,
+                    t.size,
+                    false,
+                    true,
+                    &t.display_name(),
+                    ProbeKind::Uprobe,
+                    Arc::new(NoopHandler),
+                    true,
+                )
+            };
+            if let Err(e) = r {
+                eprintln!("bpftime-attach: cannot hook {f} (exceptions through uretprobe frames will abort): {e}");
+            }
+        }
+    }
+}
