@@ -57,9 +57,8 @@ impl JitMapResolver for JitMaps {
     fn resolve(&self, token: u64) -> Option<JitMap> {
         let m = self.maps.get(map_index(token)?)?;
         let (plain_hash, inline_array) = match m.typed() {
-            // Plain (not per-CPU) hash maps, the common case, go straight to the hash code: no
-            // key-size check (the slice is built with the key size), no CPU lookup, no
-            // `Result`.
+            // Plain (not per-CPU) hash maps, the common case, go straight to the hash code
+            // (`HashMap::lookup_ptr` / `update_plain`): no CPU lookup, no type dispatch.
             MapRef::Hash(_) => (!m.map_type().is_percpu(), None),
             MapRef::Array(array) => (
                 false,

@@ -125,32 +125,50 @@ impl MapHandle {
 
     /// This map as a queue or stack, `None` for other types.
     pub fn as_queue(&self) -> Option<&QueueMap> {
-        <&QueueMap>::try_from(self).ok()
+        match self.typed() {
+            MapRef::Queue(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// This map as a hash map (any variant), `None` for other types.
     pub fn as_hash(&self) -> Option<&HashMap> {
-        <&HashMap>::try_from(self).ok()
+        match self.typed() {
+            MapRef::Hash(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// This map as an array (plain or per-CPU), `None` for other types.
     pub fn as_array(&self) -> Option<&ArrayMap> {
-        <&ArrayMap>::try_from(self).ok()
+        match self.typed() {
+            MapRef::Array(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// This map as a RINGBUF, `None` for other types.
     pub fn as_ringbuf(&self) -> Option<&RingBuf> {
-        <&RingBuf>::try_from(self).ok()
+        match self.typed() {
+            MapRef::RingBuf(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// This map as a PERF_EVENT_ARRAY, `None` for other types.
     pub fn as_perf_event_array(&self) -> Option<&PerfEventArray> {
-        <&PerfEventArray>::try_from(self).ok()
+        match self.typed() {
+            MapRef::PerfEventArray(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// This map as a PROG_ARRAY, `None` for other types.
     pub fn as_prog_array(&self) -> Option<&ProgArray> {
-        <&ProgArray>::try_from(self).ok()
+        match self.typed() {
+            MapRef::ProgArray(v) => Some(v),
+            _ => None,
+        }
     }
 
     pub(super) fn wrong_type(&self, expected: &'static str) -> MapError {

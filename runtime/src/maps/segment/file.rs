@@ -162,13 +162,11 @@ impl Mapping {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "empty segment"));
         }
         let map = Mmap::shared(fd.as_fd(), len, 0, Access::ReadWrite)?;
-        let identity = match std::fs::File::from(fd.try_clone()?).metadata() {
-            Ok(meta) => SegmentIdentity {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                uid: meta.uid(),
-            },
-            Err(e) => return Err(e),
+        let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+        let identity = SegmentIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            uid: meta.uid(),
         };
         Ok(Self { map, fd, identity })
     }
