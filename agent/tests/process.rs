@@ -397,45 +397,20 @@ fn attach_to_a_busy_process_then_detach() {
 
 #[test]
 fn repeated_attach_detach_into_malloc_heavy_threads() {
-    use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
     let dir = temp_dir("threads");
     let exe = build_victim(&dir, true);
     let mut v = spawn_victim(&exe, "threads", &dir);
     let config = dir.join("threads.conf");
-    std::fs::write(
-        &config,
-        "uprobe libc.so.6:malloc\nuretprobe libc.so.6:malloc\nuprobe libc.so.6:free\nuprobe target_fn\nuretprobe target_fn\n",
-    )
-    .unwrap();
-    let opts = InjectOptions::default();
-    let mut unsafe_stops = 0;
-    for round in 0..12 {
-        let rep = inject_agent(v.pid, &agent_path(), Some(&config), &opts)
-            .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(rep.start_result, Some(0), "round {round}");
-        unsafe_stops += rep.unsafe_stops;
-        wait_until("status", Duration::from_secs(10), || {
-            status(&config)
-                .lines()
-                .filter(|l| l.starts_with("ok "))
-                .count()
-                == 5
-        });
-        wait_until("malloc counted", Duration::from_secs(10), || {
-            let c = counts(&config);
-            c.len() == 5 && c[0][0] > 100 && c[1][1] > 100 && c[4][1] > 100
-        });
-        assert_eq!(
-            detach_agent(v.pid, &opts).expect("detach"),
-            0,
-            "round {round}"
-        );
-        assert!(status(&config).contains("detached"));
-        // the next round's status must be fresh
-        let mut st = config.as_os_str().to_owned();
-        st.push(".status");
-        std::fs::remove_file(PathBuf::from(st)).unwrap();
-    }
+    let probes = "uprobe libc.so.6:malloc\nuretprobe libc.so.6:malloc\nuprobe libc.so.6:free\nuprobe target_fn\nuretprobe target_fn\n";
+    let unsafe_stops = attach_detach_rounds(v.pid, &config, probes, 12, || {
+        let attached = status(&config)
+            .lines()
+            .filter(|l| l.starts_with("ok "))
+            .count()
+            == 5;
+        let c = counts(&config);
+        attached && c.len() == 5 && c[0][0] > 100 && c[1][1] > 100 && c[4][1] > 100
+    });
     eprintln!("12 rounds, {unsafe_stops} stops rejected as unsafe");
     // The threads spend most of their time inside malloc/free: injection must have met (and
     // refused) stops there; 170 over the 12 rounds when measured.
@@ -448,30 +423,45 @@ fn repeated_attach_detach_into_malloc_heavy_threads() {
     assert!(st.success(), "victim exit {st:?}");
 }
 
-/// Injects the agent and detaches it `rounds` times, with a probe on `target_fn`.
-fn attach_detach_rounds(pid: i32, config: &Path, rounds: usize) -> u64 {
+/// Injects the agent with `probes` as its config and detaches it, `rounds` times: each round
+/// waits for `ready()` (its probes attached and counting) before detaching, and checks the
+/// detach was reported. Returns how many stops injection refused as unsafe.
+fn attach_detach_rounds(
+    pid: i32,
+    config: &Path,
+    probes: &str,
+    rounds: usize,
+    mut ready: impl FnMut() -> bool,
+) -> u64 {
     use bpftime_attach::inject::{detach_agent, inject_agent, InjectOptions};
-    std::fs::write(config, "uprobe target_fn\n").unwrap();
+    std::fs::write(config, probes).unwrap();
     let opts = InjectOptions::default();
     let mut unsafe_stops = 0;
     for round in 0..rounds {
         let rep = inject_agent(pid, &agent_path(), Some(config), &opts)
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert_eq!(rep.start_result, Some(0), "round {round}");
-        unsafe_stops += rep.unsafe_stops;
-        wait_until("status", Duration::from_secs(10), || {
-            status(config).lines().any(|l| l.starts_with("ok "))
-        });
+        unsafe_stops += u64::from(rep.unsafe_stops);
+        wait_until("the probes attached", Duration::from_secs(10), &mut ready);
         assert_eq!(
             detach_agent(pid, &opts).expect("detach"),
             0,
             "round {round}"
         );
+        assert!(status(config).contains("detached"), "round {round}");
+        // the next round's status must be fresh
         let mut st = config.as_os_str().to_owned();
         st.push(".status");
-        let _ = std::fs::remove_file(PathBuf::from(st));
+        std::fs::remove_file(PathBuf::from(st)).unwrap();
     }
-    u64::from(unsafe_stops)
+    unsafe_stops
+}
+
+/// [`attach_detach_rounds`] with one probe on `target_fn`, ready once it reports `ok`.
+fn attach_detach_target_fn(pid: i32, config: &Path, rounds: usize) -> u64 {
+    attach_detach_rounds(pid, config, "uprobe target_fn\n", rounds, || {
+        status(config).lines().any(|l| l.starts_with("ok "))
+    })
 }
 
 #[test]
@@ -479,7 +469,7 @@ fn injection_leaves_the_red_zone_intact() {
     let dir = temp_dir("redzone");
     let exe = build_victim(&dir, true);
     let mut v = spawn_victim(&exe, "redzone", &dir);
-    attach_detach_rounds(v.pid, &dir.join("redzone.conf"), 8);
+    attach_detach_target_fn(v.pid, &dir.join("redzone.conf"), 8);
     std::fs::write(&v.stop, b"").unwrap();
     let st = v.child.wait().unwrap();
     // Exit 42: a canary below rsp changed while the thread was stopped for an injection.
@@ -518,7 +508,7 @@ fn a_read_blocked_during_injection_restarts_instead_of_failing() {
                 .is_ok_and(|s| s.split_whitespace().next() == Some("0"))
         },
     );
-    attach_detach_rounds(pid, &dir.join("reader.conf"), 4);
+    attach_detach_target_fn(pid, &dir.join("reader.conf"), 4);
     use std::io::Write;
     child.stdin.as_mut().unwrap().write_all(b"hello\n").unwrap();
     let st = child.wait().unwrap();
@@ -539,7 +529,7 @@ fn injection_never_stops_a_thread_inside_the_dynamic_loader() {
     let pid = v.pid;
     let config = dir.join("dlopen.conf");
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(attach_detach_rounds(pid, &config, 6)).unwrap());
+    std::thread::spawn(move || tx.send(attach_detach_target_fn(pid, &config, 6)).unwrap());
     let unsafe_stops = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("attach rounds into a dlopen loop did not finish (a deadlock in the loader?)");
