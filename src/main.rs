@@ -1,7 +1,6 @@
 //! `bpftime-rs`: the command line of the userspace eBPF runtime and its kernel bridge.
 
 mod cmd;
-mod error_chain;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -6,15 +6,17 @@
 //! promise of kernel semantics to drift silently. The typed wrappers add what the numbers alone
 //! do not say (bpftool's names, which types are per-CPU or keyless, which can be mirrored).
 //!
-//! The crate also holds the two other things several crates need exactly once: the wire format
-//! of `ebpf/bridge.h` (records between the forwarder and the kernel drain program) and the OS
-//! primitives (`Mmap`, `page_size`, `possible_cpus`), and [`sys`], the one layer every `bpf()`
-//! command of the project goes through (with a test override).
+//! The crate also holds the other things several crates need exactly once: the wire format
+//! of `ebpf/bridge.h` (records between the forwarder and the kernel drain program), the OS
+//! primitives (`Mmap`, `page_size`, `possible_cpus`), [`sys`], the one layer every `bpf()`
+//! command of the project goes through (with a test override), and [`error_chain()`] /
+//! [`ErrorChain`], how every crate prints an error with its sources.
 
 #![warn(missing_docs)]
 
 pub mod bridge;
 pub mod btf;
+mod error_chain;
 pub mod flags;
 pub mod helper;
 pub mod insn;
@@ -23,6 +25,7 @@ pub mod os;
 pub mod ringbuf;
 pub mod sys;
 
+pub use error_chain::{error_chain, ErrorChain};
 pub use helper::HelperId;
 pub use map_type::{MapType, UnknownMapType};
 pub use os::{page_size, possible_cpus, Mmap};

@@ -53,6 +53,7 @@ pub struct InjectReport {
     pub start_result: Option<i64>,
     /// Stops rejected as unsafe before a safe point was found.
     pub unsafe_stops: u32,
+    /// Wall time of the whole injection, resolution and safe-point search included.
     pub elapsed: Duration,
 }
 

@@ -7,6 +7,7 @@
 //! * [`inject`]: ptrace injection of the agent (`dlopen` in the target) and remote calls of its
 //!   exported control functions.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod hook;

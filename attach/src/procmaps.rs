@@ -6,14 +6,22 @@ use std::path::{Path, PathBuf};
 /// One line of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapEntry {
+    /// First address of the mapping.
     pub start: u64,
+    /// One past its last address (`end - start` is its length).
     pub end: u64,
+    /// `r` in the permissions.
     pub read: bool,
+    /// `w` in the permissions.
     pub write: bool,
+    /// `x` in the permissions.
     pub exec: bool,
+    /// Offset in the file of the byte mapped at `start`.
     pub offset: u64,
     /// `(major, minor)` of the device holding the file.
     pub dev: (u32, u32),
+    /// The file's inode (0 for anonymous mappings); with `dev`, identifies the file even when
+    /// the path is seen differently from another mount namespace.
     pub inode: u64,
     /// The file (or `[stack]`, `[heap]`, ... or empty).
     pub path: String,
@@ -25,6 +33,7 @@ impl MapEntry {
         self.inode != 0 && self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
     }
 
+    /// Whether `addr` lies in `start..end`.
     pub fn contains(&self, addr: u64) -> bool {
         (self.start..self.end).contains(&addr)
     }

@@ -5,26 +5,51 @@
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PtRegs {
+    /// Callee-saved (r15-r12, rbp, rbx): the caller's values, restored from here on the way out.
     pub r15: u64,
+    /// Callee-saved, see [`PtRegs::r15`].
     pub r14: u64,
+    /// Callee-saved, see [`PtRegs::r15`].
     pub r13: u64,
+    /// Callee-saved, see [`PtRegs::r15`].
     pub r12: u64,
+    /// Callee-saved frame pointer (when the code keeps one).
     pub rbp: u64,
+    /// Callee-saved, see [`PtRegs::r15`].
     pub rbx: u64,
+    /// Caller-saved scratch register.
     pub r11: u64,
+    /// Caller-saved scratch register (the static chain pointer, for the few ABIs that use one).
     pub r10: u64,
+    /// Sixth integer argument (`PT_REGS_PARM6`).
     pub r9: u64,
+    /// Fifth integer argument (`PT_REGS_PARM5`).
     pub r8: u64,
+    /// Return value (`PT_REGS_RC`) in a return hook; at an entry, whatever the caller left (for
+    /// a variadic call, `al` is the number of vector registers holding arguments).
     pub rax: u64,
+    /// Fourth integer argument (`PT_REGS_PARM4`).
     pub rcx: u64,
+    /// Third integer argument (`PT_REGS_PARM3`), or the high half of a 128-bit return value.
     pub rdx: u64,
+    /// Second integer argument (`PT_REGS_PARM2`).
     pub rsi: u64,
+    /// First integer argument (`PT_REGS_PARM1`).
     pub rdi: u64,
+    /// The kernel's syscall number slot; the hook stubs store -1 (`u64::MAX`), "not in a
+    /// syscall", as a uprobe outside a syscall sees it.
     pub orig_rax: u64,
+    /// The hooked address at an entry (function start, or start + offset); the original return
+    /// address in a return hook.
     pub rip: u64,
+    /// Code segment selector: always `0x33` (`__USER_CS`, 64-bit user mode) from the stubs.
     pub cs: u64,
+    /// RFLAGS at the hook, as `pushfq` saved it.
     pub eflags: u64,
+    /// Stack pointer as the hooked code had it: at a function entry it points at the return
+    /// address, in a return hook just above where that was.
     pub rsp: u64,
+    /// Stack segment selector: always `0x2b` (`__USER_DS`) from the stubs.
     pub ss: u64,
 }
 

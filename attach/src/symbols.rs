@@ -16,11 +16,15 @@ use std::path::PathBuf;
 pub struct TargetSpec {
     /// `None`: the main executable.
     pub module: Option<String>,
+    /// The function name, any `@VERSION` suffix dropped.
     pub symbol: String,
+    /// Bytes from the function's start (`+OFFSET`; 0 without one).
     pub offset: u64,
 }
 
 impl TargetSpec {
+    /// Parses one of the forms in the [module documentation](self); `OFFSET` is decimal or
+    /// `0x` hex. Only the syntax is checked: nothing is looked up.
     pub fn parse(spec: &str) -> Result<Self, AttachError> {
         let bad = |reason: &str| AttachError::BadTarget {
             spec: spec.to_string(),
@@ -67,7 +71,9 @@ pub struct ResolvedTarget {
     pub spec: String,
     /// The file as mapped in the process.
     pub module: PathBuf,
+    /// The function name, without `@VERSION`.
     pub symbol: String,
+    /// Bytes from the function's start.
     pub offset: u64,
     /// Runtime address of `symbol + offset`.
     pub address: u64,
@@ -122,6 +128,8 @@ impl Resolver {
         self.pid.unwrap_or_else(std::process::id)
     }
 
+    /// The snapshot of `/proc/PID/maps` taken by [`Resolver::new`]; later mappings (a library
+    /// loaded since) are not in it.
     pub fn maps(&self) -> &[MapEntry] {
         &self.maps
     }
@@ -282,6 +290,59 @@ fn find_symbol(elf: &Elf, name: &str, path: &std::path::Path) -> Result<(u64, u6
             symbol: name.to_string(),
         }),
     }
+}
+
+/// The `PATH:FUNC+OFFSET` target for a file offset in the ELF file at `path`, as the kernel's
+/// uprobe PMU takes a probe (`config1` the path, `config2` the offset into the file, which
+/// libbpf computes from a symbol as `st_value - p_vaddr + p_offset`): the function symbol whose
+/// bytes hold that offset, so the hook knows where the function ends.
+pub fn target_at_file_offset(
+    path: &std::path::Path,
+    file_offset: u64,
+) -> Result<String, AttachError> {
+    let bytes = std::fs::read(path).map_err(|source| AttachError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let elf = Elf::parse(&bytes).map_err(|e| AttachError::Elf {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let bad = |reason: String| AttachError::BadTarget {
+        spec: format!("{}:{file_offset:#x}", path.display()),
+        reason,
+    };
+    let vaddr = elf
+        .program_headers
+        .iter()
+        .filter(|ph| ph.p_type == PT_LOAD && ph.is_executable())
+        .find(|ph| (ph.p_offset..ph.p_offset + ph.p_filesz).contains(&file_offset))
+        .map(|ph| file_offset - ph.p_offset + ph.p_vaddr)
+        .ok_or_else(|| bad("the offset is in no executable segment of the file".into()))?;
+    let tables = [(&elf.dynsyms, &elf.dynstrtab), (&elf.syms, &elf.strtab)];
+    let mut best: Option<(&str, u64)> = None;
+    for (syms, strs) in tables {
+        for s in syms.iter() {
+            let is_func = matches!(s.st_type(), sym::STT_FUNC);
+            if !is_func || s.st_shndx == 0 || s.st_value == 0 {
+                continue;
+            }
+            let inside = (s.st_value..s.st_value + s.st_size.max(1)).contains(&vaddr);
+            match strs.get_at(s.st_name) {
+                Some(name) if inside && !name.is_empty() && best.is_none() => {
+                    best = Some((name, vaddr - s.st_value))
+                }
+                _ => {}
+            }
+        }
+    }
+    let (name, delta) =
+        best.ok_or_else(|| bad(format!("no function symbol holds address {vaddr:#x}")))?;
+    Ok(if delta == 0 {
+        format!("{}:{name}", path.display())
+    } else {
+        format!("{}:{name}+{delta:#x}", path.display())
+    })
 }
 
 #[cfg(test)]

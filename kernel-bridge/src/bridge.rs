@@ -26,15 +26,21 @@ pub struct MirrorId(pub u32);
 /// One map operation to forward.
 #[derive(Debug, Clone, Copy)]
 pub struct Update<'a> {
+    /// The mirror to apply it to, as [`Bridge::create_map`] returned it.
     pub mirror: MirrorId,
+    /// Update, delete or push; must suit the mirror's type (push only for QUEUE and STACK).
     pub op: Op,
+    /// Exactly [`MirrorDesc::key_bytes`] bytes (none for QUEUE and STACK).
     pub key: &'a [u8],
+    /// Exactly [`MirrorDesc::value_bytes`] bytes (per-CPU maps: every CPU's 8-byte-aligned
+    /// slot); empty for a delete.
     pub value: &'a [u8],
     /// `BPF_ANY`, `BPF_NOEXIST` or `BPF_EXIST` (plus any flag the kernel accepts).
     pub flags: u64,
 }
 
 impl<'a> Update<'a> {
+    /// `BPF_MAP_UPDATE_ELEM` of `key` to `value` with `flags`.
     pub fn put(mirror: MirrorId, key: &'a [u8], value: &'a [u8], flags: u64) -> Self {
         Self {
             mirror,
@@ -45,6 +51,7 @@ impl<'a> Update<'a> {
         }
     }
 
+    /// `BPF_MAP_DELETE_ELEM` of `key`; fails with `ENOENT` in the kernel if it is absent.
     pub fn delete(mirror: MirrorId, key: &'a [u8]) -> Self {
         Self {
             mirror,
@@ -55,6 +62,8 @@ impl<'a> Update<'a> {
         }
     }
 
+    /// A push of `value` onto a QUEUE or STACK mirror (`BPF_MAP_UPDATE_ELEM` without a key;
+    /// `BPF_EXIST` in `flags` makes a full one drop its oldest value instead of failing).
     pub fn push(mirror: MirrorId, value: &'a [u8], flags: u64) -> Self {
         Self {
             mirror,
@@ -71,12 +80,21 @@ impl<'a> Update<'a> {
 pub enum Confirmation {
     /// Every update with a sequence number in `first..=last` that is not reported as
     /// [`Confirmation::Failed`] was applied. In confirm-each mode `first == last`.
-    Applied { first: u64, last: u64 },
+    Applied {
+        /// The first sequence number covered: a drain run's first record.
+        first: u64,
+        /// The last one, inclusive.
+        last: u64,
+    },
     /// Update `seq` failed with `errno` (as the kernel's BPF_MAP_*_ELEM would return it);
     /// `rejected` marks a record whose sizes did not match its mirror.
     Failed {
+        /// The update's sequence number, as [`Bridge::send`] returned it.
         seq: u64,
+        /// The positive errno (`EEXIST`, `ENOENT`, `E2BIG`, ...).
         errno: i32,
+        /// The drain refused the record (`EINVAL`) without applying it: an unregistered mirror
+        /// index, or sizes that do not match the mirror's.
         rejected: bool,
     },
 }
@@ -84,11 +102,19 @@ pub enum Confirmation {
 /// The state of one update, by sequence number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpdateStatus {
+    /// Queued (or not sent at all): no confirmation covers it yet.
     Pending,
+    /// The kernel map command succeeded.
     Applied,
-    Failed { errno: i32 },
+    /// The kernel map command failed, or the drain rejected the record.
+    Failed {
+        /// The positive errno, as in [`Confirmation::Failed`].
+        errno: i32,
+    },
 }
 
+/// [`BridgeConfig::on_confirm`]: runs on the drain thread, so it must be quick and must not
+/// call back into the bridge in a way that waits for confirmations (`flush`, a blocked `send`).
 pub type ConfirmCallback = Box<dyn Fn(&Confirmation) + Send + Sync>;
 
 impl Default for BridgeConfig {
@@ -101,6 +127,7 @@ impl Default for BridgeConfig {
     }
 }
 
+/// How a [`Bridge`] confirms updates; [`Default`] is per-batch confirmations with the fast paths.
 pub struct BridgeConfig {
     /// One confirmation per update instead of one per drained batch plus one per failure.
     pub confirm_each: bool,
@@ -114,9 +141,13 @@ pub struct BridgeConfig {
 /// Counters over the bridge's lifetime.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BridgeCounters {
+    /// Updates queued in the ring.
     pub sent: u64,
+    /// Updates a confirmation reported applied.
     pub applied: u64,
+    /// Updates a confirmation reported failed or rejected.
     pub failed: u64,
+    /// `sent - applied - failed`: queued but not yet confirmed.
     pub pending: u64,
     /// How often a sender found the ring full and waited for the drain (backpressure).
     pub full_waits: u64,
@@ -176,6 +207,8 @@ impl Bridge {
         Self::with_config(BridgeConfig::default())
     }
 
+    /// Loads the drain program (libbpf: needs CAP_BPF, or root) and starts the drain thread,
+    /// confirming as `config` says.
     pub fn with_config(config: BridgeConfig) -> Result<Self, BridgeError> {
         let drain = DrainProgram::load()?;
         let ring = UserRingBuf::from_fd(drain.map_fd("updates")?)?;
@@ -187,6 +220,17 @@ impl Bridge {
                 what: "opening the confirmation ringbuf",
                 source,
             })?;
+        Self::start(drain, ring, confirmations, config)
+    }
+
+    /// Starts the drain thread over a loaded drain, its update ring and its confirmations.
+    /// The unit tests pass stand-ins for all three.
+    fn start(
+        drain: DrainProgram,
+        ring: UserRingBuf,
+        confirmations: impl ConfirmationSource,
+        config: BridgeConfig,
+    ) -> Result<Self, BridgeError> {
         let shared = Arc::new(Shared {
             drain: Mutex::new(drain),
             producer: Mutex::new(Producer { ring, next_seq: 1 }),
@@ -249,6 +293,8 @@ impl Bridge {
         Ok(MirrorId(index))
     }
 
+    /// The mirror registered as `id`, to read back or pin; `UnknownMirror` for an id this bridge
+    /// never handed out.
     pub fn mirror(&self, id: MirrorId) -> Result<Arc<Mirror>, BridgeError> {
         self.shared
             .mirrors
@@ -438,6 +484,8 @@ impl Bridge {
         }
     }
 
+    /// A snapshot of the counters. `pending` is computed from counters read one after the other,
+    /// so while updates are in flight it may lag by the few that settled in between.
     pub fn counters(&self) -> BridgeCounters {
         let sent = self.shared.sent.load(Ordering::SeqCst);
         let applied = self.shared.applied.load(Ordering::SeqCst);
@@ -504,7 +552,22 @@ impl Drop for Bridge {
     }
 }
 
-fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
+/// Where the drain thread reads the confirmations the drain program wrote.
+trait ConfirmationSource: Send + 'static {
+    /// Hands every record available now to `each`, oldest first.
+    fn take_available(&mut self, each: &mut dyn FnMut(&[u8]));
+}
+
+/// The drain's `BPF_MAP_TYPE_RINGBUF`, through aya.
+impl ConfirmationSource for RingBuf<MapData> {
+    fn take_available(&mut self, each: &mut dyn FnMut(&[u8])) {
+        while let Some(item) = self.next() {
+            each(&item);
+        }
+    }
+}
+
+fn drain_loop(shared: &Shared, mut confirmations: impl ConfirmationSource) {
     let mut consumed: u64 = 0;
     loop {
         {
@@ -546,12 +609,10 @@ fn drain_loop(shared: &Shared, mut confirmations: RingBuf<MapData>) {
             }
         };
         consumed += u64::from(drained);
-        while let Some(item) = confirmations.next() {
-            match ConfirmRecord::decode(&item) {
-                Some(record) => settle(shared, &record),
-                None => tracing::error!(len = item.len(), "malformed confirmation record"),
-            }
-        }
+        confirmations.take_available(&mut |item| match ConfirmRecord::decode(item) {
+            Some(record) => settle(shared, &record),
+            None => tracing::error!(len = item.len(), "malformed confirmation record"),
+        });
         {
             let _state = shared.state.lock();
             shared.progress.notify_all();
@@ -602,5 +663,224 @@ fn settle(shared: &Shared, record: &ConfirmRecord) {
     };
     if let Some(callback) = &shared.on_confirm {
         callback(&confirmation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The drain thread's failure path, without root: `sys`'s test override answers the drain
+    //! thread's BPF_PROG_TEST_RUN (reached by the thread's name), the drain is a stand-in fd, the
+    //! update ring is a memfd laid out like a user ringbuf, and no confirmation ever arrives.
+
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::path::Path;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+
+    use bpftime_abi::flags::BPF_ANY;
+    use bpftime_abi::sys::{fake, Call, MapInfo};
+    use bpftime_abi::MapType;
+
+    use super::*;
+
+    /// The name `Bridge::start` gives its drain thread.
+    const DRAIN_THREAD: &str = "bpftime-bridge-drain";
+
+    /// Confirmations that never come; counts how often the drain thread looked for some.
+    struct NoConfirmations(Arc<AtomicUsize>);
+
+    impl ConfirmationSource for NoConfirmations {
+        fn take_available(&mut self, _each: &mut dyn FnMut(&[u8])) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A memfd sized and typed (through the override) like a one-page user ringbuf: the consumer
+    /// page, the producer page and the data page twice. Nothing consumes it, and it does not
+    /// wrap, which a handful of small records never needs.
+    fn ring_stand_in() -> UserRingBuf {
+        let page = bpftime_abi::page_size();
+        // SAFETY: a plain syscall with a NUL-terminated name; the fd is checked and then owned.
+        let raw = unsafe { libc::memfd_create(c"bpftime-test-ring".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a new fd that nothing else owns.
+        let memfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain syscall on an fd we own.
+        let rc = unsafe { libc::ftruncate(memfd.as_raw_fd(), 4 * page as libc::off_t) };
+        assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+        let _fake = fake::install(move |call: &mut Call<'_>| {
+            if let Call::MapInfo { info, .. } = call {
+                **info = MapInfo {
+                    map_type: libbpf_rs::libbpf_sys::BPF_MAP_TYPE_USER_RINGBUF,
+                    max_entries: page as u32,
+                    ..MapInfo::default()
+                };
+            }
+            Ok(fake::success(call))
+        });
+        UserRingBuf::from_fd(memfd).expect("a user ringbuf over the memfd")
+    }
+
+    /// A u32 -> u64 hash mirror as `Mirror::open_pinned` reads it back, over a dummy fd.
+    fn mirror_stand_in() -> Mirror {
+        let _fake = fake::install(|call: &mut Call<'_>| {
+            if let Call::MapInfo { info, .. } = call {
+                **info = MapInfo {
+                    map_type: MapType::Hash.as_raw(),
+                    key_size: 4,
+                    value_size: 8,
+                    max_entries: 16,
+                    ..MapInfo::default()
+                };
+            }
+            Ok(fake::success(call))
+        });
+        Mirror::open_pinned(Path::new("/nonexistent/bpftime-test/counts"), "test")
+            .expect("the override opens the mirror")
+    }
+
+    /// Runs `f` on its own thread and fails the test if it has not returned within `limit`, so a
+    /// drain thread that never stops (and a `Drop` that joins it) fails instead of hanging.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        match result.recv_timeout(limit) {
+            Ok(value) => {
+                worker.join().expect("the worker returned");
+                value
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no result within {limit:?}: hung"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::panic::resume_unwind(worker.join().expect_err("the worker panicked"))
+            }
+        }
+    }
+
+    /// The messages of `error` and its sources, outermost first.
+    fn chain(error: &dyn std::error::Error) -> Vec<String> {
+        std::iter::successors(Some(error), |e| e.source())
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_failing_drain_run_stops_the_drain_and_surfaces_its_errno() {
+        // All of it on a worker, the bridge's drop (which joins the drain thread) included: a
+        // drain thread that never stopped would otherwise hang the test, even while a failed
+        // assertion unwinds.
+        within(Duration::from_secs(30), failing_drain_run);
+    }
+
+    fn failing_drain_run() {
+        // What the drain thread asked the "kernel": command name and fd.
+        let calls: Arc<std::sync::Mutex<Vec<(&'static str, RawFd)>>> = Arc::default();
+        let seen = Arc::clone(&calls);
+        let _drain_fake = fake::install_for_thread(DRAIN_THREAD, move |call: &mut Call<'_>| {
+            let fd = match call {
+                Call::ProgTestRun { fd, .. } => *fd,
+                _ => -1,
+            };
+            seen.lock().unwrap().push((call.name(), fd));
+            match call {
+                // EFAULT: what the kernel says when it cannot copy the context in; not an errno
+                // the real kernel would give for this stand-in fd (EBADF, EINVAL, EPERM).
+                Call::ProgTestRun { .. } => Err(libc::EFAULT),
+                other => Ok(fake::success(other)),
+            }
+        });
+
+        let drain_fd = fake::dummy_fd();
+        let drain_raw = drain_fd.as_raw_fd();
+        let confirm_reads = Arc::new(AtomicUsize::new(0));
+        let callbacks = Arc::new(AtomicUsize::new(0));
+        let (ring, mirror) = (ring_stand_in(), mirror_stand_in());
+        let config = BridgeConfig {
+            on_confirm: Some(Box::new({
+                let callbacks = Arc::clone(&callbacks);
+                move |_: &Confirmation| {
+                    callbacks.fetch_add(1, Ordering::SeqCst);
+                }
+            })),
+            ..BridgeConfig::default()
+        };
+        let bridge = Bridge::start(
+            DrainProgram::stand_in(drain_fd),
+            ring,
+            NoConfirmations(Arc::clone(&confirm_reads)),
+            config,
+        )
+        .expect("the bridge starts over the stand-ins");
+        // What `create_map` does after registering with the drain, which the stand-in cannot.
+        bridge.shared.mirrors.write().push(Arc::new(mirror));
+
+        let seq = bridge
+            .send(&Update::put(
+                MirrorId(0),
+                &1u32.to_ne_bytes(),
+                &7u64.to_ne_bytes(),
+                BPF_ANY,
+            ))
+            .expect("queued: the ring has room");
+        let timeout = Duration::from_secs(5);
+        let started = Instant::now();
+        let first = bridge.flush(timeout);
+        let elapsed = started.elapsed();
+        let second = bridge.flush(timeout);
+
+        // Both flushes returned the drain's error (not a timeout), naming the command and errno.
+        assert!(elapsed < timeout, "the flush waited out its timeout");
+        for result in [&first, &second] {
+            match result {
+                Err(BridgeError::DrainStopped(inner)) => match &**inner {
+                    BridgeError::Drain(e) => {
+                        assert_eq!((e.call, e.errno()), ("BPF_PROG_TEST_RUN", libc::EFAULT));
+                    }
+                    other => panic!("expected a Drain error inside, got {other:?}"),
+                },
+                other => panic!("expected DrainStopped, got {other:?}"),
+            }
+        }
+        let messages = chain(first.as_ref().unwrap_err());
+        let errno_text = std::io::Error::from_raw_os_error(libc::EFAULT).to_string();
+        assert!(
+            messages.iter().any(|m| m.contains("BPF_PROG_TEST_RUN"))
+                && messages.iter().any(|m| m.contains(&errno_text)),
+            "{messages:?}"
+        );
+
+        // Nothing was confirmed: the update stays pending, no counter or callback says otherwise.
+        assert_eq!(bridge.status(seq), UpdateStatus::Pending);
+        assert_eq!(bridge.settled_below(), seq);
+        assert!(bridge.failures().is_empty());
+        assert_eq!(
+            bridge.counters(),
+            BridgeCounters {
+                sent: 1,
+                applied: 0,
+                failed: 0,
+                pending: 1,
+                full_waits: 0,
+                drain_runs: 1,
+                confirmations: 0,
+            }
+        );
+        assert_eq!(callbacks.load(Ordering::SeqCst), 0);
+        assert_eq!(confirm_reads.load(Ordering::SeqCst), 0);
+
+        // The drain thread ran the drain program once and ended, instead of retrying.
+        let drainer = bridge.drainer.as_ref().expect("a drain thread");
+        let deadline = Instant::now() + timeout;
+        while !drainer.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(drainer.is_finished(), "the drain thread still runs");
+        assert_eq!(*calls.lock().unwrap(), [("BPF_PROG_TEST_RUN", drain_raw)]);
+        drop(bridge);
     }
 }

@@ -50,10 +50,14 @@ fn fast_shape(desc: &MirrorDesc) -> Option<(u32, &'static str)> {
 pub(crate) struct DrainProgram {
     /// The drain program's own fd (a duplicate: the object keeps its own).
     drain: OwnedFd,
-    object: Object,
+    /// The loaded object, owner of the maps [`DrainProgram::map`] finds. `None` only in the unit
+    /// tests' stand-in ([`DrainProgram::stand_in`]), which has a program fd and no maps.
+    object: Option<Object>,
 }
 
 impl DrainProgram {
+    /// Opens and loads `ebpf/bridge.bpf.o` with libbpf (its own `bpf()` commands: needs
+    /// CAP_BPF) and keeps a duplicate of the `drain` program's fd.
     pub fn load() -> Result<Self, BridgeError> {
         let open = ObjectBuilder::default()
             .name("bpftime_bridge")
@@ -71,12 +75,26 @@ impl DrainProgram {
                 what: "duplicating the drain program fd",
                 source,
             })?;
-        Ok(Self { drain, object })
+        Ok(Self {
+            drain,
+            object: Some(object),
+        })
+    }
+
+    /// A drain of `drain` alone, whose commands `sys`'s test override answers: no object, so
+    /// [`DrainProgram::map`] finds nothing (registering a mirror fails with `DrainIncomplete`).
+    #[cfg(test)]
+    pub(crate) fn stand_in(drain: OwnedFd) -> Self {
+        Self {
+            drain,
+            object: None,
+        }
     }
 
     fn map(&self, name: &str) -> Result<libbpf_rs::Map<'_>, BridgeError> {
         self.object
-            .maps()
+            .iter()
+            .flat_map(Object::maps)
             .find(|m| m.name() == name)
             .ok_or_else(|| BridgeError::DrainIncomplete(format!("map {name}")))
     }

@@ -5,6 +5,8 @@
 //! Flow: [`Bridge::send`] -> [`user_ringbuf::UserRingBuf`] -> `ebpf/bridge.bpf.c` (drain, run
 //! with BPF_PROG_RUN) -> kernel mirror map ([`mirror`]) -> confirmation -> [`Bridge`] counters.
 
+#![warn(missing_docs)]
+
 pub mod bridge;
 mod drain;
 pub mod error;

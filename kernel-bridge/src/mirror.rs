@@ -22,11 +22,16 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/bpftime-rs";
 /// Everything needed to create a mirror: the source map's shape and where to pin it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MirrorDesc {
-    /// A type with [`MapType::is_mirrorable`]; [`MirrorDesc::validate`] refuses the others.
+    /// A type with [`MapType::is_mirrorable`]; [`Mirror::create`] refuses the others.
     pub kind: MapType,
+    /// Key bytes, as the source map declares them (must be 0 for QUEUE and STACK).
     pub key_size: u32,
+    /// Value bytes of one value; per-CPU maps copy one 8-byte-aligned slot of this per CPU
+    /// (see [`MirrorDesc::value_bytes`]).
     pub value_size: u32,
+    /// Capacity, as for `BPF_MAP_CREATE`.
     pub max_entries: u32,
+    /// `BPF_F_*` map flags for `BPF_MAP_CREATE`; a mirror with any flag gets no drain fast path.
     pub flags: u32,
     /// Map name; the kernel keeps the first 15 bytes, the pin keeps it whole.
     pub name: String,
@@ -35,6 +40,7 @@ pub struct MirrorDesc {
 }
 
 impl MirrorDesc {
+    /// Where this mirror is pinned: [`pin_path`] of its object and name.
     pub fn pin_path(&self) -> PathBuf {
         pin_path(&self.object, &self.name)
     }
@@ -225,10 +231,12 @@ impl Mirror {
         })
     }
 
+    /// The shape it was created with, or (for a pin opened by path) read back from the kernel.
     pub fn desc(&self) -> &MirrorDesc {
         &self.desc
     }
 
+    /// The kernel map's fd, e.g. for `bpf()` commands of one's own on it.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -409,7 +417,9 @@ impl Mirror {
 /// One kernel map entry; `values` has one element, or one per CPU for per-CPU maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelEntry {
+    /// The key bytes.
     pub key: Vec<u8>,
+    /// `value_size` bytes each (the per-CPU slot padding dropped).
     pub values: Vec<Vec<u8>>,
 }
 

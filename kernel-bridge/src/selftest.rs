@@ -19,10 +19,14 @@ const EEXIST: i32 = libc::EEXIST;
 const E2BIG: i32 = libc::E2BIG;
 const EINVAL: i32 = libc::EINVAL;
 
+/// What [`run`] sends.
 #[derive(Debug, Clone)]
 pub struct SelftestOptions {
+    /// Updates, deletes and pushes to send, spread over the mirrors by a fixed weighting.
     pub updates: u64,
+    /// Run the bridge in [`BridgeConfig::confirm_each`] mode.
     pub confirm_each: bool,
+    /// Seed of the update stream: the same seed replays the same stream.
     pub seed: u64,
 }
 
@@ -36,17 +40,25 @@ impl Default for SelftestOptions {
     }
 }
 
+/// One mirror's outcome in a [`SelftestReport`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MapReport {
+    /// The mirror's map name.
     pub name: String,
+    /// Its map type ([`MapType::name`]).
     pub kind: &'static str,
+    /// Where it stays pinned for inspection.
     pub pin: String,
+    /// Entries the model holds (for the queue: values pushed).
     pub expected_entries: usize,
+    /// Entries read back from the kernel (arrays: model keys found; the queue: values popped).
     pub kernel_entries: usize,
 }
 
+/// What [`run`] found; [`SelftestReport::passed`] sums it up.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SelftestReport {
+    /// The bridge's counters after the final flush.
     pub counters: BridgeCounters,
     /// Sent but neither applied nor failed once the bridge was flushed.
     pub lost: u64,
@@ -54,12 +66,17 @@ pub struct SelftestReport {
     pub expected_failures: HashMap<&'static str, u64>,
     /// Differences between the model and the kernel: entries and per-update errnos.
     pub mismatches: Vec<String>,
+    /// One report per mirror, in creation order.
     pub maps: Vec<MapReport>,
+    /// Wall time from the first send to the end of the flush (the read-back not included).
     pub seconds: f64,
+    /// [`SelftestOptions::updates`] over `seconds`.
     pub updates_per_sec: f64,
 }
 
 impl SelftestReport {
+    /// No update lost or left pending, and the kernel agrees with the model on every entry and
+    /// every errno.
     pub fn passed(&self) -> bool {
         self.lost == 0 && self.counters.pending == 0 && self.mismatches.is_empty()
     }

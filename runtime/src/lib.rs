@@ -3,6 +3,8 @@
 //! memory, [`vm`] runs programs (interpreter, JIT, rbpf) with the [`helpers`] library, and
 //! [`loaded`] ties them together for the CLI (`load`, `run`) and for agents in target processes.
 
+#![warn(missing_docs)]
+
 pub mod helpers;
 pub mod loaded;
 pub mod maps;

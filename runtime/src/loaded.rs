@@ -41,10 +41,13 @@ impl std::str::FromStr for VmChoice {
     }
 }
 
+/// How [`LoadedObject::load`] checks and runs an object's programs.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     /// Pass every program through the kernel verifier first (the CLI's default).
     pub verify: bool,
+    /// Which VM family runs the programs (ours or rbpf); with `verify` and not `no_jit`, its
+    /// JIT, otherwise its interpreter.
     pub vm: VmChoice,
     /// Force the interpreter. Without verification the checked interpreter is used anyway:
     /// unchecked JIT code is only for verified bytes.
@@ -66,7 +69,8 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
-    fn vm_kind(&self) -> VmKind {
+    /// The VM these options run verified programs on.
+    pub fn vm_kind(&self) -> VmKind {
         let jit = self.verify && !self.no_jit;
         match (self.vm, jit) {
             (VmChoice::Ours, true) => VmKind::Jit,
@@ -77,31 +81,50 @@ impl LoadOptions {
     }
 }
 
+/// Why loading, publishing, opening or looking up an object's programs failed.
 #[derive(Debug, Error)]
 pub enum LoadError {
+    /// The object file could not be read or parsed.
     #[error(transparent)]
     Object(#[from] ObjectError),
+    /// A verifier gate error. [`LoadedObject::load`] does not return it: it keeps each
+    /// program's refusal in [`LoadedObject::refused`] and loads the others.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// Creating, opening, filling or granting access to the shared-memory maps failed.
     #[error(transparent)]
     Map(#[from] MapError),
+    /// The object has a map type the shared-memory maps do not implement.
     #[error(transparent)]
     UnsupportedMap(#[from] wire::UnsupportedMap),
+    /// Reading, writing or finding the object's manifest failed.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A state directory or file was missing or not trustworthy, or could not be removed.
     #[error(transparent)]
     Trust(#[from] TrustError),
+    /// The VM refused a program's bytes (bad encoding, an instruction rbpf cannot run, a JIT
+    /// compile failure).
     #[error("{object}: program {program} (section {section})")]
     Program {
+        /// The object's name.
         object: String,
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// The VM's error.
         #[source]
         source: VmError,
     },
+    /// A program that exists but cannot run: refused by the verifier, by the helpers' linking
+    /// (an unresolved map reference, an unsupported helper) or by the VM, or skipped by the
+    /// object parser.
     #[error("{object}: program {program}")]
     Unrunnable {
+        /// The object's name.
         object: String,
+        /// The program's name.
         program: String,
         /// Why the verifier, the loader or the VM refused it.
         #[source]
@@ -110,11 +133,21 @@ pub enum LoadError {
     #[error(
         "{object} is already loaded by pid {pid}: stop it or run `bpftime-rs unload {object}`"
     )]
-    AlreadyLoaded { object: String, pid: u32 },
+    /// Another live loader has published this object.
+    AlreadyLoaded {
+        /// The object (segment) name.
+        object: String,
+        /// The live loader's pid, from its manifest.
+        pid: u32,
+    },
+    /// [`LoadedObject::program`] found no program, runnable or refused, of that name.
     #[error("{object}: no program named {program} (programs: {available})")]
     NoSuchProgram {
+        /// The object's name.
         object: String,
+        /// The name asked for.
         program: String,
+        /// The runnable programs' names, comma-separated.
         available: String,
     },
 }
@@ -122,13 +155,21 @@ pub enum LoadError {
 /// A program ready to run in this process.
 #[derive(Debug, Clone)]
 pub struct RunnableProgram {
+    /// The program's function name in the object.
     pub name: String,
+    /// Its ELF section name.
     pub section: String,
-    /// As the section names it (`uprobe/PATH:FUNC`...).
+    /// Where it attaches: `PATH:FUNC[+OFF]` for uprobes, the parsed target's debug text for
+    /// other kinds (see `attach_string`).
     pub attach_target: String,
+    /// The kernel `bpf_prog_type` it was loaded as (0 for unknown sections); decides
+    /// [`context_size`](Self::context_size) and which programs tail calls may reach.
     pub prog_type: u32,
+    /// The VM that runs it.
     pub vm: VmKind,
+    /// Whether the kernel verifier accepted these exact bytes (only then may a JIT run them).
     pub verified: bool,
+    /// The validated, relocated program, shared by every runner.
     pub program: Arc<Program>,
 }
 
@@ -318,8 +359,11 @@ pub fn context_size(prog_type: u32) -> usize {
 
 /// An object loaded into shared memory.
 pub struct LoadedObject {
+    /// The parsed object.
     pub object: BpfObject,
+    /// Its maps' shared-memory segment (created, or reopened after a loader that is gone).
     pub shm: ShmObject,
+    /// The programs that loaded, in object order (their index is the tail-call index).
     pub programs: Vec<RunnableProgram>,
     /// Programs the verifier or VM refused, with why (the rest load).
     pub refused: Vec<(String, Arc<dyn std::error::Error + Send + Sync>)>,
@@ -495,6 +539,8 @@ impl LoadedObject {
         self.manifest.as_ref().map(|(_, m)| m)
     }
 
+    /// The runnable program called `name`, or why it was refused ([`LoadError::Unrunnable`]),
+    /// or [`LoadError::NoSuchProgram`].
     pub fn program(&self, name: &str) -> Result<&RunnableProgram, LoadError> {
         self.programs
             .iter()
@@ -582,6 +628,19 @@ fn compile(
     Ok(program)
 }
 
+/// Checks that `bytes`, a program another loader relocated (its map references already
+/// indices of `shm`'s maps) and the kernel verified, can run on `kind` over `shm`'s maps: the
+/// check `load` makes of each program before publishing it (the syscall shim's `load -- APP`).
+pub fn check_program(
+    shm: &ShmObject,
+    name: &str,
+    section: &str,
+    bytes: &[u8],
+    kind: VmKind,
+) -> Result<(), LoadError> {
+    compile(shm.object_name(), name, section, bytes, kind, shm).map(drop)
+}
+
 /// Helpers over `shm`'s maps for the programs of one object. Tail calls reach `programs` by
 /// index; with `caller` (a program type), only programs of that type, as the kernel only lets
 /// a PROG_ARRAY hold programs of the type that uses it (`bpf_prog_map_compatible`): a slot
@@ -629,8 +688,11 @@ fn attach_string(target: &AttachTarget) -> String {
 
 /// The programs another process published, as an agent opens them.
 pub struct PublishedObject {
+    /// The loader's segment, opened and checked against the manifest.
     pub shm: ShmObject,
+    /// The manifest's programs, compiled for this process, in manifest order.
     pub programs: Vec<RunnableProgram>,
+    /// The loader's manifest the programs came from.
     pub manifest: Manifest,
 }
 

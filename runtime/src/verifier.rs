@@ -48,16 +48,22 @@ const LOG_STATS: u32 = 4;
 /// A helper call replaced in the copy that the kernel verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HelperSubstitution {
+    /// Index of the `call` in the program's instructions (8-byte slots).
     pub insn_index: usize,
+    /// The helper id the program calls ([`HELPER_OVERRIDE_RETURN`]).
     pub original: i32,
+    /// The helper id the kernel verified in its place ([`HELPER_GET_FUNC_IP`]).
     pub replacement: i32,
 }
 
 /// A program the kernel verifier accepted.
 #[derive(Debug, Clone)]
 pub struct VerifiedProgram {
+    /// Index of the program in [`BpfObject::programs`].
     pub program_index: usize,
+    /// The program's name.
     pub name: String,
+    /// Its ELF section.
     pub section: String,
     /// The bytes to run: the loader's relocated instructions, exactly as given to the kernel
     /// except at [`VerifiedProgram::substitutions`].
@@ -73,27 +79,47 @@ pub struct VerifiedProgram {
 /// Why the gate did not accept a program. Every variant names the program and its section.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// The index is past the object's programs (the one variant that names no program).
     #[error("{object}: no program #{index} (the object has {count})")]
     NoSuchProgram {
+        /// The object's name.
         object: String,
+        /// The index asked for.
         index: usize,
+        /// How many programs the object has.
         count: usize,
     },
+    /// An unknown section ([`ProgramKind::Unknown`]): there is no program type to load it as.
     #[error(
         "program {program} (section {section}): the section declares no kernel program type, so \
          the kernel verifier cannot check it (use --no-verify to run it unverified)"
     )]
-    UnknownProgramType { program: String, section: String },
+    UnknownProgramType {
+        /// The program's name.
+        program: String,
+        /// Its ELF section.
+        section: String,
+    },
+    /// The gate cannot set the program up for the kernel (no or unknown attach target in
+    /// kernel BTF, struct_ops, map-in-map, a map index outside the object).
     #[error("program {program} (section {section}): cannot verify: {reason}")]
     Unsupported {
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// What is missing or unsupported.
         reason: String,
     },
+    /// The kernel's BTF, needed to find the attach target of a BTF-attached program
+    /// (fentry, lsm, tp_btf, ...), could not be read or parsed.
     #[error("program {program} (section {section}): cannot verify: kernel BTF: {source}")]
     KernelBtf {
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// The BTF error.
         #[source]
         source: BtfError,
     },
@@ -104,9 +130,13 @@ pub enum VerifyError {
         .source.source
     )]
     MapCreate {
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// The object's map that could not be created.
         map: String,
+        /// The failed `bpf()` command and its errno.
         #[source]
         source: SyscallError,
     },
@@ -118,19 +148,26 @@ pub enum VerifyError {
         .source.source
     )]
     NotPermitted {
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// The failed `BPF_PROG_LOAD` and its errno.
         #[source]
         source: SyscallError,
     },
+    /// The kernel verifier rejected the program; its log says why.
     #[error(
         "program {program} (section {section}) rejected by the kernel verifier ({}); \
          log tail:\n{log_tail}",
         .source.source
     )]
     Rejected {
+        /// The program's name.
         program: String,
+        /// Its ELF section.
         section: String,
+        /// The failed `BPF_PROG_LOAD` and its errno.
         #[source]
         source: SyscallError,
         /// The whole log the kernel returned.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::error_chain::error_chain;
+use bpftime_abi::ErrorChain;
 use bpftime_runtime::helpers::TRACE_MAP_NAME;
 use bpftime_runtime::loaded::LoadedObject;
 use bpftime_runtime::maps::{MapType, RingBufConsumer};
@@ -136,7 +136,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         );
     }
     for (name, why) in &loaded.refused {
-        println!("program {name} NOT loaded: {}", error_chain(why.as_ref()));
+        println!("program {name} NOT loaded: {}", ErrorChain(why.as_ref()));
     }
     if loaded.programs.is_empty() {
         anyhow::bail!("{}: no program could be loaded", args.object.display());

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use bpftime_abi::ErrorChain;
 use bpftime_kernel_bridge::mirror::{list_pinned, pin_path, Mirror};
 use bpftime_runtime::loaded::map_btf_path;
 use bpftime_runtime::maps::{EntryValue, MapHandle, ShmObject};
@@ -12,7 +13,6 @@ use bpftime_runtime::object::btf_format::MapBtfInfo;
 use serde_json::{json, Value};
 
 use super::objects::{trusted_objects, warn_skipped};
-use crate::error_chain::error_chain;
 
 #[derive(clap::Args)]
 pub struct MapsArgs {
@@ -143,7 +143,7 @@ fn rows() -> Result<Vec<Row>> {
             Err(e) => {
                 eprintln!(
                     "bpftime-rs: skipping the maps of {name}: {}",
-                    error_chain(&e)
+                    ErrorChain(&e)
                 );
                 continue;
             }

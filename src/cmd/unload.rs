@@ -4,11 +4,10 @@
 //! manifest names and no process maps.
 
 use anyhow::{Context, Result};
+use bpftime_abi::ErrorChain;
 use bpftime_kernel_bridge::mirror::remove_object_pins;
 use bpftime_runtime::maps::{euid, list_segments, remove_object, SegmentInfo};
 use bpftime_runtime::state::{Manifest, StateDir};
-
-use crate::error_chain::error_chain;
 
 #[derive(clap::Args)]
 pub struct UnloadArgs {
@@ -37,7 +36,7 @@ fn unload_stale(state: &StateDir) -> Result<()> {
         let manifest = match Manifest::read(state, &object) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!("bpftime-rs: skipping object {object}: {}", error_chain(&e));
+                eprintln!("bpftime-rs: skipping object {object}: {}", ErrorChain(&e));
                 continue;
             }
         };

@@ -67,14 +67,6 @@ pub fn record_skip(test: &str, why: &str) {
     }
 }
 
-/// An error with its sources, `: `-separated, for test failure messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+/// An error with its sources, `: `-separated, for test failure messages (the one
+/// implementation, in `bpftime-abi`; re-exported since test suites call it by this path).
+pub use bpftime_abi::error_chain;

@@ -77,6 +77,7 @@ pub struct HookSet {
 }
 
 impl HookSet {
+    /// An empty set; nothing is patched until [`HookSet::install`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -222,14 +223,18 @@ impl HookSet {
         remove_hooks(&std::mem::take(&mut self.ids))
     }
 
+    /// The hooks this set still owns, in install order except after a [`HookSet::remove`]
+    /// (which moves the last one into the gap).
     pub fn ids(&self) -> &[HookId] {
         &self.ids
     }
 
+    /// How many hooks this set owns (not sites: several hooks may share one).
     pub fn len(&self) -> usize {
         self.ids.len()
     }
 
+    /// Whether this set owns no hook.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

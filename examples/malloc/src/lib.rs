@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::programs::{uprobe::UProbeScope, UProbe};
+use bpftime_abi::ErrorChain;
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
 use bpftime_runtime::maps::{EntryValue, ShmObject};
 
@@ -357,10 +358,7 @@ pub fn run_userspace(
         .map_err(|e| anyhow::anyhow!("loading malloc.bpf.o: {e}"))?;
     let result = (|| {
         if let Some((name, why)) = loaded.refused.first() {
-            let chain =
-                std::iter::successors(Some(why.as_ref() as &dyn std::error::Error), |e| e.source());
-            let why: Vec<String> = chain.map(|e| e.to_string()).collect();
-            bail!("{name} refused: {}", why.join(": "));
+            bail!("{name} refused: {}", ErrorChain(why.as_ref()));
         }
         let mut command = Command::new(victim_path());
         command.arg(rounds.to_string());

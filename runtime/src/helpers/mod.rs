@@ -130,8 +130,11 @@ fn neg_map(e: &MapError) -> u64 {
 /// Errors of [`RuntimeHelpers::load_program`]: the program cannot be linked against these maps and helpers.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum LinkError {
+    /// Validation failed, or a pseudo `lddw` does not resolve against these maps (index out
+    /// of range, a value reference outside a one-entry ARRAY).
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The program calls a helper [`RuntimeHelpers`] does not implement.
     #[error(transparent)]
     UnknownHelper(#[from] UnknownHelper),
 }
@@ -216,6 +219,7 @@ impl RuntimeHelpers {
         self
     }
 
+    /// As [`with_trace_sink`](Self::with_trace_sink), in place.
     pub fn set_trace_sink(&mut self, sink: impl TraceSink + 'static) {
         self.trace = Box::new(sink);
     }
@@ -234,6 +238,7 @@ impl RuntimeHelpers {
         self.with_program_resolver(move |i| programs.get(i as usize).cloned())
     }
 
+    /// As [`with_program_resolver`](Self::with_program_resolver), in place.
     pub fn set_program_resolver(&mut self, r: ProgramResolver) {
         self.programs = Some(r);
     }
@@ -243,14 +248,17 @@ impl RuntimeHelpers {
         &self.maps
     }
 
+    /// The attach context: what the hook told the program, and `override_return` after a run.
     pub fn attach(&self) -> &AttachContext {
         &self.attach
     }
 
+    /// The attach context, for a hook to set `func_ip` or `cookie` before a run.
     pub fn attach_mut(&mut self) -> &mut AttachContext {
         &mut self.attach
     }
 
+    /// Replaces the whole attach context.
     pub fn set_attach(&mut self, a: AttachContext) {
         self.attach = a;
     }

@@ -22,10 +22,13 @@ const MAX_STR: usize = 256;
 /// Why a format is refused (the helper returns `-EINVAL`).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum FormatError {
+    /// No NUL within the format's size argument.
     #[error("format string is not NUL-terminated within its size")]
     NotTerminated,
+    /// A conversion outside the accepted subset; the value is the offset of its `%`.
     #[error("unsupported conversion at byte {0}")]
     Unsupported(usize),
+    /// The format has more conversions than arguments were given (the value: how many were).
     #[error("format uses more than {0} arguments")]
     TooManyArgs(usize),
 }

@@ -30,6 +30,7 @@ impl TraceSink for NullTraceSink {
 pub struct MemoryTraceSink(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl MemoryTraceSink {
+    /// An empty sink.
     pub fn new() -> Self {
         Self::default()
     }

@@ -142,9 +142,11 @@ pub fn is_supported(id: u32) -> bool {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("helper {id} ({name}) is not supported at instruction {pc}")]
 pub struct UnknownHelper {
+    /// The helper id called.
     pub id: u32,
     /// `bpf_<name>` from the kernel's helper list, or `unknown`.
     pub name: String,
+    /// Index of the first such call instruction (8-byte slots).
     pub pc: usize,
 }
 

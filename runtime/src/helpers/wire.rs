@@ -12,8 +12,11 @@ use super::trace_map_def;
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("object `{object}`: map `{map}` has type {map_type}, which user space does not support")]
 pub struct UnsupportedMap {
+    /// The object's name.
     pub object: String,
+    /// The map's name.
     pub map: String,
+    /// Its `bpf_map_type` number.
     pub map_type: u32,
 }
 

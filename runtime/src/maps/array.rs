@@ -25,6 +25,7 @@ typed_map!(
 pub struct InlineArrayLayout {
     /// Address of value 0.
     pub values: *mut u8,
+    /// Bytes from one value to the next (value_size rounded up to 8).
     pub stride: u32,
     /// One `u32` mark word per index.
     pub marks: *const u32,
@@ -51,8 +52,10 @@ pub(super) fn validate_prog_array(def: &super::MapDef) -> Result<(), String> {
     Ok(())
 }
 
-/// Region layout after the control block at `cur`: mark words, change summary, values.
-pub(super) fn plan_array(g: &mut Geometry, def: &super::MapDef, mut cur: u64) {
+/// Region layout after the control block at `cur`: mark words, change summary, values. The
+/// values of a `BPF_F_MMAPABLE` array start on a page, so a loader can `mmap` them as it does
+/// the kernel's (`array_map_mmap`; skeletons map `.bss` and `.data` so).
+pub(super) fn plan_array(g: &mut Geometry, def: &super::MapDef, mut cur: u64, pg: u64) {
     let m = u64::from(def.max_entries);
     g.marks_off = cur;
     cur += m * 4;
@@ -61,6 +64,9 @@ pub(super) fn plan_array(g: &mut Geometry, def: &super::MapDef, mut cur: u64) {
     g.summary_words = summary_words(m) as u32;
     cur += u64::from(g.summary_words) * 8;
     cur = round_up(cur, 64);
+    if def.flags & bpftime_abi::flags::BPF_F_MMAPABLE != 0 {
+        cur = round_up(cur, pg);
+    }
     g.data_off = cur;
     g.data_size = m * u64::from(g.value_stride) * u64::from(g.nslots);
 }

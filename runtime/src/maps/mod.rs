@@ -71,11 +71,18 @@ pub use bpftime_abi::{possible_cpus, MapType};
 /// A map definition as the loader reads it from the object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapDef {
+    /// The kernel map type (`bpf_map_type`) whose semantics the map follows.
     pub map_type: MapType,
+    /// Key size in bytes (0 for queues, stacks and ringbufs).
     pub key_size: u32,
+    /// Value size in bytes; for per-CPU maps the size of one CPU's slot.
     pub value_size: u32,
+    /// Capacity in entries; for a ringbuf its data size in bytes (a power of 2 and a multiple
+    /// of the page size, as in the kernel); 0 for a PERF_EVENT_ARRAY means one per CPU.
     pub max_entries: u32,
+    /// `map_flags` as the object declares them (`BPF_F_RDONLY_PROG`, `BPF_F_MMAPABLE`, ...).
     pub flags: u32,
+    /// The map's name, unique within its object (at most 63 bytes in the segment).
     pub name: String,
 }
 
@@ -103,36 +110,73 @@ impl MapDef {
 /// helper returns (negated) to the program.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
+    /// A map operation failed the way the kernel's would (ENOENT, EEXIST, E2BIG, ...).
     #[error("map `{map}`: {op}: {}", errno_text(*errno))]
     Op {
+        /// The map's name.
         map: Arc<str>,
+        /// The operation (`lookup`, `update`, `delete`, `push`, ...).
         op: &'static str,
+        /// The kernel errno for it, positive.
         errno: i32,
     },
     /// A typed operation on a map of another type.
     #[error("map `{map}`: is a {found}, not a {expected}")]
     WrongType {
+        /// The map's name.
         map: Arc<str>,
+        /// Its actual type.
         found: MapType,
+        /// The family the operation needs (e.g. `hash map`).
         expected: &'static str,
     },
+    /// A definition given to [`ShmObject::create`] that this runtime cannot lay out (an empty
+    /// or too long name, sizes or entry counts its map family does not allow, a duplicate
+    /// name).
     #[error("map `{map}`: invalid definition: {reason}")]
-    InvalidDef { map: String, reason: String },
+    InvalidDef {
+        /// The map's name.
+        map: String,
+        /// What is wrong with the definition.
+        reason: String,
+    },
+    /// The object's segment has no map of that name or index.
     #[error("object `{object}`: no map {map}")]
-    NoSuchMap { object: String, map: String },
+    NoSuchMap {
+        /// The object's name.
+        object: String,
+        /// The map asked for, as the caller selected it.
+        map: String,
+    },
+    /// A system call on the segment file failed (open, create, resize, map, unlink).
     #[error("object `{object}`: {path}: {source}")]
     Segment {
+        /// The object's name.
         object: String,
+        /// The segment file's path.
         path: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The segment's header or map table is inconsistent, or the request cannot apply to it
+    /// (invalid object name, an existing segment with other maps, ...).
     #[error("object `{object}`: {reason}")]
-    Corrupt { object: String, reason: String },
+    Corrupt {
+        /// The object's name.
+        object: String,
+        /// What is inconsistent.
+        reason: String,
+    },
+    /// The segment file is not one this process may trust (wrong owner, type or mode, or not
+    /// the file the loader's manifest names).
     #[error("object `{object}`: {path}: refusing to use it: {reason}")]
     Untrusted {
+        /// The object's name.
         object: String,
+        /// The segment file's path.
         path: String,
+        /// Why it is refused.
         reason: String,
     },
 }
@@ -214,15 +258,19 @@ pub struct MapCounters {
     pub entries: u64,
     /// Deleted entries whose deletion the forwarder has not acknowledged yet.
     pub tombstones: u64,
+    /// Successful deletes of hash-map entries.
     pub deletes: u64,
     /// Inserts refused because the map was full (E2BIG), ringbuf reserves refused (full).
     pub full: u64,
+    /// Entries an LRU hash map evicted to make room for an insert.
     pub evictions: u64,
     /// Tombstones reclaimed before acknowledgment to make room (sets the resync flag).
     pub tombstones_dropped: u64,
     /// Ringbuf/perf records lost because the ring was full.
     pub lost: u64,
+    /// Values pushed onto a queue or stack.
     pub pushes: u64,
+    /// Values popped from a queue or stack.
     pub pops: u64,
     /// Locks taken over from dead holders.
     pub recoveries: u64,
@@ -235,7 +283,9 @@ pub struct MapCounters {
 /// Value of an entry as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryValue {
+    /// The value bytes of a map that is not per-CPU.
     Single(Vec<u8>),
+    /// One value per CPU slot, in CPU order ([`ShmObject::ncpu`] of them).
     PerCpu(Vec<Vec<u8>>),
 }
 
@@ -263,7 +313,9 @@ impl EntryValue {
 /// One entry of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The key bytes (empty for queue and stack values).
     pub key: Vec<u8>,
+    /// The value, per CPU slot for per-CPU maps.
     pub value: EntryValue,
 }
 
@@ -291,10 +343,12 @@ impl<'a> ValuePtr<'a> {
         self.ptr.as_ptr()
     }
 
+    /// The value's size in bytes (the map's `value_size`).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// `true` for a zero-sized value.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -315,7 +369,8 @@ impl<'a> ValuePtr<'a> {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), n) };
     }
 
-    /// The 8-byte aligned u64 at `off`, for atomic counters the way programs use them.
+    /// The 8-byte aligned u64 at `off`, for atomic counters the way programs use them; `None`
+    /// when out of bounds or misaligned.
     pub fn atomic_u64(&self, off: usize) -> Option<&'a AtomicU64> {
         let p = self.ptr.as_ptr().wrapping_add(off);
         if off.checked_add(8)? > self.len || (p as usize) & 7 != 0 {
@@ -325,6 +380,8 @@ impl<'a> ValuePtr<'a> {
         Some(unsafe { &*(p as *const AtomicU64) })
     }
 
+    /// The 4-byte aligned u32 at `off`, as [`atomic_u64`](Self::atomic_u64); `None` when out
+    /// of bounds or misaligned.
     pub fn atomic_u32(&self, off: usize) -> Option<&'a AtomicU32> {
         let p = self.ptr.as_ptr().wrapping_add(off);
         if off.checked_add(4)? > self.len || (p as usize) & 3 != 0 {
@@ -400,6 +457,7 @@ impl MapHandle {
         self.ctl().counters.c[c].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The map's name, as in its definition.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -410,14 +468,33 @@ impl MapHandle {
         self.ctl as usize
     }
 
+    /// The map's definition as the segment records it (PERF_EVENT_ARRAY's `max_entries` 0
+    /// already replaced by the CPU count).
     pub fn def(&self) -> &MapDef {
         &self.def
     }
 
+    /// The byte range `[offset, offset + len)` of the segment file that `mmap` of this map's
+    /// descriptor maps, laid out as the kernel's: a RINGBUF's consumer page, producer page and
+    /// data (`ringbuf_map_mmap`, which maps the data twice), a `BPF_F_MMAPABLE` ARRAY's values
+    /// (`array_map_mmap`). `None` for maps the kernel does not let user space map.
+    pub fn mmap_range(&self) -> Option<(u64, u64)> {
+        let pg = bpftime_abi::page_size() as u64;
+        match self.def.map_type {
+            MapType::Ringbuf => Some((self.geo.data_off, 2 * pg + self.geo.data_size)),
+            MapType::Array if self.def.flags & bpftime_abi::flags::BPF_F_MMAPABLE != 0 => {
+                Some((self.geo.data_off, self.geo.data_size.div_ceil(pg) * pg))
+            }
+            _ => None,
+        }
+    }
+
+    /// The map's type (`def().map_type`).
     pub fn map_type(&self) -> MapType {
         self.def.map_type
     }
 
+    /// The segment's per-CPU slot count (see [`ShmObject::ncpu`]).
     pub fn ncpu(&self) -> u32 {
         self.ncpu
     }
@@ -604,10 +681,12 @@ impl MapHandle {
         }
     }
 
+    /// `true` when [`len`](Self::len) is 0.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// A snapshot of the map's counters from its control block (shared by every process).
     pub fn counters(&self) -> MapCounters {
         let c = &self.ctl().counters.c;
         let g = |i: usize| c[i].load(Ordering::Relaxed);

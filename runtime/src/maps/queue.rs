@@ -152,7 +152,9 @@ impl MapHandle {
 /// A value still queued, with its push sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedPush {
+    /// The push's sequence number: pushes are numbered 0, 1, 2, ... in push order.
     pub seq: u64,
+    /// The value pushed (value_size bytes).
     pub value: Vec<u8>,
 }
 

@@ -104,6 +104,7 @@ pub(super) fn plan_perf_event_array(g: &mut Geometry, ncpu: u32, cur: u64, pg: u
 pub struct RingRecord<'a> {
     /// Ring index: 0 for a RINGBUF, the CPU for a PERF_EVENT_ARRAY.
     pub ring: u32,
+    /// The record's bytes, in the ring's shared memory (valid during the callback only).
     pub data: &'a [u8],
 }
 
@@ -318,6 +319,8 @@ pub struct RingBufConsumer {
 }
 
 impl RingBufConsumer {
+    /// A consumer of `map`'s rings; EINVAL if `map` is neither a RINGBUF nor a
+    /// PERF_EVENT_ARRAY.
     pub fn new(map: &MapHandle) -> Result<Self, MapError> {
         let rings = map
             .rings

@@ -43,7 +43,9 @@ pub struct Change {
     pub slot: u32,
     /// Element generation, to acknowledge exactly this tombstone.
     pub generation: u32,
+    /// Which marks the entry had (update/delete, handed-out pointer).
     pub kind: ChangeKind,
+    /// The entry's key (for arrays the index, little-endian).
     pub key: Vec<u8>,
     /// Current value; `None` when the entry is deleted (a tombstone).
     pub value: Option<EntryValue>,
@@ -53,9 +55,13 @@ pub struct Change {
 /// [`MapHandle::drain_changes_raw`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawChange<'a> {
+    /// Element slot (hash) or index (array), as [`Change::slot`].
     pub slot: u32,
+    /// Element generation, as [`Change::generation`].
     pub generation: u32,
+    /// Which marks the entry had.
     pub kind: ChangeKind,
+    /// The entry's key (for arrays the index, little-endian).
     pub key: &'a [u8],
     /// The current value, [`MapHandle::raw_value_len`] bytes: per-CPU maps give every CPU's
     /// value, each padded to 8 bytes (the layout of BPF_MAP_UPDATE_ELEM for per-CPU maps).
@@ -424,6 +430,8 @@ impl Default for ChangeCursor {
 }
 
 impl ChangeCursor {
+    /// A cursor that re-reads lookup-marked entries on the next `grace_passes` passes (at
+    /// least 1).
     pub fn new(grace_passes: u32) -> Self {
         Self {
             grace_passes: grace_passes.max(1),

@@ -37,11 +37,17 @@ impl Family {
 /// A map seen through its family's view.
 #[derive(Debug, Clone, Copy)]
 pub enum MapRef<'a> {
+    /// HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH.
     Hash(&'a HashMap),
+    /// ARRAY, PERCPU_ARRAY.
     Array(&'a ArrayMap),
+    /// PROG_ARRAY: program indices for tail calls.
     ProgArray(&'a ProgArray),
+    /// QUEUE (FIFO) and STACK (LIFO).
     Queue(&'a QueueMap),
+    /// RINGBUF.
     RingBuf(&'a RingBuf),
+    /// PERF_EVENT_ARRAY: one ring per CPU.
     PerfEventArray(&'a PerfEventArray),
 }
 

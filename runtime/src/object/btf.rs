@@ -15,25 +15,45 @@ use bpftime_abi::btf::MAGIC as BTF_MAGIC;
 /// A malformed BTF blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BtfError {
+    /// A header field, type record or string runs past the blob (the byte offset reached).
     #[error("BTF is truncated at byte {0}")]
     Truncated(usize),
+    /// The blob does not start with the BTF magic `0xeb9f` (the value found).
     #[error("bad BTF magic {0:#x}")]
     BadMagic(u16),
+    /// A type record of a kind this reader does not know.
     #[error("unknown BTF kind {kind} for type id {id}")]
-    UnknownKind { id: u32, kind: u8 },
+    UnknownKind {
+        /// The type id the record would have.
+        id: u32,
+        /// Its `BTF_KIND_*` value.
+        kind: u8,
+    },
+    /// A name offset outside the string section, or a string there without its NUL or not
+    /// UTF-8 (the offset).
     #[error("BTF string offset {0} is out of range")]
     BadString(u32),
+    /// A reference to a type id past the last type (the id).
     #[error("BTF type id {0} does not exist")]
     BadTypeId(u32),
+    /// Following modifiers, typedefs or arrays took more than 32 steps (the kernel's limit as
+    /// well); the value is the id reached when it gave up.
     #[error("BTF type chain starting at {0} is too deep or cyclic")]
     TooDeep(u32),
+    /// A BTF file (such as vmlinux's) could not be read.
     #[error("cannot read {path}: {reason}")]
-    Io { path: String, reason: String },
+    Io {
+        /// The file's path.
+        path: String,
+        /// The I/O error's message.
+        reason: String,
+    },
 }
 
 /// One member of a struct/union, enum value, func_proto parameter or datasec entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// Offset of the name in the string section (0: anonymous; unused for datasec entries).
     pub name_off: u32,
     /// Member/param/var type (enum: unused).
     pub type_id: u32,
@@ -48,9 +68,14 @@ pub struct Member {
 /// One BTF type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BtfType {
+    /// Offset of the name in the string section (0: anonymous).
     pub name_off: u32,
+    /// `BTF_KIND_*` (see [`kind`]).
     pub kind: u8,
+    /// The `info` word's kind flag: bitfield member offsets for STRUCT/UNION, signed values
+    /// for ENUM/ENUM64, a union for FWD.
     pub kind_flag: bool,
+    /// The `info` word's count: members, enum values, parameters or datasec entries.
     pub vlen: u16,
     /// `size` for INT/STRUCT/UNION/ENUM/DATASEC/FLOAT, `type` for the others.
     pub size_or_type: u32,
@@ -58,6 +83,8 @@ pub struct BtfType {
     pub extra: u32,
     /// ARRAY: (element type, index type, nelems).
     pub array: Option<(u32, u32, u32)>,
+    /// The `vlen` records that follow the type: struct/union members, enum values,
+    /// func_proto parameters or datasec entries (empty for other kinds).
     pub members: Vec<Member>,
     /// Byte offset of this type's record inside the types section (to patch a copy).
     pub raw_offset: usize,
@@ -442,6 +469,7 @@ pub fn essential_name(name: &str) -> &str {
 /// One `.BTF.ext` record with its ELF section name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtRecord {
+    /// The ELF code section the record belongs to.
     pub section: String,
     /// Byte offset of the instruction in its section.
     pub insn_off: u32,
@@ -456,8 +484,11 @@ pub struct ExtRecord {
 /// Parsed `.BTF.ext`: function info, line info and CO-RE relocations.
 #[derive(Debug, Clone, Default)]
 pub struct BtfExt {
+    /// `bpf_func_info` records: where each function starts and its FUNC type.
     pub func_info: Vec<ExtRecord>,
+    /// `bpf_line_info` records: source lines of instructions.
     pub line_info: Vec<ExtRecord>,
+    /// `bpf_core_relo` records: the CO-RE relocations to apply.
     pub core_relos: Vec<ExtRecord>,
 }
 

@@ -43,25 +43,50 @@ pub enum TypeDesc {
     /// An integer of 1, 2, 4, 8 or 16 bytes. `bool` prints `true`/`false`; `char` only changes
     /// how arrays of it print (as strings).
     Int {
+        /// Width in bytes.
         size: u32,
+        /// `BTF_INT_SIGNED`: printed as a signed number.
         signed: bool,
+        /// `BTF_INT_BOOL`: printed as `true`/`false`.
         bool: bool,
+        /// `BTF_INT_CHAR`: arrays of it print as strings.
         char: bool,
     },
     /// An IEEE float of 4 or 8 bytes.
-    Float { size: u32 },
+    Float {
+        /// Width in bytes.
+        size: u32,
+    },
     /// A pointer (8 bytes), printed as a number.
     Ptr,
     /// `len` consecutive `elem`s.
-    Array { elem: Box<TypeDesc>, len: u32 },
+    Array {
+        /// The element type.
+        elem: Box<TypeDesc>,
+        /// Number of elements.
+        len: u32,
+    },
     /// A struct, or a `DATASEC` (its variables as members).
-    Struct { size: u32, members: Vec<Field> },
+    Struct {
+        /// Total size in bytes.
+        size: u32,
+        /// Its members (a `DATASEC`'s variables), in BTF order.
+        members: Vec<Field>,
+    },
     /// A union: every member reads the same bytes.
-    Union { size: u32, members: Vec<Field> },
+    Union {
+        /// Total size in bytes.
+        size: u32,
+        /// Its members, in BTF order.
+        members: Vec<Field>,
+    },
     /// An enum; `values` hold the raw 64-bit pattern (sign-extended when `signed`).
     Enum {
+        /// Width in bytes.
         size: u32,
+        /// Whether the enum is signed (the BTF kind flag).
         signed: bool,
+        /// Enumerator names and values; a value not listed prints as a number.
         values: Vec<(String, u64)>,
     },
 }
@@ -75,6 +100,7 @@ pub struct Field {
     pub bit_offset: u32,
     /// Bitfield width in bits; 0 for an ordinary member.
     pub bitfield_size: u32,
+    /// The member's type.
     pub ty: TypeDesc,
 }
 
@@ -133,7 +159,9 @@ pub struct MapBtfInfo {
 /// The key and value types of one map.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MapTypes {
+    /// The key's type; `None` when the map has no usable BTF for it.
     pub key: Option<TypeDesc>,
+    /// The value's type; `None` when the map has no usable BTF for it.
     pub value: Option<TypeDesc>,
 }
 

@@ -17,18 +17,32 @@ pub const POISON_HELPER: i32 = 0xbad2310;
 /// `enum bpf_core_relo_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CoreReloKind {
+    /// `BPF_CORE_FIELD_BYTE_OFFSET` (0): the field's byte offset in the target type.
     FieldByteOffset,
+    /// `BPF_CORE_FIELD_BYTE_SIZE` (1): the field's size in bytes.
     FieldByteSize,
+    /// `BPF_CORE_FIELD_EXISTS` (2): 1 if the target kernel has the field, else 0.
     FieldExists,
+    /// `BPF_CORE_FIELD_SIGNED` (3): 1 if the field is signed.
     FieldSigned,
+    /// `BPF_CORE_FIELD_LSHIFT_U64` (4): left shift that brings a bitfield to the top of a u64.
     FieldLshiftU64,
+    /// `BPF_CORE_FIELD_RSHIFT_U64` (5): right shift that then brings it down to bit 0.
     FieldRshiftU64,
+    /// `BPF_CORE_TYPE_ID_LOCAL` (6): the type's id in the object's own BTF.
     TypeIdLocal,
+    /// `BPF_CORE_TYPE_ID_TARGET` (7): the matching type's id in the target kernel's BTF.
     TypeIdTarget,
+    /// `BPF_CORE_TYPE_EXISTS` (8): 1 if the target has a compatible type.
     TypeExists,
+    /// `BPF_CORE_TYPE_SIZE` (9): the target type's size in bytes.
     TypeSize,
+    /// `BPF_CORE_ENUMVAL_EXISTS` (10): 1 if the target enum has the enumerator.
     EnumvalExists,
+    /// `BPF_CORE_ENUMVAL_VALUE` (11): the enumerator's value in the target.
     EnumvalValue,
+    /// `BPF_CORE_TYPE_MATCHES` (12): 1 if the target type matches by libbpf's stricter
+    /// `bpf_core_type_matches` rules.
     TypeMatches,
 }
 
@@ -63,6 +77,7 @@ impl CoreReloKind {
 pub struct CoreRelocation {
     /// Instruction index (in the section while relocating, in the program once linked).
     pub insn_index: usize,
+    /// What the relocation asks for.
     pub kind: CoreReloKind,
     /// Name of the local root type (e.g. `pt_regs`).
     pub type_name: String,
@@ -75,7 +90,10 @@ pub struct CoreRelocation {
 /// Why a CO-RE relocation failed (reported with the section and instruction index by the caller).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CoreError {
+    /// Index of the instruction in its section (8-byte slots).
     pub insn_index: usize,
+    /// What could not be done (a malformed record or instruction, not an unmatched type,
+    /// which poisons the instruction instead).
     pub reason: String,
 }
 

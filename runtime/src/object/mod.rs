@@ -70,8 +70,11 @@ pub struct BpfObject {
 /// A program that failed to load, and why.
 #[derive(Debug, Clone)]
 pub struct SkippedProgram {
+    /// The program's function symbol, or the section name when the whole section failed.
     pub name: String,
+    /// The ELF section it is in.
     pub section: String,
+    /// Why it could not be loaded.
     pub error: ObjectError,
 }
 
@@ -82,6 +85,7 @@ pub struct ProgramSpec {
     pub name: String,
     /// ELF section name, e.g. `uprobe//usr/bin/app:main`.
     pub section: String,
+    /// The program kind its section name declares.
     pub kind: ProgramKind,
     /// `bpf_prog_type` the kernel must load this as; `None` for unknown sections.
     pub kernel_prog_type: Option<u32>,
@@ -89,6 +93,7 @@ pub struct ProgramSpec {
     pub expected_attach_type: u32,
     /// Load flags (`BPF_F_SLEEPABLE`, `BPF_F_XDP_HAS_FRAGS`).
     pub prog_flags: u32,
+    /// What its section name says to attach to.
     pub attach: AttachTarget,
     /// Linked instructions: the program first, then each subprogram it (transitively) calls.
     pub insns: Vec<RawInsn>,
@@ -118,6 +123,7 @@ pub struct MapReloc {
     pub insn_index: usize,
     /// Index into [`BpfObject::maps`].
     pub map_index: usize,
+    /// Whether the `lddw` loads the map or an address in its value.
     pub kind: MapRelocKind,
 }
 
@@ -127,12 +133,16 @@ pub enum MapRelocKind {
     /// The map itself (`BPF_PSEUDO_MAP_IDX`).
     Map,
     /// The address of byte `offset` in the map's single value (`BPF_PSEUDO_MAP_IDX_VALUE`).
-    Value { offset: u32 },
+    Value {
+        /// Byte offset into the value (the variable's offset in its section).
+        offset: u32,
+    },
 }
 
 /// A resolved bpf-to-bpf call or callback reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallReloc {
+    /// Index in [`ProgramSpec::insns`] of the `call` or of the `lddw`'s first slot.
     pub insn_index: usize,
     /// Absolute target index in [`ProgramSpec::insns`].
     pub target: usize,
@@ -143,20 +153,28 @@ pub struct CallReloc {
 /// A function placed in a linked program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionInfo {
+    /// The function's ELF symbol name.
     pub name: String,
     /// First instruction in [`ProgramSpec::insns`].
     pub start: usize,
+    /// Its length in instructions (8-byte slots).
     pub len: usize,
     /// BTF `FUNC` type id from `.BTF.ext` func_info, if any (the kernel needs it for callbacks).
     pub btf_type_id: Option<u32>,
 }
 
-/// A `.BTF.ext` line-info record remapped to a linked program.
+/// A `.BTF.ext` line-info record remapped to a linked program. The three `u32`s are those of
+/// the kernel's `struct bpf_line_info`, passed through unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineInfo {
+    /// The instruction it describes, in [`ProgramSpec::insns`].
     pub insn_index: usize,
+    /// Offset of the source file name in the BTF string section.
     pub file_name_off: u32,
+    /// Offset of the source line's text in the BTF string section.
     pub line_off: u32,
+    /// Line number and column, packed as the kernel's `BPF_LINE_INFO_LINE_NUM` (high 22 bits)
+    /// and `BPF_LINE_INFO_LINE_COL` (low 10 bits).
     pub line_col: u32,
 }
 
@@ -168,14 +186,20 @@ pub enum MapOrigin {
     /// A `struct bpf_map_def` in the legacy `maps` section.
     LegacyMaps,
     /// A global-data section (`.rodata`, `.data`, `.bss` and their `.*` variants), one value.
-    GlobalData { section: String },
+    GlobalData {
+        /// The ELF section (e.g. `.rodata.str1.1`).
+        section: String,
+    },
 }
 
-/// `LIBBPF_PIN_*`.
+/// `LIBBPF_PIN_*`: the `pinning` attribute of a BTF-defined map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pinning {
+    /// `LIBBPF_PIN_NONE` (0, and every legacy or global-data map): not pinned.
     None,
+    /// `LIBBPF_PIN_BY_NAME` (1): pinned under the pin root by the map's name.
     ByName,
+    /// A value libbpf does not define, kept as written.
     Other(u32),
 }
 
@@ -184,15 +208,23 @@ pub enum Pinning {
 pub struct MapSpec {
     /// Variable name (`counts`) or section name for global data (`.rodata`).
     pub name: String,
+    /// Which kind of definition it came from.
     pub origin: MapOrigin,
     /// `bpf_map_type`.
     pub map_type: u32,
+    /// Key size in bytes (4 for global-data maps).
     pub key_size: u32,
+    /// Value size in bytes (the section size for global-data maps).
     pub value_size: u32,
+    /// Capacity in entries, as declared (1 for global-data maps).
     pub max_entries: u32,
+    /// `map_flags` (`BPF_F_*`); `.rodata*` maps get `BPF_F_RDONLY_PROG`.
     pub flags: u32,
+    /// The `pinning` attribute (BTF maps only).
     pub pinning: Pinning,
+    /// The `numa_node` attribute; used only with `BPF_F_NUMA_NODE` in `flags`.
     pub numa_node: u32,
+    /// The `map_extra` attribute (e.g. a bloom filter's hash count), passed to the kernel.
     pub map_extra: u64,
     /// Initial value bytes of a global-data map; `None` means zero-filled (`.bss`, ordinary maps).
     pub initial_data: Option<Vec<u8>>,
@@ -213,37 +245,73 @@ impl MapSpec {
 /// instruction index.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ObjectError {
+    /// The file could not be read.
     #[error("{file}: cannot read: {reason}")]
-    Io { file: String, reason: String },
+    Io {
+        /// The path, as given.
+        file: String,
+        /// The I/O error's message.
+        reason: String,
+    },
+    /// The bytes are not an ELF file, or not one for `EM_BPF`.
     #[error("{file}: not a valid BPF ELF object: {reason}")]
-    Elf { file: String, reason: String },
+    Elf {
+        /// The file, as named to the parser.
+        file: String,
+        /// What goblin or the machine check reported.
+        reason: String,
+    },
+    /// A section is malformed (bad symbols, relocations, sizes, ...).
     #[error("{file}: section {section}: {reason}")]
     Section {
+        /// The file, as named to the parser.
         file: String,
+        /// The section's name.
         section: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// An instruction cannot be relocated or linked.
     #[error("{file}: section {section}, instruction {insn}: {reason}")]
     Insn {
+        /// The file, as named to the parser.
         file: String,
+        /// The code section holding the instruction.
         section: String,
+        /// Index of the instruction in that section (8-byte slots).
         insn: usize,
+        /// What is wrong with it.
         reason: String,
     },
+    /// The object's BTF (or the kernel's, for CO-RE) is missing or does not parse.
     #[error("{file}: section {section}: BTF: {source}")]
     Btf {
+        /// The file, as named to the parser.
         file: String,
+        /// The section concerned: `.BTF`, `.BTF.ext`, `.maps`, or a code section whose CO-RE
+        /// relocations needed the kernel's BTF.
         section: String,
+        /// The BTF parser's error.
         source: BtfError,
     },
+    /// A map definition is malformed.
     #[error("{file}: map {map}: {reason}")]
     Map {
+        /// The file, as named to the parser.
         file: String,
+        /// The map's name.
         map: String,
+        /// What is wrong with its definition.
         reason: String,
     },
+    /// [`BpfObject::program`] found no program, loaded or skipped, of that name.
     #[error("{file}: no program named {name}")]
-    NoSuchProgram { file: String, name: String },
+    NoSuchProgram {
+        /// The object's name ([`BpfObject::name`]).
+        file: String,
+        /// The name asked for.
+        name: String,
+    },
 }
 
 impl BpfObject {

@@ -6,42 +6,80 @@ use libbpf_sys as sys;
 /// What kind of program a section declares, in libbpf's terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProgramKind {
+    /// `uprobe`, `uprobe.s` (sleepable): entry of a userspace function (`BPF_PROG_TYPE_KPROBE`).
     Uprobe,
+    /// `uretprobe`, `uretprobe.s`: return of a userspace function (`BPF_PROG_TYPE_KPROBE`).
     Uretprobe,
+    /// `uprobe.multi`, `uretprobe.multi`: several userspace functions at once
+    /// (`BPF_TRACE_UPROBE_MULTI`).
     UprobeMulti,
+    /// `usdt`: a USDT probe of a userspace binary (`BPF_PROG_TYPE_KPROBE`).
     Usdt,
+    /// `kprobe`: entry of a kernel function.
     Kprobe,
+    /// `kretprobe`: return of a kernel function.
     Kretprobe,
+    /// `kprobe.multi`, `kretprobe.multi`: several kernel functions (`BPF_TRACE_KPROBE_MULTI`).
     KprobeMulti,
+    /// `ksyscall`, `kretsyscall`: entry or return of a syscall, by syscall name.
     Ksyscall,
+    /// `tracepoint`, `tp`: a kernel tracepoint (`BPF_PROG_TYPE_TRACEPOINT`).
     Tracepoint,
+    /// `raw_tracepoint`, `raw_tp` and their `.w` (writable) forms.
     RawTracepoint,
+    /// `tp_btf`: a BTF-typed raw tracepoint (`BPF_PROG_TYPE_TRACING`, `BPF_TRACE_RAW_TP`).
     TpBtf,
+    /// `fentry`, `fentry.s`: entry of a kernel function through a BPF trampoline.
     Fentry,
+    /// `fexit`, `fexit.s`: exit of a kernel function through a BPF trampoline.
     Fexit,
+    /// `fmod_ret`: a trampoline program that may override a kernel function's return value.
     FmodRet,
+    /// `lsm`, `lsm.s`: an LSM hook (`BPF_PROG_TYPE_LSM`).
     Lsm,
+    /// `iter`: a BPF iterator (`BPF_TRACE_ITER`).
     Iter,
+    /// `xdp`, `xdp.frags`: an XDP packet program.
     Xdp,
+    /// `socket`: a socket filter (`BPF_PROG_TYPE_SOCKET_FILTER`).
     SocketFilter,
+    /// `sk_reuseport`: selects a socket of a `SO_REUSEPORT` group.
     SkReuseport,
+    /// `tc`, `classifier`: a tc classifier (`BPF_PROG_TYPE_SCHED_CLS`).
     SchedCls,
+    /// `action`: a tc action (`BPF_PROG_TYPE_SCHED_ACT`).
     SchedAct,
+    /// `cgroup_skb/ingress`, `cgroup_skb/egress`, `cgroup/skb`: cgroup packet filter.
     CgroupSkb,
+    /// `cgroup/sock_create`, `cgroup/sock`: socket creation in a cgroup.
     CgroupSock,
+    /// `cgroup/connect4|6`, `cgroup/bind4|6`: socket address hooks of a cgroup.
     CgroupSockAddr,
+    /// `cgroup/sysctl`: sysctl access from a cgroup.
     CgroupSysctl,
+    /// `cgroup/getsockopt`, `cgroup/setsockopt`.
     CgroupSockopt,
+    /// `cgroup/dev`: device access control of a cgroup.
     CgroupDevice,
+    /// `sockops`: TCP socket operations (`BPF_PROG_TYPE_SOCK_OPS`).
     SockOps,
+    /// `sk_skb`, `sk_skb/stream_parser`, `sk_skb/stream_verdict`: sockmap stream programs.
     SkSkb,
+    /// `sk_msg`: sockmap message verdicts.
     SkMsg,
+    /// `sk_lookup`: socket lookup for incoming connections.
     SkLookup,
+    /// `flow_dissector`: the network flow dissector.
     FlowDissector,
+    /// `lwt_in`, `lwt_out`, `lwt_xmit`, `lwt_seg6local`: lightweight tunnel programs.
     Lwt,
+    /// `perf_event`: runs on a perf event's overflow (`BPF_PROG_TYPE_PERF_EVENT`).
     PerfEvent,
+    /// `syscall`: a sleepable program run by `BPF_PROG_RUN` (`BPF_PROG_TYPE_SYSCALL`).
     Syscall,
+    /// `struct_ops`: an implementation of a kernel `struct_ops` callback.
     StructOps,
+    /// `netfilter`: a netfilter hook (`BPF_PROG_TYPE_NETFILTER`).
     Netfilter,
     /// An executable section whose name libbpf conventions do not define. Kept (not an error for
     /// the object) so that the rest of the object still loads; such a program has no kernel
@@ -56,30 +94,52 @@ pub enum AttachTarget {
     None,
     /// `uprobe[.s]/PATH:FUNC[+OFF]`, `uretprobe/...`; `symbol` is `None` for `PATH:0xADDR`.
     Uprobe {
+        /// The binary or library: everything before the first `:`.
         path: Option<String>,
+        /// The function name; `None` for an address or for a path with no `:FUNC` part.
         symbol: Option<String>,
+        /// Bytes after `symbol`, or the address itself when `symbol` is `None` (0 if absent).
         offset: u64,
+        /// A `uretprobe` (or `uretprobe.multi`): runs on return.
         retprobe: bool,
+        /// A `.s` section: the program may sleep (`BPF_F_SLEEPABLE`).
         sleepable: bool,
     },
     /// `usdt/PATH:PROVIDER:NAME`.
     Usdt {
+        /// The binary or library that holds the probe.
         path: String,
+        /// The probe's provider (the first part of its `provider:name`).
         provider: String,
+        /// The probe's name within its provider.
         name: String,
     },
     /// `kprobe/FUNC[+OFF]`, `kretprobe/FUNC`, `ksyscall/NAME`.
     Kprobe {
+        /// The kernel function (or syscall name, for `ksyscall`); `None` for a bare address.
         symbol: Option<String>,
+        /// Bytes after `symbol`, or the address itself when `symbol` is `None`.
         offset: u64,
+        /// A `kret...` section: runs on return.
         retprobe: bool,
     },
     /// `tracepoint/CATEGORY/NAME` or `tp/CATEGORY/NAME`.
-    Tracepoint { category: String, name: String },
+    Tracepoint {
+        /// The tracepoint's subsystem (the directory under `events/`, e.g. `syscalls`).
+        category: String,
+        /// The tracepoint within it (e.g. `sys_enter_write`).
+        name: String,
+    },
     /// `raw_tp/NAME`, `raw_tracepoint/NAME`, `tp_btf/NAME`.
-    RawTracepoint { name: String },
+    RawTracepoint {
+        /// The tracepoint's name (e.g. `sched_switch`).
+        name: String,
+    },
     /// `fentry/FUNC`, `fexit/FUNC`, `lsm/HOOK`, `iter/TARGET`: a kernel BTF function or hook.
-    BtfTarget { name: String },
+    BtfTarget {
+        /// The kernel function, LSM hook or iterator target, as named in kernel BTF.
+        name: String,
+    },
     /// Anything else after the first `/` (e.g. `cgroup_skb/ingress`).
     Other(String),
 }
@@ -87,6 +147,7 @@ pub enum AttachTarget {
 /// The result of matching one section name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SectionInfo {
+    /// Which convention the name matched.
     pub kind: ProgramKind,
     /// `bpf_prog_type` to load the program as in the kernel; `None` for [`ProgramKind::Unknown`].
     pub kernel_prog_type: Option<u32>,
@@ -94,6 +155,7 @@ pub struct SectionInfo {
     pub expected_attach_type: u32,
     /// Load flags (`BPF_F_SLEEPABLE`, `BPF_F_XDP_HAS_FRAGS`).
     pub prog_flags: u32,
+    /// What the rest of the name (after `kind`'s prefix and `/`) says to attach to.
     pub attach: AttachTarget,
 }
 

@@ -12,14 +12,24 @@ use std::path::{Path, PathBuf};
 /// Why a file or directory was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
+    /// A system call on the path failed (including `ENOENT`: see [`TrustError::is_not_found`]).
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory concerned.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The path exists but may not be trusted (wrong owner, writable by others, a symbolic
+    /// link, not a regular file or directory, too large).
     #[error("{path}: refusing to use it: {why}")]
-    Untrusted { path: PathBuf, why: String },
+    Untrusted {
+        /// The file or directory refused.
+        path: PathBuf,
+        /// Why it is refused.
+        why: String,
+    },
 }
 
 impl TrustError {

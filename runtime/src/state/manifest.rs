@@ -26,25 +26,43 @@ const FORMAT: u32 = 1;
 /// Manifests larger than this are refused (they hold at most a few MiB of instructions).
 const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 
+/// Why a manifest could not be written, found or used.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    /// The manifest file or a directory on its way is missing, unreadable or untrusted.
     #[error(transparent)]
     Trust(#[from] TrustError),
+    /// No readable state directory has a manifest for the object.
     #[error("object {object} is not loaded (no manifest in a trusted state directory)")]
-    NotLoaded { object: String },
+    NotLoaded {
+        /// The object asked for.
+        object: String,
+    },
+    /// The file is not a manifest this version reads, or is inconsistent (format, object,
+    /// owner, map types, program indices, instructions, VM names, links).
     #[error("{path}: not a valid manifest: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 /// One map as the loader defined it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestMap {
+    /// The map's name ([`MapDef::name`]).
     pub name: String,
     /// Kernel `BPF_MAP_TYPE_*`.
     pub map_type: u32,
+    /// Key size in bytes.
     pub key_size: u32,
+    /// Value size in bytes (one CPU's slot for per-CPU maps).
     pub value_size: u32,
+    /// Capacity, as in [`MapDef::max_entries`].
     pub max_entries: u32,
+    /// `map_flags`.
     pub flags: u32,
 }
 
@@ -53,8 +71,12 @@ pub struct ManifestMap {
 pub struct ManifestProgram {
     /// What PROG_ARRAY slots hold.
     pub index: u32,
+    /// The program's name in the object.
     pub name: String,
+    /// Its ELF section.
     pub section: String,
+    /// Where it attaches, as in
+    /// [`RunnableProgram::attach_target`](crate::loaded::RunnableProgram::attach_target).
     pub attach_target: String,
     /// Kernel `BPF_PROG_TYPE_*`.
     pub prog_type: u32,
@@ -66,27 +88,57 @@ pub struct ManifestProgram {
     pub insns: String,
 }
 
+/// One attachment a loader made itself, as agents install it: `load -- APP` publishes one per
+/// perf-event link APP made on a uprobe PMU event (an object loaded from a file has none: its
+/// programs attach where their sections say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestLink {
+    /// Index of the program in [`Manifest::programs`].
+    pub program: u32,
+    /// A return probe (the PMU's retprobe bit) rather than an entry probe.
+    pub retprobe: bool,
+    /// Where, as `PATH:FUNC[+OFFSET]` (`bpftime_attach::symbols`).
+    pub target: String,
+    /// Only this process runs it (perf_event_open's pid); `None`: every process.
+    pub pid: Option<u32>,
+    /// What `bpf_get_attach_cookie` returns (the link's `bpf_cookie`).
+    pub cookie: u64,
+}
+
 /// A loaded object, as its loader published it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Version of this file's layout; [`Manifest::read`] refuses others.
     pub format: u32,
+    /// The object's name (also its segment's name and its directory's).
     pub object: String,
     /// The object file it was loaded from.
     pub source: String,
+    /// The loader's effective uid: the state directory's user, or root.
     pub owner_uid: u32,
+    /// Pid of the loader process.
     pub loader_pid: u32,
     /// Start time of the loader (clock ticks since boot), to tell it from a recycled pid.
     pub loader_start: u64,
     /// Bumped each time the manifest is replaced.
     pub generation: u64,
+    /// The shared-memory segment the loader created (device, inode, owner); agents map no
+    /// other file.
     pub segment: SegmentIdentity,
+    /// The segment's maps, in index order (what agents check its map table against).
     pub maps: Vec<ManifestMap>,
+    /// The published programs, in index order.
     pub programs: Vec<ManifestProgram>,
     /// Users and groups granted read-write access to the segment (POSIX ACL entries).
     #[serde(default)]
     pub granted_uids: Vec<u32>,
+    /// Groups granted access, as `granted_uids` for users.
     #[serde(default)]
     pub granted_gids: Vec<u32>,
+    /// The attachments the loader made (`load -- APP`), replacing the programs' sections as
+    /// the place agents take attach points from; `None` for objects loaded from a file.
+    #[serde(default)]
+    pub links: Option<Vec<ManifestLink>>,
 }
 
 /// The VM a manifest names.
@@ -110,6 +162,7 @@ fn vm_from_name(name: &str) -> Option<VmKind> {
 }
 
 impl ManifestMap {
+    /// The manifest's record of `def`.
     pub fn from_def(def: &MapDef) -> Self {
         Self {
             name: def.name.clone(),
@@ -121,6 +174,7 @@ impl ManifestMap {
         }
     }
 
+    /// The definition back, `None` for a map type this runtime does not know.
     pub fn to_def(&self) -> Option<MapDef> {
         Some(MapDef {
             map_type: MapType::from_raw(self.map_type)?,
@@ -182,6 +236,7 @@ impl Manifest {
             programs: Vec::new(),
             granted_uids: Vec::new(),
             granted_gids: Vec::new(),
+            links: None,
         }
     }
 
@@ -269,6 +324,16 @@ impl Manifest {
                 return Err(invalid(format!(
                     "program {}: unknown vm {:?}",
                     p.name, p.vm
+                )));
+            }
+        }
+        for link in m.links.iter().flatten() {
+            if link.program as usize >= m.programs.len() || link.target.is_empty() {
+                return Err(invalid(format!(
+                    "link to {}: program {} of {}",
+                    link.target,
+                    link.program,
+                    m.programs.len()
                 )));
             }
         }

@@ -90,10 +90,12 @@ impl StateDir {
         self.uid
     }
 
+    /// The directory itself (see [`state_dir_path`]).
     pub fn path(&self) -> &Path {
         &self.root
     }
 
+    /// `objects/`: one subdirectory per loaded object (manifest, map BTF).
     pub fn objects_dir(&self) -> PathBuf {
         self.root.join("objects")
     }
@@ -103,6 +105,7 @@ impl StateDir {
         self.objects_dir().join(object)
     }
 
+    /// `agents/`: agent configurations and the agents' status and counter files.
     pub fn agents_dir(&self) -> PathBuf {
         self.root.join("agents")
     }
@@ -131,7 +134,9 @@ impl StateDir {
 /// A loaded object as discovery finds it.
 #[derive(Debug)]
 pub struct FoundObject {
+    /// Its manifest, read and validated.
     pub manifest: Manifest,
+    /// The state directory it was found in (root's or this user's).
     pub dir: StateDir,
 }
 

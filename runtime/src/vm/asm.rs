@@ -16,7 +16,9 @@ use super::insn::*;
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("line {line}: {msg}")]
 pub struct AsmError {
+    /// The source line, counting from 1.
     pub line: usize,
+    /// What is wrong on it.
     pub msg: String,
 }
 

@@ -221,6 +221,7 @@ pub struct HelperTable<'e> {
 }
 
 impl<'e> HelperTable<'e> {
+    /// A table with no helpers: every call fails with [`HelperError::Unknown`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -235,10 +236,12 @@ impl<'e> HelperTable<'e> {
         self
     }
 
+    /// Whether helper `id` is registered.
     pub fn contains(&self, id: u32) -> bool {
         self.fns.contains_key(&id)
     }
 
+    /// The registered helper ids, in no particular order.
     pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
         self.fns.keys().copied()
     }

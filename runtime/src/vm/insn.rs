@@ -5,9 +5,12 @@ use super::error::VmError;
 // Opcode fields, atomic codes and pseudo sources: the generated UAPI's values.
 pub use bpftime_abi::insn::*;
 
-/// Common full opcodes.
+/// Common full opcodes: `lddw` (64-bit immediate load, two slots).
 pub const LDDW: u8 = BPF_LD | BPF_DW | BPF_IMM;
+/// `call imm`: a helper (`src` 0) or a subprogram (`src` = `BPF_PSEUDO_CALL`); `callx` is
+/// this opcode with `BPF_X` set.
 pub const CALL: u8 = BPF_JMP | BPF_CALL;
+/// `exit`: return r0 to the caller.
 pub const EXIT: u8 = BPF_JMP | BPF_EXIT;
 
 /// Size of one instruction slot in bytes.
@@ -16,14 +19,20 @@ pub const INSN_SIZE: usize = 8;
 /// One decoded 8-byte instruction slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Insn {
+    /// The opcode byte (class, size/source and operation bits).
     pub opc: u8,
+    /// Destination register (low nibble of byte 1).
     pub dst: u8,
+    /// Source register, or the pseudo source of `lddw` and `call` (high nibble of byte 1).
     pub src: u8,
+    /// Signed offset: memory displacement or jump distance in slots.
     pub off: i16,
+    /// Signed 32-bit immediate.
     pub imm: i32,
 }
 
 impl Insn {
+    /// An instruction from its fields.
     pub const fn new(opc: u8, dst: u8, src: u8, off: i16, imm: i32) -> Self {
         Self {
             opc,
@@ -55,6 +64,7 @@ impl Insn {
         b
     }
 
+    /// Instruction class (low 3 bits: `BPF_LD`, `BPF_ALU64`, `BPF_JMP`, ...).
     pub fn class(&self) -> u8 {
         self.opc & 0x07
     }

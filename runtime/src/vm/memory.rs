@@ -12,8 +12,11 @@ use std::sync::Arc;
 /// One registered address range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
+    /// First address.
     pub start: u64,
+    /// Length in bytes.
     pub len: u64,
+    /// Whether stores (and atomics) may touch it; loads always may.
     pub writable: bool,
 }
 
@@ -58,6 +61,7 @@ pub struct MemoryBuffers {
 }
 
 impl<'a> MemoryMap<'a> {
+    /// An empty map: no region is accessible.
     pub fn new() -> Self {
         Self::default()
     }

@@ -162,14 +162,18 @@ impl Program {
         })
     }
 
+    /// The validated instructions (one per 8-byte slot), each pseudo `lddw` replaced by the
+    /// value it loads.
     pub fn insns(&self) -> &[Insn] {
         &self.insns
     }
 
+    /// Number of instruction slots.
     pub fn len(&self) -> usize {
         self.insns.len()
     }
 
+    /// Never true for a validated program ([`VmError::EmptyProgram`]).
     pub fn is_empty(&self) -> bool {
         self.insns.is_empty()
     }

@@ -293,6 +293,7 @@ impl RbpfProgram {
         })
     }
 
+    /// Whether this is rbpf's interpreter or its JIT image.
     pub fn mode(&self) -> RbpfMode {
         self.mode
     }

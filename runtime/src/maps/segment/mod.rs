@@ -41,18 +41,26 @@ impl Default for ShmConfig {
 /// the descriptor. The loader's manifest records it; agents check the segment they map is it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SegmentIdentity {
+    /// `st_dev` of the file (the /dev/shm filesystem).
     pub dev: u64,
+    /// `st_ino` of the file.
     pub ino: u64,
+    /// `st_uid`: the user who created it.
     pub uid: u32,
 }
 
 /// A bpftime-rs segment file found in /dev/shm (whose it is, not whether to trust it).
 #[derive(Debug, Clone)]
 pub struct SegmentInfo {
+    /// The object name the file name encodes.
     pub object: String,
+    /// The file's path in /dev/shm.
     pub path: String,
+    /// The file's size in bytes.
     pub size: u64,
+    /// The file's owner.
     pub owner_uid: u32,
+    /// Device, inode and owner; `None` when the entry is not a regular file.
     pub identity: Option<SegmentIdentity>,
     /// Processes (other than this one) that have the segment mapped.
     pub mapped_by: Vec<u32>,
@@ -83,7 +91,9 @@ pub struct ShmObject {
 
 /// Selects a map by index or by name.
 pub trait MapSel {
+    /// The index of the selected map in `obj`, `None` if it has no such map.
     fn index_in(&self, obj: &ShmObject) -> Option<usize>;
+    /// How errors name the selection (`#3`, `` `counts` ``).
     fn describe(&self) -> String;
 }
 
@@ -166,7 +176,7 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
     let cur = off + ctl;
     match Family::of(t) {
         Family::Hash => hash::plan(&mut g, def, cur),
-        Family::Array => array::plan_array(&mut g, def, cur),
+        Family::Array => array::plan_array(&mut g, def, cur, pg),
         Family::ProgArray => array::plan_prog_array(&mut g, def, cur),
         Family::Queue => queue::plan(&mut g, def, cur),
         Family::RingBuf => ring::plan_ringbuf(&mut g, def, cur, pg),
@@ -199,6 +209,7 @@ impl ShmObject {
         Self::create_with(object, defs, &ShmConfig::default())
     }
 
+    /// As [`create`](Self::create), with the file mode and memory reservation of `cfg`.
     pub fn create_with(object: &str, defs: &[MapDef], cfg: &ShmConfig) -> Result<Self, MapError> {
         let oerr = |reason: String| MapError::Corrupt {
             object: object.to_string(),
@@ -587,6 +598,7 @@ impl ShmObject {
         })
     }
 
+    /// The object's name (the segment's name).
     pub fn object_name(&self) -> &str {
         &self.inner.object
     }
@@ -623,10 +635,12 @@ impl ShmObject {
         self.inner.ncpu
     }
 
+    /// Number of maps in the segment's map table.
     pub fn map_count(&self) -> usize {
         self.inner.maps.len()
     }
 
+    /// Every map's definition as stored, in index order.
     pub fn map_defs(&self) -> Vec<MapDef> {
         self.inner.maps.iter().map(|m| m.def.clone()).collect()
     }
@@ -652,6 +666,13 @@ impl ShmObject {
         })
     }
 
+    /// The segment's file, for mapping a map's range ([`MapHandle::mmap_range`]) where a
+    /// loader asks for it (the shim's `mmap` of a map descriptor).
+    pub fn segment_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.mapping.fd()
+    }
+
+    /// Handles on every map, in index order.
     pub fn maps(&self) -> Vec<MapHandle> {
         (0..self.map_count())
             .filter_map(|i| self.map(i).ok())

@@ -93,10 +93,15 @@ impl JitCall {
 /// is missing, calls [`JitMap::lookup`] instead, which sets it.
 #[derive(Debug, Clone, Copy)]
 pub struct InlineArray {
+    /// Address of value 0.
     pub values: *mut u8,
+    /// Bytes from one value to the next.
     pub stride: u32,
+    /// Number of values: indices at or above it make the lookup return NULL.
     pub max_entries: u32,
+    /// One `u32` mark word per index.
     pub marks: *const u32,
+    /// The bit a lookup must find (or set, through [`JitMap::lookup`]) in the mark word.
     pub mark_bit: u32,
 }
 
