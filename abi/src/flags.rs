@@ -35,3 +35,30 @@ pub const BPF_RB_FORCE_WAKEUP: u64 = sys::BPF_RB_FORCE_WAKEUP as u64;
 pub const BPF_F_CURRENT_CPU: u64 = sys::BPF_F_CURRENT_CPU;
 /// The bits of `flags` that hold a perf array index.
 pub const BPF_F_INDEX_MASK: u64 = sys::BPF_F_INDEX_MASK;
+
+// perf-event ioctl requests (linux/perf_event.h). Function-like `_IO`/`_IOW` macros, which the
+// generated bindings cannot carry: computed here with the kernel's encoding
+// (`dir << 30 | size << 16 | type << 8 | nr`, type `'$'`), and checked against the values the
+// headers give in this module's tests.
+const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | ((b'$' as u64) << 8) | nr
+}
+/// `PERF_EVENT_IOC_ENABLE` (`_IO('$', 0)`).
+pub const PERF_EVENT_IOC_ENABLE: u64 = ioc(0, 0, 0);
+/// `PERF_EVENT_IOC_DISABLE` (`_IO('$', 1)`).
+pub const PERF_EVENT_IOC_DISABLE: u64 = ioc(0, 1, 0);
+/// `PERF_EVENT_IOC_SET_BPF` (`_IOW('$', 8, __u32)`): attach a BPF program to the event.
+pub const PERF_EVENT_IOC_SET_BPF: u64 = ioc(1, 8, 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values linux/perf_event.h's macros expand to on x86-64.
+    #[test]
+    fn perf_ioctl_requests_match_the_header() {
+        assert_eq!(PERF_EVENT_IOC_ENABLE, 0x2400);
+        assert_eq!(PERF_EVENT_IOC_DISABLE, 0x2401);
+        assert_eq!(PERF_EVENT_IOC_SET_BPF, 0x4004_2408);
+    }
+}

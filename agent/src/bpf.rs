@@ -28,6 +28,8 @@ pub struct BpfHandler {
     object: Arc<PublishedObject>,
     program: RunnableProgram,
     func_ip: u64,
+    /// What `bpf_get_attach_cookie` returns (the link's cookie; 0 for section attachments).
+    cookie: u64,
     /// Index into each thread's helpers table.
     slot: usize,
     /// A faulting program is reported once, not on every call.
@@ -59,7 +61,12 @@ thread_local! {
 impl BpfHandler {
     /// A handler, in its `Arc` from the start: its JIT hook entry (made on first use) points
     /// back at it, so it never lives anywhere else.
-    pub fn new(object: Arc<PublishedObject>, program: RunnableProgram, func_ip: u64) -> Arc<Self> {
+    pub fn new(
+        object: Arc<PublishedObject>,
+        program: RunnableProgram,
+        func_ip: u64,
+        cookie: u64,
+    ) -> Arc<Self> {
         // Compiled at attach time rather than on the first hooked call (a compile error
         // surfaces on the first run).
         if program.vm == VmKind::Jit {
@@ -69,6 +76,7 @@ impl BpfHandler {
             object,
             program,
             func_ip,
+            cookie,
             slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
             reported: AtomicBool::new(false),
             per_slot: (0..MAX_THREADS)
@@ -136,6 +144,7 @@ impl BpfHandler {
         match self.object.helpers_for(&self.program) {
             Ok(mut h) => {
                 h.attach_mut().func_ip = self.func_ip;
+                h.attach_mut().cookie = self.cookie;
                 let runner = entry.insert(Box::new(ProgramRunner::new(&self.program, h)));
                 if let Some(hook) = self.jit_hook() {
                     // SAFETY: the runner is boxed in this slot's cell for the handler's whole
@@ -181,6 +190,7 @@ impl BpfHandler {
             }
             let helpers = table[self.slot].as_mut().expect("just set");
             helpers.attach_mut().func_ip = self.func_ip;
+            helpers.attach_mut().cookie = self.cookie;
             let result = self.program.run(helpers, regs.as_bytes_mut());
             self.outcome(result, helpers)
         })
@@ -358,15 +368,64 @@ pub fn split_object_lines(text: &str) -> (Vec<String>, String) {
     (objects, rest)
 }
 
-/// An error with its sources, `: `-separated: the agent's status lines and stderr are text, and
-/// the errno (say, EACCES on the object's maps) is usually a source.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
+/// One hook to install: a program of the object, where and how.
+struct Attachment {
+    program: usize,
+    kind: ProbeKind,
+    target: String,
+    cookie: u64,
+}
+
+/// Where `published`'s programs attach in this process: the links its loader made (`load --
+/// APP`; a link for another pid is not for us), or else each uprobe program's section.
+/// Programs that cannot attach get a status line and count in `failed`.
+fn attachments(
+    published: &PublishedObject,
+    lines: &mut Vec<String>,
+    failed: &mut usize,
+) -> Vec<Attachment> {
+    let object = published.shm.object_name();
+    if let Some(links) = &published.manifest.links {
+        let pid = std::process::id();
+        return links
+            .iter()
+            .filter(|l| l.pid.is_none_or(|p| p == pid))
+            .map(|l| Attachment {
+                program: l.program as usize,
+                kind: if l.retprobe {
+                    ProbeKind::Uretprobe
+                } else {
+                    ProbeKind::Uprobe
+                },
+                target: l.target.clone(),
+                cookie: l.cookie,
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (index, program) in published.programs.iter().enumerate() {
+        let Some(kind) = probe_kind(&program.section) else {
+            lines.push(format!(
+                "skip {object}/{} ({}): not a uprobe program",
+                program.name, program.section
+            ));
+            continue;
+        };
+        let target = program.attach_target.trim_start_matches(':');
+        if target.is_empty() {
+            *failed += 1;
+            lines.push(format!(
+                "error {object}/{} ({}): the section names no PATH:FUNC to attach to",
+                program.name, program.section
+            ));
+            continue;
+        }
+        out.push(Attachment {
+            program: index,
+            kind,
+            target: target.to_string(),
+            cookie: 0,
+        });
     }
     out
 }
@@ -378,11 +437,13 @@ pub fn attach_object(
     resolver: &mut bpftime_attach::symbols::Resolver,
     hooks: &mut bpftime_attach::HookSet,
     lines: &mut Vec<String>,
-) -> usize {
+) -> (usize, Option<FollowedObject>) {
     let published = match PublishedObject::open(object) {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            let text = error_chain(&e);
+            // The agent's status lines and stderr are text, and the errno (say, EACCES on the
+            // object's maps) is usually a source.
+            let text = bpftime_abi::error_chain(&e);
             let hint = if text.contains("Permission denied") {
                 format!(
                     " (its maps are not shared with uid {}: the loader's user grants them with \
@@ -394,51 +455,143 @@ pub fn attach_object(
             };
             eprintln!("bpftime-agent: object {object}: {text}{hint}");
             lines.push(format!("error object {object}: {text}{hint}"));
-            return 1;
+            return (1, None);
         }
     };
     let mut failed = 0;
-    for program in &published.programs {
-        let Some(kind) = probe_kind(&program.section) else {
-            lines.push(format!(
-                "skip {object}/{} ({}): not a uprobe program",
-                program.name, program.section
-            ));
-            continue;
-        };
-        let target = program.attach_target.trim_start_matches(':');
-        if target.is_empty() {
-            failed += 1;
-            lines.push(format!(
-                "error {object}/{} ({}): the section names no PATH:FUNC to attach to",
-                program.name, program.section
-            ));
-            continue;
+    let wanted = attachments(&published, lines, &mut failed);
+    let installed = install(&published, wanted, resolver, hooks, lines, &mut failed);
+    let followed = published.manifest.links.is_some().then(|| FollowedObject {
+        name: object.to_string(),
+        generation: published.manifest.generation,
+        hooks: installed,
+    });
+    (failed, followed)
+}
+
+/// What identifies one installed attachment across manifest generations (program indices
+/// of an object whose loader adds links only grow).
+type AttachmentKey = (usize, ProbeKind, String, u64);
+
+fn key_of(a: &Attachment) -> AttachmentKey {
+    (a.program, a.kind, a.target.clone(), a.cookie)
+}
+
+/// An object whose loader makes and removes links while targets run (`load -- APP`): the
+/// agent follows its manifest ([`follow`]).
+pub struct FollowedObject {
+    name: String,
+    generation: u64,
+    hooks: Vec<(AttachmentKey, bpftime_attach::HookId)>,
+}
+
+/// Brings `followed`'s hooks in line with its manifest if it changed: links added are
+/// installed, links removed (or all of them, when the object or its loader is gone) are
+/// removed. Status lines go to `lines`.
+pub fn follow(
+    followed: &mut FollowedObject,
+    hooks: &mut bpftime_attach::HookSet,
+    lines: &mut Vec<String>,
+) {
+    let object = followed.name.clone();
+    let manifest = bpftime_runtime::state::find_object(&object).map(|f| f.manifest);
+    if let Ok(m) = &manifest {
+        if m.generation == followed.generation && m.loader_alive() {
+            return;
         }
-        let installed = resolver
-            .resolve(target)
+    }
+    let published = match &manifest {
+        Ok(m) if m.loader_alive() => PublishedObject::open(&object).ok().map(Arc::new),
+        _ => None,
+    };
+    let mut failed = 0;
+    let wanted = match &published {
+        Some(p) => attachments(p, lines, &mut failed),
+        None => Vec::new(),
+    };
+    let wanted_keys: Vec<AttachmentKey> = wanted.iter().map(key_of).collect();
+    followed.hooks.retain(|(key, id)| {
+        if wanted_keys.contains(key) {
+            return true;
+        }
+        match hooks.remove(*id) {
+            Ok(()) => lines.push(format!("removed {object} {} {}", key.2, probe_name(key.1))),
+            Err(e) => lines.push(format!("error removing {object} {}: {e}", key.2)),
+        }
+        false
+    });
+    if let Some(published) = &published {
+        let new: Vec<Attachment> = wanted
+            .into_iter()
+            .filter(|a| !followed.hooks.iter().any(|(k, _)| *k == key_of(a)))
+            .collect();
+        if !new.is_empty() {
+            match bpftime_attach::symbols::Resolver::new(None) {
+                Ok(mut resolver) => {
+                    let added = install(published, new, &mut resolver, hooks, lines, &mut failed);
+                    followed.hooks.extend(added);
+                }
+                Err(e) => lines.push(format!("error {object}: {e}")),
+            }
+        }
+        followed.generation = published.manifest.generation;
+    } else if let Ok(m) = &manifest {
+        followed.generation = m.generation;
+    }
+}
+
+fn probe_name(kind: ProbeKind) -> &'static str {
+    if kind == ProbeKind::Uprobe {
+        "uprobe"
+    } else {
+        "uretprobe"
+    }
+}
+
+/// Installs `wanted`, one status line each; returns what was installed.
+fn install(
+    published: &Arc<PublishedObject>,
+    wanted: Vec<Attachment>,
+    resolver: &mut bpftime_attach::symbols::Resolver,
+    hooks: &mut bpftime_attach::HookSet,
+    lines: &mut Vec<String>,
+    failed: &mut usize,
+) -> Vec<(AttachmentKey, bpftime_attach::HookId)> {
+    let object = published.shm.object_name().to_string();
+    let mut installed = Vec::new();
+    for attachment in wanted {
+        let key = key_of(&attachment);
+        let Attachment {
+            program,
+            kind,
+            target,
+            cookie,
+        } = attachment;
+        let program = &published.programs[program];
+        let result = resolver
+            .resolve(&target)
             .map_err(|e| e.to_string())
             .and_then(|t| {
-                let handler = BpfHandler::new(Arc::clone(&published), program.clone(), t.address);
+                let handler =
+                    BpfHandler::new(Arc::clone(published), program.clone(), t.address, cookie);
                 hooks
                     .install(&t, kind, handler)
-                    .map(|_| t)
+                    .map(|id| (t, id))
                     .map_err(|e| e.to_string())
             });
-        match installed {
-            Ok(t) => lines.push(format!(
-                "ok {object}/{} {} {target} at {:#x} on {:?}",
-                program.name,
-                if kind == ProbeKind::Uprobe {
-                    "uprobe"
-                } else {
-                    "uretprobe"
-                },
-                t.address,
-                program.vm
-            )),
+        match result {
+            Ok((t, id)) => {
+                installed.push((key, id));
+                lines.push(format!(
+                    "ok {object}/{} {} {target} at {:#x} on {:?}",
+                    program.name,
+                    probe_name(kind),
+                    t.address,
+                    program.vm
+                ));
+            }
             Err(e) => {
-                failed += 1;
+                *failed += 1;
                 eprintln!("bpftime-agent: {object}/{}: {e}", program.name);
                 lines.push(format!(
                     "error {object}/{} ({}): {e}",
@@ -447,5 +600,5 @@ pub fn attach_object(
             }
         }
     }
-    failed
+    installed
 }

@@ -131,6 +131,43 @@ fn map_counts(path: &Path, n: usize) -> std::io::Result<&'static [[AtomicU64; 4]
 struct Agent {
     hooks: HookSet,
     status: PathBuf,
+    /// Objects whose links change while this process runs (`load -- APP`), followed by the
+    /// `bpftime-agent-follow` thread until detach.
+    followed: Vec<bpf::FollowedObject>,
+    detached: bool,
+}
+
+/// How often the follower thread looks at the followed objects' manifests.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The follower thread: applies manifest changes of followed objects (see
+/// [`bpf::follow`]) until the agent detaches; status lines are appended to the status file.
+fn follow_objects() {
+    loop {
+        std::thread::sleep(FOLLOW_INTERVAL);
+        let mut guard = AGENT.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(agent) = guard.as_mut() else {
+            return;
+        };
+        if agent.detached || agent.followed.is_empty() {
+            return;
+        }
+        let mut lines = Vec::new();
+        for object in &mut agent.followed {
+            bpf::follow(object, &mut agent.hooks, &mut lines);
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&agent.status)
+        {
+            let _ = f.write_all((lines.join("\n") + "\n").as_bytes());
+        }
+    }
 }
 
 static AGENT: Mutex<Option<Agent>> = Mutex::new(None);
@@ -163,8 +200,11 @@ fn start(config: &Path) -> Result<usize, String> {
     let mut lines = Vec::new();
     let mut failed = 0;
     let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
+    let mut followed = Vec::new();
     for object in &objects {
-        failed += bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
+        let (f, follow) = bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
+        failed += f;
+        followed.extend(follow);
     }
     // resolve every request, then patch all resolved sites in one transaction
     let resolved: Vec<Result<(&Request, ResolvedTarget), String>> = reqs
@@ -220,7 +260,21 @@ fn start(config: &Path) -> Result<usize, String> {
     ) {
         eprintln!("bpftime-agent: cannot write the status: {e}");
     }
-    *agent = Some(Agent { hooks, status });
+    let follow = !followed.is_empty();
+    *agent = Some(Agent {
+        hooks,
+        status,
+        followed,
+        detached: false,
+    });
+    if follow {
+        let spawned = std::thread::Builder::new()
+            .name("bpftime-agent-follow".into())
+            .spawn(follow_objects);
+        if spawned.is_err() {
+            eprintln!("bpftime-agent: cannot start following links: they stay as installed");
+        }
+    }
     Ok(failed)
 }
 
@@ -276,6 +330,7 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
     let Some(a) = agent.as_mut() else {
         return 0;
     };
+    a.detached = true;
     let r = a.hooks.detach();
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(mut f) = std::fs::OpenOptions::new()

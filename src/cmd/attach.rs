@@ -42,14 +42,20 @@ pub struct DetachArgs {
 /// The agent library: `BPFTIME_AGENT`, or next to this executable (cargo builds both into the
 /// same target directory).
 fn agent_path() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("BPFTIME_AGENT") {
+    library_path(AGENT_FILE, "BPFTIME_AGENT", "bpftime-agent")
+}
+
+/// A library of ours (`file`, built by cargo package `package`): the path in the environment
+/// variable `env`, or next to this executable.
+pub(super) fn library_path(file: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("locating bpftime-rs")?;
     let dir = exe.parent().context("bpftime-rs has no directory")?;
     // `cargo build` puts it beside the binary; as a test dependency it stays in `deps/`. Take
     // the newer, so a stale copy from an older build is never preloaded.
-    let newest = [dir.join(AGENT_FILE), dir.join("deps").join(AGENT_FILE)]
+    let newest = [dir.join(file), dir.join("deps").join(file)]
         .into_iter()
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .max_by_key(|(modified, _)| *modified);
@@ -57,8 +63,7 @@ fn agent_path() -> Result<PathBuf> {
         return Ok(path.canonicalize()?);
     }
     bail!(
-        "{AGENT_FILE} not found next to {} (build it with `cargo build -p bpftime-agent`, or set \
-         BPFTIME_AGENT)",
+        "{file} not found next to {} (build it with `cargo build -p {package}`, or set {env})",
         exe.display()
     )
 }

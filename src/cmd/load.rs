@@ -1,6 +1,8 @@
 //! `bpftime-rs load OBJ`: loads, verifies, creates the shared maps, publishes the programs for
 //! agents, runs the sync forwarder, and prints trace_printk lines and ringbuf/perf events until
 //! Ctrl-C. The maps stay after it exits (targets keep running); `bpftime-rs unload` removes them.
+//! `bpftime-rs load -- APP [ARGS]` runs an unmodified libbpf application instead
+//! ([`super::load_app`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,9 +23,14 @@ use super::run::VmArgs;
 #[derive(clap::Args)]
 pub struct LoadArgs {
     /// The clang-compiled BPF object.
-    object: PathBuf,
+    #[arg(required_unless_present = "app", conflicts_with = "app")]
+    object: Option<PathBuf>,
+    /// An unmodified libbpf application (and its arguments) to run with the syscall shim
+    /// preloaded: its BPF objects become a loaded object named after it.
+    #[arg(last = true, value_name = "APP [ARGS]")]
+    pub(super) app: Vec<String>,
     #[command(flatten)]
-    vm: VmArgs,
+    pub(super) vm: VmArgs,
     /// Sync only these maps to kernel mirrors (default: every mirrorable map).
     #[arg(long, value_delimiter = ',', value_name = "MAP[,MAP]")]
     sync: Option<Vec<String>>,
@@ -94,6 +101,9 @@ fn resolve_group(name: &str) -> Result<u32> {
 }
 
 pub fn run(args: &LoadArgs) -> Result<()> {
+    let Some(object_path) = &args.object else {
+        return super::load_app::run(args);
+    };
     let uids = args
         .grant
         .iter()
@@ -104,8 +114,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .iter()
         .map(|g| resolve_group(g))
         .collect::<Result<Vec<_>>>()?;
-    let mut loaded = LoadedObject::load(&args.object, None, args.vm.options())
-        .with_context(|| format!("loading {}", args.object.display()))?;
+    let mut loaded = LoadedObject::load(object_path, None, args.vm.options())
+        .with_context(|| format!("loading {}", object_path.display()))?;
     let object = loaded.object.name.clone();
     if !uids.is_empty() || !gids.is_empty() {
         loaded
@@ -139,7 +149,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         println!("program {name} NOT loaded: {}", ErrorChain(why.as_ref()));
     }
     if loaded.programs.is_empty() {
-        anyhow::bail!("{}: no program could be loaded", args.object.display());
+        anyhow::bail!("{}: no program could be loaded", object_path.display());
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -148,50 +158,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             .context("installing signal handlers")?;
     }
 
-    let forwarder = if args.no_sync {
-        None
-    } else {
-        let selection = match &args.sync {
-            Some(names) => SyncSelection::Only(names.clone()),
-            None => SyncSelection::All,
-        };
-        let (forwarder, unmirrorable) = Forwarder::start(
-            &loaded.shm,
-            SyncOptions {
-                selection,
-                confirm_each: args.confirm_each,
-                ..SyncOptions::default()
-            },
-        )
-        .context("starting the sync forwarder (use --no-sync to run without the kernel)")?;
-        for map in unmirrorable.iter().filter(|m| m.name != TRACE_MAP_NAME) {
-            println!(
-                "map {} ({}) has no kernel mirror: not synced",
-                map.name, map.map_type
-            );
-        }
-        for name in forwarder.map_names() {
-            println!(
-                "map {name} synced to {}",
-                bpftime_kernel_bridge::mirror::pin_path(&object, name).display()
-            );
-        }
-        Some(forwarder)
-    };
-    let sync_thread = forwarder.map(|mut forwarder| {
-        let stop = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("bpftime-sync".into())
-            .spawn(move || -> Result<Forwarder> {
-                forwarder.run(&stop)?;
-                // Let the last changes out before exiting.
-                forwarder.run_until_idle(Duration::from_secs(2))?;
-                Ok(forwarder)
-            })
-    });
-    let sync_thread = sync_thread
-        .transpose()
-        .context("starting the sync thread")?;
+    let sync_thread = start_sync(args, &loaded.shm, &stop, &mut std::io::stdout())?;
 
     println!(
         "loaded {object}: {} program(s); attach with `bpftime-rs start -- CMD` or `bpftime-rs \
@@ -233,18 +200,83 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     }
     drop(out);
     stop.store(true, Ordering::Relaxed);
-    if let Some(thread) = sync_thread {
+    finish_sync(sync_thread, &mut std::io::stdout())?;
+    println!("stopped; the maps of {object} stay for running targets: `bpftime-rs unload {object}` removes them");
+    Ok(())
+}
+
+/// The sync forwarder's thread, if the maps are synced.
+pub(super) type SyncThread = Option<std::thread::JoinHandle<Result<Forwarder>>>;
+
+/// Starts the sync forwarder of `shm` as `args` ask (`--sync`, `--no-sync`, `--confirm-each`)
+/// on its own thread, which runs until `stop`; its messages go to `out`.
+pub(super) fn start_sync(
+    args: &LoadArgs,
+    shm: &bpftime_runtime::maps::ShmObject,
+    stop: &Arc<AtomicBool>,
+    out: &mut dyn Write,
+) -> Result<SyncThread> {
+    let object = shm.object_name().to_string();
+    let forwarder = if args.no_sync {
+        None
+    } else {
+        let selection = match &args.sync {
+            Some(names) => SyncSelection::Only(names.clone()),
+            None => SyncSelection::All,
+        };
+        let (forwarder, unmirrorable) = Forwarder::start(
+            shm,
+            SyncOptions {
+                selection,
+                confirm_each: args.confirm_each,
+                ..SyncOptions::default()
+            },
+        )
+        .context("starting the sync forwarder (use --no-sync to run without the kernel)")?;
+        for map in unmirrorable.iter().filter(|m| m.name != TRACE_MAP_NAME) {
+            writeln!(
+                out,
+                "map {} ({}) has no kernel mirror: not synced",
+                map.name, map.map_type
+            )?;
+        }
+        for name in forwarder.map_names() {
+            writeln!(
+                out,
+                "map {name} synced to {}",
+                bpftime_kernel_bridge::mirror::pin_path(&object, name).display()
+            )?;
+        }
+        Some(forwarder)
+    };
+    let sync_thread = forwarder.map(|mut forwarder| {
+        let stop = Arc::clone(stop);
+        std::thread::Builder::new()
+            .name("bpftime-sync".into())
+            .spawn(move || -> Result<Forwarder> {
+                forwarder.run(&stop)?;
+                // Let the last changes out before exiting.
+                forwarder.run_until_idle(Duration::from_secs(2))?;
+                Ok(forwarder)
+            })
+    });
+    sync_thread.transpose().context("starting the sync thread")
+}
+
+/// Waits for the sync thread (after `stop` was set) and prints each map's counters to `out`.
+pub(super) fn finish_sync(thread: SyncThread, out: &mut dyn Write) -> Result<()> {
+    if let Some(thread) = thread {
         let forwarder = thread
             .join()
             .map_err(|_| anyhow::anyhow!("the sync thread panicked"))??;
         for (name, c) in forwarder.counters() {
-            println!(
+            writeln!(
+                out,
                 "sync {name}: sent {} confirmed {} failed {} pending {}",
                 c.sent, c.confirmed, c.failed, c.pending
-            );
+            )?;
         }
     }
-    println!("stopped; the maps of {object} stay for running targets: `bpftime-rs unload {object}` removes them");
     Ok(())
 }
 

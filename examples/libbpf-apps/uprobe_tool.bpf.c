@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+// Kernel side of uprobe_tool: an entry and a return probe on one user function. The loader
+// (uprobe_tool.c) attaches both to the binary and function it is given, so the sections name
+// no target.
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define EVENT_ENTRY 0
+#define EVENT_RETURN 1
+#define HIST_BUCKETS 8
+
+struct event {
+	u32 pid;
+	u32 kind;  /* EVENT_ENTRY or EVENT_RETURN */
+	u64 value; /* first argument on entry, return value on return */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+/* Entry count per (first argument % HIST_BUCKETS). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, u32);
+	__type(value, u64);
+} hist SEC(".maps");
+
+/* Set by the loader before load: entries with a smaller first argument are ignored. */
+const volatile u64 min_arg = 0;
+
+u64 entries = 0;
+u64 returns = 0;
+
+static void hist_add(u32 key)
+{
+	u64 one = 1;
+	u64 *count;
+
+	count = bpf_map_lookup_elem(&hist, &key);
+	if (count) {
+		__sync_fetch_and_add(count, 1);
+		return;
+	}
+	if (bpf_map_update_elem(&hist, &key, &one, BPF_NOEXIST) == 0)
+		return;
+	/* Another CPU created the bucket between our lookup and update. */
+	count = bpf_map_lookup_elem(&hist, &key);
+	if (count)
+		__sync_fetch_and_add(count, 1);
+}
+
+static void emit(u32 kind, u64 value)
+{
+	struct event *e;
+
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->kind = kind;
+	e->value = value;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* Counters and the histogram are updated before the event is submitted, so a reader that has
+ * seen an event also sees the counts that include it. */
+SEC("uprobe")
+int BPF_KPROBE(on_entry, long arg)
+{
+	u64 value = (u64)arg;
+
+	if (value < min_arg)
+		return 0;
+	__sync_fetch_and_add(&entries, 1);
+	hist_add(value % HIST_BUCKETS);
+	emit(EVENT_ENTRY, value);
+	return 0;
+}
+
+SEC("uretprobe")
+int BPF_KRETPROBE(on_return, long rc)
+{
+	__sync_fetch_and_add(&returns, 1);
+	emit(EVENT_RETURN, (u64)rc);
+	return 0;
+}

@@ -1,0 +1,336 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+// uprobe_tool: a plain libbpf application on a bpftool-generated skeleton. It attaches an entry
+// and a return uprobe to one function of a binary, prints every ring buffer event, and at exit
+// prints the entry histogram and the .bss counters.
+//
+//   uprobe_tool -b BINARY (-f FUNC | -o OFFSET) [-p PID] [-m MIN] [-n N] [-d SECONDS] [-v]
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <linux/types.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+/* The BPF side declares its globals with vmlinux.h's kernel type names; the skeleton repeats
+ * them. */
+typedef __u32 u32;
+typedef __u64 u64;
+
+#include "uprobe_tool.skel.h"
+
+#define EVENT_ENTRY 0
+#define EVENT_RETURN 1
+#define MAX_HIST 64
+
+/* Must match struct event in uprobe_tool.bpf.c. */
+struct event {
+	uint32_t pid;
+	uint32_t kind;
+	uint64_t value;
+};
+
+struct options {
+	const char *binary;
+	const char *func;
+	long long offset; /* -1: attach by function name */
+	int pid;
+	unsigned long long min_arg;
+	unsigned long long max_events; /* 0: until the deadline */
+	double duration;
+	bool verbose;
+};
+
+static volatile sig_atomic_t stop;
+static bool verbose;
+static unsigned long long received;
+
+static void usage(FILE *to, const char *prog)
+{
+	fprintf(to,
+		"usage: %s -b BINARY (-f FUNC | -o OFFSET) [-p PID] [-m MIN] [-n N] [-d SECONDS] [-v]\n"
+		"  -b BINARY   the binary to probe\n"
+		"  -f FUNC     attach to this function (libbpf resolves it to a file offset)\n"
+		"  -o OFFSET   attach at this file offset instead\n"
+		"  -p PID      only this process (default -1: all processes)\n"
+		"  -m MIN      report entries only for a first argument >= MIN (default 0)\n"
+		"  -n N        exit after N ring buffer events (default 0: run until -d)\n"
+		"  -d SECONDS  poll for at most SECONDS after attaching (default 10)\n"
+		"  -v          print libbpf's messages on stderr\n",
+		prog);
+}
+
+static int libbpf_print(enum libbpf_print_level level, const char *fmt, va_list args)
+{
+	if (!verbose || level == LIBBPF_DEBUG)
+		return 0;
+	return vfprintf(stderr, fmt, args);
+}
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	stop = 1;
+}
+
+static bool parse_ull(const char *text, unsigned long long *out)
+{
+	char *end;
+
+	if (*text == '\0' || *text == '-')
+		return false;
+	errno = 0;
+	*out = strtoull(text, &end, 0);
+	return errno == 0 && *end == '\0';
+}
+
+static int parse_args(int argc, char **argv, struct options *opts)
+{
+	unsigned long long value;
+	char *end;
+	int opt;
+
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vh")) != -1) {
+		switch (opt) {
+		case 'b':
+			opts->binary = optarg;
+			break;
+		case 'f':
+			opts->func = optarg;
+			break;
+		case 'o':
+			if (!parse_ull(optarg, &value) || value > INT64_MAX) {
+				fprintf(stderr, "uprobe_tool: bad offset '%s'\n", optarg);
+				return -1;
+			}
+			opts->offset = (long long)value;
+			break;
+		case 'p':
+			errno = 0;
+			opts->pid = (int)strtol(optarg, &end, 10);
+			if (errno || *optarg == '\0' || *end != '\0' || opts->pid < -1) {
+				fprintf(stderr, "uprobe_tool: bad pid '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'm':
+			if (!parse_ull(optarg, &opts->min_arg)) {
+				fprintf(stderr, "uprobe_tool: bad minimum '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'n':
+			if (!parse_ull(optarg, &opts->max_events)) {
+				fprintf(stderr, "uprobe_tool: bad event count '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'd':
+			errno = 0;
+			opts->duration = strtod(optarg, &end);
+			if (errno || *optarg == '\0' || *end != '\0' || opts->duration <= 0) {
+				fprintf(stderr, "uprobe_tool: bad duration '%s'\n", optarg);
+				return -1;
+			}
+			break;
+		case 'v':
+			opts->verbose = true;
+			break;
+		case 'h':
+			usage(stdout, argv[0]);
+			exit(0);
+		default:
+			usage(stderr, argv[0]);
+			return -1;
+		}
+	}
+	if (optind != argc) {
+		fprintf(stderr, "uprobe_tool: unexpected argument '%s'\n", argv[optind]);
+		return -1;
+	}
+	if (!opts->binary || (!opts->func) == (opts->offset < 0)) {
+		fprintf(stderr, "uprobe_tool: need -b BINARY and exactly one of -f FUNC, -o OFFSET\n");
+		usage(stderr, argv[0]);
+		return -1;
+	}
+	return 0;
+}
+
+static int handle_event(void *ctx, void *data, size_t size)
+{
+	const struct event *e = data;
+
+	(void)ctx;
+	if (size < sizeof(*e)) {
+		fprintf(stderr, "uprobe_tool: short event (%zu bytes)\n", size);
+		return 0;
+	}
+	if (e->kind == EVENT_ENTRY)
+		printf("entry pid=%u arg=%llu\n", e->pid, (unsigned long long)e->value);
+	else if (e->kind == EVENT_RETURN)
+		printf("return pid=%u rc=%llu\n", e->pid, (unsigned long long)e->value);
+	else
+		printf("unknown pid=%u kind=%u value=%llu\n", e->pid, e->kind,
+		       (unsigned long long)e->value);
+	fflush(stdout);
+	received++;
+	return 0;
+}
+
+static struct bpf_link *attach(struct bpf_program *prog, const struct options *opts, bool retprobe)
+{
+	LIBBPF_OPTS(bpf_uprobe_opts, uprobe_opts, .retprobe = retprobe, .func_name = opts->func);
+	size_t offset = opts->func ? 0 : (size_t)opts->offset;
+	struct bpf_link *link;
+
+	link = bpf_program__attach_uprobe_opts(prog, opts->pid, opts->binary, offset,
+					       &uprobe_opts);
+	if (!link) {
+		int err = errno;
+
+		if (opts->func)
+			fprintf(stderr, "uprobe_tool: attaching %s to %s:%s: %s\n",
+				bpf_program__name(prog), opts->binary, opts->func, strerror(err));
+		else
+			fprintf(stderr, "uprobe_tool: attaching %s to %s+0x%llx: %s\n",
+				bpf_program__name(prog), opts->binary, opts->offset,
+				strerror(err));
+	}
+	return link;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int print_hist(int fd)
+{
+	uint32_t keys[MAX_HIST], key, next;
+	const uint32_t *prev = NULL;
+	size_t n = 0;
+
+	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
+		if (n == MAX_HIST) {
+			fprintf(stderr, "uprobe_tool: more than %d hist keys\n", MAX_HIST);
+			return -1;
+		}
+		keys[n++] = next;
+		key = next;
+		prev = &key;
+	}
+	if (errno != ENOENT) {
+		fprintf(stderr, "uprobe_tool: walking hist: %s\n", strerror(errno));
+		return -1;
+	}
+	qsort(keys, n, sizeof(keys[0]), cmp_u32);
+	for (size_t i = 0; i < n; i++) {
+		uint64_t count;
+
+		if (bpf_map_lookup_elem(fd, &keys[i], &count)) {
+			fprintf(stderr, "uprobe_tool: looking up hist key %u: %s\n", keys[i],
+				strerror(errno));
+			return -1;
+		}
+		printf("hist %u %llu\n", keys[i], (unsigned long long)count);
+	}
+	return 0;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	struct options opts = { .offset = -1, .pid = -1, .duration = 10 };
+	struct ring_buffer *rb = NULL;
+	struct uprobe_tool_bpf *skel;
+	double deadline;
+	int err;
+
+	if (parse_args(argc, argv, &opts))
+		return 2;
+	verbose = opts.verbose;
+	libbpf_set_print(libbpf_print);
+	signal(SIGINT, on_signal);
+	signal(SIGTERM, on_signal);
+
+	skel = uprobe_tool_bpf__open();
+	if (!skel) {
+		fprintf(stderr, "uprobe_tool: opening the BPF skeleton: %s\n", strerror(errno));
+		return 1;
+	}
+	skel->rodata->min_arg = opts.min_arg;
+	err = uprobe_tool_bpf__load(skel);
+	if (err) {
+		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
+		goto out;
+	}
+
+	skel->links.on_entry = attach(skel->progs.on_entry, &opts, false);
+	if (!skel->links.on_entry) {
+		err = -1;
+		goto out;
+	}
+	skel->links.on_return = attach(skel->progs.on_return, &opts, true);
+	if (!skel->links.on_return) {
+		err = -1;
+		goto out;
+	}
+
+	rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
+	if (!rb) {
+		err = -errno;
+		fprintf(stderr, "uprobe_tool: creating the ring buffer reader: %s\n", strerror(-err));
+		goto out;
+	}
+	printf("attached\n");
+	fflush(stdout);
+
+	deadline = now() + opts.duration;
+	while (!stop && (!opts.max_events || received < opts.max_events)) {
+		if (now() >= deadline) {
+			if (opts.max_events) {
+				fprintf(stderr, "uprobe_tool: timed out after %llu of %llu events\n",
+					received, opts.max_events);
+				err = -ETIMEDOUT;
+			}
+			break;
+		}
+		err = ring_buffer__poll(rb, 100 /* ms */);
+		if (err == -EINTR) {
+			err = 0;
+			continue;
+		}
+		if (err < 0) {
+			fprintf(stderr, "uprobe_tool: polling the ring buffer: %s\n", strerror(-err));
+			goto out;
+		}
+		err = 0;
+	}
+
+	if (print_hist(bpf_map__fd(skel->maps.hist)) && !err)
+		err = -1;
+	printf("bss entries=%llu returns=%llu\n", (unsigned long long)skel->bss->entries,
+	       (unsigned long long)skel->bss->returns);
+	fflush(stdout);
+
+out:
+	ring_buffer__free(rb);
+	uprobe_tool_bpf__destroy(skel);
+	return err ? 1 : 0;
+}

@@ -1,0 +1,517 @@
+//! The application's `bpf()` commands. Each reaches the kernel first unless it is about an
+//! object the shim serves (a sealed map, a uprobe event, a link); see the crate docs.
+
+use std::os::fd::AsRawFd;
+
+use bpftime_runtime::maps::{EntryValue, MapHandle, MapType};
+use libbpf_sys as sys;
+
+use crate::table::{self, Handle, LinkRec, MapRec, ProgRec};
+use crate::{publish, raw, user};
+
+/// `BPF_PROG_TYPE_KPROBE`: the type of uprobe programs, the ones the runtime runs.
+pub(crate) const PROG_TYPE_KPROBE: u32 = sys::BPF_PROG_TYPE_KPROBE;
+
+fn errno(e: i32) -> i64 {
+    -i64::from(e)
+}
+
+/// The command as the kernel would run it.
+fn kernel(cmd: u32, attr: usize, size: u32) -> i64 {
+    // SAFETY: the application's own arguments, passed on unchanged.
+    unsafe { raw::syscall3(libc::SYS_bpf, i64::from(cmd), attr as i64, i64::from(size)) }
+}
+
+/// One `bpf(cmd, attr, size)` call of the application.
+pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
+    let Ok(cmd) = u32::try_from(cmd) else {
+        return kernel(cmd as u32, attr, size);
+    };
+    let parsed = match user::read_struct::<sys::bpf_attr>(attr, size as usize) {
+        Ok(a) => a,
+        Err(_) => return kernel(cmd, attr, size),
+    };
+    match cmd {
+        sys::BPF_MAP_CREATE => map_create(cmd, attr, size, &parsed),
+        sys::BPF_MAP_LOOKUP_ELEM
+        | sys::BPF_MAP_UPDATE_ELEM
+        | sys::BPF_MAP_DELETE_ELEM
+        | sys::BPF_MAP_GET_NEXT_KEY
+        | sys::BPF_MAP_LOOKUP_AND_DELETE_ELEM => map_elem(cmd, attr, size, &parsed),
+        sys::BPF_MAP_LOOKUP_BATCH
+        | sys::BPF_MAP_LOOKUP_AND_DELETE_BATCH
+        | sys::BPF_MAP_UPDATE_BATCH
+        | sys::BPF_MAP_DELETE_BATCH => {
+            // SAFETY: reading the `batch` member of a zero-initialised attr copy.
+            let fd = unsafe { parsed.batch.map_fd } as i32;
+            if sealed_map(fd).is_some() {
+                eprintln!(
+                    "bpftime-shim: bpf(BPF_MAP_*_BATCH) on a user-space map is not served yet; \
+                     failing with EOPNOTSUPP (libbpf tools fall back to per-element calls)"
+                );
+                return errno(libc::EOPNOTSUPP);
+            }
+            kernel(cmd, attr, size)
+        }
+        sys::BPF_PROG_LOAD => prog_load(cmd, attr, size, &parsed),
+        sys::BPF_LINK_CREATE => link_create(cmd, attr, size, &parsed),
+        sys::BPF_LINK_DETACH => {
+            // SAFETY: reading the `link_detach` member of the attr copy.
+            let fd = unsafe { parsed.link_detach.link_fd } as i32;
+            let ours = table::with(|s| match s.fds.get(&fd) {
+                Some(Handle::Link(i)) => {
+                    s.links[*i].detached = true;
+                    true
+                }
+                _ => false,
+            });
+            if ours {
+                publish::links_changed();
+                return 0;
+            }
+            kernel(cmd, attr, size)
+        }
+        sys::BPF_OBJ_GET_INFO_BY_FD => {
+            // SAFETY: reading the `info` member of the attr copy.
+            let fd = unsafe { parsed.info.bpf_fd } as i32;
+            match table::with(|s| s.fds.get(&fd).copied()) {
+                Some(Handle::Link(_) | Handle::Event(_)) => {
+                    eprintln!(
+                        "bpftime-shim: bpf(BPF_OBJ_GET_INFO_BY_FD) on a user-space link is not \
+                         served; failing with EINVAL"
+                    );
+                    errno(libc::EINVAL)
+                }
+                _ => kernel(cmd, attr, size),
+            }
+        }
+        _ => kernel(cmd, attr, size),
+    }
+}
+
+fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    let fd = kernel(cmd, attr, size);
+    if fd < 0 {
+        return fd;
+    }
+    // SAFETY: reading the MAP_CREATE member of the attr copy.
+    let c = unsafe { a.__bindgen_anon_1 };
+    let name: Vec<u8> = c
+        .map_name
+        .iter()
+        .map(|&b| b as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    let rec = MapRec {
+        kernel_fd: -1,
+        map_type: c.map_type,
+        key_size: c.key_size,
+        value_size: c.value_size,
+        max_entries: c.max_entries,
+        flags: c.map_flags,
+        name: String::from_utf8_lossy(&name).into_owned(),
+        open: 0,
+        segment_index: None,
+    };
+    // A map created after sealing (libbpf's lazy feature probes make some) stays a kernel
+    // map; a program that uses one is refused when it is attached, with the reason.
+    match table::with(|s| s.add_map(fd as i32, rec)) {
+        Ok(_) => fd,
+        Err(e) => {
+            raw::close(fd as i32);
+            e
+        }
+    }
+}
+
+/// The shared map `fd` stands for, once the object is sealed.
+pub(crate) fn sealed_map(fd: i32) -> Option<MapHandle> {
+    table::with(|s| {
+        let id = s.map_of(fd)?;
+        let index = s.maps[id].segment_index?;
+        s.sealed.as_ref()?.shm.map(index).ok()
+    })
+}
+
+fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    // SAFETY: reading the element-command member of the attr copy.
+    let e = unsafe { a.__bindgen_anon_2 };
+    let Some(map) = sealed_map(e.map_fd as i32) else {
+        return kernel(cmd, attr, size);
+    };
+    // SAFETY: `value` and `next_key` share the union's one u64.
+    let value_ptr = unsafe { e.__bindgen_anon_1.value } as usize;
+    match serve_elem(cmd, &map, e.key as usize, value_ptr, e.flags) {
+        Ok(()) => 0,
+        Err(r) => r,
+    }
+}
+
+/// The value size user space passes for `map`: per-CPU maps take one 8-byte-padded value
+/// per possible CPU, as the kernel's syscall does.
+fn user_value_size(map: &MapHandle) -> usize {
+    let def = map.def();
+    if def.map_type.is_percpu() {
+        (def.value_size as usize).next_multiple_of(8) * map.ncpu() as usize
+    } else {
+        def.value_size as usize
+    }
+}
+
+fn value_bytes(map: &MapHandle, v: EntryValue) -> Vec<u8> {
+    match v {
+        EntryValue::Single(b) => b,
+        EntryValue::PerCpu(per_cpu) => {
+            let stride = (map.def().value_size as usize).next_multiple_of(8);
+            let mut out = vec![0u8; stride * per_cpu.len()];
+            for (cpu, value) in per_cpu.iter().enumerate() {
+                let n = value.len().min(stride);
+                out[cpu * stride..cpu * stride + n].copy_from_slice(&value[..n]);
+            }
+            out
+        }
+    }
+}
+
+fn map_errno(e: &bpftime_runtime::maps::MapError) -> i64 {
+    errno(e.errno())
+}
+
+fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -> Result<(), i64> {
+    let def = map.def().clone();
+    let read_key = || user::read(key, def.key_size as usize);
+    match cmd {
+        sys::BPF_MAP_LOOKUP_ELEM => {
+            if def.map_type.is_keyless() {
+                let q = map.as_queue().ok_or(errno(libc::EINVAL))?;
+                let v = q.peek().map_err(|e| map_errno(&e))?;
+                return user::write(value, &v);
+            }
+            let k = read_key()?;
+            match map.get(&k).map_err(|e| map_errno(&e))? {
+                Some(v) => user::write(value, &value_bytes(map, v)),
+                None => Err(errno(libc::ENOENT)),
+            }
+        }
+        sys::BPF_MAP_UPDATE_ELEM => {
+            let v = user::read(value, user_value_size(map))?;
+            if def.map_type.is_keyless() {
+                let q = map.as_queue().ok_or(errno(libc::EINVAL))?;
+                return q.push(&v, flags).map_err(|e| map_errno(&e));
+            }
+            let k = read_key()?;
+            if def.map_type == MapType::ProgArray {
+                return prog_array_update(map, &k, &v, flags);
+            }
+            map.update_percpu(&k, &v, flags).map_err(|e| map_errno(&e))
+        }
+        sys::BPF_MAP_DELETE_ELEM => {
+            let k = read_key()?;
+            map.delete(&k).map_err(|e| map_errno(&e))
+        }
+        sys::BPF_MAP_LOOKUP_AND_DELETE_ELEM => {
+            if def.map_type.is_keyless() {
+                let q = map.as_queue().ok_or(errno(libc::EINVAL))?;
+                let v = q.pop().map_err(|e| map_errno(&e))?;
+                return user::write(value, &v);
+            }
+            let k = read_key()?;
+            let v = map
+                .get(&k)
+                .map_err(|e| map_errno(&e))?
+                .ok_or(errno(libc::ENOENT))?;
+            map.delete(&k).map_err(|e| map_errno(&e))?;
+            user::write(value, &value_bytes(map, v))
+        }
+        sys::BPF_MAP_GET_NEXT_KEY => {
+            let current = if key == 0 { None } else { Some(read_key()?) };
+            let next = next_key(map, current.as_deref()).ok_or(errno(libc::ENOENT))?;
+            user::write(value, &next)
+        }
+        _ => Err(errno(libc::EINVAL)),
+    }
+}
+
+/// The kernel's GET_NEXT_KEY: the first key without a key or for a key not in the map, else
+/// the key after it (arrays: by index; hashes: in the map's iteration order).
+fn next_key(map: &MapHandle, current: Option<&[u8]>) -> Option<Vec<u8>> {
+    let def = map.def();
+    if !def.map_type.is_hash() {
+        let next = match current {
+            None => 0,
+            Some(k) => {
+                let i = u32::from_le_bytes(k.get(..4)?.try_into().ok()?);
+                if i >= def.max_entries {
+                    0
+                } else {
+                    i.checked_add(1)?
+                }
+            }
+        };
+        return (next < def.max_entries).then(|| next.to_le_bytes().to_vec());
+    }
+    let keys: Vec<Vec<u8>> = map.iter().into_iter().map(|e| e.key).collect();
+    match current.and_then(|k| keys.iter().position(|x| x == k)) {
+        Some(i) => keys.get(i + 1).cloned(),
+        None => keys.first().cloned(),
+    }
+}
+
+/// A PROG_ARRAY slot set to a program descriptor holds the program's manifest index.
+fn prog_array_update(map: &MapHandle, key: &[u8], value: &[u8], flags: u64) -> Result<(), i64> {
+    let fd = i32::from_le_bytes(
+        value
+            .get(..4)
+            .ok_or(errno(libc::EINVAL))?
+            .try_into()
+            .unwrap(),
+    );
+    let index = table::with(|s| {
+        let id = s.prog_of(fd)?;
+        publish::publish_program(s, id);
+        s.progs[id].manifest_index
+    })
+    .ok_or(errno(libc::EINVAL))?;
+    map.update(key, &index.to_le_bytes(), flags)
+        .map_err(|e| map_errno(&e))
+}
+
+fn prog_load(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    let fd = kernel(cmd, attr, size);
+    if fd < 0 {
+        return fd;
+    }
+    // SAFETY: reading the PROG_LOAD member of the attr copy.
+    let p = unsafe { a.__bindgen_anon_3 };
+    let name: Vec<u8> = p
+        .prog_name
+        .iter()
+        .map(|&b| b as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    let name = String::from_utf8_lossy(&name).into_owned();
+    let insns = user::read(p.insns as usize, p.insn_cnt as usize * 8);
+    table::with(|s| {
+        let (insns, unrunnable) = match insns {
+            Ok(insns) => map_refs_to_records(s, insns),
+            Err(_) => (
+                Vec::new(),
+                Some("its instructions could not be read back".to_string()),
+            ),
+        };
+        s.progs.push(ProgRec {
+            name,
+            prog_type: p.prog_type,
+            insns,
+            unrunnable,
+            manifest_index: None,
+            open: 1,
+        });
+        let id = s.progs.len() - 1;
+        s.fds.insert(fd as i32, Handle::Prog(id));
+        if p.prog_type == PROG_TYPE_KPROBE {
+            if s.sealed.is_none() {
+                publish::seal(s);
+            }
+            publish::publish_program(s, id);
+        }
+    });
+    fd
+}
+
+/// The instructions with each map reference's descriptor replaced by the map's record index;
+/// and why the program cannot run in user space, if a reference is not to a map of ours.
+fn map_refs_to_records(s: &table::Shim, mut insns: Vec<u8>) -> (Vec<u8>, Option<String>) {
+    const LD_IMM64: u8 = (sys::BPF_LD | sys::BPF_DW | sys::BPF_IMM) as u8;
+    let mut why = None;
+    let mut i = 0;
+    while i + 8 <= insns.len() {
+        if insns[i] != LD_IMM64 {
+            i += 8;
+            continue;
+        }
+        let src = u32::from(insns[i + 1] >> 4);
+        if src == sys::BPF_PSEUDO_MAP_FD || src == sys::BPF_PSEUDO_MAP_VALUE {
+            let fd = i32::from_le_bytes(insns[i + 4..i + 8].try_into().unwrap());
+            match s.map_of(fd) {
+                Some(id) => insns[i + 4..i + 8].copy_from_slice(&(id as u32).to_le_bytes()),
+                None => {
+                    why.get_or_insert(format!(
+                        "instruction {} loads descriptor {fd}, which is no map this process \
+                         created with bpf(BPF_MAP_CREATE)",
+                        i / 8
+                    ));
+                }
+            }
+        } else if src == sys::BPF_PSEUDO_MAP_IDX || src == sys::BPF_PSEUDO_MAP_IDX_VALUE {
+            why.get_or_insert(format!(
+                "instruction {} refers to a map through fd_array, which the shim does not serve",
+                i / 8
+            ));
+        }
+        i += 16;
+    }
+    (insns, why)
+}
+
+fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    // SAFETY: reading the LINK_CREATE member of the attr copy.
+    let l = unsafe { a.link_create };
+    // SAFETY: both union members are u32 descriptors.
+    let (prog_fd, target_fd) =
+        unsafe { (l.__bindgen_anon_1.prog_fd, l.__bindgen_anon_2.target_fd) };
+    let Some(event) = table::with(|s| s.event_of(target_fd as i32)) else {
+        return kernel(cmd, attr, size);
+    };
+    if l.attach_type != sys::BPF_PERF_EVENT {
+        eprintln!(
+            "bpftime-shim: bpf(BPF_LINK_CREATE) of attach type {} on a uprobe event: only \
+             BPF_PERF_EVENT links are served; failing with EINVAL",
+            l.attach_type
+        );
+        return errno(libc::EINVAL);
+    }
+    // SAFETY: the perf_event member of the union (attach type BPF_PERF_EVENT).
+    let cookie = unsafe { l.__bindgen_anon_3.perf_event.bpf_cookie };
+    let link_fd = raw::eventfd(true);
+    if link_fd < 0 {
+        return link_fd;
+    }
+    let r = table::with(|s| {
+        let Some(prog) = s.prog_of(prog_fd as i32) else {
+            return Err(errno(libc::EBADF));
+        };
+        publish::publish_program(s, prog);
+        if let Some(why) = &s.progs[prog].unrunnable {
+            eprintln!(
+                "bpftime-shim: program {} cannot run in user space: {why}; failing \
+                 bpf(BPF_LINK_CREATE) with EOPNOTSUPP",
+                s.progs[prog].name
+            );
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        s.links.push(LinkRec {
+            prog,
+            event,
+            cookie,
+            open: 1,
+            detached: false,
+        });
+        s.fds
+            .insert(link_fd as i32, Handle::Link(s.links.len() - 1));
+        Ok(())
+    });
+    match r {
+        Ok(()) => {
+            publish::links_changed();
+            link_fd
+        }
+        Err(e) => {
+            raw::close(link_fd as i32);
+            e
+        }
+    }
+}
+
+/// `mmap` of a sealed map's descriptor: the segment's range for it, as the kernel maps the
+/// map (`None`: not a sealed map, the kernel maps it).
+pub(crate) fn mmap(
+    addr: usize,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    offset: i64,
+) -> Option<i64> {
+    let map = sealed_map(fd)?;
+    let seg_fd = table::with(|s| Some(s.sealed.as_ref()?.shm.segment_fd().as_raw_fd()))?;
+    let Some((file_off, range)) = map.mmap_range() else {
+        eprintln!(
+            "bpftime-shim: mmap of map {}: user space cannot map a {} map; failing with EINVAL",
+            map.name(),
+            map.map_type()
+        );
+        return Some(errno(libc::EINVAL));
+    };
+    let offset = offset as u64;
+    let len64 = len as u64;
+    let do_map = |at: usize, n: usize, prot: i32, flags: i32, off: u64| -> i64 {
+        // SAFETY: maps the segment file (alive while the object is) where the application
+        // asked, as its own mmap would; MAP_FIXED only over the reservation made below or
+        // where the application itself passed MAP_FIXED.
+        unsafe {
+            raw::syscall6(
+                libc::SYS_mmap,
+                at as i64,
+                n as i64,
+                prot.into(),
+                flags.into(),
+                seg_fd.into(),
+                off as i64,
+            )
+        }
+    };
+    if map.map_type() != MapType::Ringbuf {
+        if offset + len64 > range {
+            return Some(errno(libc::EINVAL));
+        }
+        return Some(do_map(addr, len, prot, flags, file_off + offset));
+    }
+    let pg = bpftime_abi::page_size() as u64;
+    let data = range - 2 * pg;
+    match offset {
+        // The consumer page: the only part user space may write.
+        0 if len64 <= pg => Some(do_map(addr, len, prot, flags, file_off)),
+        // The producer page and the data, the data mapped twice (ringbuf_map_mmap_kern).
+        o if o == pg && len64 <= pg + 2 * data => {
+            if prot & libc::PROT_WRITE != 0 {
+                return Some(errno(libc::EPERM));
+            }
+            // SAFETY: an anonymous reservation of len bytes, replaced below.
+            let base = unsafe {
+                raw::syscall6(
+                    libc::SYS_mmap,
+                    addr as i64,
+                    len as i64,
+                    libc::PROT_NONE.into(),
+                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | (flags & libc::MAP_FIXED)).into(),
+                    -1,
+                    0,
+                )
+            };
+            if base < 0 {
+                return Some(base);
+            }
+            let first = len.min((pg + data) as usize);
+            let fixed = libc::MAP_SHARED | libc::MAP_FIXED;
+            let r = do_map(base as usize, first, prot, fixed, file_off + pg);
+            if r < 0 {
+                return Some(r);
+            }
+            if len > first {
+                let r = do_map(
+                    base as usize + first,
+                    len - first,
+                    prot,
+                    fixed,
+                    file_off + 2 * pg,
+                );
+                if r < 0 {
+                    return Some(r);
+                }
+            }
+            Some(base)
+        }
+        _ => Some(errno(libc::EINVAL)),
+    }
+}
+
+/// For `epoll_ctl` on a sealed RINGBUF's descriptor: the eventfd that stands for the ring's
+/// readiness.
+pub(crate) fn ring_readiness_fd(fd: i32) -> Option<i32> {
+    let map = sealed_map(fd)?;
+    if map.map_type() != MapType::Ringbuf {
+        return None;
+    }
+    publish::ring_readiness(map)
+}

@@ -1,0 +1,455 @@
+//! The application's object as bpftime-rs publishes it: the shared segment of its maps, the
+//! manifest of its programs and links (what the targets' agents install), and the readiness
+//! of its rings for the application's `epoll`.
+//!
+//! Naming: the object is called what `BPFTIME_SHIM_OBJECT` says (`bpftime-rs load -- APP`
+//! sets it to APP's file name), else this executable's file name. If a loader that still runs
+//! holds that name, `.2`, `.3`, ... are tried; a dead loader's object of that name is removed
+//! first (as `bpftime-rs unload` would), since the application builds its maps afresh.
+
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bpftime_abi::sys as abi_sys;
+use bpftime_runtime::helpers::trace_map_def;
+use bpftime_runtime::loaded::{check_program, unload_object};
+use bpftime_runtime::maps::{MapDef, MapHandle, MapType, ShmObject};
+use bpftime_runtime::state::manifest::{vm_name, ManifestLink, ManifestProgram};
+use bpftime_runtime::state::{Manifest, StateDir};
+use bpftime_runtime::vm::VmKind;
+use parking_lot::Mutex;
+
+use crate::table::{self, Shim};
+use crate::{bpf, raw};
+
+/// The sealed object.
+pub(crate) struct Sealed {
+    pub object: String,
+    pub shm: ShmObject,
+    dir: StateDir,
+    manifest: Manifest,
+    vm: VmKind,
+    /// Rings whose readiness an `epoll` waits on, and the eventfd standing for each.
+    rings: Arc<Mutex<Vec<RingWatch>>>,
+}
+
+struct RingWatch {
+    map: MapHandle,
+    eventfd: RawFd,
+    signalled: bool,
+}
+
+/// The VM programs run on: `BPFTIME_SHIM_VM` (`bpftime-rs load --vm/--no-jit` sets it), else
+/// our JIT.
+fn vm_from_env() -> VmKind {
+    match std::env::var("BPFTIME_SHIM_VM").as_deref() {
+        Ok("interpreter") => VmKind::Interpreter,
+        Ok("rbpf") => VmKind::Rbpf,
+        Ok("rbpf-interpreter") => VmKind::RbpfInterpreter,
+        _ => VmKind::Jit,
+    }
+}
+
+fn base_name() -> String {
+    let name = std::env::var("BPFTIME_SHIM_OBJECT").ok().or_else(|| {
+        std::env::current_exe()
+            .ok()?
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    });
+    let name: String = name
+        .unwrap_or_else(|| "app".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if name.is_empty() || name.starts_with('.') {
+        format!("app{name}")
+    } else {
+        name
+    }
+}
+
+/// A free object name (see the module docs).
+fn object_name(dir: &StateDir) -> String {
+    let base = base_name();
+    for n in 1..100 {
+        let name = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}.{n}")
+        };
+        match Manifest::read(dir, &name) {
+            Ok(m) if m.loader_alive() && m.loader_pid != std::process::id() => continue,
+            Ok(_) => unload_object(&name),
+            Err(_) => {
+                if ShmObject::open(&name).is_ok() {
+                    // A segment nobody's manifest names: left by a crashed loader.
+                    unload_object(&name);
+                }
+            }
+        }
+        return name;
+    }
+    format!("{base}.{}", std::process::id())
+}
+
+/// A unique segment map name for `name` (libbpf names internal maps `obj.rodata`).
+fn unique_name(taken: &[MapDef], name: &str, id: usize) -> String {
+    let name = if name.is_empty() {
+        format!("map{id}")
+    } else {
+        name.to_string()
+    };
+    if !taken.iter().any(|d| d.name == name) {
+        return name;
+    }
+    (2..)
+        .map(|n| format!("{name}_{n}"))
+        .find(|c| !taken.iter().any(|d| d.name == *c))
+        .expect("some suffix is free")
+}
+
+/// Seals the object (see the crate docs): the maps still open become its segment, with their
+/// kernel contents; the manifest is published. On failure the application keeps running on
+/// kernel maps only (its programs then cannot run in user space), with a line saying why.
+pub(crate) fn seal(shim: &mut Shim) {
+    if shim.sealed.is_some() {
+        return;
+    }
+    if let Err(why) = try_seal(shim) {
+        eprintln!("bpftime-shim: cannot create the user-space object: {why}");
+    }
+}
+
+fn try_seal(shim: &mut Shim) -> Result<(), String> {
+    let dir = StateDir::ours().map_err(|e| bpftime_abi::error_chain(&e))?;
+    let object = object_name(&dir);
+    let mut members: Vec<usize> = Vec::new();
+    let mut defs: Vec<MapDef> = Vec::new();
+    for (id, m) in shim.maps.iter().enumerate() {
+        if m.open == 0 {
+            continue;
+        }
+        let Some(map_type) = MapType::from_raw(m.map_type) else {
+            eprintln!(
+                "bpftime-shim: map {} has type {}, which user space does not hold: it stays a \
+                 kernel map, and programs using it cannot run in user space",
+                m.name, m.map_type
+            );
+            continue;
+        };
+        let mut def = MapDef::new(
+            map_type,
+            m.key_size,
+            m.value_size,
+            m.max_entries,
+            unique_name(&defs, &m.name, id),
+        );
+        def.flags = m.flags;
+        defs.push(def);
+        members.push(id);
+    }
+    // A map the segment refuses is left out alone (with why); the others still go in.
+    let shm = loop {
+        let mut all = defs.clone();
+        all.push(trace_map_def());
+        match ShmObject::create(&object, &all) {
+            Ok(shm) => break shm,
+            Err(bpftime_runtime::maps::MapError::InvalidDef { map, reason })
+                if defs.iter().any(|d| d.name == map) =>
+            {
+                eprintln!(
+                    "bpftime-shim: map {map} stays a kernel map ({reason}); programs using it \
+                     cannot run in user space"
+                );
+                let i = defs.iter().position(|d| d.name == map).expect("present");
+                defs.remove(i);
+                members.remove(i);
+            }
+            Err(e) => return Err(bpftime_abi::error_chain(&e)),
+        }
+    };
+    for (index, &id) in members.iter().enumerate() {
+        let handle = shm.map(index).map_err(|e| bpftime_abi::error_chain(&e))?;
+        if let Err(why) = copy_from_kernel(shim.maps[id].kernel_fd, &handle) {
+            eprintln!(
+                "bpftime-shim: map {}: cannot copy its kernel contents: {why}",
+                handle.name()
+            );
+        }
+        shim.maps[id].segment_index = Some(index);
+    }
+    let source = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut manifest = Manifest::new(&object, &source, &shm.map_defs(), shm.identity());
+    manifest.links = Some(Vec::new());
+    manifest
+        .publish(&dir)
+        .map_err(|e| bpftime_abi::error_chain(&e))?;
+    notify_loader(&format!("sealed {object}"));
+    shim.sealed = Some(Sealed {
+        object,
+        shm,
+        dir,
+        manifest,
+        vm: vm_from_env(),
+        rings: Arc::new(Mutex::new(Vec::new())),
+    });
+    for id in 0..shim.progs.len() {
+        publish_program(shim, id);
+    }
+    Ok(())
+}
+
+/// Tells `bpftime-rs load -- APP` (the descriptor it passed in `BPFTIME_SHIM_NOTIFY_FD`).
+fn notify_loader(line: &str) {
+    let Some(fd) = std::env::var("BPFTIME_SHIM_NOTIFY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    let text = format!("{line}\n");
+    // SAFETY: writes the bytes of a live string to a descriptor (a pipe the loader made; a
+    // wrong number only fails the write).
+    unsafe {
+        raw::syscall3(
+            libc::SYS_write,
+            fd.into(),
+            text.as_ptr() as i64,
+            text.len() as i64,
+        );
+    }
+}
+
+/// Copies a kernel map's entries (what the application wrote before its first program:
+/// `.rodata`, `.data`, preset values) into its shared map.
+fn copy_from_kernel(kernel_fd: RawFd, map: &MapHandle) -> Result<(), String> {
+    // SAFETY: the shim's private duplicate, open for as long as the record exists.
+    let fd = unsafe { BorrowedFd::borrow_raw(kernel_fd) };
+    let def = map.def().clone();
+    let value_len = if def.map_type.is_percpu() {
+        (def.value_size as usize).next_multiple_of(8) * map.ncpu() as usize
+    } else {
+        def.value_size as usize
+    };
+    let mut value = vec![0u8; value_len];
+    if def.map_type.is_keyless() || def.map_type == MapType::ProgArray {
+        // Rings have no entries; queue contents and program slots (descriptors) are not
+        // carried over.
+        return Ok(());
+    }
+    if !def.map_type.is_hash() {
+        for i in 0..def.max_entries {
+            let key = i.to_le_bytes();
+            if abi_sys::map_lookup_elem(fd, &key, &mut value, 0).is_ok()
+                && value.iter().any(|&b| b != 0)
+            {
+                map.update_percpu(&key, &value, 0)
+                    .map_err(|e| bpftime_abi::error_chain(&e))?;
+            }
+        }
+        return Ok(());
+    }
+    let mut key: Option<Vec<u8>> = None;
+    let mut next = vec![0u8; def.key_size as usize];
+    while abi_sys::map_get_next_key(fd, key.as_deref(), &mut next).is_ok() {
+        if abi_sys::map_lookup_elem(fd, &next, &mut value, 0).is_ok() {
+            map.update_percpu(&next, &value, 0)
+                .map_err(|e| bpftime_abi::error_chain(&e))?;
+        }
+        key = Some(next.clone());
+    }
+    Ok(())
+}
+
+/// Publishes program `id` in the manifest if it is a uprobe program the runtime can run
+/// (otherwise records why not), once the object is sealed.
+pub(crate) fn publish_program(shim: &mut Shim, id: usize) {
+    let Some(sealed) = shim.sealed.as_mut() else {
+        return;
+    };
+    let prog = &shim.progs[id];
+    if prog.manifest_index.is_some()
+        || prog.unrunnable.is_some()
+        || prog.prog_type != bpf::PROG_TYPE_KPROBE
+    {
+        return;
+    }
+    // Record indices -> segment indices.
+    let mut bytes = prog.insns.clone();
+    let mut why = None;
+    let mut i = 0;
+    while i + 16 <= bytes.len() {
+        let src = u32::from(bytes[i + 1] >> 4);
+        if bytes[i] == 0x18
+            && (src == libbpf_sys::BPF_PSEUDO_MAP_FD || src == libbpf_sys::BPF_PSEUDO_MAP_VALUE)
+        {
+            let id = u32::from_le_bytes(bytes[i + 4..i + 8].try_into().unwrap()) as usize;
+            match shim.maps.get(id).and_then(|m| m.segment_index) {
+                Some(index) => bytes[i + 4..i + 8].copy_from_slice(&(index as u32).to_le_bytes()),
+                None => {
+                    why.get_or_insert(format!(
+                        "instruction {} uses map {}, which is not in user space",
+                        i / 8,
+                        shim.maps.get(id).map_or("?", |m| m.name.as_str())
+                    ));
+                }
+            }
+            i += 16;
+        } else {
+            i += 8;
+        }
+    }
+    let name = prog.name.clone();
+    let why = why.or_else(|| {
+        check_program(&sealed.shm, &name, "uprobe", &bytes, sealed.vm)
+            .err()
+            .map(|e| bpftime_abi::error_chain(&e))
+    });
+    if let Some(why) = why {
+        shim.progs[id].unrunnable = Some(why);
+        return;
+    }
+    let index = sealed.manifest.programs.len() as u32;
+    sealed.manifest.programs.push(ManifestProgram {
+        index,
+        name,
+        section: "uprobe".into(),
+        attach_target: String::new(),
+        prog_type: bpf::PROG_TYPE_KPROBE,
+        vm: vm_name(sealed.vm).to_string(),
+        verified: true,
+        insns: ManifestProgram::encode_insns(&bytes),
+    });
+    shim.progs[id].manifest_index = Some(index);
+    republish(shim);
+}
+
+/// The links that are live now: an open, enabled uprobe event with a program through an open
+/// link or PERF_EVENT_IOC_SET_BPF.
+fn live_links(shim: &Shim) -> Vec<ManifestLink> {
+    let mut out = Vec::new();
+    let mut add = |event: usize, prog: usize, cookie: u64| {
+        let e = &shim.events[event];
+        let Some(program) = shim.progs[prog].manifest_index else {
+            return;
+        };
+        if !e.enabled || e.open == 0 {
+            return;
+        }
+        match bpftime_attach::symbols::target_at_file_offset(&e.path, e.file_offset) {
+            Ok(target) => out.push(ManifestLink {
+                program,
+                retprobe: e.retprobe,
+                target,
+                pid: e.pid,
+                cookie,
+            }),
+            Err(why) => eprintln!(
+                "bpftime-shim: uprobe {}+{:#x}: {why}",
+                e.path.display(),
+                e.file_offset
+            ),
+        }
+    };
+    for l in shim.links.iter().filter(|l| l.open > 0 && !l.detached) {
+        add(l.event, l.prog, l.cookie);
+    }
+    for (i, e) in shim.events.iter().enumerate() {
+        if let Some(prog) = e.ioctl_prog {
+            add(i, prog, 0);
+        }
+    }
+    out
+}
+
+/// Writes the manifest again if its links changed.
+fn republish(shim: &mut Shim) {
+    let links = live_links(shim);
+    let Some(sealed) = shim.sealed.as_mut() else {
+        return;
+    };
+    sealed.manifest.links = Some(links);
+    if let Err(e) = sealed.manifest.publish(&sealed.dir) {
+        eprintln!(
+            "bpftime-shim: cannot publish {}: {}",
+            sealed.object,
+            bpftime_abi::error_chain(&e)
+        );
+    }
+}
+
+/// Links, events or programs changed: the agents' view is brought up to date.
+pub(crate) fn links_changed() {
+    table::with(republish);
+}
+
+/// The eventfd standing for `ring`'s readiness (created with its watcher on first use).
+pub(crate) fn ring_readiness(ring: MapHandle) -> Option<RawFd> {
+    let (rings, start) = table::with(|s| {
+        let sealed = s.sealed.as_ref()?;
+        let start = Arc::strong_count(&sealed.rings) == 1;
+        Some((Arc::clone(&sealed.rings), start))
+    })?;
+    let mut list = rings.lock();
+    if let Some(w) = list.iter().find(|w| w.map.name() == ring.name()) {
+        return Some(w.eventfd);
+    }
+    let fd = raw::eventfd(true);
+    if fd < 0 {
+        return None;
+    }
+    list.push(RingWatch {
+        map: ring,
+        eventfd: fd as RawFd,
+        signalled: false,
+    });
+    drop(list);
+    if start {
+        let rings = Arc::clone(&rings);
+        let spawned = std::thread::Builder::new()
+            .name("bpftime-shim-rings".into())
+            .spawn(move || watch_rings(&rings));
+        if spawned.is_err() {
+            eprintln!("bpftime-shim: cannot start the ring watcher: epoll on rings never wakes");
+        }
+    }
+    Some(fd as RawFd)
+}
+
+/// Keeps each watched ring's eventfd readable exactly while the ring holds records (the
+/// kernel wakes a ring's waiters from `bpf_ringbuf_commit`; a producer in another process
+/// cannot reach this process's epoll, so the shim polls the producer position).
+fn watch_rings(rings: &Mutex<Vec<RingWatch>>) {
+    // This thread's own calls (sleep, eventfd reads/writes) never come back into the shim.
+    let _busy = crate::Busy::enter();
+    loop {
+        let mut any = false;
+        for w in rings.lock().iter_mut() {
+            let pending = w.map.as_ringbuf().is_some_and(|r| r.pending() > 0);
+            any |= pending;
+            if pending && !w.signalled {
+                raw::eventfd_signal(w.eventfd);
+                w.signalled = true;
+            } else if !pending && w.signalled {
+                raw::eventfd_clear(w.eventfd);
+                w.signalled = false;
+            }
+        }
+        std::thread::sleep(if any {
+            Duration::from_micros(100)
+        } else {
+            Duration::from_millis(1)
+        });
+    }
+}

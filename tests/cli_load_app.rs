@@ -1,0 +1,358 @@
+//! `bpftime-rs load -- APP`: an unmodified libbpf application (`uprobe_tool`, a skeleton C tool
+//! on the system's libbpf 1.1) runs with the syscall shim; its programs run in user space in a
+//! victim started with `bpftime-rs start`. Each test runs the same binary on kernel uprobes in
+//! the same test and compares the normalised outputs line for line.
+
+#[path = "../examples/libbpf-apps/tests/common/mod.rs"]
+mod common;
+
+use std::process::{Child, Command};
+
+use bpftime_example_libbpf_apps::{victim_path, VICTIM_FUNCTION};
+use bpftime_testutils::require_kernel;
+use common::{
+    event_pids, expected_events, expected_output, expected_victim_output, normalise, run,
+    symbol_file_offset, Run,
+};
+
+const BPFTIME: &str = env!("CARGO_BIN_EXE_bpftime-rs");
+const CALLS: u64 = 10;
+const MIN_ARG: u64 = 3;
+
+fn args(extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "-b".to_string(),
+        victim_path().display().to_string(),
+        "-m".into(),
+        MIN_ARG.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Removes what a bpftime-mode run left (the maps stay after the application exits).
+struct Unload;
+
+impl Drop for Unload {
+    fn drop(&mut self) {
+        let _ = Command::new(BPFTIME)
+            .args(["unload", "uprobe_tool"])
+            .output();
+    }
+}
+
+fn checked(run: Run, mode: &str) -> Run {
+    assert!(
+        run.status.success(),
+        "{mode}: uprobe_tool failed ({}); stdout:\n{}stderr:\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.victim_status.success(),
+        "{mode}: victim: {}",
+        run.victim_status
+    );
+    assert!(
+        run.victim_stdout.ends_with(&expected_victim_output(CALLS)),
+        "{mode}: victim printed {:?}",
+        run.victim_stdout
+    );
+    run
+}
+
+/// The same tool arguments on kernel uprobes, then under bpftime-rs (`load --no-sync --` for
+/// the tool, `start --` for the victim); returns both runs.
+fn both(extra: &[&str], load_options: &[&str]) -> (Run, Run) {
+    let victim_args = [CALLS.to_string()];
+    let kernel = run(&[], &args(extra), &[], &victim_args).unwrap_or_else(|e| panic!("{e}"));
+    let kernel = checked(kernel, "kernel");
+    let _unload = Unload;
+    let mut prefix = vec![BPFTIME, "load"];
+    prefix.extend_from_slice(load_options);
+    prefix.push("--");
+    let user = run(
+        &prefix,
+        &args(extra),
+        &[BPFTIME, "start", "--"],
+        &victim_args,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (kernel, checked(user, "bpftime-rs"))
+}
+
+/// Every event came from one process (the victim), in both runs, and the outputs agree.
+fn assert_same(kernel: &Run, user: &Run) {
+    for (mode, run) in [("kernel", kernel), ("bpftime-rs", user)] {
+        let pids = event_pids(&run.stdout);
+        assert_eq!(
+            pids.len() as u64,
+            expected_events(CALLS, MIN_ARG),
+            "{mode}:\n{}\nstderr:\n{}",
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            pids.windows(2).all(|w| w[0] == w[1]),
+            "{mode}: events from several processes:\n{}",
+            run.stdout
+        );
+    }
+    assert_eq!(
+        normalise(&user.stdout),
+        normalise(&kernel.stdout),
+        "bpftime-rs and kernel outputs differ; bpftime-rs stderr:\n{}",
+        user.stderr
+    );
+    assert_eq!(normalise(&kernel.stdout), expected_output(CALLS, MIN_ARG));
+}
+
+#[test]
+fn libbpf_tool_by_function_name_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_by_function_name_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(&["-f", VICTIM_FUNCTION, "-n", &events], &["--no-sync"]);
+    assert_same(&kernel, &user);
+    // The shim said which object it made, and the agent hooked both links.
+    assert!(
+        user.stderr.contains("loaded object uprobe_tool"),
+        "{}",
+        user.stderr
+    );
+}
+
+#[test]
+fn libbpf_tool_by_file_offset_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_by_file_offset_matches_kernel_uprobes") {
+        return;
+    }
+    let offset =
+        symbol_file_offset(&victim_path(), VICTIM_FUNCTION).unwrap_or_else(|e| panic!("{e}"));
+    let offset = format!("{offset:#x}");
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(&["-o", &offset, "-n", &events], &["--no-sync"]);
+    assert_same(&kernel, &user);
+}
+
+/// Kills the bystander process when the test ends.
+struct Bystander(Child);
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn libbpf_tool_pid_filter_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_pid_filter_matches_kernel_uprobes") {
+        return;
+    }
+    let bystander = Bystander(Command::new("sleep").arg("60").spawn().expect("sleep"));
+    let pid = bystander.0.id().to_string();
+    let (kernel, user) = both(
+        &["-f", VICTIM_FUNCTION, "-p", &pid, "-n", "0", "-d", "1"],
+        &["--no-sync"],
+    );
+    for (mode, run) in [("kernel", &kernel), ("bpftime-rs", &user)] {
+        assert!(
+            run.tool_outlived_victim,
+            "{mode}: the tool exited before the victim finished"
+        );
+    }
+    assert_eq!(normalise(&user.stdout), normalise(&kernel.stdout));
+    assert_eq!(normalise(&user.stdout), expected_output(0, MIN_ARG));
+}
+
+/// Reads `child`'s stream line by line on a thread; lines arrive on the returned channel.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `needle`; returns the lines seen.
+fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str, what: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + common::ATTACH_TIMEOUT;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("{what}: no line with {needle:?}; saw:\n{}", seen.join("\n"));
+}
+
+/// Kills and reaps a child when the test ends.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn killed_app_detaches_its_links_and_targets_keep_running() {
+    if !require_kernel("killed_app_detaches_its_links_and_targets_keep_running") {
+        return;
+    }
+    use std::io::Write;
+    use std::process::Stdio;
+    // Alone: another test's tool would see this victim, and its cleanup would unload this
+    // object.
+    let _serial = common::SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _unload = Unload;
+    let mut load = Reap(
+        Command::new(BPFTIME)
+            .args(["load", "--no-sync", "--"])
+            .arg(bpftime_example_libbpf_apps::tool_path())
+            .args(args(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftime-rs load"),
+    );
+    let load_out = lines_of(load.0.stdout.take().expect("stdout"));
+    let _load_err = lines_of(load.0.stderr.take().expect("stderr"));
+    wait_line(&load_out, "attached", "the tool");
+
+    // A target hooked while the application runs; it waits on stdin before calling.
+    let mut start = Reap(
+        Command::new(BPFTIME)
+            .args(["start", "--"])
+            .arg(victim_path())
+            .arg(CALLS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftime-rs start"),
+    );
+    let start_err = lines_of(start.0.stderr.take().expect("stderr"));
+    let start_out = lines_of(start.0.stdout.take().expect("stdout"));
+    wait_line(&start_err, "ok uprobe_tool/on_return", "the target's agent");
+
+    // The application (the load command's child) dies without closing anything.
+    let children = std::fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        load.0.id(),
+        load.0.id()
+    ))
+    .expect("children of bpftime-rs load");
+    let app: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the application's pid");
+    // SAFETY: kill takes no pointer.
+    assert_eq!(unsafe { libc::kill(app, libc::SIGKILL) }, 0);
+    let status = load.0.wait().expect("waiting for load");
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "load: {status}");
+
+    // The target's agent follows the object's manifest: both hooks go.
+    let status_file = std::fs::read_dir("/run/bpftime-rs/agents")
+        .expect("agents dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .starts_with(&format!("start-{}-", start.0.id()))
+            })
+        })
+        .expect("the target's agent directory")
+        .join("agent.conf.status");
+    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if text.matches("removed uprobe_tool").count() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not remove the hooks:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    // The target runs on, unprobed: its calls reach no program.
+    writeln!(start.0.stdin.take().expect("stdin"), "go").expect("starting the victim");
+    let seen = wait_line(&start_out, "done", "the victim");
+    assert_eq!(
+        seen.last().map(|l| format!("{l}\n")),
+        Some(expected_victim_output(CALLS))
+    );
+    assert!(start.0.wait().expect("start").success());
+    let maps = Command::new(BPFTIME)
+        .args(["maps", "--json"])
+        .output()
+        .expect("bpftime-rs maps");
+    let json: serde_json::Value = serde_json::from_slice(&maps.stdout).expect("maps JSON");
+    let bss = json["maps"]
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["object"] == "uprobe_tool" && m["name"] == "uprobe_t.bss")
+        .unwrap_or_else(|| panic!("`bpftime-rs maps` shows no uprobe_tool/uprobe_t.bss"));
+    let value = bss["entries"][0]["value"].as_array().expect("value bytes");
+    assert!(
+        value.iter().all(|b| b == "0x00"),
+        "calls after the application died reached its programs: {bss}"
+    );
+}
+
+#[test]
+fn statically_linked_app_is_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("bpftime-static-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let src = dir.join("static_app.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").expect("writing the source");
+    let bin = dir.join("static_app");
+    let cc = Command::new("cc")
+        .args(["-static", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .expect("running cc");
+    assert!(
+        cc.success(),
+        "cc -static failed (libc6-dev provides libc.a)"
+    );
+    let out = Command::new(BPFTIME)
+        .args(["load", "--no-sync", "--"])
+        .arg(&bin)
+        .output()
+        .expect("bpftime-rs load");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a static loader ran: {stderr}");
+    assert!(
+        stderr.contains("statically linked") && stderr.contains("static_app"),
+        "{stderr}"
+    );
+}
