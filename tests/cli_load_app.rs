@@ -30,15 +30,24 @@ fn args(extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Removes what a bpftime-mode run left (the maps stay after the application exits).
-struct Unload;
+/// Removes what a bpftime-mode run left (the maps stay after the application exits): the
+/// object named after the application.
+struct Unload(&'static str);
 
 impl Drop for Unload {
     fn drop(&mut self) {
-        let _ = Command::new(BPFTIME)
-            .args(["unload", "uprobe_tool"])
-            .output();
+        let _ = Command::new(BPFTIME).args(["unload", self.0]).output();
     }
+}
+
+/// The object `load -- TOOL` makes: named after the tool's file.
+fn object_of(tool: &std::path::Path) -> &'static str {
+    let name = tool
+        .file_name()
+        .expect("tool file name")
+        .to_string_lossy()
+        .into_owned();
+    Box::leak(name.into_boxed_str())
 }
 
 fn checked(run: Run, mode: &str) -> Run {
@@ -65,10 +74,20 @@ fn checked(run: Run, mode: &str) -> Run {
 /// The same tool arguments on kernel uprobes, then under bpftime-rs (`load --no-sync --` for
 /// the tool, `start --` for the victim); returns both runs.
 fn both(extra: &[&str], load_options: &[&str]) -> (Run, Run) {
+    both_with(
+        &bpftime_example_libbpf_apps::tool_path(),
+        extra,
+        load_options,
+    )
+}
+
+/// [`both`] with another tool binary (the Rust tools on aya and libbpf-rs).
+fn both_with(tool: &std::path::Path, extra: &[&str], load_options: &[&str]) -> (Run, Run) {
     let victim_args = [CALLS.to_string()];
-    let kernel = run(&[], &args(extra), &[], &victim_args).unwrap_or_else(|e| panic!("{e}"));
+    let kernel = common::run_tool(tool, &[], &args(extra), &[], &victim_args)
+        .unwrap_or_else(|e| panic!("{e}"));
     let kernel = checked(kernel, "kernel");
-    let _unload = Unload;
+    let _unload = Unload(object_of(tool));
     let mut prefix = vec![BPFTIME, "load"];
     prefix.extend_from_slice(load_options);
     prefix.push("--");
@@ -226,7 +245,7 @@ fn killed_app_detaches_its_links_and_targets_keep_running() {
     let _serial = common::SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let _unload = Unload;
+    let _unload = Unload("uprobe_tool");
     let mut load = Reap(
         Command::new(BPFTIME)
             .args(["load", "--no-sync", "--"])
@@ -355,4 +374,230 @@ fn statically_linked_app_is_refused_with_the_reason() {
         stderr.contains("statically linked") && stderr.contains("static_app"),
         "{stderr}"
     );
+}
+
+#[test]
+fn target_started_before_the_app_is_hooked_when_the_app_attaches() {
+    if !require_kernel("target_started_before_the_app_is_hooked_when_the_app_attaches") {
+        return;
+    }
+    use std::io::Write;
+    use std::process::Stdio;
+    let _serial = common::SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _unload = Unload("uprobe_tool");
+    // The target first: no object is loaded yet (or only others); it waits on stdin.
+    let mut start = Reap(
+        Command::new(BPFTIME)
+            .args(["start", "--"])
+            .arg(victim_path())
+            .arg(CALLS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftime-rs start"),
+    );
+    let start_out = lines_of(start.0.stdout.take().expect("stdout"));
+    let _start_err = lines_of(start.0.stderr.take().expect("stderr"));
+    let agent_dir = {
+        let deadline = std::time::Instant::now() + common::ATTACH_TIMEOUT;
+        loop {
+            let found = std::fs::read_dir("/run/bpftime-rs/agents")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name().is_some_and(|n| {
+                        n.to_string_lossy()
+                            .starts_with(&format!("start-{}-", start.0.id()))
+                    }) && p.join("agent.conf.status").exists()
+                });
+            if let Some(dir) = found {
+                break dir;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // Then the application, which attaches while the target runs.
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let mut load = Reap(
+        Command::new(BPFTIME)
+            .args(["load", "--no-sync", "--"])
+            .arg(bpftime_example_libbpf_apps::tool_path())
+            .args(args(&["-f", VICTIM_FUNCTION, "-n", &events]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftime-rs load"),
+    );
+    let load_out = lines_of(load.0.stdout.take().expect("stdout"));
+    let load_err = lines_of(load.0.stderr.take().expect("stderr"));
+    let mut tool_stdout: Vec<String> = wait_line(&load_out, "attached", "the tool");
+    // The target's agent discovers the object and installs both links.
+    let status_file = agent_dir.join("agent.conf.status");
+    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&status_file).unwrap_or_default();
+        if text.contains("ok uprobe_tool/on_entry") && text.contains("ok uprobe_tool/on_return") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the target's agent did not hook the application's links:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    writeln!(start.0.stdin.take().expect("stdin"), "go").expect("starting the victim");
+    let seen = wait_line(&start_out, "done", "the victim");
+    assert_eq!(
+        seen.last().map(|l| format!("{l}\n")),
+        Some(expected_victim_output(CALLS))
+    );
+    let status = load.0.wait().expect("load");
+    tool_stdout.extend(load_out.iter());
+    let stdout: String = tool_stdout.iter().map(|l| format!("{l}\n")).collect();
+    let stderr: Vec<String> = load_err.try_iter().collect();
+    assert!(status.success(), "load: {status}\n{}", stderr.join("\n"));
+    assert_eq!(normalise(&stdout), expected_output(CALLS, MIN_ARG));
+}
+
+/// The lines of `stdout`, normalised and sorted: records from different CPUs' perf buffers
+/// arrive in the order the buffers are polled, if the victim moved between CPUs.
+fn sorted_lines(stdout: &str) -> Vec<String> {
+    let mut lines: Vec<String> = normalise(stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn libbpf_tool_perf_buffer_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_perf_buffer_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(
+        &["-P", "-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert_eq!(
+        sorted_lines(&user.stdout),
+        sorted_lines(&kernel.stdout),
+        "bpftime-rs stderr:\n{}",
+        user.stderr
+    );
+    assert_eq!(
+        sorted_lines(&kernel.stdout),
+        sorted_lines(&expected_output(CALLS, MIN_ARG))
+    );
+    assert!(
+        !user.stderr.contains("lost"),
+        "perf records were lost: {}",
+        user.stderr
+    );
+}
+
+#[test]
+fn libbpf_tool_batch_lookup_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_batch_lookup_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(
+        &["-B", "-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert_same(&kernel, &user);
+}
+
+#[test]
+fn aya_tool_matches_kernel_uprobes() {
+    if !require_kernel("aya_tool_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let tool = bpftime_example_libbpf_apps::aya_tool_path();
+    let (kernel, user) = both_with(
+        &tool,
+        &["-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert_same(&kernel, &user);
+    // aya attaches by file offset too (it resolves the symbol itself otherwise).
+    let offset =
+        symbol_file_offset(&victim_path(), VICTIM_FUNCTION).unwrap_or_else(|e| panic!("{e}"));
+    let offset = format!("{offset:#x}");
+    let (kernel, user) = both_with(&tool, &["-o", &offset, "-n", &events], &["--no-sync"]);
+    assert_same(&kernel, &user);
+}
+
+#[test]
+fn libbpf_rs_tool_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_rs_tool_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let tool = bpftime_example_libbpf_apps::libbpf_rs_tool_path();
+    let (kernel, user) = both_with(
+        &tool,
+        &["-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert_same(&kernel, &user);
+}
+
+#[test]
+fn bad_calls_fail_as_on_the_kernel_without_crashing() {
+    if !require_kernel("bad_calls_fail_as_on_the_kernel_without_crashing") {
+        return;
+    }
+    let _serial = common::SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let tool = bpftime_example_libbpf_apps::bad_calls_path();
+    let _unload = Unload(object_of(&tool));
+    let offset =
+        symbol_file_offset(&victim_path(), VICTIM_FUNCTION).unwrap_or_else(|e| panic!("{e}"));
+    let args = [victim_path().display().to_string(), format!("{offset:#x}")];
+    let kernel = Command::new(&tool).args(&args).output().expect("bad_calls");
+    let user = Command::new(BPFTIME)
+        .args(["load", "--no-sync", "--"])
+        .arg(&tool)
+        .args(&args)
+        .output()
+        .expect("bpftime-rs load -- bad_calls");
+    let stderr = String::from_utf8_lossy(&user.stderr);
+    for (mode, out) in [("kernel", &kernel), ("bpftime-rs", &user)] {
+        assert!(
+            out.status.success(),
+            "{mode}: bad_calls failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let lines = |out: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("shim-differs:"))
+            .map(str::to_string)
+            .collect()
+    };
+    let (kernel_lines, user_lines) = (lines(&kernel), lines(&user));
+    assert!(kernel_lines.len() > 20 && kernel_lines.last().map(String::as_str) == Some("done"));
+    assert_eq!(user_lines, kernel_lines, "bpftime-rs stderr:\n{stderr}");
+    // The documented difference, with its one line naming the command.
+    assert!(
+        String::from_utf8_lossy(&user.stdout).contains("shim-differs: link_info errno 22 EINVAL"),
+        "{}",
+        String::from_utf8_lossy(&user.stdout)
+    );
+    assert!(stderr.contains("BPF_OBJ_GET_INFO_BY_FD"), "{stderr}");
+    assert!(stderr.contains("ioctl 0x247f"), "{stderr}");
 }

@@ -351,21 +351,47 @@ pub fn probe_kind(section: &str) -> Option<ProbeKind> {
     }
 }
 
-/// Splits `object NAME` lines (attach every uprobe program NAME published) from the rest of a
-/// config file.
-pub fn split_object_lines(text: &str) -> (Vec<String>, String) {
-    let mut objects = Vec::new();
+/// The BPF part of a config file: `object NAME` lines (attach every uprobe program NAME
+/// published) and a `discover` line (also attach objects loaded later, while this process
+/// runs), split from the rest.
+pub struct ObjectLines {
+    /// The objects named.
+    pub objects: Vec<String>,
+    /// Objects loaded later are picked up too.
+    pub discover: bool,
+}
+
+/// Splits the [`ObjectLines`] from the rest of a config file.
+pub fn split_object_lines(text: &str) -> (ObjectLines, String) {
+    let mut lines = ObjectLines {
+        objects: Vec::new(),
+        discover: false,
+    };
     let mut rest = String::new();
     for line in text.lines() {
-        match line.trim().strip_prefix("object ") {
-            Some(name) => objects.push(name.trim().to_string()),
-            None => {
-                rest.push_str(line);
-                rest.push('\n');
-            }
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix("object ") {
+            lines.objects.push(name.trim().to_string());
+        } else if trimmed == "discover" {
+            lines.discover = true;
+        } else {
+            rest.push_str(line);
+            rest.push('\n');
         }
     }
-    (objects, rest)
+    (lines, rest)
+}
+
+/// Objects loaded since `known` was filled, as discovery finds them: trusted manifests (root's
+/// or this user's state directory) whose loader runs; `run` objects are private.
+pub fn new_objects(known: &[String]) -> Vec<String> {
+    let (found, _skipped) = bpftime_runtime::state::discover();
+    found
+        .into_iter()
+        .filter(|f| f.manifest.loader_alive() && !f.manifest.object.starts_with("run-"))
+        .map(|f| f.manifest.object)
+        .filter(|name| !known.contains(name))
+        .collect()
 }
 
 /// One hook to install: a program of the object, where and how.

@@ -134,6 +134,10 @@ struct Agent {
     /// Objects whose links change while this process runs (`load -- APP`), followed by the
     /// `bpftime-agent-follow` thread until detach.
     followed: Vec<bpf::FollowedObject>,
+    /// Objects loaded later are attached too (the config's `discover` line).
+    discover: bool,
+    /// The objects attached (or tried) so far.
+    known: Vec<String>,
     detached: bool,
 }
 
@@ -149,12 +153,29 @@ fn follow_objects() {
         let Some(agent) = guard.as_mut() else {
             return;
         };
-        if agent.detached || agent.followed.is_empty() {
+        if agent.detached || (agent.followed.is_empty() && !agent.discover) {
             return;
         }
         let mut lines = Vec::new();
         for object in &mut agent.followed {
             bpf::follow(object, &mut agent.hooks, &mut lines);
+        }
+        if agent.discover {
+            for object in bpf::new_objects(&agent.known) {
+                match Resolver::new(None) {
+                    Ok(mut resolver) => {
+                        let (_, follow) = bpf::attach_object(
+                            &object,
+                            &mut resolver,
+                            &mut agent.hooks,
+                            &mut lines,
+                        );
+                        agent.followed.extend(follow);
+                    }
+                    Err(e) => lines.push(format!("error object {object}: {e}")),
+                }
+                agent.known.push(object);
+            }
         }
         if lines.is_empty() {
             continue;
@@ -192,7 +213,8 @@ fn start(config: &Path) -> Result<usize, String> {
     .map_err(|e| format!("cannot read config: {e}"))?;
     let text = String::from_utf8_lossy(&text).into_owned();
     // `object NAME` lines: the BPF programs `bpftime-rs load` published (see bpf.rs).
-    let (objects, text) = bpf::split_object_lines(&text);
+    let (object_lines, text) = bpf::split_object_lines(&text);
+    let objects = object_lines.objects;
     let reqs = parse_config(&text);
     let counts = map_counts(&with_suffix(config, ".counts"), reqs.len())
         .map_err(|e| format!("cannot map counts file: {e}"))?;
@@ -201,6 +223,7 @@ fn start(config: &Path) -> Result<usize, String> {
     let mut failed = 0;
     let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
     let mut followed = Vec::new();
+    let known = objects.clone();
     for object in &objects {
         let (f, follow) = bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
         failed += f;
@@ -260,11 +283,13 @@ fn start(config: &Path) -> Result<usize, String> {
     ) {
         eprintln!("bpftime-agent: cannot write the status: {e}");
     }
-    let follow = !followed.is_empty();
+    let follow = !followed.is_empty() || object_lines.discover;
     *agent = Some(Agent {
         hooks,
         status,
         followed,
+        discover: object_lines.discover,
+        known,
         detached: false,
     });
     if follow {

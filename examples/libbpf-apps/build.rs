@@ -47,6 +47,14 @@ fn main() {
         &["-I", out_dir.to_str().expect("OUT_DIR is UTF-8")],
         &["-lbpf", "-lelf", "-lz"],
     );
+    // Raw bpf()/perf_event_open() calls with bad input (no libbpf).
+    cc(
+        &dir.join("bad_calls.c"),
+        &out_dir.join("bad_calls"),
+        &["-O1", "-g", "-Wall", "-Wextra"],
+        &[],
+        &[],
+    );
     // -O1 and no inlining keep lt_work a real call; frame pointers as in the other victims.
     cc(
         &dir.join("victim.c"),

@@ -23,6 +23,13 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+/* The same events through a perf buffer, when the loader sets use_perf (-P). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERF_EVENT_ARRAY);
+	__uint(key_size, sizeof(u32));
+	__uint(value_size, sizeof(u32));
+} pevents SEC(".maps");
+
 /* Entry count per (first argument % HIST_BUCKETS). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -33,6 +40,8 @@ struct {
 
 /* Set by the loader before load: entries with a smaller first argument are ignored. */
 const volatile u64 min_arg = 0;
+/* Set by the loader before load: events go to pevents instead of events. */
+const volatile bool use_perf = false;
 
 u64 entries = 0;
 u64 returns = 0;
@@ -55,10 +64,20 @@ static void hist_add(u32 key)
 		__sync_fetch_and_add(count, 1);
 }
 
-static void emit(u32 kind, u64 value)
+static void emit(void *ctx, u32 kind, u64 value)
 {
 	struct event *e;
 
+	if (use_perf) {
+		struct event pe = {
+			.pid = bpf_get_current_pid_tgid() >> 32,
+			.kind = kind,
+			.value = value,
+		};
+
+		bpf_perf_event_output(ctx, &pevents, BPF_F_CURRENT_CPU, &pe, sizeof(pe));
+		return;
+	}
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e)
 		return;
@@ -79,7 +98,7 @@ int BPF_KPROBE(on_entry, long arg)
 		return 0;
 	__sync_fetch_and_add(&entries, 1);
 	hist_add(value % HIST_BUCKETS);
-	emit(EVENT_ENTRY, value);
+	emit(ctx, EVENT_ENTRY, value);
 	return 0;
 }
 
@@ -87,6 +106,6 @@ SEC("uretprobe")
 int BPF_KRETPROBE(on_return, long rc)
 {
 	__sync_fetch_and_add(&returns, 1);
-	emit(EVENT_RETURN, (u64)rc);
+	emit(ctx, EVENT_RETURN, (u64)rc);
 	return 0;
 }

@@ -46,6 +46,8 @@ struct options {
 	unsigned long long max_events; /* 0: until the deadline */
 	double duration;
 	bool verbose;
+	bool perf; /* -P: events through a perf buffer instead of the ring buffer */
+	bool batch; /* -B: read hist with bpf_map_lookup_batch instead of get_next_key */
 };
 
 static volatile sig_atomic_t stop;
@@ -63,6 +65,8 @@ static void usage(FILE *to, const char *prog)
 		"  -m MIN      report entries only for a first argument >= MIN (default 0)\n"
 		"  -n N        exit after N ring buffer events (default 0: run until -d)\n"
 		"  -d SECONDS  poll for at most SECONDS after attaching (default 10)\n"
+		"  -P          receive events through a perf buffer instead of the ring buffer\n"
+		"  -B          read the histogram with bpf_map_lookup_batch\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
 }
@@ -97,7 +101,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -143,6 +147,12 @@ static int parse_args(int argc, char **argv, struct options *opts)
 		case 'v':
 			opts->verbose = true;
 			break;
+		case 'P':
+			opts->perf = true;
+			break;
+		case 'B':
+			opts->batch = true;
+			break;
 		case 'h':
 			usage(stdout, argv[0]);
 			exit(0);
@@ -184,6 +194,19 @@ static int handle_event(void *ctx, void *data, size_t size)
 	return 0;
 }
 
+static void handle_sample(void *ctx, int cpu, void *data, __u32 size)
+{
+	(void)cpu;
+	if (size >= sizeof(struct event))
+		handle_event(ctx, data, sizeof(struct event));
+}
+
+static void handle_lost(void *ctx, int cpu, __u64 lost)
+{
+	(void)ctx;
+	fprintf(stderr, "uprobe_tool: lost %llu events on CPU %d\n", (unsigned long long)lost, cpu);
+}
+
 static struct bpf_link *attach(struct bpf_program *prog, const struct options *opts, bool retprobe)
 {
 	LIBBPF_OPTS(bpf_uprobe_opts, uprobe_opts, .retprobe = retprobe, .func_name = opts->func);
@@ -211,6 +234,49 @@ static int cmp_u32(const void *a, const void *b)
 	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
 
 	return x < y ? -1 : x > y;
+}
+
+/* The histogram read in batches of 3 (several calls, as a tool with a large map makes). */
+static int print_hist_batch(int fd)
+{
+	uint32_t keys[MAX_HIST], batch_keys[3], cursor;
+	uint64_t values[MAX_HIST], batch_values[3];
+	size_t n = 0;
+	bool first = true;
+
+	for (;;) {
+		__u32 count = 3;
+		int err = bpf_map_lookup_batch(fd, first ? NULL : &cursor, &cursor, batch_keys,
+					       batch_values, &count, NULL);
+		int saved = errno;
+
+		first = false;
+		for (__u32 i = 0; i < count && n < MAX_HIST; i++) {
+			keys[n] = batch_keys[i];
+			values[n++] = batch_values[i];
+		}
+		if (err) {
+			if (saved == ENOENT)
+				break;
+			fprintf(stderr, "uprobe_tool: bpf_map_lookup_batch on hist: %s\n",
+				strerror(saved));
+			return -1;
+		}
+	}
+	/* Sorted by key, as print_hist prints. */
+	for (size_t i = 1; i < n; i++)
+		for (size_t j = i; j > 0 && keys[j - 1] > keys[j]; j--) {
+			uint32_t k = keys[j];
+			uint64_t v = values[j];
+
+			keys[j] = keys[j - 1];
+			values[j] = values[j - 1];
+			keys[j - 1] = k;
+			values[j - 1] = v;
+		}
+	for (size_t i = 0; i < n; i++)
+		printf("hist %u %llu\n", keys[i], (unsigned long long)values[i]);
+	return 0;
 }
 
 static int print_hist(int fd)
@@ -258,6 +324,7 @@ int main(int argc, char **argv)
 {
 	struct options opts = { .offset = -1, .pid = -1, .duration = 10 };
 	struct ring_buffer *rb = NULL;
+	struct perf_buffer *pb = NULL;
 	struct uprobe_tool_bpf *skel;
 	double deadline;
 	int err;
@@ -275,6 +342,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	skel->rodata->min_arg = opts.min_arg;
+	skel->rodata->use_perf = opts.perf;
 	err = uprobe_tool_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
@@ -292,8 +360,12 @@ int main(int argc, char **argv)
 		goto out;
 	}
 
-	rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
-	if (!rb) {
+	if (opts.perf)
+		pb = perf_buffer__new(bpf_map__fd(skel->maps.pevents), 8 /* pages per CPU */,
+				      handle_sample, handle_lost, NULL, NULL);
+	else
+		rb = ring_buffer__new(bpf_map__fd(skel->maps.events), handle_event, NULL, NULL);
+	if (!rb && !pb) {
 		err = -errno;
 		fprintf(stderr, "uprobe_tool: creating the ring buffer reader: %s\n", strerror(-err));
 		goto out;
@@ -311,7 +383,7 @@ int main(int argc, char **argv)
 			}
 			break;
 		}
-		err = ring_buffer__poll(rb, 100 /* ms */);
+		err = pb ? perf_buffer__poll(pb, 100 /* ms */) : ring_buffer__poll(rb, 100 /* ms */);
 		if (err == -EINTR) {
 			err = 0;
 			continue;
@@ -323,13 +395,16 @@ int main(int argc, char **argv)
 		err = 0;
 	}
 
-	if (print_hist(bpf_map__fd(skel->maps.hist)) && !err)
+	if ((opts.batch ? print_hist_batch(bpf_map__fd(skel->maps.hist))
+			: print_hist(bpf_map__fd(skel->maps.hist))) &&
+	    !err)
 		err = -1;
 	printf("bss entries=%llu returns=%llu\n", (unsigned long long)skel->bss->entries,
 	       (unsigned long long)skel->bss->returns);
 	fflush(stdout);
 
 out:
+	perf_buffer__free(pb);
 	ring_buffer__free(rb);
 	uprobe_tool_bpf__destroy(skel);
 	return err ? 1 : 0;

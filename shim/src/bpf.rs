@@ -43,15 +43,11 @@ pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
         | sys::BPF_MAP_UPDATE_BATCH
         | sys::BPF_MAP_DELETE_BATCH => {
             // SAFETY: reading the `batch` member of a zero-initialised attr copy.
-            let fd = unsafe { parsed.batch.map_fd } as i32;
-            if sealed_map(fd).is_some() {
-                eprintln!(
-                    "bpftime-shim: bpf(BPF_MAP_*_BATCH) on a user-space map is not served yet; \
-                     failing with EOPNOTSUPP (libbpf tools fall back to per-element calls)"
-                );
-                return errno(libc::EOPNOTSUPP);
+            let b = unsafe { parsed.batch };
+            match sealed_map(b.map_fd as i32) {
+                Some(map) => batch(cmd, attr, &map, &b),
+                None => kernel(cmd, attr, size),
             }
-            kernel(cmd, attr, size)
         }
         sys::BPF_PROG_LOAD => prog_load(cmd, attr, size, &parsed),
         sys::BPF_LINK_CREATE => link_create(cmd, attr, size, &parsed),
@@ -203,10 +199,16 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
             if def.map_type == MapType::ProgArray {
                 return prog_array_update(map, &k, &v, flags);
             }
+            if def.map_type == MapType::PerfEventArray {
+                return publish::bind_perf_buffer(map, &k, &v);
+            }
             map.update_percpu(&k, &v, flags).map_err(|e| map_errno(&e))
         }
         sys::BPF_MAP_DELETE_ELEM => {
             let k = read_key()?;
+            if def.map_type == MapType::PerfEventArray {
+                return publish::unbind_perf_buffer(map, &k);
+            }
             map.delete(&k).map_err(|e| map_errno(&e))
         }
         sys::BPF_MAP_LOOKUP_AND_DELETE_ELEM => {
@@ -229,6 +231,75 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
             user::write(value, &next)
         }
         _ => Err(errno(libc::EINVAL)),
+    }
+}
+
+/// The batch commands on a shared map, as the kernel's `generic_map_*_batch`/`htab_map_*_batch`
+/// run them: up to `count` elements from the position in `in_batch` (a u32 cursor: an index
+/// into the map's iteration order; absent = from the start), the next position written to
+/// `out_batch`, `count` set to how many were done, ENOENT once the map is exhausted.
+fn batch(cmd: u32, attr: usize, map: &MapHandle, b: &sys::bpf_attr__bindgen_ty_3) -> i64 {
+    let key_size = map.def().key_size as usize;
+    let value_size = user_value_size(map);
+    let count = b.count as usize;
+    let write_count = |n: usize| {
+        let at = attr + std::mem::offset_of!(sys::bpf_attr__bindgen_ty_3, count);
+        user::write(at, &(n as u32).to_le_bytes())
+    };
+    let r: Result<(), i64> = (|| match cmd {
+        sys::BPF_MAP_UPDATE_BATCH | sys::BPF_MAP_DELETE_BATCH => {
+            for i in 0..count {
+                let key = user::read(b.keys as usize + i * key_size, key_size)?;
+                let done = if cmd == sys::BPF_MAP_UPDATE_BATCH {
+                    let value = user::read(b.values as usize + i * value_size, value_size)?;
+                    map.update_percpu(&key, &value, b.elem_flags)
+                } else {
+                    map.delete(&key)
+                };
+                if let Err(e) = done {
+                    write_count(i)?;
+                    return Err(map_errno(&e));
+                }
+            }
+            write_count(count)
+        }
+        _ => {
+            let start = if b.in_batch == 0 {
+                0
+            } else {
+                let c = user::read(b.in_batch as usize, 4)?;
+                u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize
+            };
+            let entries = map.iter();
+            let chunk: Vec<_> = entries.iter().skip(start).take(count).collect();
+            for (i, e) in chunk.iter().enumerate() {
+                user::write(b.keys as usize + i * key_size, &e.key)?;
+                let value = value_bytes(map, e.value.clone());
+                user::write(b.values as usize + i * value_size, &value)?;
+            }
+            if cmd == sys::BPF_MAP_LOOKUP_AND_DELETE_BATCH {
+                for e in &chunk {
+                    map.delete(&e.key).map_err(|e| map_errno(&e))?;
+                }
+            }
+            // After deleting, what followed moved up to this position.
+            let next = if cmd == sys::BPF_MAP_LOOKUP_AND_DELETE_BATCH {
+                start
+            } else {
+                start + chunk.len()
+            };
+            user::write(b.out_batch as usize, &(next as u32).to_le_bytes())?;
+            write_count(chunk.len())?;
+            if start + chunk.len() >= entries.len() {
+                Err(errno(libc::ENOENT))
+            } else {
+                Ok(())
+            }
+        }
+    })();
+    match r {
+        Ok(()) => 0,
+        Err(e) => e,
     }
 }
 
@@ -379,7 +450,13 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     }
     let r = table::with(|s| {
         let Some(prog) = s.prog_of(prog_fd as i32) else {
-            return Err(errno(libc::EBADF));
+            // The kernel's bpf_prog_get: EBADF for no descriptor, EINVAL for one that is not
+            // a program.
+            // SAFETY: F_GETFD takes no pointer.
+            let open = unsafe {
+                raw::syscall3(libc::SYS_fcntl, i64::from(prog_fd), libc::F_GETFD.into(), 0)
+            } >= 0;
+            return Err(errno(if open { libc::EINVAL } else { libc::EBADF }));
         };
         publish::publish_program(s, prog);
         if let Some(why) = &s.progs[prog].unrunnable {
@@ -423,15 +500,33 @@ pub(crate) fn mmap(
     fd: i32,
     offset: i64,
 ) -> Option<i64> {
+    let perf = table::with(|s| {
+        let id = s.perfbuf_of(fd)?;
+        Some(crate::perfbuf::mmap(
+            &mut s.perfbufs[id],
+            addr,
+            len,
+            prot,
+            flags,
+            offset,
+        ))
+    });
+    if perf.is_some() {
+        return perf;
+    }
     let map = sealed_map(fd)?;
     let seg_fd = table::with(|s| Some(s.sealed.as_ref()?.shm.segment_fd().as_raw_fd()))?;
     let Some((file_off, range)) = map.mmap_range() else {
+        // The kernel's answer for a map type without `map_mmap` (`bpf_map_mmap`): ENOTSUPP,
+        // its internal 524.
+        const ENOTSUPP: i32 = 524;
         eprintln!(
-            "bpftime-shim: mmap of map {}: user space cannot map a {} map; failing with EINVAL",
+            "bpftime-shim: mmap of map {}: a {} map cannot be mapped; failing with ENOTSUPP \
+             (524), as the kernel does",
             map.name(),
             map.map_type()
         );
-        return Some(errno(libc::EINVAL));
+        return Some(errno(ENOTSUPP));
     };
     let offset = offset as u64;
     let len64 = len as u64;
@@ -506,9 +601,12 @@ pub(crate) fn mmap(
     }
 }
 
-/// For `epoll_ctl` on a sealed RINGBUF's descriptor: the eventfd that stands for the ring's
-/// readiness.
+/// For `epoll_ctl` and `poll` on a sealed RINGBUF's descriptor, or a perf buffer event's: the
+/// eventfd that stands for its readiness.
 pub(crate) fn ring_readiness_fd(fd: i32) -> Option<i32> {
+    if let Some(ready) = table::with(|s| Some(s.perfbufs[s.perfbuf_of(fd)?].eventfd)) {
+        return Some(ready);
+    }
     let map = sealed_map(fd)?;
     if map.map_type() != MapType::Ringbuf {
         return None;

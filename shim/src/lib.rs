@@ -5,7 +5,7 @@
 //!
 //! It interposes the libc entry points those loaders go through: `syscall()` for `__NR_bpf`
 //! and `__NR_perf_event_open`, and `ioctl`, `mmap`/`mmap64`, `close`, `fcntl`/`fcntl64`,
-//! `dup`/`dup2`/`dup3`, `epoll_ctl` for the descriptors it handed out. Everything else, and every
+//! `dup`/`dup2`/`dup3`, `epoll_ctl`, `poll` for the descriptors it handed out. Everything else, and every
 //! call in a process that never issues `bpf()` (the preload is inherited by the application's
 //! children), goes straight to the kernel.
 //!
@@ -33,6 +33,7 @@
 
 mod bpf;
 mod perf;
+mod perfbuf;
 mod publish;
 mod raw;
 mod table;
@@ -303,6 +304,50 @@ fn dup_onto(old: c_int, new: c_int, _flags: c_int, call: impl FnOnce() -> i64) -
             table::closed(new);
             table::duplicated(old, new);
         }
+    }
+    libc_result(r) as c_int
+}
+
+/// `poll`: a ring's descriptor is polled as the ring's readiness eventfd (see `epoll_ctl`).
+///
+/// # Safety
+/// As `poll(2)`: `fds` points at `nfds` entries.
+#[no_mangle]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) -> c_int {
+    let mut substitutes: Vec<(usize, c_int)> = Vec::new();
+    if tracking() && !fds.is_null() {
+        if let Some(_busy) = Busy::enter() {
+            for i in 0..nfds as usize {
+                // SAFETY: the caller's contract: `nfds` valid entries.
+                let fd = unsafe { (*fds.add(i)).fd };
+                if let Some(ready) = bpf::ring_readiness_fd(fd) {
+                    substitutes.push((i, fd));
+                    // SAFETY: as above.
+                    unsafe { (*fds.add(i)).fd = ready };
+                }
+            }
+        }
+    }
+    // SAFETY: the caller's contract (ppoll with a null sigmask is poll; x86-64 has no poll
+    // number in every libc's headers, ppoll always exists).
+    let r = unsafe {
+        let ts = (timeout >= 0).then(|| libc::timespec {
+            tv_sec: (timeout / 1000).into(),
+            tv_nsec: ((timeout % 1000) as i64) * 1_000_000,
+        });
+        raw::syscall6(
+            libc::SYS_ppoll,
+            fds as i64,
+            nfds as i64,
+            ts.as_ref().map_or(0, |t| t as *const libc::timespec as i64),
+            0,
+            8,
+            0,
+        )
+    };
+    for (i, fd) in substitutes {
+        // SAFETY: as above; the caller sees its own descriptor back.
+        unsafe { (*fds.add(i)).fd = fd };
     }
     libc_result(r) as c_int
 }

@@ -7,7 +7,7 @@ use bpftime_abi::flags::{PERF_EVENT_IOC_DISABLE, PERF_EVENT_IOC_ENABLE, PERF_EVE
 use libbpf_sys as sys;
 
 use crate::table::{self, EventRec};
-use crate::{publish, raw, user};
+use crate::{perfbuf, publish, raw, user};
 
 /// Where the kernel publishes the uprobe PMU (its type, and which config bit asks for a
 /// return probe).
@@ -41,23 +41,30 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
     let Ok(head) = user::read_struct::<[u32; 2]>(attr, 8) else {
         return kernel();
     };
+    let a = match user::read_struct::<sys::perf_event_attr>(attr, head[1] as usize) {
+        Ok(a) => a,
+        Err(e) => return e,
+    };
+    if perfbuf::is_bpf_output(a.type_, a.config) && publish::serves_perf_buffers() {
+        return open_perf_buffer(flags);
+    }
     let Some((uprobe_type, retprobe_bit)) = uprobe_pmu() else {
         return kernel();
     };
     if head[0] != uprobe_type {
         return kernel();
     }
-    let a = match user::read_struct::<sys::perf_event_attr>(attr, head[1] as usize) {
-        Ok(a) => a,
-        Err(e) => return e,
-    };
     // SAFETY: config1/config2 are plain u64 union members.
     let (path_ptr, offset) = unsafe { (a.__bindgen_anon_3.config1, a.__bindgen_anon_4.config2) };
     let path = match user::read_cstr(path_ptr as usize, libc::PATH_MAX as usize) {
         Ok(p) => PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&p)),
         Err(e) => return e,
     };
-    let path = std::fs::canonicalize(&path).unwrap_or(path);
+    // The kernel resolves the path at open (`kern_path`): a missing file is ENOENT now.
+    let path = match std::fs::canonicalize(&path) {
+        Ok(p) => p,
+        Err(e) => return -i64::from(e.raw_os_error().unwrap_or(libc::ENOENT)),
+    };
     let retprobe = a.config & (1 << retprobe_bit) != 0;
     if a.config >> 32 != 0 {
         // PERF_UPROBE_REF_CTR_OFFSET (USDT semaphores) in the high config bits.
@@ -76,8 +83,14 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
             path,
             file_offset: offset,
             retprobe,
-            pid: u32::try_from(pid).ok(),
-            enabled: false,
+            // pid 0 is the calling process (aya's `UProbeScope::CallingProcess`).
+            pid: match pid {
+                0 => Some(std::process::id()),
+                p => u32::try_from(p).ok(),
+            },
+            // A perf event opened without `disabled` counts from the start (aya never sends
+            // PERF_EVENT_IOC_ENABLE; libbpf does, to no effect).
+            enabled: a.disabled() == 0,
             ioctl_prog: None,
             open: 1,
         });
@@ -87,8 +100,36 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
     fd
 }
 
+/// A BPF_OUTPUT event for a perf buffer's CPU ring, served by the shim.
+fn open_perf_buffer(flags: u64) -> i64 {
+    match perfbuf::create(flags & u64::from(sys::PERF_FLAG_FD_CLOEXEC) != 0) {
+        Ok(rec) => {
+            let fd = rec.memfd;
+            table::with(|s| {
+                s.perfbufs.push(rec);
+                s.fds
+                    .insert(fd, table::Handle::PerfBuf(s.perfbufs.len() - 1));
+            });
+            i64::from(fd)
+        }
+        Err(e) => e,
+    }
+}
+
 /// A perf-event `ioctl` on one of the shim's uprobe events (`None`: not one of them).
 pub(crate) fn ioctl(fd: i32, request: u64, arg: u64) -> Option<i64> {
+    if table::with(|s| s.perfbuf_of(fd)).is_some() {
+        return Some(match request {
+            PERF_EVENT_IOC_ENABLE | PERF_EVENT_IOC_DISABLE => 0,
+            other => {
+                eprintln!(
+                    "bpftime-shim: ioctl {other:#x} on a perf buffer event is not served; \
+                     failing with ENOTTY"
+                );
+                -i64::from(libc::ENOTTY)
+            }
+        });
+    }
     let event = table::with(|s| s.event_of(fd))?;
     let r = match request {
         PERF_EVENT_IOC_ENABLE | PERF_EVENT_IOC_DISABLE => {

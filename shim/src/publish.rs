@@ -20,6 +20,7 @@ use bpftime_runtime::state::{Manifest, StateDir};
 use bpftime_runtime::vm::VmKind;
 use parking_lot::Mutex;
 
+use crate::perfbuf::{PerfOut, PerfPump};
 use crate::table::{self, Shim};
 use crate::{bpf, raw};
 
@@ -30,8 +31,16 @@ pub(crate) struct Sealed {
     dir: StateDir,
     manifest: Manifest,
     vm: VmKind,
-    /// Rings whose readiness an `epoll` waits on, and the eventfd standing for each.
-    rings: Arc<Mutex<Vec<RingWatch>>>,
+    /// What the watcher thread keeps up to date (started on first use).
+    watched: Arc<Mutex<Watched>>,
+    watcher_started: bool,
+}
+
+/// The watcher thread's work: rings whose readiness an `epoll` waits on, perf buffers it fills.
+#[derive(Default)]
+struct Watched {
+    rings: Vec<RingWatch>,
+    perf: Vec<PerfPump>,
 }
 
 struct RingWatch {
@@ -202,7 +211,8 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         dir,
         manifest,
         vm: vm_from_env(),
-        rings: Arc::new(Mutex::new(Vec::new())),
+        watched: Arc::new(Mutex::new(Watched::default())),
+        watcher_started: false,
     });
     for id in 0..shim.progs.len() {
         publish_program(shim, id);
@@ -394,56 +404,157 @@ pub(crate) fn links_changed() {
     table::with(republish);
 }
 
-/// The eventfd standing for `ring`'s readiness (created with its watcher on first use).
+/// The watcher of the sealed object, started on first use.
+fn watched(shim: &mut Shim) -> Option<Arc<Mutex<Watched>>> {
+    let sealed = shim.sealed.as_mut()?;
+    if !sealed.watcher_started {
+        let watched = Arc::clone(&sealed.watched);
+        let spawned = std::thread::Builder::new()
+            .name("bpftime-shim-rings".into())
+            .spawn(move || watch(&watched));
+        if spawned.is_err() {
+            eprintln!(
+                "bpftime-shim: cannot start the ring watcher: epoll on rings and perf buffers \
+                 never wakes"
+            );
+        }
+        sealed.watcher_started = true;
+    }
+    Some(Arc::clone(&sealed.watched))
+}
+
+/// The eventfd standing for `ring`'s readiness (created on first use).
 pub(crate) fn ring_readiness(ring: MapHandle) -> Option<RawFd> {
-    let (rings, start) = table::with(|s| {
-        let sealed = s.sealed.as_ref()?;
-        let start = Arc::strong_count(&sealed.rings) == 1;
-        Some((Arc::clone(&sealed.rings), start))
-    })?;
-    let mut list = rings.lock();
-    if let Some(w) = list.iter().find(|w| w.map.name() == ring.name()) {
-        return Some(w.eventfd);
+    let watched = table::with(watched)?;
+    let mut w = watched.lock();
+    if let Some(r) = w.rings.iter().find(|r| r.map.name() == ring.name()) {
+        return Some(r.eventfd);
     }
     let fd = raw::eventfd(true);
     if fd < 0 {
         return None;
     }
-    list.push(RingWatch {
+    w.rings.push(RingWatch {
         map: ring,
         eventfd: fd as RawFd,
         signalled: false,
     });
-    drop(list);
-    if start {
-        let rings = Arc::clone(&rings);
-        let spawned = std::thread::Builder::new()
-            .name("bpftime-shim-rings".into())
-            .spawn(move || watch_rings(&rings));
-        if spawned.is_err() {
-            eprintln!("bpftime-shim: cannot start the ring watcher: epoll on rings never wakes");
-        }
-    }
     Some(fd as RawFd)
 }
 
-/// Keeps each watched ring's eventfd readable exactly while the ring holds records (the
-/// kernel wakes a ring's waiters from `bpf_ringbuf_commit`; a producer in another process
-/// cannot reach this process's epoll, so the shim polls the producer position).
-fn watch_rings(rings: &Mutex<Vec<RingWatch>>) {
+/// Whether BPF_OUTPUT events are the shim's: the sealed object holds a PERF_EVENT_ARRAY in
+/// user space (its programs' perf output arrives only there).
+pub(crate) fn serves_perf_buffers() -> bool {
+    table::with(|s| {
+        s.sealed.as_ref().is_some_and(|sealed| {
+            sealed
+                .shm
+                .maps()
+                .iter()
+                .any(|m| m.map_type() == MapType::PerfEventArray)
+        })
+    })
+}
+
+/// `MAP_UPDATE_ELEM` of a perf event descriptor into a shared PERF_EVENT_ARRAY: that CPU's
+/// records go to the event's ring.
+pub(crate) fn bind_perf_buffer(map: &MapHandle, key: &[u8], value: &[u8]) -> Result<(), i64> {
+    let index = u32::from_le_bytes(key.try_into().map_err(|_| -i64::from(libc::EINVAL))?);
+    let fd = i32::from_le_bytes(
+        value
+            .get(..4)
+            .and_then(|v| v.try_into().ok())
+            .ok_or(-i64::from(libc::EINVAL))?,
+    );
+    if index >= map.def().max_entries {
+        return Err(-i64::from(libc::E2BIG));
+    }
+    table::with(|s| {
+        let id = s.perfbuf_of(fd).ok_or(-i64::from(libc::EBADF))?;
+        let out = PerfOut::new(index, &s.perfbufs[id]).ok_or_else(|| {
+            eprintln!(
+                "bpftime-shim: perf event {fd} stored in {} before it was mapped: not served; \
+                 failing with EINVAL",
+                map.name()
+            );
+            -i64::from(libc::EINVAL)
+        })?;
+        let watched = watched(s).ok_or(-i64::from(libc::EINVAL))?;
+        let mut w = watched.lock();
+        let pump = match w.perf.iter().position(|p| p.map.name() == map.name()) {
+            Some(i) => &mut w.perf[i],
+            None => {
+                let pump = PerfPump::new(map.clone()).ok_or(-i64::from(libc::EINVAL))?;
+                w.perf.push(pump);
+                w.perf.last_mut().expect("just pushed")
+            }
+        };
+        pump.outs.retain(|o| o.key != index);
+        pump.outs.push(out);
+        Ok(())
+    })
+}
+
+/// `MAP_DELETE_ELEM` of a shared PERF_EVENT_ARRAY slot.
+pub(crate) fn unbind_perf_buffer(map: &MapHandle, key: &[u8]) -> Result<(), i64> {
+    let index = u32::from_le_bytes(key.try_into().map_err(|_| -i64::from(libc::EINVAL))?);
+    let watched = table::with(|s| Some(Arc::clone(&s.sealed.as_ref()?.watched)));
+    let mut found = false;
+    if let Some(watched) = watched {
+        for pump in watched
+            .lock()
+            .perf
+            .iter_mut()
+            .filter(|p| p.map.name() == map.name())
+        {
+            let before = pump.outs.len();
+            pump.outs.retain(|o| o.key != index);
+            found |= pump.outs.len() != before;
+        }
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(-i64::from(libc::ENOENT))
+    }
+}
+
+/// The last descriptor of perf buffer event `id` was closed: its ring is no longer filled and
+/// its readiness eventfd goes (which takes it out of the application's epoll).
+pub(crate) fn perfbuf_closed(shim: &mut Shim, id: usize) {
+    let memfd = shim.perfbufs[id].memfd;
+    if let Some(sealed) = shim.sealed.as_ref() {
+        for pump in sealed.watched.lock().perf.iter_mut() {
+            pump.outs.retain(|o| o.memfd != memfd);
+        }
+    }
+    raw::close(shim.perfbufs[id].eventfd);
+}
+
+/// Keeps each watched ring's eventfd readable exactly while the ring holds records, and moves
+/// perf records into the application's perf buffers (the kernel wakes a ring's waiters from
+/// `bpf_ringbuf_commit`; a producer in another process cannot reach this process's epoll, so
+/// the shim polls the producer positions).
+fn watch(watched: &Mutex<Watched>) {
     // This thread's own calls (sleep, eventfd reads/writes) never come back into the shim.
     let _busy = crate::Busy::enter();
     loop {
         let mut any = false;
-        for w in rings.lock().iter_mut() {
-            let pending = w.map.as_ringbuf().is_some_and(|r| r.pending() > 0);
-            any |= pending;
-            if pending && !w.signalled {
-                raw::eventfd_signal(w.eventfd);
-                w.signalled = true;
-            } else if !pending && w.signalled {
-                raw::eventfd_clear(w.eventfd);
-                w.signalled = false;
+        {
+            let mut w = watched.lock();
+            for r in w.rings.iter_mut() {
+                let pending = r.map.as_ringbuf().is_some_and(|rb| rb.pending() > 0);
+                any |= pending;
+                if pending && !r.signalled {
+                    raw::eventfd_signal(r.eventfd);
+                    r.signalled = true;
+                } else if !pending && r.signalled {
+                    raw::eventfd_clear(r.eventfd);
+                    r.signalled = false;
+                }
+            }
+            for pump in w.perf.iter_mut() {
+                any |= pump.pump() > 0;
             }
         }
         std::thread::sleep(if any {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use parking_lot::Mutex;
 
+use crate::perfbuf::PerfBufRec;
 use crate::publish::Sealed;
 use crate::raw;
 
@@ -25,6 +26,8 @@ pub(crate) enum Handle {
     Prog(usize),
     Event(usize),
     Link(usize),
+    /// A BPF_OUTPUT perf event (a perf buffer's CPU ring).
+    PerfBuf(usize),
 }
 
 /// A map the application created (in the kernel).
@@ -93,6 +96,7 @@ pub(crate) struct Shim {
     pub progs: Vec<ProgRec>,
     pub events: Vec<EventRec>,
     pub links: Vec<LinkRec>,
+    pub perfbufs: Vec<PerfBufRec>,
     pub sealed: Option<Sealed>,
 }
 
@@ -136,6 +140,14 @@ impl Shim {
         }
     }
 
+    /// The perf buffer event `fd` stands for.
+    pub fn perfbuf_of(&self, fd: i32) -> Option<usize> {
+        match self.fds.get(&fd) {
+            Some(Handle::PerfBuf(id)) => Some(*id),
+            _ => None,
+        }
+    }
+
     /// The uprobe event `fd` stands for.
     pub fn event_of(&self, fd: i32) -> Option<usize> {
         match self.fds.get(&fd) {
@@ -150,6 +162,7 @@ impl Shim {
             Handle::Prog(i) => &mut self.progs[i].open,
             Handle::Event(i) => &mut self.events[i].open,
             Handle::Link(i) => &mut self.links[i].open,
+            Handle::PerfBuf(i) => &mut self.perfbufs[i].open,
         }
     }
 }
@@ -164,11 +177,15 @@ pub(crate) fn closed(fd: i32) {
         let open = shim.open_count(h);
         *open = open.saturating_sub(1);
         let last = *open == 0;
-        if let Handle::Event(_) | Handle::Link(_) = h {
+        match h {
             // The shim's eventfd is closed by the caller's close itself.
-            return last;
+            Handle::Event(_) | Handle::Link(_) => last,
+            Handle::PerfBuf(i) if last => {
+                crate::publish::perfbuf_closed(shim, i);
+                false
+            }
+            _ => false,
         }
-        false
     });
     if detach {
         crate::publish::links_changed();

@@ -88,3 +88,32 @@ pub(crate) fn read_cstr(ptr: usize, max: usize) -> Result<Vec<u8>, i64> {
     }
     Err(-i64::from(libc::ENAMETOOLONG))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_pointers_fail_with_efault_instead_of_crashing() {
+        assert_eq!(read(8, 4), Err(-i64::from(libc::EFAULT)));
+        assert_eq!(write(8, &[1]), Err(-i64::from(libc::EFAULT)));
+        assert_eq!(read_cstr(0, 16), Err(-i64::from(libc::EFAULT)));
+    }
+
+    #[test]
+    fn buffers_and_strings_are_copied() {
+        let src = *b"path/to/bin\0tail";
+        assert_eq!(read(src.as_ptr() as usize, 4).unwrap(), b"path");
+        assert_eq!(
+            read_cstr(src.as_ptr() as usize, 64).unwrap(),
+            b"path/to/bin"
+        );
+        assert_eq!(
+            read_cstr(src.as_ptr() as usize, 4),
+            Err(-i64::from(libc::ENAMETOOLONG))
+        );
+        let mut dst = [0u8; 3];
+        write(dst.as_mut_ptr() as usize, &[9, 8, 7]).unwrap();
+        assert_eq!(dst, [9, 8, 7]);
+    }
+}

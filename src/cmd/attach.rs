@@ -69,7 +69,7 @@ pub(super) fn library_path(file: &str, env: &str, package: &str) -> Result<PathB
 }
 
 /// The objects to attach: those named, or every object with a trusted manifest whose loader
-/// runs (each skipped one is reported).
+/// runs (each skipped one is reported; the agent then also attaches objects loaded later).
 fn chosen_objects(objects: &[String]) -> Result<Vec<String>> {
     if !objects.is_empty() {
         return Ok(objects.to_vec());
@@ -82,16 +82,20 @@ fn chosen_objects(objects: &[String]) -> Result<Vec<String>> {
         .map(|f| f.manifest.object)
         .collect();
     if objects.is_empty() {
-        bail!("no object is loaded: run `bpftime-rs load OBJ` first");
+        eprintln!(
+            "bpftime-rs: no object is loaded yet: the agent attaches objects as they are loaded \
+             (`bpftime-rs load OBJ` or `load -- APP`)"
+        );
     }
     Ok(objects)
 }
 
-/// Writes the agent's config (one `object NAME` line per object) in a new directory of our
+/// Writes the agent's config (one `object NAME` line per object, and `discover` when the agent
+/// also attaches objects loaded later) in a new directory of our
 /// state directory's `agents/`, named unguessably, created exclusively, never through a link.
 /// The directory is then given to the target's user, so the agent there can write its status
 /// and counters next to the config; nobody else can write in it.
-fn write_config(objects: &[String], tag: &str, target_uid: u32) -> Result<PathBuf> {
+fn write_config(objects: &[String], discover: bool, tag: &str, target_uid: u32) -> Result<PathBuf> {
     let state = StateDir::ours().context("preparing the state directory")?;
     prune_agent_dirs(&state);
     let dir = state
@@ -105,7 +109,10 @@ fn write_config(objects: &[String], tag: &str, target_uid: u32) -> Result<PathBu
             .with_context(|| format!("creating {}", dir.display()))?;
     }
     let config = dir.join("agent.conf");
-    let text: String = objects.iter().map(|o| format!("object {o}\n")).collect();
+    let mut text: String = objects.iter().map(|o| format!("object {o}\n")).collect();
+    if discover {
+        text.push_str("discover\n");
+    }
     {
         use std::io::Write;
         let mut file = state::fs::create_new(&config, 0o644)?;
@@ -224,7 +231,12 @@ fn report_status(config: &Path) -> usize {
 pub fn start(args: &StartArgs) -> Result<()> {
     let agent = agent_path()?;
     let objects = chosen_objects(&args.objects)?;
-    let config = write_config(&objects, &format!("start-{}", std::process::id()), euid())?;
+    let config = write_config(
+        &objects,
+        args.objects.is_empty(),
+        &format!("start-{}", std::process::id()),
+        euid(),
+    )?;
     let (program, rest) = args.command.split_first().context("no command")?;
     let mut preload = agent.as_os_str().to_owned();
     if let Some(existing) = std::env::var_os("LD_PRELOAD") {
@@ -333,7 +345,12 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let objects = chosen_objects(&args.objects)?;
     let target_uid = process_euid(args.pid)?;
     grant_target(&objects, target_uid);
-    let config = write_config(&objects, &format!("pid-{}", args.pid), target_uid)?;
+    let config = write_config(
+        &objects,
+        args.objects.is_empty(),
+        &format!("pid-{}", args.pid),
+        target_uid,
+    )?;
     let report = inject_agent(args.pid, &agent, Some(&config), &InjectOptions::default())
         .with_context(|| format!("injecting the agent into pid {}", args.pid))?;
     if report.start_result != Some(0) {

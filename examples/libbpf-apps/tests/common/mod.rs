@@ -1,5 +1,6 @@
-//! Run logic shared by the tests that run `uprobe_tool` against `victim`: under kernel uprobes
-//! (`tests/kernel.rs`) and, with wrapper commands, under bpftime-rs (for instance a tool prefix
+//! Run logic shared by the tests that run `uprobe_tool` (or, with [`run_tool`], one of its Rust
+//! ports) against `victim`: under kernel uprobes (`tests/kernel.rs`, `tests/rust_tools.rs`)
+//! and, with wrapper commands, under bpftime-rs (for instance a tool prefix
 //! `["bpftime-rs", "load", "--"]` and a victim prefix `["bpftime-rs", "start", "--"]`). Both
 //! compare [`normalise`]d tool output with [`expected_output`].
 
@@ -106,11 +107,29 @@ fn command(prefix: &[&str], program: &Path, args: &[String]) -> Command {
     cmd
 }
 
-/// Runs `tool_prefix... uprobe_tool tool_args...`, waits for its `attached` line, then runs
+/// [`run_tool`] with `uprobe_tool` (the C libbpf application) as the tool.
+pub fn run(
+    tool_prefix: &[&str],
+    tool_args: &[String],
+    victim_prefix: &[&str],
+    victim_args: &[String],
+) -> Result<Run, String> {
+    run_tool(
+        &tool_path(),
+        tool_prefix,
+        tool_args,
+        victim_prefix,
+        victim_args,
+    )
+}
+
+/// Runs `tool_prefix... TOOL tool_args...` (`uprobe_tool` or one of its Rust ports: they take
+/// the same options and print the same lines), waits for its `attached` line, then runs
 /// `victim_prefix... victim victim_args...`, starts it with a line on its stdin, and waits for
 /// the victim and then for the tool to exit (each bounded; killed on timeout). An error says
 /// what went wrong, with the tool's output so far.
-pub fn run(
+pub fn run_tool(
+    tool: &Path,
     tool_prefix: &[&str],
     tool_args: &[String],
     victim_prefix: &[&str],
@@ -119,7 +138,7 @@ pub fn run(
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut tool_cmd = command(tool_prefix, &tool_path(), tool_args);
+    let mut tool_cmd = command(tool_prefix, tool, tool_args);
     let mut tool = Reaped(Some(
         tool_cmd
             .stdin(Stdio::null())

@@ -1,0 +1,175 @@
+// Bad input to bpf() and perf_event_open(), as a loader with bugs would pass it, after a
+// uprobe program is loaded (so that under bpftime-rs the object is sealed and the shim serves
+// the calls). One line per call: `NAME ok` or `NAME errno ENAME`. Run on the kernel and under
+// `bpftime-rs load --`, the lines must agree, except those the shim documents as different
+// (marked `shim-differs:`). `bad_calls BINARY FILE_OFFSET` (a function in BINARY).
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
+#include <linux/perf_event.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static long sys_bpf(int cmd, void *attr, unsigned int size)
+{
+	return syscall(__NR_bpf, cmd, attr, size);
+}
+
+static void report(const char *name, long r)
+{
+	if (r < 0)
+		printf("%s errno %d %s\n", name, errno, strerrorname_np(errno) ?: "?");
+	else
+		printf("%s ok\n", name);
+	fflush(stdout);
+}
+
+static int map_create(int type, int key, int value, int max)
+{
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.map_type = type;
+	a.key_size = key;
+	a.value_size = value;
+	a.max_entries = max;
+	return sys_bpf(BPF_MAP_CREATE, &a, sizeof(a));
+}
+
+static int prog_load(void)
+{
+	/* r0 = 0; exit */
+	struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = 0, .imm = 0 },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.prog_type = BPF_PROG_TYPE_KPROBE;
+	a.insns = (uintptr_t)insns;
+	a.insn_cnt = 2;
+	a.license = (uintptr_t) "GPL";
+	return sys_bpf(BPF_PROG_LOAD, &a, sizeof(a));
+}
+
+static int uprobe_type(void)
+{
+	FILE *f = fopen("/sys/bus/event_source/devices/uprobe/type", "r");
+	int t = -1;
+
+	if (!f || fscanf(f, "%d", &t) != 1)
+		t = -1;
+	if (f)
+		fclose(f);
+	return t;
+}
+
+static int uprobe_open(const char *path, unsigned long long offset, uint64_t path_ptr)
+{
+	struct perf_event_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.size = sizeof(a);
+	a.type = uprobe_type();
+	a.config1 = path_ptr ? path_ptr : (uintptr_t)path;
+	a.config2 = offset;
+	return syscall(__NR_perf_event_open, &a, -1, 0, -1, PERF_FLAG_FD_CLOEXEC);
+}
+
+static long lookup(int fd, const void *key, void *value)
+{
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.map_fd = fd;
+	a.key = (uintptr_t)key;
+	a.value = (uintptr_t)value;
+	return sys_bpf(BPF_MAP_LOOKUP_ELEM, &a, sizeof(a));
+}
+
+int main(int argc, char **argv)
+{
+	union bpf_attr a;
+	uint64_t value;
+	uint32_t key;
+	int array, hash, prog, event, link;
+
+	if (argc != 3) {
+		fprintf(stderr, "usage: %s BINARY FILE_OFFSET\n", argv[0]);
+		return 2;
+	}
+	unsigned long long offset = strtoull(argv[2], NULL, 0);
+
+	array = map_create(BPF_MAP_TYPE_ARRAY, 4, 8, 4);
+	report("array_create", array);
+	hash = map_create(BPF_MAP_TYPE_HASH, 4, 8, 16);
+	report("hash_create", hash);
+	prog = prog_load();
+	report("kprobe_prog_load", prog);
+	if (array < 0 || hash < 0 || prog < 0)
+		return 1;
+
+	key = 1;
+	report("lookup_bad_fd", lookup(-1, &key, &value));
+	report("lookup_closed_fd", lookup(1000, &key, &value));
+	report("bpf_bad_attr_pointer", sys_bpf(BPF_MAP_LOOKUP_ELEM, (void *)8, sizeof(a)));
+	report("lookup_bad_key_pointer", lookup(array, (void *)8, &value));
+	report("lookup_bad_value_pointer", lookup(array, &key, (void *)8));
+	key = 4;
+	report("lookup_index_out_of_range", lookup(array, &key, &value));
+	key = 7;
+	report("hash_lookup_missing_key", lookup(hash, &key, &value));
+	memset(&a, 0, sizeof(a));
+	a.map_fd = hash;
+	a.key = (uintptr_t)&key;
+	a.value = (uintptr_t)&value;
+	a.flags = BPF_EXIST;
+	value = 1;
+	report("hash_update_exist_missing", sys_bpf(BPF_MAP_UPDATE_ELEM, &a, sizeof(a)));
+	a.flags = 99;
+	report("hash_update_bad_flags", sys_bpf(BPF_MAP_UPDATE_ELEM, &a, sizeof(a)));
+	report("unknown_command", sys_bpf(999, &a, sizeof(a)));
+	void *m = mmap(NULL, 4096, PROT_READ, MAP_SHARED, hash, 0);
+	report("mmap_hash_map", m == MAP_FAILED ? -1 : 0);
+
+	report("uprobe_bad_path_pointer", uprobe_open(NULL, offset, 8));
+	report("uprobe_missing_file", uprobe_open("/nonexistent/bpftime-test", offset, 0));
+	event = uprobe_open(argv[1], offset, 0);
+	report("uprobe_open", event);
+	if (event < 0)
+		return 1;
+	report("uprobe_unknown_ioctl", ioctl(event, _IO('$', 0x7f), 0));
+
+	memset(&a, 0, sizeof(a));
+	a.link_create.prog_fd = array; /* a map, not a program */
+	a.link_create.target_fd = event;
+	a.link_create.attach_type = BPF_PERF_EVENT;
+	report("link_create_map_as_prog", sys_bpf(BPF_LINK_CREATE, &a, sizeof(a)));
+	a.link_create.prog_fd = 1000; /* not open */
+	report("link_create_closed_prog", sys_bpf(BPF_LINK_CREATE, &a, sizeof(a)));
+	a.link_create.prog_fd = prog;
+	link = sys_bpf(BPF_LINK_CREATE, &a, sizeof(a));
+	report("link_create", link);
+	if (link >= 0) {
+		struct bpf_link_info info;
+
+		memset(&a, 0, sizeof(a));
+		memset(&info, 0, sizeof(info));
+		a.info.bpf_fd = link;
+		a.info.info_len = sizeof(info);
+		a.info.info = (uintptr_t)&info;
+		report("shim-differs: link_info", sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a, sizeof(a)));
+		report("link_close", close(link));
+	}
+	report("event_close", close(event));
+	printf("done\n");
+	return 0;
+}
