@@ -601,3 +601,80 @@ fn bad_calls_fail_as_on_the_kernel_without_crashing() {
     assert!(stderr.contains("BPF_OBJ_GET_INFO_BY_FD"), "{stderr}");
     assert!(stderr.contains("ioctl 0x247f"), "{stderr}");
 }
+
+#[test]
+fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
+    if !require_kernel("app_maps_are_synced_to_kernel_mirrors_bpftool_reads") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let _unload = Unload("uprobe_tool");
+    // Synced (the default): `load -- APP` syncs the object's maps as `load OBJ` does; the
+    // mirrors stay pinned after the application exits, until `unload`.
+    let run = common::run_tool(
+        &bpftime_example_libbpf_apps::tool_path(),
+        &[BPFTIME, "load", "--"],
+        &args(&["-f", VICTIM_FUNCTION, "-n", &events]),
+        &[BPFTIME, "start", "--"],
+        &[CALLS.to_string()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let run = checked(run, "bpftime-rs");
+    assert_eq!(normalise(&run.stdout), expected_output(CALLS, MIN_ARG));
+    assert!(
+        run.stderr
+            .contains("map hist synced to /sys/fs/bpf/bpftime-rs/uprobe_tool/hist"),
+        "{}",
+        run.stderr
+    );
+    let dump = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/bpftime-rs/uprobe_tool/hist",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
+    let number = |v: &serde_json::Value| -> u64 {
+        v.as_array().expect("bytes").iter().rev().fold(0, |acc, b| {
+            acc * 256
+                + u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        })
+    };
+    let mut mirrored: Vec<String> = json
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| format!("hist {} {}", number(&e["key"]), number(&e["value"])))
+        .collect();
+    mirrored.sort();
+    let mut printed: Vec<String> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("hist "))
+        .map(str::to_string)
+        .collect();
+    printed.sort();
+    assert!(!printed.is_empty(), "{}", run.stdout);
+    assert_eq!(
+        mirrored, printed,
+        "the kernel mirror of hist differs from what the tool printed"
+    );
+    let diff = Command::new(BPFTIME)
+        .args(["maps", "--diff", "uprobe_tool/hist"])
+        .output()
+        .expect("maps --diff");
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}

@@ -47,6 +47,14 @@ fn main() {
         &["-I", out_dir.to_str().expect("OUT_DIR is UTF-8")],
         &["-lbpf", "-lelf", "-lz"],
     );
+    // The benchmark's multi-threaded victim.
+    cc(
+        &dir.join("victim_mt.c"),
+        &out_dir.join("victim_mt"),
+        &["-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-pthread"],
+        &[],
+        &["-pthread"],
+    );
     // Raw bpf()/perf_event_open() calls with bad input (no libbpf).
     cc(
         &dir.join("bad_calls.c"),

@@ -38,6 +38,17 @@ struct {
 	__type(value, u64);
 } hist SEC(".maps");
 
+/* A cgroup filter as libbpf tools have one: off unless the loader sets filter_cg, so the
+ * verifier proves the test of the CGROUP_ARRAY (a map user space does not hold) dead. */
+struct {
+	__uint(type, BPF_MAP_TYPE_CGROUP_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u32);
+} cgroup_map SEC(".maps");
+
+const volatile bool filter_cg = false;
+
 /* Set by the loader before load: entries with a smaller first argument are ignored. */
 const volatile u64 min_arg = 0;
 /* Set by the loader before load: events go to pevents instead of events. */
@@ -94,6 +105,8 @@ int BPF_KPROBE(on_entry, long arg)
 {
 	u64 value = (u64)arg;
 
+	if (filter_cg && !bpf_current_task_under_cgroup(&cgroup_map, 0))
+		return 0;
 	if (value < min_arg)
 		return 0;
 	__sync_fetch_and_add(&entries, 1);
@@ -105,6 +118,8 @@ int BPF_KPROBE(on_entry, long arg)
 SEC("uretprobe")
 int BPF_KRETPROBE(on_return, long rc)
 {
+	if (filter_cg && !bpf_current_task_under_cgroup(&cgroup_map, 0))
+		return 0;
 	__sync_fetch_and_add(&returns, 1);
 	emit(ctx, EVENT_RETURN, (u64)rc);
 	return 0;

@@ -48,10 +48,13 @@ struct options {
 	bool verbose;
 	bool perf; /* -P: events through a perf buffer instead of the ring buffer */
 	bool batch; /* -B: read hist with bpf_map_lookup_batch instead of get_next_key */
+	bool quiet; /* -q: count events instead of printing them (benchmarks) */
 };
 
 static volatile sig_atomic_t stop;
 static bool verbose;
+static bool quiet;
+static unsigned long long lost_events;
 static unsigned long long received;
 
 static void usage(FILE *to, const char *prog)
@@ -67,6 +70,7 @@ static void usage(FILE *to, const char *prog)
 		"  -d SECONDS  poll for at most SECONDS after attaching (default 10)\n"
 		"  -P          receive events through a perf buffer instead of the ring buffer\n"
 		"  -B          read the histogram with bpf_map_lookup_batch\n"
+		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
 }
@@ -101,7 +105,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -153,6 +157,9 @@ static int parse_args(int argc, char **argv, struct options *opts)
 		case 'B':
 			opts->batch = true;
 			break;
+		case 'q':
+			opts->quiet = true;
+			break;
 		case 'h':
 			usage(stdout, argv[0]);
 			exit(0);
@@ -178,6 +185,10 @@ static int handle_event(void *ctx, void *data, size_t size)
 	const struct event *e = data;
 
 	(void)ctx;
+	if (quiet) {
+		received++;
+		return 0;
+	}
 	if (size < sizeof(*e)) {
 		fprintf(stderr, "uprobe_tool: short event (%zu bytes)\n", size);
 		return 0;
@@ -204,7 +215,10 @@ static void handle_sample(void *ctx, int cpu, void *data, __u32 size)
 static void handle_lost(void *ctx, int cpu, __u64 lost)
 {
 	(void)ctx;
-	fprintf(stderr, "uprobe_tool: lost %llu events on CPU %d\n", (unsigned long long)lost, cpu);
+	lost_events += lost;
+	if (!quiet)
+		fprintf(stderr, "uprobe_tool: lost %llu events on CPU %d\n", (unsigned long long)lost,
+			cpu);
 }
 
 static struct bpf_link *attach(struct bpf_program *prog, const struct options *opts, bool retprobe)
@@ -332,6 +346,7 @@ int main(int argc, char **argv)
 	if (parse_args(argc, argv, &opts))
 		return 2;
 	verbose = opts.verbose;
+	quiet = opts.quiet;
 	libbpf_set_print(libbpf_print);
 	signal(SIGINT, on_signal);
 	signal(SIGTERM, on_signal);
@@ -399,6 +414,8 @@ int main(int argc, char **argv)
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
 	    !err)
 		err = -1;
+	if (quiet)
+		printf("received %llu lost %llu\n", received, lost_events);
 	printf("bss entries=%llu returns=%llu\n", (unsigned long long)skel->bss->entries,
 	       (unsigned long long)skel->bss->returns);
 	fflush(stdout);

@@ -582,6 +582,33 @@ impl LoadArgs<'_> {
     }
 }
 
+/// Which instructions the kernel verifier visited, from its log at `log_level` 2 (it prints
+/// every instruction it processes as `N: (code) ...` and each state as `N: R0=...`; `from N
+/// to M:` lines and source comments name no visit). An instruction it never visited is dead:
+/// no run can reach it (typically code behind a `const volatile` switch in a frozen `.rodata`,
+/// such as libbpf-tools' `filter_cg` test of a CGROUP_ARRAY). `None` when the log shows no
+/// instruction at all (truncated, or not a level-2 log).
+pub fn visited_instructions(log: &str, insn_count: usize) -> Option<Vec<bool>> {
+    let mut visited = vec![false; insn_count];
+    let mut any = false;
+    for line in log.lines() {
+        let Some((index, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let Ok(index) = index.trim().parse::<usize>() else {
+            continue;
+        };
+        if !(rest.starts_with('(') || rest.starts_with('R') || rest.starts_with("frame")) {
+            continue;
+        }
+        if let Some(v) = visited.get_mut(index) {
+            *v = true;
+            any = true;
+        }
+    }
+    any.then_some(visited)
+}
+
 #[cfg(test)]
 mod tests {
     //! The gate's error paths, with the kernel's answers chosen through `sys`'s test override:
@@ -782,5 +809,17 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&os_text(libc::EPERM)), "{msg}");
         assert!(msg.contains("are you root with CAP_BPF?"), "{msg}");
+    }
+
+    #[test]
+    fn visited_instructions_come_from_a_level_2_log() {
+        let log = "func#0 @0\n0: R1=ctx() R10=fp0\n0: (b7) r0 = 0                      ; R0_w=0\n\
+                   1: (15) if r0 == 0x0 goto pc+2\nfrom 1 to 4: R0=0\n; return 0; @ x.c:3\n\
+                   4: (95) exit\nprocessed 3 insns (limit 1000000)\n";
+        assert_eq!(
+            visited_instructions(log, 5),
+            Some(vec![true, true, false, false, true])
+        );
+        assert_eq!(visited_instructions("processed 0 insns\n", 5), None);
     }
 }

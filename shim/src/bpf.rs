@@ -362,9 +362,13 @@ fn prog_load(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         .collect();
     let name = String::from_utf8_lossy(&name).into_owned();
     let insns = user::read(p.insns as usize, p.insn_cnt as usize * 8);
+    // Programs the runtime runs: which instructions the verifier proved dead.
+    let live = (p.prog_type == PROG_TYPE_KPROBE)
+        .then(|| verifier_walk(a, size, p.insn_cnt as usize))
+        .flatten();
     table::with(|s| {
         let (insns, unrunnable) = match insns {
-            Ok(insns) => map_refs_to_records(s, insns),
+            Ok(insns) => map_refs_to_records(s, neutralise_dead(insns, live.as_deref())),
             Err(_) => (
                 Vec::new(),
                 Some("its instructions could not be read back".to_string()),
@@ -388,6 +392,57 @@ fn prog_load(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         }
     });
     fd
+}
+
+/// Loads the application's program once more, with a level-2 verifier log of our own, and
+/// reads from it which instructions the verifier visited (see
+/// `bpftime_runtime::verifier::visited_instructions`). `None` if that fails (the program then
+/// runs as it is).
+fn verifier_walk(a: &sys::bpf_attr, size: u32, insn_count: usize) -> Option<Vec<bool>> {
+    const LOG_SIZE: usize = 64 << 20;
+    let mut log = vec![0u8; LOG_SIZE];
+    let mut attr = *a;
+    attr.__bindgen_anon_3.log_level = 2;
+    attr.__bindgen_anon_3.log_size = LOG_SIZE as u32;
+    attr.__bindgen_anon_3.log_buf = log.as_mut_ptr() as u64;
+    let size = (size as usize).min(std::mem::size_of::<sys::bpf_attr>()) as u32;
+    let fd = kernel(
+        sys::BPF_PROG_LOAD,
+        &attr as *const sys::bpf_attr as usize,
+        size,
+    );
+    if fd < 0 {
+        return None;
+    }
+    raw::close(fd as i32);
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    bpftime_runtime::verifier::visited_instructions(
+        &String::from_utf8_lossy(&log[..end]),
+        insn_count,
+    )
+}
+
+/// Replaces every instruction the verifier never visited with `exit`: no run reaches it, and a
+/// helper or map it names (one user space does not have) then does not stop the program from
+/// running in user space. An `lddw`'s two halves go together.
+fn neutralise_dead(mut insns: Vec<u8>, live: Option<&[bool]>) -> Vec<u8> {
+    const LD_IMM64: u8 = (sys::BPF_LD | sys::BPF_DW | sys::BPF_IMM) as u8;
+    const EXIT: [u8; 8] = [(sys::BPF_JMP | sys::BPF_EXIT) as u8, 0, 0, 0, 0, 0, 0, 0];
+    let Some(live) = live else {
+        return insns;
+    };
+    let mut i = 0;
+    while (i + 1) * 8 <= insns.len() {
+        let wide = insns[i * 8] == LD_IMM64;
+        let n = if wide { 2 } else { 1 };
+        if !live.get(i).copied().unwrap_or(true) {
+            for k in i..(i + n).min(insns.len() / 8) {
+                insns[k * 8..k * 8 + 8].copy_from_slice(&EXIT);
+            }
+        }
+        i += n;
+    }
+    insns
 }
 
 /// The instructions with each map reference's descriptor replaced by the map's record index;

@@ -150,7 +150,8 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         let Some(map_type) = MapType::from_raw(m.map_type) else {
             eprintln!(
                 "bpftime-shim: map {} has type {}, which user space does not hold: it stays a \
-                 kernel map, and programs using it cannot run in user space",
+                 kernel map; programs that use it where the verifier found the code reachable \
+                 cannot run in user space",
                 m.name, m.map_type
             );
             continue;

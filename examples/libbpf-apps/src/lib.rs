@@ -86,6 +86,11 @@ pub fn bad_calls_path() -> PathBuf {
     PathBuf::from(concat!(env!("OUT_DIR"), "/bad_calls"))
 }
 
+/// Path of `victim_mt` (`victim_mt THREADS CALLS`, the benchmark's victim).
+pub fn victim_mt_path() -> PathBuf {
+    PathBuf::from(concat!(env!("OUT_DIR"), "/victim_mt"))
+}
+
 /// Path of the `victim` executable the tool probes.
 pub fn victim_path() -> PathBuf {
     PathBuf::from(VICTIM)
