@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use bpftime_example_libbpf_apps::{victim_path, VICTIM_FUNCTION};
 use bpftime_testutils::require_kernel;
 use common::{
-    event_pids, expected_events, expected_output, expected_victim_output, normalise, run,
+    event_pids, expected_events, expected_output, expected_victim_output, normalise,
     symbol_file_offset, Run,
 };
 
@@ -91,7 +91,8 @@ fn both_with(tool: &std::path::Path, extra: &[&str], load_options: &[&str]) -> (
     let mut prefix = vec![BPFTIME, "load"];
     prefix.extend_from_slice(load_options);
     prefix.push("--");
-    let user = run(
+    let user = common::run_tool(
+        tool,
         &prefix,
         &args(extra),
         &[BPFTIME, "start", "--"],
@@ -342,6 +343,33 @@ fn killed_app_detaches_its_links_and_targets_keep_running() {
     assert!(
         value.iter().all(|b| b == "0x00"),
         "calls after the application died reached its programs: {bss}"
+    );
+    // `unload` removes what the dead application left: segment, manifest.
+    let unload = Command::new(BPFTIME)
+        .args(["unload", "uprobe_tool"])
+        .output()
+        .expect("unload");
+    assert!(
+        unload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unload.stderr)
+    );
+    assert!(!std::path::Path::new("/dev/shm/bpftime-rs.uprobe_tool.shm").exists());
+    assert!(!std::path::Path::new("/run/bpftime-rs/objects/uprobe_tool").exists());
+}
+
+#[test]
+fn grants_are_refused_for_an_app_with_the_reason() {
+    let out = Command::new(BPFTIME)
+        .args(["load", "--grant", "0", "--"])
+        .arg(bpftime_example_libbpf_apps::tool_path())
+        .output()
+        .expect("bpftime-rs load");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--grant") && stderr.contains("load -- APP"),
+        "{stderr}"
     );
 }
 
@@ -600,6 +628,19 @@ fn bad_calls_fail_as_on_the_kernel_without_crashing() {
     );
     assert!(stderr.contains("BPF_OBJ_GET_INFO_BY_FD"), "{stderr}");
     assert!(stderr.contains("ioctl 0x247f"), "{stderr}");
+    // Tracepoints work on the kernel and are refused, with the reason, under the shim.
+    assert!(
+        String::from_utf8_lossy(&kernel.stdout).contains("shim-differs: tracepoint_open ok"),
+        "{}",
+        String::from_utf8_lossy(&kernel.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&user.stdout)
+            .contains("shim-differs: tracepoint_open errno 95 EOPNOTSUPP"),
+        "{}",
+        String::from_utf8_lossy(&user.stdout)
+    );
+    assert!(stderr.contains("PERF_TYPE_TRACEPOINT"), "{stderr}");
 }
 
 #[test]

@@ -170,6 +170,32 @@ int main(int argc, char **argv)
 		report("link_close", close(link));
 	}
 	report("event_close", close(event));
+
+	/* A syscall tracepoint (served by the kernel only, so refused under the shim). */
+	FILE *idf = fopen("/sys/kernel/tracing/events/syscalls/sys_enter_getpid/id", "r");
+	int tp_id = -1;
+
+	if (!idf)
+		idf = fopen("/sys/kernel/debug/tracing/events/syscalls/sys_enter_getpid/id", "r");
+	if (idf && fscanf(idf, "%d", &tp_id) != 1)
+		tp_id = -1;
+	if (idf)
+		fclose(idf);
+	if (tp_id >= 0) {
+		struct perf_event_attr tp;
+		int tp_fd;
+
+		memset(&tp, 0, sizeof(tp));
+		tp.size = sizeof(tp);
+		tp.type = PERF_TYPE_TRACEPOINT;
+		tp.config = tp_id;
+		tp_fd = syscall(__NR_perf_event_open, &tp, -1, 0, -1, PERF_FLAG_FD_CLOEXEC);
+		report("shim-differs: tracepoint_open", tp_fd);
+		if (tp_fd >= 0)
+			close(tp_fd);
+	} else {
+		printf("no tracefs: sys_enter_getpid not found\n");
+	}
 	printf("done\n");
 	return 0;
 }

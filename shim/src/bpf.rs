@@ -108,6 +108,7 @@ fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         name: String::from_utf8_lossy(&name).into_owned(),
         open: 0,
         segment_index: None,
+        prog_slots: Vec::new(),
     };
     // A map created after sealing (libbpf's lazy feature probes make some) stays a kernel
     // map; a program that uses one is refused when it is attached, with the reason.
@@ -118,6 +119,17 @@ fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
             e
         }
     }
+}
+
+/// The shared map `fd` stands for, sealing the object first if it must be (an `mmap` or
+/// `epoll` of a map is where user space takes over).
+fn sealed_map_now(fd: i32) -> Option<MapHandle> {
+    table::with(|s| {
+        if s.map_of(fd).is_some() {
+            crate::publish::ensure_sealed(s);
+        }
+    });
+    sealed_map(fd)
 }
 
 /// The shared map `fd` stands for, once the object is sealed.
@@ -133,6 +145,7 @@ fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     // SAFETY: reading the element-command member of the attr copy.
     let e = unsafe { a.__bindgen_anon_2 };
     let Some(map) = sealed_map(e.map_fd as i32) else {
+        record_prog_slot(cmd, &e);
         return kernel(cmd, attr, size);
     };
     // SAFETY: `value` and `next_key` share the union's one u64.
@@ -141,6 +154,36 @@ fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         Ok(()) => 0,
         Err(r) => r,
     }
+}
+
+/// Before sealing: a PROG_ARRAY slot the application sets (or deletes) in the kernel map is
+/// remembered, to be set in the segment at sealing.
+fn record_prog_slot(cmd: u32, e: &sys::bpf_attr__bindgen_ty_2) {
+    if cmd != sys::BPF_MAP_UPDATE_ELEM && cmd != sys::BPF_MAP_DELETE_ELEM {
+        return;
+    }
+    table::with(|s| {
+        let Some(id) = s.map_of(e.map_fd as i32) else {
+            return;
+        };
+        if s.maps[id].map_type != sys::BPF_MAP_TYPE_PROG_ARRAY || s.sealed.is_some() {
+            return;
+        }
+        let Ok(key) = user::read(e.key as usize, 4) else {
+            return;
+        };
+        s.maps[id].prog_slots.retain(|(k, _)| *k != key);
+        if cmd == sys::BPF_MAP_UPDATE_ELEM {
+            // SAFETY: `value` is the union's u64.
+            let value = unsafe { e.__bindgen_anon_1.value } as usize;
+            let prog = user::read(value, 4)
+                .ok()
+                .and_then(|v| s.prog_of(i32::from_le_bytes(v.try_into().ok()?)));
+            if let Some(prog) = prog {
+                s.maps[id].prog_slots.push((key, prog));
+            }
+        }
+    });
 }
 
 /// The value size user space passes for `map`: per-CPU maps take one 8-byte-padded value
@@ -385,9 +428,7 @@ fn prog_load(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         let id = s.progs.len() - 1;
         s.fds.insert(fd as i32, Handle::Prog(id));
         if p.prog_type == PROG_TYPE_KPROBE {
-            if s.sealed.is_none() {
-                publish::seal(s);
-            }
+            // Published now if the object is sealed already; else when it is.
             publish::publish_program(s, id);
         }
     });
@@ -504,6 +545,7 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         return link_fd;
     }
     let r = table::with(|s| {
+        crate::publish::ensure_sealed(s);
         let Some(prog) = s.prog_of(prog_fd as i32) else {
             // The kernel's bpf_prog_get: EBADF for no descriptor, EINVAL for one that is not
             // a program.
@@ -569,7 +611,7 @@ pub(crate) fn mmap(
     if perf.is_some() {
         return perf;
     }
-    let map = sealed_map(fd)?;
+    let map = sealed_map_now(fd)?;
     let seg_fd = table::with(|s| Some(s.sealed.as_ref()?.shm.segment_fd().as_raw_fd()))?;
     let Some((file_off, range)) = map.mmap_range() else {
         // The kernel's answer for a map type without `map_mmap` (`bpf_map_mmap`): ENOTSUPP,
@@ -662,7 +704,7 @@ pub(crate) fn ring_readiness_fd(fd: i32) -> Option<i32> {
     if let Some(ready) = table::with(|s| Some(s.perfbufs[s.perfbuf_of(fd)?].eventfd)) {
         return Some(ready);
     }
-    let map = sealed_map(fd)?;
+    let map = sealed_map_now(fd)?;
     if map.map_type() != MapType::Ringbuf {
         return None;
     }

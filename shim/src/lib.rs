@@ -15,12 +15,15 @@
 //!   are verified there (the verifier gate is the kernel's own PROG_LOAD, on the bytes libbpf
 //!   relocated, with the application's log buffer), feature probes get the kernel's answers.
 //!   The descriptors the application holds are the kernel's; the shim records what they are.
-//! * At the first program the runtime will run (a `BPF_PROG_TYPE_KPROBE` program, which is
-//!   what uprobes are) the object is *sealed*: the maps still open become the object's shared
-//!   segment (their kernel contents copied: `.rodata`, `.data`, values set before load), the
-//!   programs are published in the object's manifest with their map references turned into
-//!   segment indices, and from then on map commands on those descriptors are served from the
-//!   shared maps (the kernel maps remain only as what the verifier checks programs against).
+//! * Once a uprobe program (`BPF_PROG_TYPE_KPROBE`) is loaded, the first step that needs user
+//!   space (a uprobe link, an `mmap`, `epoll` or `poll` of a map, a perf buffer) *seals* the
+//!   object: the maps still open become its shared segment (their kernel contents copied:
+//!   `.rodata`, `.data`, values and PROG_ARRAY slots set after load), the programs still open
+//!   are published in the object's manifest with their map references turned into segment
+//!   indices, and from then on map commands on those descriptors are served from the shared
+//!   maps (the kernel maps remain only as what the verifier checks programs against). Not at
+//!   the load itself: loaders load feature-probe programs of that type (aya, before it creates
+//!   the object's maps).
 //! * `perf_event_open` on the uprobe PMU returns an eventfd standing for the probe; a
 //!   `LINK_CREATE(BPF_PERF_EVENT)` (or `PERF_EVENT_IOC_SET_BPF`) on it publishes a link in the
 //!   manifest, which the targets' agents install; closing the link or the event removes it.
@@ -130,6 +133,39 @@ pub unsafe extern "C" fn syscall(
                 })
             };
             return libc_result(r);
+        }
+    }
+    // The descriptor calls the shim follows, when a loader issues them through `syscall()`
+    // (libbpf 1.7 calls `syscall(__NR_dup3, ...)` to put each map on its placeholder fd).
+    if tracking() {
+        let (fd, fd2) = (a1 as c_int, a2 as c_int);
+        match nr {
+            libc::SYS_dup3 => return dup3(fd, fd2, a3 as c_int).into(),
+            libc::SYS_dup2 => return dup2(fd, fd2).into(),
+            libc::SYS_dup => return dup(fd).into(),
+            libc::SYS_close => return close(fd).into(),
+            // SAFETY: the caller's contract for the command, passed on.
+            libc::SYS_fcntl => return unsafe { fcntl(fd, a2 as c_int, a3 as c_ulong) }.into(),
+            // SAFETY: the caller's contract for the request, passed on.
+            libc::SYS_ioctl => return unsafe { ioctl(fd, a2 as c_ulong, a3 as c_ulong) }.into(),
+            libc::SYS_mmap => {
+                // SAFETY: the caller's contract for mmap(2), passed on.
+                return unsafe {
+                    mmap(
+                        a1 as *mut c_void,
+                        a2 as usize,
+                        a3 as c_int,
+                        a4 as c_int,
+                        a5 as c_int,
+                        a6,
+                    )
+                } as c_long;
+            }
+            libc::SYS_epoll_ctl => {
+                // SAFETY: the caller's contract for epoll_ctl(2), passed on.
+                return unsafe { epoll_ctl(fd, a2 as c_int, a3 as c_int, a4 as *mut _) }.into();
+            }
+            _ => {}
         }
     }
     // SAFETY: the caller's contract for system call `nr`.

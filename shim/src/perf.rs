@@ -48,6 +48,17 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
     if perfbuf::is_bpf_output(a.type_, a.config) && publish::serves_perf_buffers() {
         return open_perf_buffer(flags);
     }
+    if a.type_ == sys::PERF_TYPE_TRACEPOINT && publish::object_sealed() {
+        // A tracepoint program would run in the kernel, on kernel maps, while the application
+        // reads the user-space ones: wrong answers, silently. Refused until user-space
+        // syscall tracepoints exist.
+        eprintln!(
+            "bpftime-shim: perf_event_open(PERF_TYPE_TRACEPOINT, config {}): tracepoints are \
+             not served in user space yet; failing with EOPNOTSUPP",
+            a.config
+        );
+        return -i64::from(libc::EOPNOTSUPP);
+    }
     let Some((uprobe_type, retprobe_bit)) = uprobe_pmu() else {
         return kernel();
     };
@@ -138,6 +149,7 @@ pub(crate) fn ioctl(fd: i32, request: u64, arg: u64) -> Option<i64> {
         }
         PERF_EVENT_IOC_SET_BPF => {
             let r = table::with(|s| {
+                publish::ensure_sealed(s);
                 let prog = s.prog_of(arg as i32).ok_or(-i64::from(libc::EBADF))?;
                 publish::publish_program(s, prog);
                 if let Some(why) = &s.progs[prog].unrunnable {

@@ -126,10 +126,25 @@ fn unique_name(taken: &[MapDef], name: &str, id: usize) -> String {
         .expect("some suffix is free")
 }
 
+/// Seals the object if it is not sealed yet and the application has a uprobe program open:
+/// called where user space must take over (a uprobe link, an `mmap` or `epoll` of a map, a perf
+/// buffer), not at the program's load: loaders load feature-probe programs of the same type
+/// (aya does, before it creates the object's maps), and libbpf fills PROG_ARRAYs and global
+/// data after loading.
+pub(crate) fn ensure_sealed(shim: &mut Shim) {
+    let has_uprobe_program = shim
+        .progs
+        .iter()
+        .any(|p| p.prog_type == bpf::PROG_TYPE_KPROBE && p.open > 0);
+    if shim.sealed.is_none() && has_uprobe_program {
+        seal(shim);
+    }
+}
+
 /// Seals the object (see the crate docs): the maps still open become its segment, with their
 /// kernel contents; the manifest is published. On failure the application keeps running on
 /// kernel maps only (its programs then cannot run in user space), with a line saying why.
-pub(crate) fn seal(shim: &mut Shim) {
+fn seal(shim: &mut Shim) {
     if shim.sealed.is_some() {
         return;
     }
@@ -216,7 +231,40 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         watcher_started: false,
     });
     for id in 0..shim.progs.len() {
-        publish_program(shim, id);
+        if shim.progs[id].open > 0 {
+            publish_program(shim, id);
+        }
+    }
+    // PROG_ARRAY slots set before sealing (libbpf fills them right after loading): the
+    // segment's slots hold manifest indices.
+    for &id in &members {
+        let slots = std::mem::take(&mut shim.maps[id].prog_slots);
+        let Some(index) = shim.maps[id].segment_index else {
+            continue;
+        };
+        for (key, prog) in slots {
+            publish_program(shim, prog);
+            let Some(program) = shim.progs[prog].manifest_index else {
+                eprintln!(
+                    "bpftime-shim: {}: a PROG_ARRAY slot names program {}, which cannot run in \
+                     user space; the slot stays empty",
+                    shim.maps[id].name, shim.progs[prog].name
+                );
+                continue;
+            };
+            let sealed = shim.sealed.as_ref().expect("just sealed");
+            if let Err(e) = sealed
+                .shm
+                .map(index)
+                .and_then(|m| m.update(&key, &program.to_le_bytes(), 0))
+            {
+                eprintln!(
+                    "bpftime-shim: {}: cannot set a PROG_ARRAY slot: {}",
+                    shim.maps[id].name,
+                    bpftime_abi::error_chain(&e)
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -346,8 +394,10 @@ pub(crate) fn publish_program(shim: &mut Shim, id: usize) {
     republish(shim);
 }
 
-/// The links that are live now: an open, enabled uprobe event with a program through an open
-/// link or PERF_EVENT_IOC_SET_BPF.
+/// The links that are live now: an enabled uprobe event with a program through an open link
+/// (which keeps the event alive, as the kernel's perf link holds the event: aya closes the
+/// event's descriptor once linked) or, through PERF_EVENT_IOC_SET_BPF, while the event's
+/// descriptor is open.
 fn live_links(shim: &Shim) -> Vec<ManifestLink> {
     let mut out = Vec::new();
     let mut add = |event: usize, prog: usize, cookie: u64| {
@@ -355,7 +405,7 @@ fn live_links(shim: &Shim) -> Vec<ManifestLink> {
         let Some(program) = shim.progs[prog].manifest_index else {
             return;
         };
-        if !e.enabled || e.open == 0 {
+        if !e.enabled {
             return;
         }
         match bpftime_attach::symbols::target_at_file_offset(&e.path, e.file_offset) {
@@ -377,7 +427,7 @@ fn live_links(shim: &Shim) -> Vec<ManifestLink> {
         add(l.event, l.prog, l.cookie);
     }
     for (i, e) in shim.events.iter().enumerate() {
-        if let Some(prog) = e.ioctl_prog {
+        if let (Some(prog), true) = (e.ioctl_prog, e.open > 0) {
             add(i, prog, 0);
         }
     }
@@ -447,6 +497,7 @@ pub(crate) fn ring_readiness(ring: MapHandle) -> Option<RawFd> {
 /// user space (its programs' perf output arrives only there).
 pub(crate) fn serves_perf_buffers() -> bool {
     table::with(|s| {
+        ensure_sealed(s);
         s.sealed.as_ref().is_some_and(|sealed| {
             sealed
                 .shm
@@ -455,6 +506,11 @@ pub(crate) fn serves_perf_buffers() -> bool {
                 .any(|m| m.map_type() == MapType::PerfEventArray)
         })
     })
+}
+
+/// Whether the application's object is sealed (its maps are the user-space ones).
+pub(crate) fn object_sealed() -> bool {
+    table::with(|s| s.sealed.is_some())
 }
 
 /// `MAP_UPDATE_ELEM` of a perf event descriptor into a shared PERF_EVENT_ARRAY: that CPU's

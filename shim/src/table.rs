@@ -46,6 +46,9 @@ pub(crate) struct MapRec {
     /// Its index in the sealed object's segment (`None` before sealing, or if it was closed
     /// by then or user space cannot hold its type).
     pub segment_index: Option<usize>,
+    /// For a PROG_ARRAY before sealing: the slots the application set (key, program record),
+    /// set in the segment when it is sealed.
+    pub prog_slots: Vec<(Vec<u8>, usize)>,
 }
 
 /// A program the kernel accepted from the application.

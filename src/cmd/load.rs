@@ -52,6 +52,13 @@ pub struct LoadArgs {
     grant_group: Vec<String>,
 }
 
+impl LoadArgs {
+    /// Whether `--grant` or `--grant-group` was given.
+    pub(super) fn granted(&self) -> bool {
+        !self.grant.is_empty() || !self.grant_group.is_empty()
+    }
+}
+
 /// A uid from a user name or number.
 fn resolve_user(name: &str) -> Result<u32> {
     if let Ok(uid) = name.parse() {

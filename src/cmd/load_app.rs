@@ -100,6 +100,12 @@ pub fn run(args: &LoadArgs) -> Result<()> {
              the kernel's own BPF_PROG_LOAD"
         );
     }
+    if args.granted() {
+        bail!(
+            "--grant/--grant-group are not supported with `load -- APP` yet: the application's \
+             maps are its user's alone"
+        );
+    }
     check_dynamic(Path::new(app))?;
     let shim = library_path(SHIM_FILE, "BPFTIME_SHIM", "bpftime-shim")?;
     let (notify_read, notify_write) = notify_pipe()?;
