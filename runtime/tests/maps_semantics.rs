@@ -581,3 +581,45 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         "a short key finds nothing"
     );
 }
+
+/// A consumer sleeping in `wait_for_records` is woken by the next commit (from another thread
+/// here; processes share the word the same way), returns at once when records wait, and
+/// otherwise sleeps until its timeout.
+#[test]
+fn ringbuf_consumer_sleeps_until_a_commit_wakes_it() {
+    use std::time::{Duration, Instant};
+    let o = Seg::new("sem", "rbwake", &[def(MapType::Ringbuf, 0, 0, 4096, "rb")]);
+    let m = o.0.map("rb").unwrap();
+    // Nothing comes: the whole timeout passes.
+    let t = Instant::now();
+    m.wait_for_records(Duration::from_millis(100));
+    assert!(
+        t.elapsed() >= Duration::from_millis(90),
+        "{:?}",
+        t.elapsed()
+    );
+    // A commit 50 ms into a 20 s wait ends it.
+    let producer = {
+        let m = m.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            m.as_ringbuf().unwrap().output(b"wake", 0).unwrap();
+        })
+    };
+    let t = Instant::now();
+    m.wait_for_records(Duration::from_secs(20));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the commit did not wake the consumer ({:?})",
+        t.elapsed()
+    );
+    producer.join().unwrap();
+    // A record is waiting: no sleep at all.
+    let t = Instant::now();
+    m.wait_for_records(Duration::from_secs(20));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let mut c = RingBufConsumer::new(&m).unwrap();
+    let mut got = Vec::new();
+    c.poll(|r| got.push(r.data.to_vec()));
+    assert_eq!(got, vec![b"wake".to_vec()]);
+}

@@ -259,7 +259,9 @@ impl PerfPump {
     }
 
     /// Moves every waiting record to its CPU's application ring (records for a CPU without
-    /// one are dropped, as the kernel fails such an output with ENOENT); returns how many.
+    /// one are dropped, as the kernel fails such an output with ENOENT); returns how many were
+    /// moved, or 1 if none was but the application has records left to read (its readiness
+    /// must be cleared once it has).
     pub fn pump(&mut self) -> usize {
         let outs = &mut self.outs;
         let n = self.consumer.poll(|record| {
@@ -269,6 +271,9 @@ impl PerfPump {
         });
         for out in outs.iter_mut() {
             out.update_readiness();
+        }
+        if n == 0 && outs.iter().any(|o| o.signalled) {
+            return 1;
         }
         n
     }

@@ -589,15 +589,17 @@ pub(crate) fn perfbuf_closed(shim: &mut Shim, id: usize) {
 }
 
 /// Keeps each watched ring's eventfd readable exactly while the ring holds records, and moves
-/// perf records into the application's perf buffers (the kernel wakes a ring's waiters from
-/// `bpf_ringbuf_commit`; a producer in another process cannot reach this process's epoll, so
-/// the shim polls the producer positions).
+/// perf records into the application's perf buffers. A producer in another process cannot
+/// reach this process's epoll: when nothing waits, the watcher sleeps on the map's wake word
+/// (`MapHandle::wait_for_records`: the next commit wakes it, as the kernel's
+/// `bpf_ringbuf_commit` wakes a ring's waiters), or, watching several maps, polls every
+/// millisecond; while records wait for the application, every 100 µs.
 fn watch(watched: &Mutex<Watched>) {
     // This thread's own calls (sleep, eventfd reads/writes) never come back into the shim.
     let _busy = crate::Busy::enter();
     loop {
         let mut any = false;
-        {
+        let only: Option<MapHandle> = {
             let mut w = watched.lock();
             for r in w.rings.iter_mut() {
                 let pending = r.map.as_ringbuf().is_some_and(|rb| rb.pending() > 0);
@@ -613,11 +615,16 @@ fn watch(watched: &Mutex<Watched>) {
             for pump in w.perf.iter_mut() {
                 any |= pump.pump() > 0;
             }
+            match (w.rings.as_slice(), w.perf.as_slice()) {
+                ([r], []) => Some(r.map.clone()),
+                ([], [p]) => Some(p.map.clone()),
+                _ => None,
+            }
+        };
+        match (any, only) {
+            (true, _) => std::thread::sleep(Duration::from_micros(100)),
+            (false, Some(map)) => map.wait_for_records(Duration::from_millis(50)),
+            (false, None) => std::thread::sleep(Duration::from_millis(1)),
         }
-        std::thread::sleep(if any {
-            Duration::from_micros(100)
-        } else {
-            Duration::from_millis(1)
-        });
     }
 }

@@ -205,6 +205,11 @@ pub(crate) const LRU_REF: u32 = 0x100;
 /// page, where kernel-compatible consumers do not look.
 pub(crate) const RING_LOCK_OFF: usize = 64;
 pub(crate) const RING_LOST_OFF: usize = 128;
+/// Set by a consumer about to sleep until records arrive (in ring 0's producer page of the map:
+/// one for all the CPU rings of a PERF_EVENT_ARRAY). See `MapHandle::wait_for_records`.
+pub(crate) const RING_WAITING_OFF: usize = 192;
+/// The futex word that consumer sleeps on; a commit that finds it waiting bumps and wakes it.
+pub(crate) const RING_WAKE_OFF: usize = 196;
 /// Data bytes per CPU ring of a PERF_EVENT_ARRAY.
 pub(crate) const PERF_RING_DATA: usize = 64 * 1024;
 

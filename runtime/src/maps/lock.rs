@@ -95,7 +95,7 @@ pub(crate) fn task_alive(id: u32) -> bool {
     }
 }
 
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+pub(super) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -115,7 +115,7 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
-fn futex_wake(word: &AtomicU32, n: i32) {
+pub(super) fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: as in futex_wait.
     unsafe {
         libc::syscall(

@@ -47,6 +47,16 @@ impl Ring<'_> {
         unsafe { &*(self.base.add(self.pg + RING_LOCK_OFF) as *const ShmLock) }
     }
     #[inline]
+    fn waiting(&self) -> &AtomicU32 {
+        // SAFETY: inside the producer page, 4-aligned.
+        unsafe { &*(self.base.add(self.pg + RING_WAITING_OFF) as *const AtomicU32) }
+    }
+    #[inline]
+    fn wake(&self) -> &AtomicU32 {
+        // SAFETY: inside the producer page, 4-aligned.
+        unsafe { &*(self.base.add(self.pg + RING_WAKE_OFF) as *const AtomicU32) }
+    }
+    #[inline]
     fn lost(&self) -> &AtomicU64 {
         // SAFETY: inside the producer page, 8-aligned.
         unsafe { &*(self.base.add(self.pg + RING_LOST_OFF) as *const AtomicU64) }
@@ -206,7 +216,44 @@ impl MapHandle {
         // pairs with the consumer's acquire load of the header (`poll`; libbpf's
         // smp_load_acquire(len_ptr)), as the kernel's bpf_ringbuf_commit() xchg does.
         h.store(new, Ordering::Release);
+        self.wake_waiting_consumer();
         Ok(())
+    }
+
+    /// Wakes a consumer sleeping in [`MapHandle::wait_for_records`], as the kernel's
+    /// `bpf_ringbuf_commit` wakes a waiting consumer (through irq_work): only when one waits,
+    /// so a commit costs a fence and a load, not a system call.
+    #[inline]
+    fn wake_waiting_consumer(&self) {
+        let Some(r0) = self.ring(0) else { return };
+        // StoreLoad: the record (reserved and committed above) before the read of the flag;
+        // pairs with the fence in `wait_for_records` between its store of the flag and its
+        // re-check of the positions: either it sees this record or we see it waiting.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if r0.waiting().load(Ordering::Relaxed) != 0 {
+            r0.wake().fetch_add(1, Ordering::Release);
+            super::lock::futex_wake(r0.wake(), i32::MAX);
+        }
+    }
+
+    /// Sleeps until a producer commits a record to this RINGBUF or PERF_EVENT_ARRAY (in any
+    /// process), or `timeout` passes; returns at once if records wait already. For one
+    /// consumer at a time (the flag is one word); a target rewriting the words can only cause
+    /// spurious or missed wakeups, which the timeout bounds.
+    pub fn wait_for_records(&self, timeout: Duration) {
+        let Some(r0) = self.ring(0) else {
+            std::thread::sleep(timeout);
+            return;
+        };
+        let seq = r0.wake().load(Ordering::Acquire);
+        r0.waiting().store(1, Ordering::Relaxed);
+        // StoreLoad: the flag before the re-check; pairs with `wake_waiting_consumer`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let pending = (0..self.geo.rings).any(|i| self.ring_pending(i) > 0);
+        if !pending {
+            super::lock::futex_wait(r0.wake(), seq, timeout);
+        }
+        r0.waiting().store(0, Ordering::Relaxed);
     }
 
     /// Bytes waiting in ring `i`.
