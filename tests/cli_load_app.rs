@@ -719,3 +719,42 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+#[test]
+fn ctrl_c_reaches_the_app_which_prints_its_results() {
+    if !require_kernel("ctrl_c_reaches_the_app_which_prints_its_results") {
+        return;
+    }
+    use std::process::Stdio;
+    let _serial = common::SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _unload = Unload("uprobe_tool");
+    let mut load = Reap(
+        Command::new(BPFTIME)
+            .args(["load", "--no-sync", "--"])
+            .arg(bpftime_example_libbpf_apps::tool_path())
+            .args(args(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bpftime-rs load"),
+    );
+    let out = lines_of(load.0.stdout.take().expect("stdout"));
+    let err = lines_of(load.0.stderr.take().expect("stderr"));
+    wait_line(&out, "attached", "the tool");
+    // SAFETY: kill takes no pointer; the pid is our live child.
+    assert_eq!(unsafe { libc::kill(load.0.id() as i32, libc::SIGINT) }, 0);
+    let status = load.0.wait().expect("load");
+    let rest: Vec<String> = out.iter().collect();
+    let stderr: Vec<String> = err.iter().collect();
+    assert!(status.success(), "load: {status}\n{}", stderr.join("\n"));
+    assert!(
+        stderr.iter().any(|l| l.contains("stopped by signal 2")),
+        "the application did not get SIGINT: {stderr:?}"
+    );
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("bss entries=0 returns=0")
+    );
+}

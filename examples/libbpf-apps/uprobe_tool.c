@@ -84,8 +84,7 @@ static int libbpf_print(enum libbpf_print_level level, const char *fmt, va_list 
 
 static void on_signal(int sig)
 {
-	(void)sig;
-	stop = 1;
+	stop = sig;
 }
 
 static bool parse_ull(const char *text, unsigned long long *out)
@@ -414,6 +413,8 @@ int main(int argc, char **argv)
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
 	    !err)
 		err = -1;
+	if (stop)
+		fprintf(stderr, "uprobe_tool: stopped by signal %d\n", (int)stop);
 	if (quiet)
 		printf("received %llu lost %llu\n", received, lost_events);
 	printf("bss entries=%llu returns=%llu\n", (unsigned long long)skel->bss->entries,

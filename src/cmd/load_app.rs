@@ -151,9 +151,15 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .context("starting the shim reader")?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let forward = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&forward))
+    // Ctrl-C and SIGTERM are passed on to the application as they came (tools print their
+    // results on SIGINT), which then exits, and so does this command.
+    let forwarded = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+    let pending: Vec<Arc<AtomicBool>> = forwarded
+        .iter()
+        .map(|_| Arc::new(AtomicBool::new(false)))
+        .collect();
+    for (signal, flag) in forwarded.iter().zip(&pending) {
+        signal_hook::flag::register(*signal, Arc::clone(flag))
             .context("installing signal handlers")?;
     }
     let mut err = std::io::stderr();
@@ -162,9 +168,11 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         if let Some(status) = child.try_wait().context("waiting for the application")? {
             break status;
         }
-        if forward.swap(false, Ordering::Relaxed) {
-            // SAFETY: kill takes no pointer; the pid is our live (unreaped) child.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        for (signal, flag) in forwarded.iter().zip(&pending) {
+            if flag.swap(false, Ordering::Relaxed) {
+                // SAFETY: kill takes no pointer; the pid is our live (unreaped) child.
+                unsafe { libc::kill(pid as i32, *signal) };
+            }
         }
         while let Ok(line) = rx.try_recv() {
             let Some(name) = line.strip_prefix("sealed ") else {
