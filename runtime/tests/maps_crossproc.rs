@@ -133,6 +133,23 @@ fn child_entry() {
                 t.join().unwrap();
             }
         }
+        "reserve_and_hang" => {
+            let rb = obj.map("rb").unwrap();
+            let p = rb.as_ringbuf().unwrap().reserve(8, 0).unwrap();
+            // SAFETY: 8 reserved bytes.
+            unsafe { std::ptr::write_bytes(p, 0xab, 8) };
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        "hold_ring_lock" => {
+            obj.map("rb")
+                .unwrap()
+                .as_ringbuf()
+                .unwrap()
+                .debug_hold_reserve_lock();
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
         "hold_lock" => {
             obj.map("h")
                 .unwrap()
@@ -647,5 +664,80 @@ fn other_pid_namespace_is_refused() {
     assert!(
         status.success(),
         "the child in a new pid namespace opened the segment, or failed otherwise: {status:?}"
+    );
+}
+
+/// A producer killed between reserve and submit leaves a BUSY record, which holds back the
+/// records behind it only while that producer lives: the consumer then discards it.
+#[test]
+fn ring_producer_killed_between_reserve_and_submit_does_not_wedge_the_consumer() {
+    let s = Seg::new(
+        "xp",
+        "ring-reserve-kill",
+        &[ctl_def(), def(MapType::Ringbuf, 0, 0, 4096, "rb")],
+    );
+    let rb = s.0.map("rb").unwrap();
+    let mut kid = spawn("reserve_and_hang", &s.0, 0);
+    wait_until("child reserved", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    rb.as_ringbuf().unwrap().output(b"after", 0).unwrap();
+    let mut c = RingBufConsumer::new(&rb).unwrap();
+    c.set_dead_producer_timeout(Duration::from_millis(1));
+    // The producer lives: its record may still be submitted, so nothing behind it is read.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        c.poll(|r| panic!("read past a live BUSY record: {:?}", r.data)),
+        0
+    );
+    sigkill(&kid);
+    kid.wait().unwrap();
+    let mut got = Vec::new();
+    wait_until(
+        "the record behind the dead one",
+        Duration::from_secs(10),
+        || {
+            c.poll(|r| got.push(r.data.to_vec()));
+            !got.is_empty()
+        },
+    );
+    assert_eq!(
+        got,
+        vec![b"after".to_vec()],
+        "the dead producer's record was delivered"
+    );
+}
+
+/// A producer killed holding the ring's reservation lock: the next producer takes the lock
+/// over (the holder is dead) and its record is delivered.
+#[test]
+fn ring_lock_holder_killed_does_not_wedge_producers() {
+    let s = Seg::new(
+        "xp",
+        "ring-lock-kill",
+        &[ctl_def(), def(MapType::Ringbuf, 0, 0, 4096, "rb")],
+    );
+    let rb = s.0.map("rb").unwrap();
+    let mut kid = spawn("hold_ring_lock", &s.0, 0);
+    wait_until("child holds the ring lock", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    sigkill(&kid);
+    kid.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rb.as_ringbuf().unwrap().output(b"next", 0).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the dead holder's lock was never taken over"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut c = RingBufConsumer::new(&rb).unwrap();
+    let mut got = Vec::new();
+    c.poll(|r| got.push(r.data.to_vec()));
+    assert_eq!(got, vec![b"next".to_vec()]);
+    assert!(
+        rb.counters().recoveries >= 1,
+        "the takeover was not counted"
     );
 }

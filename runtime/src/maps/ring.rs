@@ -319,6 +319,15 @@ impl RingBuf {
     pub fn pending(&self) -> u64 {
         self.ring_pending(0)
     }
+
+    /// Test hook: takes the ring's reservation lock and leaves it held, as a producer killed
+    /// in the middle of a reservation would.
+    #[doc(hidden)]
+    pub fn debug_hold_reserve_lock(&self) {
+        if let Some(r) = self.ring(0) {
+            let _ = r.lock().lock();
+        }
+    }
 }
 
 impl PerfEventArray {
