@@ -17,6 +17,17 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* bpf_link_info of a perf link as Linux 6.6+ lays it out (Debian 12's linux/bpf.h predates the
+ * perf_event member). */
+struct perf_link_info {
+	uint32_t type, id, prog_id, pad0;
+	uint32_t perf_type, pad1;
+	uint64_t file_name;
+	uint32_t name_len, offset;
+	uint64_t cookie, ref_ctr_offset;
+	uint8_t rest[64];
+};
+
 static long sys_bpf(int cmd, void *attr, unsigned int size)
 {
 	return syscall(__NR_bpf, cmd, attr, size);
@@ -159,14 +170,26 @@ int main(int argc, char **argv)
 	link = sys_bpf(BPF_LINK_CREATE, &a, sizeof(a));
 	report("link_create", link);
 	if (link >= 0) {
-		struct bpf_link_info info;
+		struct perf_link_info info;
+		char name[256] = "";
 
 		memset(&a, 0, sizeof(a));
 		memset(&info, 0, sizeof(info));
+		info.file_name = (uintptr_t)name;
+		info.name_len = sizeof(name);
 		a.info.bpf_fd = link;
 		a.info.info_len = sizeof(info);
 		a.info.info = (uintptr_t)&info;
-		report("shim-differs: link_info", sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a, sizeof(a)));
+		report("link_info", sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a, sizeof(a)));
+		printf("link_info type=%u prog_id_set=%d perf_type=%u offset=0x%x cookie=%llu "
+		       "name=%s name_len=%u\n",
+		       info.type, info.prog_id != 0, info.perf_type, info.offset,
+		       (unsigned long long)info.cookie, name, info.name_len);
+		memset(&a, 0, sizeof(a));
+		a.info.bpf_fd = event;
+		a.info.info_len = sizeof(info);
+		a.info.info = (uintptr_t)&info;
+		report("event_info", sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a, sizeof(a)));
 		report("link_close", close(link));
 	}
 	report("event_close", close(event));

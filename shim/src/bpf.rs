@@ -69,19 +69,83 @@ pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
         }
         sys::BPF_OBJ_GET_INFO_BY_FD => {
             // SAFETY: reading the `info` member of the attr copy.
-            let fd = unsafe { parsed.info.bpf_fd } as i32;
-            match table::with(|s| s.fds.get(&fd).copied()) {
-                Some(Handle::Link(_) | Handle::Event(_)) => {
-                    eprintln!(
-                        "bpftime-shim: bpf(BPF_OBJ_GET_INFO_BY_FD) on a user-space link is not \
-                         served; failing with EINVAL"
-                    );
+            let info = unsafe { parsed.info };
+            match table::with(|s| s.fds.get(&(info.bpf_fd as i32)).copied()) {
+                Some(Handle::Link(i)) => link_info(attr, &info, i),
+                Some(Handle::Event(_) | Handle::PerfBuf(_)) => {
+                    // The kernel's answer for a perf event descriptor: not a BPF object.
                     errno(libc::EINVAL)
                 }
                 _ => kernel(cmd, attr, size),
             }
         }
         _ => kernel(cmd, attr, size),
+    }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a uprobe link, as the kernel fills `bpf_link_info` for a perf
+/// link (`bpf_perf_link_fill_uprobe`): type, ids, the probe's kind, file (into the caller's
+/// buffer when it gives one), offset and cookie. The link id is the shim's own (the kernel has
+/// no such link), from a range kernel ids do not reach in practice.
+fn link_info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize) -> i64 {
+    const SHIM_LINK_IDS: u32 = 0x7f00_0000;
+    let len = (info.info_len as usize).min(std::mem::size_of::<sys::bpf_link_info>());
+    let mut out: sys::bpf_link_info = match user::read_struct(info.info as usize, len) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let (retprobe, path, offset, cookie, prog_id) = match table::with(|s| {
+        let l = s.links.get(link)?;
+        let e = s.events.get(l.event)?;
+        Some((
+            e.retprobe,
+            e.path.clone(),
+            e.file_offset,
+            l.cookie,
+            l.prog_id,
+        ))
+    }) {
+        Some(v) => v,
+        None => return errno(libc::EBADF),
+    };
+    // SAFETY: the perf_event member of the union, which a perf link's info uses.
+    let requested = unsafe { out.__bindgen_anon_1.perf_event.__bindgen_anon_1.uprobe };
+    let name = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
+    if requested.file_name != 0 && requested.name_len > 0 {
+        let n = (requested.name_len as usize - 1).min(name.len());
+        let mut buf = name[..n].to_vec();
+        buf.push(0);
+        if let Err(e) = user::write(requested.file_name as usize, &buf) {
+            return e;
+        }
+    }
+    out.type_ = sys::BPF_LINK_TYPE_PERF_EVENT;
+    out.id = SHIM_LINK_IDS + link as u32;
+    out.prog_id = prog_id;
+    // SAFETY: writing the perf_event member of our own copy.
+    unsafe {
+        out.__bindgen_anon_1.perf_event.type_ = if retprobe {
+            sys::BPF_PERF_EVENT_URETPROBE
+        } else {
+            sys::BPF_PERF_EVENT_UPROBE
+        };
+        let u = &mut out.__bindgen_anon_1.perf_event.__bindgen_anon_1.uprobe;
+        u.name_len = name.len() as u32 + 1;
+        u.offset = offset as u32;
+        u.cookie = cookie;
+        u.ref_ctr_offset = 0;
+    }
+    // SAFETY: the first `len` bytes of our own plain C struct.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&out as *const sys::bpf_link_info).cast::<u8>(), len)
+    };
+    if let Err(e) = user::write(info.info as usize, bytes) {
+        return e;
+    }
+    let at = attr + std::mem::offset_of!(sys::bpf_attr__bindgen_ty_9, info_len);
+    match user::write(at, &(len as u32).to_le_bytes()) {
+        Ok(()) => 0,
+        Err(e) => e,
     }
 }
 
@@ -568,6 +632,7 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
             prog,
             event,
             cookie,
+            prog_id: kernel_prog_id(prog_fd as i32),
             open: 1,
             detached: false,
         });
@@ -585,6 +650,31 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
             e
         }
     }
+}
+
+/// The kernel's id of the program on `fd` (0 if it cannot say).
+fn kernel_prog_id(fd: i32) -> u32 {
+    let mut info: sys::bpf_prog_info = zeroed_uapi();
+    let mut attr: sys::bpf_attr = zeroed_uapi();
+    attr.info.bpf_fd = fd as u32;
+    attr.info.info_len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
+    attr.info.info = &mut info as *mut sys::bpf_prog_info as u64;
+    let r = kernel(
+        sys::BPF_OBJ_GET_INFO_BY_FD,
+        &attr as *const sys::bpf_attr as usize,
+        std::mem::size_of::<sys::bpf_attr>() as u32,
+    );
+    if r < 0 {
+        0
+    } else {
+        info.id
+    }
+}
+
+/// An all-zero UAPI struct.
+fn zeroed_uapi<T: Copy>() -> T {
+    // SAFETY: only used for the bindgen UAPI structs, plain integers for which zero is valid.
+    unsafe { std::mem::zeroed() }
 }
 
 /// `mmap` of a sealed map's descriptor: the segment's range for it, as the kernel maps the

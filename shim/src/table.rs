@@ -86,6 +86,8 @@ pub(crate) struct LinkRec {
     pub prog: usize,
     pub event: usize,
     pub cookie: u64,
+    /// The kernel's id of the program (what `bpf_link_info.prog_id` reports).
+    pub prog_id: u32,
     pub open: u32,
     /// Detached (LINK_DETACH) while still open.
     pub detached: bool,
