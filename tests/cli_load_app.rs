@@ -6,29 +6,17 @@
 #[path = "../examples/libbpf-apps/tests/common/mod.rs"]
 mod common;
 
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 
 use bpftime_example_libbpf_apps::{victim_path, VICTIM_FUNCTION};
 use bpftime_testutils::require_kernel;
 use common::{
     event_pids, expected_events, expected_output, expected_victim_output, normalise,
-    symbol_file_offset, Run,
+    symbol_file_offset, tool_args as args, Bystander, Run, CALLS, MIN_ARG,
 };
 
 const BPFTIME: &str = env!("CARGO_BIN_EXE_bpftime-rs");
-const CALLS: u64 = 10;
-const MIN_ARG: u64 = 3;
-
-fn args(extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "-b".to_string(),
-        victim_path().display().to_string(),
-        "-m".into(),
-        MIN_ARG.to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
 
 /// Removes what a bpftime-mode run left (the maps stay after the application exits): the
 /// object named after the application.
@@ -157,23 +145,13 @@ fn libbpf_tool_by_file_offset_matches_kernel_uprobes() {
     assert_same(&kernel, &user);
 }
 
-/// Kills the bystander process when the test ends.
-struct Bystander(Child);
-
-impl Drop for Bystander {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn libbpf_tool_pid_filter_matches_kernel_uprobes() {
     if !require_kernel("libbpf_tool_pid_filter_matches_kernel_uprobes") {
         return;
     }
-    let bystander = Bystander(Command::new("sleep").arg("60").spawn().expect("sleep"));
-    let pid = bystander.0.id().to_string();
+    let bystander = Bystander::start();
+    let pid = bystander.pid();
     let (kernel, user) = both(
         &["-f", VICTIM_FUNCTION, "-p", &pid, "-n", "0", "-d", "1"],
         &["--no-sync"],
@@ -234,56 +212,131 @@ impl Drop for Reap {
     }
 }
 
+/// A background command with its stdout and stderr read line by line (killed and reaped when
+/// dropped).
+struct Background {
+    child: Reap,
+    out: Receiver<String>,
+    err: Receiver<String>,
+}
+
+impl Background {
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = Reap(
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        );
+        let out = lines_of(child.0.stdout.take().expect("stdout"));
+        let err = lines_of(child.0.stderr.take().expect("stderr"));
+        Self { child, out, err }
+    }
+
+    /// `bpftime-rs load --no-sync -- uprobe_tool ARGS`.
+    fn app(extra: &[&str]) -> Self {
+        Self::spawn(
+            Command::new(BPFTIME)
+                .args(["load", "--no-sync", "--"])
+                .arg(bpftime_example_libbpf_apps::tool_path())
+                .args(args(extra)),
+        )
+    }
+
+    /// `bpftime-rs start -- victim CALLS`: waits on its stdin until [`Background::go`].
+    fn target() -> Self {
+        Self::spawn(
+            Command::new(BPFTIME)
+                .args(["start", "--"])
+                .arg(victim_path())
+                .arg(CALLS.to_string()),
+        )
+    }
+
+    /// Starts a target's calls and waits for it to finish them.
+    fn go(&mut self) {
+        use std::io::Write;
+        writeln!(self.child.0.stdin.take().expect("stdin"), "go").expect("starting the victim");
+        let seen = wait_line(&self.out, "done", "the victim");
+        assert_eq!(
+            seen.last().map(|l| format!("{l}\n")),
+            Some(expected_victim_output(CALLS))
+        );
+        assert!(self.child.0.wait().expect("start").success());
+    }
+
+    /// The status file of this target's agent (`start` names its directory after its pid),
+    /// once the agent wrote it.
+    fn agent_status(&self) -> std::path::PathBuf {
+        let tag = format!("start-{}-", self.child.0.id());
+        let mut found = None;
+        wait_until("the target's agent", || {
+            found = std::fs::read_dir("/run/bpftime-rs/agents")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("agent.conf.status"))
+                .find(|p| {
+                    p.parent()
+                        .and_then(|d| d.file_name())
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&tag))
+                        && p.exists()
+                });
+            found.is_some()
+        });
+        found.expect("found")
+    }
+}
+
+/// Waits (bounded) until `done`, polling.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits until the agent's status file says `what` `count` times.
+fn wait_status(file: &std::path::Path, what: &str, count: usize) {
+    wait_until(&format!("{count} x {what:?} in {}", file.display()), || {
+        std::fs::read_to_string(file).is_ok_and(|t| t.matches(what).count() >= count)
+    });
+}
+
+/// The serial lock of the tests that run tools and victims: a tool with `-p -1` sees every
+/// victim, and one test's cleanup would unload another's object.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    common::SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn killed_app_detaches_its_links_and_targets_keep_running() {
     if !require_kernel("killed_app_detaches_its_links_and_targets_keep_running") {
         return;
     }
-    use std::io::Write;
-    use std::process::Stdio;
-    // Alone: another test's tool would see this victim, and its cleanup would unload this
-    // object.
-    let _serial = common::SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let _unload = Unload("uprobe_tool");
-    let mut load = Reap(
-        Command::new(BPFTIME)
-            .args(["load", "--no-sync", "--"])
-            .arg(bpftime_example_libbpf_apps::tool_path())
-            .args(args(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bpftime-rs load"),
-    );
-    let load_out = lines_of(load.0.stdout.take().expect("stdout"));
-    let _load_err = lines_of(load.0.stderr.take().expect("stderr"));
-    wait_line(&load_out, "attached", "the tool");
-
+    let mut load = Background::app(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]);
+    wait_line(&load.out, "attached", "the tool");
     // A target hooked while the application runs; it waits on stdin before calling.
-    let mut start = Reap(
-        Command::new(BPFTIME)
-            .args(["start", "--"])
-            .arg(victim_path())
-            .arg(CALLS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bpftime-rs start"),
+    let mut target = Background::target();
+    wait_line(
+        &target.err,
+        "ok uprobe_tool/on_return",
+        "the target's agent",
     );
-    let start_err = lines_of(start.0.stderr.take().expect("stderr"));
-    let start_out = lines_of(start.0.stdout.take().expect("stdout"));
-    wait_line(&start_err, "ok uprobe_tool/on_return", "the target's agent");
 
     // The application (the load command's child) dies without closing anything.
-    let children = std::fs::read_to_string(format!(
-        "/proc/{}/task/{}/children",
-        load.0.id(),
-        load.0.id()
-    ))
-    .expect("children of bpftime-rs load");
+    let pid = load.child.0.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("children of bpftime-rs load");
     let app: i32 = children
         .split_whitespace()
         .next()
@@ -291,43 +344,13 @@ fn killed_app_detaches_its_links_and_targets_keep_running() {
         .expect("the application's pid");
     // SAFETY: kill takes no pointer.
     assert_eq!(unsafe { libc::kill(app, libc::SIGKILL) }, 0);
-    let status = load.0.wait().expect("waiting for load");
+    let status = load.child.0.wait().expect("waiting for load");
     assert_eq!(status.code(), Some(128 + libc::SIGKILL), "load: {status}");
 
     // The target's agent follows the object's manifest: both hooks go.
-    let status_file = std::fs::read_dir("/run/bpftime-rs/agents")
-        .expect("agents dir")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name().is_some_and(|n| {
-                n.to_string_lossy()
-                    .starts_with(&format!("start-{}-", start.0.id()))
-            })
-        })
-        .expect("the target's agent directory")
-        .join("agent.conf.status");
-    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
-    loop {
-        let text = std::fs::read_to_string(&status_file).unwrap_or_default();
-        if text.matches("removed uprobe_tool").count() == 2 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not remove the hooks:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-
+    wait_status(&target.agent_status(), "removed uprobe_tool", 2);
     // The target runs on, unprobed: its calls reach no program.
-    writeln!(start.0.stdin.take().expect("stdin"), "go").expect("starting the victim");
-    let seen = wait_line(&start_out, "done", "the victim");
-    assert_eq!(
-        seen.last().map(|l| format!("{l}\n")),
-        Some(expected_victim_output(CALLS))
-    );
-    assert!(start.0.wait().expect("start").success());
+    target.go();
     let maps = Command::new(BPFTIME)
         .args(["maps", "--json"])
         .output()
@@ -409,89 +432,23 @@ fn target_started_before_the_app_is_hooked_when_the_app_attaches() {
     if !require_kernel("target_started_before_the_app_is_hooked_when_the_app_attaches") {
         return;
     }
-    use std::io::Write;
-    use std::process::Stdio;
-    let _serial = common::SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let _unload = Unload("uprobe_tool");
     // The target first: no object is loaded yet (or only others); it waits on stdin.
-    let mut start = Reap(
-        Command::new(BPFTIME)
-            .args(["start", "--"])
-            .arg(victim_path())
-            .arg(CALLS.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bpftime-rs start"),
-    );
-    let start_out = lines_of(start.0.stdout.take().expect("stdout"));
-    let _start_err = lines_of(start.0.stderr.take().expect("stderr"));
-    let agent_dir = {
-        let deadline = std::time::Instant::now() + common::ATTACH_TIMEOUT;
-        loop {
-            let found = std::fs::read_dir("/run/bpftime-rs/agents")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name().is_some_and(|n| {
-                        n.to_string_lossy()
-                            .starts_with(&format!("start-{}-", start.0.id()))
-                    }) && p.join("agent.conf.status").exists()
-                });
-            if let Some(dir) = found {
-                break dir;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent never started"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    };
+    let mut target = Background::target();
+    let status_file = target.agent_status();
     // Then the application, which attaches while the target runs.
     let events = expected_events(CALLS, MIN_ARG).to_string();
-    let mut load = Reap(
-        Command::new(BPFTIME)
-            .args(["load", "--no-sync", "--"])
-            .arg(bpftime_example_libbpf_apps::tool_path())
-            .args(args(&["-f", VICTIM_FUNCTION, "-n", &events]))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bpftime-rs load"),
-    );
-    let load_out = lines_of(load.0.stdout.take().expect("stdout"));
-    let load_err = lines_of(load.0.stderr.take().expect("stderr"));
-    let mut tool_stdout: Vec<String> = wait_line(&load_out, "attached", "the tool");
+    let mut load = Background::app(&["-f", VICTIM_FUNCTION, "-n", &events]);
+    let mut stdout = wait_line(&load.out, "attached", "the tool");
     // The target's agent discovers the object and installs both links.
-    let status_file = agent_dir.join("agent.conf.status");
-    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
-    loop {
-        let text = std::fs::read_to_string(&status_file).unwrap_or_default();
-        if text.contains("ok uprobe_tool/on_entry") && text.contains("ok uprobe_tool/on_return") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the target's agent did not hook the application's links:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    writeln!(start.0.stdin.take().expect("stdin"), "go").expect("starting the victim");
-    let seen = wait_line(&start_out, "done", "the victim");
-    assert_eq!(
-        seen.last().map(|l| format!("{l}\n")),
-        Some(expected_victim_output(CALLS))
-    );
-    let status = load.0.wait().expect("load");
-    tool_stdout.extend(load_out.iter());
-    let stdout: String = tool_stdout.iter().map(|l| format!("{l}\n")).collect();
-    let stderr: Vec<String> = load_err.try_iter().collect();
+    wait_status(&status_file, "ok uprobe_tool/on_entry", 1);
+    wait_status(&status_file, "ok uprobe_tool/on_return", 1);
+    target.go();
+    let status = load.child.0.wait().expect("load");
+    stdout.extend(load.out.iter());
+    let stdout: String = stdout.iter().map(|l| format!("{l}\n")).collect();
+    let stderr: Vec<String> = load.err.try_iter().collect();
     assert!(status.success(), "load: {status}\n{}", stderr.join("\n"));
     assert_eq!(normalise(&stdout), expected_output(CALLS, MIN_ARG));
 }
@@ -725,29 +682,17 @@ fn ctrl_c_reaches_the_app_which_prints_its_results() {
     if !require_kernel("ctrl_c_reaches_the_app_which_prints_its_results") {
         return;
     }
-    use std::process::Stdio;
-    let _serial = common::SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial();
     let _unload = Unload("uprobe_tool");
-    let mut load = Reap(
-        Command::new(BPFTIME)
-            .args(["load", "--no-sync", "--"])
-            .arg(bpftime_example_libbpf_apps::tool_path())
-            .args(args(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("bpftime-rs load"),
-    );
-    let out = lines_of(load.0.stdout.take().expect("stdout"));
-    let err = lines_of(load.0.stderr.take().expect("stderr"));
-    wait_line(&out, "attached", "the tool");
+    let mut load = Background::app(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]);
+    wait_line(&load.out, "attached", "the tool");
+    let pid = load.child.0.id() as i32;
     // SAFETY: kill takes no pointer; the pid is our live child.
-    assert_eq!(unsafe { libc::kill(load.0.id() as i32, libc::SIGINT) }, 0);
-    let status = load.0.wait().expect("load");
-    let rest: Vec<String> = out.iter().collect();
-    let stderr: Vec<String> = err.iter().collect();
+    let killed = unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(killed, 0);
+    let status = load.child.0.wait().expect("load");
+    let rest: Vec<String> = load.out.iter().collect();
+    let stderr: Vec<String> = load.err.iter().collect();
     assert!(status.success(), "load: {status}\n{}", stderr.join("\n"));
     assert!(
         stderr.iter().any(|l| l.contains("stopped by signal 2")),

@@ -721,17 +721,7 @@ pub(crate) fn mmap(
         // SAFETY: maps the segment file (alive while the object is) where the application
         // asked, as its own mmap would; MAP_FIXED only over the reservation made below or
         // where the application itself passed MAP_FIXED.
-        unsafe {
-            raw::syscall6(
-                libc::SYS_mmap,
-                at as i64,
-                n as i64,
-                prot.into(),
-                flags.into(),
-                seg_fd.into(),
-                off as i64,
-            )
-        }
+        unsafe { raw::mmap(at, n, prot, flags, seg_fd, off as i64) }
     };
     if map.map_type() != MapType::Ringbuf {
         if offset + len64 > range {
@@ -751,12 +741,11 @@ pub(crate) fn mmap(
             }
             // SAFETY: an anonymous reservation of len bytes, replaced below.
             let base = unsafe {
-                raw::syscall6(
-                    libc::SYS_mmap,
-                    addr as i64,
-                    len as i64,
-                    libc::PROT_NONE.into(),
-                    (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | (flags & libc::MAP_FIXED)).into(),
+                raw::mmap(
+                    addr,
+                    len,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | (flags & libc::MAP_FIXED),
                     -1,
                     0,
                 )

@@ -209,14 +209,14 @@ pub unsafe extern "C" fn mmap(
             let r = guarded("mmap", || {
                 bpf::mmap(addr as usize, len, prot, flags, fd, offset).unwrap_or_else(|| {
                     // SAFETY: as the caller's mmap.
-                    unsafe { raw_mmap(addr, len, prot, flags, fd, offset) }
+                    unsafe { raw::mmap(addr as usize, len, prot, flags, fd, offset) }
                 })
             });
             return libc_result(r) as *mut c_void;
         }
     }
     // SAFETY: the caller's contract.
-    libc_result(unsafe { raw_mmap(addr, len, prot, flags, fd, offset) }) as *mut c_void
+    libc_result(unsafe { raw::mmap(addr as usize, len, prot, flags, fd, offset) }) as *mut c_void
 }
 
 /// `mmap64` (the same call on 64-bit targets).
@@ -234,32 +234,6 @@ pub unsafe extern "C" fn mmap64(
 ) -> *mut c_void {
     // SAFETY: the caller's contract.
     unsafe { mmap(addr, len, prot, flags, fd, offset) }
-}
-
-/// `mmap(2)` itself.
-///
-/// # Safety
-/// As `mmap(2)`.
-unsafe fn raw_mmap(
-    addr: *mut c_void,
-    len: usize,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    offset: libc::off_t,
-) -> i64 {
-    // SAFETY: the caller's contract.
-    unsafe {
-        raw::syscall6(
-            libc::SYS_mmap,
-            addr as i64,
-            len as i64,
-            prot.into(),
-            flags.into(),
-            fd.into(),
-            offset,
-        )
-    }
 }
 
 /// `close`: forgets what the descriptor was (a link or event closed is detached).

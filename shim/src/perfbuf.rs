@@ -96,13 +96,12 @@ pub(crate) fn mmap(
         }
         // SAFETY: a new shared mapping of our memfd, of its size.
         let base = unsafe {
-            raw::syscall6(
-                libc::SYS_mmap,
+            raw::mmap(
                 0,
-                len as i64,
-                (libc::PROT_READ | libc::PROT_WRITE).into(),
-                libc::MAP_SHARED.into(),
-                rec.memfd.into(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                rec.memfd,
                 0,
             )
         };
@@ -118,17 +117,7 @@ pub(crate) fn mmap(
         rec.mapping = Some((base as usize, len));
     }
     // SAFETY: the application's own mapping request, of the memfd.
-    unsafe {
-        raw::syscall6(
-            libc::SYS_mmap,
-            addr as i64,
-            len as i64,
-            prot.into(),
-            flags.into(),
-            rec.memfd.into(),
-            0,
-        )
-    }
+    unsafe { raw::mmap(addr, len, prot, flags, rec.memfd, 0) }
 }
 
 /// One application ring a PERF_EVENT_ARRAY slot names.

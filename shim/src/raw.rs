@@ -43,6 +43,25 @@ pub unsafe fn syscall3(nr: i64, a1: i64, a2: i64, a3: i64) -> i64 {
     unsafe { syscall6(nr, a1, a2, a3, 0, 0, 0) }
 }
 
+/// `mmap(2)`, not through libc: the address, or `-errno`.
+///
+/// # Safety
+/// As `mmap(2)` (`MAP_FIXED` replaces whatever is mapped at `addr`).
+pub unsafe fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, offset: i64) -> i64 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        syscall6(
+            libc::SYS_mmap,
+            addr as i64,
+            len as i64,
+            prot.into(),
+            flags.into(),
+            fd.into(),
+            offset,
+        )
+    }
+}
+
 /// `close(fd)`, not through libc.
 pub fn close(fd: i32) -> i64 {
     // SAFETY: close takes no pointer.

@@ -58,6 +58,32 @@ pub enum Command {
     Help,
 }
 
+/// A tool's `main`: parses the command line as uprobe_tool.c does (exit 2 on a bad one, the
+/// usage on `-h`), then runs `run`, printing its error as `PROG: error` (exit 1).
+pub fn main(
+    prog: &str,
+    run: impl FnOnce(&Options) -> anyhow::Result<std::process::ExitCode>,
+) -> std::process::ExitCode {
+    let options = match parse_args(prog, std::env::args_os().skip(1)) {
+        Ok(Command::Run(options)) => options,
+        Ok(Command::Help) => {
+            print!("{}", usage(prog));
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("{}", message.trim_end());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("{prog}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The usage text (uprobe_tool.c's, with `prog` as the program name).
 pub fn usage(prog: &str) -> String {
     format!(

@@ -15,30 +15,13 @@ use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
 use aya::programs::{ProbeKind, UProbe};
 use aya::{Ebpf, EbpfLoader};
-use bpftime_example_libbpf_apps::cli::{self, Command, Options, Target};
+use bpftime_example_libbpf_apps::cli::{self, Options, Target};
 use bpftime_example_libbpf_apps::object_path;
 
 const PROG: &str = "aya_uprobe_tool";
 
 fn main() -> ExitCode {
-    let options = match cli::parse_args(PROG, std::env::args_os().skip(1)) {
-        Ok(Command::Run(options)) => options,
-        Ok(Command::Help) => {
-            print!("{}", cli::usage(PROG));
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("{}", message.trim_end());
-            return ExitCode::from(2);
-        }
-    };
-    match run(&options) {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("{PROG}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::main(PROG, run)
 }
 
 /// aya's `log` messages on stderr under `-v` (warnings and information; no debug), as

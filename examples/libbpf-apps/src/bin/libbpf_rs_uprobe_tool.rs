@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bpftime_example_libbpf_apps::cli::{self, Command, Options, Target};
+use bpftime_example_libbpf_apps::cli::{self, Options, Target};
 use bpftime_example_libbpf_apps::object_path;
 use libbpf_rs::btf::types::{DataSec, Var};
 use libbpf_rs::{
@@ -22,24 +22,7 @@ use libbpf_rs::{
 const PROG: &str = "libbpf_rs_uprobe_tool";
 
 fn main() -> ExitCode {
-    let options = match cli::parse_args(PROG, std::env::args_os().skip(1)) {
-        Ok(Command::Run(options)) => options,
-        Ok(Command::Help) => {
-            print!("{}", cli::usage(PROG));
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("{}", message.trim_end());
-            return ExitCode::from(2);
-        }
-    };
-    match run(&options) {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("{PROG}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::main(PROG, run)
 }
 
 /// libbpf's messages under `-v` (warnings and information; no debug), as uprobe_tool.c's

@@ -17,6 +17,49 @@ use std::time::{Duration, Instant};
 
 use bpftime_example_libbpf_apps::{tool_path, victim_path};
 
+/// The victim's call count and the tools' `-m` in the tests.
+pub const CALLS: u64 = 10;
+pub const MIN_ARG: u64 = 3;
+
+/// The tool's arguments: the victim binary, `-m MIN_ARG`, then `extra`.
+pub fn tool_args(extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "-b".to_string(),
+        victim_path().display().to_string(),
+        "-m".into(),
+        MIN_ARG.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// A live process that is not the victim, for pid filters; killed when dropped.
+pub struct Bystander(pub Child);
+
+impl Bystander {
+    /// `sleep 60`.
+    pub fn start() -> Self {
+        Self(
+            Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("spawning sleep"),
+        )
+    }
+
+    /// Its pid, as a tool argument.
+    pub fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// How long the tool may take to load and print `attached`.
 pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the victim, and then the tool, may each run after that.
