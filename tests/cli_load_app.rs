@@ -666,6 +666,31 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         mirrored, printed,
         "the kernel mirror of hist differs from what the tool printed"
     );
+    // `maps --json` formats entries with the application's BTF, as bpftool does.
+    let maps = Command::new(BPFTIME)
+        .args(["maps", "--json"])
+        .output()
+        .expect("maps --json");
+    let json: serde_json::Value = serde_json::from_slice(&maps.stdout).expect("maps JSON");
+    let formatted = |name: &str| -> serde_json::Value {
+        json["maps"]
+            .as_array()
+            .expect("maps")
+            .iter()
+            .find(|m| m["object"] == "uprobe_tool" && m["name"] == name)
+            .unwrap_or_else(|| panic!("no uprobe_tool/{name}"))["entries"][0]["formatted"]
+            .clone()
+    };
+    let events = expected_events(CALLS, MIN_ARG);
+    assert_eq!(
+        formatted("uprobe_t.bss"),
+        serde_json::json!({"key": 0, "value": {"entries": events - CALLS, "returns": CALLS}})
+    );
+    assert_eq!(
+        formatted("uprobe_t.rodata")["value"]["min_arg"],
+        serde_json::json!(MIN_ARG)
+    );
+    assert!(formatted("hist")["key"].is_u64(), "{}", formatted("hist"));
     let diff = Command::new(BPFTIME)
         .args(["maps", "--diff", "uprobe_tool/hist"])
         .output()

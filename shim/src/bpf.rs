@@ -50,6 +50,7 @@ pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
             }
         }
         sys::BPF_PROG_LOAD => prog_load(cmd, attr, size, &parsed),
+        sys::BPF_BTF_LOAD => btf_load(cmd, attr, size, &parsed),
         sys::BPF_LINK_CREATE => link_create(cmd, attr, size, &parsed),
         sys::BPF_LINK_DETACH => {
             // SAFETY: reading the `link_detach` member of the attr copy.
@@ -149,6 +150,23 @@ fn link_info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize) -> i6
     }
 }
 
+/// BPF_BTF_LOAD: the kernel's, and the BTF kept (what `bpftime-rs maps` formats entries with).
+fn btf_load(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    let fd = kernel(cmd, attr, size);
+    if fd < 0 {
+        return fd;
+    }
+    // SAFETY: reading the BTF_LOAD member of the attr copy.
+    let b = unsafe { a.__bindgen_anon_7 };
+    if let Ok(bytes) = user::read(b.btf as usize, b.btf_size as usize) {
+        table::with(|s| {
+            s.btfs.push(table::BtfRec { bytes, open: 1 });
+            s.fds.insert(fd as i32, Handle::Btf(s.btfs.len() - 1));
+        });
+    }
+    fd
+}
+
 fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     let fd = kernel(cmd, attr, size);
     if fd < 0 {
@@ -173,10 +191,17 @@ fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         open: 0,
         segment_index: None,
         prog_slots: Vec::new(),
+        btf: None,
     };
     // A map created after sealing (libbpf's lazy feature probes make some) stays a kernel
     // map; a program that uses one is refused when it is attached, with the reason.
-    match table::with(|s| s.add_map(fd as i32, rec)) {
+    let mut rec = rec;
+    match table::with(|s| {
+        if let Some(Handle::Btf(id)) = s.fds.get(&(c.btf_fd as i32)) {
+            rec.btf = Some((*id, c.btf_key_type_id, c.btf_value_type_id));
+        }
+        s.add_map(fd as i32, rec)
+    }) {
         Ok(_) => fd,
         Err(e) => {
             raw::close(fd as i32);

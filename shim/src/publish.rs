@@ -220,6 +220,7 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
     manifest
         .publish(&dir)
         .map_err(|e| bpftime_abi::error_chain(&e))?;
+    save_map_types(shim, &dir, &object, &shm, &members);
     notify_loader(&format!("sealed {object}"));
     shim.sealed = Some(Sealed {
         object,
@@ -267,6 +268,56 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Saves the key and value types of the segment's maps from the application's BTF, where
+/// `bpftime-rs maps` reads them (`maps-btf.json`, as `load OBJ` saves its object's): entries
+/// are then also shown formatted, as bpftool shows them.
+fn save_map_types(shim: &Shim, dir: &StateDir, object: &str, shm: &ShmObject, members: &[usize]) {
+    use bpftime_runtime::object::btf::Btf;
+    use bpftime_runtime::object::btf_format::{describe, MapBtfInfo, MapTypes, TypeDesc};
+    let mut parsed: Vec<Option<Btf>> = shim
+        .btfs
+        .iter()
+        .map(|b| Btf::parse(&b.bytes).ok())
+        .collect();
+    let mut info = MapBtfInfo::default();
+    for (index, &id) in members.iter().enumerate() {
+        let m = &shim.maps[id];
+        let Some((btf, key_id, value_id)) = m.btf else {
+            continue;
+        };
+        let Some(Some(btf)) = parsed.get_mut(btf) else {
+            continue;
+        };
+        let desc = |id: u32| (id != 0).then(|| describe(btf, id)).flatten();
+        // Global data (a DATASEC value, no key type): its one key is a u32 0.
+        let key = match desc(key_id) {
+            None if m.key_size == 4 && value_id != 0 => Some(TypeDesc::Int {
+                size: 4,
+                signed: false,
+                bool: false,
+                char: false,
+            }),
+            k => k,
+        };
+        let key = key.filter(|k| k.size() == Some(u64::from(m.key_size)));
+        let value = desc(value_id).filter(|v| v.size() == Some(u64::from(m.value_size)));
+        if let Ok(handle) = shm.map(index) {
+            info.maps
+                .insert(handle.name().to_string(), MapTypes { key, value });
+        }
+    }
+    let path = bpftime_runtime::loaded::map_btf_path(dir, object);
+    if let Err(e) =
+        bpftime_runtime::state::fs::write_atomic(&path, info.to_json().as_bytes(), 0o644)
+    {
+        eprintln!(
+            "bpftime-shim: cannot save map types to {}: {}",
+            path.display(),
+            bpftime_abi::error_chain(&e)
+        );
+    }
 }
 
 /// Tells `bpftime-rs load -- APP` (the descriptor it passed in `BPFTIME_SHIM_NOTIFY_FD`).

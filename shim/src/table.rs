@@ -28,6 +28,15 @@ pub(crate) enum Handle {
     Link(usize),
     /// A BPF_OUTPUT perf event (a perf buffer's CPU ring).
     PerfBuf(usize),
+    /// BTF the application loaded (kept to describe its maps' keys and values).
+    Btf(usize),
+}
+
+/// BTF the application loaded with BPF_BTF_LOAD.
+pub(crate) struct BtfRec {
+    /// The raw BTF, as the loader passed it (libbpf's, with data section offsets filled in).
+    pub bytes: Vec<u8>,
+    pub open: u32,
 }
 
 /// A map the application created (in the kernel).
@@ -49,6 +58,8 @@ pub(crate) struct MapRec {
     /// For a PROG_ARRAY before sealing: the slots the application set (key, program record),
     /// set in the segment when it is sealed.
     pub prog_slots: Vec<(Vec<u8>, usize)>,
+    /// Its key and value types: (BTF record, key type id, value type id), from MAP_CREATE.
+    pub btf: Option<(usize, u32, u32)>,
 }
 
 /// A program the kernel accepted from the application.
@@ -102,6 +113,7 @@ pub(crate) struct Shim {
     pub events: Vec<EventRec>,
     pub links: Vec<LinkRec>,
     pub perfbufs: Vec<PerfBufRec>,
+    pub btfs: Vec<BtfRec>,
     pub sealed: Option<Sealed>,
 }
 
@@ -168,6 +180,7 @@ impl Shim {
             Handle::Event(i) => &mut self.events[i].open,
             Handle::Link(i) => &mut self.links[i].open,
             Handle::PerfBuf(i) => &mut self.perfbufs[i].open,
+            Handle::Btf(i) => &mut self.btfs[i].open,
         }
     }
 }
