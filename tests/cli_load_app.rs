@@ -728,3 +728,23 @@ fn ctrl_c_reaches_the_app_which_prints_its_results() {
         Some("bss entries=0 returns=0")
     );
 }
+
+#[test]
+fn duration_stops_the_app_as_ctrl_c_does() {
+    if !require_kernel("duration_stops_the_app_as_ctrl_c_does") {
+        return;
+    }
+    let _serial = serial();
+    let _unload = Unload("uprobe_tool");
+    let out = Command::new(BPFTIME)
+        .args(["load", "--no-sync", "--duration", "1", "--"])
+        .arg(bpftime_example_libbpf_apps::tool_path())
+        .args(args(&["-f", VICTIM_FUNCTION, "-n", "0", "-d", "60"]))
+        .output()
+        .expect("bpftime-rs load");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+    assert!(stderr.contains("stopped by signal 2"), "{stderr}");
+    assert!(stdout.ends_with("bss entries=0 returns=0\n"), "{stdout}");
+}

@@ -57,6 +57,11 @@ impl LoadArgs {
     pub(super) fn granted(&self) -> bool {
         !self.grant.is_empty() || !self.grant_group.is_empty()
     }
+
+    /// `--duration`, if given.
+    pub(super) fn duration(&self) -> Option<Duration> {
+        self.duration.map(Duration::from_secs_f64)
+    }
 }
 
 /// A uid from a user name or number.

@@ -4,7 +4,8 @@
 //! that object, syncs its maps to kernel mirrors as `load OBJ` does, prints its `bpf_printk`
 //! lines (on stderr: the application's stdout stays its own), and when the application exits
 //! (however it exits) removes its links from the object's manifest, so targets stop running its
-//! programs. It exits with the application's status.
+//! programs. It exits with the application's status. `--duration S` stops the application
+//! with SIGINT after S seconds.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -164,9 +165,16 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     }
     let mut err = std::io::stderr();
     let mut object: Option<(String, ShmObject, SyncThread, RingBufConsumer)> = None;
+    // `--duration`: the application is then stopped as Ctrl-C stops it (once).
+    let mut deadline = args.duration().map(|d| std::time::Instant::now() + d);
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for the application")? {
             break status;
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            deadline = None;
+            // SAFETY: kill takes no pointer; the pid is our live (unreaped) child.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
         }
         for (signal, flag) in forwarded.iter().zip(&pending) {
             if flag.swap(false, Ordering::Relaxed) {
