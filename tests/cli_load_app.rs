@@ -382,21 +382,6 @@ fn killed_app_detaches_its_links_and_targets_keep_running() {
 }
 
 #[test]
-fn grants_are_refused_for_an_app_with_the_reason() {
-    let out = Command::new(BPFTIME)
-        .args(["load", "--grant", "0", "--"])
-        .arg(bpftime_example_libbpf_apps::tool_path())
-        .output()
-        .expect("bpftime-rs load");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("--grant") && stderr.contains("load -- APP"),
-        "{stderr}"
-    );
-}
-
-#[test]
 fn statically_linked_app_is_refused_with_the_reason() {
     let dir = std::env::temp_dir().join(format!("bpftime-static-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

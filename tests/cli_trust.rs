@@ -491,3 +491,69 @@ fn a_segment_corrupted_at_random_never_crashes_the_forwarder_the_cli_or_a_target
     let status = loader.stop();
     assert!(status.signal().is_none(), "load was killed: {status:?}");
 }
+
+/// `load --grant nobody -- APP` shares the application's maps as `load --grant nobody OBJ`
+/// does: nobody's own target is hooked and its calls reach the root application's programs.
+#[test]
+fn an_apps_maps_are_granted_to_non_root_targets() {
+    if !require_kernel("an_apps_maps_are_granted_to_non_root_targets") {
+        return;
+    }
+    let _one = serial();
+    let _ = output(&["unload", "uprobe_tool"]);
+    const ROUNDS: u32 = 300;
+    // examples/programs' victim calls vt_add(i % 7, i) once a round: an entry and a return
+    // event each.
+    let mut app = bpftime()
+        .args([
+            "load",
+            "--no-sync",
+            "--grant",
+            "nobody",
+            "--duration",
+            "60",
+            "--",
+        ])
+        .arg(bpftime_example_libbpf_apps::tool_path())
+        .arg("-b")
+        .arg(&tools().victim)
+        .args(["-f", "vt_add", "-n", &(2 * ROUNDS).to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bpftime-rs load -- uprobe_tool");
+    // Killed if the test fails before the application exits (it would run on for a minute).
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill takes no pointer.
+            unsafe { libc::kill(self.0 as i32, libc::SIGINT) };
+        }
+    }
+    let kill = KillOnDrop(app.id());
+    let mut stdout = std::io::BufReader::new(app.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert_eq!(first, "attached\n");
+    let out = nobody_starts_victim("uprobe_tool", ROUNDS);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("ok uprobe_tool/on_entry"), "{stderr}");
+    let status = app.wait().unwrap();
+    // Reaped: its pid is no longer ours to signal.
+    std::mem::forget(kill);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let mut app_err = String::new();
+    std::io::Read::read_to_string(&mut app.stderr.take().unwrap(), &mut app_err).unwrap();
+    let _ = output(&["unload", "uprobe_tool"]);
+    assert!(status.success(), "{status}: {app_err}");
+    assert!(
+        app_err.contains(&format!("shared read-write with uid {NOBODY}")),
+        "{app_err}"
+    );
+    assert!(
+        rest.ends_with(&format!("bss entries={ROUNDS} returns={ROUNDS}\n")),
+        "{rest}"
+    );
+}

@@ -217,6 +217,22 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         .unwrap_or_default();
     let mut manifest = Manifest::new(&object, &source, &shm.map_defs(), shm.identity());
     manifest.links = Some(Vec::new());
+    // `load --grant/--grant-group -- APP`: other users' targets get the maps, as `load OBJ`
+    // grants them (POSIX ACL entries on the segment, recorded in the manifest).
+    let (uids, gids) = (
+        ids_from_env("BPFTIME_SHIM_GRANT_UIDS"),
+        ids_from_env("BPFTIME_SHIM_GRANT_GIDS"),
+    );
+    if !uids.is_empty() || !gids.is_empty() {
+        shm.grant(&uids, &gids).map_err(|e| {
+            format!(
+                "granting access to the maps: {}",
+                bpftime_abi::error_chain(&e)
+            )
+        })?;
+        manifest.granted_uids = uids;
+        manifest.granted_gids = gids;
+    }
     manifest
         .publish(&dir)
         .map_err(|e| bpftime_abi::error_chain(&e))?;
@@ -318,6 +334,15 @@ fn save_map_types(shim: &Shim, dir: &StateDir, object: &str, shm: &ShmObject, me
             bpftime_abi::error_chain(&e)
         );
     }
+}
+
+/// Comma-separated ids in the environment variable `name` (unset or empty: none).
+fn ids_from_env(name: &str) -> Vec<u32> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
 }
 
 /// Tells `bpftime-rs load -- APP` (the descriptor it passed in `BPFTIME_SHIM_NOTIFY_FD`).

@@ -53,9 +53,19 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// Whether `--grant` or `--grant-group` was given.
-    pub(super) fn granted(&self) -> bool {
-        !self.grant.is_empty() || !self.grant_group.is_empty()
+    /// The uids and gids of `--grant` and `--grant-group`.
+    pub(super) fn grants(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let uids = self
+            .grant
+            .iter()
+            .map(|u| resolve_user(u))
+            .collect::<Result<Vec<_>>>()?;
+        let gids = self
+            .grant_group
+            .iter()
+            .map(|g| resolve_group(g))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((uids, gids))
     }
 
     /// `--duration`, if given.
@@ -116,16 +126,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     let Some(object_path) = &args.object else {
         return super::load_app::run(args);
     };
-    let uids = args
-        .grant
-        .iter()
-        .map(|u| resolve_user(u))
-        .collect::<Result<Vec<_>>>()?;
-    let gids = args
-        .grant_group
-        .iter()
-        .map(|g| resolve_group(g))
-        .collect::<Result<Vec<_>>>()?;
+    let (uids, gids) = args.grants()?;
     let mut loaded = LoadedObject::load(object_path, None, args.vm.options())
         .with_context(|| format!("loading {}", object_path.display()))?;
     let object = loaded.object.name.clone();

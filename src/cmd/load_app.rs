@@ -61,6 +61,11 @@ fn object_base(app: &str) -> String {
         .collect()
 }
 
+/// Numbers as the shim reads them: comma-separated.
+fn join(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Detects a loader the shim cannot serve: a statically linked executable makes its system
 /// calls without the dynamic libc the shim interposes (Go programs such as cilium/ebpf tools
 /// do so too).
@@ -101,12 +106,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
              the kernel's own BPF_PROG_LOAD"
         );
     }
-    if args.granted() {
-        bail!(
-            "--grant/--grant-group are not supported with `load -- APP` yet: the application's \
-             maps are its user's alone"
-        );
-    }
+    let (uids, gids) = args.grants()?;
     check_dynamic(Path::new(app))?;
     let shim = library_path(SHIM_FILE, "BPFTIME_SHIM", "bpftime-shim")?;
     let (notify_read, notify_write) = notify_pipe()?;
@@ -120,6 +120,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .env("LD_PRELOAD", &preload)
         .env("BPFTIME_SHIM_OBJECT", object_base(app))
         .env("BPFTIME_SHIM_VM", vm_name(options.vm_kind()))
+        .env("BPFTIME_SHIM_GRANT_UIDS", join(&uids))
+        .env("BPFTIME_SHIM_GRANT_GIDS", join(&gids))
         .env(
             "BPFTIME_SHIM_NOTIFY_FD",
             notify_write.as_raw_fd().to_string(),
@@ -199,6 +201,14 @@ pub fn run(args: &LoadArgs) -> Result<()> {
                 "bpftime-rs: {app} (pid {pid}) loaded object {name}: attach targets with \
                  `bpftime-rs start -- CMD` or `bpftime-rs attach PID`"
             )?;
+            if !uids.is_empty() || !gids.is_empty() {
+                writeln!(
+                    err,
+                    "bpftime-rs: maps of {name} shared read-write with{}{}",
+                    uids.iter().map(|u| format!(" uid {u}")).collect::<String>(),
+                    gids.iter().map(|g| format!(" gid {g}")).collect::<String>()
+                )?;
+            }
             let sync = start_sync(args, &shm, &stop, &mut err)?;
             let trace = RingBufConsumer::new(&shm.map(TRACE_MAP_NAME)?)?;
             object = Some((name.to_string(), shm, sync, trace));
