@@ -523,6 +523,21 @@ fn libbpf_rs_tool_matches_kernel_uprobes() {
 }
 
 #[test]
+fn libbpf_rs_tool_on_uprobe_multi_links_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_rs_tool_on_uprobe_multi_links_matches_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let tool = bpftime_example_libbpf_apps::libbpf_rs_tool_path();
+    let (kernel, user) = both_with(
+        &tool,
+        &["-M", "-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert_same(&kernel, &user);
+}
+
+#[test]
 fn bad_calls_fail_as_on_the_kernel_without_crashing() {
     if !require_kernel("bad_calls_fail_as_on_the_kernel_without_crashing") {
         return;

@@ -95,20 +95,30 @@ fn link_info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize) -> i6
         Ok(v) => v,
         Err(e) => return e,
     };
-    let (retprobe, path, offset, cookie, prog_id) = match table::with(|s| {
+    let (retprobe, path, offset, cookie, prog_id, multi) = match table::with(|s| {
         let l = s.links.get(link)?;
-        let e = s.events.get(l.event)?;
+        let &(event, cookie) = l.targets.first()?;
+        let e = s.events.get(event)?;
         Some((
             e.retprobe,
             e.path.clone(),
             e.file_offset,
-            l.cookie,
+            cookie,
             l.prog_id,
+            l.multi,
         ))
     }) {
         Some(v) => v,
         None => return errno(libc::EBADF),
     };
+    if multi {
+        // An uprobe_multi link: its type, ids and probe count (the per-probe arrays of
+        // `bpf_link_info.uprobe_multi` are not filled).
+        out.type_ = sys::BPF_LINK_TYPE_UPROBE_MULTI;
+        out.id = SHIM_LINK_IDS + link as u32;
+        out.prog_id = prog_id;
+        return write_info(attr, info, &out, len);
+    }
     // SAFETY: the perf_event member of the union, which a perf link's info uses.
     let requested = unsafe { out.__bindgen_anon_1.perf_event.__bindgen_anon_1.uprobe };
     let name = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()).to_vec();
@@ -136,10 +146,20 @@ fn link_info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize) -> i6
         u.cookie = cookie;
         u.ref_ctr_offset = 0;
     }
-    // SAFETY: the first `len` bytes of our own plain C struct.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((&out as *const sys::bpf_link_info).cast::<u8>(), len)
-    };
+    write_info(attr, info, &out, len)
+}
+
+/// Writes the first `len` bytes of `out` to the caller's info buffer and `len` to its
+/// `info_len`, as the kernel's `bpf_obj_get_info_by_fd` does.
+fn write_info(
+    attr: usize,
+    info: &sys::bpf_attr__bindgen_ty_9,
+    out: &sys::bpf_link_info,
+    len: usize,
+) -> i64 {
+    // SAFETY: the first `len` (at most its size) bytes of a plain C struct.
+    let bytes =
+        unsafe { std::slice::from_raw_parts((out as *const sys::bpf_link_info).cast::<u8>(), len) };
     if let Err(e) = user::write(info.info as usize, bytes) {
         return e;
     }
@@ -616,6 +636,12 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     // SAFETY: both union members are u32 descriptors.
     let (prog_fd, target_fd) =
         unsafe { (l.__bindgen_anon_1.prog_fd, l.__bindgen_anon_2.target_fd) };
+    if l.attach_type == sys::BPF_TRACE_UPROBE_MULTI
+        && table::with(|s| s.prog_of(prog_fd as i32)).is_some()
+    {
+        // SAFETY: the uprobe_multi member of the union (its attach type).
+        return uprobe_multi_link(prog_fd as i32, unsafe { &l.__bindgen_anon_3.uprobe_multi });
+    }
     let Some(event) = table::with(|s| s.event_of(target_fd as i32)) else {
         return kernel(cmd, attr, size);
     };
@@ -629,13 +655,95 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     }
     // SAFETY: the perf_event member of the union (attach type BPF_PERF_EVENT).
     let cookie = unsafe { l.__bindgen_anon_3.perf_event.bpf_cookie };
+    new_link(prog_fd as i32, false, |_| Ok(vec![(event, cookie)]))
+}
+
+/// `LINK_CREATE(BPF_TRACE_UPROBE_MULTI)` of one of the application's programs (libbpf's
+/// `bpf_program__attach_uprobe_multi`): one uprobe per offset of the file, each with its cookie,
+/// all entry or all return probes, for one pid or every process, as the kernel's
+/// `bpf_uprobe_multi_link_attach` reads them.
+fn uprobe_multi_link(
+    prog_fd: i32,
+    m: &sys::bpf_attr__bindgen_ty_14__bindgen_ty_3__bindgen_ty_7,
+) -> i64 {
+    const MAX_PROBES: u32 = 1 << 20;
+    if m.cnt == 0 || m.cnt > MAX_PROBES {
+        return errno(libc::EINVAL);
+    }
+    let path = match user::read_cstr(m.path as usize, libc::PATH_MAX as usize) {
+        Ok(p) => std::path::PathBuf::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&p),
+        ),
+        Err(e) => return e,
+    };
+    let path = match std::fs::canonicalize(&path) {
+        Ok(p) => p,
+        Err(e) => return -i64::from(e.raw_os_error().unwrap_or(libc::ENOENT)),
+    };
+    let read_u64s = |ptr: u64| -> Result<Vec<u64>, i64> {
+        let bytes = user::read(ptr as usize, m.cnt as usize * 8)?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    };
+    let offsets = match read_u64s(m.offsets) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
+    let cookies = if m.cookies == 0 {
+        vec![0; offsets.len()]
+    } else {
+        match read_u64s(m.cookies) {
+            Ok(v) => v,
+            Err(e) => return e,
+        }
+    };
+    if m.ref_ctr_offsets != 0 {
+        eprintln!(
+            "bpftime-shim: uprobe_multi link on {} with reference counters (USDT semaphores): \
+             the counters are not incremented in user space",
+            path.display()
+        );
+    }
+    let retprobe = m.flags & sys::BPF_F_UPROBE_MULTI_RETURN != 0;
+    // pid 0: every process (the kernel's uprobe_multi has no "calling process" sentinel).
+    let pid = (m.pid != 0).then_some(m.pid);
+    new_link(prog_fd, true, |s| {
+        Ok(offsets
+            .iter()
+            .zip(&cookies)
+            .map(|(&file_offset, &cookie)| {
+                s.events.push(table::EventRec {
+                    path: path.clone(),
+                    file_offset,
+                    retprobe,
+                    pid,
+                    enabled: true,
+                    ioctl_prog: None,
+                    open: 0,
+                });
+                (s.events.len() - 1, cookie)
+            })
+            .collect())
+    })
+}
+
+/// A link of program `prog_fd` to the uprobes `targets` makes (a perf-event link's one event,
+/// or an uprobe_multi link's), published in the manifest; its descriptor (an eventfd), or
+/// `-errno`.
+fn new_link(
+    prog_fd: i32,
+    multi: bool,
+    targets: impl FnOnce(&mut table::Shim) -> Result<Vec<(usize, u64)>, i64>,
+) -> i64 {
     let link_fd = raw::eventfd(true);
     if link_fd < 0 {
         return link_fd;
     }
     let r = table::with(|s| {
         crate::publish::ensure_sealed(s);
-        let Some(prog) = s.prog_of(prog_fd as i32) else {
+        let Some(prog) = s.prog_of(prog_fd) else {
             // The kernel's bpf_prog_get: EBADF for no descriptor, EINVAL for one that is not
             // a program.
             // SAFETY: F_GETFD takes no pointer.
@@ -653,11 +761,12 @@ fn link_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
             );
             return Err(errno(libc::EOPNOTSUPP));
         }
+        let targets = targets(s)?;
         s.links.push(LinkRec {
             prog,
-            event,
-            cookie,
-            prog_id: kernel_prog_id(prog_fd as i32),
+            targets,
+            multi,
+            prog_id: kernel_prog_id(prog_fd),
             open: 1,
             detached: false,
         });

@@ -500,7 +500,9 @@ fn live_links(shim: &Shim) -> Vec<ManifestLink> {
         }
     };
     for l in shim.links.iter().filter(|l| l.open > 0 && !l.detached) {
-        add(l.event, l.prog, l.cookie);
+        for &(event, cookie) in &l.targets {
+            add(event, l.prog, cookie);
+        }
     }
     for (i, e) in shim.events.iter().enumerate() {
         if let (Some(prog), true) = (e.ioctl_prog, e.open > 0) {

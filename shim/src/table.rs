@@ -92,11 +92,13 @@ pub(crate) struct EventRec {
     pub open: u32,
 }
 
-/// A perf-event link of a program to a uprobe event.
+/// A link of a program to uprobes: one event (a perf-event link) or several (uprobe_multi).
 pub(crate) struct LinkRec {
     pub prog: usize,
-    pub event: usize,
-    pub cookie: u64,
+    /// (uprobe event, cookie) for each probe the link attaches.
+    pub targets: Vec<(usize, u64)>,
+    /// A `BPF_TRACE_UPROBE_MULTI` link (its events have no descriptors of their own).
+    pub multi: bool,
     /// The kernel's id of the program (what `bpf_link_info.prog_id` reports).
     pub prog_id: u32,
     pub open: u32,

@@ -47,6 +47,8 @@ pub struct Options {
     pub duration: Duration,
     /// `-v`: print the loader library's messages on stderr.
     pub verbose: bool,
+    /// `-M`: attach with one uprobe_multi link per program (libbpf-rs's libbpf 1.7 only).
+    pub multi: bool,
 }
 
 /// What the command line asks for.
@@ -95,7 +97,8 @@ pub fn usage(prog: &str) -> String {
          \x20 -m MIN      report entries only for a first argument >= MIN (default 0)\n\
          \x20 -n N        exit after N ring buffer events (default 0: run until -d)\n\
          \x20 -d SECONDS  poll for at most SECONDS after attaching (default 10)\n\
-         \x20 -v          print the loader library's messages on stderr\n"
+         \x20 -v          print the loader library's messages on stderr\n\
+         \x20 -M          attach through uprobe_multi links (where the loader library has them)\n"
     )
 }
 
@@ -130,6 +133,7 @@ pub fn parse_args(prog: &str, args: impl IntoIterator<Item = OsString>) -> Resul
     let mut max_events = 0;
     let mut duration = Duration::from_secs(10);
     let mut verbose = false;
+    let mut multi = false;
     let usage_error = |msg: String| format!("{msg}\n{}", usage(prog));
 
     while let Some(arg) = args.next() {
@@ -154,6 +158,10 @@ pub fn parse_args(prog: &str, args: impl IntoIterator<Item = OsString>) -> Resul
             match opt {
                 'v' => {
                     verbose = true;
+                    continue;
+                }
+                'M' => {
+                    multi = true;
                     continue;
                 }
                 'h' => return Ok(Command::Help),
@@ -222,6 +230,7 @@ pub fn parse_args(prog: &str, args: impl IntoIterator<Item = OsString>) -> Resul
         max_events,
         duration,
         verbose,
+        multi,
     }))
 }
 

@@ -158,6 +158,17 @@ fn normalise_replaces_pid_digits_only() {
 }
 
 #[test]
+fn libbpf_rs_tool_on_uprobe_multi_links() {
+    if !require_kernel("libbpf_rs_tool_on_uprobe_multi_links") {
+        return;
+    }
+    let tool = libbpf_rs_tool();
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let run = run_kernel(&tool, &["-M", "-f", VICTIM_FUNCTION, "-n", &events]);
+    check_all_calls_seen(&tool, &run);
+}
+
+#[test]
 fn aya_tool_by_function_name() {
     by_function_name("aya_tool_by_function_name", &aya_tool());
 }

@@ -47,6 +47,9 @@ static LOGGER: StderrLogger = StderrLogger;
 /// Runs the tool; an error is reported by `main` (exit 1), a timeout is reported here and also
 /// exits 1, after the maps are printed, as in uprobe_tool.c.
 fn run(options: &Options) -> Result<ExitCode> {
+    if options.multi {
+        anyhow::bail!("-M: aya 0.14 has no uprobe_multi links");
+    }
     cli::install_stop_handler().context("installing the signal handlers")?;
     if options.verbose {
         log::set_logger(&LOGGER).map_err(|e| anyhow!("installing the logger: {e}"))?;

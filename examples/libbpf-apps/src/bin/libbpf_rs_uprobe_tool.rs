@@ -47,6 +47,12 @@ fn run(options: &Options) -> Result<ExitCode> {
         .open_file(&path)
         .with_context(|| format!("opening the BPF object {}", path.display()))?;
     set_rodata_u64(&mut open, "min_arg", options.min_arg)?;
+    if options.multi {
+        // uprobe_multi links need programs loaded for that attach type (SEC("uprobe.multi")).
+        for mut program in open.progs_mut() {
+            program.set_attach_type(libbpf_rs::ProgramAttachType::TraceUprobeMulti);
+        }
+    }
     let object = open.load().context("loading the BPF object")?;
 
     // The links detach when dropped: keep them to the end.
@@ -130,6 +136,25 @@ fn attach(
             format!("{}+{offset:#x}", binary.display()),
         ),
     };
+    if options.multi {
+        let opts = libbpf_rs::UprobeMultiOpts {
+            offsets: if func_name.is_none() {
+                vec![offset]
+            } else {
+                Vec::new()
+            },
+            retprobe,
+            ..Default::default()
+        };
+        return program
+            .attach_uprobe_multi_with_opts(
+                options.pid,
+                binary,
+                func_name.as_deref().unwrap_or(""),
+                opts,
+            )
+            .with_context(|| format!("attaching {name} to {at} (uprobe_multi)"));
+    }
     let opts = UprobeOpts {
         retprobe,
         func_name,
