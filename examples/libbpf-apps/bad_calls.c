@@ -15,6 +15,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* bpf_link_info of a perf link as Linux 6.6+ lays it out (Debian 12's linux/bpf.h predates the
@@ -193,6 +194,19 @@ int main(int argc, char **argv)
 		report("link_close", close(link));
 	}
 	report("event_close", close(event));
+
+	/* A forked child (what popen() without posix_spawn does) closes and uses descriptors. */
+	fflush(stdout);
+	pid_t child = fork();
+	if (child == 0) {
+		key = 1;
+		int r = lookup(array, &key, &value) == 0 && close(hash) == 0 ? 0 : 1;
+		_exit(r);
+	}
+	int child_status = 0;
+	waitpid(child, &child_status, 0);
+	report("forked_child_lookup_close",
+	       WIFEXITED(child_status) && WEXITSTATUS(child_status) == 0 ? 0 : -1);
 
 	/* A syscall tracepoint (served by the kernel only, so refused under the shim). */
 	FILE *idf = fopen("/sys/kernel/tracing/events/syscalls/sys_enter_getpid/id", "r");

@@ -57,6 +57,33 @@ thread_local! {
 /// shim's and every interposed call goes to the kernel at once.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
+/// The first `bpf()` or `perf_event_open()`: from now on descriptors are tracked. Also arms the
+/// fork handler (once).
+fn activate() {
+    static FORK_HANDLER: std::sync::Once = std::sync::Once::new();
+    FORK_HANDLER.call_once(|| {
+        // SAFETY: registers a plain extern "C" function with no arguments as the child's
+        // fork handler.
+        unsafe { libc::pthread_atfork(None, None, Some(forked_child)) };
+    });
+    ACTIVE.store(true, Ordering::Relaxed);
+}
+
+/// In the child of a fork (a `popen` of the application): the child owns none of the parent's
+/// objects and usually execs at once; its copy of the shim's state may even be locked, by a
+/// thread of the parent that does not exist here. The child starts inert, with the lock free
+/// and the state forgotten (its mappings stay; nothing is unmapped or closed).
+extern "C" fn forked_child() {
+    ACTIVE.store(false, Ordering::Relaxed);
+    if table::SHIM.is_locked() {
+        // SAFETY: the holder was a thread of the parent; no thread of this process holds it.
+        unsafe { table::SHIM.force_unlock() };
+    }
+    if let Some(old) = table::SHIM.lock().take() {
+        std::mem::forget(old);
+    }
+}
+
 /// Marks this thread inside the shim for its lifetime.
 struct Busy;
 
@@ -124,7 +151,7 @@ pub unsafe extern "C" fn syscall(
 ) -> c_long {
     if nr == libc::SYS_bpf || nr == libc::SYS_perf_event_open {
         if let Some(_busy) = Busy::enter() {
-            ACTIVE.store(true, Ordering::Relaxed);
+            activate();
             let r = if nr == libc::SYS_bpf {
                 guarded("bpf()", || bpf::command(a1 as i32, a2 as usize, a3 as u32))
             } else {
