@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo command: builds bpftime-rs and shows the whole story: a BPF object loaded
 # into user space, a victim whose function calls run the uprobe in-process (no kernel trap), the
-# shared maps synced into real kernel maps through the user-ringbuf bridge, and bpftool agreeing.
+# shared maps synced into real kernel maps through the user-ringbuf bridge, bpftool agreeing, and
+# an unmodified libbpf tool whose programs run in its target through `load -- APP`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -49,6 +50,21 @@ wait "$loader" || true
 trap - EXIT
 tail -n 3 "$log"
 "$bin" unload sync_counter
+
+apps=$(ls -td target/release/build/bpftime-example-libbpf-apps-*/out | head -n 1)
+step "bpftime-rs load -- uprobe_tool: an unmodified libbpf skeleton tool, its programs run in the target"
+"$bin" unload uprobe_tool >/dev/null 2>&1 || true
+applog=$(mktemp)
+"$bin" load --no-sync -- "$apps/uprobe_tool" -b "$apps/victim" -f lt_work -m 3 -n 17 >"$applog" 2>&1 &
+app=$!
+until grep -q '^attached' "$applog"; do
+    kill -0 "$app" 2>/dev/null || { cat "$applog"; exit 1; }
+    sleep 0.1
+done
+echo go | "$bin" start --object uprobe_tool -- "$apps/victim" 10
+wait "$app"
+cat "$applog"
+"$bin" unload uprobe_tool
 
 step "examples/user_ringbuf: user space -> user ringbuf -> sys_exit_kill tracepoint -> ringbuf"
 target/release/user_ringbuf --count 5 --interval-ms 200

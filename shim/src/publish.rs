@@ -162,13 +162,9 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         if m.open == 0 {
             continue;
         }
+        // A type user space does not hold stays a kernel map, silently: programs that reach it
+        // (outside code the verifier proved dead) are refused at attach, naming it.
         let Some(map_type) = MapType::from_raw(m.map_type) else {
-            eprintln!(
-                "bpftime-shim: map {} has type {}, which user space does not hold: it stays a \
-                 kernel map; programs that use it where the verifier found the code reachable \
-                 cannot run in user space",
-                m.name, m.map_type
-            );
             continue;
         };
         let mut def = MapDef::new(
