@@ -35,6 +35,7 @@
 //! serve fails with an errno and one `bpftime-shim:` line on stderr naming the command.
 
 mod bpf;
+mod link;
 mod perf;
 mod perfbuf;
 mod publish;
