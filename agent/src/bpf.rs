@@ -385,12 +385,11 @@ pub fn split_object_lines(text: &str) -> (ObjectLines, String) {
 /// Objects loaded since `known` was filled, as discovery finds them: trusted manifests (root's
 /// or this user's state directory) whose loader runs; `run` objects are private.
 pub fn new_objects(known: &[String]) -> Vec<String> {
-    let (found, _skipped) = bpftime_runtime::state::discover();
+    let (found, _skipped) = bpftime_runtime::state::discover_except(known);
     found
         .into_iter()
-        .filter(|f| f.manifest.loader_alive() && !f.manifest.object.starts_with("run-"))
+        .filter(|f| f.manifest.attachable())
         .map(|f| f.manifest.object)
-        .filter(|name| !known.contains(name))
         .collect()
 }
 

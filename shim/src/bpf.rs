@@ -490,57 +490,70 @@ fn verifier_walk(a: &sys::bpf_attr, size: u32, insn_count: usize) -> Option<Vec<
 /// helper or map it names (one user space does not have) then does not stop the program from
 /// running in user space. An `lddw`'s two halves go together.
 fn neutralise_dead(mut insns: Vec<u8>, live: Option<&[bool]>) -> Vec<u8> {
-    const LD_IMM64: u8 = (sys::BPF_LD | sys::BPF_DW | sys::BPF_IMM) as u8;
     const EXIT: [u8; 8] = [(sys::BPF_JMP | sys::BPF_EXIT) as u8, 0, 0, 0, 0, 0, 0, 0];
     let Some(live) = live else {
         return insns;
     };
-    let mut i = 0;
-    while (i + 1) * 8 <= insns.len() {
-        let wide = insns[i * 8] == LD_IMM64;
-        let n = if wide { 2 } else { 1 };
+    for (i, slots) in instructions(&insns) {
         if !live.get(i).copied().unwrap_or(true) {
-            for k in i..(i + n).min(insns.len() / 8) {
+            for k in i..(i + slots).min(insns.len() / 8) {
                 insns[k * 8..k * 8 + 8].copy_from_slice(&EXIT);
             }
         }
-        i += n;
     }
     insns
+}
+
+/// `lddw`, the one instruction two 8-byte slots wide.
+const LD_IMM64: u8 = (sys::BPF_LD | sys::BPF_DW | sys::BPF_IMM) as u8;
+
+/// Each instruction of `insns` as (index of its first slot, slots it takes), in order: the one
+/// walk over a program the shim makes (`lddw` takes two).
+fn instructions(insns: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while (i + 1) * 8 <= insns.len() {
+        let slots = if insns[i * 8] == LD_IMM64 { 2 } else { 1 };
+        out.push((i, slots));
+        i += slots;
+    }
+    out
+}
+
+/// Calls `f` for each `lddw` of `insns` with its index, its source (`BPF_PSEUDO_*`) and its
+/// immediate (the 4 bytes a map reference's descriptor or index sits in, to rewrite).
+pub(crate) fn for_each_lddw(insns: &mut [u8], mut f: impl FnMut(usize, u32, &mut [u8])) {
+    for (i, slots) in instructions(insns) {
+        let at = i * 8;
+        if slots == 2 && at + 16 <= insns.len() {
+            let src = u32::from(insns[at + 1] >> 4);
+            f(i, src, &mut insns[at + 4..at + 8]);
+        }
+    }
 }
 
 /// The instructions with each map reference's descriptor replaced by the map's record index;
 /// and why the program cannot run in user space, if a reference is not to a map of ours.
 fn map_refs_to_records(s: &table::Shim, mut insns: Vec<u8>) -> (Vec<u8>, Option<String>) {
-    const LD_IMM64: u8 = (sys::BPF_LD | sys::BPF_DW | sys::BPF_IMM) as u8;
     let mut why = None;
-    let mut i = 0;
-    while i + 8 <= insns.len() {
-        if insns[i] != LD_IMM64 {
-            i += 8;
-            continue;
-        }
-        let src = u32::from(insns[i + 1] >> 4);
+    for_each_lddw(&mut insns, |i, src, imm| {
         if src == sys::BPF_PSEUDO_MAP_FD || src == sys::BPF_PSEUDO_MAP_VALUE {
-            let fd = i32::from_le_bytes(insns[i + 4..i + 8].try_into().unwrap());
+            let fd = i32::from_le_bytes((&*imm).try_into().expect("4 bytes"));
             match s.map_of(fd) {
-                Some(id) => insns[i + 4..i + 8].copy_from_slice(&(id as u32).to_le_bytes()),
+                Some(id) => imm.copy_from_slice(&(id as u32).to_le_bytes()),
                 None => {
                     why.get_or_insert(format!(
-                        "instruction {} loads descriptor {fd}, which is no map this process \
-                         created with bpf(BPF_MAP_CREATE)",
-                        i / 8
+                        "instruction {i} loads descriptor {fd}, which is no map this process \
+                         created with bpf(BPF_MAP_CREATE)"
                     ));
                 }
             }
         } else if src == sys::BPF_PSEUDO_MAP_IDX || src == sys::BPF_PSEUDO_MAP_IDX_VALUE {
             why.get_or_insert(format!(
-                "instruction {} refers to a map through fd_array, which the shim does not serve",
-                i / 8
+                "instruction {i} refers to a map through fd_array, which the shim does not serve"
             ));
         }
-        i += 16;
-    }
+    });
     (insns, why)
 }
 

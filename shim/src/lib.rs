@@ -286,10 +286,8 @@ pub extern "C" fn close(fd: c_int) -> c_int {
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
     // SAFETY: the caller's contract for the command.
     let r = unsafe { raw::syscall3(libc::SYS_fcntl, fd.into(), cmd.into(), arg as i64) };
-    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) && tracking() {
-        if let Some(_busy) = Busy::enter() {
-            table::duplicated(fd, r as i32);
-        }
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        return duplicated(fd, r);
     }
     libc_result(r) as c_int
 }
@@ -309,9 +307,15 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 pub extern "C" fn dup(fd: c_int) -> c_int {
     // SAFETY: dup takes no pointer.
     let r = unsafe { raw::syscall3(libc::SYS_dup, fd.into(), 0, 0) };
+    duplicated(fd, r)
+}
+
+/// After a call that duplicated `old` as descriptor `r` (or failed): the duplicate is the same
+/// object; the call's result as libc returns it.
+fn duplicated(old: c_int, r: i64) -> c_int {
     if r >= 0 && tracking() {
         if let Some(_busy) = Busy::enter() {
-            table::duplicated(fd, r as i32);
+            table::duplicated(old, r as i32);
         }
     }
     libc_result(r) as c_int

@@ -287,8 +287,8 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
 /// are then also shown formatted, as bpftool shows them.
 fn save_map_types(shim: &Shim, dir: &StateDir, object: &str, shm: &ShmObject, members: &[usize]) {
     use bpftime_runtime::object::btf::Btf;
-    use bpftime_runtime::object::btf_format::{describe, MapBtfInfo, MapTypes, TypeDesc};
-    let mut parsed: Vec<Option<Btf>> = shim
+    use bpftime_runtime::object::btf_format::{MapBtfInfo, MapTypes};
+    let parsed: Vec<Option<Btf>> = shim
         .btfs
         .iter()
         .map(|b| Btf::parse(&b.bytes).ok())
@@ -299,25 +299,23 @@ fn save_map_types(shim: &Shim, dir: &StateDir, object: &str, shm: &ShmObject, me
         let Some((btf, key_id, value_id)) = m.btf else {
             continue;
         };
-        let Some(Some(btf)) = parsed.get_mut(btf) else {
+        let Some(Some(btf)) = parsed.get(btf) else {
             continue;
         };
-        let desc = |id: u32| (id != 0).then(|| describe(btf, id)).flatten();
-        // Global data (a DATASEC value, no key type): its one key is a u32 0.
-        let key = match desc(key_id) {
-            None if m.key_size == 4 && value_id != 0 => Some(TypeDesc::Int {
-                size: 4,
-                signed: false,
-                bool: false,
-                char: false,
-            }),
-            k => k,
-        };
-        let key = key.filter(|k| k.size() == Some(u64::from(m.key_size)));
-        let value = desc(value_id).filter(|v| v.size() == Some(u64::from(m.value_size)));
+        // MAP_CREATE's type ids, 0 for none; libbpf's global-data maps have a DATASEC value
+        // and no key type.
+        let id = |t: u32| (t != 0).then_some(t);
+        let global_data = key_id == 0 && value_id != 0;
+        let types = MapTypes::from_btf(
+            btf,
+            id(key_id),
+            id(value_id),
+            global_data,
+            m.key_size,
+            m.value_size,
+        );
         if let Ok(handle) = shm.map(index) {
-            info.maps
-                .insert(handle.name().to_string(), MapTypes { key, value });
+            info.maps.insert(handle.name().to_string(), types);
         }
     }
     let path = bpftime_runtime::loaded::map_btf_path(dir, object);
@@ -419,28 +417,21 @@ pub(crate) fn publish_program(shim: &mut Shim, id: usize) {
     // Record indices -> segment indices.
     let mut bytes = prog.insns.clone();
     let mut why = None;
-    let mut i = 0;
-    while i + 16 <= bytes.len() {
-        let src = u32::from(bytes[i + 1] >> 4);
-        if bytes[i] == 0x18
-            && (src == libbpf_sys::BPF_PSEUDO_MAP_FD || src == libbpf_sys::BPF_PSEUDO_MAP_VALUE)
-        {
-            let id = u32::from_le_bytes(bytes[i + 4..i + 8].try_into().unwrap()) as usize;
-            match shim.maps.get(id).and_then(|m| m.segment_index) {
-                Some(index) => bytes[i + 4..i + 8].copy_from_slice(&(index as u32).to_le_bytes()),
-                None => {
-                    why.get_or_insert(format!(
-                        "instruction {} uses map {}, which is not in user space",
-                        i / 8,
-                        shim.maps.get(id).map_or("?", |m| m.name.as_str())
-                    ));
-                }
-            }
-            i += 16;
-        } else {
-            i += 8;
+    bpf::for_each_lddw(&mut bytes, |i, src, imm| {
+        if src != libbpf_sys::BPF_PSEUDO_MAP_FD && src != libbpf_sys::BPF_PSEUDO_MAP_VALUE {
+            return;
         }
-    }
+        let id = u32::from_le_bytes((&*imm).try_into().expect("4 bytes")) as usize;
+        match shim.maps.get(id).and_then(|m| m.segment_index) {
+            Some(index) => imm.copy_from_slice(&(index as u32).to_le_bytes()),
+            None => {
+                why.get_or_insert(format!(
+                    "instruction {i} uses map {}, which is not in user space",
+                    shim.maps.get(id).map_or("?", |m| m.name.as_str())
+                ));
+            }
+        }
+    });
     let name = prog.name.clone();
     let why = why.or_else(|| {
         check_program(&sealed.shm, &name, "uprobe", &bytes, sealed.vm)
@@ -463,7 +454,7 @@ pub(crate) fn publish_program(shim: &mut Shim, id: usize) {
         insns: ManifestProgram::encode_insns(&bytes),
     });
     shim.progs[id].manifest_index = Some(index);
-    republish(shim);
+    write_manifest(sealed);
 }
 
 /// The links that are live now: an enabled uprobe event with a program through an open link
@@ -514,7 +505,14 @@ fn republish(shim: &mut Shim) {
     let Some(sealed) = shim.sealed.as_mut() else {
         return;
     };
-    sealed.manifest.links = Some(links);
+    if sealed.manifest.links.as_ref() != Some(&links) {
+        sealed.manifest.links = Some(links);
+        write_manifest(sealed);
+    }
+}
+
+/// Replaces the published manifest with `sealed`'s (agents follow its generation).
+fn write_manifest(sealed: &mut Sealed) {
     if let Err(e) = sealed.manifest.publish(&sealed.dir) {
         eprintln!(
             "bpftime-shim: cannot publish {}: {}",

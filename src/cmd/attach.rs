@@ -78,7 +78,7 @@ fn chosen_objects(objects: &[String]) -> Result<Vec<String>> {
     warn_skipped(&skipped);
     let objects: Vec<String> = found
         .into_iter()
-        .filter(|f| f.manifest.loader_alive() && !f.manifest.object.starts_with("run-"))
+        .filter(|f| f.manifest.attachable())
         .map(|f| f.manifest.object)
         .collect();
     if objects.is_empty() {

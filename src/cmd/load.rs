@@ -74,6 +74,15 @@ impl LoadArgs {
     }
 }
 
+/// The line saying whom `object`'s maps were granted to.
+pub(super) fn shared_with(object: &str, uids: &[u32], gids: &[u32]) -> String {
+    format!(
+        "maps of {object} shared read-write with{}{}",
+        uids.iter().map(|u| format!(" uid {u}")).collect::<String>(),
+        gids.iter().map(|g| format!(" gid {g}")).collect::<String>()
+    )
+}
+
 /// A uid from a user name or number.
 fn resolve_user(name: &str) -> Result<u32> {
     if let Ok(uid) = name.parse() {
@@ -134,11 +143,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         loaded
             .grant(&uids, &gids)
             .with_context(|| format!("granting access to the maps of {object}"))?;
-        println!(
-            "maps of {object} shared read-write with{}{}",
-            uids.iter().map(|u| format!(" uid {u}")).collect::<String>(),
-            gids.iter().map(|g| format!(" gid {g}")).collect::<String>()
-        );
+        println!("{}", shared_with(&object, &uids, &gids));
     }
     for program in &loaded.programs {
         println!(

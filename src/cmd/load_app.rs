@@ -24,7 +24,7 @@ use bpftime_runtime::state::manifest::vm_name;
 use bpftime_runtime::state::{Manifest, StateDir};
 
 use super::attach::library_path;
-use super::load::{finish_sync, start_sync, LoadArgs, SyncThread};
+use super::load::{finish_sync, shared_with, start_sync, LoadArgs, SyncThread};
 
 /// The shim library's file name.
 const SHIM_FILE: &str = "libbpftime_shim.so";
@@ -43,22 +43,13 @@ fn notify_pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok((read, write))
 }
 
-/// The object name the shim starts from: APP's file name, in the characters object names
-/// allow (the shim adds `.2`, `.3` ... if a running loader holds it).
+/// The object name the shim starts from: APP's file name (the shim keeps the characters object
+/// names allow and adds `.2`, `.3` ... if a running loader holds it).
 fn object_base(app: &str) -> String {
-    let name = Path::new(app)
+    Path::new(app)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app".into());
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.+-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+        .unwrap_or_else(|| "app".into())
 }
 
 /// Numbers as the shim reads them: comma-separated.
@@ -202,12 +193,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
                  `bpftime-rs start -- CMD` or `bpftime-rs attach PID`"
             )?;
             if !uids.is_empty() || !gids.is_empty() {
-                writeln!(
-                    err,
-                    "bpftime-rs: maps of {name} shared read-write with{}{}",
-                    uids.iter().map(|u| format!(" uid {u}")).collect::<String>(),
-                    gids.iter().map(|g| format!(" gid {g}")).collect::<String>()
-                )?;
+                writeln!(err, "bpftime-rs: {}", shared_with(name, &uids, &gids))?;
             }
             let sync = start_sync(args, &shm, &stop, &mut err)?;
             let trace = RingBufConsumer::new(&shm.map(TRACE_MAP_NAME)?)?;

@@ -127,24 +127,18 @@ pub fn map_types(obj: &BpfObject) -> BTreeMap<String, (Option<TypeDesc>, Option<
     let btf = fixed.as_ref().or(obj.btf.as_deref());
     let mut out = BTreeMap::new();
     for m in &obj.maps {
-        let desc = |id: Option<u32>| match (btf, id) {
-            (Some(b), Some(id)) => describe(b, id),
-            _ => None,
-        };
-        let key = match (&m.origin, m.btf_key_type_id) {
-            (MapOrigin::GlobalData { .. }, None) if m.key_size == 4 => Some(TypeDesc::Int {
-                size: 4,
-                signed: false,
-                bool: false,
-                char: false,
-            }),
-            (_, id) => desc(id),
-        };
-        let value = desc(m.btf_value_type_id);
-        // A description that does not match the map's sizes would only ever format to `None`.
-        let key = key.filter(|k| k.size() == Some(u64::from(m.key_size)));
-        let value = value.filter(|v| v.size() == Some(u64::from(m.value_size)));
-        out.insert(m.name.clone(), (key, value));
+        let global_data = matches!(m.origin, MapOrigin::GlobalData { .. });
+        let t = btf.map_or_else(MapTypes::default, |b| {
+            MapTypes::from_btf(
+                b,
+                m.btf_key_type_id,
+                m.btf_value_type_id,
+                global_data,
+                m.key_size,
+                m.value_size,
+            )
+        });
+        out.insert(m.name.clone(), (t.key, t.value));
     }
     out
 }
@@ -163,6 +157,37 @@ pub struct MapTypes {
     pub key: Option<TypeDesc>,
     /// The value's type; `None` when the map has no usable BTF for it.
     pub value: Option<TypeDesc>,
+}
+
+impl MapTypes {
+    /// The types of a map with key and value type ids `key_id` and `value_id` in `btf`: a
+    /// global-data map (`global_data`, its only key 0, no key type) gets a `u32` key; a
+    /// description that does not match the map's sizes is dropped (it would only ever format to
+    /// `None`).
+    pub fn from_btf(
+        btf: &Btf,
+        key_id: Option<u32>,
+        value_id: Option<u32>,
+        global_data: bool,
+        key_size: u32,
+        value_size: u32,
+    ) -> Self {
+        let key = match key_id {
+            None if global_data && key_size == 4 => Some(TypeDesc::Int {
+                size: 4,
+                signed: false,
+                bool: false,
+                char: false,
+            }),
+            id => id.and_then(|id| describe(btf, id)),
+        };
+        Self {
+            key: key.filter(|k| k.size() == Some(u64::from(key_size))),
+            value: value_id
+                .and_then(|id| describe(btf, id))
+                .filter(|v| v.size() == Some(u64::from(value_size))),
+        }
+    }
 }
 
 impl MapBtfInfo {

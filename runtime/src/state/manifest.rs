@@ -245,6 +245,12 @@ impl Manifest {
         self.maps.iter().filter_map(ManifestMap::to_def).collect()
     }
 
+    /// Whether a target started or attached without naming objects takes this one: its loader
+    /// runs, and it is not the private segment of a `bpftime-rs run` (named `run-...`).
+    pub fn attachable(&self) -> bool {
+        self.loader_alive() && !self.object.starts_with("run-")
+    }
+
     /// Whether the loader that wrote it still runs (same pid and start time).
     pub fn loader_alive(&self) -> bool {
         crate::maps::process_start_time(self.loader_pid)

@@ -143,6 +143,12 @@ pub struct FoundObject {
 /// Every object with a trusted manifest, from root's state directory and this user's; and one
 /// line for each thing skipped (an untrusted directory or manifest) saying why.
 pub fn discover() -> (Vec<FoundObject>, Vec<String>) {
+    discover_except(&[])
+}
+
+/// [`discover`] without reading the manifests of the objects named in `known` (an agent
+/// looking for objects loaded since it last looked reads only the new ones' manifests).
+pub fn discover_except(known: &[String]) -> (Vec<FoundObject>, Vec<String>) {
     let mut found: Vec<FoundObject> = Vec::new();
     let mut skipped = Vec::new();
     for dir in StateDir::readable() {
@@ -154,6 +160,9 @@ pub fn discover() -> (Vec<FoundObject>, Vec<String>) {
             }
         };
         for name in dir.object_names() {
+            if known.contains(&name) {
+                continue;
+            }
             if found.iter().any(|f| f.manifest.object == name) {
                 skipped.push(format!(
                     "skipping object {name} of uid {}: root's object of that name comes first",
