@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::process::Stdio;
-
-use bpftime_example_programs::{model, victim_path};
+use bpftime_example_programs::model;
 use bpftime_testutils::require_kernel;
-use common::{bpftime, finish, map_entries, output, wait_for, Loader};
+use common::{agent_status_file, finish, map_entries, output, spawn_target, wait_for, Loader};
 
 #[test]
 fn object_loaded_after_the_target_started_reaches_it() {
@@ -16,34 +14,10 @@ fn object_loaded_after_the_target_started_reaches_it() {
         return;
     }
     let _ = output(&["unload", "hash_counter"]);
-    let target = bpftime()
-        .args(["start", "--"])
-        .arg(victim_path())
-        .arg("2000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("bpftime-rs start");
-    let tag = format!("start-{}-", target.id());
-    let status = || {
-        std::fs::read_dir("/run/bpftime-rs/agents")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&tag))
-            })
-            .map(|dir| dir.join("agent.conf.status"))
-    };
-    wait_for("the target's agent", || {
-        status().is_some_and(|p| p.exists())
-    });
+    let target = spawn_target(None, 2000);
+    let status_file = agent_status_file(target.id());
     // Loaded while the target waits for its go line.
     let loader = Loader::start("hash_counter", &["--no-sync"]);
-    let status_file = status().expect("status file");
     wait_for("the agent to attach hash_counter", || {
         std::fs::read_to_string(&status_file).is_ok_and(|t| t.contains("ok hash_counter/"))
     });

@@ -3,6 +3,9 @@
 //! victim started with `bpftime-rs start`. Each test runs the same binary on kernel uprobes in
 //! the same test and compares the normalised outputs line for line.
 
+/// The CLI tests' helpers (the target's agent status file, bounded waits).
+#[path = "common/mod.rs"]
+mod cli;
 #[path = "../examples/libbpf-apps/tests/common/mod.rs"]
 mod common;
 
@@ -269,41 +272,13 @@ impl Background {
     /// The status file of this target's agent (`start` names its directory after its pid),
     /// once the agent wrote it.
     fn agent_status(&self) -> std::path::PathBuf {
-        let tag = format!("start-{}-", self.child.0.id());
-        let mut found = None;
-        wait_until("the target's agent", || {
-            found = std::fs::read_dir("/run/bpftime-rs/agents")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path().join("agent.conf.status"))
-                .find(|p| {
-                    p.parent()
-                        .and_then(|d| d.file_name())
-                        .is_some_and(|n| n.to_string_lossy().starts_with(&tag))
-                        && p.exists()
-                });
-            found.is_some()
-        });
-        found.expect("found")
-    }
-}
-
-/// Waits (bounded) until `done`, polling.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + common::RUN_TIMEOUT;
-    while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        cli::agent_status_file(self.child.0.id())
     }
 }
 
 /// Waits until the agent's status file says `what` `count` times.
 fn wait_status(file: &std::path::Path, what: &str, count: usize) {
-    wait_until(&format!("{count} x {what:?} in {}", file.display()), || {
+    cli::wait_for(&format!("{count} x {what:?} in {}", file.display()), || {
         std::fs::read_to_string(file).is_ok_and(|t| t.matches(what).count() >= count)
     });
 }

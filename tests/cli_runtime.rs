@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::process::Stdio;
 
 use bpftime_example_programs::{model, object_path, victim_path};
 use bpftime_testutils::require_kernel;
@@ -23,15 +22,7 @@ fn load_start_maps_diff_unload() {
         "{:?}",
         loader.lines
     );
-    let out = bpftime()
-        .args(["start", "--object", "hash_counter", "--"])
-        .arg(victim_path())
-        .arg("2000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let out = spawn_target(Some("hash_counter"), 2000);
     let stdout = finish(out);
     assert!(stdout.contains("done"));
     let expected = &model::expected("hash_counter", 2000)["calls_by_arg"];
@@ -316,15 +307,7 @@ fn override_return_replaces_what_the_hooked_function_returns() {
         loader.lines
     );
     const ROUNDS: i64 = 500;
-    let out = bpftime()
-        .args(["start", "--object", "override_return", "--"])
-        .arg(victim_path())
-        .arg(ROUNDS.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let out = spawn_target(Some("override_return"), ROUNDS as u32);
     let stdout = finish(out);
     // The victim sums vt_add(i % 7, i) and vt_message(word, len) over the rounds; with the
     // override every vt_add returns (i % 7) * 100 instead of i % 7 + i.
@@ -345,17 +328,7 @@ fn start_stands_in_for_its_command() {
         return;
     }
     let loader = Loader::start("percpu_array", &["--no-sync"]);
-    let start = || {
-        bpftime()
-            .args(["start", "--object", "percpu_array", "--"])
-            .arg(victim_path())
-            .arg("10")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let start = || spawn_target(Some("percpu_array"), 10);
     use std::os::unix::process::ExitStatusExt;
     // A signal sent to `start` reaches the command, and `start` exits as the command did.
     let mut child = start();

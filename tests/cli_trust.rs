@@ -201,15 +201,7 @@ fn a_planted_object_is_never_attached_to_roots_targets() {
     let loader = Loader::start("hash_counter", &["--no-sync"]);
     // `start` without --object attaches "every loaded object": only trusted ones, and it says
     // which it skipped and why.
-    let mut child = bpftime()
-        .args(["start", "--"])
-        .arg(victim_path())
-        .arg("2000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_target(None, 2000);
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");

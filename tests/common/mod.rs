@@ -131,19 +131,51 @@ pub fn finish(mut child: Child) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `bpftime-rs start --object OBJECT -- victim ROUNDS`, run to completion.
-pub fn start_victim(object: &str, rounds: u32) -> std::process::Output {
-    let mut child = bpftime()
-        .args(["start", "--object", object, "--"])
+/// `bpftime-rs start [--object OBJECT] -- victim ROUNDS` (no `--object`: every loaded object,
+/// and those loaded later), waiting on its stdin for its go line ([`finish`]).
+pub fn spawn_target(object: Option<&str>, rounds: u32) -> Child {
+    let mut start = bpftime();
+    start.arg("start");
+    if let Some(object) = object {
+        start.args(["--object", object]);
+    }
+    start
+        .arg("--")
         .arg(victim_path())
         .arg(rounds.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .expect("bpftime-rs start")
+}
+
+/// `bpftime-rs start --object OBJECT -- victim ROUNDS`, run to completion.
+pub fn start_victim(object: &str, rounds: u32) -> std::process::Output {
+    let mut child = spawn_target(Some(object), rounds);
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// The status file of the agent in the target `bpftime-rs start` (pid `start_pid`) runs,
+/// once the agent wrote it (`start` names the agent's directory after its pid).
+pub fn agent_status_file(start_pid: u32) -> std::path::PathBuf {
+    let tag = format!("start-{start_pid}-");
+    let find = || {
+        std::fs::read_dir("/run/bpftime-rs/agents")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&tag))
+            })
+            .map(|dir| dir.join("agent.conf.status"))
+            .filter(|status| status.exists())
+    };
+    wait_for("the target's agent", || find().is_some());
+    find().expect("just found")
 }
 
 /// `maps --json` entries of `object/map`, sorted.
