@@ -23,6 +23,28 @@ pub const BPF_F_NUMA_NODE: u32 = sys::BPF_F_NUMA_NODE;
 pub const BPF_F_RDONLY_PROG: u32 = sys::BPF_F_RDONLY_PROG;
 /// The map can be mmap()ed (libbpf sets it on global-data arrays).
 pub const BPF_F_MMAPABLE: u32 = sys::BPF_F_MMAPABLE;
+/// Syscalls may only read the map.
+pub const BPF_F_RDONLY: u32 = sys::BPF_F_RDONLY;
+/// Syscalls may only write the map.
+pub const BPF_F_WRONLY: u32 = sys::BPF_F_WRONLY;
+/// Programs may only write the map.
+pub const BPF_F_WRONLY_PROG: u32 = sys::BPF_F_WRONLY_PROG;
+/// A STACK_TRACE map stores build ids and offsets instead of addresses.
+pub const BPF_F_STACK_BUILD_ID: u32 = sys::BPF_F_STACK_BUILD_ID;
+/// Hash seeds are 0 instead of random (bloom filters, hashes; for tests).
+pub const BPF_F_ZERO_SEED: u32 = sys::BPF_F_ZERO_SEED;
+
+// `flags` of bpf_get_stackid / bpf_get_stack (a u64).
+/// Frames to skip at the top of the stack.
+pub const BPF_F_SKIP_FIELD_MASK: u64 = sys::BPF_F_SKIP_FIELD_MASK as u64;
+/// The user stack instead of the kernel stack.
+pub const BPF_F_USER_STACK: u64 = sys::BPF_F_USER_STACK as u64;
+/// `bpf_get_stackid`: compare stacks by hash only.
+pub const BPF_F_FAST_STACK_CMP: u64 = sys::BPF_F_FAST_STACK_CMP as u64;
+/// `bpf_get_stackid`: a colliding stack replaces the stored one instead of failing.
+pub const BPF_F_REUSE_STACKID: u64 = sys::BPF_F_REUSE_STACKID as u64;
+/// `bpf_get_stack`: build ids and offsets instead of addresses.
+pub const BPF_F_USER_BUILD_ID: u64 = sys::BPF_F_USER_BUILD_ID as u64;
 
 // `flags` of bpf_ringbuf_submit / discard / output.
 /// Do not wake the consumer.

@@ -47,11 +47,15 @@ map_types! {
     PerfEventArray = BPF_MAP_TYPE_PERF_EVENT_ARRAY, "perf_event_array";
     PercpuHash = BPF_MAP_TYPE_PERCPU_HASH, "percpu_hash";
     PercpuArray = BPF_MAP_TYPE_PERCPU_ARRAY, "percpu_array";
+    /// Call stacks by id (`bpf_get_stackid`).
+    StackTrace = BPF_MAP_TYPE_STACK_TRACE, "stack_trace";
     LruHash = BPF_MAP_TYPE_LRU_HASH, "lru_hash";
     LruPercpuHash = BPF_MAP_TYPE_LRU_PERCPU_HASH, "lru_percpu_hash";
     Queue = BPF_MAP_TYPE_QUEUE, "queue";
     Stack = BPF_MAP_TYPE_STACK, "stack";
     Ringbuf = BPF_MAP_TYPE_RINGBUF, "ringbuf";
+    /// Bloom filter: pushes set bits, peeks test them.
+    BloomFilter = BPF_MAP_TYPE_BLOOM_FILTER, "bloom_filter";
 }
 
 impl MapType {
@@ -99,8 +103,18 @@ impl MapType {
     /// Whether a kernel map of this type can hold the same state, reproduced with
     /// `BPF_MAP_UPDATE_ELEM` / `BPF_MAP_DELETE_ELEM`. Rings, perf arrays and program arrays
     /// carry events or program references, not state, and have no mirror.
+    /// Stack traces are written only by `bpf_get_stackid` (the kernel refuses updates from
+    /// user space) and a bloom filter's bits depend on its random seed and cannot be listed,
+    /// so neither has a mirror either.
     pub fn is_mirrorable(self) -> bool {
-        !matches!(self, Self::ProgArray | Self::PerfEventArray | Self::Ringbuf)
+        !matches!(
+            self,
+            Self::ProgArray
+                | Self::PerfEventArray
+                | Self::Ringbuf
+                | Self::StackTrace
+                | Self::BloomFilter
+        )
     }
 }
 

@@ -30,6 +30,8 @@ pub struct BpfHandler {
     func_ip: u64,
     /// What `bpf_get_attach_cookie` returns (the link's cookie; 0 for section attachments).
     cookie: u64,
+    /// See [`bpftime_runtime::helpers::AttachContext::frame_at_entry`].
+    frame_at_entry: bool,
     /// Index into each thread's helpers table.
     slot: usize,
     /// A faulting program is reported once, not on every call.
@@ -66,6 +68,7 @@ impl BpfHandler {
         program: RunnableProgram,
         func_ip: u64,
         cookie: u64,
+        frame_at_entry: bool,
     ) -> Arc<Self> {
         // Compiled at attach time rather than on the first hooked call (a compile error
         // surfaces on the first run).
@@ -77,6 +80,7 @@ impl BpfHandler {
             program,
             func_ip,
             cookie,
+            frame_at_entry,
             slot: NEXT_SLOT.fetch_add(1, Ordering::Relaxed),
             reported: AtomicBool::new(false),
             per_slot: (0..MAX_THREADS)
@@ -145,6 +149,7 @@ impl BpfHandler {
             Ok(mut h) => {
                 h.attach_mut().func_ip = self.func_ip;
                 h.attach_mut().cookie = self.cookie;
+                h.attach_mut().frame_at_entry = self.frame_at_entry;
                 let runner = entry.insert(Box::new(ProgramRunner::new(&self.program, h)));
                 if let Some(hook) = self.jit_hook() {
                     // SAFETY: the runner is boxed in this slot's cell for the handler's whole
@@ -191,6 +196,7 @@ impl BpfHandler {
             let helpers = table[self.slot].as_mut().expect("just set");
             helpers.attach_mut().func_ip = self.func_ip;
             helpers.attach_mut().cookie = self.cookie;
+            helpers.attach_mut().frame_at_entry = self.frame_at_entry;
             let result = self.program.run(helpers, regs.as_bytes_mut());
             self.outcome(result, helpers)
         })
@@ -597,8 +603,20 @@ fn install(
             .resolve(&target)
             .map_err(|e| e.to_string())
             .and_then(|t| {
-                let handler =
-                    BpfHandler::new(Arc::clone(published), program.clone(), t.address, cookie);
+                // The kernel's user stacks at a function's entry include the return address
+                // still at the stack pointer when the probed instruction is `push %rbp`.
+                let frame_at_entry = kind == ProbeKind::Uprobe
+                    && t.offset == 0
+                    && bpftime_attach::hook::pushes_frame_at_entry(
+                        &bpftime_attach::hook::original_code(t.address, 1),
+                    );
+                let handler = BpfHandler::new(
+                    Arc::clone(published),
+                    program.clone(),
+                    t.address,
+                    cookie,
+                    frame_at_entry,
+                );
                 hooks
                     .install(&t, kind, handler)
                     .map(|id| (t, id))

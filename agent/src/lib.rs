@@ -201,6 +201,11 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
 
 /// Installs the hooks of `config`. Returns the number of failed requests.
 fn start(config: &Path) -> Result<usize, String> {
+    // User stacks walked by bpf_get_stackid see our return stub where a return hook is
+    // pending; the hook engine knows the real address.
+    bpftime_runtime::helpers::stack::set_return_address_resolver(
+        bpftime_attach::hook::real_return_address,
+    );
     let mut agent = AGENT.lock().unwrap_or_else(|e| e.into_inner());
     if agent.as_ref().is_some_and(|a| !a.hooks.is_empty()) {
         return Err("agent already started; detach first".into());

@@ -11,6 +11,7 @@ fn main() {
         ("victim", None),
         ("victim_mt", Some("-pthread")),
         ("victim_keys", Some("-pthread")),
+        ("victim_stacks", None),
     ] {
         let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
         cc.args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
@@ -18,6 +19,10 @@ fn main() {
             .arg(dir.join(format!("{victim}.c")));
         if let Some(flag) = extra {
             cc.arg(flag);
+        }
+        if victim == "victim_stacks" {
+            // Fixed code addresses: stack ids are the same in every run (see the file).
+            cc.arg("-no-pie");
         }
         let status = cc.status().expect("running cc");
         assert!(status.success(), "cc failed on {victim}.c");

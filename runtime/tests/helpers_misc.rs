@@ -396,6 +396,7 @@ fn attach_context_and_override_return() {
             func_ip: 0x401000,
             cookie: 77,
             override_return: None,
+            frame_at_entry: false,
         });
         let p = e.load(&format!(
             "mov %r6, %r1\ncall 173\n{}mov %r1, %r6\ncall 174\n{}mov %r1, %r6\n\

@@ -535,6 +535,8 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         def(MapType::Stack, 0, 8, 4, "s"),
         def(MapType::Ringbuf, 0, 0, 4096, "rb"),
         def(MapType::PerfEventArray, 4, 4, 0, "perf"),
+        def(MapType::StackTrace, 4, 64, 4, "stacks"),
+        def(MapType::BloomFilter, 0, 8, 16, "bloom"),
     ];
     let o = Seg::new("sem", "typed", &defs);
     let family = |name: &str| match o.0.map(name).unwrap().typed() {
@@ -544,6 +546,8 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         MapRef::Queue(_) => "queue",
         MapRef::RingBuf(_) => "ringbuf",
         MapRef::PerfEventArray(_) => "perf",
+        MapRef::StackTrace(_) => "stack_trace",
+        MapRef::BloomFilter(_) => "bloom_filter",
     };
     let families: Vec<_> = defs.iter().map(|d| family(&d.name)).collect();
     assert_eq!(
@@ -555,7 +559,9 @@ fn typed_views_check_the_type_once_and_refuse_others() {
             "prog_array",
             "queue",
             "ringbuf",
-            "perf"
+            "perf",
+            "stack_trace",
+            "bloom_filter"
         ]
     );
 

@@ -167,3 +167,115 @@ fn queues_and_stacks_behave_as_the_kernels() {
     keyless(MapType::Queue, 16, 20_000);
     keyless(MapType::Stack, 16, 20_000);
 }
+
+/// Bloom filters with a zero seed against the kernel's: after the same pushes, the same
+/// values test positive, false positives included (the bit count, the hashes and their
+/// seeds are the kernel's). Word-sized values use `jhash2`, odd sizes `jhash`.
+#[test]
+fn bloom_filters_answer_as_the_kernels() {
+    if !require_kernel("bloom_filters_answer_as_the_kernels") {
+        return;
+    }
+    use bpftime_abi::flags::BPF_F_ZERO_SEED;
+    for (value_size, max, hashes) in [(4u32, 100u32, 0u64), (6, 64, 3), (8, 1000, 1)] {
+        let mut d = def(MapType::BloomFilter, 0, value_size, max, "bloom");
+        d.flags = BPF_F_ZERO_SEED;
+        d.map_extra = hashes;
+        let seg = Seg::new("vs-kernel", &format!("bloom{value_size}"), &[d]);
+        let user = seg.0.map("bloom").unwrap();
+        let bloom = user.as_bloom_filter().unwrap();
+        let name = sys::object_name("vs_bloom");
+        let mut create = MapCreate::new(MapType::BloomFilter.as_raw(), &name, 0, value_size, max);
+        create.map_flags = BPF_F_ZERO_SEED;
+        create.map_extra = hashes;
+        let kernel = sys::map_create(&create).expect("kernel bloom filter");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ u64::from(value_size));
+        let value = |rng: &mut rand::rngs::StdRng| -> Vec<u8> {
+            (0..value_size).map(|_| rng.random::<u8>() & 0x3f).collect()
+        };
+        for _ in 0..max {
+            let v = value(&mut rng);
+            bloom.push(&v, BPF_ANY).unwrap();
+            sys::map_update_elem(kernel.as_fd(), &[], &v, BPF_ANY).expect("kernel push");
+        }
+        let bad = status(bloom.push(&value(&mut rng), BPF_EXIST), |e| e.errno());
+        let kbad = status(
+            sys::map_update_elem(kernel.as_fd(), &[], &value(&mut rng), BPF_EXIST),
+            |e| e.errno(),
+        );
+        assert_eq!(bad, kbad, "push with BPF_EXIST");
+        let (mut positives, mut probes) = (0, 0);
+        for _ in 0..5000 {
+            let mut v = value(&mut rng);
+            let u = status(bloom.peek(&v), |e| e.errno());
+            let k = status(sys::map_lookup_elem(kernel.as_fd(), &[], &mut v, 0), |e| {
+                e.errno()
+            });
+            assert_eq!(u, k, "peek of {v:?} (value size {value_size})");
+            positives += usize::from(u == 0);
+            probes += 1;
+        }
+        assert!(
+            positives > 0 && positives < probes,
+            "value size {value_size}: {positives} of {probes} positive"
+        );
+        println!(
+            "bloom value {value_size}, {max} pushes, {} hashes: {positives}/{probes} positive, as \
+             the kernel",
+            if hashes == 0 { 5 } else { hashes }
+        );
+    }
+}
+
+/// STACK_TRACE maps from user space: lookups, deletes, updates and key iteration, with each
+/// errno the kernel's (stacks themselves come from programs; see
+/// examples/programs/tests/stacks.rs for those against kernel uprobes).
+#[test]
+fn stack_trace_maps_answer_syscalls_as_the_kernels() {
+    if !require_kernel("stack_trace_maps_answer_syscalls_as_the_kernels") {
+        return;
+    }
+    let seg = Seg::new(
+        "vs-kernel",
+        "stacks",
+        &[def(MapType::StackTrace, 4, 32, 6, "st")],
+    );
+    let user = seg.0.map("st").unwrap();
+    let kernel = kernel_map(MapType::StackTrace, 4, 32, 6);
+    for id in [0u32, 5, 7, 8, 1000] {
+        let key = id.to_le_bytes();
+        assert_eq!(
+            user_lookup(&user, &key),
+            kernel_lookup(&kernel, &key, 32),
+            "lookup {id}"
+        );
+        assert_eq!(
+            status(user.delete(&key), |e| e.errno()),
+            status(sys::map_delete_elem(kernel.as_fd(), &key), |e| e.errno()),
+            "delete {id}"
+        );
+        assert_eq!(
+            status(user.update(&key, &[0; 32], BPF_ANY), |e| e.errno()),
+            status(
+                sys::map_update_elem(kernel.as_fd(), &key, &[0; 32], BPF_ANY),
+                |e| { e.errno() }
+            ),
+            "update {id}"
+        );
+        let mut next = [0u8; 4];
+        let k = sys::map_get_next_key(kernel.as_fd(), Some(&key), &mut next)
+            .map(|()| Some(next.to_vec()))
+            .or_else(|e| {
+                if e.errno() == libc::ENOENT {
+                    Ok(None)
+                } else {
+                    Err(e.errno())
+                }
+            });
+        assert_eq!(
+            user.next_key(Some(&key)).map_err(|e| e.errno()),
+            k,
+            "next key of {id}"
+        );
+    }
+}

@@ -54,6 +54,48 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dispatch::*;
 pub use registry::{active_sites, HookSet};
 
+/// The real return address behind `address`, read from stack slot `slot` of the calling
+/// thread: a pending return hook replaced the return address with our return stub, whose
+/// original the thread's shadow stack holds (the kernel's
+/// `fixup_uretprobe_trampoline_entries` does the same for its uretprobe trampoline). Any
+/// other address is returned unchanged.
+pub fn real_return_address(slot: u64, address: u64) -> u64 {
+    if address != stub::return_stub() {
+        return address;
+    }
+    thread::pending_return(slot).unwrap_or(address)
+}
+
+/// Whether the instruction bytes at a function's entry set up a frame the way the kernel's
+/// `is_uprobe_at_func_entry` recognises (`push %rbp`; `endbr64` counts only on kernels
+/// built with IBT, which the x86 kernel checks with `is_endbr`, so it is not counted here).
+pub fn pushes_frame_at_entry(code: &[u8]) -> bool {
+    code.first() == Some(&0x55)
+}
+
+/// The first bytes of the function at `address` as they were before any hook patched them:
+/// a hooked site's displaced instructions start its detour trampoline (copied verbatim for
+/// position-independent instructions such as `push %rbp`); any other address is read in
+/// place.
+pub fn original_code(address: u64, len: usize) -> Vec<u8> {
+    let from = registry::trampoline_of(address).unwrap_or(address);
+    let mut out = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: from as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` is our buffer; the kernel validates `remote` (EFAULT, not a fault).
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n != len as isize {
+        out.clear();
+    }
+    out
+}
+
 /// What an entry handler asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryAction {

@@ -22,6 +22,13 @@ pub(super) fn registry() -> MutexGuard<'static, Option<Registry>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The detour trampoline of the site hooked at `address`, if there is one.
+pub(super) fn trampoline_of(address: u64) -> Option<u64> {
+    let reg = registry();
+    let site = reg.as_ref()?.sites.get(&address)?.site;
+    Some(site.trampoline.load(Ordering::Acquire))
+}
+
 /// Builds the per-site thunk (`push [site]; jmp [stub]`) on its own never-modified page.
 pub(super) fn make_thunk(site: &'static Site, stub_addr: u64) -> Result<u64, AttachError> {
     let red_zone = site.mid_function;

@@ -152,6 +152,35 @@ pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
     None
 }
 
+/// The original return address of the calling thread's pending return hook whose replaced
+/// return address sits at stack address `slot`, if one does (without claiming a slot).
+pub(super) fn pending_return(slot: u64) -> Option<u64> {
+    let key = thread_key();
+    let mut i = ((key as u64).wrapping_mul(KEY_HASH) >> KEY_SHIFT) as usize & (MAX_THREADS - 1);
+    for _ in 0..MAX_THREADS {
+        let k = TABLE.keys[i].load(Ordering::Acquire);
+        if k == key {
+            let state = TABLE.states[i].get();
+            // SAFETY: only this thread touches its slot's state; the dispatcher that runs the
+            // current handler holds a reference but does not use it until the handler
+            // returns, and this reads through the raw pointer without making another one.
+            unsafe {
+                let depth = std::ptr::addr_of!((*state).depth).read().min(MAX_FRAMES);
+                let frames = std::ptr::addr_of!((*state).frames) as *const Frame;
+                return (0..depth)
+                    .map(|f| frames.add(f).read())
+                    .find(|f| f.slot == slot)
+                    .map(|f| f.orig_ret);
+            }
+        }
+        if k == 0 {
+            return None;
+        }
+        i = (i + 1) & (MAX_THREADS - 1);
+    }
+    None
+}
+
 /// The pthread key whose destructor frees a thread's slot; `u32::MAX` until created, or when it
 /// could not be made one of the inline keys (then slots are not freed).
 static EXIT_KEY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);

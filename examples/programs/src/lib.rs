@@ -24,6 +24,7 @@ pub const EXAMPLES: &[&str] = &[
     "percpu_array",
     "probe_read_str",
     "bpf_to_bpf",
+    "bloom_filter",
 ];
 
 /// Path of a compiled example object.
@@ -96,30 +97,46 @@ pub fn sum_per_cpu(values: &[Vec<u8>]) -> Vec<u8> {
 /// Runs the victim for `rounds` rounds with every program of `example` attached as a kernel
 /// uprobe, and returns the maps afterwards.
 pub fn run_kernel(example: &str, rounds: u32) -> Result<Snapshot> {
+    // Every example targets `victim:FUNC` in its section name.
+    let function = match example {
+        "probe_read_str" => "vt_message",
+        _ => "vt_add",
+    };
+    let bytes = std::fs::read(object_path(example))?;
+    let names: Vec<String> = aya::EbpfLoader::new()
+        .load(&bytes)
+        .map(|e| e.programs().map(|(n, _)| n.to_string()).collect())
+        .unwrap_or_default();
+    let attach: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), function)).collect();
+    run_kernel_with(example, &victim_path(), rounds, &attach)
+}
+
+/// Runs `victim ROUNDS` with the programs of `example` attached as kernel uprobes (or
+/// uretprobes, as their sections say), each to the function `attach` names for it, and returns
+/// the maps afterwards (rings as their records in order).
+pub fn run_kernel_with(
+    example: &str,
+    victim: &std::path::Path,
+    rounds: u32,
+    attach: &[(&str, &str)],
+) -> Result<Snapshot> {
     let path = object_path(example);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut ebpf = aya::EbpfLoader::new()
         .load(&bytes)
         .with_context(|| format!("loading {example} into the kernel"))?;
-    let victim = victim_path();
-    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
-    for name in &names {
+    for (name, function) in attach {
         let program: &mut UProbe = ebpf
             .program_mut(name)
-            .context("program")?
+            .with_context(|| format!("{example}: no program {name}"))?
             .try_into()
             .with_context(|| format!("{example}: {name} is not a uprobe"))?;
         program.load()?;
-        // Every example targets `victim:FUNC` in its section name.
-        let function = match example {
-            "probe_read_str" => "vt_message",
-            _ => "vt_add",
-        };
         program
-            .attach(function, &victim, UProbeScope::AllProcesses)
+            .attach(*function, victim, UProbeScope::AllProcesses)
             .with_context(|| format!("attaching {name} to {}:{function}", victim.display()))?;
     }
-    run_victim(rounds)?;
+    run_command(Command::new(victim).arg(rounds.to_string()))?;
 
     let mut snapshot = Snapshot::default();
     let map_names: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
@@ -128,12 +145,23 @@ pub fn run_kernel(example: &str, rounds: u32) -> Result<Snapshot> {
         let entries = match map {
             Map::RingBuf(data) => ring_records(RingBuf::try_from(Map::RingBuf(data))?),
             Map::PerCpuArray(data) | Map::PerCpuHashMap(data) => dump(&data, true)?,
-            Map::Array(data) | Map::HashMap(data) => dump(&data, false)?,
+            Map::Array(data)
+            | Map::HashMap(data)
+            | Map::StackTraceMap(data)
+            | Map::LpmTrie(data) => dump(&data, false)?,
+            // Bloom filters cannot be listed; what they answered is in the other maps.
+            Map::BloomFilter(_) => continue,
             other => bail!("{example}: map {name} has an unexpected type {other:?}"),
         };
         snapshot.maps.insert(name, entries);
     }
     Ok(snapshot)
+}
+
+/// Path of the stack-trace victim (`victim_stacks ROUNDS`, starts on a line of stdin; built
+/// without PIE so its code addresses are the same in every run).
+pub fn victim_stacks_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_stacks")
 }
 
 /// Starts the victim, lets it run `rounds` rounds, and checks it finished normally.

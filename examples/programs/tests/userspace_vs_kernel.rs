@@ -3,14 +3,14 @@
 //! JIT, our interpreter and, where it can run the program, rbpf. Maps are compared entry by
 //! entry (per-CPU maps by their sum), ringbuf streams record by record.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use bpftime_example_programs::{
-    model, object_path, pt_regs, run_kernel, sum_per_cpu, victim_calls, victim_words, Snapshot,
-    EXAMPLES,
+    model, object_path, pt_regs, run_kernel, victim_calls, victim_words, Snapshot, EXAMPLES,
 };
 use bpftime_runtime::loaded::{LoadOptions, LoadedObject, VmChoice};
-use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer};
 use bpftime_testutils::error_chain;
 use bpftime_testutils::require_kernel;
 
@@ -29,26 +29,6 @@ enum Drive {
     Agent,
 }
 
-fn run_agent_victim(segment: &str) -> Result<(), String> {
-    let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-    std::fs::write(&config, format!("object {segment}\n")).map_err(|e| e.to_string())?;
-    let result = bpftime_example_programs::run_command(
-        std::process::Command::new(bpftime_example_programs::victim_path())
-            .arg(ROUNDS.to_string())
-            .env("LD_PRELOAD", bpftime_example_programs::agent_library())
-            .env("BPFTIME_AGENT_CONFIG", &config),
-    )
-    .map_err(|e| format!("{e:#}"));
-    let status =
-        std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
-    let _ = std::fs::remove_file(&config);
-    result?;
-    if status.lines().any(|l| l.starts_with("error")) || !status.contains("ok ") {
-        return Err(format!("agent status: {status}"));
-    }
-    Ok(())
-}
-
 fn run_userspace(
     example: &str,
     options: LoadOptions,
@@ -64,7 +44,7 @@ fn run_userspace(
             return Err(format!("{name}: {}", error_chain(why.as_ref())));
         }
         if drive == Drive::Agent {
-            run_agent_victim(&segment)?;
+            common::run_agent_victim(&bpftime_example_programs::victim_path(), ROUNDS, &segment)?;
         } else {
             let words = victim_words();
             let mut helpers = loaded.helpers().map_err(|e| e.to_string())?;
@@ -81,42 +61,7 @@ fn run_userspace(
                 }
             }
         }
-        let mut snapshot = Snapshot::default();
-        for handle in loaded.shm.maps() {
-            let name = handle.name().to_string();
-            if name == bpftime_runtime::helpers::TRACE_MAP_NAME {
-                continue;
-            }
-            let entries = match handle.map_type() {
-                MapType::Ringbuf => {
-                    let mut consumer = RingBufConsumer::new(&handle).map_err(|e| e.to_string())?;
-                    let mut records = Vec::new();
-                    consumer.poll(|r| records.push(r.data.to_vec()));
-                    records
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, r)| ((i as u32).to_le_bytes().to_vec(), r))
-                        .collect()
-                }
-                _ => {
-                    let mut entries: Vec<_> = handle
-                        .iter()
-                        .into_iter()
-                        .map(|e| {
-                            let value = match e.value {
-                                EntryValue::Single(v) => v,
-                                EntryValue::PerCpu(v) => sum_per_cpu(&v),
-                            };
-                            (e.key, value)
-                        })
-                        .collect();
-                    entries.sort();
-                    entries
-                }
-            };
-            snapshot.maps.insert(name, entries);
-        }
-        Ok(snapshot)
+        common::snapshot_of(&loaded.shm)
     })();
     let _ = loaded.unload();
     result

@@ -94,6 +94,13 @@ pub(super) fn delete_elem(
 pub(super) fn push_elem(h: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
     const ID: HelperId = HelperId::MAP_PUSH_ELEM;
     let idx = h.map_arg(ID, 1, a[0])?;
+    if let Some(b) = h.maps[idx].as_bloom_filter() {
+        let val = read_arg(ctx, ID, 2, a[1], b.def().value_size as usize)?;
+        return Ok(match b.push(val, a[2]) {
+            Ok(()) => 0,
+            Err(e) => neg_map(&e),
+        });
+    }
     let Some(q) = h.maps[idx].as_queue() else {
         return Ok(neg(libc::EINVAL));
     };
@@ -112,9 +119,20 @@ pub(super) fn peek_elem(h: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallConte
     take(h, HelperId::MAP_PEEK_ELEM, a, ctx)
 }
 
-/// `bpf_map_pop_elem` (removes the value) and `bpf_map_peek_elem` (keeps it).
+/// `bpf_map_pop_elem` (removes the value) and `bpf_map_peek_elem` (keeps it). On a bloom
+/// filter the value is the one to test (peek), and pop is not supported.
 fn take(h: &mut RuntimeHelpers, id: HelperId, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
     let idx = h.map_arg(id, 1, a[0])?;
+    if let Some(b) = h.maps[idx].as_bloom_filter() {
+        if id == HelperId::MAP_POP_ELEM {
+            return Ok(neg(libc::ENOTSUP));
+        }
+        let val = read_arg(ctx, id, 2, a[1], b.def().value_size as usize)?;
+        return Ok(match b.peek(val) {
+            Ok(()) => 0,
+            Err(e) => neg_map(&e),
+        });
+    }
     let Some(q) = h.maps[idx].as_queue() else {
         return Ok(neg(libc::EINVAL));
     };

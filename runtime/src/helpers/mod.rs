@@ -53,6 +53,7 @@
 //! * A failing `bpf_tail_call` (empty slot, bad index, 33 tail calls done) returns `-ENOENT`
 //!   and the program continues, as in the kernel (where r0 is then unspecified).
 
+pub mod cgroup;
 mod control;
 mod jit_maps;
 mod map;
@@ -60,6 +61,7 @@ pub mod printk;
 pub mod probe;
 mod ringbuf;
 mod sink;
+pub mod stack;
 mod table;
 mod task;
 pub mod wire;
@@ -149,6 +151,10 @@ pub struct AttachContext {
     /// Set by `bpf_override_return(ctx, rc)`: the hook should return `rc` instead of calling
     /// the function. Cleared by [`RuntimeHelpers::begin_run`].
     pub override_return: Option<u64>,
+    /// The probe is on a function's first instruction and that instruction is `push %rbp`:
+    /// the return address is still at the stack pointer, not yet in a frame, and user stacks
+    /// include it (the kernel's `is_uprobe_at_func_entry`).
+    pub frame_at_entry: bool,
 }
 
 /// Resolves the program index stored in a PROG_ARRAY slot to the program to tail-call.
@@ -545,6 +551,6 @@ mod tests {
         }
         let mut mem = MemoryMap::new();
         let mut ctx = CallContext::new(0, &mut mem);
-        assert_eq!(h.call(27, [0; 5], &mut ctx), Err(HelperError::Unknown(27)));
+        assert_eq!(h.call(84, [0; 5], &mut ctx), Err(HelperError::Unknown(84)));
     }
 }

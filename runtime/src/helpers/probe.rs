@@ -190,6 +190,35 @@ pub(super) fn probe_write_user(
     })
 }
 
+/// `bpf_copy_from_user(dst, size, user_ptr)` (sleepable programs): as `probe_read_user`, the
+/// whole destination zeroed on a fault.
+pub(super) fn copy_from_user(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    read_helper(HelperId::COPY_FROM_USER, a, ctx)
+}
+
+/// `bpf_strncmp(s1, s1_sz, s2)`: the kernel's `strncmp(s1, s2, s1_sz)` (bytes compared
+/// unsigned, up to the first NUL), returning -1, 0 or 1. `s2` is a constant string (the
+/// verifier checked it is NUL-terminated in a read-only map value).
+pub(super) fn strncmp(_: &mut RuntimeHelpers, a: [u64; 5], ctx: &mut CallContext<'_, '_>) -> Ret {
+    const ID: HelperId = HelperId::STRNCMP;
+    let n = a[1] as u32 as usize;
+    let s1 = read_arg(ctx, ID, 1, a[0], n)?.to_vec();
+    for (i, &c1) in s1.iter().enumerate() {
+        let c2 = read_arg(ctx, ID, 3, a[2] + i as u64, 1)?[0];
+        if c1 != c2 {
+            return Ok(if c1 < c2 { u64::MAX } else { 1 });
+        }
+        if c1 == 0 {
+            break;
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 
 use bpftime_abi::HelperId;
 
-use super::{control, map, printk, probe, ringbuf, task, RuntimeHelpers};
+use super::{cgroup, control, map, printk, probe, ringbuf, stack, task, RuntimeHelpers};
 use crate::vm::insn::{Insn, CALL, LDDW};
 use crate::vm::{CallContext, HelperError, HelperFault, Program};
 
@@ -56,23 +56,35 @@ const HELPERS: &[HelperDef] = &[
     def(H::GET_CURRENT_UID_GID, task::get_current_uid_gid),
     def(H::GET_CURRENT_COMM, task::get_current_comm),
     def(H::PERF_EVENT_OUTPUT, ringbuf::perf_event_output),
+    def(H::GET_STACKID, stack::get_stackid),
     def(H::GET_CURRENT_TASK, task::get_current_task),
     def(H::PROBE_WRITE_USER, probe::probe_write_user),
     def(H::PROBE_READ_STR, probe::probe_read_str),
     stateful(H::OVERRIDE_RETURN, control::override_return),
+    def(H::GET_STACK, stack::get_stack),
+    def(H::GET_CURRENT_CGROUP_ID, cgroup::get_current_cgroup_id),
     def(H::MAP_PUSH_ELEM, map::push_elem),
     def(H::MAP_POP_ELEM, map::pop_elem),
     def(H::MAP_PEEK_ELEM, map::peek_elem),
+    def(H::SEND_SIGNAL, task::send_signal),
     def(H::PROBE_READ_USER, probe::probe_read_user),
     def(H::PROBE_READ_KERNEL, probe::probe_read_kernel),
     def(H::PROBE_READ_USER_STR, probe::probe_read_user_str),
     def(H::PROBE_READ_KERNEL_STR, probe::probe_read_kernel_str),
+    def(H::SEND_SIGNAL_THREAD, task::send_signal_thread),
+    def(H::JIFFIES64, task::jiffies64),
+    def(H::GET_NS_CURRENT_PID_TGID, task::get_ns_current_pid_tgid),
+    def(
+        H::GET_CURRENT_ANCESTOR_CGROUP_ID,
+        cgroup::get_current_ancestor_cgroup_id,
+    ),
     def(H::KTIME_GET_BOOT_NS, task::ktime_get_boot_ns),
     def(H::RINGBUF_OUTPUT, ringbuf::ringbuf_output),
     stateful(H::RINGBUF_RESERVE, ringbuf::ringbuf_reserve),
     stateful(H::RINGBUF_SUBMIT, ringbuf::ringbuf_submit),
     stateful(H::RINGBUF_DISCARD, ringbuf::ringbuf_discard),
     def(H::RINGBUF_QUERY, ringbuf::ringbuf_query),
+    def(H::COPY_FROM_USER, probe::copy_from_user),
     def(H::KTIME_GET_COARSE_NS, task::ktime_get_coarse_ns),
     def(H::FOR_EACH_MAP_ELEM, map::for_each_map_elem),
     def(H::SNPRINTF, printk::snprintf),
@@ -80,6 +92,7 @@ const HELPERS: &[HelperDef] = &[
     def(H::GET_ATTACH_COOKIE, control::get_attach_cookie),
     def(H::TRACE_VPRINTK, printk::trace_vprintk),
     def(H::LOOP, control::bpf_loop),
+    def(H::STRNCMP, probe::strncmp),
     def(H::MAP_LOOKUP_PERCPU_ELEM, map::lookup_percpu_elem),
     def(H::KTIME_GET_TAI_NS, task::ktime_get_tai_ns),
 ];
@@ -214,7 +227,7 @@ mod tests {
         }
         let dispatched = DISPATCH.iter().filter(|f| f.is_some()).count();
         assert_eq!(dispatched, HELPERS.len());
-        assert!(!is_supported(27), "bpf_get_stackid is not implemented");
+        assert!(!is_supported(84), "bpf_sk_lookup_tcp is not implemented");
     }
 
     #[test]

@@ -138,3 +138,115 @@ pub(super) fn get_current_task(
 ) -> Ret {
     Ok(0)
 }
+
+/// `bpf_send_signal(sig)`: the signal to the whole process (`group_send_sig_info`); the
+/// kernel's errors: `-EINVAL` for an invalid signal, `-EPERM` in the init process. The
+/// signal is delivered when the hooked thread leaves the probe, as the kernel delivers it on
+/// the return to user space.
+pub(super) fn send_signal(_: &mut RuntimeHelpers, a: [u64; 5], _: &mut CallContext<'_, '_>) -> Ret {
+    send(a[0], false)
+}
+
+/// `bpf_send_signal_thread(sig)`: the signal to the calling thread only.
+pub(super) fn send_signal_thread(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    _: &mut CallContext<'_, '_>,
+) -> Ret {
+    send(a[0], true)
+}
+
+fn send(sig: u64, thread: bool) -> Ret {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if pid == 1 {
+        return Ok(super::neg(libc::EPERM));
+    }
+    // valid_signal(): 0..=_NSIG (64); 0 only checks that the task exists.
+    if sig > 64 {
+        return Ok(super::neg(libc::EINVAL));
+    }
+    let rc = if thread {
+        // SAFETY: tgkill to our own thread id; the kernel validates the signal number.
+        unsafe { libc::syscall(libc::SYS_tgkill, pid, gettid(), sig as libc::c_int) }
+    } else {
+        // SAFETY: kill to our own process; the kernel validates the signal number.
+        i64::from(unsafe { libc::kill(pid, sig as libc::c_int) })
+    };
+    Ok(if rc == 0 {
+        0
+    } else {
+        super::neg(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL),
+        )
+    })
+}
+
+/// The kernel's tick rate, from the running kernel's configuration (`CONFIG_HZ` in
+/// /proc/config.gz or /boot/config-RELEASE); 250 (x86 defconfig) when neither is readable.
+fn kernel_hz() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let from_boot = std::fs::read_to_string(format!("/boot/config-{}", release.trim()));
+        let config = from_boot.ok().or_else(|| {
+            let out = std::process::Command::new("zcat")
+                .arg("/proc/config.gz")
+                .output()
+                .ok()?;
+            String::from_utf8(out.stdout).ok()
+        });
+        config
+            .as_deref()
+            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(250)
+    })
+}
+
+/// `bpf_jiffies64()`: jiffies start at `INITIAL_JIFFIES` (`-300 * HZ` as a 32-bit value, so
+/// that they wrap five minutes after boot on 32-bit kernels) and count ticks of
+/// CLOCK_MONOTONIC's time base; user space has no tick counter, so the value is computed
+/// from the clock and agrees with the kernel's to within a tick.
+pub(super) fn jiffies64(_: &mut RuntimeHelpers, _: [u64; 5], _: &mut CallContext<'_, '_>) -> Ret {
+    let hz = kernel_hz();
+    let initial = u64::from((-(300 * hz as i64)) as u32);
+    let ns = clock_ns(libc::CLOCK_MONOTONIC);
+    Ok(initial.wrapping_add(ns / (1_000_000_000 / hz)))
+}
+
+/// `bpf_get_ns_current_pid_tgid(dev, ino, nsdata, size)`: pid and tgid as seen in the pid
+/// namespace `(dev, ino)` (`stat` of /proc/PID/ns/pid), which must be the caller's own;
+/// `-EINVAL` (and `nsdata` zeroed) for another namespace or a size other than 8.
+pub(super) fn get_ns_current_pid_tgid(
+    _: &mut RuntimeHelpers,
+    a: [u64; 5],
+    ctx: &mut CallContext<'_, '_>,
+) -> Ret {
+    let (dev, ino, size) = (a[0], a[1], a[3] as u32 as usize);
+    let out = write_arg(ctx, HelperId::GET_NS_CURRENT_PID_TGID, 3, a[2], size)?;
+    out.fill(0);
+    if size != 8 || dev > u64::from(u32::MAX) {
+        return Ok(super::neg(libc::EINVAL));
+    }
+    let mut st: libc::stat = unsafe_zeroed_stat();
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::stat(c"/proc/self/ns/pid".as_ptr(), &mut st) } != 0 {
+        return Ok(super::neg(libc::ENOENT));
+    }
+    if st.st_dev != dev || st.st_ino != ino {
+        return Ok(super::neg(libc::EINVAL));
+    }
+    // SAFETY: getpid has no preconditions.
+    let tgid = unsafe { libc::getpid() } as u32;
+    out[..4].copy_from_slice(&gettid().to_le_bytes());
+    out[4..8].copy_from_slice(&tgid.to_le_bytes());
+    Ok(0)
+}
+
+fn unsafe_zeroed_stat() -> libc::stat {
+    // SAFETY: `stat` is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}

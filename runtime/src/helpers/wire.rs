@@ -38,6 +38,7 @@ pub fn map_defs(obj: &BpfObject, with_trace: bool) -> Result<Vec<MapDef>, Unsupp
                 value_size: m.value_size,
                 max_entries: m.max_entries,
                 flags: m.flags,
+                map_extra: m.map_extra,
                 name: m.name.clone(),
             })
         })

@@ -52,7 +52,9 @@ pub(crate) struct MapRecord {
     pub _pad: u32,
     pub region_off: u64,
     pub region_size: u64,
-    pub _reserved: [u64; 4],
+    /// `map_extra` of the definition (a bloom filter's hash count).
+    pub map_extra: u64,
+    pub _reserved: [u64; 3],
 }
 
 /// Per-map geometry, written once by the creator. Every process checks the copy in the segment

@@ -33,12 +33,15 @@
 //! must see the same /dev/shm and be in the same pid namespace (checked on open).
 
 mod array;
+mod bloom;
 mod hash;
+mod jhash;
 mod layout;
 pub(crate) mod lock;
 mod queue;
 mod ring;
 mod segment;
+mod stack_trace;
 mod track;
 mod typed;
 
@@ -51,6 +54,7 @@ use segment::file::RingMapping;
 use segment::ObjInner;
 
 pub use array::{ArrayMap, InlineArrayLayout, ProgArray};
+pub use bloom::BloomFilter;
 pub use hash::HashMap;
 pub use queue::{QueueMap, QueuedPush};
 pub use ring::{PerfEventArray, RingBuf, RingBufConsumer, RingRecord};
@@ -59,6 +63,7 @@ pub use segment::{
     list_segments, remove_object, segment_path, valid_object_name, MapSel, SegmentIdentity,
     SegmentInfo, ShmConfig, ShmObject,
 };
+pub use stack_trace::{StackTraceMap, PERF_MAX_STACK_DEPTH};
 pub use track::{Change, ChangeCursor, ChangeKind, RawChange};
 pub use typed::MapRef;
 
@@ -82,6 +87,8 @@ pub struct MapDef {
     pub max_entries: u32,
     /// `map_flags` as the object declares them (`BPF_F_RDONLY_PROG`, `BPF_F_MMAPABLE`, ...).
     pub flags: u32,
+    /// `map_extra`: a BLOOM_FILTER's hash-function count in its low 4 bits (0: 5), else 0.
+    pub map_extra: u64,
     /// The map's name, unique within its object (at most 63 bytes in the segment).
     pub name: String,
 }
@@ -101,6 +108,7 @@ impl MapDef {
             value_size,
             max_entries,
             flags: 0,
+            map_extra: 0,
             name: name.into(),
         }
     }
@@ -565,6 +573,9 @@ impl MapHandle {
             MapRef::ProgArray(p) => Ok(p
                 .get(u32::from_le_bytes(key.try_into().expect("key_size 4")))
                 .map(|v| EntryValue::Single(v.to_le_bytes().to_vec()))),
+            MapRef::StackTrace(s) => Ok(s
+                .get(u32::from_le_bytes(key.try_into().expect("key_size 4")))
+                .map(EntryValue::Single)),
             _ => Err(self.err("lookup", libc::ENOTSUP)),
         }
     }
@@ -612,6 +623,9 @@ impl MapHandle {
             MapRef::Array(_) => self.array_update(key, value, flags, cpu),
             MapRef::ProgArray(_) => self.prog_array_update(key, value, flags),
             MapRef::Queue(q) => q.push(value, flags),
+            MapRef::BloomFilter(b) => b.push(value, flags),
+            // Kernel `stack_map_update_elem`: stacks come only from bpf_get_stackid.
+            MapRef::StackTrace(_) => Err(self.err("update", libc::EINVAL)),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) => {
                 Err(self.err("update", libc::ENOTSUP))
             }
@@ -625,8 +639,48 @@ impl MapHandle {
             MapRef::Hash(_) => self.hash_delete(key),
             MapRef::Array(_) => Err(self.err("delete", libc::EINVAL)),
             MapRef::ProgArray(_) => self.prog_array_delete(key),
-            MapRef::Queue(_) | MapRef::RingBuf(_) | MapRef::PerfEventArray(_) => {
-                Err(self.err("delete", libc::ENOTSUP))
+            MapRef::StackTrace(s) => {
+                s.delete(u32::from_le_bytes(key.try_into().expect("key_size 4")))
+            }
+            MapRef::Queue(_)
+            | MapRef::RingBuf(_)
+            | MapRef::PerfEventArray(_)
+            | MapRef::BloomFilter(_) => Err(self.err("delete", libc::ENOTSUP)),
+        }
+    }
+
+    /// Kernel `BPF_MAP_GET_NEXT_KEY` from user space: the first key when `current` is `None`
+    /// or not in the map, else the key after it (arrays and stack traces by index, hashes in
+    /// the map's iteration order); `None` at the end. Maps without keys (queues, stacks,
+    /// bloom filters, rings) fail with the kernel's errno.
+    pub fn next_key(&self, current: Option<&[u8]>) -> Result<Option<Vec<u8>>, MapError> {
+        let index = |k: &[u8]| {
+            k.get(..4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+        };
+        match self.typed() {
+            MapRef::Hash(_) => {
+                let keys: Vec<Vec<u8>> = self.iter().into_iter().map(|e| e.key).collect();
+                Ok(
+                    match current.and_then(|k| keys.iter().position(|x| x == k)) {
+                        Some(i) => keys.get(i + 1).cloned(),
+                        None => keys.first().cloned(),
+                    },
+                )
+            }
+            MapRef::Array(_) | MapRef::ProgArray(_) | MapRef::PerfEventArray(_) => {
+                let max = self.def.max_entries;
+                let next = match current.and_then(index) {
+                    Some(i) if i < max => i.checked_add(1),
+                    _ => Some(0),
+                };
+                Ok(next.filter(|&n| n < max).map(|n| n.to_le_bytes().to_vec()))
+            }
+            MapRef::StackTrace(s) => Ok(s
+                .next_id(current.and_then(index))
+                .map(|n| n.to_le_bytes().to_vec())),
+            MapRef::Queue(_) | MapRef::RingBuf(_) | MapRef::BloomFilter(_) => {
+                Err(self.err("get_next_key", libc::ENOTSUP))
             }
         }
     }
@@ -639,7 +693,8 @@ impl MapHandle {
             MapRef::Array(_) => self.array_entries(),
             MapRef::ProgArray(_) => self.prog_array_entries(),
             MapRef::Queue(_) => self.queue_entries(),
-            MapRef::RingBuf(_) | MapRef::PerfEventArray(_) => Vec::new(),
+            MapRef::StackTrace(s) => self.stack_trace_entries(s),
+            MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => Vec::new(),
         }
     }
 
@@ -677,7 +732,8 @@ impl MapHandle {
             MapRef::Queue(_) => self.queue_len(),
             MapRef::Array(_) => self.def.max_entries as usize,
             MapRef::ProgArray(_) => self.prog_array_entries().len(),
-            MapRef::RingBuf(_) | MapRef::PerfEventArray(_) => 0,
+            MapRef::StackTrace(s) => s.stacks(),
+            MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => 0,
         }
     }
 

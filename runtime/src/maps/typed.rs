@@ -5,7 +5,7 @@
 //! layouts dispatch on the family.
 
 use super::{ArrayMap, HashMap, MapError, MapHandle, MapType, PerfEventArray, ProgArray};
-use super::{QueueMap, RingBuf};
+use super::{BloomFilter, QueueMap, RingBuf, StackTraceMap};
 
 /// The map families, one file each. [`Family::of`] is the one match from [`MapType`] to
 /// family: a new map type is added there (the compiler asks), then in its family's file.
@@ -17,6 +17,8 @@ pub(super) enum Family {
     Queue,
     RingBuf,
     PerfEventArray,
+    StackTrace,
+    BloomFilter,
 }
 
 impl Family {
@@ -30,6 +32,8 @@ impl Family {
             MapType::Queue | MapType::Stack => Family::Queue,
             MapType::Ringbuf => Family::RingBuf,
             MapType::PerfEventArray => Family::PerfEventArray,
+            MapType::StackTrace => Family::StackTrace,
+            MapType::BloomFilter => Family::BloomFilter,
         }
     }
 }
@@ -49,6 +53,10 @@ pub enum MapRef<'a> {
     RingBuf(&'a RingBuf),
     /// PERF_EVENT_ARRAY: one ring per CPU.
     PerfEventArray(&'a PerfEventArray),
+    /// STACK_TRACE: stacks by id.
+    StackTrace(&'a StackTraceMap),
+    /// BLOOM_FILTER.
+    BloomFilter(&'a BloomFilter),
 }
 
 /// Defines a typed view: `repr(transparent)` over [`MapHandle`] (so `&MapHandle` converts to
@@ -125,6 +133,12 @@ impl MapHandle {
                 Family::PerfEventArray => {
                     MapRef::PerfEventArray(PerfEventArray::from_handle_unchecked(self))
                 }
+                Family::StackTrace => {
+                    MapRef::StackTrace(StackTraceMap::from_handle_unchecked(self))
+                }
+                Family::BloomFilter => {
+                    MapRef::BloomFilter(BloomFilter::from_handle_unchecked(self))
+                }
             }
         }
     }
@@ -165,6 +179,22 @@ impl MapHandle {
     pub fn as_perf_event_array(&self) -> Option<&PerfEventArray> {
         match self.typed() {
             MapRef::PerfEventArray(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// This map as a STACK_TRACE, `None` for other types.
+    pub fn as_stack_trace(&self) -> Option<&StackTraceMap> {
+        match self.typed() {
+            MapRef::StackTrace(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// This map as a BLOOM_FILTER, `None` for other types.
+    pub fn as_bloom_filter(&self) -> Option<&BloomFilter> {
+        match self.typed() {
+            MapRef::BloomFilter(v) => Some(v),
             _ => None,
         }
     }

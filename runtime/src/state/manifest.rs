@@ -64,6 +64,9 @@ pub struct ManifestMap {
     pub max_entries: u32,
     /// `map_flags`.
     pub flags: u32,
+    /// `map_extra` (a bloom filter's hash count); absent in manifests of older loaders.
+    #[serde(default)]
+    pub map_extra: u64,
 }
 
 /// One published program.
@@ -171,6 +174,7 @@ impl ManifestMap {
             value_size: def.value_size,
             max_entries: def.max_entries,
             flags: def.flags,
+            map_extra: def.map_extra,
         }
     }
 
@@ -182,6 +186,7 @@ impl ManifestMap {
             value_size: self.value_size,
             max_entries: self.max_entries,
             flags: self.flags,
+            map_extra: self.map_extra,
             name: self.name.clone(),
         })
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::layout::*;
 use super::typed::Family;
-use super::{array, hash, queue, ring};
+use super::{array, bloom, hash, queue, ring, stack_trace};
 use super::{MapDef, MapError, MapHandle, MapType};
 use bpftime_abi::possible_cpus;
 use file::{trusted_owners, Mapping, RingMapping};
@@ -140,6 +140,8 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
         Family::Queue => queue::validate(def)?,
         Family::RingBuf => ring::validate_ringbuf(def, pg)?,
         Family::PerfEventArray => ring::validate_perf_event_array(def)?,
+        Family::StackTrace => stack_trace::validate(def)?,
+        Family::BloomFilter => bloom::validate(def)?,
     }
     Ok(())
 }
@@ -181,6 +183,8 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
         Family::Queue => queue::plan(&mut g, def, cur),
         Family::RingBuf => ring::plan_ringbuf(&mut g, def, cur, pg),
         Family::PerfEventArray => ring::plan_perf_event_array(&mut g, ncpu, cur, pg),
+        Family::StackTrace => stack_trace::plan(&mut g, def, cur),
+        Family::BloomFilter => bloom::plan(&mut g, def, cur),
     }
     g
 }
@@ -285,6 +289,7 @@ impl ShmObject {
                 r.value_size = d.value_size;
                 r.max_entries = d.max_entries;
                 r.flags = d.flags;
+                r.map_extra = d.map_extra;
                 r.region_off = off;
                 r.region_size = size;
                 let ctl = &mut *(base.add(off as usize) as *mut MapCtl);
@@ -301,10 +306,16 @@ impl ShmObject {
             maps = defs.len(),
             "created shared-memory segment"
         );
-        Ok(Self {
+        let obj = Self {
             inner: Arc::new(inner),
             creator: true,
-        })
+        };
+        for m in obj.maps() {
+            if m.map_type() == MapType::BloomFilter {
+                m.bloom_init();
+            }
+        }
+        Ok(obj)
     }
 
     /// Opens an existing segment owned by root or by this process's user (checked on the
@@ -514,6 +525,7 @@ impl ShmObject {
                 value_size: r.value_size,
                 max_entries: r.max_entries,
                 flags: r.flags,
+                map_extra: r.map_extra,
                 name: name.clone(),
             };
             if let Some(expect) = expect {

@@ -1,0 +1,75 @@
+//! What the userspace side of the kernel comparisons shares: running a victim with the agent
+//! preloaded on a loaded object, and reading a loaded object's maps as a [`Snapshot`].
+
+use bpftime_example_programs::{sum_per_cpu, Snapshot};
+use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer, ShmObject};
+
+/// Runs `victim ROUNDS` with the agent preloaded, attaching the object of `segment`; fails
+/// unless the victim finished and the agent reported its attachments without errors.
+pub fn run_agent_victim(
+    victim: &std::path::Path,
+    rounds: u32,
+    segment: &str,
+) -> Result<String, String> {
+    let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
+    std::fs::write(&config, format!("object {segment}\n")).map_err(|e| e.to_string())?;
+    let result = bpftime_example_programs::run_command(
+        std::process::Command::new(victim)
+            .arg(rounds.to_string())
+            .env("LD_PRELOAD", bpftime_example_programs::agent_library())
+            .env("BPFTIME_AGENT_CONFIG", &config),
+    )
+    .map_err(|e| format!("{e:#}"));
+    let status =
+        std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
+    let _ = std::fs::remove_file(&config);
+    let out = result?;
+    if status.lines().any(|l| l.starts_with("error")) || !status.contains("ok ") {
+        return Err(format!("agent status: {status}"));
+    }
+    Ok(out)
+}
+
+/// Every map of `shm` but the trace ring, as the kernel runner reports maps: entries sorted by
+/// key (per-CPU values summed), rings as their records in order keyed by index.
+pub fn snapshot_of(shm: &ShmObject) -> Result<Snapshot, String> {
+    let mut snapshot = Snapshot::default();
+    for handle in shm.maps() {
+        let name = handle.name().to_string();
+        // Bloom filters cannot be listed (the kernel runner leaves them out too).
+        if name == bpftime_runtime::helpers::TRACE_MAP_NAME
+            || handle.map_type() == MapType::BloomFilter
+        {
+            continue;
+        }
+        let entries = match handle.map_type() {
+            MapType::Ringbuf => {
+                let mut consumer = RingBufConsumer::new(&handle).map_err(|e| e.to_string())?;
+                let mut records = Vec::new();
+                consumer.poll(|r| records.push(r.data.to_vec()));
+                records
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| ((i as u32).to_le_bytes().to_vec(), r))
+                    .collect()
+            }
+            _ => {
+                let mut entries: Vec<_> = handle
+                    .iter()
+                    .into_iter()
+                    .map(|e| {
+                        let value = match e.value {
+                            EntryValue::Single(v) => v,
+                            EntryValue::PerCpu(v) => sum_per_cpu(&v),
+                        };
+                        (e.key, value)
+                    })
+                    .collect();
+                entries.sort();
+                entries
+            }
+        };
+        snapshot.maps.insert(name, entries);
+    }
+    Ok(snapshot)
+}
