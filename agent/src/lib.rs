@@ -147,6 +147,8 @@ const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50
 /// The follower thread: applies manifest changes of followed objects (see
 /// [`bpf::follow`]) until the agent detaches; status lines are appended to the status file.
 fn follow_objects() {
+    // The agent's allocations and reads are not the target's.
+    bpftime_attach::hook::exclude_current_thread();
     loop {
         std::thread::sleep(FOLLOW_INTERVAL);
         let mut guard = AGENT.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,6 +332,7 @@ pub unsafe extern "C" fn bpftime_agent_start(config: *const c_char) -> i32 {
     let spawned = std::thread::Builder::new()
         .name("bpftime-agent".into())
         .spawn(move || {
+            bpftime_attach::hook::exclude_current_thread();
             if let Err(e) = start(&path) {
                 eprintln!("bpftime-agent: {e}");
                 let _ = bpftime_runtime::state::fs::write_atomic(
@@ -389,7 +392,12 @@ extern "C" fn agent_init() {
     std::env::remove_var("BPFTIME_AGENT_CONFIG");
     // A panic must not unwind out of a constructor (that aborts the target): the target runs
     // on unprobed instead.
-    match std::panic::catch_unwind(|| start(Path::new(&config))) {
+    // The start-up's allocations after the first hook is in place run on the target's main
+    // thread: they are the agent's, not the target's.
+    let started = bpftime_attach::hook::without_probes(|| {
+        std::panic::catch_unwind(|| start(Path::new(&config)))
+    });
+    match started {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => eprintln!("bpftime-agent: {e}"),
         Err(_) => eprintln!("bpftime-agent: internal error while installing hooks; none installed"),

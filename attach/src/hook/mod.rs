@@ -54,6 +54,28 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use dispatch::*;
 pub use registry::{active_sites, HookSet};
 
+/// Makes the calling thread invisible to every hook for the rest of its life: its hooked
+/// calls run unprobed, as calls made inside a handler do. For the agent's own threads, whose
+/// allocations and file reads must never be counted as the target's.
+pub fn exclude_current_thread() {
+    if let Some((index, _)) = thread::current_indexed() {
+        thread::guard(index).store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` with the calling thread's hooks off (restored afterwards): for work the agent does
+/// on a target's thread outside any handler (starting up, installing hooks).
+pub fn without_probes<R>(f: impl FnOnce() -> R) -> R {
+    let Some((index, _)) = thread::current_indexed() else {
+        return f();
+    };
+    let guard = thread::guard(index);
+    let was = guard.swap(true, Ordering::Relaxed);
+    let r = f();
+    guard.store(was, Ordering::Relaxed);
+    r
+}
+
 /// The real return address behind `address`, read from stack slot `slot` of the calling
 /// thread: a pending return hook replaced the return address with our return stub, whose
 /// original the thread's shadow stack holds (the kernel's

@@ -112,8 +112,9 @@ pub fn run_kernel(example: &str, rounds: u32) -> Result<Snapshot> {
 }
 
 /// Runs `victim ROUNDS` with the programs of `example` attached as kernel uprobes (or
-/// uretprobes, as their sections say), each to the function `attach` names for it, and returns
-/// the maps afterwards (rings as their records in order).
+/// uretprobes, as their sections say), each to the function `attach` names for it (in the
+/// victim, or `FILE:FUNCTION` for a library), and returns the maps afterwards (rings as their
+/// records in order).
 pub fn run_kernel_with(
     example: &str,
     victim: &std::path::Path,
@@ -132,9 +133,13 @@ pub fn run_kernel_with(
             .try_into()
             .with_context(|| format!("{example}: {name} is not a uprobe"))?;
         program.load()?;
+        let (file, function) = match function.split_once(':') {
+            Some((file, function)) => (std::path::Path::new(file), function),
+            None => (victim, *function),
+        };
         program
-            .attach(*function, victim, UProbeScope::AllProcesses)
-            .with_context(|| format!("attaching {name} to {}:{function}", victim.display()))?;
+            .attach(function, file, UProbeScope::AllProcesses)
+            .with_context(|| format!("attaching {name} to {}:{function}", file.display()))?;
     }
     run_command(Command::new(victim).arg(rounds.to_string()))?;
 
@@ -156,6 +161,12 @@ pub fn run_kernel_with(
         snapshot.maps.insert(name, entries);
     }
     Ok(snapshot)
+}
+
+/// Path of the allocating victim (`victim_alloc N`: exactly N mallocs between va_begin and
+/// va_end; starts on a line of stdin).
+pub fn victim_alloc_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_alloc")
 }
 
 /// Path of the stack-trace victim (`victim_stacks ROUNDS`, starts on a line of stdin; built

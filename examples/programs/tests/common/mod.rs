@@ -11,8 +11,19 @@ pub fn run_agent_victim(
     rounds: u32,
     segment: &str,
 ) -> Result<String, String> {
+    run_agent_victim_with_config(victim, rounds, segment, &format!("object {segment}\n"))
+}
+
+/// [`run_agent_victim`] with the agent config `text`.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn run_agent_victim_with_config(
+    victim: &std::path::Path,
+    rounds: u32,
+    segment: &str,
+    text: &str,
+) -> Result<String, String> {
     let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-    std::fs::write(&config, format!("object {segment}\n")).map_err(|e| e.to_string())?;
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
     let result = bpftime_example_programs::run_command(
         std::process::Command::new(victim)
             .arg(rounds.to_string())
