@@ -116,7 +116,13 @@ fn assert_same(kernel: &Run, user: &Run) {
         "bpftime-rs and kernel outputs differ; bpftime-rs stderr:\n{}",
         user.stderr
     );
-    assert_eq!(normalise(&kernel.stdout), expected_output(CALLS, MIN_ARG));
+    // Stack lines (-S) are checked against the kernel only: their depths are the victim's.
+    let without_stacks: String = normalise(&kernel.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("stack "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(without_stacks, expected_output(CALLS, MIN_ARG));
 }
 
 #[test]
@@ -722,4 +728,25 @@ fn duration_stops_the_app_as_ctrl_c_does() {
     assert!(out.status.success(), "{}\n{stderr}", out.status);
     assert!(stderr.contains("stopped by signal 2"), "{stderr}");
     assert!(stdout.ends_with("bss entries=0 returns=0\n"), "{stdout}");
+}
+
+/// `-S`: entries counted per user stack (bpf_get_stackid into a STACK_TRACE map), the stacks
+/// read back by the application with GET_NEXT_KEY and LOOKUP on the two maps, as memleak-style
+/// tools do: the same depths and counts as on kernel uprobes.
+#[test]
+fn libbpf_tool_stack_traces_match_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_stack_traces_match_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(
+        &["-S", "-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    assert!(
+        kernel.stdout.contains("stack depth="),
+        "the kernel run printed stacks: {}",
+        kernel.stdout
+    );
+    assert_same(&kernel, &user);
 }

@@ -49,6 +49,24 @@ struct {
 
 const volatile bool filter_cg = false;
 
+/* Entry stacks (-S): user stacks by id, and entries per stack id. */
+#define STACK_DEPTH 16
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(max_entries, 64);
+	__uint(key_size, sizeof(u32));
+	__uint(value_size, STACK_DEPTH * sizeof(u64));
+} stacks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, s32);
+	__type(value, u64);
+} stack_calls SEC(".maps");
+
+const volatile bool count_stacks = false;
+
 /* Set by the loader before load: entries with a smaller first argument are ignored. */
 const volatile u64 min_arg = 0;
 /* Set by the loader before load: events go to pevents instead of events. */
@@ -111,6 +129,15 @@ int BPF_KPROBE(on_entry, long arg)
 		return 0;
 	__sync_fetch_and_add(&entries, 1);
 	hist_add(value % HIST_BUCKETS);
+	if (count_stacks) {
+		s32 id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+		u64 one = 1, *n = bpf_map_lookup_elem(&stack_calls, &id);
+
+		if (n)
+			__sync_fetch_and_add(n, 1);
+		else
+			bpf_map_update_elem(&stack_calls, &id, &one, BPF_NOEXIST);
+	}
 	emit(ctx, EVENT_ENTRY, value);
 	return 0;
 }

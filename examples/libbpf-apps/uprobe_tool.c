@@ -48,6 +48,7 @@ struct options {
 	bool verbose;
 	bool perf; /* -P: events through a perf buffer instead of the ring buffer */
 	bool batch; /* -B: read hist with bpf_map_lookup_batch instead of get_next_key */
+	bool stacks; /* -S: count entries per user stack and print the stacks' depths */
 	bool quiet; /* -q: count events instead of printing them (benchmarks) */
 };
 
@@ -70,6 +71,7 @@ static void usage(FILE *to, const char *prog)
 		"  -d SECONDS  poll for at most SECONDS after attaching (default 10)\n"
 		"  -P          receive events through a perf buffer instead of the ring buffer\n"
 		"  -B          read the histogram with bpf_map_lookup_batch\n"
+		"  -S          count entries per user stack; print each stack's depth and count\n"
 		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
@@ -104,7 +106,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBqh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBSqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -155,6 +157,9 @@ static int parse_args(int argc, char **argv, struct options *opts)
 			break;
 		case 'B':
 			opts->batch = true;
+			break;
+		case 'S':
+			opts->stacks = true;
 			break;
 		case 'q':
 			opts->quiet = true;
@@ -292,6 +297,48 @@ static int print_hist_batch(int fd)
 	return 0;
 }
 
+/* Entries per stack, as `stack depth=D calls=N` lines sorted by depth then count (ids and
+ * addresses differ from run to run): each id from stack_calls, its stack looked up in the
+ * STACK_TRACE map as memleak-style tools do. */
+static int print_stacks(int calls_fd, int stacks_fd)
+{
+	uint64_t lines[64], ips[16], calls;
+	int32_t key, next, *prev = NULL;
+	size_t n = 0;
+
+	while (n < 64 && bpf_map_get_next_key(calls_fd, prev, &next) == 0) {
+		unsigned depth = 0;
+
+		key = next;
+		prev = &key;
+		if (bpf_map_lookup_elem(calls_fd, &key, &calls))
+			continue;
+		if (key < 0) {
+			printf("stack error=%d calls=%llu\n", key, (unsigned long long)calls);
+			continue;
+		}
+		if (bpf_map_lookup_elem(stacks_fd, &key, ips)) {
+			fprintf(stderr, "uprobe_tool: looking up stack %d: %s\n", key, strerror(errno));
+			return -1;
+		}
+		while (depth < 16 && ips[depth])
+			depth++;
+		lines[n++] = (uint64_t)depth << 32 | calls;
+	}
+	for (size_t i = 0; i < n; i++)
+		for (size_t j = i + 1; j < n; j++)
+			if (lines[j] < lines[i]) {
+				uint64_t t = lines[i];
+
+				lines[i] = lines[j];
+				lines[j] = t;
+			}
+	for (size_t i = 0; i < n; i++)
+		printf("stack depth=%llu calls=%llu\n", (unsigned long long)(lines[i] >> 32),
+		       (unsigned long long)(lines[i] & 0xffffffff));
+	return 0;
+}
+
 static int print_hist(int fd)
 {
 	uint32_t keys[MAX_HIST], key, next;
@@ -357,6 +404,7 @@ int main(int argc, char **argv)
 	}
 	skel->rodata->min_arg = opts.min_arg;
 	skel->rodata->use_perf = opts.perf;
+	skel->rodata->count_stacks = opts.stacks;
 	err = uprobe_tool_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
@@ -411,6 +459,10 @@ int main(int argc, char **argv)
 
 	if ((opts.batch ? print_hist_batch(bpf_map__fd(skel->maps.hist))
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
+	    !err)
+		err = -1;
+	if (opts.stacks &&
+	    print_stacks(bpf_map__fd(skel->maps.stack_calls), bpf_map__fd(skel->maps.stacks)) &&
 	    !err)
 		err = -1;
 	if (stop)

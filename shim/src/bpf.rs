@@ -121,6 +121,7 @@ fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         value_size: c.value_size,
         max_entries: c.max_entries,
         flags: c.map_flags,
+        map_extra: c.map_extra,
         name: String::from_utf8_lossy(&name).into_owned(),
         open: 0,
         segment_index: None,
@@ -244,6 +245,11 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
     let read_key = || user::read(key, def.key_size as usize);
     match cmd {
         sys::BPF_MAP_LOOKUP_ELEM => {
+            if let Some(b) = map.as_bloom_filter() {
+                // The value is the one to test (the kernel copies it in, nothing out).
+                let v = user::read(value, def.value_size as usize)?;
+                return b.peek(&v).map_err(|e| map_errno(&e));
+            }
             if def.map_type.is_keyless() {
                 let q = map.as_queue().ok_or(errno(libc::EINVAL))?;
                 let v = q.peek().map_err(|e| map_errno(&e))?;
@@ -257,6 +263,9 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
         }
         sys::BPF_MAP_UPDATE_ELEM => {
             let v = user::read(value, user_value_size(map))?;
+            if let Some(b) = map.as_bloom_filter() {
+                return b.push(&v, flags).map_err(|e| map_errno(&e));
+            }
             if def.map_type.is_keyless() {
                 let q = map.as_queue().ok_or(errno(libc::EINVAL))?;
                 return q.push(&v, flags).map_err(|e| map_errno(&e));
@@ -293,7 +302,10 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
         }
         sys::BPF_MAP_GET_NEXT_KEY => {
             let current = if key == 0 { None } else { Some(read_key()?) };
-            let next = next_key(map, current.as_deref()).ok_or(errno(libc::ENOENT))?;
+            let next = map
+                .next_key(current.as_deref())
+                .map_err(|e| map_errno(&e))?
+                .ok_or(errno(libc::ENOENT))?;
             user::write(value, &next)
         }
         _ => Err(errno(libc::EINVAL)),
@@ -366,31 +378,6 @@ fn batch(cmd: u32, attr: usize, map: &MapHandle, b: &sys::bpf_attr__bindgen_ty_3
     match r {
         Ok(()) => 0,
         Err(e) => e,
-    }
-}
-
-/// The kernel's GET_NEXT_KEY: the first key without a key or for a key not in the map, else
-/// the key after it (arrays: by index; hashes: in the map's iteration order).
-fn next_key(map: &MapHandle, current: Option<&[u8]>) -> Option<Vec<u8>> {
-    let def = map.def();
-    if !def.map_type.is_hash() {
-        let next = match current {
-            None => 0,
-            Some(k) => {
-                let i = u32::from_le_bytes(k.get(..4)?.try_into().ok()?);
-                if i >= def.max_entries {
-                    0
-                } else {
-                    i.checked_add(1)?
-                }
-            }
-        };
-        return (next < def.max_entries).then(|| next.to_le_bytes().to_vec());
-    }
-    let keys: Vec<Vec<u8>> = map.iter().into_iter().map(|e| e.key).collect();
-    match current.and_then(|k| keys.iter().position(|x| x == k)) {
-        Some(i) => keys.get(i + 1).cloned(),
-        None => keys.first().cloned(),
     }
 }
 

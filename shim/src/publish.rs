@@ -175,6 +175,7 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
             unique_name(&defs, &m.name, id),
         );
         def.flags = m.flags;
+        def.map_extra = m.map_extra;
         defs.push(def);
         members.push(id);
     }
@@ -372,9 +373,16 @@ fn copy_from_kernel(kernel_fd: RawFd, map: &MapHandle) -> Result<(), String> {
         def.value_size as usize
     };
     let mut value = vec![0u8; value_len];
-    if def.map_type.is_keyless() || def.map_type == MapType::ProgArray {
+    if def.map_type.is_keyless()
+        || matches!(
+            def.map_type,
+            MapType::ProgArray | MapType::StackTrace | MapType::BloomFilter
+        )
+    {
         // Rings have no entries; queue contents and program slots (descriptors) are not
-        // carried over.
+        // carried over; stacks come only from programs (none ran yet) and a bloom filter's
+        // bits cannot be read back (the application may push before its programs run: those
+        // values are not in user space's filter).
         return Ok(());
     }
     if !def.map_type.is_hash() {

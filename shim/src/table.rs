@@ -48,6 +48,8 @@ pub(crate) struct MapRec {
     pub value_size: u32,
     pub max_entries: u32,
     pub flags: u32,
+    /// `map_extra` (a bloom filter's hash count).
+    pub map_extra: u64,
     /// As MAP_CREATE named it (libbpf truncates to 15 bytes: `obj_name.rodata`).
     pub name: String,
     /// Application descriptors open on it.
