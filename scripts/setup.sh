@@ -30,6 +30,18 @@ mount_if_missing() { # type target
 mount_if_missing bpf /sys/fs/bpf
 mount_if_missing tracefs /sys/kernel/tracing
 mount_if_missing debugfs /sys/kernel/debug
+# A cgroup2 hierarchy for cgroup filters (bpf_current_task_under_cgroup, cgroup ids): most
+# systems have one (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid ones).
+if ! awk '$3 == "cgroup2" { found = 1 } END { exit !found }' /proc/mounts; then
+    if awk '$2 == "/sys/fs/cgroup" { found = 1 } END { exit !found }' /proc/mounts; then
+        mkdir -p /sys/fs/cgroup/unified
+        mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+        echo "setup.sh: mounted cgroup2 at /sys/fs/cgroup/unified"
+    else
+        mount -t cgroup2 cgroup2 /sys/fs/cgroup
+        echo "setup.sh: mounted cgroup2 at /sys/fs/cgroup"
+    fi
+fi
 
 if [ ! -r /sys/kernel/btf/vmlinux ]; then
     echo "setup.sh: /sys/kernel/btf/vmlinux is missing: the kernel needs CONFIG_DEBUG_INFO_BTF" >&2

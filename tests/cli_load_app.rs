@@ -750,3 +750,74 @@ fn libbpf_tool_stack_traces_match_kernel_uprobes() {
     );
     assert_same(&kernel, &user);
 }
+
+/// A cgroup2 directory made for a test, removed when dropped (its processes have exited).
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> Self {
+        let root = bpftime_runtime::helpers::cgroup::cgroup2_mount()
+            .expect("a cgroup2 hierarchy (scripts/setup.sh mounts one if missing)");
+        let dir = root.join(name);
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// `-c CGROUP`: a live CGROUP_ARRAY filter (`bpf_current_task_under_cgroup`), as libbpf-tools'
+/// `-c` options set it: with the victim inside the cgroup every call is reported, with the
+/// victim in another cgroup none is; both as on kernel uprobes.
+#[test]
+fn libbpf_tool_cgroup_filter_matches_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_cgroup_filter_matches_kernel_uprobes") {
+        return;
+    }
+    let inside = TestCgroup::new("bpftime-test-cg-in");
+    let outside = TestCgroup::new("bpftime-test-cg-out");
+    let victim_env = format!("VICTIM_CGROUP={}", inside.0.display());
+    let victim_args = [CALLS.to_string()];
+    let run = |filter: &TestCgroup, extra: &[&str]| -> (Run, Run) {
+        let mut tool_args = vec!["-c", filter.0.to_str().unwrap(), "-f", VICTIM_FUNCTION];
+        tool_args.extend_from_slice(extra);
+        let kernel = common::run_tool(
+            &bpftime_example_libbpf_apps::tool_path(),
+            &[],
+            &args(&tool_args),
+            &["env", &victim_env],
+            &victim_args,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let _unload = Unload("uprobe_tool");
+        let user = common::run_tool(
+            &bpftime_example_libbpf_apps::tool_path(),
+            &[BPFTIME, "load", "--no-sync", "--"],
+            &args(&tool_args),
+            &["env", &victim_env, BPFTIME, "start", "--"],
+            &victim_args,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (kernel, user)
+    };
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = run(&inside, &["-n", &events]);
+    assert_same(&kernel, &user);
+    let (kernel, user) = run(&outside, &["-d", "2"]);
+    assert!(
+        kernel.stdout.contains("bss entries=0 returns=0"),
+        "kernel: the filter keeps every call out: {}",
+        kernel.stdout
+    );
+    assert_eq!(
+        normalise(&user.stdout),
+        normalise(&kernel.stdout),
+        "bpftime-rs stderr: {}",
+        user.stderr
+    );
+}

@@ -49,6 +49,8 @@ map_types! {
     PercpuArray = BPF_MAP_TYPE_PERCPU_ARRAY, "percpu_array";
     /// Call stacks by id (`bpf_get_stackid`).
     StackTrace = BPF_MAP_TYPE_STACK_TRACE, "stack_trace";
+    /// Cgroups by index (`bpf_current_task_under_cgroup`).
+    CgroupArray = BPF_MAP_TYPE_CGROUP_ARRAY, "cgroup_array";
     LruHash = BPF_MAP_TYPE_LRU_HASH, "lru_hash";
     LruPercpuHash = BPF_MAP_TYPE_LRU_PERCPU_HASH, "lru_percpu_hash";
     Queue = BPF_MAP_TYPE_QUEUE, "queue";
@@ -104,8 +106,8 @@ impl MapType {
     /// `BPF_MAP_UPDATE_ELEM` / `BPF_MAP_DELETE_ELEM`. Rings, perf arrays and program arrays
     /// carry events or program references, not state, and have no mirror.
     /// Stack traces are written only by `bpf_get_stackid` (the kernel refuses updates from
-    /// user space) and a bloom filter's bits depend on its random seed and cannot be listed,
-    /// so neither has a mirror either.
+    /// user space), a bloom filter's bits depend on its random seed and cannot be listed, and
+    /// a cgroup array holds cgroup references (descriptors), so none of them has a mirror.
     pub fn is_mirrorable(self) -> bool {
         !matches!(
             self,
@@ -113,6 +115,7 @@ impl MapType {
                 | Self::PerfEventArray
                 | Self::Ringbuf
                 | Self::StackTrace
+                | Self::CgroupArray
                 | Self::BloomFilter
         )
     }

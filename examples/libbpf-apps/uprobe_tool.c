@@ -5,6 +5,7 @@
 //
 //   uprobe_tool -b BINARY (-f FUNC | -o OFFSET) [-p PID] [-m MIN] [-n N] [-d SECONDS] [-v]
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -40,6 +41,7 @@ struct event {
 struct options {
 	const char *binary;
 	const char *func;
+	const char *cgroup; /* -c: only calls from processes in this cgroup2 directory (or below) */
 	long long offset; /* -1: attach by function name */
 	int pid;
 	unsigned long long min_arg;
@@ -72,6 +74,7 @@ static void usage(FILE *to, const char *prog)
 		"  -P          receive events through a perf buffer instead of the ring buffer\n"
 		"  -B          read the histogram with bpf_map_lookup_batch\n"
 		"  -S          count entries per user stack; print each stack's depth and count\n"
+		"  -c CGROUP   only calls of processes in this cgroup2 directory or below it\n"
 		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
@@ -106,7 +109,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:vPBSqh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:vPBSqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -160,6 +163,9 @@ static int parse_args(int argc, char **argv, struct options *opts)
 			break;
 		case 'S':
 			opts->stacks = true;
+			break;
+		case 'c':
+			opts->cgroup = optarg;
 			break;
 		case 'q':
 			opts->quiet = true;
@@ -405,10 +411,23 @@ int main(int argc, char **argv)
 	skel->rodata->min_arg = opts.min_arg;
 	skel->rodata->use_perf = opts.perf;
 	skel->rodata->count_stacks = opts.stacks;
+	skel->rodata->filter_cg = opts.cgroup != NULL;
 	err = uprobe_tool_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
 		goto out;
+	}
+	if (opts.cgroup) {
+		/* As libbpf-tools' -c: the cgroup's descriptor into slot 0 of the CGROUP_ARRAY. */
+		int cg_fd = open(opts.cgroup, O_RDONLY | O_DIRECTORY), zero = 0;
+
+		if (cg_fd < 0 ||
+		    bpf_map_update_elem(bpf_map__fd(skel->maps.cgroup_map), &zero, &cg_fd, BPF_ANY)) {
+			err = -errno;
+			fprintf(stderr, "uprobe_tool: cgroup filter %s: %s\n", opts.cgroup,
+				strerror(errno));
+			goto out;
+		}
 	}
 
 	skel->links.on_entry = attach(skel->progs.on_entry, &opts, false);

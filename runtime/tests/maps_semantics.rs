@@ -537,6 +537,7 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         def(MapType::PerfEventArray, 4, 4, 0, "perf"),
         def(MapType::StackTrace, 4, 64, 4, "stacks"),
         def(MapType::BloomFilter, 0, 8, 16, "bloom"),
+        def(MapType::CgroupArray, 4, 4, 2, "cgroups"),
     ];
     let o = Seg::new("sem", "typed", &defs);
     let family = |name: &str| match o.0.map(name).unwrap().typed() {
@@ -548,6 +549,7 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         MapRef::PerfEventArray(_) => "perf",
         MapRef::StackTrace(_) => "stack_trace",
         MapRef::BloomFilter(_) => "bloom_filter",
+        MapRef::CgroupArray(_) => "cgroup_array",
     };
     let families: Vec<_> = defs.iter().map(|d| family(&d.name)).collect();
     assert_eq!(
@@ -561,7 +563,8 @@ fn typed_views_check_the_type_once_and_refuse_others() {
             "ringbuf",
             "perf",
             "stack_trace",
-            "bloom_filter"
+            "bloom_filter",
+            "cgroup_array"
         ]
     );
 

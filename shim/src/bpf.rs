@@ -126,6 +126,7 @@ fn map_create(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
         open: 0,
         segment_index: None,
         prog_slots: Vec::new(),
+        cgroup_slots: Vec::new(),
         btf: None,
     };
     // A map created after sealing (libbpf's lazy feature probes make some) stays a kernel
@@ -180,8 +181,9 @@ fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     }
 }
 
-/// Before sealing: a PROG_ARRAY slot the application sets (or deletes) in the kernel map is
-/// remembered, to be set in the segment at sealing.
+/// Before sealing: a PROG_ARRAY or CGROUP_ARRAY slot the application sets (or deletes) in
+/// the kernel map is remembered, to be set in the segment at sealing (the kernel cannot hand
+/// either back: a lookup gives no program or cgroup).
 fn record_prog_slot(cmd: u32, e: &sys::bpf_attr__bindgen_ty_2) {
     if cmd != sys::BPF_MAP_UPDATE_ELEM && cmd != sys::BPF_MAP_DELETE_ELEM {
         return;
@@ -190,12 +192,32 @@ fn record_prog_slot(cmd: u32, e: &sys::bpf_attr__bindgen_ty_2) {
         let Some(id) = s.map_of(e.map_fd as i32) else {
             return;
         };
-        if s.maps[id].map_type != sys::BPF_MAP_TYPE_PROG_ARRAY || s.sealed.is_some() {
+        if s.sealed.is_some() {
             return;
         }
         let Ok(key) = user::read(e.key as usize, 4) else {
             return;
         };
+        if s.maps[id].map_type == sys::BPF_MAP_TYPE_CGROUP_ARRAY {
+            let index = u32::from_le_bytes(key.clone().try_into().expect("4 bytes"));
+            s.maps[id].cgroup_slots.retain(|(i, _)| *i != index);
+            // SAFETY: `value` is the union's u64.
+            let value = unsafe { e.__bindgen_anon_1.value } as usize;
+            let cgroup = (cmd == sys::BPF_MAP_UPDATE_ELEM)
+                .then(|| user::read(value, 4).ok())
+                .flatten()
+                .and_then(|v| {
+                    bpftime_runtime::maps::cgroup_id_of_fd(i32::from_le_bytes(v.try_into().ok()?))
+                        .ok()
+                });
+            if let Some(cgroup) = cgroup {
+                s.maps[id].cgroup_slots.push((index, cgroup));
+            }
+            return;
+        }
+        if s.maps[id].map_type != sys::BPF_MAP_TYPE_PROG_ARRAY {
+            return;
+        }
         s.maps[id].prog_slots.retain(|(k, _)| *k != key);
         if cmd == sys::BPF_MAP_UPDATE_ELEM {
             // SAFETY: `value` is the union's u64.

@@ -249,6 +249,21 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
             publish_program(shim, id);
         }
     }
+    // CGROUP_ARRAY slots set before sealing (a tool's `-c CGROUP` filter): by cgroup id.
+    for &id in &members {
+        let slots = std::mem::take(&mut shim.maps[id].cgroup_slots);
+        let Some(index) = shim.maps[id].segment_index else {
+            continue;
+        };
+        let sealed = shim.sealed.as_ref().expect("just sealed");
+        if let Ok(map) = sealed.shm.map(index) {
+            if let Some(cgroups) = map.as_cgroup_array() {
+                for (slot, cgroup) in slots {
+                    let _ = cgroups.set(slot, cgroup);
+                }
+            }
+        }
+    }
     // PROG_ARRAY slots set before sealing (libbpf fills them right after loading): the
     // segment's slots hold manifest indices.
     for &id in &members {
@@ -376,7 +391,7 @@ fn copy_from_kernel(kernel_fd: RawFd, map: &MapHandle) -> Result<(), String> {
     if def.map_type.is_keyless()
         || matches!(
             def.map_type,
-            MapType::ProgArray | MapType::StackTrace | MapType::BloomFilter
+            MapType::ProgArray | MapType::StackTrace | MapType::BloomFilter | MapType::CgroupArray
         )
     {
         // Rings have no entries; queue contents and program slots (descriptors) are not

@@ -60,6 +60,9 @@ pub(crate) struct MapRec {
     /// For a PROG_ARRAY before sealing: the slots the application set (key, program record),
     /// set in the segment when it is sealed.
     pub prog_slots: Vec<(Vec<u8>, usize)>,
+    /// For a CGROUP_ARRAY before sealing: the slots the application set (index, cgroup id
+    /// of the descriptor it passed), set in the segment when it is sealed.
+    pub cgroup_slots: Vec<(u32, u64)>,
     /// Its key and value types: (BTF record, key type id, value type id), from MAP_CREATE.
     pub btf: Option<(usize, u32, u32)>,
 }

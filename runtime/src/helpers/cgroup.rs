@@ -1,4 +1,5 @@
-//! Cgroup helpers: `bpf_get_current_cgroup_id`, `bpf_get_current_ancestor_cgroup_id`.
+//! Cgroup helpers: `bpf_get_current_cgroup_id`, `bpf_get_current_ancestor_cgroup_id`,
+//! `bpf_current_task_under_cgroup` (with a CGROUP_ARRAY).
 //!
 //! A cgroup's id in the kernel is its kernfs node id, which on 64-bit kernels is the inode
 //! number of its directory in the cgroup2 file system: the calling thread's cgroup is read
@@ -86,4 +87,23 @@ pub(super) fn get_current_ancestor_cgroup_id(
     Ok(current_cgroup_ancestry()
         .and_then(|ids| ids.get(level as usize).copied())
         .unwrap_or(0))
+}
+
+/// `bpf_current_task_under_cgroup(map, index)`: 1 when the calling thread's cgroup is the
+/// CGROUP_ARRAY slot's cgroup or below it, else 0; `-E2BIG` for an index beyond the slots,
+/// `-EAGAIN` for an empty slot (the kernel's answers).
+pub(super) fn current_task_under_cgroup(
+    h: &mut RuntimeHelpers,
+    a: [u64; 5],
+    _: &mut CallContext<'_, '_>,
+) -> Ret {
+    let idx = h.map_arg(bpftime_abi::HelperId::CURRENT_TASK_UNDER_CGROUP, 1, a[0])?;
+    let Some(cgroups) = h.maps[idx].as_cgroup_array() else {
+        return Ok(super::neg(libc::EINVAL));
+    };
+    Ok(match cgroups.cgroup(a[1] as u32) {
+        Err(e) => super::neg(e),
+        Ok(None) => super::neg(libc::EAGAIN),
+        Ok(Some(id)) => u64::from(current_cgroup_ancestry().is_some_and(|ids| ids.contains(&id))),
+    })
 }

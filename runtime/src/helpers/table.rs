@@ -59,6 +59,10 @@ const HELPERS: &[HelperDef] = &[
     def(H::GET_STACKID, stack::get_stackid),
     def(H::GET_CURRENT_TASK, task::get_current_task),
     def(H::PROBE_WRITE_USER, probe::probe_write_user),
+    def(
+        H::CURRENT_TASK_UNDER_CGROUP,
+        cgroup::current_task_under_cgroup,
+    ),
     def(H::PROBE_READ_STR, probe::probe_read_str),
     stateful(H::OVERRIDE_RETURN, control::override_return),
     def(H::GET_STACK, stack::get_stack),

@@ -34,6 +34,7 @@
 
 mod array;
 mod bloom;
+mod cgroup_array;
 mod hash;
 mod jhash;
 mod layout;
@@ -55,6 +56,7 @@ use segment::ObjInner;
 
 pub use array::{ArrayMap, InlineArrayLayout, ProgArray};
 pub use bloom::BloomFilter;
+pub use cgroup_array::{cgroup_id_of_fd, CgroupArray, ENOTSUPP};
 pub use hash::HashMap;
 pub use queue::{QueueMap, QueuedPush};
 pub use ring::{PerfEventArray, RingBuf, RingBufConsumer, RingRecord};
@@ -576,6 +578,7 @@ impl MapHandle {
             MapRef::StackTrace(s) => Ok(s
                 .get(u32::from_le_bytes(key.try_into().expect("key_size 4")))
                 .map(EntryValue::Single)),
+            MapRef::CgroupArray(_) => Err(self.err("lookup", ENOTSUPP)),
             _ => Err(self.err("lookup", libc::ENOTSUP)),
         }
     }
@@ -624,6 +627,11 @@ impl MapHandle {
             MapRef::ProgArray(_) => self.prog_array_update(key, value, flags),
             MapRef::Queue(q) => q.push(value, flags),
             MapRef::BloomFilter(b) => b.push(value, flags),
+            MapRef::CgroupArray(c) => c.update_fd(
+                u32::from_le_bytes(key.try_into().expect("key_size 4")),
+                i32::from_le_bytes(value.try_into().expect("value_size 4")),
+                flags,
+            ),
             // Kernel `stack_map_update_elem`: stacks come only from bpf_get_stackid.
             MapRef::StackTrace(_) => Err(self.err("update", libc::EINVAL)),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) => {
@@ -641,6 +649,9 @@ impl MapHandle {
             MapRef::ProgArray(_) => self.prog_array_delete(key),
             MapRef::StackTrace(s) => {
                 s.delete(u32::from_le_bytes(key.try_into().expect("key_size 4")))
+            }
+            MapRef::CgroupArray(c) => {
+                c.delete(u32::from_le_bytes(key.try_into().expect("key_size 4")))
             }
             MapRef::Queue(_)
             | MapRef::RingBuf(_)
@@ -668,7 +679,10 @@ impl MapHandle {
                     },
                 )
             }
-            MapRef::Array(_) | MapRef::ProgArray(_) | MapRef::PerfEventArray(_) => {
+            MapRef::Array(_)
+            | MapRef::ProgArray(_)
+            | MapRef::PerfEventArray(_)
+            | MapRef::CgroupArray(_) => {
                 let max = self.def.max_entries;
                 let next = match current.and_then(index) {
                     Some(i) if i < max => i.checked_add(1),
@@ -694,6 +708,7 @@ impl MapHandle {
             MapRef::ProgArray(_) => self.prog_array_entries(),
             MapRef::Queue(_) => self.queue_entries(),
             MapRef::StackTrace(s) => self.stack_trace_entries(s),
+            MapRef::CgroupArray(c) => self.cgroup_array_entries(c),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => Vec::new(),
         }
     }
@@ -733,6 +748,7 @@ impl MapHandle {
             MapRef::Array(_) => self.def.max_entries as usize,
             MapRef::ProgArray(_) => self.prog_array_entries().len(),
             MapRef::StackTrace(s) => s.stacks(),
+            MapRef::CgroupArray(c) => self.cgroup_array_entries(c).len(),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => 0,
         }
     }

@@ -5,7 +5,7 @@
 //! layouts dispatch on the family.
 
 use super::{ArrayMap, HashMap, MapError, MapHandle, MapType, PerfEventArray, ProgArray};
-use super::{BloomFilter, QueueMap, RingBuf, StackTraceMap};
+use super::{BloomFilter, CgroupArray, QueueMap, RingBuf, StackTraceMap};
 
 /// The map families, one file each. [`Family::of`] is the one match from [`MapType`] to
 /// family: a new map type is added there (the compiler asks), then in its family's file.
@@ -19,6 +19,7 @@ pub(super) enum Family {
     PerfEventArray,
     StackTrace,
     BloomFilter,
+    CgroupArray,
 }
 
 impl Family {
@@ -34,6 +35,7 @@ impl Family {
             MapType::PerfEventArray => Family::PerfEventArray,
             MapType::StackTrace => Family::StackTrace,
             MapType::BloomFilter => Family::BloomFilter,
+            MapType::CgroupArray => Family::CgroupArray,
         }
     }
 }
@@ -57,6 +59,8 @@ pub enum MapRef<'a> {
     StackTrace(&'a StackTraceMap),
     /// BLOOM_FILTER.
     BloomFilter(&'a BloomFilter),
+    /// CGROUP_ARRAY.
+    CgroupArray(&'a CgroupArray),
 }
 
 /// Defines a typed view: `repr(transparent)` over [`MapHandle`] (so `&MapHandle` converts to
@@ -139,6 +143,9 @@ impl MapHandle {
                 Family::BloomFilter => {
                     MapRef::BloomFilter(BloomFilter::from_handle_unchecked(self))
                 }
+                Family::CgroupArray => {
+                    MapRef::CgroupArray(CgroupArray::from_handle_unchecked(self))
+                }
             }
         }
     }
@@ -195,6 +202,14 @@ impl MapHandle {
     pub fn as_bloom_filter(&self) -> Option<&BloomFilter> {
         match self.typed() {
             MapRef::BloomFilter(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// This map as a CGROUP_ARRAY, `None` for other types.
+    pub fn as_cgroup_array(&self) -> Option<&CgroupArray> {
+        match self.typed() {
+            MapRef::CgroupArray(v) => Some(v),
             _ => None,
         }
     }

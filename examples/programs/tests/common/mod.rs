@@ -6,6 +6,7 @@ use bpftime_runtime::maps::{EntryValue, MapType, RingBufConsumer, ShmObject};
 
 /// Runs `victim ROUNDS` with the agent preloaded, attaching the object of `segment`; fails
 /// unless the victim finished and the agent reported its attachments without errors.
+#[allow(dead_code)] // not every test binary that includes this module uses it
 pub fn run_agent_victim(
     victim: &std::path::Path,
     rounds: u32,

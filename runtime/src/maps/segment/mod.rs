@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::layout::*;
 use super::typed::Family;
-use super::{array, bloom, hash, queue, ring, stack_trace};
+use super::{array, bloom, cgroup_array, hash, queue, ring, stack_trace};
 use super::{MapDef, MapError, MapHandle, MapType};
 use bpftime_abi::possible_cpus;
 use file::{trusted_owners, Mapping, RingMapping};
@@ -142,6 +142,7 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
         Family::PerfEventArray => ring::validate_perf_event_array(def)?,
         Family::StackTrace => stack_trace::validate(def)?,
         Family::BloomFilter => bloom::validate(def)?,
+        Family::CgroupArray => cgroup_array::validate(def)?,
     }
     Ok(())
 }
@@ -185,6 +186,7 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
         Family::PerfEventArray => ring::plan_perf_event_array(&mut g, ncpu, cur, pg),
         Family::StackTrace => stack_trace::plan(&mut g, def, cur),
         Family::BloomFilter => bloom::plan(&mut g, def, cur),
+        Family::CgroupArray => cgroup_array::plan(&mut g, def, cur),
     }
     g
 }
