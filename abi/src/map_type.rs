@@ -53,6 +53,8 @@ map_types! {
     CgroupArray = BPF_MAP_TYPE_CGROUP_ARRAY, "cgroup_array";
     LruHash = BPF_MAP_TYPE_LRU_HASH, "lru_hash";
     LruPercpuHash = BPF_MAP_TYPE_LRU_PERCPU_HASH, "lru_percpu_hash";
+    /// Longest-prefix-match trie.
+    LpmTrie = BPF_MAP_TYPE_LPM_TRIE, "lpm_trie";
     Queue = BPF_MAP_TYPE_QUEUE, "queue";
     Stack = BPF_MAP_TYPE_STACK, "stack";
     Ringbuf = BPF_MAP_TYPE_RINGBUF, "ringbuf";
@@ -108,6 +110,7 @@ impl MapType {
     /// Stack traces are written only by `bpf_get_stackid` (the kernel refuses updates from
     /// user space), a bloom filter's bits depend on its random seed and cannot be listed, and
     /// a cgroup array holds cgroup references (descriptors), so none of them has a mirror.
+    /// An LPM trie's changes are not tracked for the forwarder yet, so it has none either.
     pub fn is_mirrorable(self) -> bool {
         !matches!(
             self,
@@ -116,6 +119,7 @@ impl MapType {
                 | Self::Ringbuf
                 | Self::StackTrace
                 | Self::CgroupArray
+                | Self::LpmTrie
                 | Self::BloomFilter
         )
     }

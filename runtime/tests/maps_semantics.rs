@@ -538,6 +538,10 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         def(MapType::StackTrace, 4, 64, 4, "stacks"),
         def(MapType::BloomFilter, 0, 8, 16, "bloom"),
         def(MapType::CgroupArray, 4, 4, 2, "cgroups"),
+        MapDef {
+            flags: bpftime_abi::flags::BPF_F_NO_PREALLOC,
+            ..def(MapType::LpmTrie, 8, 8, 4, "lpm")
+        },
     ];
     let o = Seg::new("sem", "typed", &defs);
     let family = |name: &str| match o.0.map(name).unwrap().typed() {
@@ -550,6 +554,7 @@ fn typed_views_check_the_type_once_and_refuse_others() {
         MapRef::StackTrace(_) => "stack_trace",
         MapRef::BloomFilter(_) => "bloom_filter",
         MapRef::CgroupArray(_) => "cgroup_array",
+        MapRef::LpmTrie(_) => "lpm_trie",
     };
     let families: Vec<_> = defs.iter().map(|d| family(&d.name)).collect();
     assert_eq!(
@@ -564,7 +569,8 @@ fn typed_views_check_the_type_once_and_refuse_others() {
             "perf",
             "stack_trace",
             "bloom_filter",
-            "cgroup_array"
+            "cgroup_array",
+            "lpm_trie"
         ]
     );
 

@@ -279,3 +279,92 @@ fn stack_trace_maps_answer_syscalls_as_the_kernels() {
         );
     }
 }
+
+/// LPM tries against the kernel's: random updates (every flag, prefixes beyond the data
+/// included), deletes, longest-prefix lookups and GET_NEXT_KEY steps on 16-bit keys, until
+/// the trie fills; every result and errno, and the whole key order, must be the kernel's.
+#[test]
+fn lpm_tries_answer_as_the_kernels() {
+    if !require_kernel("lpm_tries_answer_as_the_kernels") {
+        return;
+    }
+    use bpftime_abi::flags::BPF_F_NO_PREALLOC;
+    let (key_size, value_size, max) = (6u32, 8u32, 16u32);
+    let mut d = def(MapType::LpmTrie, key_size, value_size, max, "lpm");
+    d.flags = BPF_F_NO_PREALLOC;
+    let seg = Seg::new("vs-kernel", "lpm", &[d]);
+    let user = seg.0.map("lpm").unwrap();
+    let name = sys::object_name("vs_lpm");
+    let mut create = MapCreate::new(MapType::LpmTrie.as_raw(), &name, key_size, value_size, max);
+    create.map_flags = BPF_F_NO_PREALLOC;
+    let kernel = sys::map_create(&create).expect("kernel LPM trie");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED ^ 0x1b);
+    let key = |rng: &mut rand::rngs::StdRng| -> Vec<u8> {
+        // Few distinct bits, so prefixes nest and collide; prefixes up to 17 (> 16 bits).
+        let len: u32 = rng.random_range(0..=17);
+        let data = [rng.random::<u8>() & 0xc3, rng.random::<u8>() & 0x81];
+        let mut k = len.to_le_bytes().to_vec();
+        k.extend_from_slice(&data);
+        k
+    };
+    let kernel_next = |k: Option<&[u8]>| -> Result<Option<Vec<u8>>, i32> {
+        let mut next = vec![0u8; key_size as usize];
+        match sys::map_get_next_key(kernel.as_fd(), k, &mut next) {
+            Ok(()) => Ok(Some(next)),
+            Err(e) if e.errno() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e.errno()),
+        }
+    };
+    let flags = [BPF_ANY, BPF_NOEXIST, BPF_EXIST, 4];
+    let (mut full, mut found) = (0, 0);
+    for op in 0..20_000 {
+        let k = key(&mut rng);
+        match rng.random_range(0..10) {
+            0..=3 => {
+                let v = rng.random::<u64>().to_le_bytes();
+                let f = flags[rng.random_range(0..flags.len())];
+                let u = status(user.update(&k, &v, f), |e| e.errno());
+                let kr = status(sys::map_update_elem(kernel.as_fd(), &k, &v, f), |e| {
+                    e.errno()
+                });
+                assert_eq!(u, kr, "op {op}: update {k:?} flags {f}");
+                full += usize::from(u == libc::ENOSPC);
+            }
+            4..=5 => {
+                let u = status(user.delete(&k), |e| e.errno());
+                let kr = status(sys::map_delete_elem(kernel.as_fd(), &k), |e| e.errno());
+                assert_eq!(u, kr, "op {op}: delete {k:?}");
+            }
+            6..=7 => {
+                let u = user_lookup(&user, &k);
+                assert_eq!(
+                    u,
+                    kernel_lookup(&kernel, &k, value_size as usize),
+                    "op {op}: lookup {k:?}"
+                );
+                found += usize::from(matches!(u, Ok(Some(_))));
+            }
+            _ => {
+                let from = rng.random_bool(0.2).then_some(k.as_slice());
+                let u = user.next_key(from).map_err(|e| e.errno());
+                assert_eq!(u, kernel_next(from), "op {op}: next key of {from:?}");
+            }
+        }
+    }
+    let walk = |next: &dyn Fn(Option<&[u8]>) -> Result<Option<Vec<u8>>, i32>| {
+        let mut keys = Vec::new();
+        let mut at: Option<Vec<u8>> = None;
+        while let Ok(Some(k)) = next(at.as_deref()) {
+            keys.push(k.clone());
+            at = Some(k);
+        }
+        keys
+    };
+    let user_order = walk(&|k| user.next_key(k).map_err(|e| e.errno()));
+    assert_eq!(user_order, walk(&kernel_next), "the whole key order");
+    assert!(
+        full > 0 && found > 0,
+        "the trie filled ({full}) and lookups matched ({found})"
+    );
+    println!("lpm: 20000 ops, {full} refused as full, {found} lookups found, all as the kernel");
+}

@@ -25,6 +25,7 @@ pub const EXAMPLES: &[&str] = &[
     "probe_read_str",
     "bpf_to_bpf",
     "bloom_filter",
+    "lpm_prefixes",
 ];
 
 /// Path of a compiled example object.

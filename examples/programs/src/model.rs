@@ -134,6 +134,44 @@ pub fn expected(example: &str, rounds: u32) -> BTreeMap<String, Entries> {
                 vec![(u32s(0), u64s(u64::from(rounds)))],
             );
         }
+        "lpm_prefixes" => {
+            // A list scanned for the longest covering prefix: the LPM rules, written plainly.
+            let covers =
+                |len: u32, stored: u32, addr: u32| len == 0 || (stored ^ addr) >> (32 - len) == 0;
+            let mut stored: Vec<(u32, u32, u64)> = Vec::new(); // (len, addr, hits)
+            let mut outcomes = [0u64; 3];
+            for (a, b) in adds(rounds) {
+                let addr = (b as u32).wrapping_mul(2654435761);
+                let best = stored
+                    .iter_mut()
+                    .filter(|(len, s, _)| covers(*len, *s, addr))
+                    .max_by_key(|(len, _, _)| *len);
+                if let Some(hit) = best {
+                    hit.2 += 1;
+                    outcomes[0] += 1;
+                    continue;
+                }
+                let len = 4 * (a as u32 + 1);
+                let exists = stored
+                    .iter()
+                    .any(|(l, s, _)| *l == len && covers(len, *s, addr));
+                if exists || stored.len() == 64 {
+                    outcomes[2] += 1;
+                } else {
+                    stored.push((len, addr, 0));
+                    outcomes[1] += 1;
+                }
+            }
+            let mut trie = BTreeMap::new();
+            for (len, addr, hits) in stored {
+                let mut key = u32s(len);
+                key.extend_from_slice(&addr.to_be_bytes());
+                trie.insert(key, u64s(hits));
+            }
+            maps.insert("prefixes".into(), sorted(trie));
+            let counts = (0..3u32).map(|i| (u32s(i), u64s(outcomes[i as usize])));
+            maps.insert("outcomes".into(), counts.collect());
+        }
         other => panic!("no model for example {other}"),
     }
     maps

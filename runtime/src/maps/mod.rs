@@ -39,6 +39,7 @@ mod hash;
 mod jhash;
 mod layout;
 pub(crate) mod lock;
+mod lpm_trie;
 mod queue;
 mod ring;
 mod segment;
@@ -58,6 +59,7 @@ pub use array::{ArrayMap, InlineArrayLayout, ProgArray};
 pub use bloom::BloomFilter;
 pub use cgroup_array::{cgroup_id_of_fd, CgroupArray, ENOTSUPP};
 pub use hash::HashMap;
+pub use lpm_trie::LpmTrie;
 pub use queue::{QueueMap, QueuedPush};
 pub use ring::{PerfEventArray, RingBuf, RingBufConsumer, RingRecord};
 pub use segment::file::{euid, process_start_time, trusted_owners};
@@ -549,6 +551,7 @@ impl MapHandle {
                 let i = u32::from_le_bytes(key.try_into().expect("key_size 4"));
                 (i < self.def.max_entries).then(|| self.array_ptr(i, cpu))
             }
+            MapRef::LpmTrie(t) => t.find(key).map(|i| t.value_ptr(i)),
             _ => return Err(self.err("lookup", libc::ENOTSUP)),
         };
         Ok(p.map(|p| ValuePtr::new(p, self.def.value_size as usize)))
@@ -560,6 +563,7 @@ impl MapHandle {
         let p = match self.typed() {
             MapRef::Hash(_) => self.hash_lookup(key, cpu),
             MapRef::Array(_) => self.array_lookup(key, cpu),
+            MapRef::LpmTrie(t) => t.find(key).map(|i| t.value_ptr(i)),
             // prog/perf arrays, queues, stacks and ringbufs hand out no value pointers.
             _ => return Err(self.err("lookup", libc::ENOTSUP)),
         };
@@ -579,6 +583,12 @@ impl MapHandle {
                 .get(u32::from_le_bytes(key.try_into().expect("key_size 4")))
                 .map(EntryValue::Single)),
             MapRef::CgroupArray(_) => Err(self.err("lookup", ENOTSUPP)),
+            MapRef::LpmTrie(t) => Ok(t.find(key).map(|i| {
+                let mut v = vec![0u8; self.def.value_size as usize];
+                // SAFETY: the slot's value holds value_size bytes.
+                unsafe { std::ptr::copy_nonoverlapping(t.value_ptr(i), v.as_mut_ptr(), v.len()) };
+                EntryValue::Single(v)
+            })),
             _ => Err(self.err("lookup", libc::ENOTSUP)),
         }
     }
@@ -627,6 +637,7 @@ impl MapHandle {
             MapRef::ProgArray(_) => self.prog_array_update(key, value, flags),
             MapRef::Queue(q) => q.push(value, flags),
             MapRef::BloomFilter(b) => b.push(value, flags),
+            MapRef::LpmTrie(t) => t.update(key, value, flags),
             MapRef::CgroupArray(c) => c.update_fd(
                 u32::from_le_bytes(key.try_into().expect("key_size 4")),
                 i32::from_le_bytes(value.try_into().expect("value_size 4")),
@@ -653,6 +664,7 @@ impl MapHandle {
             MapRef::CgroupArray(c) => {
                 c.delete(u32::from_le_bytes(key.try_into().expect("key_size 4")))
             }
+            MapRef::LpmTrie(t) => t.delete(key),
             MapRef::Queue(_)
             | MapRef::RingBuf(_)
             | MapRef::PerfEventArray(_)
@@ -693,6 +705,7 @@ impl MapHandle {
             MapRef::StackTrace(s) => Ok(s
                 .next_id(current.and_then(index))
                 .map(|n| n.to_le_bytes().to_vec())),
+            MapRef::LpmTrie(t) => Ok(t.next_key(current)),
             MapRef::Queue(_) | MapRef::RingBuf(_) | MapRef::BloomFilter(_) => {
                 Err(self.err("get_next_key", libc::ENOTSUP))
             }
@@ -709,6 +722,7 @@ impl MapHandle {
             MapRef::Queue(_) => self.queue_entries(),
             MapRef::StackTrace(s) => self.stack_trace_entries(s),
             MapRef::CgroupArray(c) => self.cgroup_array_entries(c),
+            MapRef::LpmTrie(t) => self.lpm_entries(t),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => Vec::new(),
         }
     }
@@ -749,6 +763,7 @@ impl MapHandle {
             MapRef::ProgArray(_) => self.prog_array_entries().len(),
             MapRef::StackTrace(s) => s.stacks(),
             MapRef::CgroupArray(c) => self.cgroup_array_entries(c).len(),
+            MapRef::LpmTrie(t) => t.prefixes(),
             MapRef::RingBuf(_) | MapRef::PerfEventArray(_) | MapRef::BloomFilter(_) => 0,
         }
     }

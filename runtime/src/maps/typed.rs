@@ -5,7 +5,7 @@
 //! layouts dispatch on the family.
 
 use super::{ArrayMap, HashMap, MapError, MapHandle, MapType, PerfEventArray, ProgArray};
-use super::{BloomFilter, CgroupArray, QueueMap, RingBuf, StackTraceMap};
+use super::{BloomFilter, CgroupArray, LpmTrie, QueueMap, RingBuf, StackTraceMap};
 
 /// The map families, one file each. [`Family::of`] is the one match from [`MapType`] to
 /// family: a new map type is added there (the compiler asks), then in its family's file.
@@ -20,6 +20,7 @@ pub(super) enum Family {
     StackTrace,
     BloomFilter,
     CgroupArray,
+    LpmTrie,
 }
 
 impl Family {
@@ -36,6 +37,7 @@ impl Family {
             MapType::StackTrace => Family::StackTrace,
             MapType::BloomFilter => Family::BloomFilter,
             MapType::CgroupArray => Family::CgroupArray,
+            MapType::LpmTrie => Family::LpmTrie,
         }
     }
 }
@@ -61,6 +63,8 @@ pub enum MapRef<'a> {
     BloomFilter(&'a BloomFilter),
     /// CGROUP_ARRAY.
     CgroupArray(&'a CgroupArray),
+    /// LPM_TRIE.
+    LpmTrie(&'a LpmTrie),
 }
 
 /// Defines a typed view: `repr(transparent)` over [`MapHandle`] (so `&MapHandle` converts to
@@ -146,6 +150,7 @@ impl MapHandle {
                 Family::CgroupArray => {
                     MapRef::CgroupArray(CgroupArray::from_handle_unchecked(self))
                 }
+                Family::LpmTrie => MapRef::LpmTrie(LpmTrie::from_handle_unchecked(self)),
             }
         }
     }
@@ -210,6 +215,14 @@ impl MapHandle {
     pub fn as_cgroup_array(&self) -> Option<&CgroupArray> {
         match self.typed() {
             MapRef::CgroupArray(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// This map as an LPM_TRIE, `None` for other types.
+    pub fn as_lpm_trie(&self) -> Option<&LpmTrie> {
+        match self.typed() {
+            MapRef::LpmTrie(v) => Some(v),
             _ => None,
         }
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::layout::*;
 use super::typed::Family;
-use super::{array, bloom, cgroup_array, hash, queue, ring, stack_trace};
+use super::{array, bloom, cgroup_array, hash, lpm_trie, queue, ring, stack_trace};
 use super::{MapDef, MapError, MapHandle, MapType};
 use bpftime_abi::possible_cpus;
 use file::{trusted_owners, Mapping, RingMapping};
@@ -143,6 +143,7 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
         Family::StackTrace => stack_trace::validate(def)?,
         Family::BloomFilter => bloom::validate(def)?,
         Family::CgroupArray => cgroup_array::validate(def)?,
+        Family::LpmTrie => lpm_trie::validate(def)?,
     }
     Ok(())
 }
@@ -187,6 +188,7 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
         Family::StackTrace => stack_trace::plan(&mut g, def, cur),
         Family::BloomFilter => bloom::plan(&mut g, def, cur),
         Family::CgroupArray => cgroup_array::plan(&mut g, def, cur),
+        Family::LpmTrie => lpm_trie::plan(&mut g, def, cur),
     }
     g
 }
