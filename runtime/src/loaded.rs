@@ -367,6 +367,9 @@ pub struct LoadedObject {
     pub programs: Vec<RunnableProgram>,
     /// Programs the verifier or VM refused, with why (the rest load).
     pub refused: Vec<(String, Arc<dyn std::error::Error + Send + Sync>)>,
+    /// The object's maps user space cannot hold (each laid out as an empty placeholder; the
+    /// programs that use one are in [`LoadedObject::refused`]).
+    pub unsupported_maps: Vec<wire::UnsupportedMap>,
     /// What agents read (published objects only).
     manifest: Option<(StateDir, Manifest)>,
 }
@@ -386,7 +389,11 @@ impl LoadedObject {
     ) -> Result<Self, LoadError> {
         let object = BpfObject::from_file(path)?;
         let segment = segment.unwrap_or(&object.name).to_string();
-        let defs = wire::map_defs(&object, true)?;
+        // A map user space cannot hold refuses only the programs that use it.
+        let (defs, unsupported_maps) = wire::map_defs_with_placeholders(&object, true);
+        for (_, m) in &unsupported_maps {
+            tracing::warn!("{m}; the programs that use it are refused");
+        }
         let state = if options.publish {
             let dir = StateDir::ours()?;
             if let Ok(old) = Manifest::read(&dir, &segment) {
@@ -435,6 +442,13 @@ impl LoadedObject {
             } else {
                 spec.bytecode()
             };
+            if let Some((_, m)) = unsupported_maps
+                .iter()
+                .find(|(i, _)| references_map(&bytes, *i))
+            {
+                refused.push((spec.name.clone(), Arc::new(m.clone())));
+                continue;
+            }
             // A program this VM cannot run is refused alone; the others still load.
             let program = match compile(&object.name, &spec.name, &spec.section, &bytes, kind, &shm)
             {
@@ -495,6 +509,7 @@ impl LoadedObject {
             shm,
             programs,
             refused,
+            unsupported_maps: unsupported_maps.into_iter().map(|(_, m)| m).collect(),
             manifest,
         })
     }
@@ -748,4 +763,34 @@ impl PublishedObject {
     pub fn helpers(&self) -> Result<RuntimeHelpers, LoadError> {
         helpers_for(&self.shm, &self.programs, None)
     }
+}
+
+/// Whether the program `bytes` load map `index` (an `lddw` with a map pseudo source), after
+/// the verifier's dead code was removed.
+fn references_map(bytes: &[u8], index: usize) -> bool {
+    use crate::vm::insn::{
+        BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE, BPF_PSEUDO_MAP_VALUE,
+    };
+    let mut k = 0;
+    while (k + 1) * 8 <= bytes.len() {
+        let i = &bytes[k * 8..k * 8 + 8];
+        if i[0] == 0x18 {
+            let src = i[1] >> 4;
+            let imm = i32::from_le_bytes(i[4..8].try_into().expect("4 bytes"));
+            if matches!(
+                src,
+                BPF_PSEUDO_MAP_FD
+                    | BPF_PSEUDO_MAP_IDX
+                    | BPF_PSEUDO_MAP_VALUE
+                    | BPF_PSEUDO_MAP_IDX_VALUE
+            ) && imm as usize == index
+            {
+                return true;
+            }
+            k += 2;
+        } else {
+            k += 1;
+        }
+    }
+    false
 }

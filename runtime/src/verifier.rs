@@ -43,6 +43,11 @@ const LOG_SIZE: usize = 4 << 20;
 const LOG_TAIL_LINES: usize = 40;
 /// `BPF_LOG_LEVEL1` and `BPF_LOG_STATS`.
 const LOG_LEVEL1: u32 = 1;
+/// Every instruction and state the verifier visits (for [`visited_instructions`]).
+const LOG_LEVEL2: u32 = 2;
+/// Room for a level-2 log of a tool-sized program; a larger log is not read (the program
+/// then keeps its dead code, and is refused if that names what user space lacks).
+const LIVENESS_LOG_SIZE: usize = 16 << 20;
 const LOG_STATS: u32 = 4;
 
 /// A helper call replaced in the copy that the kernel verified.
@@ -74,6 +79,9 @@ pub struct VerifiedProgram {
     pub substitutions: Vec<HelperSubstitution>,
     /// The verifier's statistics line(s) (`processed N insns ...`).
     pub stats: String,
+    /// Instructions of [`VerifiedProgram::insns`] the verifier proved unreachable and that
+    /// were replaced by `exit` (see [`verify`]); 0 when nothing needed it.
+    pub dead_removed: usize,
 }
 
 /// Why the gate did not accept a program. Every variant names the program and its section.
@@ -355,20 +363,35 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             }
         }
     }
+    // Dead code the runtime cannot run (a helper it lacks, a map type it does not hold), as
+    // libbpf tools keep behind `const volatile` switches: the verifier proved it unreachable,
+    // so it is replaced by `exit` (a run that reached it would be a fault anyway).
+    let live = match &result {
+        Ok(_) if needs_liveness(obj, prog, &verified) => load
+            .run(LOG_LEVEL2 | LOG_STATS, LIVENESS_LOG_SIZE)
+            .ok()
+            .and_then(|log| visited_instructions(&log, verified.len())),
+        _ => None,
+    };
     drop(map_fds);
     drop(btf_fd);
     match result {
-        Ok(stats) => Ok(VerifiedProgram {
-            program_index,
-            name: prog.name.clone(),
-            section: prog.section.clone(),
+        Ok(stats) => {
             // What the kernel accepted, with the substituted calls put back: the runtime's
             // bytes are derived from the verified copy, never taken separately.
-            insns: restore_helpers(&verified, &substitutions),
-            verified_insns: verified,
-            substitutions,
-            stats,
-        }),
+            let mut insns = restore_helpers(&verified, &substitutions);
+            let dead_removed = live.map_or(0, |live| remove_dead(&mut insns, &live));
+            Ok(VerifiedProgram {
+                program_index,
+                name: prog.name.clone(),
+                section: prog.section.clone(),
+                insns,
+                verified_insns: verified,
+                substitutions,
+                stats,
+                dead_removed,
+            })
+        }
         // EPERM with an empty log: the verifier never ran, the process lacks the privilege.
         Err((source, log)) if source.errno() == libc::EPERM && log.trim().is_empty() => {
             Err(VerifyError::NotPermitted {
@@ -389,6 +412,42 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             })
         }
     }
+}
+
+/// Whether `insns` call a helper the runtime lacks or reference a map whose type user space
+/// does not hold: only then is the verifier asked which instructions are live.
+fn needs_liveness(obj: &BpfObject, prog: &ProgramSpec, insns: &[RawInsn]) -> bool {
+    let unknown_helper = insns.iter().any(|i| {
+        insn::opc(i) == 0x85
+            && insn::src(i) == 0
+            && !crate::helpers::is_supported(insn::imm(i) as u32)
+            && insn::imm(i) as u32 != crate::helpers::POISON_HELPER
+    });
+    let unknown_map = prog.map_relocs.iter().any(|r| {
+        obj.maps
+            .get(r.map_index)
+            .is_some_and(|m| crate::maps::MapType::from_raw(m.map_type).is_none())
+    });
+    unknown_helper || unknown_map
+}
+
+/// Replaces every instruction `live` marks unvisited by `exit` (both slots of an `lddw`);
+/// returns how many instructions were replaced.
+fn remove_dead(insns: &mut [RawInsn], live: &[bool]) -> usize {
+    const EXIT: RawInsn = [0x95, 0, 0, 0, 0, 0, 0, 0];
+    let mut removed = 0;
+    let mut k = 0;
+    while k < insns.len() {
+        let slots = if insn::opc(&insns[k]) == 0x18 { 2 } else { 1 };
+        if !live.get(k).copied().unwrap_or(true) {
+            for slot in insns.iter_mut().skip(k).take(slots) {
+                *slot = EXIT;
+            }
+            removed += 1;
+        }
+        k += slots;
+    }
+    removed
 }
 
 fn substitute_helpers(prog: &ProgramSpec, insns: &mut [RawInsn]) -> Vec<HelperSubstitution> {

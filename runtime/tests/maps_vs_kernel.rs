@@ -351,7 +351,7 @@ fn lpm_tries_answer_as_the_kernels() {
             }
         }
     }
-    let walk = |next: &dyn Fn(Option<&[u8]>) -> Result<Option<Vec<u8>>, i32>| {
+    let walk = |next: &dyn Fn(Option<&[u8]>) -> Outcome| {
         let mut keys = Vec::new();
         let mut at: Option<Vec<u8>> = None;
         while let Ok(Some(k)) = next(at.as_deref()) {

@@ -163,6 +163,12 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             }
         );
     }
+    for map in &loaded.unsupported_maps {
+        println!(
+            "map {} NOT in user space: {map}; programs using it are refused",
+            map.map
+        );
+    }
     for (name, why) in &loaded.refused {
         println!("program {name} NOT loaded: {}", ErrorChain(why.as_ref()));
     }

@@ -10,7 +10,10 @@ use super::trace_map_def;
 
 /// An object map that the shared-memory maps cannot hold.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
-#[error("object `{object}`: map `{map}` has type {map_type}, which user space does not support")]
+#[error(
+    "object `{object}`: map `{map}` has type {}, which user space does not support",
+    bpftime_abi::UnknownMapType(*map_type)
+)]
 pub struct UnsupportedMap {
     /// The object's name.
     pub object: String,
@@ -47,6 +50,48 @@ pub fn map_defs(obj: &BpfObject, with_trace: bool) -> Result<Vec<MapDef>, Unsupp
         defs.push(trace_map_def());
     }
     Ok(defs)
+}
+
+/// [`map_defs`] that does not stop at a map user space cannot hold: such a map is laid out
+/// as an empty one-slot PROG_ARRAY of its name (a placeholder that keeps the other maps'
+/// indices, holds nothing and is never mirrored) and returned among the unsupported maps, so
+/// that only the programs that use it are refused.
+pub fn map_defs_with_placeholders(
+    obj: &BpfObject,
+    with_trace: bool,
+) -> (Vec<MapDef>, Vec<(usize, UnsupportedMap)>) {
+    let mut unsupported = Vec::new();
+    let mut defs: Vec<MapDef> = obj
+        .maps
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match MapType::from_raw(m.map_type) {
+            Some(map_type) => MapDef {
+                map_type,
+                key_size: m.key_size,
+                value_size: m.value_size,
+                max_entries: m.max_entries,
+                flags: m.flags,
+                map_extra: m.map_extra,
+                name: m.name.clone(),
+            },
+            None => {
+                unsupported.push((
+                    i,
+                    UnsupportedMap {
+                        object: obj.name.clone(),
+                        map: m.name.clone(),
+                        map_type: m.map_type,
+                    },
+                ));
+                MapDef::new(MapType::ProgArray, 4, 4, 1, m.name.clone())
+            }
+        })
+        .collect();
+    if with_trace {
+        defs.push(trace_map_def());
+    }
+    (defs, unsupported)
 }
 
 /// Write the initial bytes of `obj`'s global-data maps (`.data`, `.rodata`) into `shm` (call
