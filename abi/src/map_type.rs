@@ -58,6 +58,8 @@ map_types! {
     Queue = BPF_MAP_TYPE_QUEUE, "queue";
     Stack = BPF_MAP_TYPE_STACK, "stack";
     Ringbuf = BPF_MAP_TYPE_RINGBUF, "ringbuf";
+    /// A ring user space produces into and programs drain (`bpf_user_ringbuf_drain`).
+    UserRingbuf = BPF_MAP_TYPE_USER_RINGBUF, "user_ringbuf";
     /// Bloom filter: pushes set bits, peeks test them.
     BloomFilter = BPF_MAP_TYPE_BLOOM_FILTER, "bloom_filter";
 }
@@ -117,6 +119,7 @@ impl MapType {
             Self::ProgArray
                 | Self::PerfEventArray
                 | Self::Ringbuf
+                | Self::UserRingbuf
                 | Self::StackTrace
                 | Self::CgroupArray
                 | Self::LpmTrie

@@ -55,6 +55,7 @@
 
 pub mod cgroup;
 mod control;
+mod dynptr;
 mod jit_maps;
 mod map;
 pub mod printk;

@@ -5,7 +5,7 @@
 
 use bpftime_abi::HelperId;
 
-use super::{cgroup, control, map, printk, probe, ringbuf, stack, task, RuntimeHelpers};
+use super::{cgroup, control, dynptr, map, printk, probe, ringbuf, stack, task, RuntimeHelpers};
 use crate::vm::insn::{Insn, CALL, LDDW};
 use crate::vm::{CallContext, HelperError, HelperFault, Program};
 
@@ -98,7 +98,12 @@ const HELPERS: &[HelperDef] = &[
     def(H::LOOP, control::bpf_loop),
     def(H::STRNCMP, probe::strncmp),
     def(H::MAP_LOOKUP_PERCPU_ELEM, map::lookup_percpu_elem),
+    def(H::DYNPTR_FROM_MEM, dynptr::dynptr_from_mem),
+    def(H::DYNPTR_READ, dynptr::dynptr_read),
+    def(H::DYNPTR_WRITE, dynptr::dynptr_write),
+    def(H::DYNPTR_DATA, dynptr::dynptr_data),
     def(H::KTIME_GET_TAI_NS, task::ktime_get_tai_ns),
+    def(H::USER_RINGBUF_DRAIN, dynptr::user_ringbuf_drain),
 ];
 
 /// Ids index this array directly: the dispatch is one bounds check and one indirect call.

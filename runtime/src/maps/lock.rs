@@ -267,7 +267,6 @@ impl ShmLock {
     }
 
     /// Thread id of the holder, 0 when free.
-    #[cfg(test)]
     pub(crate) fn holder(&self) -> u32 {
         self.0.load(Ordering::Relaxed) & TID_MASK
     }

@@ -493,7 +493,9 @@ impl MapHandle {
     pub fn mmap_range(&self) -> Option<(u64, u64)> {
         let pg = bpftime_abi::page_size() as u64;
         match self.def.map_type {
-            MapType::Ringbuf => Some((self.geo.data_off, 2 * pg + self.geo.data_size)),
+            MapType::Ringbuf | MapType::UserRingbuf => {
+                Some((self.geo.data_off, 2 * pg + self.geo.data_size))
+            }
             MapType::Array if self.def.flags & bpftime_abi::flags::BPF_F_MMAPABLE != 0 => {
                 Some((self.geo.data_off, self.geo.data_size.div_ceil(pg) * pg))
             }

@@ -47,6 +47,13 @@ impl Ring<'_> {
         unsafe { &*(self.base.add(self.pg + RING_LOCK_OFF) as *const ShmLock) }
     }
     #[inline]
+    /// A USER_RINGBUF's consumer lock (the kernel's `rb->busy`), on the consumer page, which
+    /// user-space producers map read-only.
+    fn drain_lock(&self) -> &ShmLock {
+        // SAFETY: the consumer page is a whole page; offset 64 is past consumer_pos.
+        unsafe { &*(self.base.add(RING_LOCK_OFF) as *const ShmLock) }
+    }
+
     fn waiting(&self) -> &AtomicU32 {
         // SAFETY: inside the producer page, 4-aligned.
         unsafe { &*(self.base.add(self.pg + RING_WAITING_OFF) as *const AtomicU32) }
@@ -281,7 +288,110 @@ typed_map!(
     "perf_event_array"
 );
 
+/// `BPF_MAX_USER_RINGBUF_SAMPLES`: the most records one `bpf_user_ringbuf_drain` takes.
+pub const MAX_USER_RINGBUF_SAMPLES: u64 = 128 * 1024;
+
+/// Why a drain step stopped (the kernel's `__bpf_user_ringbuf_peek` errnos).
+enum Peek {
+    Sample(*mut u8, u32),
+    Empty,
+    Discarded,
+    Invalid(i32),
+}
+
 impl RingBuf {
+    /// Kernel `__bpf_user_ringbuf_peek`: the next committed record of a USER_RINGBUF (the
+    /// producer is user space), or why there is none.
+    fn user_peek(&self) -> Peek {
+        let Some(r) = self.ring(0) else {
+            return Peek::Invalid(libc::EINVAL);
+        };
+        let prod = r.prod().load(Ordering::Acquire);
+        if prod % 8 != 0 {
+            return Peek::Invalid(libc::EINVAL);
+        }
+        let cons = r.cons().load(Ordering::Acquire);
+        if cons >= prod {
+            return Peek::Empty;
+        }
+        let word = r.hdr(cons).load(Ordering::Acquire);
+        let len = ringbuf::payload_len(word);
+        let total = ringbuf::record_len(len as usize) as u64;
+        if total > prod - cons {
+            return Peek::Invalid(libc::EINVAL);
+        }
+        if total > r.size {
+            return Peek::Invalid(libc::E2BIG);
+        }
+        if word & ringbuf::DISCARD_BIT != 0 {
+            r.cons().store(cons + total, Ordering::Release);
+            return Peek::Discarded;
+        }
+        if word & ringbuf::BUSY_BIT != 0 {
+            return Peek::Empty;
+        }
+        // SAFETY: the record lies inside the ring (checked against the producer and the ring
+        // size above); the double mapping keeps it contiguous.
+        let sample = unsafe {
+            r.data()
+                .add(((cons & (r.size - 1)) as usize) + ringbuf::HDR_SZ)
+        };
+        Peek::Sample(sample, len)
+    }
+
+    /// Kernel `bpf_user_ringbuf_drain(map, callback, ctx, flags)` on a USER_RINGBUF: calls
+    /// `f(sample, size)` for each committed record (discarded ones are skipped), releasing
+    /// each after its call, until the ring is empty, `f` returns non-zero (that record
+    /// counts) or [`MAX_USER_RINGBUF_SAMPLES`] were taken. Returns the records drained, or
+    /// the kernel's errno: `EINVAL` for bad flags or a corrupt ring, `E2BIG` for a record
+    /// larger than the ring, `EBUSY` while another drain runs.
+    pub fn drain_user<E>(
+        &self,
+        flags: u64,
+        mut f: impl FnMut(*mut u8, u32) -> Result<u64, E>,
+    ) -> Result<Result<u64, i32>, E> {
+        use bpftime_abi::flags::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+        if flags & !(BPF_RB_NO_WAKEUP | BPF_RB_FORCE_WAKEUP) != 0 {
+            return Ok(Err(libc::EINVAL));
+        }
+        let Some(r) = self.ring(0) else {
+            return Ok(Err(libc::EINVAL));
+        };
+        // One consumer at a time, as the kernel's `rb->busy` (EBUSY, no waiting), unless the
+        // holder died mid-drain: its lock is taken over.
+        let lock = r.drain_lock();
+        if !lock.try_lock() {
+            if task_alive(lock.holder()) || lock.lock().is_none() {
+                return Ok(Err(libc::EBUSY));
+            }
+            self.count(ctr::RECOVERIES);
+        }
+        struct Unlock<'a>(&'a ShmLock);
+        impl Drop for Unlock<'_> {
+            fn drop(&mut self) {
+                self.0.unlock();
+            }
+        }
+        let _busy = Unlock(lock);
+        let (mut samples, mut discarded) = (0u64, 0u64);
+        let mut ret = 0u64;
+        while samples < MAX_USER_RINGBUF_SAMPLES && ret == 0 {
+            match self.user_peek() {
+                Peek::Empty => break,
+                Peek::Discarded => discarded += 1,
+                Peek::Invalid(e) => return Ok(Err(e)),
+                Peek::Sample(sample, size) => {
+                    ret = f(sample, size)?;
+                    let cons = r.cons().load(Ordering::Relaxed);
+                    let total = ringbuf::record_len(size as usize) as u64;
+                    r.cons().store(cons + total, Ordering::Release);
+                }
+            }
+            samples += 1;
+        }
+        Ok(Ok(samples - discarded))
+    }
+
     /// `bpf_ringbuf_reserve`: a pointer to `size` writable bytes, or None when the ring is
     /// full, the size is too large or `flags` is not 0 (the kernel returns NULL in all three
     /// cases).

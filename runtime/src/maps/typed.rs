@@ -32,7 +32,7 @@ impl Family {
             MapType::Array | MapType::PercpuArray => Family::Array,
             MapType::ProgArray => Family::ProgArray,
             MapType::Queue | MapType::Stack => Family::Queue,
-            MapType::Ringbuf => Family::RingBuf,
+            MapType::Ringbuf | MapType::UserRingbuf => Family::RingBuf,
             MapType::PerfEventArray => Family::PerfEventArray,
             MapType::StackTrace => Family::StackTrace,
             MapType::BloomFilter => Family::BloomFilter,
@@ -53,7 +53,7 @@ pub enum MapRef<'a> {
     ProgArray(&'a ProgArray),
     /// QUEUE (FIFO) and STACK (LIFO).
     Queue(&'a QueueMap),
-    /// RINGBUF.
+    /// RINGBUF and USER_RINGBUF.
     RingBuf(&'a RingBuf),
     /// PERF_EVENT_ARRAY: one ring per CPU.
     PerfEventArray(&'a PerfEventArray),

@@ -197,7 +197,7 @@ fn region_end(g: &Geometry, off: u64, pg: u64) -> u64 {
     let t = MapType::from_raw(g.map_type).expect("validated");
     let end = match t {
         _ if t.is_hash() => g.elems_off + u64::from(g.pool) * u64::from(g.elem_size),
-        MapType::Ringbuf | MapType::PerfEventArray => {
+        MapType::Ringbuf | MapType::UserRingbuf | MapType::PerfEventArray => {
             g.data_off + u64::from(g.rings) * (2 * pg + g.data_size)
         }
         _ => g.data_off + g.data_size,
