@@ -116,10 +116,10 @@ fn assert_same(kernel: &Run, user: &Run) {
         "bpftime-rs and kernel outputs differ; bpftime-rs stderr:\n{}",
         user.stderr
     );
-    // Stack lines (-S) are checked against the kernel only: their depths are the victim's.
+    // Stack lines (-S) and command totals (-U) are checked against the kernel only.
     let without_stacks: String = normalise(&kernel.stdout)
         .lines()
-        .filter(|l| !l.starts_with("stack "))
+        .filter(|l| !l.starts_with("stack ") && !l.starts_with("commands "))
         .map(|l| format!("{l}\n"))
         .collect();
     assert_eq!(without_stacks, expected_output(CALLS, MIN_ARG));
@@ -820,4 +820,31 @@ fn libbpf_tool_cgroup_filter_matches_kernel_uprobes() {
         "bpftime-rs stderr: {}",
         user.stderr
     );
+}
+
+/// `-U N`: the application sends commands through a USER_RINGBUF with libbpf's
+/// `user_ring_buffer__reserve/submit` (the shim maps the shared ring for it, the producer
+/// side writable, the consumer page read-only) and each entry's program drains one with
+/// `bpf_user_ringbuf_drain`: the same total as on kernel uprobes.
+#[test]
+fn libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes() {
+    if !require_kernel("libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes") {
+        return;
+    }
+    let events = expected_events(CALLS, MIN_ARG).to_string();
+    let (kernel, user) = both(
+        &["-U", "10", "-f", VICTIM_FUNCTION, "-n", &events],
+        &["--no-sync"],
+    );
+    // One command per reported entry: 1 + 2 + ... + entries.
+    let entries = CALLS - MIN_ARG;
+    let applied: u64 = (1..=entries.min(10)).sum();
+    assert!(
+        kernel
+            .stdout
+            .contains(&format!("commands sent=10 applied={applied}")),
+        "kernel: {}",
+        kernel.stdout
+    );
+    assert_same(&kernel, &user);
 }

@@ -67,6 +67,24 @@ struct {
 
 const volatile bool count_stacks = false;
 
+/* Commands from the loader (-U): each entry applies one, adding its value to `commanded`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_USER_RINGBUF);
+	__uint(max_entries, 4 * 4096);
+} commands SEC(".maps");
+
+const volatile bool drain_commands = false;
+u64 commanded = 0;
+
+static long apply_command(struct bpf_dynptr *command, void *ctx)
+{
+	u64 value;
+
+	if (bpf_dynptr_read(&value, sizeof(value), command, 0, 0) == 0)
+		__sync_fetch_and_add(&commanded, value);
+	return 1; /* one command per call */
+}
+
 /* Set by the loader before load: entries with a smaller first argument are ignored. */
 const volatile u64 min_arg = 0;
 /* Set by the loader before load: events go to pevents instead of events. */
@@ -129,6 +147,8 @@ int BPF_KPROBE(on_entry, long arg)
 		return 0;
 	__sync_fetch_and_add(&entries, 1);
 	hist_add(value % HIST_BUCKETS);
+	if (drain_commands)
+		bpf_user_ringbuf_drain(&commands, apply_command, NULL, 0);
 	if (count_stacks) {
 		s32 id = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
 		u64 one = 1, *n = bpf_map_lookup_elem(&stack_calls, &id);

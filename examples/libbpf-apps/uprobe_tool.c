@@ -42,6 +42,7 @@ struct options {
 	const char *binary;
 	const char *func;
 	const char *cgroup; /* -c: only calls from processes in this cgroup2 directory (or below) */
+	unsigned long long commands; /* -U: commands sent through the USER_RINGBUF */
 	long long offset; /* -1: attach by function name */
 	int pid;
 	unsigned long long min_arg;
@@ -75,6 +76,7 @@ static void usage(FILE *to, const char *prog)
 		"  -B          read the histogram with bpf_map_lookup_batch\n"
 		"  -S          count entries per user stack; print each stack's depth and count\n"
 		"  -c CGROUP   only calls of processes in this cgroup2 directory or below it\n"
+		"  -U N        send N commands (1..N) through a user ring buffer; each entry applies one\n"
 		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
@@ -109,7 +111,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:vPBSqh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:U:vPBSqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -166,6 +168,13 @@ static int parse_args(int argc, char **argv, struct options *opts)
 			break;
 		case 'c':
 			opts->cgroup = optarg;
+			break;
+		case 'U':
+			if (!parse_ull(optarg, &value)) {
+				fprintf(stderr, "uprobe_tool: bad command count '%s'\n", optarg);
+				return -1;
+			}
+			opts->commands = value;
 			break;
 		case 'q':
 			opts->quiet = true;
@@ -412,10 +421,36 @@ int main(int argc, char **argv)
 	skel->rodata->use_perf = opts.perf;
 	skel->rodata->count_stacks = opts.stacks;
 	skel->rodata->filter_cg = opts.cgroup != NULL;
+	skel->rodata->drain_commands = opts.commands > 0;
 	err = uprobe_tool_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
 		goto out;
+	}
+	if (opts.commands) {
+		/* The loader's side of a user ring buffer: reserve, fill, submit. */
+		struct user_ring_buffer *urb =
+			user_ring_buffer__new(bpf_map__fd(skel->maps.commands), NULL);
+
+		if (!urb) {
+			err = -errno;
+			fprintf(stderr, "uprobe_tool: user ring buffer: %s\n", strerror(errno));
+			goto out;
+		}
+		for (unsigned long long i = 1; i <= opts.commands; i++) {
+			__u64 *command = user_ring_buffer__reserve(urb, sizeof(*command));
+
+			if (!command) {
+				err = -errno;
+				fprintf(stderr, "uprobe_tool: reserving command %llu: %s\n", i,
+					strerror(errno));
+				user_ring_buffer__free(urb);
+				goto out;
+			}
+			*command = i;
+			user_ring_buffer__submit(urb, command);
+		}
+		user_ring_buffer__free(urb);
 	}
 	if (opts.cgroup) {
 		/* As libbpf-tools' -c: the cgroup's descriptor into slot 0 of the CGROUP_ARRAY. */
@@ -480,6 +515,9 @@ int main(int argc, char **argv)
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
 	    !err)
 		err = -1;
+	if (opts.commands)
+		printf("commands sent=%llu applied=%llu\n", opts.commands,
+		       (unsigned long long)skel->bss->commanded);
 	if (opts.stacks &&
 	    print_stacks(bpf_map__fd(skel->maps.stack_calls), bpf_map__fd(skel->maps.stacks)) &&
 	    !err)

@@ -612,7 +612,8 @@ pub(crate) fn mmap(
         // where the application itself passed MAP_FIXED.
         unsafe { raw::mmap(at, n, prot, flags, seg_fd, off as i64) }
     };
-    if map.map_type() != MapType::Ringbuf {
+    let user_ring = map.map_type() == MapType::UserRingbuf;
+    if map.map_type() != MapType::Ringbuf && !user_ring {
         if offset + len64 > range {
             return Some(errno(libc::EINVAL));
         }
@@ -621,11 +622,18 @@ pub(crate) fn mmap(
     let pg = bpftime_abi::page_size() as u64;
     let data = range - 2 * pg;
     match offset {
-        // The consumer page: the only part user space may write.
-        0 if len64 <= pg => Some(do_map(addr, len, prot, flags, file_off)),
-        // The producer page and the data, the data mapped twice (ringbuf_map_mmap_kern).
+        // The consumer page: the only part user space may write of a RINGBUF, and the part
+        // it may not write of a USER_RINGBUF (ringbuf_map_mmap_user: EPERM).
+        0 if len64 <= pg => {
+            if user_ring && prot & libc::PROT_WRITE != 0 {
+                return Some(errno(libc::EPERM));
+            }
+            Some(do_map(addr, len, prot, flags, file_off))
+        }
+        // The producer page and the data, the data mapped twice (ringbuf_map_mmap_kern and
+        // _user); user space produces into a USER_RINGBUF, so there they may be written.
         o if o == pg && len64 <= pg + 2 * data => {
-            if prot & libc::PROT_WRITE != 0 {
+            if !user_ring && prot & libc::PROT_WRITE != 0 {
                 return Some(errno(libc::EPERM));
             }
             // SAFETY: an anonymous reservation of len bytes, replaced below.

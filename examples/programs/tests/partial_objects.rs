@@ -33,12 +33,12 @@ fn an_unsupported_map_refuses_only_its_programs_and_dead_code_is_dropped() {
             .iter()
             .map(|m| m.map.as_str())
             .collect();
-        assert_eq!(unsupported, ["inbox"]);
+        assert_eq!(unsupported, ["ports"]);
         let (name, why) = &loaded.refused[0];
         let why = error_chain(why.as_ref());
-        assert_eq!(name, "drain_inbox");
+        assert_eq!(name, "read_ports");
         assert!(
-            why.contains("`inbox`") && why.contains("user_ringbuf"),
+            why.contains("`ports`") && why.contains("devmap"),
             "the refusal names the map and its type: {why}"
         );
         let program = &loaded.programs[0];
