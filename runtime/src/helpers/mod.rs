@@ -184,6 +184,8 @@ pub struct RuntimeHelpers {
     /// Storage of the interpreter's memory map, reused run after run (an interpreter run
     /// registers the context and global data: two allocations per run otherwise).
     interp_buffers: MemoryBuffers,
+    /// `bpf_spin_lock`s this run holds (addresses), released if the run ends holding one.
+    spin_locks: Vec<u64>,
 }
 
 impl std::fmt::Debug for RuntimeHelpers {
@@ -212,6 +214,7 @@ impl RuntimeHelpers {
             tail_calls: 0,
             reserved: Vec::new(),
             interp_buffers: MemoryBuffers::default(),
+            spin_locks: Vec::new(),
         }
     }
 
@@ -374,6 +377,9 @@ impl RuntimeHelpers {
     pub fn end_run(&mut self) {
         if !self.reserved.is_empty() {
             self.discard_reserved();
+        }
+        if !self.spin_locks.is_empty() {
+            control::release_spin_locks(self);
         }
     }
 

@@ -70,6 +70,8 @@ const HELPERS: &[HelperDef] = &[
     def(H::MAP_PUSH_ELEM, map::push_elem),
     def(H::MAP_POP_ELEM, map::pop_elem),
     def(H::MAP_PEEK_ELEM, map::peek_elem),
+    stateful(H::SPIN_LOCK, control::spin_lock),
+    stateful(H::SPIN_UNLOCK, control::spin_unlock),
     def(H::SEND_SIGNAL, task::send_signal),
     def(H::PROBE_READ_USER, probe::probe_read_user),
     def(H::PROBE_READ_KERNEL, probe::probe_read_kernel),
@@ -251,6 +253,8 @@ mod tests {
             [
                 "bpf_tail_call",
                 "bpf_override_return",
+                "bpf_spin_lock",
+                "bpf_spin_unlock",
                 "bpf_ringbuf_reserve",
                 "bpf_ringbuf_submit",
                 "bpf_ringbuf_discard"

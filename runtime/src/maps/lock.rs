@@ -134,6 +134,18 @@ pub(super) fn futex_wake(word: &AtomicU32, n: i32) {
 #[repr(transparent)]
 pub(crate) struct ShmLock(AtomicU32);
 
+impl ShmLock {
+    /// The lock whose word is the `u32` at `p` (a `struct bpf_spin_lock` in a map value).
+    ///
+    /// # Safety
+    /// `p` is 4-byte aligned and valid for reads and writes for `'a`.
+    pub(crate) unsafe fn at<'a>(p: *mut u32) -> &'a ShmLock {
+        // SAFETY: ShmLock is repr(transparent) over AtomicU32, which has u32's layout; the
+        // caller guarantees alignment and lifetime.
+        unsafe { &*(p as *const ShmLock) }
+    }
+}
+
 /// Whether acquiring took the lock over from a dead holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Acquired {
