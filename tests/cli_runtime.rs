@@ -374,3 +374,54 @@ fn start_stands_in_for_its_command() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(loader.stop().success());
 }
+
+/// Programs follow what the started command becomes: `start -- sh -c '...'` runs the victim
+/// through `env` (an exec) and as a background child of the shell; both are hooked (the
+/// shell itself does not map the victim and reports it pending), and the map holds the calls
+/// of both runs, as kernel uprobes on the file would count them.
+#[test]
+fn exec_d_and_child_victims_of_a_started_shell_are_hooked() {
+    if !require_kernel("exec_d_and_child_victims_of_a_started_shell_are_hooked") {
+        return;
+    }
+    let loader = Loader::start("hash_counter", &[]);
+    let victim = victim_path().display().to_string();
+    let script = format!(
+        "echo go | env BPFTIME_TEST=1 {victim} 1200 && (echo go | {victim} 800 &) ; wait; sleep 0.2"
+    );
+    let out = bpftime()
+        .args([
+            "start",
+            "--object",
+            "hash_counter",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pending hash_counter/"),
+        "the shell reports the victim's programs pending: {stderr}"
+    );
+    // Both runs' calls: the model of each run, summed key by key.
+    let mut expected: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
+    for rounds in [1200, 800] {
+        for (k, v) in &model::expected("hash_counter", rounds)["calls_by_arg"] {
+            *expected.entry(k.clone()).or_default() +=
+                u64::from_le_bytes(v[..8].try_into().unwrap());
+        }
+    }
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = expected
+        .into_iter()
+        .map(|(k, v)| (k, v.to_le_bytes().to_vec()))
+        .collect();
+    wait_for("both victims' calls", || {
+        map_entries("hash_counter", "calls_by_arg") == expected
+    });
+    assert!(loader.stop().success());
+}

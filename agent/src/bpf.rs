@@ -599,29 +599,37 @@ fn install(
             cookie,
         } = attachment;
         let program = &published.programs[program];
-        let result = resolver
-            .resolve(&target)
-            .map_err(|e| e.to_string())
-            .and_then(|t| {
-                // The kernel's user stacks at a function's entry include the return address
-                // still at the stack pointer when the probed instruction is `push %rbp`.
-                let frame_at_entry = kind == ProbeKind::Uprobe
-                    && t.offset == 0
-                    && bpftime_attach::hook::pushes_frame_at_entry(
-                        &bpftime_attach::hook::original_code(t.address, 1),
-                    );
-                let handler = BpfHandler::new(
-                    Arc::clone(published),
-                    program.clone(),
-                    t.address,
-                    cookie,
-                    frame_at_entry,
+        let resolved = resolver.resolve(&target);
+        if let Err(e @ bpftime_attach::AttachError::ModuleNotLoaded { .. }) = &resolved {
+            // Not this process's file: a shell or wrapper that execs it later (its agent then
+            // hooks it), or a library it has not loaded. Kernel uprobes belong to the file,
+            // so this is no error.
+            lines.push(format!(
+                "pending {object}/{} ({}): {e}; hooked in the process that runs it",
+                program.name, program.section
+            ));
+            continue;
+        }
+        let result = resolved.map_err(|e| e.to_string()).and_then(|t| {
+            // The kernel's user stacks at a function's entry include the return address
+            // still at the stack pointer when the probed instruction is `push %rbp`.
+            let frame_at_entry = kind == ProbeKind::Uprobe
+                && t.offset == 0
+                && bpftime_attach::hook::pushes_frame_at_entry(
+                    &bpftime_attach::hook::original_code(t.address, 1),
                 );
-                hooks
-                    .install(&t, kind, handler)
-                    .map(|id| (t, id))
-                    .map_err(|e| e.to_string())
-            });
+            let handler = BpfHandler::new(
+                Arc::clone(published),
+                program.clone(),
+                t.address,
+                cookie,
+                frame_at_entry,
+            );
+            hooks
+                .install(&t, kind, handler)
+                .map(|id| (t, id))
+                .map_err(|e| e.to_string())
+        });
         match result {
             Ok((t, id)) => {
                 installed.push((key, id));

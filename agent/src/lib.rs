@@ -195,6 +195,19 @@ fn follow_objects() {
 
 static AGENT: Mutex<Option<Agent>> = Mutex::new(None);
 
+/// The environment variable with the pid of the first process of a started tree.
+const ROOT_ENV: &str = "BPFTIME_AGENT_ROOT";
+
+/// Where this process reports: `<config>.status` for the process `start` ran (also after it
+/// execs another program: same pid), `<config>.status.<pid>` for its descendants.
+fn status_path(config: &Path) -> PathBuf {
+    let me = std::process::id().to_string();
+    match std::env::var(ROOT_ENV) {
+        Ok(root) if root != me => with_suffix(config, &format!(".status.{me}")),
+        _ => with_suffix(config, ".status"),
+    }
+}
+
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(suffix);
@@ -281,7 +294,7 @@ fn start(config: &Path) -> Result<usize, String> {
             }
         }
     }
-    let status = with_suffix(config, ".status");
+    let status = status_path(config);
     // Written whole then renamed, so a reader polling for it never sees half of it.
     if let Err(e) = bpftime_runtime::state::fs::write_atomic(
         &status,
@@ -389,7 +402,13 @@ extern "C" fn agent_init() {
     let Some(config) = std::env::var_os("BPFTIME_AGENT_CONFIG") else {
         return; // injected mode: the injector calls bpftime_agent_start
     };
-    std::env::remove_var("BPFTIME_AGENT_CONFIG");
+    // The config stays in the environment: what the started command execs, and the
+    // children it starts, load the agent with it too and hook what they run (kernel
+    // uprobes belong to the file, not to one process). The first process of the tree
+    // records its pid for them; the others report apart (see `status_path`).
+    if std::env::var_os(ROOT_ENV).is_none() {
+        std::env::set_var(ROOT_ENV, std::process::id().to_string());
+    }
     // A panic must not unwind out of a constructor (that aborts the target): the target runs
     // on unprobed instead.
     // The start-up's allocations after the first hook is in place run on the target's main

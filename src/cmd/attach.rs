@@ -280,9 +280,56 @@ pub fn start(args: &StartArgs) -> Result<()> {
     }
     if std::env::var_os("BPFTIME_QUIET").is_none() {
         report_status(&config);
+        let config = config.clone();
+        std::thread::spawn(move || follow_status(&config));
     }
     let status = child.wait()?;
     std::process::exit(exit_code(status));
+}
+
+/// Prints what the agents of the started tree report later: the command's own agent again
+/// when it execs another program (it rewrites `<config>.status`), and the agents of its
+/// descendants (`<config>.status.<pid>`), each line once.
+fn follow_status(config: &Path) {
+    let Some(dir) = config.parent() else { return };
+    let Some(name) = config.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!("{name}.status");
+    let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+    if let Ok(first) = std::fs::read_to_string(status_path(config)) {
+        seen.insert(status_path(config), first);
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix(&prefix) else {
+                continue;
+            };
+            let path = entry.path();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if seen.get(&path) == Some(&text) {
+                continue;
+            }
+            let who = match rest.strip_prefix('.') {
+                Some(pid) => format!("process {pid}: "),
+                None => String::new(),
+            };
+            // Lines appended (the follower's) print alone; a rewritten file prints whole.
+            let old = seen.get(&path).map(String::as_str).unwrap_or("");
+            let new = text.strip_prefix(old).unwrap_or(&text);
+            for line in new.lines() {
+                eprintln!("bpftime-rs: agent: {who}{line}");
+            }
+            seen.insert(path, text);
+        }
+    }
 }
 
 /// The signals `start` passes on to its command (SIGKILL cannot be caught: the command's
