@@ -116,7 +116,7 @@ fn lock_word(
     addr: u64,
     ctx: &mut CallContext<'_, '_>,
 ) -> Result<*mut u32, HelperError> {
-    if addr % 4 != 0 {
+    if !addr.is_multiple_of(4) {
         return Err(crate::vm::HelperFault::BadPointer {
             helper: id,
             arg: 1,
