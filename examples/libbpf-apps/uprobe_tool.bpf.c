@@ -73,15 +73,24 @@ struct {
 	__uint(max_entries, 4 * 4096);
 } commands SEC(".maps");
 
+/* The applied commands' sum (a map, not .bss: the aya tool reads .bss by layout). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u64);
+} commanded SEC(".maps");
+
 const volatile bool drain_commands = false;
-u64 commanded = 0;
 
 static long apply_command(struct bpf_dynptr *command, void *ctx)
 {
 	u64 value;
+	u32 zero = 0;
+	u64 *sum = bpf_map_lookup_elem(&commanded, &zero);
 
-	if (bpf_dynptr_read(&value, sizeof(value), command, 0, 0) == 0)
-		__sync_fetch_and_add(&commanded, value);
+	if (sum && bpf_dynptr_read(&value, sizeof(value), command, 0, 0) == 0)
+		__sync_fetch_and_add(sum, value);
 	return 1; /* one command per call */
 }
 

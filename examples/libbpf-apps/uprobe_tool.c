@@ -515,9 +515,15 @@ int main(int argc, char **argv)
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
 	    !err)
 		err = -1;
-	if (opts.commands)
+	if (opts.commands) {
+		__u32 zero = 0;
+		__u64 applied = 0;
+
+		if (bpf_map_lookup_elem(bpf_map__fd(skel->maps.commanded), &zero, &applied) && !err)
+			err = -errno;
 		printf("commands sent=%llu applied=%llu\n", opts.commands,
-		       (unsigned long long)skel->bss->commanded);
+		       (unsigned long long)applied);
+	}
 	if (opts.stacks &&
 	    print_stacks(bpf_map__fd(skel->maps.stack_calls), bpf_map__fd(skel->maps.stacks)) &&
 	    !err)

@@ -59,7 +59,10 @@ fn run(options: &Options) -> Result<ExitCode> {
     let path = object_path();
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let min_arg = options.min_arg;
+    // The object also has maps this tool does not use (a USER_RINGBUF for uprobe_tool's -U)
+    // whose types aya has no wrapper for.
     let mut ebpf = EbpfLoader::new()
+        .allow_unsupported_maps()
         .override_global("min_arg", &min_arg, true)
         .load(&bytes)
         .context("loading the BPF object")?;
