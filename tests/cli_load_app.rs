@@ -588,17 +588,36 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
     }
     let events = expected_events(CALLS, MIN_ARG).to_string();
     let _unload = Unload("uprobe_tool");
+    let _ = std::fs::remove_file(APP_PIN);
     // Synced (the default): `load -- APP` syncs the object's maps as `load OBJ` does; the
     // mirrors stay pinned after the application exits, until `unload`.
     let run = common::run_tool(
         &bpftime_example_libbpf_apps::tool_path(),
         &[BPFTIME, "load", "--"],
-        &args(&["-f", VICTIM_FUNCTION, "-n", &events]),
+        &args(&["-f", VICTIM_FUNCTION, "-n", &events, "-K", APP_PIN]),
         &[BPFTIME, "start", "--"],
         &[CALLS.to_string()],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let run = checked(run, "bpftime-rs");
+    // The application's own pin of hist (BPF_OBJ_PIN) is the kernel mirror, not the stale
+    // kernel map: the same map as the loader's pin.
+    let map_id = |pin: &str| -> serde_json::Value {
+        let show = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned", pin])
+            .output()
+            .expect("bpftool");
+        let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("bpftool JSON");
+        json["id"].clone()
+    };
+    let app_pin = map_id(APP_PIN);
+    let _ = std::fs::remove_file(APP_PIN);
+    assert!(app_pin.is_u64(), "the application pinned hist");
+    assert_eq!(
+        app_pin,
+        map_id("/sys/fs/bpf/bpftime-rs/uprobe_tool/hist"),
+        "the application's pin is the mirror"
+    );
     assert_eq!(normalise(&run.stdout), expected_output(CALLS, MIN_ARG));
     assert!(
         run.stderr
@@ -682,6 +701,9 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+/// Where `app_maps_are_synced_to_kernel_mirrors_bpftool_reads` has the tool pin its hist.
+const APP_PIN: &str = "/sys/fs/bpf/bpftime-test-app-hist";
 
 #[test]
 fn ctrl_c_reaches_the_app_which_prints_its_results() {

@@ -43,6 +43,7 @@ struct options {
 	const char *func;
 	const char *cgroup; /* -c: only calls from processes in this cgroup2 directory (or below) */
 	unsigned long long commands; /* -U: commands sent through the USER_RINGBUF */
+	const char *pin; /* -K: pin the histogram map there before exiting */
 	long long offset; /* -1: attach by function name */
 	int pid;
 	unsigned long long min_arg;
@@ -77,6 +78,7 @@ static void usage(FILE *to, const char *prog)
 		"  -S          count entries per user stack; print each stack's depth and count\n"
 		"  -c CGROUP   only calls of processes in this cgroup2 directory or below it\n"
 		"  -U N        send N commands (1..N) through a user ring buffer; each entry applies one\n"
+		"  -K PATH     pin the histogram map at PATH (in bpffs) before exiting\n"
 		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
@@ -111,7 +113,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:U:vPBSqh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:U:K:vPBSqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -168,6 +170,9 @@ static int parse_args(int argc, char **argv, struct options *opts)
 			break;
 		case 'c':
 			opts->cgroup = optarg;
+			break;
+		case 'K':
+			opts->pin = optarg;
 			break;
 		case 'U':
 			if (!parse_ull(optarg, &value)) {
@@ -515,6 +520,11 @@ int main(int argc, char **argv)
 			: print_hist(bpf_map__fd(skel->maps.hist))) &&
 	    !err)
 		err = -1;
+	if (opts.pin && bpf_obj_pin(bpf_map__fd(skel->maps.hist), opts.pin)) {
+		fprintf(stderr, "uprobe_tool: pinning hist at %s: %s\n", opts.pin, strerror(errno));
+		if (!err)
+			err = -errno;
+	}
 	if (opts.commands) {
 		__u32 zero = 0;
 		__u64 applied = 0;

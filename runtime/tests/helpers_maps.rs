@@ -361,14 +361,14 @@ fn tail_calls_through_a_prog_array() {
 #[test]
 fn unknown_helpers_are_refused_at_load_time() {
     let e = Env::new("unknown", false, &[]);
-    let insns = assemble("mov %r1, 0\nlddw %r2, 5\ncall 27\nexit").unwrap();
+    let insns = assemble("mov %r1, 0\nlddw %r2, 5\ncall 84\nexit").unwrap();
     let err = check_helper_calls(&insns).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "helper 27 (bpf_get_stackid) is not supported at instruction 3"
+        "helper 84 (bpf_sk_lookup_tcp) is not supported at instruction 3"
     );
     let msg = e.h.load_program(insns).unwrap_err().to_string();
-    assert!(msg.contains("bpf_get_stackid"), "{msg}");
+    assert!(msg.contains("bpf_sk_lookup_tcp"), "{msg}");
     let err = check_helper_calls(&assemble("call 9999\nexit").unwrap()).unwrap_err();
     assert_eq!(
         err.to_string(),

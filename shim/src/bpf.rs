@@ -50,6 +50,7 @@ pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
             }
         }
         sys::BPF_PROG_LOAD => prog_load(cmd, attr, size, &parsed),
+        sys::BPF_OBJ_PIN => obj_pin(cmd, attr, size, &parsed),
         sys::BPF_BTF_LOAD => btf_load(cmd, attr, size, &parsed),
         sys::BPF_LINK_CREATE => link::create(cmd, attr, size, &parsed),
         sys::BPF_LINK_DETACH => {
@@ -82,6 +83,54 @@ pub(crate) fn command(cmd: i32, attr: usize, size: u32) -> i64 {
         }
         _ => kernel(cmd, attr, size),
     }
+}
+
+/// BPF_OBJ_PIN of a sealed map: its kernel map no longer holds the contents (user space does),
+/// the sync forwarder's kernel mirror does, so the mirror is what gets pinned when `load`
+/// syncs (`/sys/fs/bpf/bpftime-rs/<object>/<map>`, dots as `_`, where the loader pins it).
+/// Without a mirror the kernel map is pinned, as the kernel would, with one line saying its
+/// contents stay those of the moment the object was sealed.
+fn obj_pin(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
+    // SAFETY: reading the OBJ_PIN member of the attr copy.
+    let o = unsafe { a.__bindgen_anon_4 };
+    let Some(map) = sealed_map(o.bpf_fd as i32) else {
+        return kernel(cmd, attr, size);
+    };
+    let Some(object) = table::with(|s| Some(s.sealed.as_ref()?.shm.object_name().to_string()))
+    else {
+        return kernel(cmd, attr, size);
+    };
+    let mirror = format!(
+        "/sys/fs/bpf/bpftime-rs/{}/{}",
+        object.replace('.', "_"),
+        map.name().replace('.', "_")
+    );
+    let Ok(mirror) = std::ffi::CString::new(mirror) else {
+        return kernel(cmd, attr, size);
+    };
+    // SAFETY: bpf_attr is plain old data; all-zero is valid.
+    let mut get: sys::bpf_attr = unsafe { std::mem::zeroed() };
+    get.__bindgen_anon_4.pathname = mirror.as_ptr() as u64;
+    let attr_size = std::mem::size_of::<sys::bpf_attr>();
+    let fd = kernel(
+        sys::BPF_OBJ_GET,
+        &get as *const _ as usize,
+        attr_size as u32,
+    );
+    if fd < 0 {
+        eprintln!(
+            "bpftime-shim: BPF_OBJ_PIN of map {}: user space holds its contents; the pin is the \
+             kernel map as it was when the object was sealed (with `bpftime-rs load --sync` \
+             the kernel mirror is pinned instead)",
+            map.name()
+        );
+        return kernel(cmd, attr, size);
+    }
+    let mut pin = *a;
+    pin.__bindgen_anon_4.bpf_fd = fd as u32;
+    let r = kernel(cmd, &pin as *const _ as usize, size.min(attr_size as u32));
+    raw::close(fd as i32);
+    r
 }
 
 /// BPF_BTF_LOAD: the kernel's, and the BTF kept (what `bpftime-rs maps` formats entries with).
