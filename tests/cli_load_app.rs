@@ -870,3 +870,93 @@ fn libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes() {
     );
     assert_same(&kernel, &user);
 }
+
+/// At scale in app mode: the tool resizes its histogram to 10,000 buckets before load (as
+/// tools size maps from options), 20,000 calls fill every bucket, the tool walks them with
+/// GET_NEXT_KEY, and the kernel mirror the forwarder keeps (bpftool) holds exactly what the
+/// tool printed; both equal the kernel run's and the victim's own arithmetic.
+#[test]
+fn many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly() {
+    if !require_kernel("many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly") {
+        return;
+    }
+    const BUCKETS: u64 = 10_000;
+    const MANY_CALLS: u64 = 20_000;
+    let tool = bpftime_example_libbpf_apps::tool_path();
+    let tool_args: Vec<String> = [
+        "-b",
+        &victim_path().display().to_string(),
+        "-m",
+        &MIN_ARG.to_string(),
+        "-f",
+        VICTIM_FUNCTION,
+        "-q",
+        "-H",
+        &BUCKETS.to_string(),
+        "-d",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let victim_args = [MANY_CALLS.to_string()];
+    let hist_lines = |stdout: &str| -> Vec<String> {
+        let mut v: Vec<String> = stdout
+            .lines()
+            .filter(|l| l.starts_with("hist "))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    let mut expected: Vec<String> = (0..BUCKETS)
+        .map(|k| {
+            let n = (MIN_ARG..MANY_CALLS).filter(|v| v % BUCKETS == k).count();
+            format!("hist {k} {n}")
+        })
+        .collect();
+    expected.sort();
+    let kernel = common::run_tool(&tool, &[], &tool_args, &[], &victim_args)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(hist_lines(&kernel.stdout), expected, "kernel run");
+    let _unload = Unload("uprobe_tool");
+    let user = common::run_tool(
+        &tool,
+        &[BPFTIME, "load", "--"],
+        &tool_args,
+        &[BPFTIME, "start", "--"],
+        &victim_args,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        hist_lines(&user.stdout),
+        expected,
+        "bpftime-rs run; stderr: {}",
+        user.stderr
+    );
+    let dump = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/bpftime-rs/uprobe_tool/hist",
+        ])
+        .output()
+        .expect("bpftool");
+    let json: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
+    let number = |v: &serde_json::Value| -> u64 {
+        v.as_array().expect("bytes").iter().rev().fold(0, |acc, b| {
+            acc * 256
+                + u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        })
+    };
+    let mut mirrored: Vec<String> = json
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| format!("hist {} {}", number(&e["key"]), number(&e["value"])))
+        .collect();
+    mirrored.sort();
+    assert_eq!(mirrored, expected, "the kernel mirror of hist");
+}

@@ -30,7 +30,7 @@ struct {
 	__uint(value_size, sizeof(u32));
 } pevents SEC(".maps");
 
-/* Entry count per (first argument % HIST_BUCKETS). */
+/* Entry count per (first argument % hist_buckets); the loader may resize it (-H). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
@@ -94,6 +94,9 @@ static long apply_command(struct bpf_dynptr *command, void *ctx)
 	return 1; /* one command per call */
 }
 
+/* Set by the loader before load (-H, with hist resized to match). */
+const volatile u32 hist_buckets = HIST_BUCKETS;
+
 /* Set by the loader before load: entries with a smaller first argument are ignored. */
 const volatile u64 min_arg = 0;
 /* Set by the loader before load: events go to pevents instead of events. */
@@ -155,7 +158,7 @@ int BPF_KPROBE(on_entry, long arg)
 	if (value < min_arg)
 		return 0;
 	__sync_fetch_and_add(&entries, 1);
-	hist_add(value % HIST_BUCKETS);
+	hist_add(value % hist_buckets);
 	if (drain_commands)
 		bpf_user_ringbuf_drain(&commands, apply_command, NULL, 0);
 	if (count_stacks) {

@@ -44,6 +44,7 @@ struct options {
 	const char *cgroup; /* -c: only calls from processes in this cgroup2 directory (or below) */
 	unsigned long long commands; /* -U: commands sent through the USER_RINGBUF */
 	const char *pin; /* -K: pin the histogram map there before exiting */
+	unsigned long long buckets; /* -H: histogram buckets (the map resized before load) */
 	long long offset; /* -1: attach by function name */
 	int pid;
 	unsigned long long min_arg;
@@ -79,6 +80,7 @@ static void usage(FILE *to, const char *prog)
 		"  -c CGROUP   only calls of processes in this cgroup2 directory or below it\n"
 		"  -U N        send N commands (1..N) through a user ring buffer; each entry applies one\n"
 		"  -K PATH     pin the histogram map at PATH (in bpffs) before exiting\n"
+		"  -H N        N histogram buckets (default 8; the map is resized before load)\n"
 		"  -q          count events instead of printing them; print `received N` at exit\n"
 		"  -v          print libbpf's messages on stderr\n",
 		prog);
@@ -113,7 +115,7 @@ static int parse_args(int argc, char **argv, struct options *opts)
 	char *end;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:U:K:vPBSqh")) != -1) {
+	while ((opt = getopt(argc, argv, "b:f:o:p:m:n:d:c:U:K:H:vPBSqh")) != -1) {
 		switch (opt) {
 		case 'b':
 			opts->binary = optarg;
@@ -173,6 +175,13 @@ static int parse_args(int argc, char **argv, struct options *opts)
 			break;
 		case 'K':
 			opts->pin = optarg;
+			break;
+		case 'H':
+			if (!parse_ull(optarg, &value) || value == 0 || value > 1000000) {
+				fprintf(stderr, "uprobe_tool: bad bucket count '%s'\n", optarg);
+				return -1;
+			}
+			opts->buckets = value;
 			break;
 		case 'U':
 			if (!parse_ull(optarg, &value)) {
@@ -359,15 +368,19 @@ static int print_stacks(int calls_fd, int stacks_fd)
 	return 0;
 }
 
-static int print_hist(int fd)
+static int print_hist(int fd, size_t max)
 {
-	uint32_t keys[MAX_HIST], key, next;
+	uint32_t *keys = calloc(max + 1, sizeof(*keys)), key, next;
 	const uint32_t *prev = NULL;
 	size_t n = 0;
+	int err = 0;
 
+	if (!keys)
+		return -1;
 	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
-		if (n == MAX_HIST) {
-			fprintf(stderr, "uprobe_tool: more than %d hist keys\n", MAX_HIST);
+		if (n == max) {
+			fprintf(stderr, "uprobe_tool: more than %zu hist keys\n", max);
+			free(keys);
 			return -1;
 		}
 		keys[n++] = next;
@@ -376,6 +389,7 @@ static int print_hist(int fd)
 	}
 	if (errno != ENOENT) {
 		fprintf(stderr, "uprobe_tool: walking hist: %s\n", strerror(errno));
+		free(keys);
 		return -1;
 	}
 	qsort(keys, n, sizeof(keys[0]), cmp_u32);
@@ -385,11 +399,13 @@ static int print_hist(int fd)
 		if (bpf_map_lookup_elem(fd, &keys[i], &count)) {
 			fprintf(stderr, "uprobe_tool: looking up hist key %u: %s\n", keys[i],
 				strerror(errno));
-			return -1;
+			err = -1;
+			break;
 		}
 		printf("hist %u %llu\n", keys[i], (unsigned long long)count);
 	}
-	return 0;
+	free(keys);
+	return err;
 }
 
 static double now(void)
@@ -427,6 +443,14 @@ int main(int argc, char **argv)
 	skel->rodata->count_stacks = opts.stacks;
 	skel->rodata->filter_cg = opts.cgroup != NULL;
 	skel->rodata->drain_commands = opts.commands > 0;
+	if (opts.buckets) {
+		/* As tools size their maps from options: before load. */
+		skel->rodata->hist_buckets = opts.buckets;
+		if (bpf_map__set_max_entries(skel->maps.hist, opts.buckets)) {
+			fprintf(stderr, "uprobe_tool: resizing hist: %s\n", strerror(errno));
+			return 1;
+		}
+	}
 	err = uprobe_tool_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "uprobe_tool: loading the BPF object: %s\n", strerror(-err));
@@ -517,7 +541,8 @@ int main(int argc, char **argv)
 	}
 
 	if ((opts.batch ? print_hist_batch(bpf_map__fd(skel->maps.hist))
-			: print_hist(bpf_map__fd(skel->maps.hist))) &&
+			: print_hist(bpf_map__fd(skel->maps.hist),
+				     bpf_map__max_entries(skel->maps.hist))) &&
 	    !err)
 		err = -1;
 	if (opts.pin && bpf_obj_pin(bpf_map__fd(skel->maps.hist), opts.pin)) {

@@ -837,6 +837,30 @@ impl MapHandle {
             .collect()
     }
 
+    /// `GET_NEXT_KEY` on a hash: the live element after `current`'s in pool order (the first
+    /// one when `current` is absent or not in the map). One lookup and a forward scan, not a
+    /// listing per call: walking a map of n keys stays O(n) per key at worst and O(1) apart.
+    pub(super) fn hash_next_key(&self, current: Option<&[u8]>) -> Option<Vec<u8>> {
+        let limit = self
+            .ctl()
+            .alloc
+            .next_fresh
+            .load(Ordering::Acquire)
+            .min(self.geo.pool);
+        let start = current
+            .and_then(|k| self.hash_find_slot(k))
+            .map_or(0, |s| s + 1);
+        (start..limit).find_map(|s| {
+            let e = self.elem(s);
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_LIVE {
+                return None;
+            }
+            self.hash_read_slot(s)
+                .filter(|c| c.value.is_some())
+                .map(|c| c.key)
+        })
+    }
+
     /// Whether a hash element is free (never true for array slots).
     pub(super) fn slot_is_free(&self, slot: u32) -> bool {
         self.def.map_type.is_hash()

@@ -684,15 +684,7 @@ impl MapHandle {
                 .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
         };
         match self.typed() {
-            MapRef::Hash(_) => {
-                let keys: Vec<Vec<u8>> = self.iter().into_iter().map(|e| e.key).collect();
-                Ok(
-                    match current.and_then(|k| keys.iter().position(|x| x == k)) {
-                        Some(i) => keys.get(i + 1).cloned(),
-                        None => keys.first().cloned(),
-                    },
-                )
-            }
+            MapRef::Hash(_) => Ok(self.hash_next_key(current)),
             MapRef::Array(_)
             | MapRef::ProgArray(_)
             | MapRef::PerfEventArray(_)
