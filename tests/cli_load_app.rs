@@ -625,35 +625,7 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         "{}",
         run.stderr
     );
-    let dump = Command::new("bpftool")
-        .args([
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            "/sys/fs/bpf/bpftime-rs/uprobe_tool/hist",
-        ])
-        .output()
-        .expect("bpftool");
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
-    let number = |v: &serde_json::Value| -> u64 {
-        v.as_array().expect("bytes").iter().rev().fold(0, |acc, b| {
-            acc * 256
-                + u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-        })
-    };
-    let mut mirrored: Vec<String> = json
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| format!("hist {} {}", number(&e["key"]), number(&e["value"])))
-        .collect();
-    mirrored.sort();
+    let mirrored = mirrored_hist();
     let mut printed: Vec<String> = run
         .stdout
         .lines()
@@ -700,6 +672,41 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         "{}",
         String::from_utf8_lossy(&diff.stdout)
     );
+}
+
+/// The kernel mirror of uprobe_tool's hist as bpftool dumps it, as sorted `hist KEY COUNT`
+/// lines (the tool's own format).
+fn mirrored_hist() -> Vec<String> {
+    let dump = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/bpftime-rs/uprobe_tool/hist",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
+    let number = |v: &serde_json::Value| -> u64 {
+        v.as_array().expect("bytes").iter().rev().fold(0, |acc, b| {
+            acc * 256
+                + u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+        })
+    };
+    let mut mirrored: Vec<String> = json
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| format!("hist {} {}", number(&e["key"]), number(&e["value"])))
+        .collect();
+    mirrored.sort();
+    mirrored
 }
 
 /// Where `app_maps_are_synced_to_kernel_mirrors_bpftool_reads` has the tool pin its hist.
@@ -934,29 +941,6 @@ fn many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly() {
         "bpftime-rs run; stderr: {}",
         user.stderr
     );
-    let dump = Command::new("bpftool")
-        .args([
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            "/sys/fs/bpf/bpftime-rs/uprobe_tool/hist",
-        ])
-        .output()
-        .expect("bpftool");
-    let json: serde_json::Value = serde_json::from_slice(&dump.stdout).expect("bpftool JSON");
-    let number = |v: &serde_json::Value| -> u64 {
-        v.as_array().expect("bytes").iter().rev().fold(0, |acc, b| {
-            acc * 256
-                + u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
-        })
-    };
-    let mut mirrored: Vec<String> = json
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| format!("hist {} {}", number(&e["key"]), number(&e["value"])))
-        .collect();
-    mirrored.sort();
+    let mirrored = mirrored_hist();
     assert_eq!(mirrored, expected, "the kernel mirror of hist");
 }

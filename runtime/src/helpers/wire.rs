@@ -24,32 +24,14 @@ pub struct UnsupportedMap {
 }
 
 /// The [`MapDef`]s of `obj`'s maps in index order, followed by the trace ring
-/// ([`trace_map_def`]) when `with_trace` (its index is then `obj.maps.len()`).
+/// ([`trace_map_def`]) when `with_trace` (its index is then `obj.maps.len()`); the first map
+/// user space cannot hold is an error.
 pub fn map_defs(obj: &BpfObject, with_trace: bool) -> Result<Vec<MapDef>, UnsupportedMap> {
-    let mut defs = obj
-        .maps
-        .iter()
-        .map(|m| {
-            let map_type = MapType::from_raw(m.map_type).ok_or_else(|| UnsupportedMap {
-                object: obj.name.clone(),
-                map: m.name.clone(),
-                map_type: m.map_type,
-            })?;
-            Ok(MapDef {
-                map_type,
-                key_size: m.key_size,
-                value_size: m.value_size,
-                max_entries: m.max_entries,
-                flags: m.flags,
-                map_extra: m.map_extra,
-                name: m.name.clone(),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if with_trace {
-        defs.push(trace_map_def());
+    let (defs, unsupported) = map_defs_with_placeholders(obj, with_trace);
+    match unsupported.into_iter().next() {
+        Some((_, m)) => Err(m),
+        None => Ok(defs),
     }
-    Ok(defs)
 }
 
 /// [`map_defs`] that does not stop at a map user space cannot hold: such a map is laid out

@@ -819,13 +819,18 @@ impl MapHandle {
         Ok(())
     }
 
-    pub(super) fn hash_entries(&self) -> Vec<Entry> {
-        let limit = self
-            .ctl()
+    /// The element slots ever handed out (`next_fresh`, at most the pool): every live element
+    /// is below it.
+    fn slots_in_use(&self) -> u32 {
+        self.ctl()
             .alloc
             .next_fresh
             .load(Ordering::Acquire)
-            .min(self.geo.pool);
+            .min(self.geo.pool)
+    }
+
+    pub(super) fn hash_entries(&self) -> Vec<Entry> {
+        let limit = self.slots_in_use();
         (0..limit)
             .filter_map(|s| self.hash_read_slot(s))
             .filter_map(|c| {
@@ -841,12 +846,7 @@ impl MapHandle {
     /// one when `current` is absent or not in the map). One lookup and a forward scan, not a
     /// listing per call: walking a map of n keys stays O(n) per key at worst and O(1) apart.
     pub(super) fn hash_next_key(&self, current: Option<&[u8]>) -> Option<Vec<u8>> {
-        let limit = self
-            .ctl()
-            .alloc
-            .next_fresh
-            .load(Ordering::Acquire)
-            .min(self.geo.pool);
+        let limit = self.slots_in_use();
         let start = current
             .and_then(|k| self.hash_find_slot(k))
             .map_or(0, |s| s + 1);
@@ -897,12 +897,7 @@ impl MapHandle {
         cpu: u32,
         f: &mut impl FnMut(*const u8, *mut u8) -> bool,
     ) -> u64 {
-        let limit = self
-            .ctl()
-            .alloc
-            .next_fresh
-            .load(Ordering::Acquire)
-            .min(self.geo.pool);
+        let limit = self.slots_in_use();
         let lru = if self.def.map_type.is_lru() {
             LRU_REF
         } else {

@@ -36,10 +36,21 @@ pub(super) fn plan(g: &mut Geometry, def: &super::MapDef, cur: u64) {
 impl MapHandle {
     /// The map's lock; `EBUSY` when a live holder kept it past the lock timeout.
     fn qlock(&self, op: &'static str) -> Result<LockGuard<'_>, MapError> {
+        self.map_lock(op, Self::repair_push_numbering)
+    }
+
+    /// The map-wide lock (queues, stacks, stack traces, LPM tries); `EBUSY` when a live holder
+    /// kept it past the lock timeout. When it was taken over from a dead holder, `repair`
+    /// fixes what that holder may have left half done (counted as a recovery).
+    pub(super) fn map_lock(
+        &self,
+        op: &'static str,
+        repair: impl FnOnce(&Self),
+    ) -> Result<LockGuard<'_>, MapError> {
         let g = LockGuard::new(&self.ctl().alloc.lock).ok_or_else(|| self.err(op, libc::EBUSY))?;
         if g.acquired == Acquired::Recovered {
             self.count(ctr::RECOVERIES);
-            self.repair_push_numbering();
+            repair(self);
         }
         Ok(g)
     }

@@ -19,7 +19,7 @@ use bpftime_abi::flags::{
 };
 
 use super::layout::*;
-use super::lock::{Acquired, LockGuard};
+use super::lock::LockGuard;
 use super::typed::typed_map;
 use super::{Entry, EntryValue, MapError, MapHandle};
 
@@ -144,12 +144,7 @@ impl StackTraceMap {
     }
 
     fn lock(&self, op: &'static str) -> Result<LockGuard<'_>, MapError> {
-        let g = LockGuard::new(&self.ctl().alloc.lock).ok_or_else(|| self.err(op, libc::EBUSY))?;
-        if g.acquired == Acquired::Recovered {
-            self.count(ctr::RECOVERIES);
-            self.repair();
-        }
-        Ok(g)
+        self.map_lock(op, |_| self.repair())
     }
 
     /// After a writer died holding the lock: empty the bucket it was filling and recount.
