@@ -496,6 +496,7 @@ pub fn attach_object(
         name: object.to_string(),
         generation: published.manifest.generation,
         hooks: installed,
+        seen: None,
     });
     (failed, followed)
 }
@@ -514,6 +515,42 @@ pub struct FollowedObject {
     name: String,
     generation: u64,
     hooks: Vec<(AttachmentKey, bpftime_attach::HookId)>,
+    /// The manifest file as last read (its identity and its loader's pid): while the file is
+    /// the same and the loader lives, nothing changed and nothing is parsed.
+    seen: Option<ManifestStamp>,
+}
+
+/// What tells a manifest file changed without reading it: it is replaced by rename (a new
+/// inode) on every publication.
+#[derive(Clone, PartialEq, Eq)]
+struct ManifestStamp {
+    path: std::path::PathBuf,
+    inode: u64,
+    modified_ns: i128,
+    size: u64,
+    loader_pid: u32,
+}
+
+impl ManifestStamp {
+    fn of(path: std::path::PathBuf, loader_pid: u32) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).ok()?;
+        Some(Self {
+            inode: m.ino(),
+            modified_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            size: m.size(),
+            loader_pid,
+            path,
+        })
+    }
+
+    /// The file is still the one read, and its loader is alive.
+    fn unchanged(&self) -> bool {
+        let alive = self.loader_pid > 0
+            // SAFETY: kill with signal 0 only checks that the process exists.
+            && unsafe { libc::kill(self.loader_pid as i32, 0) } == 0;
+        alive && Self::of(self.path.clone(), self.loader_pid).as_ref() == Some(self)
+    }
 }
 
 /// Brings `followed`'s hooks in line with its manifest if it changed: links added are
@@ -525,7 +562,20 @@ pub fn follow(
     lines: &mut Vec<String>,
 ) {
     let object = followed.name.clone();
-    let manifest = bpftime_runtime::state::find_object(&object).map(|f| f.manifest);
+    if followed.seen.as_ref().is_some_and(ManifestStamp::unchanged) {
+        return;
+    }
+    let found = bpftime_runtime::state::find_object(&object);
+    // The stamp counts only if the file it describes holds what was read: the manifest is
+    // read again after the stat, and generations only grow, so equal generations mean the
+    // same publication.
+    followed.seen = found.as_ref().ok().and_then(|f| {
+        let path = bpftime_runtime::state::Manifest::path(&f.dir, &object);
+        let stamp = ManifestStamp::of(path, f.manifest.loader_pid)?;
+        let again = bpftime_runtime::state::find_object(&object).ok()?;
+        (again.manifest.generation == f.manifest.generation).then_some(stamp)
+    });
+    let manifest = found.map(|f| f.manifest);
     if let Ok(m) = &manifest {
         if m.generation == followed.generation && m.loader_alive() {
             return;
