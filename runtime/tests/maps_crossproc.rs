@@ -219,6 +219,26 @@ fn child_entry() {
             let a = obj.map("a").unwrap();
             a.update(&k4(2), &5u64.to_le_bytes(), BPF_ANY).unwrap();
         }
+        "stop_mid_stack_store" => {
+            obj.map("st")
+                .unwrap()
+                .as_stack_trace()
+                .unwrap()
+                .debug_stop_mid_store(&[0x401000, 0x402000]);
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
+        "stop_mid_lpm_update" => {
+            let mut key = 24u32.to_le_bytes().to_vec();
+            key.extend_from_slice(&[10, 1, 2, 0]);
+            obj.map("lpm")
+                .unwrap()
+                .as_lpm_trie()
+                .unwrap()
+                .debug_stop_mid_update(&key);
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
         "stop_mid_push" => {
             obj.map("q")
                 .unwrap()
@@ -739,5 +759,85 @@ fn ring_lock_holder_killed_does_not_wedge_producers() {
     assert!(
         rb.counters().recoveries >= 1,
         "the takeover was not counted"
+    );
+}
+
+/// A `bpf_get_stackid` writer killed with the STACK_TRACE map's lock held and a bucket half
+/// written: readers never take the torn stack, and the next writer takes the lock over, empties
+/// that bucket and recounts (the kernel swaps whole buckets and cannot tear one).
+#[test]
+fn a_stack_writer_killed_mid_store_leaves_no_torn_stack() {
+    let s = Seg::new(
+        "xp",
+        "midstack",
+        &[ctl_def(), def(MapType::StackTrace, 4, 32, 8, "st")],
+    );
+    let st = s.0.map("st").unwrap();
+    let stacks = st.as_stack_trace().unwrap();
+    let kept = stacks.store(&[0x500000, 0x500100, 0x500200], 0).unwrap();
+    let mut kid = spawn("stop_mid_stack_store", &s.0, 0);
+    wait_until("child mid-store", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    sigkill(&kid);
+    kid.wait().unwrap();
+    // The torn bucket reads as empty while the dead writer still holds the lock.
+    assert_eq!(st.iter().len(), 1, "only the whole stack is listed");
+    // The same stack stored again: the lock is taken over, the bucket repaired and filled.
+    let id = stacks.store(&[0x401000, 0x402000], 0).unwrap();
+    assert_eq!(st.counters().recoveries, 1);
+    assert_eq!(st.counters().repairs, 1);
+    assert_eq!(
+        stacks.stacks(),
+        2,
+        "recounted: the kept stack and the new one"
+    );
+    let mut want = [0x401000u64, 0x402000]
+        .iter()
+        .flat_map(|ip| ip.to_le_bytes())
+        .collect::<Vec<u8>>();
+    want.resize(32, 0);
+    assert_eq!(stacks.get(id), Some(want));
+    assert!(stacks.get(kept).is_some());
+}
+
+/// An LPM_TRIE writer killed with the map's lock held and a slot claimed but not filled: the
+/// next writer takes the lock over, frees the slot and recounts, so the trie keeps its whole
+/// capacity and no half-written prefix is ever matched.
+#[test]
+fn an_lpm_writer_killed_mid_update_leaves_no_half_prefix() {
+    let mut d = def(MapType::LpmTrie, 8, 8, 2, "lpm");
+    d.flags = bpftime_abi::flags::BPF_F_NO_PREALLOC;
+    let s = Seg::new("xp", "midlpm", &[ctl_def(), d]);
+    let lpm = s.0.map("lpm").unwrap();
+    let key = |len: u32, a: [u8; 4]| {
+        let mut k = len.to_le_bytes().to_vec();
+        k.extend_from_slice(&a);
+        k
+    };
+    let mut kid = spawn("stop_mid_lpm_update", &s.0, 0);
+    wait_until("child mid-update", Duration::from_secs(30), || {
+        ctl_get(&s.0, 0) == 1
+    });
+    sigkill(&kid);
+    kid.wait().unwrap();
+    assert_eq!(
+        lpm.get(&key(32, [10, 1, 2, 3])).unwrap(),
+        None,
+        "the half-written prefix does not match"
+    );
+    // Both slots are usable again: the dead writer's claim is given back.
+    lpm.update(&key(24, [10, 1, 2, 0]), &1u64.to_le_bytes(), 0)
+        .unwrap();
+    lpm.update(&key(8, [10, 0, 0, 0]), &2u64.to_le_bytes(), 0)
+        .unwrap();
+    assert_eq!(lpm.counters().recoveries, 1);
+    assert_eq!(lpm.counters().repairs, 1);
+    assert_eq!(lpm.len(), 2);
+    assert_eq!(
+        lpm.get(&key(32, [10, 1, 2, 3])).unwrap(),
+        Some(bpftime_runtime::maps::EntryValue::Single(
+            1u64.to_le_bytes().to_vec()
+        ))
     );
 }

@@ -326,6 +326,24 @@ impl LpmTrie {
         next.map(|(_, l, d)| Self::key_bytes(*l, d))
     }
 
+    /// Test hook: a writer killed mid-update: takes the map's lock, claims a free slot for
+    /// `key` (counted) and leaves it busy, returning with the lock held.
+    #[doc(hidden)]
+    pub fn debug_stop_mid_update(&self, key: &[u8]) {
+        let _ = self.ctl().alloc.lock.lock();
+        let Some(i) = (0..self.geo.pool)
+            .find(|&i| self.slot(i).0.state.load(Ordering::Relaxed) & STATE == FREE)
+        else {
+            return;
+        };
+        self.ctl().alloc.count.fetch_add(1, Ordering::Relaxed);
+        let (h, _, _) = self.slot(i);
+        let s = h.state.load(Ordering::Relaxed);
+        h.state
+            .store((s & !STATE).wrapping_add(GEN) | BUSY, Ordering::Relaxed);
+        h.prefixlen.store(self.split(key).0, Ordering::Relaxed);
+    }
+
     /// Stored prefixes.
     pub fn prefixes(&self) -> usize {
         self.ctl().alloc.count.load(Ordering::Relaxed) as usize

@@ -270,6 +270,23 @@ impl StackTraceMap {
         (start..n).find(|&i| self.bucket(i).0.nr.load(Ordering::Acquire) != 0)
     }
 
+    /// Test hook: a writer killed mid-store: takes the map's lock and leaves the bucket of
+    /// `ips` half written (its sequence odd), returning with the lock held.
+    #[doc(hidden)]
+    pub fn debug_stop_mid_store(&self, ips: &[u64]) {
+        let _ = self.ctl().alloc.lock.lock();
+        let words: Vec<u32> = ips
+            .iter()
+            .flat_map(|ip| [*ip as u32, (*ip >> 32) as u32])
+            .collect();
+        let id = super::jhash::jhash2(&words, 0) & (self.n_buckets() - 1);
+        let (h, dst) = self.bucket(id);
+        h.seq.fetch_add(1, Ordering::Relaxed);
+        h.nr.store(ips.len() as u32, Ordering::Relaxed);
+        // SAFETY: the first address of the bucket.
+        unsafe { std::ptr::write_volatile(dst, ips[0]) };
+    }
+
     /// How many stacks are stored.
     pub fn stacks(&self) -> usize {
         self.ctl().alloc.count.load(Ordering::Relaxed) as usize
