@@ -768,29 +768,25 @@ impl PublishedObject {
 /// Whether the program `bytes` load map `index` (an `lddw` with a map pseudo source), after
 /// the verifier's dead code was removed.
 fn references_map(bytes: &[u8], index: usize) -> bool {
+    use crate::object::insn;
     use crate::vm::insn::{
         BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE, BPF_PSEUDO_MAP_VALUE,
     };
-    let mut k = 0;
-    while (k + 1) * 8 <= bytes.len() {
-        let i = &bytes[k * 8..k * 8 + 8];
-        if i[0] == 0x18 {
-            let src = i[1] >> 4;
-            let imm = i32::from_le_bytes(i[4..8].try_into().expect("4 bytes"));
-            if matches!(
-                src,
+    let insns: Vec<crate::object::RawInsn> = bytes
+        .chunks_exact(8)
+        .map(|c| c.try_into().expect("8 bytes"))
+        .collect();
+    let found = insn::starts(&insns).any(|(k, _)| {
+        let i = &insns[k];
+        insn::opc(i) == insn::LDDW
+            && matches!(
+                insn::src(i),
                 BPF_PSEUDO_MAP_FD
                     | BPF_PSEUDO_MAP_IDX
                     | BPF_PSEUDO_MAP_VALUE
                     | BPF_PSEUDO_MAP_IDX_VALUE
-            ) && imm as usize == index
-            {
-                return true;
-            }
-            k += 2;
-        } else {
-            k += 1;
-        }
-    }
-    false
+            )
+            && insn::imm(i) as usize == index
+    });
+    found
 }

@@ -417,7 +417,7 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
 /// Whether `insns` call a helper the runtime lacks or reference a map whose type user space
 /// does not hold: only then is the verifier asked which instructions are live.
 fn needs_liveness(obj: &BpfObject, prog: &ProgramSpec, insns: &[RawInsn]) -> bool {
-    let unknown_helper = insns.iter().any(|i| {
+    let unknown_helper = insn::starts(insns).map(|(k, _)| &insns[k]).any(|i| {
         insn::opc(i) == 0x85
             && insn::src(i) == 0
             && !crate::helpers::is_supported(insn::imm(i) as u32)
@@ -435,19 +435,15 @@ fn needs_liveness(obj: &BpfObject, prog: &ProgramSpec, insns: &[RawInsn]) -> boo
 /// returns how many instructions were replaced.
 fn remove_dead(insns: &mut [RawInsn], live: &[bool]) -> usize {
     const EXIT: RawInsn = [0x95, 0, 0, 0, 0, 0, 0, 0];
-    let mut removed = 0;
-    let mut k = 0;
-    while k < insns.len() {
-        let slots = if insn::opc(&insns[k]) == 0x18 { 2 } else { 1 };
-        if !live.get(k).copied().unwrap_or(true) {
-            for slot in insns.iter_mut().skip(k).take(slots) {
-                *slot = EXIT;
-            }
-            removed += 1;
+    let dead: Vec<(usize, usize)> = insn::starts(insns)
+        .filter(|&(k, _)| !live.get(k).copied().unwrap_or(true))
+        .collect();
+    for &(k, slots) in &dead {
+        for slot in insns.iter_mut().skip(k).take(slots) {
+            *slot = EXIT;
         }
-        k += slots;
     }
-    removed
+    dead.len()
 }
 
 fn substitute_helpers(prog: &ProgramSpec, insns: &mut [RawInsn]) -> Vec<HelperSubstitution> {
@@ -455,18 +451,20 @@ fn substitute_helpers(prog: &ProgramSpec, insns: &mut [RawInsn]) -> Vec<HelperSu
     if prog.kernel_prog_type != Some(sys::BPF_PROG_TYPE_KPROBE) {
         return subs;
     }
-    let mut k = 0;
-    while k < insns.len() {
-        let i = insns[k];
-        if insn::opc(&i) == 0x85 && insn::src(&i) == 0 && insn::imm(&i) == HELPER_OVERRIDE_RETURN {
-            insn::set_imm(&mut insns[k], HELPER_GET_FUNC_IP);
-            subs.push(HelperSubstitution {
-                insn_index: k,
-                original: HELPER_OVERRIDE_RETURN,
-                replacement: HELPER_GET_FUNC_IP,
-            });
-        }
-        k += if insn::opc(&i) == 0x18 { 2 } else { 1 };
+    let calls: Vec<usize> = insn::starts(insns)
+        .map(|(k, _)| k)
+        .filter(|&k| {
+            let i = &insns[k];
+            insn::opc(i) == 0x85 && insn::src(i) == 0 && insn::imm(i) == HELPER_OVERRIDE_RETURN
+        })
+        .collect();
+    for k in calls {
+        insn::set_imm(&mut insns[k], HELPER_GET_FUNC_IP);
+        subs.push(HelperSubstitution {
+            insn_index: k,
+            original: HELPER_OVERRIDE_RETURN,
+            replacement: HELPER_GET_FUNC_IP,
+        });
     }
     subs
 }

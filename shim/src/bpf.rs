@@ -219,7 +219,7 @@ fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
     // SAFETY: reading the element-command member of the attr copy.
     let e = unsafe { a.__bindgen_anon_2 };
     let Some(map) = sealed_map(e.map_fd as i32) else {
-        record_prog_slot(cmd, &e);
+        record_slot_before_sealing(cmd, &e);
         return kernel(cmd, attr, size);
     };
     // SAFETY: `value` and `next_key` share the union's one u64.
@@ -233,7 +233,7 @@ fn map_elem(cmd: u32, attr: usize, size: u32, a: &sys::bpf_attr) -> i64 {
 /// Before sealing: a PROG_ARRAY or CGROUP_ARRAY slot the application sets (or deletes) in
 /// the kernel map is remembered, to be set in the segment at sealing (the kernel cannot hand
 /// either back: a lookup gives no program or cgroup).
-fn record_prog_slot(cmd: u32, e: &sys::bpf_attr__bindgen_ty_2) {
+fn record_slot_before_sealing(cmd: u32, e: &sys::bpf_attr__bindgen_ty_2) {
     if cmd != sys::BPF_MAP_UPDATE_ELEM && cmd != sys::BPF_MAP_DELETE_ELEM {
         return;
     }

@@ -215,9 +215,12 @@ fn status_path(config: &Path) -> PathBuf {
 
 /// Prints the agent's per-program status; returns how many programs failed to attach.
 fn report_status(config: &Path) -> usize {
-    let Ok(text) = std::fs::read_to_string(status_path(config)) else {
-        return 0;
-    };
+    let text = std::fs::read_to_string(status_path(config)).unwrap_or_default();
+    print_status(&text)
+}
+
+/// Prints a status file's lines; returns how many are errors.
+fn print_status(text: &str) -> usize {
     let mut failed = 0;
     for line in text.lines() {
         if line.starts_with("error") {
@@ -279,9 +282,12 @@ pub fn start(args: &StartArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     if std::env::var_os("BPFTIME_QUIET").is_none() {
-        report_status(&config);
+        // What was printed is what the follower compares against: a rewrite in between is
+        // printed too.
+        let first = std::fs::read_to_string(status_path(&config)).unwrap_or_default();
+        print_status(&first);
         let config = config.clone();
-        std::thread::spawn(move || follow_status(&config));
+        std::thread::spawn(move || follow_status(&config, first));
     }
     let status = child.wait()?;
     std::process::exit(exit_code(status));
@@ -290,16 +296,14 @@ pub fn start(args: &StartArgs) -> Result<()> {
 /// Prints what the agents of the started tree report later: the command's own agent again
 /// when it execs another program (it rewrites `<config>.status`), and the agents of its
 /// descendants (`<config>.status.<pid>`), each line once.
-fn follow_status(config: &Path) {
+fn follow_status(config: &Path, first: String) {
     let Some(dir) = config.parent() else { return };
     let Some(name) = config.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
     };
     let prefix = format!("{name}.status");
     let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
-    if let Ok(first) = std::fs::read_to_string(status_path(config)) {
-        seen.insert(status_path(config), first);
-    }
+    seen.insert(status_path(config), first);
     loop {
         std::thread::sleep(Duration::from_millis(50));
         let Ok(entries) = std::fs::read_dir(dir) else {

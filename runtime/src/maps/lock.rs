@@ -297,6 +297,21 @@ impl<'a> LockGuard<'a> {
         let acquired = lock.lock()?;
         Some(Self { lock, acquired })
     }
+
+    /// Takes `lock` only if it is free or its holder is dead (then taken over: `Recovered`);
+    /// `None` while a live thread holds it, without waiting.
+    pub(crate) fn try_new(lock: &'a ShmLock) -> Option<Self> {
+        if lock.try_lock() {
+            return Some(Self {
+                lock,
+                acquired: Acquired::Clean,
+            });
+        }
+        if task_alive(lock.holder()) {
+            return None;
+        }
+        Self::new(lock)
+    }
 }
 
 impl Drop for LockGuard<'_> {

@@ -49,6 +49,11 @@ struct SlotHdr {
 
 const HDR: u64 = std::mem::size_of::<SlotHdr>() as u64;
 
+/// A slot's state word after `s`, in state `to`, with the generation bumped.
+fn next_state(s: u32, to: u32) -> u32 {
+    (s & !STATE).wrapping_add(GEN) | to
+}
+
 /// Flags `trie_alloc` accepts.
 const CREATE_FLAGS: u32 = BPF_F_NO_PREALLOC
     | BPF_F_NUMA_NODE
@@ -213,8 +218,7 @@ impl LpmTrie {
             let s = h.state.load(Ordering::Relaxed);
             match s & STATE {
                 BUSY => {
-                    h.state
-                        .store((s & !STATE).wrapping_add(GEN) | FREE, Ordering::Release);
+                    h.state.store(next_state(s, FREE), Ordering::Release);
                     self.count(ctr::REPAIRS);
                 }
                 LIVE => count += 1,
@@ -257,7 +261,7 @@ impl LpmTrie {
         };
         let (h, dst_key, dst_value) = self.slot(slot);
         let s = h.state.load(Ordering::Relaxed);
-        let busy = (s & !STATE).wrapping_add(GEN) | BUSY;
+        let busy = next_state(s, BUSY);
         h.state.store(busy, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
         h.prefixlen.store(len, Ordering::Relaxed);
@@ -266,8 +270,7 @@ impl LpmTrie {
             std::ptr::copy_nonoverlapping(data.as_ptr(), dst_key, data.len());
             std::ptr::copy_nonoverlapping(value.as_ptr(), dst_value, value.len());
         }
-        h.state
-            .store((busy & !STATE).wrapping_add(GEN) | LIVE, Ordering::Release);
+        h.state.store(next_state(busy, LIVE), Ordering::Release);
         Ok(())
     }
 
@@ -284,8 +287,7 @@ impl LpmTrie {
         };
         let h = self.slot(i).0;
         let s = h.state.load(Ordering::Relaxed);
-        h.state
-            .store((s & !STATE).wrapping_add(GEN) | FREE, Ordering::Release);
+        h.state.store(next_state(s, FREE), Ordering::Release);
         self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
         self.count(ctr::DELETES);
         Ok(())
@@ -339,8 +341,7 @@ impl LpmTrie {
         self.ctl().alloc.count.fetch_add(1, Ordering::Relaxed);
         let (h, _, _) = self.slot(i);
         let s = h.state.load(Ordering::Relaxed);
-        h.state
-            .store((s & !STATE).wrapping_add(GEN) | BUSY, Ordering::Relaxed);
+        h.state.store(next_state(s, BUSY), Ordering::Relaxed);
         h.prefixlen.store(self.split(key).0, Ordering::Relaxed);
     }
 

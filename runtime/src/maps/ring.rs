@@ -359,20 +359,12 @@ impl RingBuf {
         };
         // One consumer at a time, as the kernel's `rb->busy` (EBUSY, no waiting), unless the
         // holder died mid-drain: its lock is taken over.
-        let lock = r.drain_lock();
-        if !lock.try_lock() {
-            if task_alive(lock.holder()) || lock.lock().is_none() {
-                return Ok(Err(libc::EBUSY));
-            }
+        let Some(busy) = LockGuard::try_new(r.drain_lock()) else {
+            return Ok(Err(libc::EBUSY));
+        };
+        if busy.acquired == Acquired::Recovered {
             self.count(ctr::RECOVERIES);
         }
-        struct Unlock<'a>(&'a ShmLock);
-        impl Drop for Unlock<'_> {
-            fn drop(&mut self) {
-                self.0.unlock();
-            }
-        }
-        let _busy = Unlock(lock);
         let (mut samples, mut discarded) = (0u64, 0u64);
         let mut ret = 0u64;
         while samples < MAX_USER_RINGBUF_SAMPLES && ret == 0 {

@@ -51,6 +51,15 @@ struct BucketHdr {
 
 const HDR: u64 = std::mem::size_of::<BucketHdr>() as u64;
 
+/// `jhash2` over the addresses as 32-bit words, as `__bpf_get_stackid` hashes a trace.
+fn stack_hash(ips: &[u64]) -> u32 {
+    let words: Vec<u32> = ips
+        .iter()
+        .flat_map(|ip| [*ip as u32, (*ip >> 32) as u32])
+        .collect();
+    super::jhash::jhash2(&words, 0)
+}
+
 /// STACK_TRACE definitions, checked as `stack_map_alloc` does.
 pub(super) fn validate(def: &super::MapDef) -> Result<(), String> {
     if def.flags & BPF_F_STACK_BUILD_ID != 0 {
@@ -143,6 +152,17 @@ impl StackTraceMap {
         None
     }
 
+    /// Runs `write` on bucket `id` with its sequence odd (readers retry meanwhile); the
+    /// caller holds the map's lock.
+    fn write_bucket(&self, id: u32, write: impl FnOnce(&BucketHdr, *mut u64)) {
+        let (h, dst) = self.bucket(id);
+        let s = h.seq.load(Ordering::Relaxed);
+        h.seq.store(s | 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        write(h, dst);
+        h.seq.store((s | 1).wrapping_add(1), Ordering::Release);
+    }
+
     fn lock(&self, op: &'static str) -> Result<LockGuard<'_>, MapError> {
         self.map_lock(op, |_| self.repair())
     }
@@ -180,11 +200,7 @@ impl StackTraceMap {
         }
         let max = self.max_depth() as usize;
         let ips = &ips[skip..ips.len().min(skip + max)];
-        let words: Vec<u32> = ips
-            .iter()
-            .flat_map(|ip| [*ip as u32, (*ip >> 32) as u32])
-            .collect();
-        let hash = super::jhash::jhash2(&words, 0);
+        let hash = stack_hash(ips);
         let id = hash & (self.n_buckets() - 1);
         let fast = flags & BPF_F_FAST_STACK_CMP != 0;
         let same = |stored: &Option<(u32, Vec<u64>)>| match stored {
@@ -210,17 +226,14 @@ impl StackTraceMap {
             self.count(ctr::FULL);
             return Err(libc::ENOMEM);
         }
-        let (h, dst) = self.bucket(id);
-        let s = h.seq.load(Ordering::Relaxed);
-        h.seq.store(s.wrapping_add(1) | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        h.hash.store(hash, Ordering::Relaxed);
-        h.nr.store(ips.len() as u32, Ordering::Relaxed);
-        for (i, ip) in ips.iter().enumerate() {
-            // SAFETY: i < max_depth: inside the bucket's addresses.
-            unsafe { std::ptr::write_volatile(dst.add(i), *ip) };
-        }
-        h.seq.store((s | 1).wrapping_add(1), Ordering::Release);
+        self.write_bucket(id, |h, dst| {
+            h.hash.store(hash, Ordering::Relaxed);
+            h.nr.store(ips.len() as u32, Ordering::Relaxed);
+            for (i, ip) in ips.iter().enumerate() {
+                // SAFETY: i < max_depth: inside the bucket's addresses.
+                unsafe { std::ptr::write_volatile(dst.add(i), *ip) };
+            }
+        });
         if stored.is_none() {
             a.count.fetch_add(1, Ordering::Relaxed);
         }
@@ -245,15 +258,10 @@ impl StackTraceMap {
             return Err(self.err("delete", libc::E2BIG));
         }
         let _g = self.lock("delete")?;
-        let (h, _) = self.bucket(id);
-        if h.nr.load(Ordering::Relaxed) == 0 {
+        if self.bucket(id).0.nr.load(Ordering::Relaxed) == 0 {
             return Err(self.err("delete", libc::ENOENT));
         }
-        let s = h.seq.load(Ordering::Relaxed);
-        h.seq.store(s.wrapping_add(1) | 1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        h.nr.store(0, Ordering::Relaxed);
-        h.seq.store((s | 1).wrapping_add(1), Ordering::Release);
+        self.write_bucket(id, |h, _| h.nr.store(0, Ordering::Relaxed));
         self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
         self.count(ctr::DELETES);
         Ok(())
@@ -275,11 +283,7 @@ impl StackTraceMap {
     #[doc(hidden)]
     pub fn debug_stop_mid_store(&self, ips: &[u64]) {
         let _ = self.ctl().alloc.lock.lock();
-        let words: Vec<u32> = ips
-            .iter()
-            .flat_map(|ip| [*ip as u32, (*ip >> 32) as u32])
-            .collect();
-        let id = super::jhash::jhash2(&words, 0) & (self.n_buckets() - 1);
+        let id = stack_hash(ips) & (self.n_buckets() - 1);
         let (h, dst) = self.bucket(id);
         h.seq.fetch_add(1, Ordering::Relaxed);
         h.nr.store(ips.len() as u32, Ordering::Relaxed);

@@ -378,6 +378,21 @@ pub(crate) mod insn {
     pub fn set_imm(i: &mut RawInsn, imm: i32) {
         i[4..8].copy_from_slice(&imm.to_le_bytes());
     }
+
+    /// `lddw`, the one instruction two slots wide.
+    pub const LDDW: u8 = 0x18;
+
+    /// `(index of its first slot, slots it takes)` of each instruction of `insns`, in order.
+    pub fn starts(insns: &[RawInsn]) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut k = 0;
+        std::iter::from_fn(move || {
+            let i = insns.get(k)?;
+            let slots = if opc(i) == LDDW { 2 } else { 1 };
+            let at = k;
+            k += slots;
+            Some((at, slots))
+        })
+    }
     pub fn make(opc: u8, dst: u8, src: u8, off: i16, imm: i32) -> RawInsn {
         let mut i = [0u8; 8];
         i[0] = opc;
