@@ -638,3 +638,36 @@ fn ringbuf_consumer_sleeps_until_a_commit_wakes_it() {
     c.poll(|r| got.push(r.data.to_vec()));
     assert_eq!(got, vec![b"wake".to_vec()]);
 }
+
+/// A target with the segment mapped writes an LPM entry's prefix length past what the key
+/// holds: readers (lookups, GET_NEXT_KEY, the listing) index the key's bits up to that
+/// length, so they must treat the slot as no entry rather than read past the key.
+#[test]
+fn an_lpm_prefix_length_written_past_the_key_is_no_entry() {
+    let mut d = def(MapType::LpmTrie, 8, 8, 4, "lpm");
+    d.flags = bpftime_abi::flags::BPF_F_NO_PREALLOC;
+    let o = Seg::new("sem", "lpmhostile", &[d]);
+    let m = o.0.map("lpm").unwrap();
+    let lpm = m.as_lpm_trie().unwrap();
+    let key = |len: u32, a: [u8; 4]| {
+        let mut k = len.to_le_bytes().to_vec();
+        k.extend_from_slice(&a);
+        k
+    };
+    m.update(&key(24, [10, 1, 2, 0]), &1u64.to_le_bytes(), 0)
+        .unwrap();
+    m.update(&key(8, [10, 0, 0, 0]), &2u64.to_le_bytes(), 0)
+        .unwrap();
+    lpm.debug_overwrite_prefixlen(&key(24, [10, 1, 2, 0]), 40_000);
+    // The listing, the iteration and lookups see the other entry only.
+    let entries = m.iter();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].key, key(8, [10, 0, 0, 0]));
+    assert_eq!(m.next_key(None).unwrap(), Some(key(8, [10, 0, 0, 0])));
+    assert_eq!(m.next_key(Some(&key(8, [10, 0, 0, 0]))).unwrap(), None);
+    assert_eq!(
+        m.get(&key(32, [10, 1, 2, 3])).unwrap(),
+        Some(EntryValue::Single(2u64.to_le_bytes().to_vec())),
+        "the /8 matches; the overwritten /24 does not"
+    );
+}

@@ -152,7 +152,9 @@ impl LpmTrie {
         }
     }
 
-    /// The key of slot `i` when it is live and was read consistently.
+    /// The key of slot `i` when it is live, was read consistently and has a prefix length
+    /// the key can hold: the segment is writable by targets, and ordering and matching index
+    /// the key's bits up to that length, so a slot claiming more is not an entry.
     fn read_key(&self, i: u32) -> Option<(u32, Vec<u8>)> {
         let (h, data, _) = self.slot(i);
         let s1 = h.state.load(Ordering::Acquire);
@@ -160,6 +162,9 @@ impl LpmTrie {
             return None;
         }
         let len = h.prefixlen.load(Ordering::Relaxed);
+        if len > self.max_prefixlen() {
+            return None;
+        }
         let mut bytes = vec![0u8; self.data_len()];
         for (j, b) in bytes.iter_mut().enumerate() {
             // SAFETY: j < data_len: inside the slot's key bytes.
@@ -343,6 +348,16 @@ impl LpmTrie {
         let s = h.state.load(Ordering::Relaxed);
         h.state.store(next_state(s, BUSY), Ordering::Relaxed);
         h.prefixlen.store(self.split(key).0, Ordering::Relaxed);
+    }
+
+    /// Test hook: what a hostile target with the segment mapped can do: overwrite the prefix
+    /// length of the live entry stored for `key`.
+    #[doc(hidden)]
+    pub fn debug_overwrite_prefixlen(&self, key: &[u8], prefixlen: u32) {
+        let (len, data) = self.split(key);
+        if let Some(i) = self.exact(len, &data) {
+            self.slot(i).0.prefixlen.store(prefixlen, Ordering::Relaxed);
+        }
     }
 
     /// Stored prefixes.
