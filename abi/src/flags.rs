@@ -29,6 +29,8 @@ pub const BPF_F_RDONLY: u32 = sys::BPF_F_RDONLY;
 pub const BPF_F_WRONLY: u32 = sys::BPF_F_WRONLY;
 /// Programs may only write the map.
 pub const BPF_F_WRONLY_PROG: u32 = sys::BPF_F_WRONLY_PROG;
+/// An inner-map template whose arrays may differ in `max_entries`.
+pub const BPF_F_INNER_MAP: u32 = sys::BPF_F_INNER_MAP;
 /// A STACK_TRACE map stores build ids and offsets instead of addresses.
 pub const BPF_F_STACK_BUILD_ID: u32 = sys::BPF_F_STACK_BUILD_ID;
 /// Hash seeds are 0 instead of random (bloom filters, hashes; for tests).

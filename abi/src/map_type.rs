@@ -62,6 +62,10 @@ map_types! {
     UserRingbuf = BPF_MAP_TYPE_USER_RINGBUF, "user_ringbuf";
     /// Bloom filter: pushes set bits, peeks test them.
     BloomFilter = BPF_MAP_TYPE_BLOOM_FILTER, "bloom_filter";
+    /// Maps by index: a program's lookup yields the inner map.
+    ArrayOfMaps = BPF_MAP_TYPE_ARRAY_OF_MAPS, "array_of_maps";
+    /// Maps by key: a program's lookup yields the inner map.
+    HashOfMaps = BPF_MAP_TYPE_HASH_OF_MAPS, "hash_of_maps";
 }
 
 impl MapType {
@@ -75,11 +79,12 @@ impl MapType {
         self as u32
     }
 
-    /// HASH and its per-CPU and LRU variants.
+    /// The hash tables: HASH, its per-CPU and LRU variants, and HASH_OF_MAPS (whose 4-byte
+    /// values are references to maps).
     pub fn is_hash(self) -> bool {
         matches!(
             self,
-            Self::Hash | Self::PercpuHash | Self::LruHash | Self::LruPercpuHash
+            Self::Hash | Self::PercpuHash | Self::LruHash | Self::LruPercpuHash | Self::HashOfMaps
         )
     }
 
@@ -101,6 +106,12 @@ impl MapType {
         matches!(self, Self::Array | Self::PercpuArray)
     }
 
+    /// ARRAY_OF_MAPS and HASH_OF_MAPS: values are references to other maps, each of the shape
+    /// the outer map's inner-map template declares.
+    pub fn is_map_of_maps(self) -> bool {
+        matches!(self, Self::ArrayOfMaps | Self::HashOfMaps)
+    }
+
     /// Queues and stacks have no key: updates push values.
     pub fn is_keyless(self) -> bool {
         matches!(self, Self::Queue | Self::Stack)
@@ -113,6 +124,8 @@ impl MapType {
     /// user space), a bloom filter's bits depend on its random seed and cannot be listed, and
     /// a cgroup array holds cgroup references (descriptors), so none of them has a mirror.
     /// An LPM trie's changes are not tracked for the forwarder yet, so it has none either.
+    /// Maps of maps hold references to other maps of the object (which are mirrored
+    /// themselves), not state.
     pub fn is_mirrorable(self) -> bool {
         !matches!(
             self,
@@ -124,6 +137,8 @@ impl MapType {
                 | Self::CgroupArray
                 | Self::LpmTrie
                 | Self::BloomFilter
+                | Self::ArrayOfMaps
+                | Self::HashOfMaps
         )
     }
 }

@@ -212,12 +212,10 @@ pub fn kernel_bpf_available() -> Result<(), BpfUnavailable> {
         initial_data: None,
         btf_key_type_id: None,
         btf_value_type_id: None,
+        inner: None,
+        init_slots: Vec::new(),
     };
-    match create_map(&spec, None) {
-        Ok(_) => Ok(()),
-        Err(MapError::Syscall(e)) => Err(BpfUnavailable(e)),
-        Err(MapError::MapInMap) => unreachable!("the probe is an array map"),
-    }
+    create_map(&spec, None).map(drop).map_err(BpfUnavailable)
 }
 
 /// Verifies every program of `obj` (convenience for loaders).
@@ -290,17 +288,11 @@ pub fn verify(obj: &BpfObject, program_index: usize) -> Result<VerifiedProgram, 
             .maps
             .get(idx)
             .ok_or_else(|| unsupported(format!("map index {idx} is outside the object's maps")))?;
-        let fd = create_map(spec, btf_fd.as_ref()).map_err(|e| match e {
-            MapError::MapInMap => unsupported(format!(
-                "map {}: map-in-map definitions are not supported by the verifier gate",
-                spec.name
-            )),
-            MapError::Syscall(source) => VerifyError::MapCreate {
-                program: prog.name.clone(),
-                section: prog.section.clone(),
-                map: spec.name.clone(),
-                source,
-            },
+        let fd = create_map(spec, btf_fd.as_ref()).map_err(|source| VerifyError::MapCreate {
+            program: prog.name.clone(),
+            section: prog.section.clone(),
+            map: spec.name.clone(),
+            source,
         })?;
         fd_array[idx] = fd.as_raw_fd();
         map_fds.push(fd);
@@ -531,19 +523,14 @@ fn load_btf(raw: &[u8]) -> Result<OwnedFd, (SyscallError, String)> {
     bpf::btf_load(raw, &mut log, 0).map_err(|e| (e, bpf::log_text(&log)))
 }
 
-/// Why a kernel copy of a map could not be made.
-enum MapError {
-    MapInMap,
-    Syscall(SyscallError),
-}
-
-fn create_map(spec: &MapSpec, btf_fd: Option<&OwnedFd>) -> Result<OwnedFd, MapError> {
-    if matches!(
-        spec.map_type,
-        sys::BPF_MAP_TYPE_ARRAY_OF_MAPS | sys::BPF_MAP_TYPE_HASH_OF_MAPS
-    ) {
-        return Err(MapError::MapInMap);
-    }
+/// A kernel copy of `spec`; a map of maps gets its inner template created first (closed
+/// once the outer map holds its shape, as libbpf does).
+fn create_map(spec: &MapSpec, btf_fd: Option<&OwnedFd>) -> Result<OwnedFd, SyscallError> {
+    let inner = spec
+        .inner
+        .as_deref()
+        .map(|inner| create_map(inner, btf_fd))
+        .transpose()?;
     let mut max_entries = spec.max_entries;
     if spec.map_type == sys::BPF_MAP_TYPE_PERF_EVENT_ARRAY && max_entries == 0 {
         // libbpf's convention: one slot per possible CPU.
@@ -553,6 +540,7 @@ fn create_map(spec: &MapSpec, btf_fd: Option<&OwnedFd>) -> Result<OwnedFd, MapEr
     let mut args = MapCreate {
         map_flags: spec.flags,
         map_extra: spec.map_extra,
+        inner_map_fd: inner.as_ref().map(|fd| fd.as_fd()),
         ..MapCreate::new(
             spec.map_type,
             &name,
@@ -575,17 +563,15 @@ fn create_map(spec: &MapSpec, btf_fd: Option<&OwnedFd>) -> Result<OwnedFd, MapEr
         // As libbpf does: BTF type info is optional for the map itself; retry without it.
         Err(_) if btf.is_some() => bpf::map_create(&args),
         other => other,
-    }
-    .map_err(MapError::Syscall)?;
+    }?;
     if let MapOrigin::GlobalData { .. } = spec.origin {
         if let Some(data) = &spec.initial_data {
-            bpf::map_update_elem(fd.as_fd(), &0u32.to_ne_bytes(), data, 0)
-                .map_err(MapError::Syscall)?;
+            bpf::map_update_elem(fd.as_fd(), &0u32.to_ne_bytes(), data, 0)?;
         }
         if spec.is_readonly() {
             // Frozen + BPF_F_RDONLY_PROG: the verifier treats .rodata values as constants, as it
             // does for libbpf-loaded programs.
-            bpf::map_freeze(fd.as_fd()).map_err(MapError::Syscall)?;
+            bpf::map_freeze(fd.as_fd())?;
         }
     }
     Ok(fd)

@@ -167,6 +167,16 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         let Some(map_type) = MapType::from_raw(m.map_type) else {
             continue;
         };
+        if map_type.is_map_of_maps() {
+            // Its slots hold the application's descriptors of kernel maps; `bpftime-rs load
+            // OBJ` serves maps of maps, application mode not yet.
+            eprintln!(
+                "bpftime-shim: map {} ({map_type}) stays a kernel map: maps of maps are not \
+                 served in application mode; programs using it cannot run in user space",
+                m.name
+            );
+            continue;
+        }
         let mut def = MapDef::new(
             map_type,
             m.key_size,

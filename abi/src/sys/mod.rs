@@ -76,6 +76,9 @@ pub struct MapCreate<'a> {
     pub map_extra: u64,
     /// Type information for keys and values from a loaded BTF object.
     pub btf: Option<MapBtf<'a>>,
+    /// For ARRAY_OF_MAPS and HASH_OF_MAPS: a map of the inner maps' shape (the template the
+    /// kernel checks every inserted map against).
+    pub inner_map_fd: Option<BorrowedFd<'a>>,
 }
 
 impl<'a> MapCreate<'a> {
@@ -97,6 +100,7 @@ impl<'a> MapCreate<'a> {
             numa_node: 0,
             map_extra: 0,
             btf: None,
+            inner_map_fd: None,
         }
     }
 }
@@ -361,6 +365,9 @@ pub fn map_create(args: &MapCreate<'_>) -> SysResult<OwnedFd> {
         map_extra: args.map_extra,
         ..Default::default()
     };
+    if let Some(inner) = args.inner_map_fd {
+        opts.inner_map_fd = inner.as_raw_fd() as u32;
+    }
     if let Some(btf) = args.btf {
         opts.btf_fd = btf.fd.as_raw_fd() as u32;
         opts.btf_key_type_id = btf.key_type_id;

@@ -26,7 +26,12 @@ pub const EXAMPLES: &[&str] = &[
     "bpf_to_bpf",
     "bloom_filter",
     "lpm_prefixes",
+    "map_in_map",
 ];
+
+/// Examples whose kernel run goes through libbpf (libbpf-rs) instead of aya: aya 0.14 creates
+/// maps of maps but does not fill their `.values` slots, which libbpf does at load.
+const LOADED_BY_LIBBPF: &[&str] = &["map_in_map"];
 
 /// Path of a compiled example object.
 pub fn object_path(example: &str) -> PathBuf {
@@ -103,6 +108,9 @@ pub fn run_kernel(example: &str, rounds: u32) -> Result<Snapshot> {
         "probe_read_str" => "vt_message",
         _ => "vt_add",
     };
+    if LOADED_BY_LIBBPF.contains(&example) {
+        return run_kernel_libbpf(example, &victim_path(), rounds, function);
+    }
     let bytes = std::fs::read(object_path(example))?;
     let names: Vec<String> = aya::EbpfLoader::new()
         .load(&bytes)
@@ -159,6 +167,64 @@ pub fn run_kernel_with(
             Map::BloomFilter(_) => continue,
             other => bail!("{example}: map {name} has an unexpected type {other:?}"),
         };
+        snapshot.maps.insert(name, entries);
+    }
+    Ok(snapshot)
+}
+
+/// [`run_kernel`] through libbpf: every program of `example` attached to `function` of
+/// `victim` as a kernel uprobe. A map of maps is listed by the names of the maps it holds
+/// (the kernel answers ids, user space indices: names compare).
+fn run_kernel_libbpf(
+    example: &str,
+    victim: &std::path::Path,
+    rounds: u32,
+    function: &str,
+) -> Result<Snapshot> {
+    use libbpf_rs::{MapType as LibbpfMapType, UprobeOpts};
+    let object = libbpf_rs::ObjectBuilder::default()
+        .open_file(object_path(example))
+        .with_context(|| format!("opening {example} with libbpf"))?
+        .load()
+        .with_context(|| format!("loading {example} into the kernel with libbpf"))?;
+    let mut links = Vec::new();
+    for program in object.progs_mut() {
+        let opts = UprobeOpts {
+            func_name: Some(function.to_string()),
+            ..Default::default()
+        };
+        links.push(
+            program
+                .attach_uprobe_with_opts(-1, victim, 0, opts)
+                .with_context(|| format!("attaching {example} to {}", victim.display()))?,
+        );
+    }
+    run_command(Command::new(victim).arg(rounds.to_string()))?;
+    drop(links);
+    let mut snapshot = Snapshot::default();
+    for map in object.maps() {
+        let name = map.name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let handle = MapHandle::from_map_id(map.info()?.info.id)?;
+        let mut entries = Vec::new();
+        for key in handle.keys() {
+            let Some(value) = handle.lookup(&key, MapFlags::ANY)? else {
+                continue;
+            };
+            let value = match map.map_type() {
+                LibbpfMapType::ArrayOfMaps | LibbpfMapType::HashOfMaps => {
+                    let id = u32::from_le_bytes(value[..4].try_into()?);
+                    let inner = MapHandle::from_map_id(id)?;
+                    inner.name().to_string_lossy().as_bytes().to_vec()
+                }
+                LibbpfMapType::Array | LibbpfMapType::Hash => value,
+                other => bail!("{example}: map {name} has an unexpected type {other:?}"),
+            };
+            entries.push((key, value));
+        }
+        entries.sort();
         snapshot.maps.insert(name, entries);
     }
     Ok(snapshot)

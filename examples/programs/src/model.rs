@@ -172,6 +172,40 @@ pub fn expected(example: &str, rounds: u32) -> BTreeMap<String, Entries> {
             let counts = (0..3u32).map(|i| (u32s(i), u64s(outcomes[i as usize])));
             maps.insert("outcomes".into(), counts.collect());
         }
+        "map_in_map" => {
+            // Two inner arrays behind slots 0 and 1, two inner hashes behind keys 0 and 1; a
+            // % 3 == 2 finds neither.
+            let mut sums = [[0u64; 8]; 2];
+            let mut counts = [BTreeMap::<u32, u64>::new(), BTreeMap::new()];
+            let mut misses = [0u64; 2];
+            for (a, b) in adds(rounds) {
+                match (a % 3) as usize {
+                    2 => misses = [misses[0] + 1, misses[1] + 1],
+                    s => {
+                        sums[s][(b % 8) as usize] += b;
+                        *counts[s].entry(a as u32).or_default() += 1;
+                    }
+                }
+            }
+            let array = |s: &[u64; 8]| (0..8u32).map(|i| (u32s(i), u64s(s[i as usize]))).collect();
+            maps.insert("even_sums".into(), array(&sums[0]));
+            maps.insert("odd_sums".into(), array(&sums[1]));
+            let hash =
+                |c: &BTreeMap<u32, u64>| c.iter().map(|(k, v)| (u32s(*k), u64s(*v))).collect();
+            maps.insert("low_counts".into(), hash(&counts[0]));
+            maps.insert("high_counts".into(), hash(&counts[1]));
+            let held = |names: [&str; 2]| {
+                (0..2u32)
+                    .map(|i| (u32s(i), names[i as usize].as_bytes().to_vec()))
+                    .collect()
+            };
+            maps.insert("sums_by_slot".into(), held(["even_sums", "odd_sums"]));
+            maps.insert("counts_by_key".into(), held(["low_counts", "high_counts"]));
+            maps.insert(
+                "misses".into(),
+                vec![(u32s(0), u64s(misses[0])), (u32s(1), u64s(misses[1]))],
+            );
+        }
         other => panic!("no model for example {other}"),
     }
     maps

@@ -56,6 +56,10 @@ impl JitMapResolver for JitMaps {
 
     fn resolve(&self, token: u64) -> Option<JitMap> {
         let m = self.maps.get(map_index(token)?)?;
+        if m.map_type().is_map_of_maps() {
+            // Lookups yield a map, not a value: the generic helper answers.
+            return None;
+        }
         let (plain_hash, inline_array) = match m.typed() {
             // Plain (not per-CPU) hash maps, the common case, go straight to the hash code
             // (`HashMap::lookup_ptr` / `update_plain`): no CPU lookup, no type dispatch.

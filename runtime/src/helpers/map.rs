@@ -29,6 +29,11 @@ fn lookup(h: &mut RuntimeHelpers, id: HelperId, a: [u64; 5], ctx: &mut CallConte
     let idx = h.map_arg(id, 1, a[0])?;
     let m = &h.maps[idx];
     let key = read_arg(ctx, id, 2, a[1], m.def().key_size as usize)?;
+    if m.map_type().is_map_of_maps() {
+        // The kernel's CONST_PTR_TO_MAP: the inner map, as the map argument of the helpers
+        // the program calls next (it never reads memory through it).
+        return Ok(maps::inner_map(&h.maps, m, key).map_or(0, super::map_token));
+    }
     let found = if id == HelperId::MAP_LOOKUP_ELEM {
         m.lookup(key)
     } else if !m.map_type().is_percpu() {

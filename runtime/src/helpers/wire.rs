@@ -3,7 +3,7 @@
 
 use thiserror::Error;
 
-use crate::maps::{MapDef, MapError, MapType, ShmObject, BPF_ANY};
+use crate::maps::{set_inner_map, InnerMapDef, MapDef, MapError, MapType, ShmObject, BPF_ANY};
 use crate::object::BpfObject;
 
 use super::trace_map_def;
@@ -56,6 +56,15 @@ pub fn map_defs_with_placeholders(
                 flags: m.flags,
                 map_extra: m.map_extra,
                 name: m.name.clone(),
+                inner: m.inner.as_deref().and_then(|t| {
+                    Some(InnerMapDef {
+                        map_type: MapType::from_raw(t.map_type)?,
+                        key_size: t.key_size,
+                        value_size: t.value_size,
+                        max_entries: t.max_entries,
+                        flags: t.flags,
+                    })
+                }),
             },
             None => {
                 unsupported.push((
@@ -76,12 +85,17 @@ pub fn map_defs_with_placeholders(
     (defs, unsupported)
 }
 
-/// Write the initial bytes of `obj`'s global-data maps (`.data`, `.rodata`) into `shm` (call
-/// once, after creating the segment).
+/// Write the initial bytes of `obj`'s global-data maps (`.data`, `.rodata`) and the initial
+/// slots of its maps of maps (`.values = { [i] = &map }`) into `shm` (call once, after
+/// creating the segment).
 pub fn init_global_data(obj: &BpfObject, shm: &ShmObject) -> Result<(), MapError> {
+    let maps = shm.maps();
     for (i, m) in obj.maps.iter().enumerate() {
         if let Some(data) = &m.initial_data {
-            shm.map(i)?.update(&0u32.to_le_bytes(), data, BPF_ANY)?;
+            maps[i].update(&0u32.to_le_bytes(), data, BPF_ANY)?;
+        }
+        for &(slot, inner) in &m.init_slots {
+            set_inner_map(&maps, &maps[i], &slot.to_le_bytes(), inner, BPF_ANY)?;
         }
     }
     Ok(())

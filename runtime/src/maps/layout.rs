@@ -54,7 +54,10 @@ pub(crate) struct MapRecord {
     pub region_size: u64,
     /// `map_extra` of the definition (a bloom filter's hash count).
     pub map_extra: u64,
-    pub _reserved: [u64; 3],
+    /// A map of maps' inner-map template: type, key size, value size, max_entries, flags
+    /// (all 0 for other maps; type 0 is UNSPEC, never a template).
+    pub inner: [u32; 5],
+    pub _reserved: u32,
 }
 
 /// Per-map geometry, written once by the creator. Every process checks the copy in the segment

@@ -40,6 +40,7 @@ mod jhash;
 mod layout;
 pub(crate) mod lock;
 mod lpm_trie;
+mod map_of_maps;
 mod queue;
 mod ring;
 mod segment;
@@ -60,6 +61,7 @@ pub use bloom::BloomFilter;
 pub use cgroup_array::{cgroup_id_of_fd, CgroupArray, ENOTSUPP};
 pub use hash::HashMap;
 pub use lpm_trie::LpmTrie;
+pub use map_of_maps::{inner_map, set_inner_map, InnerMapDef};
 pub use queue::{QueueMap, QueuedPush};
 pub use ring::{PerfEventArray, RingBuf, RingBufConsumer, RingRecord};
 pub use segment::file::{euid, process_start_time, trusted_owners};
@@ -95,6 +97,8 @@ pub struct MapDef {
     pub map_extra: u64,
     /// The map's name, unique within its object (at most 63 bytes in the segment).
     pub name: String,
+    /// A map of maps' inner-map template: the shape of every map it may hold.
+    pub inner: Option<InnerMapDef>,
 }
 
 impl MapDef {
@@ -114,6 +118,7 @@ impl MapDef {
             flags: 0,
             map_extra: 0,
             name: name.into(),
+            inner: None,
         }
     }
 }

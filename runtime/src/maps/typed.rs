@@ -26,11 +26,14 @@ pub(super) enum Family {
 impl Family {
     pub(super) fn of(t: MapType) -> Self {
         match t {
-            MapType::Hash | MapType::PercpuHash | MapType::LruHash | MapType::LruPercpuHash => {
-                Family::Hash
-            }
+            MapType::Hash
+            | MapType::PercpuHash
+            | MapType::LruHash
+            | MapType::LruPercpuHash
+            | MapType::HashOfMaps => Family::Hash,
             MapType::Array | MapType::PercpuArray => Family::Array,
-            MapType::ProgArray => Family::ProgArray,
+            // The kernel's fd arrays of references to the object's programs or maps.
+            MapType::ProgArray | MapType::ArrayOfMaps => Family::ProgArray,
             MapType::Queue | MapType::Stack => Family::Queue,
             MapType::Ringbuf | MapType::UserRingbuf => Family::RingBuf,
             MapType::PerfEventArray => Family::PerfEventArray,
@@ -45,11 +48,11 @@ impl Family {
 /// A map seen through its family's view.
 #[derive(Debug, Clone, Copy)]
 pub enum MapRef<'a> {
-    /// HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH.
+    /// HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH, HASH_OF_MAPS (values: map indices).
     Hash(&'a HashMap),
     /// ARRAY, PERCPU_ARRAY.
     Array(&'a ArrayMap),
-    /// PROG_ARRAY: program indices for tail calls.
+    /// PROG_ARRAY (program indices for tail calls) and ARRAY_OF_MAPS (map indices).
     ProgArray(&'a ProgArray),
     /// QUEUE (FIFO) and STACK (LIFO).
     Queue(&'a QueueMap),

@@ -74,6 +74,8 @@ struct Ctx<'a> {
     /// Map index by symbol name in `.maps`, and by (section, offset) in legacy `maps`.
     btf_map_by_name: HashMap<String, usize>,
     legacy_map_by_off: HashMap<(usize, u64), usize>,
+    /// Byte offset of the `values` field in a BTF map's definition, by map name.
+    values_field: HashMap<String, u32>,
     data_map_by_sec: HashMap<usize, usize>,
     ext: Option<BtfExt>,
 }
@@ -173,14 +175,21 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         .collect();
 
     let mut relocs: HashMap<usize, HashMap<usize, Reloc>> = HashMap::new();
+    let mut maps_relocs: Vec<(u64, usize)> = Vec::new();
     for (ridx, rs) in &elf.shdr_relocs {
         let target = elf
             .section_headers
             .get(*ridx)
             .map(|h| h.sh_info as usize)
             .unwrap_or(usize::MAX);
+        if sections.get(target).is_some_and(|s| s.name == ".maps") {
+            // `.values = { [i] = &inner }` of maps of maps: slot i holds the map the symbol
+            // names (resolved with the maps, below).
+            maps_relocs.extend(rs.iter().map(|r| (r.r_offset, r.r_sym)));
+            continue;
+        }
         if !sections.get(target).map(|s| s.exec).unwrap_or(false) {
-            // Relocations of debug info, .BTF, .BTF.ext, .maps (map-in-map values): not needed.
+            // Relocations of debug info, .BTF, .BTF.ext: not needed.
             continue;
         }
         let entry = relocs.entry(target).or_default();
@@ -239,6 +248,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         code: HashMap::new(),
         btf_map_by_name: HashMap::new(),
         legacy_map_by_off: HashMap::new(),
+        values_field: HashMap::new(),
         data_map_by_sec: HashMap::new(),
         ext,
     };
@@ -255,6 +265,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
             None => return Err(ctx.section_err(i, "BTF-defined maps need a .BTF section")),
         };
         btf_maps(&mut ctx, b, &mut maps)?;
+        init_slots(&ctx, i, &maps_relocs, &mut maps)?;
     }
     for (i, s) in ctx.sections.iter().enumerate() {
         if s.exec || s.size == 0 || !is_data_section(&s.name) {
@@ -286,6 +297,8 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
             initial_data: if bss { None } else { Some(s.data.to_vec()) },
             btf_key_type_id: None,
             btf_value_type_id,
+            inner: None,
+            init_slots: Vec::new(),
         });
     }
 
@@ -428,6 +441,8 @@ fn legacy_maps(ctx: &mut Ctx, sec: usize, maps: &mut Vec<MapSpec>) -> Result<(),
             initial_data: None,
             btf_key_type_id: None,
             btf_value_type_id: None,
+            inner: None,
+            init_slots: Vec::new(),
         });
     }
     Ok(())
@@ -463,91 +478,275 @@ fn btf_maps(ctx: &mut Ctx, btf: &Btf, maps: &mut Vec<MapSpec>) -> Result<(), Obj
         }
         let e = |x: BtfError| map_err(&name, x.to_string());
         let def_id = btf.skip_mods_and_typedefs(var.size_or_type).map_err(e)?;
-        let def = btf.type_by_id(def_id).map_err(e)?;
-        if def.kind != kind::STRUCT {
-            return Err(map_err(&name, "map definition is not a struct".into()));
-        }
-        let mut spec = MapSpec {
-            name: name.clone(),
-            origin: MapOrigin::BtfMaps,
-            map_type: 0,
-            key_size: 0,
-            value_size: 0,
-            max_entries: 0,
-            flags: 0,
-            pinning: Pinning::None,
-            numa_node: 0,
-            map_extra: 0,
-            initial_data: None,
-            btf_key_type_id: None,
-            btf_value_type_id: None,
-        };
-        let mut have_type = false;
-        for f in &def.members {
-            let fname = btf.str_at(f.name_off).map_err(e)?;
-            // `__uint(name, N)` is `int (*name)[N]`; `__type(name, T)` is `T *name`.
-            let pointee = || -> Result<u32, ObjectError> {
-                let p = btf.skip_mods_and_typedefs(f.type_id).map_err(e)?;
-                let pt = btf.type_by_id(p).map_err(e)?;
-                if pt.kind != kind::PTR {
-                    return Err(map_err(&name, format!("field {fname} is not a pointer")));
-                }
-                Ok(pt.size_or_type)
-            };
-            let uint = || -> Result<u32, ObjectError> {
-                let arr = btf.type_by_id(pointee()?).map_err(e)?;
-                match arr.array {
-                    Some((_, _, n)) if arr.kind == kind::ARRAY => Ok(n),
-                    _ => Err(map_err(
-                        &name,
-                        format!("field {fname} is not __uint(...) (pointer to array)"),
-                    )),
-                }
-            };
-            match fname {
-                "type" => {
-                    spec.map_type = uint()?;
-                    have_type = true;
-                }
-                "max_entries" => spec.max_entries = uint()?,
-                "map_flags" => spec.flags = uint()?,
-                "numa_node" => spec.numa_node = uint()?,
-                "key_size" => spec.key_size = uint()?,
-                "value_size" => spec.value_size = uint()?,
-                "map_extra" => spec.map_extra = uint()? as u64,
-                "pinning" => {
-                    spec.pinning = match uint()? {
-                        0 => Pinning::None,
-                        1 => Pinning::ByName,
-                        n => Pinning::Other(n),
-                    }
-                }
-                "key" | "value" => {
-                    let t = pointee()?;
-                    let size = btf.resolve_size(t).map_err(e)?;
-                    let size = u32::try_from(size)
-                        .map_err(|_| map_err(&name, format!("{fname} type is too large")))?;
-                    if fname == "key" {
-                        spec.key_size = size;
-                        spec.btf_key_type_id = Some(t);
-                    } else {
-                        spec.value_size = size;
-                        spec.btf_value_type_id = Some(t);
-                    }
-                }
-                "values" => {
-                    tracing::debug!(map = %name, "ignoring initial `values` (map-in-map / prog array slots)")
-                }
-                other => tracing::debug!(map = %name, field = other, "ignoring unknown map field"),
-            }
-        }
-        if !have_type {
-            return Err(map_err(&name, "map definition has no `type`".into()));
+        let (spec, values_at) = btf_map_def(btf, def_id, &name, &map_err)?;
+        if let Some(at) = values_at {
+            ctx.values_field.insert(name.clone(), at);
         }
         ctx.btf_map_by_name.insert(name, maps.len());
         maps.push(spec);
     }
     Ok(())
+}
+
+/// A map of maps' initial slots from the `.maps` section's relocations, as libbpf's
+/// `bpf_object__collect_map_relos`: a relocation at byte `values + 8 * i` of a map's
+/// definition stores the map its symbol names in slot `i`.
+fn init_slots(
+    ctx: &Ctx,
+    sec: usize,
+    relocs: &[(u64, usize)],
+    maps: &mut [MapSpec],
+) -> Result<(), ObjectError> {
+    for &(offset, sym) in relocs {
+        let err = |map: &str, reason: String| ObjectError::Map {
+            file: ctx.file.to_string(),
+            map: map.to_string(),
+            reason,
+        };
+        let Some(target) = ctx.symbols.get(sym) else {
+            return Err(err(
+                ".maps",
+                format!("relocation at {offset:#x} refers to missing symbol #{sym}"),
+            ));
+        };
+        // The map whose definition holds the relocated pointer.
+        let Some((outer, start)) = ctx
+            .symbols
+            .iter()
+            .filter(|s| s.shndx == sec && s.typ != sym::STT_SECTION && s.value <= offset)
+            .filter(|s| offset < s.value.saturating_add(s.size.max(1)))
+            .map(|s| (s.name.as_str(), s.value))
+            .next()
+        else {
+            return Err(err(
+                ".maps",
+                format!("relocation at {offset:#x} is in no map definition"),
+            ));
+        };
+        let Some(&outer_idx) = ctx.btf_map_by_name.get(outer) else {
+            return Err(err(
+                outer,
+                "relocation in a map that .BTF does not define".into(),
+            ));
+        };
+        let Some(&values) = ctx.values_field.get(outer) else {
+            return Err(err(
+                outer,
+                "relocation outside the map's `values` field".into(),
+            ));
+        };
+        let Some(field_off) = (offset - start).checked_sub(u64::from(values)) else {
+            return Err(err(
+                outer,
+                "relocation before the map's `values` field".into(),
+            ));
+        };
+        if field_off % 8 != 0 {
+            return Err(err(
+                outer,
+                format!("misaligned `values` slot at byte {field_off}"),
+            ));
+        }
+        let slot = u32::try_from(field_off / 8).map_err(|_| {
+            err(
+                outer,
+                format!("`values` slot at byte {field_off} is too far"),
+            )
+        })?;
+        if maps[outer_idx].inner.is_none() {
+            // A PROG_ARRAY's program slots (see btf_map_def).
+            continue;
+        }
+        let Some(&inner_idx) = ctx.btf_map_by_name.get(&target.name) else {
+            return Err(err(
+                outer,
+                format!(
+                    "slot {slot} names {}, which is not a map of .maps",
+                    target.name
+                ),
+            ));
+        };
+        if slot >= maps[outer_idx].max_entries {
+            return Err(err(
+                outer,
+                format!(
+                    "slot {slot} (= {}) is beyond max_entries {}",
+                    target.name, maps[outer_idx].max_entries
+                ),
+            ));
+        }
+        maps[outer_idx].init_slots.push((slot, inner_idx));
+    }
+    Ok(())
+}
+
+/// One BTF-defined map definition (the struct `def_id`), as libbpf's `parse_btf_map_def`
+/// reads it; also the byte offset of its `values` field when it has one (where `.rel.maps`
+/// places a map of maps' initial slots). A map of maps' `__array(values, struct {...})` is
+/// its inner-map template, parsed the same way.
+fn btf_map_def(
+    btf: &Btf,
+    def_id: u32,
+    name: &str,
+    map_err: &dyn Fn(&str, String) -> ObjectError,
+) -> Result<(MapSpec, Option<u32>), ObjectError> {
+    let e = |x: BtfError| map_err(name, x.to_string());
+    let def = btf.type_by_id(def_id).map_err(e)?;
+    if def.kind != kind::STRUCT {
+        return Err(map_err(name, "map definition is not a struct".into()));
+    }
+    let name = name.to_string();
+    let mut values_at = None;
+    let mut spec = MapSpec {
+        name: name.clone(),
+        origin: MapOrigin::BtfMaps,
+        map_type: 0,
+        key_size: 0,
+        value_size: 0,
+        max_entries: 0,
+        flags: 0,
+        pinning: Pinning::None,
+        numa_node: 0,
+        map_extra: 0,
+        initial_data: None,
+        btf_key_type_id: None,
+        btf_value_type_id: None,
+        inner: None,
+        init_slots: Vec::new(),
+    };
+    let mut have_type = false;
+    for f in &def.members {
+        let fname = btf.str_at(f.name_off).map_err(e)?;
+        // `__uint(name, N)` is `int (*name)[N]`; `__type(name, T)` is `T *name`.
+        let pointee = || -> Result<u32, ObjectError> {
+            let p = btf.skip_mods_and_typedefs(f.type_id).map_err(e)?;
+            let pt = btf.type_by_id(p).map_err(e)?;
+            if pt.kind != kind::PTR {
+                return Err(map_err(&name, format!("field {fname} is not a pointer")));
+            }
+            Ok(pt.size_or_type)
+        };
+        let uint = || -> Result<u32, ObjectError> {
+            let arr = btf.type_by_id(pointee()?).map_err(e)?;
+            match arr.array {
+                Some((_, _, n)) if arr.kind == kind::ARRAY => Ok(n),
+                _ => Err(map_err(
+                    &name,
+                    format!("field {fname} is not __uint(...) (pointer to array)"),
+                )),
+            }
+        };
+        match fname {
+            "type" => {
+                spec.map_type = uint()?;
+                have_type = true;
+            }
+            "max_entries" => spec.max_entries = uint()?,
+            "map_flags" => spec.flags = uint()?,
+            "numa_node" => spec.numa_node = uint()?,
+            "key_size" => spec.key_size = uint()?,
+            "value_size" => spec.value_size = uint()?,
+            "map_extra" => spec.map_extra = uint()? as u64,
+            "pinning" => {
+                spec.pinning = match uint()? {
+                    0 => Pinning::None,
+                    1 => Pinning::ByName,
+                    n => Pinning::Other(n),
+                }
+            }
+            "key" | "value" => {
+                let t = pointee()?;
+                let size = btf.resolve_size(t).map_err(e)?;
+                let size = u32::try_from(size)
+                    .map_err(|_| map_err(&name, format!("{fname} type is too large")))?;
+                if fname == "key" {
+                    spec.key_size = size;
+                    spec.btf_key_type_id = Some(t);
+                } else {
+                    spec.value_size = size;
+                    spec.btf_value_type_id = Some(t);
+                }
+            }
+            "values" => {
+                // `__array(values, T)` is `T *values[]`: an array of pointers, no elements.
+                let arr = btf
+                    .type_by_id(btf.skip_mods_and_typedefs(f.type_id).map_err(e)?)
+                    .map_err(e)?;
+                let not_array = || {
+                    map_err(
+                        &name,
+                        "field values is not __array(values, ...) (an array of pointers with no \
+                     elements)"
+                            .into(),
+                    )
+                };
+                let Some((elem, _, 0)) = arr.array.filter(|_| arr.kind == kind::ARRAY) else {
+                    return Err(not_array());
+                };
+                let ptr = btf
+                    .type_by_id(btf.skip_mods_and_typedefs(elem).map_err(e)?)
+                    .map_err(e)?;
+                if ptr.kind != kind::PTR {
+                    return Err(not_array());
+                }
+                let target = btf.skip_mods_and_typedefs(ptr.size_or_type).map_err(e)?;
+                values_at = Some(f.offset / 8);
+                match btf.type_by_id(target).map_err(e)?.kind {
+                    kind::STRUCT => {
+                        let inner_name = format!("{name}.inner");
+                        let (inner, nested) = btf_map_def(btf, target, &inner_name, map_err)?;
+                        if nested.is_some() || inner.inner.is_some() {
+                            return Err(map_err(
+                                &name,
+                                "the inner map of a map of maps cannot be a map of maps with \
+                             values"
+                                    .into(),
+                            ));
+                        }
+                        spec.inner = Some(Box::new(inner));
+                    }
+                    // A PROG_ARRAY's `.values = { [i] = &prog }`: tail-call slots are set by
+                    // user space in bpftime-rs.
+                    kind::FUNC_PROTO => {
+                        tracing::debug!(map = %name, "ignoring initial program slots")
+                    }
+                    _ => return Err(not_array()),
+                }
+            }
+            other => tracing::debug!(map = %name, field = other, "ignoring unknown map field"),
+        }
+    }
+    if !have_type {
+        return Err(map_err(&name, "map definition has no `type`".into()));
+    }
+    if bpftime_abi::MapType::from_raw(spec.map_type).is_some_and(|t| t.is_map_of_maps()) {
+        // libbpf's rules: the template comes from `values`; values are 4-byte map references.
+        if spec.inner.is_none() {
+            return Err(map_err(
+                &name,
+                "a map of maps needs __array(values, struct { ... }) to declare its inner map"
+                    .into(),
+            ));
+        }
+        if spec.value_size != 0 && spec.value_size != 4 {
+            return Err(map_err(
+                &name,
+                format!(
+                    "a map of maps holds 4-byte map references, not {}-byte values",
+                    spec.value_size
+                ),
+            ));
+        }
+        spec.value_size = 4;
+    } else if spec.inner.is_some() {
+        return Err(map_err(
+            &name,
+            "an inner map template (__array(values, struct { ... })) on a map that is not a \
+             map of maps"
+                .into(),
+        ));
+    }
+    Ok((spec, values_at))
 }
 
 /// Reads one executable section, finds its functions and applies its CO-RE relocations.

@@ -232,6 +232,13 @@ pub struct MapSpec {
     pub btf_key_type_id: Option<u32>,
     /// BTF type of the value (`__type(value, ..)`, or the `DATASEC` of a global-data section).
     pub btf_value_type_id: Option<u32>,
+    /// A map of maps' inner-map template (`__array(values, struct { ... })`, named
+    /// `<map>.inner`): every map stored in it must have this shape.
+    pub inner: Option<Box<MapSpec>>,
+    /// A map of maps' initial slots (`.values = { [slot] = &map }`): (slot, index of the
+    /// stored map in [`BpfObject::maps`]), as libbpf stores them after creating the maps
+    /// (the slot is the key, for HASH_OF_MAPS too).
+    pub init_slots: Vec<(u32, usize)>,
 }
 
 impl MapSpec {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fs::{self, TrustError};
 use super::StateDir;
-use crate::maps::{MapDef, MapType, SegmentIdentity};
+use crate::maps::{InnerMapDef, MapDef, MapType, SegmentIdentity};
 use crate::vm::VmKind;
 
 /// File name of a manifest inside its object's directory.
@@ -67,6 +67,9 @@ pub struct ManifestMap {
     /// `map_extra` (a bloom filter's hash count); absent in manifests of older loaders.
     #[serde(default)]
     pub map_extra: u64,
+    /// A map of maps' inner-map template (type, key size, value size, max_entries, flags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner: Option<[u32; 5]>,
 }
 
 /// One published program.
@@ -175,6 +178,7 @@ impl ManifestMap {
             max_entries: def.max_entries,
             flags: def.flags,
             map_extra: def.map_extra,
+            inner: def.inner.map(InnerMapDef::to_raw),
         }
     }
 
@@ -188,6 +192,10 @@ impl ManifestMap {
             flags: self.flags,
             map_extra: self.map_extra,
             name: self.name.clone(),
+            inner: match self.inner {
+                Some(raw) => Some(InnerMapDef::from_raw(raw).ok()??),
+                None => None,
+            },
         })
     }
 }

@@ -65,6 +65,23 @@ pub fn snapshot_of(shm: &ShmObject) -> Result<Snapshot, String> {
                     .map(|(i, r)| ((i as u32).to_le_bytes().to_vec(), r))
                     .collect()
             }
+            // As the kernel runner lists them: by the names of the maps they hold.
+            t if t.is_map_of_maps() => {
+                let defs = shm.map_defs();
+                let mut entries: Vec<_> = handle
+                    .iter()
+                    .into_iter()
+                    .filter_map(|e| {
+                        let EntryValue::Single(v) = e.value else {
+                            return None;
+                        };
+                        let index = u32::from_le_bytes(v[..4].try_into().ok()?) as usize;
+                        Some((e.key, defs.get(index)?.name.as_bytes().to_vec()))
+                    })
+                    .collect();
+                entries.sort();
+                entries
+            }
             _ => {
                 let mut entries: Vec<_> = handle
                     .iter()

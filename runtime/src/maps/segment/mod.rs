@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use super::layout::*;
 use super::typed::Family;
-use super::{array, bloom, cgroup_array, hash, lpm_trie, queue, ring, stack_trace};
+use super::InnerMapDef;
+use super::{array, bloom, cgroup_array, hash, lpm_trie, map_of_maps, queue, ring, stack_trace};
 use super::{MapDef, MapError, MapHandle, MapType};
 use bpftime_abi::possible_cpus;
 use file::{trusted_owners, Mapping, RingMapping};
@@ -145,6 +146,7 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
         Family::CgroupArray => cgroup_array::validate(def)?,
         Family::LpmTrie => lpm_trie::validate(def)?,
     }
+    map_of_maps::validate(def)?;
     Ok(())
 }
 
@@ -294,6 +296,7 @@ impl ShmObject {
                 r.max_entries = d.max_entries;
                 r.flags = d.flags;
                 r.map_extra = d.map_extra;
+                r.inner = d.inner.map(InnerMapDef::to_raw).unwrap_or_default();
                 r.region_off = off;
                 r.region_size = size;
                 let ctl = &mut *(base.add(off as usize) as *mut MapCtl);
@@ -531,6 +534,10 @@ impl ShmObject {
                 flags: r.flags,
                 map_extra: r.map_extra,
                 name: name.clone(),
+                inner: match InnerMapDef::from_raw(r.inner) {
+                    Ok(inner) => inner,
+                    Err(why) => return Err(corrupt(format!("map {name}: {why}"))),
+                },
             };
             if let Some(expect) = expect {
                 let want = normalized(&expect[i as usize], ncpu);
