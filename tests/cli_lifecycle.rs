@@ -259,3 +259,59 @@ fn unload_and_detach_without_arguments() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("no process has the agent loaded"));
     assert!(loader.stop().success());
 }
+
+/// `load --set NAME=VALUE` configures `.rodata` before verification, as a skeleton does
+/// between open and load: the program computes with the values given (buckets = 2, scale =
+/// 10) and the `.rodata` mirror holds them; bad names, sizes and values are one clear error.
+#[test]
+fn load_set_configures_rodata_before_verification() {
+    if !require_kernel("load_set_configures_rodata_before_verification") {
+        return;
+    }
+    let _one = serial();
+    let loader = Loader::start(
+        "rodata_config",
+        &["--set", "buckets=2", "--set", "scale=0xa"],
+    );
+    let out = start_victim("rodata_config", 70);
+    assert!(out.status.success());
+    wait_synced();
+    // vt_add(i % 7, i): key (i % 7) % 2, sum 10 * i.
+    let mut want = [0u64; 2];
+    for i in 0..70u64 {
+        want[((i % 7) % 2) as usize] += 10 * i;
+    }
+    let got = map_entries("rodata_config", "scaled");
+    let want: Vec<(Vec<u8>, Vec<u8>)> = (0..2u32)
+        .map(|k| {
+            (
+                k.to_le_bytes().to_vec(),
+                want[k as usize].to_le_bytes().to_vec(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    let rodata = bpftool_dump("/sys/fs/bpf/bpftime-rs/rodata_config/_rodata");
+    assert_eq!(
+        &rodata[0].1[..8],
+        &10u64.to_le_bytes(),
+        "scale = 10 in the mirror"
+    );
+    assert!(loader.stop().success());
+
+    for (set, says) in [
+        ("nosuch=1", "global variable nosuch: not a global of .rodata, .data or .bss (globals: buckets, scale)"),
+        ("buckets=4294967296", "--set buckets=4294967296: not a 4-byte integer"),
+        ("scale", "--set scale: expected NAME=VALUE"),
+    ] {
+        let out = bpftime()
+            .arg("load")
+            .arg(bpftime_example_programs::object_path("rodata_config"))
+            .args(["--duration", "1", "--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} is refused");
+        assert!(stderr.contains(says), "--set {set}: {stderr}");
+    }
+}

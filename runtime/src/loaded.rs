@@ -387,7 +387,17 @@ impl LoadedObject {
         segment: Option<&str>,
         options: LoadOptions,
     ) -> Result<Self, LoadError> {
-        let object = BpfObject::from_file(path)?;
+        Self::load_object(BpfObject::from_file(path)?, path, segment, options)
+    }
+
+    /// [`load`](Self::load) of an object already parsed from `path` (and perhaps configured:
+    /// globals set with [`BpfObject::set_global`] before its programs are verified).
+    pub fn load_object(
+        object: BpfObject,
+        path: &Path,
+        segment: Option<&str>,
+        options: LoadOptions,
+    ) -> Result<Self, LoadError> {
         let segment = segment.unwrap_or(&object.name).to_string();
         // A map user space cannot hold refuses only the programs that use it.
         let (defs, unsupported_maps) = wire::map_defs_with_placeholders(&object, true);

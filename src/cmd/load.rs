@@ -16,6 +16,7 @@ use bpftime_abi::ErrorChain;
 use bpftime_runtime::helpers::TRACE_MAP_NAME;
 use bpftime_runtime::loaded::LoadedObject;
 use bpftime_runtime::maps::{MapType, RingBufConsumer};
+use bpftime_runtime::object::BpfObject;
 use bpftime_sync::{Forwarder, SyncOptions, SyncSelection};
 
 use super::run::VmArgs;
@@ -50,6 +51,75 @@ pub struct LoadArgs {
     /// Give these groups (names or gids) read-write access to the object's maps.
     #[arg(long, value_delimiter = ',', value_name = "GROUP[,GROUP]")]
     grant_group: Vec<String>,
+    /// Set a global variable before the programs are verified, as a libbpf skeleton does
+    /// between open and load (`const volatile` filters in `.rodata`, `.data`/`.bss` state):
+    /// an integer for 1/2/4/8-byte variables (decimal, 0x hex, negative), else a string for
+    /// a char array. Repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE", conflicts_with = "app")]
+    set: Vec<String>,
+}
+
+/// Applies `--set NAME=VALUE` arguments to `object`'s globals.
+pub(super) fn set_globals(object: &mut BpfObject, sets: &[String]) -> Result<()> {
+    for set in sets {
+        let (name, value) = set
+            .split_once('=')
+            .with_context(|| format!("--set {set}: expected NAME=VALUE"))?;
+        let size = object
+            .globals
+            .iter()
+            .find(|g| g.name == name)
+            .map(|g| g.size as usize);
+        let bytes = match size {
+            Some(size @ (1 | 2 | 4 | 8)) => global_integer(value, size)
+                .with_context(|| format!("--set {set}: not a {}-byte integer", size))?,
+            Some(size) => {
+                if value.len() >= size {
+                    anyhow::bail!(
+                        "--set {set}: the string does not fit {name} ({size} bytes with its NUL)"
+                    );
+                }
+                let mut b = value.as_bytes().to_vec();
+                b.resize(size, 0);
+                b
+            }
+            // set_global names the globals there are.
+            None => Vec::new(),
+        };
+        object
+            .set_global(name, &bytes)
+            .with_context(|| format!("--set {set}"))?;
+    }
+    Ok(())
+}
+
+/// `value` as a little-endian integer of `size` bytes (signed or unsigned, in range).
+fn global_integer(value: &str, size: usize) -> Option<Vec<u8>> {
+    let (negative, digits) = match value.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, value),
+    };
+    let magnitude = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse::<u64>().ok()?,
+    };
+    let bits = 8 * size as u32;
+    let raw = if negative {
+        let limit = 1u64 << (bits - 1);
+        if magnitude > limit {
+            return None;
+        }
+        magnitude.wrapping_neg()
+    } else {
+        if bits < 64 && magnitude >> bits != 0 {
+            return None;
+        }
+        magnitude
+    };
+    Some(raw.to_le_bytes()[..size].to_vec())
 }
 
 impl LoadArgs {
@@ -136,7 +206,10 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         return super::load_app::run(args);
     };
     let (uids, gids) = args.grants()?;
-    let mut loaded = LoadedObject::load(object_path, None, args.vm.options())
+    let mut parsed = BpfObject::from_file(object_path)
+        .with_context(|| format!("loading {}", object_path.display()))?;
+    set_globals(&mut parsed, &args.set)?;
+    let mut loaded = LoadedObject::load_object(parsed, object_path, None, args.vm.options())
         .with_context(|| format!("loading {}", object_path.display()))?;
     let object = loaded.object.name.clone();
     if !uids.is_empty() || !gids.is_empty() {

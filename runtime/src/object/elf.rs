@@ -10,9 +10,9 @@ use super::co_re::{self, CoreRelocation};
 use super::insn;
 use super::section::parse_section;
 use super::{
-    BpfObject, CallReloc, FunctionInfo, LineInfo, MapOrigin, MapReloc, MapRelocKind, MapSpec,
-    ObjectError, Pinning, ProgramSpec, RawInsn, SkippedProgram, BPF_F_RDONLY_PROG, BPF_PSEUDO_CALL,
-    BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
+    BpfObject, CallReloc, FunctionInfo, GlobalVar, LineInfo, MapOrigin, MapReloc, MapRelocKind,
+    MapSpec, ObjectError, Pinning, ProgramSpec, RawInsn, SkippedProgram, BPF_F_RDONLY_PROG,
+    BPF_PSEUDO_CALL, BPF_PSEUDO_FUNC, BPF_PSEUDO_MAP_IDX, BPF_PSEUDO_MAP_IDX_VALUE,
 };
 
 /// Upper bound on a linked program (the kernel's limit is 1M verified instructions).
@@ -369,6 +369,23 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         None => (None, None),
     };
 
+    let globals = ctx
+        .symbols
+        .iter()
+        .filter(|s| s.typ == sym::STT_OBJECT && !s.name.is_empty() && !s.name.starts_with('.'))
+        .filter_map(|s| {
+            let map = *ctx.data_map_by_sec.get(&s.shndx)?;
+            let (offset, size) = (u32::try_from(s.value).ok()?, u32::try_from(s.size).ok()?);
+            (u64::from(offset) + u64::from(size) <= u64::from(maps[map].value_size)).then(|| {
+                GlobalVar {
+                    name: s.name.clone(),
+                    map,
+                    offset,
+                    size,
+                }
+            })
+        })
+        .collect();
     Ok(BpfObject {
         name: object_name(file),
         programs,
@@ -378,6 +395,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         kernel_version,
         btf,
         kernel_btf,
+        globals,
     })
 }
 

@@ -65,6 +65,22 @@ pub struct BpfObject {
     /// The object's BTF with `DATASEC` sizes and variable offsets filled in, ready for
     /// `BPF_BTF_LOAD` (clang leaves them 0 and the kernel rejects that).
     pub kernel_btf: Option<Arc<Vec<u8>>>,
+    /// Global variables of the global-data sections (`.rodata`, `.data`, `.bss`), from the ELF
+    /// symbols: what [`BpfObject::set_global`] writes.
+    pub globals: Vec<GlobalVar>,
+}
+
+/// A global variable: `const volatile` configuration in `.rodata`, state in `.data`/`.bss`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalVar {
+    /// The variable's name.
+    pub name: String,
+    /// Index of its section's map in [`BpfObject::maps`].
+    pub map: usize,
+    /// Byte offset in the section.
+    pub offset: u32,
+    /// Size in bytes.
+    pub size: u32,
 }
 
 /// A program that failed to load, and why.
@@ -311,6 +327,17 @@ pub enum ObjectError {
         /// What is wrong with its definition.
         reason: String,
     },
+    /// [`BpfObject::set_global`] found no global variable of that name, or a value of
+    /// another size.
+    #[error("{file}: global variable {name}: {reason}")]
+    Global {
+        /// The object's name ([`BpfObject::name`]).
+        file: String,
+        /// The name asked for.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// [`BpfObject::program`] found no program, loaded or skipped, of that name.
     #[error("{file}: no program named {name}")]
     NoSuchProgram {
@@ -360,6 +387,42 @@ impl BpfObject {
     /// Index of the map with this name.
     pub fn map_index(&self, name: &str) -> Option<usize> {
         self.maps.iter().position(|m| m.name == name)
+    }
+
+    /// Sets the initial value of a global variable before the object is loaded, as a libbpf
+    /// skeleton's `skel->rodata->NAME = ...` between open and load (or aya's `set_global`):
+    /// a `.rodata` value is what the verifier then sees as a constant. `value` must have the
+    /// variable's size.
+    pub fn set_global(&mut self, name: &str, value: &[u8]) -> Result<(), ObjectError> {
+        let err = |reason: String| ObjectError::Global {
+            file: self.name.clone(),
+            name: name.to_string(),
+            reason,
+        };
+        let Some(var) = self.globals.iter().find(|g| g.name == name).cloned() else {
+            let known: Vec<&str> = self.globals.iter().map(|g| g.name.as_str()).collect();
+            return Err(err(format!(
+                "not a global of .rodata, .data or .bss (globals: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        if value.len() != var.size as usize {
+            return Err(err(format!(
+                "is {} bytes, the value given is {}",
+                var.size,
+                value.len()
+            )));
+        }
+        let map = &mut self.maps[var.map];
+        let size = map.value_size as usize;
+        let data = map.initial_data.get_or_insert_with(|| vec![0u8; size]);
+        let at = var.offset as usize;
+        data[at..at + value.len()].copy_from_slice(value);
+        Ok(())
     }
 }
 
