@@ -194,11 +194,8 @@ mod tests {
             assert_eq!(MapType::try_from(t.as_raw()), Ok(t));
         }
         assert_eq!(MapType::from_raw(27), Some(MapType::Ringbuf));
-        assert_eq!(MapType::try_from(12), Err(UnknownMapType(12)));
-        assert_eq!(
-            UnknownMapType(12).to_string(),
-            "map type 12 (array_of_maps)"
-        );
+        assert_eq!(MapType::try_from(14), Err(UnknownMapType(14)));
+        assert_eq!(UnknownMapType(14).to_string(), "map type 14 (devmap)");
         assert_eq!(
             UnknownMapType(9999).to_string(),
             "map type 9999 (unknown to libbpf)"
