@@ -379,6 +379,12 @@ fn definitions_are_validated() {
         def(MapType::Array, 8, 8, 1, "a"),
         def(MapType::Queue, 4, 8, 1, "q"),
         def(MapType::ProgArray, 4, 8, 1, "p"),
+        // A map of maps without its inner-map template, and a template on a plain array.
+        def(MapType::ArrayOfMaps, 4, 4, 2, "aom"),
+        MapDef {
+            inner: Some(InnerMapDef::of(&def(MapType::Array, 4, 8, 1, "t"))),
+            ..def(MapType::Array, 4, 8, 1, "tmpl")
+        },
     ];
     for d in bad {
         let e = ShmObject::create(&name, std::slice::from_ref(&d))
@@ -398,7 +404,8 @@ fn definitions_are_validated() {
     let e = ShmObject::create("../etc", &[]).err().expect("a path");
     eprintln!("PATH errno={} msg={e}", e.errno());
     assert_eq!(MapType::from_raw(27), Some(MapType::Ringbuf));
-    assert_eq!(MapType::from_raw(12), None);
+    assert_eq!(MapType::from_raw(12), Some(MapType::ArrayOfMaps));
+    assert_eq!(MapType::from_raw(14), None, "DEVMAP");
 }
 
 #[test]
