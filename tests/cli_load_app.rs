@@ -127,6 +127,7 @@ fn assert_same(kernel: &Run, user: &Run) {
 
 #[test]
 fn libbpf_tool_by_function_name_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_by_function_name_matches_kernel_uprobes") {
         return;
     }
@@ -143,6 +144,7 @@ fn libbpf_tool_by_function_name_matches_kernel_uprobes() {
 
 #[test]
 fn libbpf_tool_by_file_offset_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_by_file_offset_matches_kernel_uprobes") {
         return;
     }
@@ -156,6 +158,7 @@ fn libbpf_tool_by_file_offset_matches_kernel_uprobes() {
 
 #[test]
 fn libbpf_tool_pid_filter_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_pid_filter_matches_kernel_uprobes") {
         return;
     }
@@ -289,6 +292,16 @@ fn wait_status(file: &std::path::Path, what: &str, count: usize) {
     });
 }
 
+/// Held by every test of this file for its whole run: they share the object `uprobe_tool`,
+/// and one test's cleanup (`unload`) must not remove it while another still reads its maps
+/// (`common::SERIAL` serialises the tool runs only).
+fn object_lock() -> std::sync::MutexGuard<'static, ()> {
+    static OBJECT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    OBJECT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The serial lock of the tests that run tools and victims: a tool with `-p -1` sees every
 /// victim, and one test's cleanup would unload another's object.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -299,6 +312,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn killed_app_detaches_its_links_and_targets_keep_running() {
+    let _object = object_lock();
     if !require_kernel("killed_app_detaches_its_links_and_targets_keep_running") {
         return;
     }
@@ -364,6 +378,7 @@ fn killed_app_detaches_its_links_and_targets_keep_running() {
 
 #[test]
 fn statically_linked_app_is_refused_with_the_reason() {
+    let _object = object_lock();
     let dir = std::env::temp_dir().join(format!("bpftime-static-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let src = dir.join("static_app.c");
@@ -395,6 +410,7 @@ fn statically_linked_app_is_refused_with_the_reason() {
 
 #[test]
 fn target_started_before_the_app_is_hooked_when_the_app_attaches() {
+    let _object = object_lock();
     if !require_kernel("target_started_before_the_app_is_hooked_when_the_app_attaches") {
         return;
     }
@@ -429,6 +445,7 @@ fn sorted_lines(stdout: &str) -> Vec<String> {
 
 #[test]
 fn libbpf_tool_perf_buffer_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_perf_buffer_matches_kernel_uprobes") {
         return;
     }
@@ -456,6 +473,7 @@ fn libbpf_tool_perf_buffer_matches_kernel_uprobes() {
 
 #[test]
 fn libbpf_tool_batch_lookup_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_batch_lookup_matches_kernel_uprobes") {
         return;
     }
@@ -469,6 +487,7 @@ fn libbpf_tool_batch_lookup_matches_kernel_uprobes() {
 
 #[test]
 fn aya_tool_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("aya_tool_matches_kernel_uprobes") {
         return;
     }
@@ -490,6 +509,7 @@ fn aya_tool_matches_kernel_uprobes() {
 
 #[test]
 fn libbpf_rs_tool_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_rs_tool_matches_kernel_uprobes") {
         return;
     }
@@ -505,6 +525,7 @@ fn libbpf_rs_tool_matches_kernel_uprobes() {
 
 #[test]
 fn libbpf_rs_tool_on_uprobe_multi_links_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_rs_tool_on_uprobe_multi_links_matches_kernel_uprobes") {
         return;
     }
@@ -520,6 +541,7 @@ fn libbpf_rs_tool_on_uprobe_multi_links_matches_kernel_uprobes() {
 
 #[test]
 fn bad_calls_fail_as_on_the_kernel_without_crashing() {
+    let _object = object_lock();
     if !require_kernel("bad_calls_fail_as_on_the_kernel_without_crashing") {
         return;
     }
@@ -583,6 +605,7 @@ fn bad_calls_fail_as_on_the_kernel_without_crashing() {
 
 #[test]
 fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
+    let _object = object_lock();
     if !require_kernel("app_maps_are_synced_to_kernel_mirrors_bpftool_reads") {
         return;
     }
@@ -669,8 +692,9 @@ fn app_maps_are_synced_to_kernel_mirrors_bpftool_reads() {
         .expect("maps --diff");
     assert!(
         diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
+        "{}{}",
+        String::from_utf8_lossy(&diff.stdout),
+        String::from_utf8_lossy(&diff.stderr)
     );
 }
 
@@ -714,6 +738,7 @@ const APP_PIN: &str = "/sys/fs/bpf/bpftime-test-app-hist";
 
 #[test]
 fn ctrl_c_reaches_the_app_which_prints_its_results() {
+    let _object = object_lock();
     if !require_kernel("ctrl_c_reaches_the_app_which_prints_its_results") {
         return;
     }
@@ -741,6 +766,7 @@ fn ctrl_c_reaches_the_app_which_prints_its_results() {
 
 #[test]
 fn duration_stops_the_app_as_ctrl_c_does() {
+    let _object = object_lock();
     if !require_kernel("duration_stops_the_app_as_ctrl_c_does") {
         return;
     }
@@ -764,6 +790,7 @@ fn duration_stops_the_app_as_ctrl_c_does() {
 /// tools do: the same depths and counts as on kernel uprobes.
 #[test]
 fn libbpf_tool_stack_traces_match_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_stack_traces_match_kernel_uprobes") {
         return;
     }
@@ -805,6 +832,7 @@ impl Drop for TestCgroup {
 /// victim in another cgroup none is; both as on kernel uprobes.
 #[test]
 fn libbpf_tool_cgroup_filter_matches_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_cgroup_filter_matches_kernel_uprobes") {
         return;
     }
@@ -857,6 +885,7 @@ fn libbpf_tool_cgroup_filter_matches_kernel_uprobes() {
 /// `bpf_user_ringbuf_drain`: the same total as on kernel uprobes.
 #[test]
 fn libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes() {
+    let _object = object_lock();
     if !require_kernel("libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes") {
         return;
     }
@@ -884,6 +913,7 @@ fn libbpf_tool_user_ring_buffer_commands_match_kernel_uprobes() {
 /// tool printed; both equal the kernel run's and the victim's own arithmetic.
 #[test]
 fn many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly() {
+    let _object = object_lock();
     if !require_kernel("many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly") {
         return;
     }

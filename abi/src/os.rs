@@ -118,6 +118,64 @@ impl Mmap {
         Ok(map)
     }
 
+    /// A read+execute page within `reach` bytes of `near` (for code with 32-bit
+    /// displacements to `near`, such as an instruction relocated next to its original), its
+    /// bytes built by `code(address)` once the address is known (W^X as
+    /// [`executable`](Self::executable)). `None` when no free page is close enough.
+    pub fn executable_near(
+        near: u64,
+        reach: u64,
+        code: impl FnOnce(u64) -> Vec<u8>,
+    ) -> io::Result<Option<Self>> {
+        let mut code = Some(code);
+        let page = page_size() as u64;
+        let base = near & !(page - 1);
+        for step in 1..=256u64 {
+            for hint in [
+                base.checked_sub(step * (8 << 20)),
+                base.checked_add(step * (8 << 20)),
+            ] {
+                let Some(hint) = hint else { continue };
+                // SAFETY: a hint, not MAP_FIXED: the kernel never replaces an existing mapping;
+                // the result is checked before use.
+                let ptr = unsafe {
+                    libc::mmap(
+                        hint as *mut libc::c_void,
+                        page as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                let map = Self::checked(ptr, page as usize)?;
+                let at = map.as_ptr() as u64;
+                if at.abs_diff(near) + page > reach {
+                    continue; // dropped: unmapped
+                }
+                let bytes = (code.take().expect("called once: returns after"))(at);
+                if bytes.len() > page as usize {
+                    return Err(invalid("code larger than a page"));
+                }
+                // SAFETY: a fresh writable mapping of one page that nothing else refers to.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), map.as_ptr(), bytes.len()) };
+                // SAFETY: changes the protection of our own mapping only.
+                let rc = unsafe {
+                    libc::mprotect(
+                        map.as_ptr().cast(),
+                        page as usize,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                return Ok(Some(map));
+            }
+        }
+        Ok(None)
+    }
+
     /// The kernel's ring-buffer trick, for a ring stored in `fd` at `offset`: `head` bytes
     /// (position pages) then `data` bytes, followed by the same `data` bytes a second time, so
     /// a record that wraps is contiguous in memory. `head`, `data` and `offset` must be page

@@ -683,8 +683,14 @@ fn install(
         match result {
             Ok((t, id)) => {
                 installed.push((key, id));
+                // Where a 5-byte jump does not fit, the site traps (`int3`): say so, it costs
+                // a signal per call.
+                let via = match bpftime_attach::site_mechanism(t.address) {
+                    Some("int3") => " via int3",
+                    _ => "",
+                };
                 lines.push(format!(
-                    "ok {object}/{} {} {target} at {:#x} on {:?}",
+                    "ok {object}/{} {} {target} at {:#x} on {:?}{via}",
                     program.name,
                     probe_name(kind),
                     t.address,

@@ -277,7 +277,7 @@ fn start(config: &Path) -> Result<usize, String> {
         });
         match res {
             Ok((r, t)) => lines.push(format!(
-                "ok {} {} at {:#x} ({} bytes)",
+                "ok {} {} at {:#x} ({} bytes){}",
                 if r.kind == ProbeKind::Uprobe {
                     "uprobe"
                 } else {
@@ -285,7 +285,11 @@ fn start(config: &Path) -> Result<usize, String> {
                 },
                 r.target,
                 t.address,
-                t.size
+                t.size,
+                match bpftime_attach::site_mechanism(t.address) {
+                    Some("int3") => " via int3",
+                    _ => "",
+                }
             )),
             Err(e) => {
                 failed += 1;

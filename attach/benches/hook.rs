@@ -4,7 +4,9 @@
 //! trivial handler (one atomic counter increment) through the generic dispatcher, as a direct
 //! entry (Rust) and as a direct entry that preserves the vector registers (a few instructions
 //! of assembly: the stub saves no xmm); return hook; entry + return hook;
-//! each on an ordinary entry and on a `nop5` entry. The lead adds the kernel uprobe rows.
+//! each on an ordinary entry and on a `nop5` entry; then a function too short for a detour
+//! (`bench_short`, the int3 fallback: a signal per call). The lead adds the kernel uprobe
+//! rows.
 //! `cargo bench -p bpftime-attach --bench hook [-- CALLS REPS]`
 
 #[path = "../tests/common/mod.rs"]
@@ -124,13 +126,13 @@ fn main() {
         "hook", "min", "median", "events"
     );
     println!("|{:-<46}|{:->10}|{:->10}|{:->10}|", "", "", "", "");
-    for func in ["bench_plain", "bench_nop5"] {
+    for func in ["bench_plain", "bench_nop5", "bench_short"] {
         let f: F = common::sym(func);
         let t = resolve(&common::target(func)).unwrap();
-        let entry_desc = if func == "bench_nop5" {
-            "nop5 entry"
-        } else {
-            "ordinary entry"
+        let entry_desc = match func {
+            "bench_nop5" => "nop5 entry",
+            "bench_short" => "short function, int3",
+            _ => "ordinary entry",
         };
         let row = |name: &str, kinds: &[ProbeKind]| {
             let c = Arc::new(Count::default());
@@ -162,6 +164,14 @@ fn main() {
             );
         };
         row("no hook", &[]);
+        if func == "bench_short" {
+            row("userspace uprobe, counter handler", &[ProbeKind::Uprobe]);
+            row(
+                "userspace uprobe + uretprobe",
+                &[ProbeKind::Uprobe, ProbeKind::Uretprobe],
+            );
+            continue;
+        }
         row("userspace uprobe, empty handler", &[ProbeKind::Uprobe]);
         row("userspace uprobe, counter handler", &[ProbeKind::Uprobe]);
         row("userspace uprobe, direct counter", &[ProbeKind::Uprobe]);

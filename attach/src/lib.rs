@@ -18,6 +18,8 @@ pub mod regs;
 pub mod symbols;
 
 pub use error::{AttachError, InjectError};
-pub use hook::{DirectEntry, EntryAction, HookId, HookSet, HookStats, ProbeHandler, ProbeKind};
+pub use hook::{
+    site_mechanism, DirectEntry, EntryAction, HookId, HookSet, HookStats, ProbeHandler, ProbeKind,
+};
 pub use regs::PtRegs;
 pub use symbols::{resolve, resolve_in, ResolvedTarget, TargetSpec};

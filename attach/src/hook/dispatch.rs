@@ -36,7 +36,8 @@ pub(super) type Handlers = Vec<HandlerEntry>;
 #[repr(C)]
 pub(crate) struct Site {
     pub(super) addr: u64,
-    /// Where "continue" goes: the detour trampoline.
+    /// Where "continue" goes: the detour trampoline, or an `int3` site's out-of-line copy of
+    /// its first instruction (see `trap.rs`).
     pub(super) trampoline: AtomicU64,
     /// The only entry handler's [`DirectEntry`] when the stub may call it itself (see
     /// [`refresh_direct`]); null otherwise. Leaked like the handler lists.

@@ -3,11 +3,20 @@
 
 use super::*;
 
-/// A site and its detour, in the global registry.
+/// A site and how it is patched, in the global registry.
 pub(super) struct SiteEntry {
     site: &'static Site,
-    detour: &'static detour::RawDetour,
+    patch: Patch,
     enabled: bool,
+}
+
+/// How a site's code is patched.
+#[derive(Clone, Copy)]
+enum Patch {
+    /// A 5-byte `jmp` to the site's thunk (detour's trampoline holds the displaced code).
+    Detour(&'static detour::RawDetour),
+    /// An `int3` on the first byte (see [`super::trap`]); `original` is the byte it replaces.
+    Trap { original: u8 },
 }
 
 pub(super) struct Registry {
@@ -164,6 +173,7 @@ impl HookSet {
         if any_return {
             ensure_unwind_fixups();
         }
+        ensure_sigaction_guard();
         results
             .into_iter()
             .map(|r| {
@@ -209,6 +219,7 @@ impl HookSet {
         if kind == ProbeKind::Uretprobe {
             ensure_unwind_fixups();
         }
+        ensure_sigaction_guard();
         self.ids.push(id);
         Ok(id)
     }
@@ -280,6 +291,18 @@ pub fn active_sites() -> usize {
         .map_or(0, |r| r.sites.values().filter(|s| s.enabled).count())
 }
 
+/// How the site at `address` is patched: `"detour"` (a 5-byte jump) or `"int3"` (a trap
+/// and an out-of-line copy of the instruction, where a jump does not fit); `None` if no
+/// hook was ever installed there.
+pub fn site_mechanism(address: u64) -> Option<&'static str> {
+    let reg = registry();
+    let e = reg.as_ref()?.sites.get(&address)?;
+    Some(match e.patch {
+        Patch::Detour(_) => "detour",
+        Patch::Trap { .. } => "int3",
+    })
+}
+
 pub(super) fn check_kind(target: &ResolvedTarget, kind: ProbeKind) -> Result<(), AttachError> {
     if kind == ProbeKind::Uretprobe && target.offset != 0 {
         return Err(AttachError::Unpatchable {
@@ -315,7 +338,14 @@ pub(super) unsafe fn install_locked(
     });
     if let std::collections::hash_map::Entry::Vacant(slot) = reg.sites.entry(address) {
         // SAFETY: forwarded from the caller.
-        unsafe { precheck::check_site(address, size, name)? };
+        let detour_fits = match unsafe { precheck::check_site(address, size, name) } {
+            Ok(_) => true,
+            // An unknown size stays refused: nothing says where the function's code ends.
+            Err(e) if size == 0 => return Err(e),
+            // Too short, leaving or branched into before byte 5: the int3 fallback.
+            Err(AttachError::TooShort { .. } | AttachError::Unpatchable { .. }) => false,
+            Err(e) => return Err(e),
+        };
         let site: &'static Site = Box::leak(Box::new(Site {
             addr: address,
             mid_function,
@@ -329,38 +359,60 @@ pub(super) unsafe fn install_locked(
             entries: AtomicPtr::new(std::ptr::null_mut()),
             returns: AtomicPtr::new(std::ptr::null_mut()),
         }));
-        let stub_addr = if mid_function {
-            stub::entry_stub_red_zone()
-        } else {
-            stub::entry_stub()
-        };
-        let thunk = make_thunk(site, stub_addr)?;
-        // detour checks executability through /proc/self/maps, which the kernel does not
-        // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
-        let mut attempt = 0;
-        let det = loop {
-            // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
-            // instructions of one function; the thunk is valid code that preserves all
-            // registers.
-            match unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) } {
-                Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
-                r => {
-                    break r.map_err(|source| AttachError::Detour {
-                        function: name.to_string(),
-                        source,
-                    })?
-                }
+        if !detour_fits {
+            // SAFETY: forwarded from the caller: `size` bytes of the function are readable.
+            let first = unsafe { trap::first_instruction(address, size, name)? };
+            if first.len() as u64 > size {
+                return Err(AttachError::Unpatchable {
+                    function: name.to_string(),
+                    reason: "its first instruction extends past the function's end".into(),
+                });
             }
-        };
-        // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
-        unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
-        site.trampoline
-            .store(det.trampoline() as u64, Ordering::Release);
-        slot.insert(SiteEntry {
-            site,
-            detour: Box::leak(Box::new(det)),
-            enabled: false,
-        });
+            let xol = trap::build_xol(&first, name)?;
+            site.trampoline.store(xol, Ordering::Release);
+            trap::install_handler()?;
+            trap::register(site)?;
+            // SAFETY: as above.
+            let original = unsafe { (address as *const u8).read_volatile() };
+            slot.insert(SiteEntry {
+                site,
+                patch: Patch::Trap { original },
+                enabled: false,
+            });
+        } else {
+            let stub_addr = if mid_function {
+                stub::entry_stub_red_zone()
+            } else {
+                stub::entry_stub()
+            };
+            let thunk = make_thunk(site, stub_addr)?;
+            // detour checks executability through /proc/self/maps, which the kernel does not
+            // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
+            let mut attempt = 0;
+            let det = loop {
+                // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
+                // instructions of one function; the thunk is valid code that preserves all
+                // registers.
+                match unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) } {
+                    Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
+                    r => {
+                        break r.map_err(|source| AttachError::Detour {
+                            function: name.to_string(),
+                            source,
+                        })?
+                    }
+                }
+            };
+            // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
+            unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
+            site.trampoline
+                .store(det.trampoline() as u64, Ordering::Release);
+            slot.insert(SiteEntry {
+                site,
+                patch: Patch::Detour(Box::leak(Box::new(det))),
+                enabled: false,
+            });
+        }
     }
     let id = HookId(reg.next_id);
     reg.next_id += 1;
@@ -414,15 +466,44 @@ pub(super) fn switch_sites(
     if addrs.is_empty() {
         return Ok(());
     }
+    // Trap sites one by one (a byte each, no thread suspended), then the detours in one
+    // transaction.
+    let (traps, detours): (Vec<u64>, Vec<u64>) = addrs
+        .iter()
+        .partition(|a| matches!(reg.sites[a].patch, Patch::Trap { .. }));
+    for a in &traps {
+        let e = reg.sites.get_mut(a).expect("listed site");
+        let Patch::Trap { original } = e.patch else {
+            unreachable!("partitioned")
+        };
+        // Enabled before the int3 goes in; after it is gone when disabling (a thread that
+        // trapped meanwhile finds the site either way and continues through its XOL slot).
+        if enable {
+            e.site.enabled.store(true, Ordering::Release);
+        }
+        let r = trap::poke(*a, if enable { 0xcc } else { original });
+        if !enable || r.is_err() {
+            e.site.enabled.store(false, Ordering::Release);
+        }
+        r?;
+        e.enabled = enable;
+    }
+    let addrs = detours;
+    if addrs.is_empty() {
+        return Ok(());
+    }
     let mut tx = detour::Transaction::new();
     for a in &addrs {
         let e = &reg.sites[a];
+        let Patch::Detour(d) = e.patch else {
+            unreachable!("partitioned")
+        };
         if enable {
             e.site.enabled.store(true, Ordering::Release);
-            tx.enable(e.detour);
+            tx.enable(d);
         } else {
             e.site.enabled.store(false, Ordering::Release);
-            tx.disable(e.detour);
+            tx.disable(d);
         }
     }
     // SAFETY: every target was pre-checked; all other threads are suspended and moved out of
@@ -447,6 +528,46 @@ pub(super) fn switch_sites(
 
 pub(super) fn enable_sites(reg: &mut Registry, addrs: &[u64]) -> Result<(), AttachError> {
     switch_sites(reg, addrs, true)
+}
+
+/// Once an int3 site exists, libc's `sigaction` is hooked (once per process, never removed)
+/// so that the process cannot replace the SIGTRAP handler those sites need (see `trap.rs`).
+pub(super) fn ensure_sigaction_guard() {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if !trap::handler_installed() || DONE.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let Ok(mut res) = crate::symbols::Resolver::new(None) else {
+        return;
+    };
+    let t = match res
+        .find_module(Some("libc.so.6"))
+        .and_then(|_| res.resolve("libc.so.6:sigaction"))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("bpftime-attach: {e} (a SIGTRAP handler the process installs would take int3 sites' traps)");
+            return;
+        }
+    };
+    let mut guard = registry();
+    // SAFETY: a resolved function entry of a mapped library.
+    let r = unsafe {
+        install_locked(
+            &mut guard,
+            t.address,
+            t.size,
+            false,
+            false,
+            &t.display_name(),
+            ProbeKind::Uprobe,
+            Arc::new(trap::SigactionGuard),
+            true,
+        )
+    };
+    if let Err(e) = r {
+        eprintln!("bpftime-attach: cannot hook sigaction (a SIGTRAP handler the process installs would take int3 sites' traps): {e}");
+    }
 }
 
 pub(super) struct NoopHandler;

@@ -83,6 +83,19 @@ NI long tail_g(long x) { volatile long y = x; return y + 5; }
 NI long tail_f(long x) { volatile long z = x; return tail_g(z * 2); }
 __asm__(".text\n.globl bench_nop5\n.type bench_nop5,@function\n.p2align 4\nbench_nop5:\n"
         ".byte 0x0f,0x1f,0x44,0x00,0x00\nleaq 1(%rdi), %rax\nret\n.size bench_nop5, .-bench_nop5\n");
+/* int3 sites. tiny_jmp is a 2-byte tail jump (jmp rel8) to the function after it; nop_loop
+   has a 1-byte nop at +2 (a USDT site's shape) followed by a branch target at +3, where a
+   5-byte detour would cut the loop's target in two: nop_loop(n) = n for n >= 1. */
+__asm__(".text\n.globl tiny_jmp\n.type tiny_jmp,@function\n.p2align 4\ntiny_jmp:\n"
+        "jmp 1f\n.size tiny_jmp, .-tiny_jmp\n"
+        ".globl tiny_jmp_target\n.type tiny_jmp_target,@function\ntiny_jmp_target:\n"
+        "1: leaq 3(%rdi), %rax\nret\n.size tiny_jmp_target, .-tiny_jmp_target\n");
+/* bench_short: a 4-byte function (leal; ret), shorter than a detour: the int3 fallback. */
+__asm__(".text\n.globl bench_short\n.type bench_short,@function\n.p2align 4\nbench_short:\n"
+        "leal 1(%rdi), %eax\nret\n.size bench_short, .-bench_short\n");
+__asm__(".text\n.globl nop_loop\n.type nop_loop,@function\n.p2align 4\nnop_loop:\n"
+        "xorl %eax, %eax\nnop\n2: incl %eax\ncmpl %edi, %eax\njl 2b\nret\n"
+        ".size nop_loop, .-nop_loop\n");
 NI long mid_target(long x) {
     volatile long a = x;
     a = a * 5;

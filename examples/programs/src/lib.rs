@@ -230,6 +230,12 @@ fn run_kernel_libbpf(
     Ok(snapshot)
 }
 
+/// Path of the short-function victim (`victim_short N`: N calls of the 4-byte `short_add`;
+/// starts on a line of stdin).
+pub fn victim_short_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_short")
+}
+
 /// Path of the allocating victim (`victim_alloc N`: exactly N mallocs between va_begin and
 /// va_end; starts on a line of stdin).
 pub fn victim_alloc_path() -> PathBuf {
