@@ -540,16 +540,24 @@ pub(super) fn ensure_sigaction_guard() {
     let Ok(mut res) = crate::symbols::Resolver::new(None) else {
         return;
     };
-    let t = match res
+    const WITHOUT: &str = "a SIGTRAP handler the process installs would take int3 sites' traps";
+    match res
         .find_module(Some("libc.so.6"))
         .and_then(|_| res.resolve("libc.so.6:sigaction"))
     {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("bpftime-attach: {e} (a SIGTRAP handler the process installs would take int3 sites' traps)");
-            return;
-        }
-    };
+        Ok(t) => engine_hook(&t, false, Arc::new(trap::SigactionGuard), WITHOUT),
+        Err(e) => eprintln!("bpftime-attach: {e} ({WITHOUT})"),
+    }
+}
+
+/// Hooks a library function for the engine's own needs (once per process, never removed);
+/// a failure is reported with what goes `without` it.
+fn engine_hook(
+    t: &crate::symbols::ResolvedTarget,
+    unwind_fixup: bool,
+    handler: Arc<dyn ProbeHandler>,
+    without: &str,
+) {
     let mut guard = registry();
     // SAFETY: a resolved function entry of a mapped library.
     let r = unsafe {
@@ -558,15 +566,15 @@ pub(super) fn ensure_sigaction_guard() {
             t.address,
             t.size,
             false,
-            false,
+            unwind_fixup,
             &t.display_name(),
             ProbeKind::Uprobe,
-            Arc::new(trap::SigactionGuard),
+            handler,
             true,
         )
     };
     if let Err(e) = r {
-        eprintln!("bpftime-attach: cannot hook sigaction (a SIGTRAP handler the process installs would take int3 sites' traps): {e}");
+        eprintln!("bpftime-attach: cannot hook {} ({without}): {e}", t.symbol);
     }
 }
 
@@ -590,33 +598,11 @@ pub(super) fn ensure_unwind_fixups() {
         return; // not loaded (yet): retried at the next uretprobe install
     }
     DONE.store(true, Ordering::Release);
+    const WITHOUT: &str = "exceptions through uretprobe frames will abort";
     for f in ["_Unwind_RaiseException", "_Unwind_ForcedUnwind"] {
-        let t = match res.resolve(&format!("libgcc_s.so.1:{f}")) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("bpftime-attach: {e} (exceptions through uretprobe frames will abort)");
-                continue;
-            }
-        };
-        {
-            let mut guard = registry();
-            // SAFETY: a resolved function entry of a mapped library.
-            let r = unsafe {
-                install_locked(
-                    &mut guard,
-                    t.address,
-                    t.size,
-                    false,
-                    true,
-                    &t.display_name(),
-                    ProbeKind::Uprobe,
-                    Arc::new(NoopHandler),
-                    true,
-                )
-            };
-            if let Err(e) = r {
-                eprintln!("bpftime-attach: cannot hook {f} (exceptions through uretprobe frames will abort): {e}");
-            }
+        match res.resolve(&format!("libgcc_s.so.1:{f}")) {
+            Ok(t) => engine_hook(&t, true, Arc::new(NoopHandler), WITHOUT),
+            Err(e) => eprintln!("bpftime-attach: {e} ({WITHOUT})"),
         }
     }
 }
