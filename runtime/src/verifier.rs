@@ -198,23 +198,13 @@ pub struct BpfUnavailable(#[source] pub SyscallError);
 /// Checks that this process can use the kernel's BPF (creates and closes a tiny array map), for
 /// callers that want a clear message before verifying anything.
 pub fn kernel_bpf_available() -> Result<(), BpfUnavailable> {
-    let spec = MapSpec {
-        name: "bpftime_probe".into(),
-        origin: MapOrigin::BtfMaps,
-        map_type: MapType::Array.as_raw(),
-        key_size: 4,
-        value_size: 4,
-        max_entries: 1,
-        flags: 0,
-        pinning: crate::object::Pinning::None,
-        numa_node: 0,
-        map_extra: 0,
-        initial_data: None,
-        btf_key_type_id: None,
-        btf_value_type_id: None,
-        inner: None,
-        init_slots: Vec::new(),
-    };
+    let spec = MapSpec::new(
+        "bpftime_probe",
+        MapOrigin::BtfMaps,
+        MapType::Array.as_raw(),
+        (4, 4, 1),
+        0,
+    );
     create_map(&spec, None).map(drop).map_err(BpfUnavailable)
 }
 

@@ -281,24 +281,18 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         };
         ctx.data_map_by_sec.insert(i, maps.len());
         maps.push(MapSpec {
-            name: s.name.clone(),
-            origin: MapOrigin::GlobalData {
-                section: s.name.clone(),
-            },
-            // Global-data sections become one-element arrays, as in libbpf.
-            map_type: bpftime_abi::MapType::Array.as_raw(),
-            key_size: 4,
-            value_size,
-            max_entries: 1,
-            flags: if readonly { BPF_F_RDONLY_PROG } else { 0 },
-            pinning: Pinning::None,
-            numa_node: 0,
-            map_extra: 0,
             initial_data: if bss { None } else { Some(s.data.to_vec()) },
-            btf_key_type_id: None,
             btf_value_type_id,
-            inner: None,
-            init_slots: Vec::new(),
+            ..MapSpec::new(
+                s.name.clone(),
+                MapOrigin::GlobalData {
+                    section: s.name.clone(),
+                },
+                // Global-data sections become one-element arrays, as in libbpf.
+                bpftime_abi::MapType::Array.as_raw(),
+                (4, value_size, 1),
+                if readonly { BPF_F_RDONLY_PROG } else { 0 },
+            )
         });
     }
 
@@ -445,23 +439,13 @@ fn legacy_maps(ctx: &mut Ctx, sec: usize, maps: &mut Vec<MapSpec>) -> Result<(),
             })?;
         let w = |k: usize| u32::from_le_bytes([def[k], def[k + 1], def[k + 2], def[k + 3]]);
         ctx.legacy_map_by_off.insert((sec, off), maps.len());
-        maps.push(MapSpec {
+        maps.push(MapSpec::new(
             name,
-            origin: MapOrigin::LegacyMaps,
-            map_type: w(0),
-            key_size: w(4),
-            value_size: w(8),
-            max_entries: w(12),
-            flags: w(16),
-            pinning: Pinning::None,
-            numa_node: 0,
-            map_extra: 0,
-            initial_data: None,
-            btf_key_type_id: None,
-            btf_value_type_id: None,
-            inner: None,
-            init_slots: Vec::new(),
-        });
+            MapOrigin::LegacyMaps,
+            w(0),
+            (w(4), w(8), w(12)),
+            w(16),
+        ));
     }
     Ok(())
 }
@@ -615,23 +599,7 @@ fn btf_map_def(
     }
     let name = name.to_string();
     let mut values_at = None;
-    let mut spec = MapSpec {
-        name: name.clone(),
-        origin: MapOrigin::BtfMaps,
-        map_type: 0,
-        key_size: 0,
-        value_size: 0,
-        max_entries: 0,
-        flags: 0,
-        pinning: Pinning::None,
-        numa_node: 0,
-        map_extra: 0,
-        initial_data: None,
-        btf_key_type_id: None,
-        btf_value_type_id: None,
-        inner: None,
-        init_slots: Vec::new(),
-    };
+    let mut spec = MapSpec::new(name.clone(), MapOrigin::BtfMaps, 0, (0, 0, 0), 0);
     let mut have_type = false;
     for f in &def.members {
         let fname = btf.str_at(f.name_off).map_err(e)?;

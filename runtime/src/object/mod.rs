@@ -258,6 +258,34 @@ pub struct MapSpec {
 }
 
 impl MapSpec {
+    /// A map of this shape with no other attribute (no pinning, BTF types, initial data or
+    /// inner map): what every kind of definition starts from.
+    pub fn new(
+        name: impl Into<String>,
+        origin: MapOrigin,
+        map_type: u32,
+        (key_size, value_size, max_entries): (u32, u32, u32),
+        flags: u32,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            origin,
+            map_type,
+            key_size,
+            value_size,
+            max_entries,
+            flags,
+            pinning: Pinning::None,
+            numa_node: 0,
+            map_extra: 0,
+            initial_data: None,
+            btf_key_type_id: None,
+            btf_value_type_id: None,
+            inner: None,
+            init_slots: Vec::new(),
+        }
+    }
+
     /// `true` for `.rodata*` maps: programs may not write them (the kernel map gets frozen).
     pub fn is_readonly(&self) -> bool {
         self.flags & BPF_F_RDONLY_PROG != 0
