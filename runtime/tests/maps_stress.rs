@@ -172,3 +172,79 @@ fn for_each_visits_every_entry_and_marks() {
     assert_eq!(pa.for_each_ptr(0, |_, _| true), 5);
     assert_eq!(pa.for_each_ptr(pa.ncpu(), |_, _| true), 0);
 }
+
+/// An LRU map never refuses an update for want of room: the kernel evicts, and answers an
+/// error only when no element can be freed at all. Eight threads insert distinct keys into a
+/// small LRU (every insert past the first 64 evicts) while tracking keeps evicted entries as
+/// tombstones, with and without a forwarder acknowledging them.
+#[test]
+fn lru_updates_evict_under_contention_and_never_refuse() {
+    for (name, t, ack) in [
+        ("lru-ack", MapType::LruHash, true),
+        ("lru-noack", MapType::LruHash, false),
+        ("lru-percpu", MapType::LruPercpuHash, false),
+    ] {
+        let s = Seg::new("stress", name, &[def(t, 4, 8, 64, "h")]);
+        let h = s.0.map("h").unwrap();
+        h.as_hash().unwrap().set_track_deletes(true);
+        let stop = Arc::new(AtomicBool::new(false));
+        let fwd = ack.then(|| {
+            let h = h.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let mut dead = Vec::new();
+                    h.drain_changes(|c| {
+                        if c.value.is_none() {
+                            dead.push((c.slot, c.generation));
+                        }
+                    });
+                    for (slot, g) in dead {
+                        h.as_hash().unwrap().ack_deleted(slot, g);
+                    }
+                }
+            })
+        });
+        let per_value = if t.is_percpu() { h.ncpu() as usize } else { 1 };
+        let writers: Vec<_> = (0..8u32)
+            .map(|w| {
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    let mut refused = Vec::new();
+                    for i in 0..20_000u32 {
+                        let key = (w << 24 | i).to_le_bytes();
+                        let val: Vec<u8> = (0..per_value)
+                            .flat_map(|_| u64::from(i).to_le_bytes())
+                            .collect();
+                        let r = if per_value > 1 {
+                            h.update_percpu(&key, &val, BPF_ANY)
+                        } else {
+                            h.update(&key, &val, BPF_ANY)
+                        };
+                        if let Err(e) = r {
+                            refused.push((i, e.errno()));
+                        }
+                    }
+                    refused
+                })
+            })
+            .collect();
+        let refused: Vec<_> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        if let Some(f) = fwd {
+            f.join().unwrap();
+        }
+        let c = h.counters();
+        assert!(
+            refused.is_empty(),
+            "{name}: {} of 160,000 LRU updates refused (first {:?}); {c:?}",
+            refused.len(),
+            &refused[..refused.len().min(5)]
+        );
+        assert_eq!(h.len(), 64, "{name}: a full LRU stays full");
+        assert!(c.evictions >= 160_000 - 64, "{name}: {c:?}");
+    }
+}

@@ -129,6 +129,29 @@ struct Found {
     live: bool,
 }
 
+/// Room an insert made before taking its bucket lock: a unit of capacity and a free element,
+/// handed back by the update if it did not need them.
+#[derive(Default)]
+struct Room {
+    unit: bool,
+    slot: Option<u32>,
+}
+
+/// Rounds an LRU update makes room in before answering ENOMEM; each round evicts an element
+/// (or finds one free), so only writers racing for every freed unit could exhaust them.
+const LRU_ROOM_ROUNDS: u32 = 64;
+
+/// An update refused for want of a unit of capacity or an element.
+fn is_full(r: &Result<u32, MapError>) -> bool {
+    matches!(
+        r,
+        Err(MapError::Op {
+            errno: libc::E2BIG,
+            ..
+        })
+    )
+}
+
 impl MapHandle {
     #[inline]
     pub(super) fn elem_ptr(&self, slot: u32) -> *mut u8 {
@@ -250,6 +273,31 @@ impl MapHandle {
     /// The bucket's lock, or `None` when a live holder kept it past the lock timeout.
     fn lock_bucket<'b>(&self, b: &'b Bucket) -> Option<LockGuard<'b>> {
         let g = LockGuard::new(&b.lock)?;
+        self.after_lock(b, &g);
+        Some(g)
+    }
+
+    /// Locks the bucket of an element to evict or reclaim while the caller may hold `held`:
+    /// never waits while holding a bucket (two writers evicting from each other's buckets
+    /// would deadlock), waits otherwise. `Some(None)`: the element is in `held` itself.
+    fn lock_victim<'b>(
+        &self,
+        b: &'b Bucket,
+        held: Option<&Bucket>,
+    ) -> Option<Option<LockGuard<'b>>> {
+        match held {
+            Some(h) if std::ptr::eq(b, h) => Some(None),
+            Some(_) => {
+                let g = LockGuard::try_new(&b.lock)?;
+                self.after_lock(b, &g);
+                Some(Some(g))
+            }
+            None => self.lock_bucket(b).map(Some),
+        }
+    }
+
+    /// What taking over a dead writer's bucket lock must mend before the chain is used.
+    fn after_lock(&self, b: &Bucket, g: &LockGuard<'_>) {
         if g.acquired == Acquired::Recovered {
             // Every mutation of a chain is a single store; only the sequence can be left odd.
             let s = b.seq.load(Ordering::Relaxed);
@@ -261,7 +309,6 @@ impl MapHandle {
             // it, or unlinked one without freeing it; that is not visible from this bucket.
             self.ctl().alloc.repair.store(1, Ordering::Release);
         }
-        Some(g)
     }
 
     /// Recounts the map's bookkeeping if a writer died mid-update; called by writers once
@@ -463,7 +510,9 @@ impl MapHandle {
         }
     }
 
-    fn alloc_elem(&self, held: &Bucket) -> Option<u32> {
+    /// Takes a free element: the free list, then the never-used part of the pool, then an
+    /// unacknowledged tombstone (`held`: the bucket the caller has locked, if any).
+    fn alloc_elem(&self, held: Option<&Bucket>) -> Option<u32> {
         let a = &self.ctl().alloc;
         let pool = self.geo.pool;
         let mut head = a.free_head.load(Ordering::Acquire);
@@ -497,7 +546,7 @@ impl MapHandle {
 
     /// Reuses an unacknowledged tombstone when the spare half of the pool is exhausted.
     #[cold]
-    fn reclaim_tombstone(&self, held: &Bucket) -> Option<u32> {
+    fn reclaim_tombstone(&self, held: Option<&Bucket>) -> Option<u32> {
         let pool = self.geo.pool;
         let a = &self.ctl().alloc;
         for _ in 0..2 * pool {
@@ -507,40 +556,39 @@ impl MapHandle {
                 continue;
             }
             let b = self.bucket(e.hash.load(Ordering::Relaxed));
-            let same = std::ptr::eq(b, held);
-            if !same && !b.lock.try_lock() {
+            let Some(_g) = self.lock_victim(b, held) else {
+                continue;
+            };
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_TOMB {
                 continue;
             }
-            let mut got = None;
-            if e.state.load(Ordering::Acquire) & STATE_MASK == ELEM_TOMB {
-                if let Some(prev) = self.find_prev_locked(b, slot) {
-                    self.unlink_locked(b, slot, prev);
-                    let st = e.state.load(Ordering::Relaxed);
-                    e.state.store(
-                        (st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE,
-                        Ordering::Release,
-                    );
-                    e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
-                    a.tombs.fetch_sub(1, Ordering::Relaxed);
-                    got = Some(slot);
-                }
-            }
-            if !same {
-                b.lock.unlock();
-            }
-            if got.is_some() {
-                self.count(ctr::TOMBS_DROPPED);
-                self.ctl().dirty.resync.store(1, Ordering::Release);
-                return got;
-            }
+            let Some(prev) = self.find_prev_locked(b, slot) else {
+                continue;
+            };
+            self.unlink_locked(b, slot, prev);
+            let st = e.state.load(Ordering::Relaxed);
+            e.state.store(
+                (st & !STATE_MASK).wrapping_add(GEN_ONE) | ELEM_FREE,
+                Ordering::Release,
+            );
+            e.mark.fetch_and(!(MARKS | LRU_REF), Ordering::Relaxed);
+            a.tombs.fetch_sub(1, Ordering::Relaxed);
+            self.count(ctr::TOMBS_DROPPED);
+            self.ctl().dirty.resync.store(1, Ordering::Release);
+            return Some(slot);
         }
         None
     }
 
     /// Turns a live element into a tombstone (tracking on) or frees it.
     fn remove_locked(&self, b: &Bucket, slot: u32, prev: Option<u32>) {
+        self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
+        self.retire_locked(b, slot, prev);
+    }
+
+    /// [`Self::remove_locked`] without giving back the element's unit of capacity.
+    fn retire_locked(&self, b: &Bucket, slot: u32, prev: Option<u32>) {
         let a = &self.ctl().alloc;
-        a.count.fetch_sub(1, Ordering::Relaxed);
         if a.track_deletes.load(Ordering::Relaxed) != 0 {
             let e = self.elem(slot);
             let st = e.state.load(Ordering::Relaxed);
@@ -554,8 +602,10 @@ impl MapHandle {
         }
     }
 
-    /// Clock sweep over the pool: the first live element without its reference bit goes.
-    fn lru_evict(&self, held: &Bucket) -> bool {
+    /// Clock sweep over the pool: the first live element without its reference bit goes, and
+    /// its unit of capacity passes to the caller (no other writer can take it in between).
+    /// `held`: the bucket the caller has locked, if any.
+    fn lru_evict(&self, held: Option<&Bucket>) -> bool {
         let a = &self.ctl().alloc;
         let limit = a.next_fresh.load(Ordering::Acquire).min(self.geo.pool);
         if limit == 0 {
@@ -572,30 +622,26 @@ impl MapHandle {
                 continue;
             }
             let b = self.bucket(e.hash.load(Ordering::Relaxed));
-            let same = std::ptr::eq(b, held);
-            if !same && !b.lock.try_lock() {
+            let Some(_g) = self.lock_victim(b, held) else {
+                continue;
+            };
+            if e.state.load(Ordering::Acquire) & STATE_MASK != ELEM_LIVE {
                 continue;
             }
-            let mut done = false;
-            if e.state.load(Ordering::Acquire) & STATE_MASK == ELEM_LIVE {
-                if let Some(prev) = self.find_prev_locked(b, slot) {
-                    self.remove_locked(b, slot, prev);
-                    done = true;
-                }
-            }
-            if !same {
-                b.lock.unlock();
-            }
-            if done {
-                self.count(ctr::EVICTIONS);
-                return true;
-            }
+            let Some(prev) = self.find_prev_locked(b, slot) else {
+                continue;
+            };
+            self.retire_locked(b, slot, prev);
+            self.count(ctr::EVICTIONS);
+            return true;
         }
         false
     }
 
-    /// Takes one unit of capacity (E2BIG when none; LRU maps evict for it).
-    fn reserve_entry(&self, held: &Bucket) -> bool {
+    /// Takes one unit of capacity (E2BIG when none; LRU maps evict for it). `held`: the
+    /// bucket the caller has locked, if any; holding none, an LRU map can wait for a victim's
+    /// bucket and so always finds one while any entry is live.
+    fn reserve_entry(&self, held: Option<&Bucket>) -> bool {
         let a = &self.ctl().alloc;
         let max = self.def.max_entries;
         let mut attempts = 0;
@@ -610,8 +656,11 @@ impl MapHandle {
                 }
                 continue;
             }
-            if !self.def.map_type.is_lru() || attempts > 8 || !self.lru_evict(held) {
+            if !self.def.map_type.is_lru() || attempts > 8 {
                 return false;
+            }
+            if self.lru_evict(held) {
+                return true;
             }
             attempts += 1;
         }
@@ -692,19 +741,16 @@ impl MapHandle {
         }
         let h = hash_key(key);
         let b = self.bucket(h);
-        let mut updated = self.update_in_bucket(b, h, key, value, flags, cpu);
+        let mut updated = self.update_in_bucket(b, h, key, value, flags, cpu, Room::default());
         if self.ctl().alloc.repair.load(Ordering::Relaxed) != 0 {
             self.repair_bookkeeping();
             // Capacity a dead writer had reserved is back: a refusal for want of it is retried.
-            if matches!(
-                updated,
-                Err(MapError::Op {
-                    errno: libc::E2BIG,
-                    ..
-                })
-            ) {
-                updated = self.update_in_bucket(b, h, key, value, flags, cpu);
+            if is_full(&updated) {
+                updated = self.update_in_bucket(b, h, key, value, flags, cpu, Room::default());
             }
+        }
+        if self.def.map_type.is_lru() && is_full(&updated) {
+            updated = self.lru_update_with_room(b, h, key, value, flags, cpu);
         }
         let slot = updated?;
         // Marked after the unlock: the unlock is a full barrier, so the new value is visible
@@ -714,7 +760,14 @@ impl MapHandle {
         Ok(())
     }
 
-    fn update_in_bucket(
+    /// An LRU update that found no room under its bucket lock (every victim's bucket busy, or
+    /// the pool's spare half full of tombstones): room is made first, holding no bucket lock,
+    /// as the kernel's `prealloc_lru_pop` frees a node before `htab_lru_map_update_elem` takes
+    /// the bucket lock. Waiting for a victim's bucket is then safe, and the freed unit and
+    /// element are the caller's, not the next writer's. ENOMEM, as the kernel answers, only
+    /// if no element could be freed.
+    #[cold]
+    fn lru_update_with_room(
         &self,
         b: &Bucket,
         h: u32,
@@ -723,12 +776,47 @@ impl MapHandle {
         flags: u64,
         cpu: Option<u32>,
     ) -> Result<u32, MapError> {
-        let _g = self
-            .lock_bucket(b)
-            .ok_or_else(|| self.err("update", libc::EBUSY))?;
-        self.update_locked(b, h, key, value, flags, cpu)
+        for _ in 0..LRU_ROOM_ROUNDS {
+            let unit = self.reserve_entry(None);
+            let room = Room {
+                unit,
+                slot: if unit { self.alloc_elem(None) } else { None },
+            };
+            let updated = self.update_in_bucket(b, h, key, value, flags, cpu, room);
+            if !is_full(&updated) {
+                return updated;
+            }
+        }
+        self.count(ctr::FULL);
+        Err(self.err("update", libc::ENOMEM))
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn update_in_bucket(
+        &self,
+        b: &Bucket,
+        h: u32,
+        key: &[u8],
+        value: &[u8],
+        flags: u64,
+        cpu: Option<u32>,
+        mut room: Room,
+    ) -> Result<u32, MapError> {
+        let updated = match self.lock_bucket(b) {
+            Some(_g) => self.update_locked(b, h, key, value, flags, cpu, &mut room),
+            None => Err(self.err("update", libc::EBUSY)),
+        };
+        // Room made beforehand and not needed (the key was live, or a tombstone revived).
+        if room.unit {
+            self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(slot) = room.slot {
+            self.free_elem(slot);
+        }
+        updated
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn update_locked(
         &self,
         b: &Bucket,
@@ -737,6 +825,7 @@ impl MapHandle {
         value: &[u8],
         flags: u64,
         cpu: Option<u32>,
+        room: &mut Room,
     ) -> Result<u32, MapError> {
         let found = self.find_locked(b, h, key);
         if let Some(f) = &found {
@@ -751,8 +840,8 @@ impl MapHandle {
         if flags == BPF_EXIST {
             return Err(self.err("update", libc::ENOENT));
         }
-        if !self.reserve_entry(b) {
-            self.count(ctr::FULL);
+        if !std::mem::take(&mut room.unit) && !self.reserve_entry(Some(b)) {
+            self.count_full_unless_lru();
             return Err(self.err("update", libc::E2BIG));
         }
         // An eviction above may have removed or reclaimed our own tombstone; search again.
@@ -771,9 +860,9 @@ impl MapHandle {
                 .store((st & !STATE_MASK) | ELEM_LIVE, Ordering::Release);
             return Ok(t.slot);
         }
-        let Some(slot) = self.alloc_elem(b) else {
+        let Some(slot) = room.slot.take().or_else(|| self.alloc_elem(Some(b))) else {
             self.ctl().alloc.count.fetch_sub(1, Ordering::Relaxed);
-            self.count(ctr::FULL);
+            self.count_full_unless_lru();
             return Err(self.err("update", libc::E2BIG));
         };
         let e = self.elem(slot);
@@ -794,6 +883,14 @@ impl MapHandle {
         // Release: a reader that finds the element sees its key, value and state.
         b.head.store(slot + 1, Ordering::Release);
         Ok(slot)
+    }
+
+    /// An LRU map's refusal under the bucket lock is retried with room made first; only a
+    /// final refusal counts as "full".
+    fn count_full_unless_lru(&self) {
+        if !self.def.map_type.is_lru() {
+            self.count(ctr::FULL);
+        }
     }
 
     pub(super) fn hash_delete(&self, key: &[u8]) -> Result<(), MapError> {
@@ -968,10 +1065,10 @@ impl HashMap {
         let b = self.bucket(hash_key(key));
         let _ = b.lock.lock();
         assert!(
-            self.reserve_entry(b),
+            self.reserve_entry(Some(b)),
             "debug_stop_mid_insert: the map is full"
         );
-        let _ = self.alloc_elem(b);
+        let _ = self.alloc_elem(Some(b));
     }
 
     /// Test hook: takes the bucket lock of `key` and leaves it held with the bucket sequence
