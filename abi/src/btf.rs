@@ -32,3 +32,25 @@ pub mod kind {
         ENUM64 = BTF_KIND_ENUM64,
     }
 }
+
+/// `BTF_INT_*`: the encoding bits of an INT's word (bits 24..28), shifted down.
+pub mod int_encoding {
+    use super::sys;
+    /// `BTF_INT_SIGNED`.
+    pub const SIGNED: u32 = sys::BTF_INT_SIGNED;
+    /// `BTF_INT_CHAR`.
+    pub const CHAR: u32 = sys::BTF_INT_CHAR;
+    /// `BTF_INT_BOOL`.
+    pub const BOOL: u32 = sys::BTF_INT_BOOL;
+}
+
+/// `BTF_VAR_*`: a VAR's linkage.
+pub mod var_linkage {
+    use super::sys;
+    /// `BTF_VAR_STATIC`.
+    pub const STATIC: u32 = sys::BTF_VAR_STATIC;
+    /// `BTF_VAR_GLOBAL_ALLOCATED`.
+    pub const GLOBAL_ALLOCATED: u32 = sys::BTF_VAR_GLOBAL_ALLOCATED;
+    /// `BTF_VAR_GLOBAL_EXTERN`: an `extern` the loader resolves (`__kconfig`, `__ksym`).
+    pub const GLOBAL_EXTERN: u32 = sys::BTF_VAR_GLOBAL_EXTERN;
+}

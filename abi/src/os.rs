@@ -1,5 +1,6 @@
 //! OS primitives every crate needs the same way: memory mappings, the page size, the number of
-//! possible CPUs. Each raw `mmap` of the project is one of the constructors below.
+//! possible CPUs, the running kernel's version and build configuration. Each raw `mmap` of the
+//! project is one of the constructors below.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -31,6 +32,64 @@ pub fn possible_cpus() -> u32 {
             .and_then(|s| parse_cpu_list_count(&s))
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32))
     })
+}
+
+/// The running kernel's build configuration (`CONFIG_NAME` -> the text after `=`, quotes kept),
+/// from `/boot/config-RELEASE` or `/proc/config.gz`, as libbpf reads it for `__kconfig` externs;
+/// `None` when neither is readable. Lines `# CONFIG_X is not set` are absent options.
+pub fn kernel_config() -> Option<&'static std::collections::BTreeMap<String, String>> {
+    static CONFIG: OnceLock<Option<std::collections::BTreeMap<String, String>>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+            let text = std::fs::read_to_string(format!("/boot/config-{}", release.trim()))
+                .ok()
+                .or_else(|| {
+                    let out = std::process::Command::new("zcat")
+                        .arg("/proc/config.gz")
+                        .output()
+                        .ok()?;
+                    out.status
+                        .success()
+                        .then(|| String::from_utf8(out.stdout).ok())
+                        .flatten()
+                })?;
+            Some(parse_kernel_config(&text))
+        })
+        .as_ref()
+}
+
+/// `CONFIG_A=y` lines into a map; comments and blank lines skipped.
+pub fn parse_kernel_config(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| l.starts_with("CONFIG_"))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The running kernel's `KERNEL_VERSION(major, minor, patch)` (patch capped at 255, as the
+/// kernel's own macro and libbpf's `get_kernel_version` do), from `uname -r`; 0 if unreadable.
+pub fn kernel_version_code() -> u32 {
+    static CODE: OnceLock<u32> = OnceLock::new();
+    *CODE.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|r| version_code(&r))
+            .unwrap_or(0)
+    })
+}
+
+/// `6.18.3-amd64` -> `KERNEL_VERSION(6, 18, 3)`; missing parts count as 0.
+pub fn version_code(release: &str) -> u32 {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let (major, minor, patch) = (next(), next(), next());
+    (major << 16) + (minor.min(255) << 8) + patch.min(255)
 }
 
 /// `0-3,5,7-8` -> 9: one more than the highest CPU listed.
@@ -297,6 +356,22 @@ mod tests {
         assert_eq!(parse_cpu_list_count("0-3,5,7-8"), Some(9));
         assert_eq!(parse_cpu_list_count("x"), None);
         assert!(possible_cpus() >= 1);
+    }
+
+    #[test]
+    fn kernel_versions_and_config_lines_parse_as_libbpf_reads_them() {
+        assert_eq!(version_code("6.18.3-amd64\n"), (6 << 16) + (18 << 8) + 3);
+        assert_eq!(version_code("4.19.300"), (4 << 16) + (19 << 8) + 255);
+        assert_eq!(version_code("6.1"), (6 << 16) + (1 << 8));
+        let c = parse_kernel_config(
+            "# comment\nCONFIG_HZ=250\n# CONFIG_FOO is not set\nCONFIG_S=\"a b\"\n\n",
+        );
+        assert_eq!(c.len(), 2);
+        assert_eq!(c["CONFIG_HZ"], "250");
+        assert_eq!(c["CONFIG_S"], "\"a b\"");
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(kernel_version_code(), version_code(&release));
+        assert_ne!(kernel_version_code(), 0);
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub fn run_kernel_with(
 /// [`run_kernel`] through libbpf: every program of `example` attached to `function` of
 /// `victim` as a kernel uprobe. A map of maps is listed by the names of the maps it holds
 /// (the kernel answers ids, user space indices: names compare).
-fn run_kernel_libbpf(
+pub fn run_kernel_libbpf(
     example: &str,
     victim: &std::path::Path,
     rounds: u32,

@@ -187,23 +187,10 @@ fn send(sig: u64, thread: bool) -> Ret {
 /// The kernel's tick rate, from the running kernel's configuration (`CONFIG_HZ` in
 /// /proc/config.gz or /boot/config-RELEASE); 250 (x86 defconfig) when neither is readable.
 fn kernel_hz() -> u64 {
-    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HZ.get_or_init(|| {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let from_boot = std::fs::read_to_string(format!("/boot/config-{}", release.trim()));
-        let config = from_boot.ok().or_else(|| {
-            let out = std::process::Command::new("zcat")
-                .arg("/proc/config.gz")
-                .output()
-                .ok()?;
-            String::from_utf8(out.stdout).ok()
-        });
-        config
-            .as_deref()
-            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("CONFIG_HZ=")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(250)
-    })
+    bpftime_abi::os::kernel_config()
+        .and_then(|c| c.get("CONFIG_HZ"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(250)
 }
 
 /// `bpf_jiffies64()`: jiffies start at `INITIAL_JIFFIES` (`-300 * HZ` as a 32-bit value, so

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 /// BTF kinds (`BTF_KIND_*` in `linux/btf.h`).
 pub use bpftime_abi::btf::kind;
-use bpftime_abi::btf::MAGIC as BTF_MAGIC;
+use bpftime_abi::btf::{var_linkage, MAGIC as BTF_MAGIC};
 
 /// A malformed BTF blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -586,16 +586,36 @@ pub fn fixup_datasecs(
         if let Some(size) = section_size(name) {
             put_u32(&mut raw, base + t.raw_offset + 8, size);
         }
-        for (i, m) in t.members.iter().enumerate() {
-            let Ok(var) = btf.type_by_id(m.type_id) else {
-                continue;
-            };
-            let Ok(var_name) = btf.str_at(var.name_off) else {
-                continue;
-            };
-            if let Some(off) = var_offset(var_name) {
-                put_u32(&mut raw, base + t.raw_offset + 12 + i * 12 + 4, off);
-            }
+        // Entries in offset order, as the kernel requires (`btf_datasec_check_meta`); extern
+        // variables (`__kconfig`) become allocated ones, as libbpf makes them, since the
+        // kernel accepts no extern linkage.
+        let mut entries: Vec<(u32, u32, u32)> = t
+            .members
+            .iter()
+            .map(|m| {
+                let var = btf.type_by_id(m.type_id).ok();
+                if let Some(var) = var.filter(|v| v.kind == kind::VAR) {
+                    if var.extra == var_linkage::GLOBAL_EXTERN {
+                        put_u32(
+                            &mut raw,
+                            base + var.raw_offset + 12,
+                            var_linkage::GLOBAL_ALLOCATED,
+                        );
+                    }
+                }
+                let off = var
+                    .and_then(|v| btf.str_at(v.name_off).ok())
+                    .and_then(&var_offset)
+                    .unwrap_or(m.offset);
+                (m.type_id, off, m.extra)
+            })
+            .collect();
+        entries.sort_by_key(|&(_, off, _)| off);
+        for (i, (type_id, off, size)) in entries.into_iter().enumerate() {
+            let at = base + t.raw_offset + 12 + i * 12;
+            put_u32(&mut raw, at, type_id);
+            put_u32(&mut raw, at + 4, off);
+            put_u32(&mut raw, at + 8, size);
         }
     }
     raw

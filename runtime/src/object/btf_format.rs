@@ -31,10 +31,7 @@ const MAX_NODES: usize = 1 << 16;
 /// Largest number of elements printed for an array of zero-sized elements.
 const MAX_EMPTY_ELEMS: u64 = 1 << 16;
 
-/// `BTF_INT_SIGNED`, `BTF_INT_CHAR`, `BTF_INT_BOOL` (in the encoding nibble of an INT's word).
-const INT_SIGNED: u32 = 1 << 0;
-const INT_CHAR: u32 = 1 << 1;
-const INT_BOOL: u32 = 1 << 2;
+use bpftime_abi::btf::int_encoding::{BOOL as INT_BOOL, CHAR as INT_CHAR, SIGNED as INT_SIGNED};
 
 /// A self-contained description of a BTF type's layout, enough to format its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use goblin::elf::{header, section_header as sh, sym, Elf};
 use super::btf::{fixup_datasecs, kind, Btf, BtfError, BtfExt, ExtRecord};
 use super::co_re::{self, CoreRelocation};
 use super::insn;
+use super::kconfig::{self, KconfigLayout};
 use super::section::parse_section;
 use super::{
     BpfObject, CallReloc, FunctionInfo, GlobalVar, LineInfo, MapOrigin, MapReloc, MapRelocKind,
@@ -34,6 +35,8 @@ struct Symbol {
     value: u64,
     size: u64,
     typ: u8,
+    /// `STB_WEAK` (`__weak`): an unresolved extern reads 0 instead of refusing the program.
+    weak: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -61,6 +64,8 @@ enum Target {
     Code,
     Map(usize),
     DataMap(usize),
+    /// A `__kconfig` extern: its offset in the `.kconfig` map, or why it is unresolved.
+    Kconfig(usize, Result<u32, String>),
     Undefined,
     Other,
 }
@@ -77,6 +82,8 @@ struct Ctx<'a> {
     /// Byte offset of the `values` field in a BTF map's definition, by map name.
     values_field: HashMap<String, u32>,
     data_map_by_sec: HashMap<usize, usize>,
+    /// The `.kconfig` map's index and layout, when the object declares `__kconfig` externs.
+    kconfig: Option<(usize, KconfigLayout)>,
     ext: Option<BtfExt>,
 }
 
@@ -171,6 +178,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
             value: s.st_value,
             size: s.st_size,
             typ: s.st_type(),
+            weak: s.st_bind() == sym::STB_WEAK,
         })
         .collect();
 
@@ -250,6 +258,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         legacy_map_by_off: HashMap::new(),
         values_field: HashMap::new(),
         data_map_by_sec: HashMap::new(),
+        kconfig: None,
         ext,
     };
 
@@ -294,6 +303,34 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
                 if readonly { BPF_F_RDONLY_PROG } else { 0 },
             )
         });
+    }
+
+    // `__kconfig` externs: one more read-only global-data map, as libbpf adds.
+    if let Some(Ok(b)) = btf.as_ref() {
+        let symbols = &ctx.symbols;
+        let is_weak = |name: &str| {
+            symbols
+                .iter()
+                .any(|s| s.name == name && s.shndx == sh::SHN_UNDEF as usize && s.weak)
+        };
+        if let Some(layout) = KconfigLayout::build(b, is_weak, bpftime_abi::os::kernel_config()) {
+            if !layout.data.is_empty() {
+                maps.push(MapSpec {
+                    initial_data: Some(layout.data.clone()),
+                    btf_value_type_id: layout.datasec,
+                    ..MapSpec::new(
+                        kconfig::SECTION,
+                        MapOrigin::GlobalData {
+                            section: kconfig::SECTION.to_string(),
+                        },
+                        bpftime_abi::MapType::Array.as_raw(),
+                        (4, layout.data.len() as u32, 1),
+                        BPF_F_RDONLY_PROG,
+                    )
+                });
+                ctx.kconfig = Some((maps.len() - 1, layout));
+            }
+        }
     }
 
     // CO-RE relocations per executable section, against the running kernel's BTF.
@@ -341,17 +378,24 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
         Some(Ok(b)) => {
             let fixed = fixup_datasecs(
                 &b,
-                |name| {
-                    ctx.sections
+                |name| match &ctx.kconfig {
+                    Some((_, k)) if name == kconfig::SECTION => Some(k.data.len() as u32),
+                    _ => ctx
+                        .sections
                         .iter()
                         .find(|s| s.name == name)
-                        .and_then(|s| u32::try_from(s.size).ok())
+                        .and_then(|s| u32::try_from(s.size).ok()),
                 },
                 |var| {
-                    ctx.symbols
-                        .iter()
-                        .find(|s| s.name == var && s.typ == sym::STT_OBJECT)
-                        .and_then(|s| u32::try_from(s.value).ok())
+                    ctx.kconfig
+                        .as_ref()
+                        .and_then(|(_, k)| k.offset(var))
+                        .or_else(|| {
+                            ctx.symbols
+                                .iter()
+                                .find(|s| s.name == var && s.typ == sym::STT_OBJECT)
+                                .and_then(|s| u32::try_from(s.value).ok())
+                        })
                 },
             );
             (Some(Arc::new(b)), Some(Arc::new(fixed)))
@@ -1008,11 +1052,30 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                             kind: MapRelocKind::Value { offset },
                         });
                     }
+                    Target::Kconfig(map_index, resolved) => {
+                        let base = resolved.map_err(|why| ctx.insn_err(psec, src_idx, why))?;
+                        let offset =
+                            u32::try_from(i64::from(base).wrapping_add(imm)).map_err(|_| {
+                                ctx.insn_err(psec, src_idx, "kconfig offset out of range")
+                            })?;
+                        insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);
+                        insn::set_imm(&mut out[pos], map_index as i32);
+                        insn::set_imm(&mut out[pos + 1], offset as i32);
+                        map_relocs.push(MapReloc {
+                            insn_index: pos,
+                            map_index,
+                            kind: MapRelocKind::Value { offset },
+                        });
+                    }
                     Target::Undefined => {
                         return Err(ctx.insn_err(
                             psec,
                             src_idx,
-                            format!("extern symbol {} (kconfig/ksym) is not supported", s.name),
+                            format!(
+                                "extern symbol {} is not supported (only __kconfig externs \
+                                 are; __ksym kernel symbols have no meaning in user space)",
+                                s.name
+                            ),
                         ))
                     }
                     Target::Other => {
@@ -1098,7 +1161,13 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
 
 fn classify(ctx: &Ctx, s: &Symbol) -> Target {
     if s.shndx == sh::SHN_UNDEF as usize {
-        return Target::Undefined;
+        return match &ctx.kconfig {
+            Some((map, k)) => match k.externs.get(&s.name) {
+                Some(resolved) => Target::Kconfig(*map, resolved.clone()),
+                None => Target::Undefined,
+            },
+            None => Target::Undefined,
+        };
     }
     let Some(sec) = ctx.sections.get(s.shndx) else {
         return Target::Other;

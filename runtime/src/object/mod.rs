@@ -24,6 +24,7 @@ pub mod btf;
 pub mod btf_format;
 pub mod co_re;
 mod elf;
+mod kconfig;
 pub mod section;
 
 use std::path::Path;
