@@ -16,6 +16,7 @@ pub mod precheck;
 pub mod procmaps;
 pub mod regs;
 pub mod symbols;
+pub mod usdt;
 
 pub use error::{AttachError, InjectError};
 pub use hook::{

@@ -236,6 +236,12 @@ pub fn victim_short_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim_short")
 }
 
+/// Path of the USDT victim (`victim_usdt N`: probes vt:add, vt:konst and, behind a
+/// semaphore, vt:sem; starts on a line of stdin).
+pub fn victim_usdt_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_usdt")
+}
+
 /// Path of the allocating victim (`victim_alloc N`: exactly N mallocs between va_begin and
 /// va_end; starts on a line of stdin).
 pub fn victim_alloc_path() -> PathBuf {
