@@ -1043,14 +1043,7 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                             u32::try_from((base as i64).wrapping_add(imm)).map_err(|_| {
                                 ctx.insn_err(psec, src_idx, "global variable offset out of range")
                             })?;
-                        insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);
-                        insn::set_imm(&mut out[pos], map_index as i32);
-                        insn::set_imm(&mut out[pos + 1], offset as i32);
-                        map_relocs.push(MapReloc {
-                            insn_index: pos,
-                            map_index,
-                            kind: MapRelocKind::Value { offset },
-                        });
+                        map_relocs.push(point_at_value(&mut out, pos, map_index, offset));
                     }
                     Target::Kconfig(map_index, resolved) => {
                         let base = resolved.map_err(|why| ctx.insn_err(psec, src_idx, why))?;
@@ -1058,14 +1051,7 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
                             u32::try_from(i64::from(base).wrapping_add(imm)).map_err(|_| {
                                 ctx.insn_err(psec, src_idx, "kconfig offset out of range")
                             })?;
-                        insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);
-                        insn::set_imm(&mut out[pos], map_index as i32);
-                        insn::set_imm(&mut out[pos + 1], offset as i32);
-                        map_relocs.push(MapReloc {
-                            insn_index: pos,
-                            map_index,
-                            kind: MapRelocKind::Value { offset },
-                        });
+                        map_relocs.push(point_at_value(&mut out, pos, map_index, offset));
                     }
                     Target::Undefined => {
                         return Err(ctx.insn_err(
@@ -1157,6 +1143,19 @@ fn link(ctx: &Ctx, sec: usize, func: &Func) -> Result<ProgramSpec, ObjectError> 
         line_info,
         core_relocations,
     })
+}
+
+/// Makes the `lddw` at `pos` load the address of byte `offset` of map `map_index`'s value
+/// (`BPF_PSEUDO_MAP_IDX_VALUE`: global data and `__kconfig` externs), and records it.
+fn point_at_value(out: &mut [RawInsn], pos: usize, map_index: usize, offset: u32) -> MapReloc {
+    insn::set_src(&mut out[pos], BPF_PSEUDO_MAP_IDX_VALUE);
+    insn::set_imm(&mut out[pos], map_index as i32);
+    insn::set_imm(&mut out[pos + 1], offset as i32);
+    MapReloc {
+        insn_index: pos,
+        map_index,
+        kind: MapRelocKind::Value { offset },
+    }
 }
 
 fn classify(ctx: &Ctx, s: &Symbol) -> Target {
