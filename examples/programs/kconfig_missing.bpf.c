@@ -8,6 +8,8 @@
 char LICENSE[] SEC("license") = "GPL";
 
 extern int CONFIG_BPFTIME_NO_SUCH_OPTION __kconfig;
+/* sorts first in libbpf's layout, so the unresolved extern's place is not offset 0 */
+extern int CONFIG_A_BPFTIME_ABSENT __kconfig __weak;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -34,6 +36,6 @@ int BPF_KPROBE(plain)
 	__u64 *v = bpf_map_lookup_elem(&hits, &k);
 
 	if (v)
-		*v += 1;
+		*v += 1 + CONFIG_A_BPFTIME_ABSENT;
 	return 0;
 }

@@ -119,15 +119,23 @@ fn kconfig_externs_read_what_libbpf_resolves_for_the_kernel() {
         let kconfig = &snapshot.maps[".kconfig"];
         assert_eq!(kconfig.len(), 1, "one read-only value, as libbpf's map");
     }
-    // The BTF handed to the verifier gate is one the kernel accepts: the `.kconfig` DATASEC
-    // sized, its variables placed in offset order and no longer extern.
-    let object = bpftime_runtime::object::BpfObject::from_file(object_path("kconfig")).unwrap();
+    assert_kernel_takes_btf_of("kconfig");
+}
+
+/// The BTF handed to the verifier gate is one the kernel accepts: the `.kconfig` DATASEC
+/// sized, its variables (resolved or not) placed in offset order and no longer extern.
+fn assert_kernel_takes_btf_of(example: &str) {
+    let object = bpftime_runtime::object::BpfObject::from_file(object_path(example)).unwrap();
     let raw = object.kernel_btf.expect("the object has BTF");
     // SAFETY: a valid buffer and length; no log requested.
     let fd = unsafe {
         libbpf_sys::bpf_btf_load(raw.as_ptr().cast(), raw.len() as _, std::ptr::null_mut())
     };
-    assert!(fd >= 0, "BPF_BTF_LOAD: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "{example}: BPF_BTF_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: the fd was just returned to us.
     unsafe { libc::close(fd) };
 }
@@ -162,4 +170,5 @@ fn a_strong_kconfig_extern_the_kernel_lacks_refuses_its_program_only() {
         why.contains("CONFIG_BPFTIME_NO_SUCH_OPTION") && why.contains("not set"),
         "the refusal names the extern: {why}"
     );
+    assert_kernel_takes_btf_of("kconfig_missing");
 }

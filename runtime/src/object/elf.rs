@@ -313,7 +313,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
                 .iter()
                 .any(|s| s.name == name && s.shndx == sh::SHN_UNDEF as usize && s.weak)
         };
-        if let Some(layout) = KconfigLayout::build(b, is_weak, bpftime_abi::os::kernel_config()) {
+        if let Some(layout) = KconfigLayout::build(b, is_weak, bpftime_abi::os::kernel_config) {
             if !layout.data.is_empty() {
                 maps.push(MapSpec {
                     initial_data: Some(layout.data.clone()),
@@ -1162,7 +1162,7 @@ fn classify(ctx: &Ctx, s: &Symbol) -> Target {
     if s.shndx == sh::SHN_UNDEF as usize {
         return match &ctx.kconfig {
             Some((map, k)) => match k.externs.get(&s.name) {
-                Some(resolved) => Target::Kconfig(*map, resolved.clone()),
+                Some((at, resolved)) => Target::Kconfig(*map, resolved.clone().map(|()| *at)),
                 None => Target::Undefined,
             },
             None => Target::Undefined,

@@ -41,22 +41,24 @@ const TRI_MODULE: u64 = 2;
 pub(super) struct KconfigLayout {
     /// The map's value (8-byte rounded, as libbpf sizes it).
     pub data: Vec<u8>,
-    /// Per extern: its byte offset, or why it cannot be resolved (the programs using it are
-    /// refused with that reason).
-    pub externs: HashMap<String, Result<u32, String>>,
+    /// Per extern: its byte offset (every extern has a place, resolved or not, so the DATASEC
+    /// handed to the kernel stays well-formed), and why it cannot be resolved if it cannot
+    /// (the programs using it are refused with that reason).
+    pub externs: HashMap<String, (u32, Result<(), String>)>,
     /// The DATASEC's BTF id (the map's value type).
     pub datasec: Option<u32>,
 }
 
 impl KconfigLayout {
     /// Lays out and values the `.kconfig` externs `btf` declares; `is_weak(name)` says whether
-    /// the ELF symbol is `__weak`; `config` is the running kernel's configuration (`None`:
-    /// unreadable, then every strong `CONFIG_*` extern is unresolved). `None` when the object
+    /// the ELF symbol is `__weak`; `config()` gives the running kernel's configuration
+    /// (`None`: unreadable, then every strong `CONFIG_*` extern is unresolved), asked for only
+    /// when a `CONFIG_*` extern needs it (reading it may run `zcat`). `None` when the object
     /// declares no such extern.
-    pub fn build(
+    pub fn build<'c>(
         btf: &Btf,
         is_weak: impl Fn(&str) -> bool,
-        config: Option<&BTreeMap<String, String>>,
+        config: impl Fn() -> Option<&'c BTreeMap<String, String>>,
     ) -> Option<Self> {
         let datasec = btf.find_by_name_kind(SECTION, kind::DATASEC)?;
         let sec = btf.type_by_id(datasec).ok()?;
@@ -109,12 +111,12 @@ impl KconfigLayout {
         for (e, &at) in exts.iter().zip(&placed) {
             let resolved = e.typ.clone().and_then(|t| {
                 let slot = &mut layout.data[at as usize..(at + e.size) as usize];
-                resolve(&e.name, t, slot, e.weak, config).map(|()| at)
+                resolve(&e.name, t, slot, e.weak, &config)
             });
             if let Err(why) = &resolved {
                 tracing::debug!(extern_name = %e.name, %why, "kconfig extern not resolved");
             }
-            layout.externs.insert(e.name.clone(), resolved);
+            layout.externs.insert(e.name.clone(), (at, resolved));
         }
         Some(layout)
     }
@@ -122,7 +124,7 @@ impl KconfigLayout {
     /// The byte offset of `name` in the map (for the DATASEC fix-up): resolved or not, each
     /// extern has a place.
     pub fn offset(&self, name: &str) -> Option<u32> {
-        self.externs.get(name)?.as_ref().ok().copied()
+        self.externs.get(name).map(|&(at, _)| at)
     }
 }
 
@@ -170,12 +172,12 @@ fn classify(btf: &Btf, type_id: u32) -> Result<(KcfgType, u32, u32), String> {
 }
 
 /// libbpf's resolution of one extern into `slot` (zeroed).
-fn resolve(
+fn resolve<'c>(
     name: &str,
     typ: KcfgType,
     slot: &mut [u8],
     weak: bool,
-    config: Option<&BTreeMap<String, String>>,
+    config: &dyn Fn() -> Option<&'c BTreeMap<String, String>>,
 ) -> Result<(), String> {
     if name.starts_with("LINUX_") {
         let value = match name {
@@ -194,24 +196,18 @@ fn resolve(
             "extern {name}: only CONFIG_* and LINUX_* externs are __kconfig"
         ));
     }
-    let Some(config) = config else {
-        return if weak {
-            Ok(())
-        } else {
-            Err(format!(
+    let config = config();
+    let Some(value) = config.and_then(|c| c.get(name)) else {
+        return match (weak, config) {
+            (true, _) => Ok(()),
+            (false, None) => Err(format!(
                 "extern {name} (strong): the kernel configuration is unreadable (neither \
                  /boot/config-$(uname -r) nor /proc/config.gz)"
-            ))
-        };
-    };
-    let Some(value) = config.get(name) else {
-        return if weak {
-            Ok(())
-        } else {
-            Err(format!(
+            )),
+            (false, Some(_)) => Err(format!(
                 "extern {name} (strong): not set in the kernel configuration (declare it __weak \
                  to read 0)"
-            ))
+            )),
         };
     };
     match value.as_str() {
