@@ -9,6 +9,32 @@ use maps_common::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// One forwarder pass: drains the changes and acknowledges every reported deletion; returns
+/// how many tombstones that freed.
+fn ack_tombstones(h: &MapHandle) -> u64 {
+    let mut dead = Vec::new();
+    h.drain_changes(|c| {
+        if c.value.is_none() {
+            dead.push((c.slot, c.generation));
+        }
+    });
+    dead.into_iter()
+        .map(|(slot, g)| u64::from(h.as_hash().unwrap().ack_deleted(slot, g)))
+        .sum()
+}
+
+/// A forwarder thread making [`ack_tombstones`] passes until `stop`; joins to the total.
+fn spawn_acker(h: &MapHandle, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (h, stop) = (h.clone(), Arc::clone(stop));
+    std::thread::spawn(move || {
+        let mut acked = 0;
+        while !stop.load(Ordering::Relaxed) {
+            acked += ack_tombstones(&h);
+        }
+        acked
+    })
+}
+
 #[test]
 fn owners_always_see_their_own_writes_under_churn() {
     for track in [false, true] {
@@ -21,25 +47,7 @@ fn owners_always_see_their_own_writes_under_churn() {
         h.as_hash().unwrap().set_track_deletes(track);
         let stop = Arc::new(AtomicBool::new(false));
         // A forwarder acknowledging tombstones concurrently, when tracking.
-        let fwd = {
-            let h = h.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut acked = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let mut dead = Vec::new();
-                    h.drain_changes(|c| {
-                        if c.value.is_none() {
-                            dead.push((c.slot, c.generation));
-                        }
-                    });
-                    for (slot, g) in dead {
-                        acked += u64::from(h.as_hash().unwrap().ack_deleted(slot, g));
-                    }
-                }
-                acked
-            })
-        };
+        let fwd = spawn_acker(&h, &stop);
         let workers: Vec<_> = (0..4u64)
             .map(|t| {
                 let h = h.clone();
@@ -100,16 +108,7 @@ fn owners_always_see_their_own_writes_under_churn() {
         if track {
             // Whatever the concurrent forwarder did not get to (it may barely have been
             // scheduled on two cores), a final pass acknowledges: no tombstone may be lost.
-            let mut dead = Vec::new();
-            h.drain_changes(|c| {
-                if c.value.is_none() {
-                    dead.push((c.slot, c.generation));
-                }
-            });
-            let late = dead
-                .into_iter()
-                .filter(|&(s, g)| h.as_hash().unwrap().ack_deleted(s, g))
-                .count();
+            let late = ack_tombstones(&h);
             let c = h.counters();
             eprintln!("acked {acked} concurrently + {late} at the end; {c:?}");
             assert_eq!(
@@ -188,23 +187,7 @@ fn lru_updates_evict_under_contention_and_never_refuse() {
         let h = s.0.map("h").unwrap();
         h.as_hash().unwrap().set_track_deletes(true);
         let stop = Arc::new(AtomicBool::new(false));
-        let fwd = ack.then(|| {
-            let h = h.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let mut dead = Vec::new();
-                    h.drain_changes(|c| {
-                        if c.value.is_none() {
-                            dead.push((c.slot, c.generation));
-                        }
-                    });
-                    for (slot, g) in dead {
-                        h.as_hash().unwrap().ack_deleted(slot, g);
-                    }
-                }
-            })
-        });
+        let fwd = ack.then(|| spawn_acker(&h, &stop));
         let per_value = if t.is_percpu() { h.ncpu() as usize } else { 1 };
         let writers: Vec<_> = (0..8u32)
             .map(|w| {
