@@ -223,13 +223,7 @@ impl Resolver {
             address: vaddr,
             pid,
         };
-        let (foff, exec) = elf
-            .program_headers
-            .iter()
-            .filter(|ph| ph.p_type == PT_LOAD)
-            .find(|ph| (ph.p_vaddr..ph.p_vaddr + ph.p_filesz).contains(&vaddr))
-            .map(|ph| (vaddr - ph.p_vaddr + ph.p_offset, ph.is_executable()))
-            .ok_or_else(not_mapped)?;
+        let (foff, exec) = file_offset_of(&elf, vaddr).ok_or_else(not_mapped)?;
         // The same file may be mapped more than once (e.g. read-only by a symbolizer): take
         // the mapping with the segment's permissions, as the loader made it.
         let address = mappings
@@ -247,6 +241,17 @@ impl Resolver {
             size: size.saturating_sub(t.offset),
         })
     }
+}
+
+/// The file offset of virtual address `vaddr` and whether its segment is executable, from the
+/// loadable segment whose file bytes hold it (what a uprobe's offset and a USDT semaphore's
+/// reference-counter offset are).
+pub(crate) fn file_offset_of(elf: &Elf, vaddr: u64) -> Option<(u64, bool)> {
+    elf.program_headers
+        .iter()
+        .filter(|ph| ph.p_type == PT_LOAD)
+        .find(|ph| (ph.p_vaddr..ph.p_vaddr + ph.p_filesz).contains(&vaddr))
+        .map(|ph| (vaddr - ph.p_vaddr + ph.p_offset, ph.is_executable()))
 }
 
 /// Finds a defined function symbol: `(st_value, st_size)`. Prefers global over local,

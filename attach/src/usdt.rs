@@ -7,7 +7,8 @@
 //! the cookie) uses these; nothing here touches a process.
 
 use crate::regs::PtRegs;
-use goblin::elf::{program_header::PT_LOAD, Elf};
+use crate::symbols::file_offset_of;
+use goblin::elf::Elf;
 use std::path::{Path, PathBuf};
 
 /// `NT_STAPSDT`: the note type of a SystemTap SDT probe.
@@ -188,19 +189,22 @@ pub fn sites_of(path: &Path, bytes: &[u8]) -> Result<Vec<UsdtSite>, UsdtError> {
             Some(b) if note_base != 0 => loc.wrapping_add(b.wrapping_sub(note_base)),
             _ => loc,
         };
-        let file_offset = vaddr_to_offset(&elf, address, true).ok_or_else(|| {
-            err(
-                index,
-                format!("{provider}:{name}: address {address:#x} is in no executable segment"),
-            )
-        })?;
+        let file_offset = file_offset_of(&elf, address)
+            .filter(|&(_, exec)| exec)
+            .map(|(off, _)| off)
+            .ok_or_else(|| {
+                err(
+                    index,
+                    format!("{provider}:{name}: address {address:#x} is in no executable segment"),
+                )
+            })?;
         let semaphore = if sema == 0 {
             None
         } else {
-            let off = vaddr_to_offset(&elf, sema, false).ok_or_else(|| {
+            let (off, _) = file_offset_of(&elf, sema).ok_or_else(|| {
                 err(
                     index,
-                    format!("{provider}:{name}: semaphore {sema:#x} is in no loadable segment"),
+                    format!("{provider}:{name}: semaphore {sema:#x} is in no file-backed loadable segment"),
                 )
             })?;
             Some((sema, off))
@@ -216,15 +220,6 @@ pub fn sites_of(path: &Path, bytes: &[u8]) -> Result<Vec<UsdtSite>, UsdtError> {
         index += 1;
     }
     Ok(sites)
-}
-
-/// The file offset of virtual address `vaddr`, from the loadable segment that holds it.
-fn vaddr_to_offset(elf: &Elf, vaddr: u64, executable: bool) -> Option<u64> {
-    elf.program_headers
-        .iter()
-        .filter(|p| p.p_type == PT_LOAD && (!executable || p.is_executable()))
-        .find(|p| vaddr >= p.p_vaddr && vaddr < p.p_vaddr + p.p_memsz)
-        .map(|p| vaddr - p.p_vaddr + p.p_offset)
 }
 
 /// libbpf's `parse_usdt_arg` for x86-64: each space-separated `[-]SIZE@OPERAND` of a site's
@@ -375,6 +370,16 @@ mod tests {
             semaphore: None,
             args: args.into(),
         }
+    }
+
+    #[test]
+    fn files_without_notes_have_no_sites_and_non_elf_files_are_named() {
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(read_sites(&exe).unwrap(), Vec::new());
+        let e = sites_of(Path::new("junk.bin"), b"not an ELF file").unwrap_err();
+        assert!(e.to_string().starts_with("cannot parse ELF file junk.bin"), "{e}");
+        let e = read_sites(Path::new("/nonexistent/victim")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/victim"), "{e}");
     }
 
     #[test]
