@@ -377,7 +377,10 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         assert_eq!(read_sites(&exe).unwrap(), Vec::new());
         let e = sites_of(Path::new("junk.bin"), b"not an ELF file").unwrap_err();
-        assert!(e.to_string().starts_with("cannot parse ELF file junk.bin"), "{e}");
+        assert!(
+            e.to_string().starts_with("cannot parse ELF file junk.bin"),
+            "{e}"
+        );
         let e = read_sites(Path::new("/nonexistent/victim")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/victim"), "{e}");
     }
