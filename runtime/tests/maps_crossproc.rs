@@ -159,6 +159,15 @@ fn child_entry() {
             ctl_add(&obj, 0, 1);
             std::thread::sleep(Duration::from_secs(600));
         }
+        "hold_lru_lock" => {
+            obj.map("lru")
+                .unwrap()
+                .as_hash()
+                .unwrap()
+                .debug_hold_bucket_lock(&k4(arg));
+            ctl_add(&obj, 0, 1);
+            std::thread::sleep(Duration::from_secs(600));
+        }
         "churn" => {
             let h = obj.map("h").unwrap();
             let q = obj.map("q").unwrap();
@@ -349,6 +358,63 @@ fn killed_lock_holder_does_not_wedge_others() {
     assert_eq!(v.read(), 2u64.to_le_bytes());
     assert!(h.counters().recoveries >= 1);
     h.delete(&k4(42)).unwrap();
+}
+
+/// An LRU writer that must evict cannot skip a victim whose bucket lock a dead process holds
+/// forever: it waits for it (holding no lock of its own) and takes it over, so a full LRU
+/// keeps accepting every new key, and the repaired bucket's entry is either evicted or intact.
+#[test]
+fn an_lru_evicting_through_a_dead_holders_bucket_takes_it_over() {
+    const CAP: u32 = 8;
+    let s = Seg::new(
+        "xp",
+        "lru-holder",
+        &[ctl_def(), def(MapType::LruHash, 4, 8, CAP, "lru")],
+    );
+    let lru = s.0.map("lru").unwrap();
+    for k in 0..CAP {
+        lru.update(&k4(k), &u64::from(k).to_le_bytes(), BPF_ANY)
+            .unwrap();
+    }
+    let mut kid = spawn("hold_lru_lock", &s.0, 3);
+    wait_until(
+        "child holds key 3's bucket",
+        Duration::from_secs(30),
+        || ctl_get(&s.0, 0) == 1,
+    );
+    sigkill(&kid);
+    kid.wait().unwrap();
+    // Two writers cycle many distinct keys through the full map: eviction reaches key 3's
+    // bucket (the clock visits every entry) and must take its lock over.
+    let writers: Vec<_> = (0..2u32)
+        .map(|w| {
+            let lru = lru.clone();
+            std::thread::spawn(move || {
+                for i in 0..5_000u32 {
+                    let k = 1_000 + w * 100_000 + i;
+                    lru.update(&k4(k), &u64::from(k).to_le_bytes(), BPF_ANY)
+                        .unwrap_or_else(|e| panic!("update of key {k} refused: {e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(lru.counters().recoveries >= 1, "{:?}", lru.counters());
+    let entries = lru.iter();
+    assert_eq!(entries.len(), lru.len());
+    assert!(lru.len() <= CAP as usize, "{} entries", lru.len());
+    assert!(
+        lru.lookup(&k4(3)).unwrap().is_none(),
+        "10,000 newer keys went through an 8-entry LRU: key 3 must have been evicted"
+    );
+    for e in entries {
+        let EntryValue::Single(v) = &e.value else {
+            panic!("an LRU_HASH value is not per-CPU")
+        };
+        assert_eq!(e.key[..4], v[..4], "entry torn by the repair");
+    }
 }
 
 #[test]
