@@ -974,3 +974,69 @@ fn many_distinct_keys_reach_the_app_and_the_kernel_mirror_exactly() {
     let mirrored = mirrored_hist();
     assert_eq!(mirrored, expected, "the kernel mirror of hist");
 }
+
+/// A libbpf application attaching USDT probes itself (`usdt_tool`, the system's libbpf 1.1 and
+/// an object built against its headers): libbpf writes the argument specs into the object's
+/// spec map and passes each semaphore as the uprobe's reference counter (`ref_ctr_offset`);
+/// under bpftime-rs the agent counts the semaphores up in the target, so the probe behind one
+/// fires (the victim reports it), and every total equals the kernel run's. libbpf 1.1 refuses
+/// the Scale-Index-Base site in both runs.
+#[test]
+fn libbpf_usdt_tool_matches_kernel_usdt_semaphores_included() {
+    let _object = object_lock();
+    if !require_kernel("libbpf_usdt_tool_matches_kernel_usdt_semaphores_included") {
+        return;
+    }
+    let _serial = serial();
+    let object = bpftime_example_programs::object_path("usdt_counts");
+    let run = |tool_prefix: &[&str], victim_prefix: &[&str]| -> (Vec<String>, String) {
+        let object = object.display().to_string();
+        let mut tool = common::command(
+            tool_prefix,
+            &bpftime_example_libbpf_apps::usdt_tool_path(),
+            &[object, "-d".into(), "60".into()],
+        );
+        let mut app = Background::spawn(&mut tool);
+        let mut lines = wait_line(&app.out, "attached", "usdt_tool");
+        let mut victim = common::command(
+            victim_prefix,
+            &bpftime_example_programs::victim_usdt_path(),
+            &["300".into()],
+        );
+        let mut victim = Background::spawn(&mut victim);
+        {
+            use std::io::Write;
+            writeln!(victim.child.0.stdin.take().expect("stdin"), "go").unwrap();
+        }
+        let victim_out = wait_line(&victim.out, "done", "victim_usdt").join("\n");
+        assert!(victim.child.0.wait().unwrap().success());
+        // SAFETY: kill takes no pointer; the pid is our live child.
+        let interrupted = unsafe { libc::kill(app.child.0.id() as i32, libc::SIGINT) };
+        assert_eq!(interrupted, 0);
+        assert!(app.child.0.wait().unwrap().success());
+        lines.extend(app.out.iter());
+        lines.retain(|l| {
+            l.starts_with("totals ")
+                || l.starts_with("sem_args ")
+                || l.starts_with("attach-failed ")
+        });
+        (lines, victim_out)
+    };
+    let (kernel, kernel_victim) = run(&[], &[]);
+    assert!(kernel_victim.ends_with("done 300 300"), "{kernel_victim}");
+    assert!(kernel.contains(&"totals 8 300".to_string()), "{kernel:?}");
+    assert!(
+        kernel.contains(&"attach-failed on_sib".to_string()),
+        "{kernel:?}"
+    );
+    let _unload = Unload("usdt_tool");
+    let (user, user_victim) = run(
+        &[BPFTIME, "load", "--no-sync", "--"],
+        &[BPFTIME, "start", "--"],
+    );
+    assert!(
+        user_victim.ends_with("done 300 300"),
+        "the agent raised vt:sem's semaphore from the link's reference counter: {user_victim}"
+    );
+    assert_eq!(user, kernel, "bpftime-rs and kernel USDT totals");
+}

@@ -5,8 +5,9 @@ mod common;
 
 use common::*;
 
-use bpftime_example_programs::{model, object_path, victim_path};
+use bpftime_example_programs::{model, object_path, victim_path, victim_usdt_path};
 use bpftime_testutils::require_kernel;
+use std::process::{Command, Stdio};
 
 #[test]
 fn load_start_maps_diff_unload() {
@@ -87,6 +88,66 @@ fn attach_to_a_sleeping_process_then_detach() {
     assert_eq!(
         &map_entries("array_counters", "sums"),
         expected,
+        "no probe ran after detach"
+    );
+    loader.stop();
+}
+
+/// USDT through `attach PID`: the agent raises the probes' semaphores in the target (the victim
+/// counts the calls that saw vt:sem's up), `detach` lowers them again (as the kernel's uprobe
+/// unregistration takes its reference-counter increment off): the next run sees none.
+#[test]
+fn attach_raises_usdt_semaphores_and_detach_lowers_them() {
+    if !require_kernel("attach_raises_usdt_semaphores_and_detach_lowers_them") {
+        return;
+    }
+    let object = "usdt_counts_libbpf_rs";
+    let loader = Loader::start(object, &["--no-sync"]);
+    let blocked = || {
+        let child = Command::new(victim_usdt_path())
+            .arg("500")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_blocked_in_read(child.id());
+        child
+    };
+    let child = blocked();
+    let out = output(&["attach", &child.id().to_string(), "--object", object]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    for probe in ["add", "konst", "sem"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&format!("/on_{probe} usdt vt:{probe} at "))
+                    && l.ends_with("semaphore raised")),
+            "vt:{probe}: {stderr}"
+        );
+    }
+    assert!(
+        finish(child).contains("done 500 500"),
+        "raised while attached"
+    );
+    let sem_calls = map_entries(object, "totals")[8].1.clone();
+    assert_eq!(sem_calls, 500i64.to_le_bytes().to_vec());
+
+    let child = blocked();
+    let pid = child.id().to_string();
+    assert!(output(&["attach", &pid, "--object", object])
+        .status
+        .success());
+    let out = output(&["detach", &pid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(finish(child).contains("done 500 0"), "lowered by detach");
+    assert_eq!(
+        map_entries(object, "totals")[8].1,
+        sem_calls,
         "no probe ran after detach"
     );
     loader.stop();

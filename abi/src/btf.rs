@@ -54,3 +54,18 @@ pub mod var_linkage {
     /// `BTF_VAR_GLOBAL_EXTERN`: an `extern` the loader resolves (`__kconfig`, `__ksym`).
     pub const GLOBAL_EXTERN: u32 = sys::BTF_VAR_GLOBAL_EXTERN;
 }
+
+/// `BTF_FUNC_*`: a FUNC's linkage (held in its `vlen`).
+pub mod func_linkage {
+    use super::sys;
+    /// `BTF_FUNC_STATIC` (0): verified in its caller's context.
+    pub const STATIC: u16 = {
+        assert!(sys::BTF_FUNC_STATIC == 0);
+        0
+    };
+    /// `BTF_FUNC_GLOBAL`: verified on its own, from its BTF signature.
+    pub const GLOBAL: u16 = {
+        assert!(sys::BTF_FUNC_GLOBAL <= u16::MAX as u32);
+        sys::BTF_FUNC_GLOBAL as u16
+    };
+}

@@ -17,9 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bpftime_attach::hook::{ThreadSlot, MAX_THREADS};
+use bpftime_attach::usdt;
 use bpftime_attach::{DirectEntry, EntryAction, ProbeHandler, ProbeKind, PtRegs};
 use bpftime_runtime::helpers::{needs_no_run_reset, RuntimeHelpers};
 use bpftime_runtime::loaded::{ProgramRunner, PublishedObject, RunnableProgram};
+use bpftime_runtime::object::{parse_section, AttachTarget, SectionInfo};
 use bpftime_runtime::vm::jit::{JitHook, JitHookSlowFn};
 use bpftime_runtime::vm::{VmError, VmKind};
 
@@ -405,11 +407,53 @@ struct Attachment {
     kind: ProbeKind,
     target: String,
     cookie: u64,
+    /// The file offset of a reference counter (a USDT semaphore) in the target's file, counted
+    /// up while the hook is in (the kernel's `ref_ctr_offset`).
+    semaphore: Option<u64>,
+    /// Set for a USDT site the agent arms from a section (the cookie is then its spec id).
+    usdt: Option<UsdtSite>,
+}
+
+/// What arming one USDT site from its program's section needs besides its hook.
+struct UsdtSite {
+    /// `PROVIDER:NAME`, for status lines.
+    probe: String,
+    /// The site's arguments, for its `__bpf_usdt_specs` value (or why they cannot be read).
+    args: Result<Vec<usdt::UsdtArg>, String>,
+}
+
+/// A USDT semaphore the agent counted up, taken off again on detach.
+pub struct RaisedSemaphore {
+    semaphore: usdt::Semaphore,
+    /// The module and file offset it was found at: on detach it is lowered only where the
+    /// module is still mapped (a library unloaded since took its mapping with it).
+    module: String,
+    file_offset: u64,
+}
+
+/// Lowers every semaphore in `raised` whose module is still mapped where it was.
+pub fn lower_semaphores(raised: Vec<RaisedSemaphore>) {
+    if raised.is_empty() {
+        return;
+    }
+    let Ok(now) = bpftime_attach::symbols::Resolver::new(None) else {
+        eprintln!(
+            "bpftime-agent: cannot read this process's mappings: USDT semaphores stay raised"
+        );
+        return;
+    };
+    for r in raised {
+        if now.writable_address(&r.module, r.file_offset) == Some(r.semaphore.address()) {
+            // SAFETY: the writable mapping of the module holding the semaphore is still there.
+            unsafe { r.semaphore.lower() };
+        }
+    }
 }
 
 /// Where `published`'s programs attach in this process: the links its loader made (`load --
-/// APP`; a link for another pid is not for us), or else each uprobe program's section.
-/// Programs that cannot attach get a status line and count in `failed`.
+/// APP`; a link for another pid is not for us), or else each uprobe program's section, and
+/// each site of each USDT program's probe. Programs that cannot attach get a status line and
+/// count in `failed`.
 fn attachments(
     published: &PublishedObject,
     lines: &mut Vec<String>,
@@ -430,14 +474,36 @@ fn attachments(
                 },
                 target: l.target.clone(),
                 cookie: l.cookie,
+                semaphore: l.ref_ctr_offset,
+                usdt: None,
             })
             .collect();
     }
     let mut out = Vec::new();
+    let sections: Vec<SectionInfo> = published
+        .programs
+        .iter()
+        .map(|p| parse_section(&p.section))
+        .collect();
+    let mut probes = Vec::new();
     for (index, program) in published.programs.iter().enumerate() {
+        if let AttachTarget::Usdt {
+            path,
+            provider,
+            name,
+        } = &sections[index].attach
+        {
+            probes.push(usdt::UsdtProbe {
+                program: index,
+                path,
+                provider,
+                name,
+            });
+            continue;
+        }
         let Some(kind) = probe_kind(&program.section) else {
             lines.push(format!(
-                "skip {object}/{} ({}): not a uprobe program",
+                "skip {object}/{} ({}): not a uprobe or USDT program",
                 program.name, program.section
             ));
             continue;
@@ -456,7 +522,40 @@ fn attachments(
             kind,
             target: target.to_string(),
             cookie: 0,
+            semaphore: None,
+            usdt: None,
         });
+    }
+    for (probe, planned) in probes.iter().zip(usdt::plan(&probes)) {
+        let program = &published.programs[probe.program];
+        let mut refuse = |e: String| {
+            *failed += 1;
+            lines.push(format!(
+                "error {object}/{} ({}): {e}",
+                program.name, program.section
+            ));
+        };
+        match planned {
+            Err(e) => refuse(e.to_string()),
+            Ok(sites) => {
+                for p in sites {
+                    match p.target {
+                        Err(e) => refuse(format!("site at {:#x}: {e}", p.site.address)),
+                        Ok(target) => out.push(Attachment {
+                            program: probe.program,
+                            kind: ProbeKind::Uprobe,
+                            target,
+                            cookie: u64::from(p.spec_id),
+                            semaphore: p.site.semaphore.map(|(_, off)| off),
+                            usdt: Some(UsdtSite {
+                                probe: format!("{}:{}", probe.provider, probe.name),
+                                args: p.args.map_err(|e| e.to_string()),
+                            }),
+                        }),
+                    }
+                }
+            }
+        }
     }
     out
 }
@@ -468,6 +567,7 @@ pub fn attach_object(
     resolver: &mut bpftime_attach::symbols::Resolver,
     hooks: &mut bpftime_attach::HookSet,
     lines: &mut Vec<String>,
+    semaphores: &mut Vec<RaisedSemaphore>,
 ) -> (usize, Option<FollowedObject>) {
     let published = match PublishedObject::open(object) {
         Ok(p) => Arc::new(p),
@@ -491,7 +591,11 @@ pub fn attach_object(
     };
     let mut failed = 0;
     let wanted = attachments(&published, lines, &mut failed);
-    let installed = install(&published, wanted, resolver, hooks, lines, &mut failed);
+    let mut installed = install(&published, wanted, resolver, hooks, lines, &mut failed);
+    if published.manifest.links.is_none() {
+        // Section attachments stay until detach, their semaphores with the agent.
+        semaphores.extend(installed.iter_mut().filter_map(|i| i.semaphore.take()));
+    }
     let followed = published.manifest.links.is_some().then(|| FollowedObject {
         name: object.to_string(),
         generation: published.manifest.generation,
@@ -514,7 +618,7 @@ fn key_of(a: &Attachment) -> AttachmentKey {
 pub struct FollowedObject {
     name: String,
     generation: u64,
-    hooks: Vec<(AttachmentKey, bpftime_attach::HookId)>,
+    hooks: Vec<Installed>,
     /// The manifest file as last read (its identity and its loader's pid): while the file is
     /// the same and the loader lives, nothing changed and nothing is parsed.
     seen: Option<ManifestStamp>,
@@ -591,20 +695,24 @@ pub fn follow(
         None => Vec::new(),
     };
     let wanted_keys: Vec<AttachmentKey> = wanted.iter().map(key_of).collect();
-    followed.hooks.retain(|(key, id)| {
-        if wanted_keys.contains(key) {
+    let mut lowered = Vec::new();
+    followed.hooks.retain_mut(|i| {
+        if wanted_keys.contains(&i.key) {
             return true;
         }
-        match hooks.remove(*id) {
+        let key = &i.key;
+        match hooks.remove(i.id) {
             Ok(()) => lines.push(format!("removed {object} {} {}", key.2, probe_name(key.1))),
             Err(e) => lines.push(format!("error removing {object} {}: {e}", key.2)),
         }
+        lowered.extend(i.semaphore.take());
         false
     });
+    lower_semaphores(lowered);
     if let Some(published) = &published {
         let new: Vec<Attachment> = wanted
             .into_iter()
-            .filter(|a| !followed.hooks.iter().any(|(k, _)| *k == key_of(a)))
+            .filter(|a| !followed.hooks.iter().any(|i| i.key == key_of(a)))
             .collect();
         if !new.is_empty() {
             match bpftime_attach::symbols::Resolver::new(None) {
@@ -621,12 +729,109 @@ pub fn follow(
     }
 }
 
+impl FollowedObject {
+    /// The semaphores raised for this object's hooks (handed over on detach).
+    pub fn take_semaphores(&mut self) -> Vec<RaisedSemaphore> {
+        self.hooks
+            .iter_mut()
+            .filter_map(|i| i.semaphore.take())
+            .collect()
+    }
+}
+
 fn probe_name(kind: ProbeKind) -> &'static str {
     if kind == ProbeKind::Uprobe {
         "uprobe"
     } else {
         "uretprobe"
     }
+}
+
+/// Writes a USDT site's argument spec at its spec id into the object's `__bpf_usdt_specs`
+/// (what `usdt.bpf.h`'s `bpf_usdt_arg()` reads). A program that does not use `usdt.bpf.h`
+/// has no spec map and needs none.
+fn write_usdt_spec(
+    published: &PublishedObject,
+    spec_id: u64,
+    site: &UsdtSite,
+) -> Result<(), String> {
+    let Ok(specs) = published.shm.map(USDT_SPECS_MAP) else {
+        return Ok(());
+    };
+    let args = site.args.as_ref().map_err(Clone::clone)?;
+    let value_size = specs.def().value_size;
+    let layout = usdt::SpecLayout::of_value_size(value_size).ok_or_else(|| {
+        format!(
+            "{USDT_SPECS_MAP} holds {value_size}-byte values, no struct __bpf_usdt_spec of \
+             a libbpf usdt.bpf.h known here (208 or 304 bytes)"
+        )
+    })?;
+    let spec =
+        usdt::spec_value(args, 0, layout).map_err(|e| format!("USDT {}: {e}", site.probe))?;
+    let capacity = specs.def().max_entries;
+    if spec_id >= u64::from(capacity) {
+        return Err(format!(
+            "the object's USDT sites need more than the {capacity} entries of \
+             {USDT_SPECS_MAP} (BPF_USDT_MAX_SPEC_CNT)"
+        ));
+    }
+    specs
+        .update(&(spec_id as u32).to_le_bytes(), &spec, 0)
+        .map_err(|e| format!("{USDT_SPECS_MAP}[{spec_id}]: {e}"))
+}
+
+/// The spec map `usdt.bpf.h` defines.
+const USDT_SPECS_MAP: &str = "__bpf_usdt_specs";
+
+/// Counts the reference counter at `file_offset` of `module` (a mapped file's path, as the
+/// resolver names it) up in this process.
+fn raise_semaphore(
+    resolver: &bpftime_attach::symbols::Resolver,
+    module: &str,
+    file_offset: u64,
+) -> Result<RaisedSemaphore, String> {
+    let address = resolver
+        .writable_address(module, file_offset)
+        .ok_or_else(|| {
+            format!(
+                "USDT semaphore: {module} has no writable mapping of file offset {file_offset:#x}"
+            )
+        })?;
+    // SAFETY: `address` is in this process's writable mapping of the module, at the
+    // semaphore's file offset.
+    let semaphore = unsafe { usdt::Semaphore::raise(address) }.map_err(|e| e.to_string())?;
+    Ok(RaisedSemaphore {
+        semaphore,
+        module: module.to_string(),
+        file_offset,
+    })
+}
+
+/// Marks every USDT site of `module` as a probe site ([`bpftime_attach::hook::reserve_sites`])
+/// once per module: no detour then displaces one (two probes' `nop`s are often back to back),
+/// whether it is hooked now, later, or by a plain uprobe at its offset.
+fn reserve_usdt_sites(resolver: &bpftime_attach::symbols::Resolver, module: &str) {
+    static DONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if done.iter().any(|m| m == module) {
+        return;
+    }
+    done.push(module.to_string());
+    let Ok(sites) = usdt::read_sites(std::path::Path::new(module)) else {
+        return;
+    };
+    bpftime_attach::hook::reserve_sites(
+        sites
+            .iter()
+            .filter_map(|s| resolver.executable_address(module, s.file_offset)),
+    );
+}
+
+/// One attachment installed: its hook and the semaphore raised for it.
+pub(crate) struct Installed {
+    key: AttachmentKey,
+    id: bpftime_attach::HookId,
+    semaphore: Option<RaisedSemaphore>,
 }
 
 /// Installs `wanted`, one status line each; returns what was installed.
@@ -637,7 +842,7 @@ fn install(
     hooks: &mut bpftime_attach::HookSet,
     lines: &mut Vec<String>,
     failed: &mut usize,
-) -> Vec<(AttachmentKey, bpftime_attach::HookId)> {
+) -> Vec<Installed> {
     let object = published.shm.object_name().to_string();
     let mut installed = Vec::new();
     for attachment in wanted {
@@ -647,6 +852,8 @@ fn install(
             kind,
             target,
             cookie,
+            semaphore,
+            usdt,
         } = attachment;
         let program = &published.programs[program];
         let resolved = resolver.resolve(&target);
@@ -661,6 +868,14 @@ fn install(
             continue;
         }
         let result = resolved.map_err(|e| e.to_string()).and_then(|t| {
+            let module = t.module.to_string_lossy().into_owned();
+            reserve_usdt_sites(resolver, &module);
+            if let Some(site) = &usdt {
+                write_usdt_spec(published, cookie, site)?;
+            }
+            let raised = semaphore
+                .map(|off| raise_semaphore(resolver, &module, off))
+                .transpose()?;
             // The kernel's user stacks at a function's entry include the return address
             // still at the stack pointer when the probed instruction is `push %rbp`.
             let frame_at_entry = kind == ProbeKind::Uprobe
@@ -675,26 +890,39 @@ fn install(
                 cookie,
                 frame_at_entry,
             );
-            hooks
-                .install(&t, kind, handler)
-                .map(|id| (t, id))
-                .map_err(|e| e.to_string())
+            match hooks.install(&t, kind, handler) {
+                Ok(id) => Ok((t, id, raised)),
+                Err(e) => {
+                    lower_semaphores(raised.into_iter().collect());
+                    Err(e.to_string())
+                }
+            }
         });
         match result {
-            Ok((t, id)) => {
-                installed.push((key, id));
+            Ok((t, id, raised)) => {
+                let semaphore = if raised.is_some() {
+                    ", semaphore raised"
+                } else {
+                    ""
+                };
+                installed.push(Installed {
+                    key,
+                    id,
+                    semaphore: raised,
+                });
                 // Where a 5-byte jump does not fit, the site traps (`int3`): say so, it costs
                 // a signal per call.
                 let via = match bpftime_attach::site_mechanism(t.address) {
                     Some("int3") => " via int3",
                     _ => "",
                 };
+                let what = match &usdt {
+                    Some(site) => format!("usdt {} at {target}", site.probe),
+                    None => format!("{} {target}", probe_name(kind)),
+                };
                 lines.push(format!(
-                    "ok {object}/{} {} {target} at {:#x} on {:?}{via}",
-                    program.name,
-                    probe_name(kind),
-                    t.address,
-                    program.vm
+                    "ok {object}/{} {what} at {:#x} on {:?}{via}{semaphore}",
+                    program.name, t.address, program.vm
                 ));
             }
             Err(e) => {

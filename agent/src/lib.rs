@@ -139,6 +139,8 @@ struct Agent {
     /// The objects attached (or tried) so far.
     known: Vec<String>,
     detached: bool,
+    /// USDT semaphores counted up for the hooks, lowered on detach.
+    semaphores: Vec<bpf::RaisedSemaphore>,
 }
 
 /// How often the follower thread looks at the followed objects' manifests.
@@ -171,6 +173,7 @@ fn follow_objects() {
                             &mut resolver,
                             &mut agent.hooks,
                             &mut lines,
+                            &mut agent.semaphores,
                         );
                         agent.followed.extend(follow);
                     }
@@ -243,9 +246,16 @@ fn start(config: &Path) -> Result<usize, String> {
     let mut failed = 0;
     let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
     let mut followed = Vec::new();
+    let mut semaphores = Vec::new();
     let known = objects.clone();
     for object in &objects {
-        let (f, follow) = bpf::attach_object(object, &mut resolver, &mut hooks, &mut lines);
+        let (f, follow) = bpf::attach_object(
+            object,
+            &mut resolver,
+            &mut hooks,
+            &mut lines,
+            &mut semaphores,
+        );
         failed += f;
         followed.extend(follow);
     }
@@ -315,6 +325,7 @@ fn start(config: &Path) -> Result<usize, String> {
         discover: object_lines.discover,
         known,
         detached: false,
+        semaphores,
     });
     if follow {
         let spawned = std::thread::Builder::new()
@@ -382,6 +393,12 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
     };
     a.detached = true;
     let r = a.hooks.detach();
+    // As the kernel's uprobe_unregister takes its reference-counter increment off.
+    let mut semaphores = std::mem::take(&mut a.semaphores);
+    for f in &mut a.followed {
+        semaphores.extend(f.take_semaphores());
+    }
+    bpf::lower_semaphores(semaphores);
     use std::os::unix::fs::OpenOptionsExt;
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .append(true)

@@ -172,6 +172,33 @@ impl Resolver {
         }
     }
 
+    /// Where this process maps byte `file_offset` of `module` (a path [`Self::find_module`]
+    /// returned) writable: where a USDT semaphore of the file is counted (the kernel's
+    /// `valid_ref_ctr_vma`: the file's writable mapping holding the offset).
+    pub fn writable_address(&self, module: &str, file_offset: u64) -> Option<u64> {
+        self.mapped_at(module, file_offset, |m| m.write)
+    }
+
+    /// Where this process maps byte `file_offset` of `module` executable (a code site of the
+    /// file, such as a USDT probe's `nop`).
+    pub fn executable_address(&self, module: &str, file_offset: u64) -> Option<u64> {
+        self.mapped_at(module, file_offset, |m| m.exec)
+    }
+
+    fn mapped_at(
+        &self,
+        module: &str,
+        file_offset: u64,
+        wanted: impl Fn(&MapEntry) -> bool,
+    ) -> Option<u64> {
+        let file = self.maps.iter().find(|m| m.path == module)?;
+        self.maps
+            .iter()
+            .filter(|m| m.inode == file.inode && m.dev == file.dev && wanted(m))
+            .find(|m| (m.offset..m.offset + (m.end - m.start)).contains(&file_offset))
+            .map(|m| m.start + (file_offset - m.offset))
+    }
+
     fn file(&mut self, path: &str) -> Result<&[u8], AttachError> {
         if !self.files.contains_key(path) {
             let hp = procmaps::host_path(self.pid, path);
@@ -313,6 +340,15 @@ pub fn target_at_file_offset(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    target_in(path, &elf, file_offset)
+}
+
+/// [`target_at_file_offset`] on an ELF file already parsed.
+pub(crate) fn target_in(
+    path: &std::path::Path,
+    elf: &Elf,
+    file_offset: u64,
+) -> Result<String, AttachError> {
     let bad = |reason: String| AttachError::BadTarget {
         spec: format!("{}:{file_offset:#x}", path.display()),
         reason,

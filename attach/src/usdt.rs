@@ -7,9 +7,11 @@
 //! the cookie) uses these; nothing here touches a process.
 
 use crate::regs::PtRegs;
-use crate::symbols::file_offset_of;
+use crate::symbols::{file_offset_of, target_in};
+use crate::AttachError;
 use goblin::elf::Elf;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 /// `NT_STAPSDT`: the note type of a SystemTap SDT probe.
 const NT_STAPSDT: u32 = 3;
@@ -19,8 +21,49 @@ const BASE_SECTION: &str = ".stapsdt.base";
 
 /// `BPF_USDT_MAX_ARG_CNT` in `usdt.bpf.h`.
 pub const MAX_ARGS: usize = 12;
-/// `sizeof(struct __bpf_usdt_spec)`: 12 argument specs of 16 bytes, the cookie, the count.
-pub const SPEC_SIZE: usize = 208;
+
+/// The layouts of `struct __bpf_usdt_spec` that libbpf's `usdt.bpf.h` has had. Its user space
+/// (libbpf's `usdt.c`, here: us) must write the one the object was compiled with, and they
+/// differ in size, which the object's `__bpf_usdt_specs` map carries as its value size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecLayout {
+    /// Before Scale-Index-Base arguments (libbpf 1.1, Debian 12's): 16-byte argument specs
+    /// (`val_off`, a 4-byte `arg_type`, `reg_off` at 12, `arg_signed` at 14, `arg_bitshift`
+    /// at 15); the cookie at 192, `arg_cnt` at 200; 208 bytes.
+    Compact,
+    /// With SIB arguments (libbpf 1.7): `arg_type` became an 8-bit bit-field followed by a
+    /// 16-bit unit holding `idx_reg_off:12` and `scale_bitshift:4` (at 10, the bit-field
+    /// cannot straddle its first unit) and an 8-bit reserved field, which moved `reg_off` to
+    /// 14, `arg_signed` to 16, `arg_bitshift` to 17: 24-byte argument specs, the cookie at
+    /// 288, `arg_cnt` at 296; 304 bytes.
+    Sib,
+}
+
+impl SpecLayout {
+    /// The layout of a spec map whose values are `value_size` bytes.
+    pub fn of_value_size(value_size: u32) -> Option<Self> {
+        match value_size {
+            208 => Some(Self::Compact),
+            304 => Some(Self::Sib),
+            _ => None,
+        }
+    }
+
+    /// `sizeof(struct __bpf_usdt_spec)`.
+    pub fn size(self) -> usize {
+        match self {
+            Self::Compact => 208,
+            Self::Sib => 304,
+        }
+    }
+
+    fn arg_size(self) -> usize {
+        match self {
+            Self::Compact => 16,
+            Self::Sib => 24,
+        }
+    }
+}
 
 /// Why a file's USDT notes or one site's arguments cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +109,32 @@ pub enum UsdtError {
         /// What is wrong.
         reason: String,
     },
+    /// A `usdt/PATH:...` section names a file that is not there (searched as libbpf searches).
+    #[error("USDT file {path} not found{searched}")]
+    NotFound {
+        /// The path as the section names it.
+        path: String,
+        /// Where it was looked for, when it is a bare name.
+        searched: String,
+    },
+    /// The file has no site of the probe.
+    #[error("{path} has no USDT probe {provider}:{name}")]
+    NoProbe {
+        /// The file.
+        path: PathBuf,
+        /// The probe's provider.
+        provider: String,
+        /// The probe's name.
+        name: String,
+    },
+    /// A semaphore cannot be counted in this process.
+    #[error("USDT semaphore at {address:#x}: {reason}")]
+    Semaphore {
+        /// Its address in this process.
+        address: u64,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// One USDT site of a file.
@@ -95,6 +164,14 @@ pub enum ArgKind {
     Reg,
     /// Memory at a register plus `val_off` (`-16(%rbp)`), read with `bpf_probe_read_user`.
     RegDeref,
+    /// Memory at a base register (`reg_off`) plus an index register shifted left by
+    /// `scale_bitshift` plus `val_off` (`-96(%rbp,%rax,8)`): only [`SpecLayout::Sib`] holds it.
+    Sib {
+        /// The index register's offset in `struct pt_regs`.
+        idx_reg_off: u16,
+        /// log2 of the scale (1, 2, 4 or 8).
+        scale_bitshift: u8,
+    },
 }
 
 /// One argument's spec (`struct __bpf_usdt_arg_spec`).
@@ -274,15 +351,43 @@ fn parse_arg(word: &str) -> Result<UsdtArg, String> {
     let (off, rest) = operand
         .split_once('(')
         .ok_or_else(|| format!("operand `{operand}` is not %reg, OFF(%reg) or $CONST"))?;
-    let reg = rest
+    let inside = rest
         .strip_suffix(')')
-        .and_then(|r| r.strip_prefix('%'))
-        .ok_or_else(|| format!("operand `{operand}` is not OFF(%reg)"))?;
-    if reg.contains(',') {
-        return Err("indexed addressing (OFF(%base,%index,scale)) is not supported".into());
-    }
+        .ok_or_else(|| format!("operand `{operand}` does not end in `)`"))?;
     let off = if off.is_empty() { 0 } else { parse_int(off)? };
-    Ok(spec(ArgKind::RegDeref, off, reg_offset(reg)?))
+    let reg = |r: &str| {
+        r.trim()
+            .strip_prefix('%')
+            .ok_or_else(|| format!("`{r}` in `{operand}` is not a %register"))
+            .and_then(reg_offset)
+    };
+    let parts: Vec<&str> = inside.split(',').collect();
+    match parts[..] {
+        [base] => Ok(spec(ArgKind::RegDeref, off, reg(base)?)),
+        // Scale-Index-Base, as libbpf 1.7 reads it: `OFF(%base,%index[,scale])`.
+        [base, index] | [base, index, _] => {
+            let scale = match parts.get(2) {
+                None => 1,
+                Some(s) => s
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("scale `{s}` is not a number"))?,
+            };
+            let scale_bitshift = match scale {
+                1 => 0,
+                2 => 1,
+                4 => 2,
+                8 => 3,
+                _ => return Err(format!("scale {scale} is not 1, 2, 4 or 8")),
+            };
+            let kind = ArgKind::Sib {
+                idx_reg_off: reg(index)?,
+                scale_bitshift,
+            };
+            Ok(spec(kind, off, reg(base)?))
+        }
+        _ => Err(format!("operand `{operand}` has more than three parts")),
+    }
 }
 
 /// A decimal or `0x` number, possibly negative, as a two's-complement u64.
@@ -335,26 +440,212 @@ fn reg_offset(name: &str) -> Result<u16, String> {
     Ok(off as u16)
 }
 
+/// The file a `usdt/PATH:PROVIDER:NAME` section names, found as libbpf's `resolve_full_path`
+/// finds it: a path with a `/` as it is; a bare library name (`libc.so.6`) in
+/// `LD_LIBRARY_PATH`, `/usr/lib64`, `/usr/lib` and the architecture's library directory; a
+/// bare program name in `PATH`, `/usr/bin` and `/usr/sbin`.
+pub fn resolve_path(path: &str) -> Result<PathBuf, UsdtError> {
+    if path.contains('/') {
+        let p = PathBuf::from(path);
+        return if p.exists() {
+            Ok(p)
+        } else {
+            Err(UsdtError::NotFound {
+                path: path.to_string(),
+                searched: String::new(),
+            })
+        };
+    }
+    let library = path.ends_with(".so") || path.contains(".so.");
+    let env = std::env::var(if library { "LD_LIBRARY_PATH" } else { "PATH" }).unwrap_or_default();
+    let fixed = if library {
+        "/usr/lib64:/usr/lib:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu"
+    } else {
+        "/usr/bin:/usr/sbin"
+    };
+    let dirs: Vec<&str> = env
+        .split(':')
+        .chain(fixed.split(':'))
+        .filter(|d| !d.is_empty())
+        .collect();
+    dirs.iter()
+        .map(|d| Path::new(d).join(path))
+        .find(|p| p.is_file())
+        .ok_or_else(|| UsdtError::NotFound {
+            path: path.to_string(),
+            searched: format!(" in {}", dirs.join(":")),
+        })
+}
+
+/// One `usdt/PATH:PROVIDER:NAME` program of an object, as [`plan`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct UsdtProbe<'a> {
+    /// The program's index in its object.
+    pub program: usize,
+    /// `PATH` as the section names it.
+    pub path: &'a str,
+    /// `PROVIDER`.
+    pub provider: &'a str,
+    /// `NAME`.
+    pub name: &'a str,
+}
+
+/// One site a USDT program is armed at.
+#[derive(Debug)]
+pub struct PlannedSite {
+    /// The file holding the site, resolved ([`resolve_path`]).
+    pub file: PathBuf,
+    /// The site.
+    pub site: UsdtSite,
+    /// Its index in the object's `__bpf_usdt_specs`, and the attach cookie `usdt.bpf.h` finds
+    /// the spec by (`bpf_get_attach_cookie`, as libbpf attaches where BPF cookies exist).
+    pub spec_id: u32,
+    /// `PATH:FUNC+OFF` of the site, as the hooks take a target.
+    pub target: Result<String, AttachError>,
+    /// The site's arguments, for the `struct __bpf_usdt_spec` at `spec_id` ([`spec_value`]).
+    pub args: Result<Vec<UsdtArg>, UsdtError>,
+}
+
+/// Every site of `probes`, in program order and, within a program, in note order, each with
+/// its spec id: a running index over that order. It depends only on the object and the files,
+/// so every process arming the object writes the same spec at the same id of the shared spec
+/// map. One entry per probe: its sites, or why it has none.
+pub fn plan(probes: &[UsdtProbe<'_>]) -> Vec<Result<Vec<PlannedSite>, UsdtError>> {
+    let mut next_id = 0u32;
+    let mut files: std::collections::HashMap<PathBuf, Vec<u8>> = Default::default();
+    probes
+        .iter()
+        .map(|p| {
+            let file = resolve_path(p.path)?;
+            if !files.contains_key(&file) {
+                let bytes = std::fs::read(&file).map_err(|source| UsdtError::Io {
+                    path: file.clone(),
+                    source,
+                })?;
+                files.insert(file.clone(), bytes);
+            }
+            let bytes = &files[&file];
+            let elf = Elf::parse(bytes).map_err(|e| UsdtError::Elf {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            let sites: Vec<PlannedSite> = sites_of(&file, bytes)?
+                .into_iter()
+                .filter(|s| s.provider == p.provider && s.name == p.name)
+                .map(|site| {
+                    let spec_id = next_id;
+                    next_id += 1;
+                    PlannedSite {
+                        target: target_in(&file, &elf, site.file_offset),
+                        args: parse_args(&site),
+                        file: file.clone(),
+                        site,
+                        spec_id,
+                    }
+                })
+                .collect();
+            if sites.is_empty() {
+                return Err(UsdtError::NoProbe {
+                    path: file,
+                    provider: p.provider.to_string(),
+                    name: p.name.to_string(),
+                });
+            }
+            Ok(sites)
+        })
+        .collect()
+}
+
+/// A USDT semaphore this process counted up: `<sys/sdt.h>` guards a probe's argument set-up
+/// with `if (provider_name_semaphore)`, and the kernel adds one per attached uprobe
+/// (`uprobe_register` with a `ref_ctr_offset`) and takes it off again on detach.
+#[derive(Debug)]
+pub struct Semaphore {
+    address: u64,
+}
+
+impl Semaphore {
+    /// Adds one to the `unsigned short` at `address`.
+    ///
+    /// # Safety
+    /// `address` must be a writable mapping of this process (the semaphore's file offset in
+    /// its module's writable mapping, [`crate::symbols::Resolver::writable_address`]).
+    pub unsafe fn raise(address: u64) -> Result<Self, UsdtError> {
+        if !address.is_multiple_of(2) {
+            return Err(UsdtError::Semaphore {
+                address,
+                reason: "not aligned to 2 bytes".into(),
+            });
+        }
+        // SAFETY: the caller's contract: a writable, aligned u16 of this process; the
+        // target's own code only reads it.
+        unsafe { &*(address as *const AtomicU16) }.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { address })
+    }
+
+    /// Where the semaphore is.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    /// Takes the count added by [`Self::raise`] off again.
+    ///
+    /// # Safety
+    /// The mapping `raise` counted in must still be there (the module was not unloaded).
+    pub unsafe fn lower(self) {
+        // SAFETY: the caller's contract; `raise` checked the alignment.
+        unsafe { &*(self.address as *const AtomicU16) }.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The `struct __bpf_usdt_spec` value for a site's arguments and the attach's cookie
-/// (`usdt_cookie`, what `bpf_usdt_cookie()` returns).
-pub fn spec_value(args: &[UsdtArg], cookie: u64) -> [u8; SPEC_SIZE] {
-    let mut v = [0u8; SPEC_SIZE];
+/// (`usdt_cookie`, what `bpf_usdt_cookie()` returns), in `layout`; a SIB argument has no place
+/// in the compact layout (the object's `usdt.bpf.h` cannot read one: libbpf of that header
+/// refuses the site too).
+pub fn spec_value(args: &[UsdtArg], cookie: u64, layout: SpecLayout) -> Result<Vec<u8>, String> {
+    let mut v = vec![0u8; layout.size()];
+    let stride = layout.arg_size();
     for (i, a) in args.iter().take(MAX_ARGS).enumerate() {
-        let at = i * 16;
+        let at = i * stride;
         v[at..at + 8].copy_from_slice(&a.val_off.to_le_bytes());
-        let kind: u32 = match a.kind {
+        let kind: u8 = match a.kind {
             ArgKind::Const => 0,
             ArgKind::Reg => 1,
             ArgKind::RegDeref => 2,
+            ArgKind::Sib { .. } => 3,
         };
-        v[at + 8..at + 12].copy_from_slice(&kind.to_le_bytes());
-        v[at + 12..at + 14].copy_from_slice(&a.reg_off.to_le_bytes());
-        v[at + 14] = u8::from(a.signed);
-        v[at + 15] = a.bitshift;
+        // The 4-byte enum (compact) or the 8-bit bit-field (SIB) at 8: little-endian either way.
+        v[at + 8] = kind;
+        let fields = match (layout, a.kind) {
+            (SpecLayout::Compact, ArgKind::Sib { .. }) => {
+                return Err(format!(
+                    "argument {} uses Scale-Index-Base addressing, which this object's usdt.bpf.h \
+                     predates (rebuild it with libbpf 1.7's headers)",
+                    i + 1
+                ))
+            }
+            (SpecLayout::Compact, _) => at + 12,
+            (SpecLayout::Sib, kind) => {
+                if let ArgKind::Sib {
+                    idx_reg_off,
+                    scale_bitshift,
+                } = kind
+                {
+                    let unit = (idx_reg_off & 0xfff) | (u16::from(scale_bitshift) << 12);
+                    v[at + 10..at + 12].copy_from_slice(&unit.to_le_bytes());
+                }
+                at + 14
+            }
+        };
+        v[fields..fields + 2].copy_from_slice(&a.reg_off.to_le_bytes());
+        v[fields + 2] = u8::from(a.signed);
+        v[fields + 3] = a.bitshift;
     }
-    v[192..200].copy_from_slice(&cookie.to_le_bytes());
-    v[200..202].copy_from_slice(&(args.len().min(MAX_ARGS) as u16).to_le_bytes());
-    v
+    let cookie_at = MAX_ARGS * stride;
+    v[cookie_at..cookie_at + 8].copy_from_slice(&cookie.to_le_bytes());
+    v[cookie_at + 8..cookie_at + 10]
+        .copy_from_slice(&(args.len().min(MAX_ARGS) as u16).to_le_bytes());
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -409,16 +700,81 @@ mod tests {
         assert_eq!((args[3].val_off, args[3].bitshift), (0, 56));
         assert_eq!(args[4].reg_off, 64, "r9");
         assert_eq!((args[5].val_off, args[5].reg_off), (16, 152));
-        for bad in ["3@%eax", "4@%xyz", "4%eax", "8@8(%rax,%rbx,2)", "8@(rax)"] {
+        for bad in [
+            "3@%eax",
+            "4@%xyz",
+            "4%eax",
+            "8@8(%rax,%rbx,3)",
+            "8@(rax)",
+            "8@(%rax,%rbx,2,1)",
+        ] {
             let e = parse_args(&site(bad)).unwrap_err().to_string();
             assert!(e.contains(bad), "the error quotes the argument: {e}");
         }
-        let spec = spec_value(&args, 0xabc);
+        let spec = spec_value(&args, 0xabc, SpecLayout::Compact).unwrap();
+        assert_eq!(spec.len(), 208);
         assert_eq!(
             u64::from_le_bytes(spec[192..200].try_into().unwrap()),
             0xabc
         );
         assert_eq!(u16::from_le_bytes(spec[200..202].try_into().unwrap()), 6);
         assert_eq!(u32::from_le_bytes(spec[24..28].try_into().unwrap()), 2);
+        let wide = spec_value(&args, 0xabc, SpecLayout::Sib).unwrap();
+        assert_eq!(wide.len(), 304);
+        assert_eq!(
+            u64::from_le_bytes(wide[288..296].try_into().unwrap()),
+            0xabc
+        );
+        assert_eq!(u16::from_le_bytes(wide[296..298].try_into().unwrap()), 6);
+        assert_eq!(wide[24 + 8], 2, "the second argument's arg_type");
+        assert_eq!(
+            u16::from_le_bytes(wide[24 + 14..24 + 16].try_into().unwrap()),
+            32,
+            "its reg_off (rbp)"
+        );
+    }
+
+    #[test]
+    fn scale_index_base_arguments_parse_and_need_the_sib_layout() {
+        let args = parse_args(&site("-1@-96(%rbp,%rax,8) 4@(%rdi,%rsi) 8@8(%rsp,%r9,2)")).unwrap();
+        let off = |f: usize| f as u16;
+        assert_eq!(
+            args[0],
+            UsdtArg {
+                kind: ArgKind::Sib {
+                    idx_reg_off: off(std::mem::offset_of!(PtRegs, rax)),
+                    scale_bitshift: 3
+                },
+                val_off: (-96i64) as u64,
+                reg_off: off(std::mem::offset_of!(PtRegs, rbp)),
+                signed: true,
+                bitshift: 56
+            }
+        );
+        assert_eq!(
+            args[1].kind,
+            ArgKind::Sib {
+                idx_reg_off: off(std::mem::offset_of!(PtRegs, rsi)),
+                scale_bitshift: 0
+            }
+        );
+        let e = spec_value(&args, 0, SpecLayout::Compact).unwrap_err();
+        assert!(
+            e.contains("argument 1") && e.contains("Scale-Index-Base"),
+            "{e}"
+        );
+        let v = spec_value(&args, 0, SpecLayout::Sib).unwrap();
+        assert_eq!(v[8], 3, "BPF_USDT_ARG_SIB");
+        let unit = u16::from_le_bytes(v[10..12].try_into().unwrap());
+        assert_eq!(
+            (unit & 0xfff, unit >> 12),
+            (80, 3),
+            "idx_reg_off rax, scale 8"
+        );
+        assert_eq!(u16::from_le_bytes(v[14..16].try_into().unwrap()), 32);
+        assert_eq!((v[16], v[17]), (1, 56));
+        assert_eq!(SpecLayout::of_value_size(304), Some(SpecLayout::Sib));
+        assert_eq!(SpecLayout::of_value_size(208), Some(SpecLayout::Compact));
+        assert_eq!(SpecLayout::of_value_size(200), None);
     }
 }

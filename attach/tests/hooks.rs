@@ -347,6 +347,52 @@ fn too_short_functions_are_probed_through_int3() {
     assert_eq!(c.entries.load(Ordering::Relaxed), 100);
 }
 
+/// Two probe sites one byte apart (back-to-back USDT nops). Unannounced, the second lies in
+/// the bytes the first's detour runs from its trampoline: refused, naming that site (it would
+/// never fire). Announced with `reserve_sites` (as the agent does with a file's USDT sites),
+/// the first takes an int3 and both fire on every call.
+#[test]
+fn adjacent_sites_are_reserved_or_refused_never_swallowed() {
+    type P = extern "C" fn(i64, i64) -> i64;
+    let install_at = |set: &mut HookSet, t: &bpftime_attach::ResolvedTarget, name: &str, h| {
+        // SAFETY: +0 and +1 of the nop pairs are instruction boundaries of their code.
+        unsafe { set.install_at(t.address, t.size, t.offset != 0, name, ProbeKind::Uprobe, h) }
+    };
+    let c = Arc::new(Counter::default());
+    let mut set = HookSet::new();
+    let a0 = resolve(&target("nop_pair_a")).unwrap();
+    let a1 = resolve(&target("nop_pair_a+1")).unwrap();
+    install_at(&mut set, &a0, "nop_pair_a", c.clone()).unwrap();
+    assert_eq!(bpftime_attach::site_mechanism(a0.address), Some("detour"));
+    let e = install_at(&mut set, &a1, "nop_pair_a+1", c.clone()).unwrap_err();
+    assert!(
+        matches!(e, AttachError::Unpatchable { .. })
+            && e.to_string()
+                .contains(&format!("detour of the site hooked at {:#x}", a0.address)),
+        "{e}"
+    );
+    let pair_a: P = sym("nop_pair_a");
+    assert_eq!(pair_a(1, 2), 10);
+    assert_eq!(c.entries.load(Ordering::Relaxed), 1);
+
+    let b0 = resolve(&target("nop_pair_b")).unwrap();
+    let b1 = resolve(&target("nop_pair_b+1")).unwrap();
+    hook::reserve_sites([b0.address, b1.address]);
+    let first = Arc::new(Counter::default());
+    let second = Arc::new(Counter::default());
+    install_at(&mut set, &b0, "nop_pair_b", first.clone()).unwrap();
+    install_at(&mut set, &b1, "nop_pair_b+1", second.clone()).unwrap();
+    assert_eq!(bpftime_attach::site_mechanism(b0.address), Some("int3"));
+    assert_eq!(bpftime_attach::site_mechanism(b1.address), Some("detour"));
+    let pair_b: P = sym("nop_pair_b");
+    for i in 0..100 {
+        assert_eq!(pair_b(i, 2 * i), 3 * i + 7);
+    }
+    assert_eq!(first.entries.load(Ordering::Relaxed), 100);
+    assert_eq!(second.entries.load(Ordering::Relaxed), 100);
+    set.detach().unwrap();
+}
+
 /// A 2-byte tail jump (`jmp rel8`, relocated out of line to reach the same target) and a
 /// 1-byte nop followed by a branch target (a USDT site's shape, probed by offset) take the
 /// int3 fallback and run correctly on 4 threads while their hooks come and go.

@@ -59,7 +59,23 @@ pub fn compile_dir(src_dir: &Path, out_dir: &Path) -> Vec<PathBuf> {
 pub fn compile(src: &Path, include_dir: &Path, out_dir: &Path) -> PathBuf {
     let file_name = src.file_name().expect("source file name").to_string_lossy();
     let stem = file_name.trim_end_matches(".c");
-    let object = out_dir.join(format!("{stem}.o"));
+    compile_as(
+        src,
+        &[include_dir],
+        &out_dir.join(format!("{stem}.o")),
+        out_dir,
+    )
+}
+
+/// [`compile`] into `object`, searching `include_dirs` (one holds `vmlinux.h`) before the
+/// system's headers: the same source built against another libbpf's headers.
+pub fn compile_as(src: &Path, include_dirs: &[&Path], object: &Path, out_dir: &Path) -> PathBuf {
+    let object = object.to_path_buf();
+    let mut includes = Vec::new();
+    for dir in include_dirs {
+        includes.push("-I".into());
+        includes.push(dir.as_os_str().to_owned());
+    }
     let status = Command::new(clang())
         .args([
             "-O2",
@@ -69,10 +85,14 @@ pub fn compile(src: &Path, include_dir: &Path, out_dir: &Path) -> PathBuf {
             "-mcpu=v3",
             "-D__TARGET_ARCH_x86",
         ])
-        .arg("-I")
-        .arg(include_dir)
+        .args(&includes)
         .arg("-I")
         .arg(src.parent().expect("source dir"))
+        // `<linux/errno.h>` (included by libbpf's usdt.bpf.h) includes `<asm/errno.h>`, which
+        // Debian keeps under the multiarch directory: searched last, as libbpf-tools do.
+        .args(["-idirafter", "/usr/include/x86_64-linux-gnu"])
+        // Where the build puts what programs name by path (a USDT section's victim).
+        .arg(format!("-DBPF_OUT_DIR=\"{}\"", out_dir.display()))
         .arg("-c")
         .arg(src)
         .arg("-o")

@@ -47,6 +47,14 @@ fn main() {
         &["-I", out_dir.to_str().expect("OUT_DIR is UTF-8")],
         &["-lbpf", "-lelf", "-lz"],
     );
+    // The USDT tool (opens an object file given on its command line).
+    cc(
+        &dir.join("usdt_tool.c"),
+        &out_dir.join("usdt_tool"),
+        &["-O2", "-g", "-Wall", "-Wextra"],
+        &[],
+        &["-lbpf", "-lelf", "-lz"],
+    );
     // The benchmark's multi-threaded victim.
     cc(
         &dir.join("victim_mt.c"),

@@ -1,10 +1,20 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("dir"));
     bpf_build::compile_dir(&dir, &out_dir);
+    // The USDT example again, against the headers of the libbpf the tests' kernel runs use
+    // (libbpf-sys's): the `struct __bpf_usdt_spec` its user space writes changed layout between
+    // libbpf releases, and the object must be built with the header of the libbpf filling it.
+    let libbpf_include = std::env::var("DEP_BPF_INCLUDE").expect("libbpf-sys exports its headers");
+    bpf_build::compile_as(
+        &dir.join("usdt_counts.bpf.c"),
+        &[Path::new(&libbpf_include), &out_dir],
+        &out_dir.join("usdt_counts_libbpf_rs.bpf.o"),
+        &out_dir,
+    );
     // The victim keeps frame pointers and no inlining of the probed functions; -O1 keeps the
     // calls real.
     for (victim, extra) in [

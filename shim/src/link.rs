@@ -79,13 +79,15 @@ fn uprobe_multi_link(
             Err(e) => return e,
         }
     };
-    if m.ref_ctr_offsets != 0 {
-        eprintln!(
-            "bpftime-shim: uprobe_multi link on {} with reference counters (USDT semaphores): \
-             the counters are not incremented in user space",
-            path.display()
-        );
-    }
+    // Reference counters (USDT semaphores), one per offset, 0 for none.
+    let ref_ctrs = if m.ref_ctr_offsets == 0 {
+        vec![0; offsets.len()]
+    } else {
+        match read_u64s(m.ref_ctr_offsets) {
+            Ok(v) => v,
+            Err(e) => return e,
+        }
+    };
     let retprobe = m.flags & sys::BPF_F_UPROBE_MULTI_RETURN != 0;
     // pid 0: every process (the kernel's uprobe_multi has no "calling process" sentinel).
     let pid = (m.pid != 0).then_some(m.pid);
@@ -93,11 +95,13 @@ fn uprobe_multi_link(
         Ok(offsets
             .iter()
             .zip(&cookies)
-            .map(|(&file_offset, &cookie)| {
+            .zip(&ref_ctrs)
+            .map(|((&file_offset, &cookie), &ref_ctr)| {
                 s.events.push(table::EventRec {
                     path: path.clone(),
                     file_offset,
                     retprobe,
+                    ref_ctr_offset: Some(ref_ctr).filter(|&o| o != 0),
                     pid,
                     enabled: true,
                     ioctl_prog: None,
@@ -202,7 +206,7 @@ pub(crate) fn info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize)
         Ok(v) => v,
         Err(e) => return e,
     };
-    let (retprobe, path, offset, cookie, prog_id, multi) = match table::with(|s| {
+    let (retprobe, path, offset, cookie, prog_id, multi, ref_ctr) = match table::with(|s| {
         let l = s.links.get(link)?;
         let &(event, cookie) = l.targets.first()?;
         let e = s.events.get(event)?;
@@ -213,6 +217,7 @@ pub(crate) fn info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize)
             cookie,
             l.prog_id,
             l.multi,
+            e.ref_ctr_offset.unwrap_or(0),
         ))
     }) {
         Some(v) => v,
@@ -251,7 +256,7 @@ pub(crate) fn info(attr: usize, info: &sys::bpf_attr__bindgen_ty_9, link: usize)
         u.name_len = name.len() as u32 + 1;
         u.offset = offset as u32;
         u.cookie = cookie;
-        u.ref_ctr_offset = 0;
+        u.ref_ctr_offset = ref_ctr;
     }
     write_info(attr, info, &out, len)
 }

@@ -77,14 +77,8 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
         Err(e) => return -i64::from(e.raw_os_error().unwrap_or(libc::ENOENT)),
     };
     let retprobe = a.config & (1 << retprobe_bit) != 0;
-    if a.config >> 32 != 0 {
-        // PERF_UPROBE_REF_CTR_OFFSET (USDT semaphores) in the high config bits.
-        eprintln!(
-            "bpftime-shim: perf_event_open: uprobe {}+{offset:#x} with a reference counter \
-             (USDT semaphore): the counter is not incremented in user space",
-            path.display()
-        );
-    }
+    // PERF_UPROBE_REF_CTR_OFFSET_SHIFT: a reference counter (USDT semaphore) in the high bits.
+    let ref_ctr_offset = Some(a.config >> 32).filter(|&o| o != 0);
     let fd = raw::eventfd(flags & u64::from(sys::PERF_FLAG_FD_CLOEXEC) != 0);
     if fd < 0 {
         return fd;
@@ -94,6 +88,7 @@ pub(crate) fn open(attr: usize, pid: i32, cpu: i32, group_fd: i32, flags: u64) -
             path,
             file_offset: offset,
             retprobe,
+            ref_ctr_offset,
             // pid 0 is the calling process (aya's `UProbeScope::CallingProcess`).
             pid: match pid {
                 0 => Some(std::process::id()),

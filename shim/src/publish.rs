@@ -511,6 +511,7 @@ fn live_links(shim: &Shim) -> Vec<ManifestLink> {
                 target,
                 pid: e.pid,
                 cookie,
+                ref_ctr_offset: e.ref_ctr_offset,
             }),
             Err(why) => eprintln!(
                 "bpftime-shim: uprobe {}+{:#x}: {why}",

@@ -88,6 +88,8 @@ pub(crate) struct EventRec {
     pub path: PathBuf,
     pub file_offset: u64,
     pub retprobe: bool,
+    /// The file offset of its reference counter (a USDT semaphore), which the agent counts.
+    pub ref_ctr_offset: Option<u64>,
     /// `perf_event_open`'s pid (`None`: every process).
     pub pid: Option<u32>,
     /// PERF_EVENT_IOC_ENABLE'd (and not disabled since).

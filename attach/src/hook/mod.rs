@@ -53,7 +53,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dispatch::*;
-pub use registry::{active_sites, site_mechanism, HookSet};
+pub use registry::{active_sites, reserve_sites, site_mechanism, HookSet};
 
 /// Makes the calling thread invisible to every hook for the rest of its life: its hooked
 /// calls run unprobed, as calls made inside a handler do. For the agent's own threads, whose

@@ -8,6 +8,9 @@ pub(super) struct SiteEntry {
     site: &'static Site,
     patch: Patch,
     enabled: bool,
+    /// The bytes from `site.addr` the patch takes over: the displaced instructions of a detour
+    /// (executed from its trampoline, never from here), 1 for an `int3`.
+    span: u64,
 }
 
 /// How a site's code is patched.
@@ -23,6 +26,43 @@ pub(super) struct Registry {
     sites: HashMap<u64, SiteEntry>,
     hooks: HashMap<HookId, (u64, ProbeKind)>,
     next_id: u64,
+    /// Addresses that are or may become sites ([`reserve_sites`]): no detour displaces them.
+    reserved: std::collections::BTreeSet<u64>,
+}
+
+impl Registry {
+    /// The site whose patch takes over `address` without starting there, if any.
+    fn covering(&self, address: u64) -> Option<&SiteEntry> {
+        self.sites
+            .values()
+            .find(|e| e.site.addr < address && address < e.site.addr + e.span)
+    }
+
+    /// Whether a site, or a reserved address, lies in `from..to`.
+    fn crowded(&self, from: u64, to: u64) -> bool {
+        self.reserved.range(from..to).next().is_some()
+            || self.sites.keys().any(|&a| (from..to).contains(&a))
+    }
+}
+
+/// Marks `addresses` as probe sites that may be hooked later (a file's USDT sites, often
+/// consecutive 1-byte `nop`s): a detour elsewhere does not displace their bytes (it would run
+/// them from its trampoline, where no later hook sees them); the site takes an `int3` instead.
+pub fn reserve_sites(addresses: impl IntoIterator<Item = u64>) {
+    let mut guard = registry();
+    let reg = guard.get_or_insert_with(Registry::empty);
+    reg.reserved.extend(addresses);
+}
+
+impl Registry {
+    fn empty() -> Self {
+        Registry {
+            sites: HashMap::new(),
+            hooks: HashMap::new(),
+            next_id: 1,
+            reserved: Default::default(),
+        }
+    }
 }
 
 pub(super) static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -331,21 +371,29 @@ pub(super) unsafe fn install_locked(
     enable: bool,
 ) -> Result<HookId, AttachError> {
     thread::register_process_handlers();
-    let reg = guard.get_or_insert_with(|| Registry {
-        sites: HashMap::new(),
-        hooks: HashMap::new(),
-        next_id: 1,
-    });
-    if let std::collections::hash_map::Entry::Vacant(slot) = reg.sites.entry(address) {
+    let reg = guard.get_or_insert_with(Registry::empty);
+    if !reg.sites.contains_key(&address) {
+        if let Some(cover) = reg.covering(address) {
+            return Err(AttachError::Unpatchable {
+                function: name.to_string(),
+                reason: format!(
+                    "its instruction is displaced by the {}-byte detour of the site hooked at \
+                     {:#x} ({}), which runs it from a trampoline",
+                    cover.span, cover.site.addr, cover.site.name
+                ),
+            });
+        }
         // SAFETY: forwarded from the caller.
-        let detour_fits = match unsafe { precheck::check_site(address, size, name) } {
-            Ok(_) => true,
+        let displaced = match unsafe { precheck::check_site(address, size, name) } {
+            Ok(n) => Some(n),
             // An unknown size stays refused: nothing says where the function's code ends.
             Err(e) if size == 0 => return Err(e),
             // Too short, leaving or branched into before byte 5: the int3 fallback.
-            Err(AttachError::TooShort { .. } | AttachError::Unpatchable { .. }) => false,
+            Err(AttachError::TooShort { .. } | AttachError::Unpatchable { .. }) => None,
             Err(e) => return Err(e),
         };
+        // Another site (hooked or reserved) among the displaced bytes: the int3 fallback too.
+        let displaced = displaced.filter(|&n| !reg.crowded(address + 1, address + n));
         let site: &'static Site = Box::leak(Box::new(Site {
             addr: address,
             mid_function,
@@ -359,59 +407,72 @@ pub(super) unsafe fn install_locked(
             entries: AtomicPtr::new(std::ptr::null_mut()),
             returns: AtomicPtr::new(std::ptr::null_mut()),
         }));
-        if !detour_fits {
-            // SAFETY: forwarded from the caller: `size` bytes of the function are readable.
-            let first = unsafe { trap::first_instruction(address, size, name)? };
-            if first.len() as u64 > size {
-                return Err(AttachError::Unpatchable {
-                    function: name.to_string(),
-                    reason: "its first instruction extends past the function's end".into(),
-                });
-            }
-            let xol = trap::build_xol(&first, name)?;
-            site.trampoline.store(xol, Ordering::Release);
-            trap::install_handler()?;
-            trap::register(site)?;
-            // SAFETY: as above.
-            let original = unsafe { (address as *const u8).read_volatile() };
-            slot.insert(SiteEntry {
-                site,
-                patch: Patch::Trap { original },
-                enabled: false,
-            });
-        } else {
-            let stub_addr = if mid_function {
-                stub::entry_stub_red_zone()
-            } else {
-                stub::entry_stub()
-            };
-            let thunk = make_thunk(site, stub_addr)?;
-            // detour checks executability through /proc/self/maps, which the kernel does not
-            // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
-            let mut attempt = 0;
-            let det = loop {
-                // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
-                // instructions of one function; the thunk is valid code that preserves all
-                // registers.
-                match unsafe { detour::RawDetour::new(address as *const (), thunk as *const ()) } {
-                    Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
-                    r => {
-                        break r.map_err(|source| AttachError::Detour {
-                            function: name.to_string(),
-                            source,
-                        })?
-                    }
+        match displaced {
+            None => {
+                // SAFETY: forwarded from the caller: `size` bytes of the function are readable.
+                let first = unsafe { trap::first_instruction(address, size, name)? };
+                if first.len() as u64 > size {
+                    return Err(AttachError::Unpatchable {
+                        function: name.to_string(),
+                        reason: "its first instruction extends past the function's end".into(),
+                    });
                 }
-            };
-            // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
-            unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
-            site.trampoline
-                .store(det.trampoline() as u64, Ordering::Release);
-            slot.insert(SiteEntry {
-                site,
-                patch: Patch::Detour(Box::leak(Box::new(det))),
-                enabled: false,
-            });
+                let xol = trap::build_xol(&first, name)?;
+                site.trampoline.store(xol, Ordering::Release);
+                trap::install_handler()?;
+                trap::register(site)?;
+                // SAFETY: as above.
+                let original = unsafe { (address as *const u8).read_volatile() };
+                reg.sites.insert(
+                    address,
+                    SiteEntry {
+                        site,
+                        patch: Patch::Trap { original },
+                        enabled: false,
+                        span: 1,
+                    },
+                );
+            }
+            Some(span) => {
+                let stub_addr = if mid_function {
+                    stub::entry_stub_red_zone()
+                } else {
+                    stub::entry_stub()
+                };
+                let thunk = make_thunk(site, stub_addr)?;
+                // detour checks executability through /proc/self/maps, which the kernel does not
+                // produce atomically: a concurrent mmap elsewhere can hide a line. Retry that case.
+                let mut attempt = 0;
+                let det = loop {
+                    // SAFETY: the target was pre-checked to hold at least 5 bytes of whole
+                    // instructions of one function; the thunk is valid code that preserves all
+                    // registers.
+                    match unsafe {
+                        detour::RawDetour::new(address as *const (), thunk as *const ())
+                    } {
+                        Err(detour::Error::NotExecutable) if attempt < 8 => attempt += 1,
+                        r => {
+                            break r.map_err(|source| AttachError::Detour {
+                                function: name.to_string(),
+                                source,
+                            })?
+                        }
+                    }
+                };
+                // SAFETY: the site is pre-checked and not yet patched; its trampoline is unreachable.
+                unsafe { callfix::fix_trailing_call(address, size, det.trampoline() as u64) };
+                site.trampoline
+                    .store(det.trampoline() as u64, Ordering::Release);
+                reg.sites.insert(
+                    address,
+                    SiteEntry {
+                        site,
+                        patch: Patch::Detour(Box::leak(Box::new(det))),
+                        enabled: false,
+                        span,
+                    },
+                );
+            }
         }
     }
     let id = HookId(reg.next_id);

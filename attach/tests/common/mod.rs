@@ -96,6 +96,12 @@ __asm__(".text\n.globl bench_short\n.type bench_short,@function\n.p2align 4\nben
 __asm__(".text\n.globl nop_loop\n.type nop_loop,@function\n.p2align 4\nnop_loop:\n"
         "xorl %eax, %eax\nnop\n2: incl %eax\ncmpl %edi, %eax\njl 2b\nret\n"
         ".size nop_loop, .-nop_loop\n");
+/* Two back-to-back 1-byte nops (two USDT probes in a row), then 7 bytes of code: a detour at
+   +0 would displace the nop at +1. nop_pair_a(x, y) = nop_pair_b(x, y) = x + y + 7. */
+__asm__(".text\n.globl nop_pair_a\n.type nop_pair_a,@function\n.p2align 4\nnop_pair_a:\n"
+        "nop\nnop\nleaq 7(%rdi), %rax\naddq %rsi, %rax\nret\n.size nop_pair_a, .-nop_pair_a\n");
+__asm__(".text\n.globl nop_pair_b\n.type nop_pair_b,@function\n.p2align 4\nnop_pair_b:\n"
+        "nop\nnop\nleaq 7(%rdi), %rax\naddq %rsi, %rax\nret\n.size nop_pair_b, .-nop_pair_b\n");
 NI long mid_target(long x) {
     volatile long a = x;
     a = a * 5;

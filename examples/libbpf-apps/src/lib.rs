@@ -80,6 +80,12 @@ pub fn rust_tool_path(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// Path of `usdt_tool` (`usdt_tool OBJECT [-d SECONDS]`: a libbpf application attaching every
+/// program of a USDT object where its section says; prints `totals K V` lines at exit).
+pub fn usdt_tool_path() -> PathBuf {
+    PathBuf::from(concat!(env!("OUT_DIR"), "/usdt_tool"))
+}
+
 /// Path of `bad_calls` (raw `bpf()`/`perf_event_open()` calls with bad input; `bad_calls
 /// BINARY FILE_OFFSET`).
 pub fn bad_calls_path() -> PathBuf {

@@ -181,7 +181,7 @@ pub fn run_kernel_libbpf(
     rounds: u32,
     function: &str,
 ) -> Result<Snapshot> {
-    use libbpf_rs::{MapType as LibbpfMapType, UprobeOpts};
+    use libbpf_rs::UprobeOpts;
     let object = libbpf_rs::ObjectBuilder::default()
         .open_file(object_path(example))
         .with_context(|| format!("opening {example} with libbpf"))?
@@ -201,6 +201,39 @@ pub fn run_kernel_libbpf(
     }
     run_command(Command::new(victim).arg(rounds.to_string()))?;
     drop(links);
+    libbpf_snapshot(&object, example)
+}
+
+/// [`run_kernel_libbpf`] with each program attached where its section says (libbpf's
+/// auto-attach: `usdt/PATH:PROVIDER:NAME` as kernel USDT probes, semaphores counted by the
+/// kernel); also returns the victim's output.
+pub fn run_kernel_libbpf_sections(
+    example: &str,
+    victim: &std::path::Path,
+    rounds: u32,
+) -> Result<(Snapshot, String)> {
+    let object = libbpf_rs::ObjectBuilder::default()
+        .open_file(object_path(example))
+        .with_context(|| format!("opening {example} with libbpf"))?
+        .load()
+        .with_context(|| format!("loading {example} into the kernel with libbpf"))?;
+    let mut links = Vec::new();
+    for program in object.progs_mut() {
+        let section = program.section().to_string_lossy().into_owned();
+        links.push(
+            program
+                .attach()
+                .with_context(|| format!("attaching {example} ({section}) with libbpf"))?,
+        );
+    }
+    let out = run_command(Command::new(victim).arg(rounds.to_string()))?;
+    drop(links);
+    Ok((libbpf_snapshot(&object, example)?, out))
+}
+
+/// Every map of a libbpf-loaded `object` but its global-data maps, as [`Snapshot`] holds them.
+fn libbpf_snapshot(object: &libbpf_rs::Object, example: &str) -> Result<Snapshot> {
+    use libbpf_rs::MapType as LibbpfMapType;
     let mut snapshot = Snapshot::default();
     for map in object.maps() {
         let name = map.name().to_string_lossy().into_owned();

@@ -4,7 +4,7 @@
 //! probe's `nop`, each semaphore's offset its zero counter; every argument string parses into
 //! the spec `usdt.bpf.h` reads, with the sizes and signs of the C expressions.
 
-use bpftime_attach::usdt::{parse_args, read_sites, spec_value, ArgKind};
+use bpftime_attach::usdt::{parse_args, read_sites, spec_value, ArgKind, SpecLayout};
 use bpftime_example_programs::victim_usdt_path;
 
 /// (provider, name, location, semaphore, arguments) per note, from `readelf -n`.
@@ -66,7 +66,7 @@ fn usdt_sites_match_readelf_and_their_arguments_parse() {
         .collect();
     assert_eq!(ours, theirs, "our notes == readelf's");
     let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["add", "konst", "sem"]);
+    assert_eq!(names, ["sib", "add", "konst", "sem"], "in note order");
     for s in &sites {
         assert_eq!(
             bytes[s.file_offset as usize], 0x90,
@@ -81,20 +81,32 @@ fn usdt_sites_match_readelf_and_their_arguments_parse() {
         let want: &[(bool, u8)] = match s.name.as_str() {
             "add" => &[(true, 32), (true, 0)],
             "konst" => &[(true, 32)],
+            "sib" => &[(true, 0)],
             _ => &[(true, 32), (true, 32), (true, 56)],
         };
         assert_eq!(shape, want, "{}: {}", s.name, s.args);
         if s.name == "konst" {
             assert_eq!((args[0].kind, args[0].val_off), (ArgKind::Const, 42));
         }
-        let spec = spec_value(&args, 7);
-        assert_eq!(spec[200] as usize, args.len());
+        if s.name == "sib" {
+            assert!(matches!(args[0].kind, ArgKind::Sib { .. }), "{}", s.args);
+            assert!(spec_value(&args, 7, SpecLayout::Compact).is_err());
+        } else {
+            let spec = spec_value(&args, 7, SpecLayout::Compact).unwrap();
+            assert_eq!(spec[200] as usize, args.len());
+        }
+        let spec = spec_value(&args, 7, SpecLayout::Sib).unwrap();
+        assert_eq!(spec[296] as usize, args.len());
     }
     let semaphores: Vec<u64> = sites
         .iter()
         .filter_map(|s| s.semaphore)
         .map(|s| s.0)
         .collect();
-    assert_eq!(semaphores.len(), 3, "one semaphore per probe");
+    assert_eq!(
+        semaphores.len(),
+        3,
+        "one semaphore per sdt.h probe (the hand-written vt:sib has none)"
+    );
     assert!(semaphores[0] != semaphores[1] && semaphores[1] != semaphores[2]);
 }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 /// BTF kinds (`BTF_KIND_*` in `linux/btf.h`).
 pub use bpftime_abi::btf::kind;
-use bpftime_abi::btf::{var_linkage, MAGIC as BTF_MAGIC};
+use bpftime_abi::btf::{func_linkage, var_linkage, MAGIC as BTF_MAGIC};
 
 /// A malformed BTF blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -566,17 +566,39 @@ fn parse_ext_sub(
     Ok(())
 }
 
-/// Returns a copy of `btf`'s raw bytes with every `DATASEC` sized and its variables placed as the
-/// ELF says (clang leaves sizes and offsets 0; the kernel rejects a 0-sized DATASEC).
-/// `section_info(name)` gives the section size and `var_offset(name)` a variable's symbol value.
-pub fn fixup_datasecs(
+/// Returns a copy of `btf`'s raw bytes fixed up as libbpf hands BTF to the kernel: every
+/// `DATASEC` sized and its variables placed as the ELF says (clang leaves sizes and offsets 0;
+/// the kernel rejects a 0-sized DATASEC), and hidden global functions made static.
+/// `section_size(name)` gives the section size, `var_offset(name)` a variable's symbol value
+/// and `is_hidden(name)` whether a function's symbol is `STV_HIDDEN` (`__hidden`).
+pub fn fixup_for_kernel(
     btf: &Btf,
     section_size: impl Fn(&str) -> Option<u32>,
     var_offset: impl Fn(&str) -> Option<u32>,
+    is_hidden: impl Fn(&str) -> bool,
 ) -> Vec<u8> {
     let mut raw = btf.raw.clone();
     let base = btf.types_start();
     for t in btf.types.iter().skip(1) {
+        if t.kind == kind::FUNC
+            && t.vlen == func_linkage::GLOBAL
+            && btf.str_at(t.name_off).is_ok_and(&is_hidden)
+        {
+            // libbpf (`mark_btf_static`): a hidden global subprogram, such as usdt.bpf.h's
+            // `__weak __hidden` bpf_usdt_arg(), cannot be called from outside the object, so
+            // the verifier may check it in its callers' context, where (say) a pointer
+            // argument is known non-NULL; as a global function it is checked alone.
+            let at = base + t.raw_offset + 4;
+            if let Some(info) = raw.get(at..at + 4) {
+                let info = u32::from_le_bytes(info.try_into().expect("4 bytes"));
+                put_u32(
+                    &mut raw,
+                    at,
+                    info & !0xffff | u32::from(func_linkage::STATIC),
+                );
+            }
+            continue;
+        }
         if t.kind != kind::DATASEC {
             continue;
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use goblin::elf::{header, section_header as sh, sym, Elf};
 
-use super::btf::{fixup_datasecs, kind, Btf, BtfError, BtfExt, ExtRecord};
+use super::btf::{fixup_for_kernel, kind, Btf, BtfError, BtfExt, ExtRecord};
 use super::co_re::{self, CoreRelocation};
 use super::insn;
 use super::kconfig::{self, KconfigLayout};
@@ -37,6 +37,8 @@ struct Symbol {
     typ: u8,
     /// `STB_WEAK` (`__weak`): an unresolved extern reads 0 instead of refusing the program.
     weak: bool,
+    /// `STV_HIDDEN` (`__hidden`): not visible outside the object.
+    hidden: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -179,6 +181,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
             size: s.st_size,
             typ: s.st_type(),
             weak: s.st_bind() == sym::STB_WEAK,
+            hidden: s.st_other & 0x3 == sym::STV_HIDDEN,
         })
         .collect();
 
@@ -376,7 +379,7 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
 
     let (btf, kernel_btf) = match btf {
         Some(Ok(b)) => {
-            let fixed = fixup_datasecs(
+            let fixed = fixup_for_kernel(
                 &b,
                 |name| match &ctx.kconfig {
                     Some((_, k)) if name == kconfig::SECTION => Some(k.data.len() as u32),
@@ -396,6 +399,11 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<BpfObject, ObjectError> 
                                 .find(|s| s.name == var && s.typ == sym::STT_OBJECT)
                                 .and_then(|s| u32::try_from(s.value).ok())
                         })
+                },
+                |func| {
+                    ctx.symbols
+                        .iter()
+                        .any(|s| s.name == func && s.typ == sym::STT_FUNC && s.hidden)
                 },
             );
             (Some(Arc::new(b)), Some(Arc::new(fixed)))

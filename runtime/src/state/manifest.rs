@@ -109,6 +109,10 @@ pub struct ManifestLink {
     pub pid: Option<u32>,
     /// What `bpf_get_attach_cookie` returns (the link's `bpf_cookie`).
     pub cookie: u64,
+    /// The file offset of the probe's reference counter (a USDT semaphore: the PMU's
+    /// `ref_ctr_offset`), which the agent counts up while the hook is in.
+    #[serde(default)]
+    pub ref_ctr_offset: Option<u64>,
 }
 
 /// A loaded object, as its loader published it.

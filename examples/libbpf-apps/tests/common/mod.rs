@@ -137,7 +137,7 @@ fn kill_and_read_stderr(tool: &mut Reaped, reader: thread::JoinHandle<String>) -
 }
 
 /// `prefix... program args...` as a command.
-fn command(prefix: &[&str], program: &Path, args: &[String]) -> Command {
+pub fn command(prefix: &[&str], program: &Path, args: &[String]) -> Command {
     let mut cmd = match prefix.split_first() {
         Some((first, rest)) => {
             let mut cmd = Command::new(first);
