@@ -33,17 +33,51 @@ pub struct Loader {
     pub lines: Vec<String>,
     /// What it prints after it is ready (trace lines, events).
     pub later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// This test's hold on the object's name (see [`ObjectLease`]); dropped after the loader.
+    _lease: Option<ObjectLease>,
+}
+
+/// One test at a time per object name within a test binary: `Loader::start` unloads what an
+/// earlier run left, which would pull the object from under another test loading it at the
+/// same time (tests run on two threads).
+pub struct ObjectLease(String);
+
+static LEASED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static RETURNED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl ObjectLease {
+    /// Waits until no other test of this binary holds `object`.
+    pub fn take(object: &str) -> Self {
+        let mut leased = LEASED.lock().unwrap_or_else(|e| e.into_inner());
+        while leased.iter().any(|o| o == object) {
+            leased = RETURNED.wait(leased).unwrap_or_else(|e| e.into_inner());
+        }
+        leased.push(object.to_string());
+        ObjectLease(object.to_string())
+    }
+}
+
+impl Drop for ObjectLease {
+    fn drop(&mut self) {
+        let mut leased = LEASED.lock().unwrap_or_else(|e| e.into_inner());
+        leased.retain(|o| *o != self.0);
+        RETURNED.notify_all();
+    }
 }
 
 impl Loader {
-    /// Unloads what an earlier run left of `example`, then loads it.
+    /// Unloads what an earlier run left of `example`, then loads it (once no other test of
+    /// this binary holds the name).
     pub fn start(example: &str, extra: &[&str]) -> Loader {
+        let lease = ObjectLease::take(example);
         let _ = output(&["unload", example]);
-        Self::restart(example, extra)
+        let mut loader = Self::restart(example, extra);
+        loader._lease = Some(lease);
+        loader
     }
 
     /// Loads `example` over what a dead loader left (its segment, manifest and mirrors), as a
-    /// restarted `load` does after a crash.
+    /// restarted `load` does after a crash (the caller's earlier loader holds the lease).
     pub fn restart(example: &str, extra: &[&str]) -> Loader {
         let path = object_path(example);
         let mut child = bpftime()
@@ -79,6 +113,7 @@ impl Loader {
             object: example.to_string(),
             lines,
             later,
+            _lease: None,
         }
     }
 
