@@ -588,6 +588,21 @@ fn bad_calls_fail_as_on_the_kernel_without_crashing() {
         "{user_lines:?}"
     );
     assert!(stderr.contains("ioctl 0x247f"), "{stderr}");
+    // BPF_F_LOCK on a map whose BTF value has a spin lock: served from user space (the map is
+    // the object's) exactly as the kernel: in place, the lock reading 0, EINVAL without a lock.
+    for line in [
+        "pair_update_f_lock ok",
+        "pair_update_f_lock_noexist errno 17 EEXIST",
+        "pair a=9 lock=0 b=10",
+        "pair_lookup_bad_flags errno 22 EINVAL",
+        "hash_update_f_lock errno 22 EINVAL",
+        "hash_lookup_f_lock errno 22 EINVAL",
+    ] {
+        assert!(
+            user_lines.iter().any(|l| l == line),
+            "{line}: {user_lines:?}"
+        );
+    }
     // Tracepoints work on the kernel and are refused, with the reason, under the shim.
     assert!(
         String::from_utf8_lossy(&kernel.stdout).contains("shim-differs: tracepoint_open ok"),

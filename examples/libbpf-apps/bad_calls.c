@@ -55,6 +55,66 @@ static int map_create(int type, int key, int value, int max)
 	return sys_bpf(BPF_MAP_CREATE, &a, sizeof(a));
 }
 
+/* BTF for `struct pair { u64 a; struct bpf_spin_lock lock; u64 b; }` (type 4), keyed by a
+ * u32 (type 5): a map value with a spin lock, which BPF_F_LOCK copies under. */
+static int pair_btf_load(void)
+{
+	static const char strs[] = "\0u64\0int\0bpf_spin_lock\0val\0pair\0a\0lock\0b\0u32";
+	enum { S_U64 = 1, S_INT = 5, S_LOCK_T = 9, S_VAL = 23, S_PAIR = 27, S_A = 32, S_LOCK = 34,
+	       S_B = 39, S_U32 = 41 };
+	uint32_t types[] = {
+		/* [1] u64 */ S_U64, 1u << 24, 8, 64,
+		/* [2] int */ S_INT, 1u << 24, 4, (1u << 24) | 32,
+		/* [3] struct bpf_spin_lock { int val; } */ S_LOCK_T, (4u << 24) | 1, 4,
+		S_VAL, 2, 0,
+		/* [4] struct pair */ S_PAIR, (4u << 24) | 3, 24,
+		S_A, 1, 0, S_LOCK, 3, 64, S_B, 1, 128,
+		/* [5] u32 */ S_U32, 1u << 24, 4, 32,
+	};
+	struct {
+		uint16_t magic;
+		uint8_t version, flags;
+		uint32_t hdr_len, type_off, type_len, str_off, str_len;
+	} hdr = { 0xeb9f, 1, 0, 24, 0, sizeof(types), sizeof(types), sizeof(strs) };
+	static char blob[24 + 256 + 64];
+	union bpf_attr a;
+
+	memcpy(blob, &hdr, sizeof(hdr));
+	memcpy(blob + 24, types, sizeof(types));
+	memcpy(blob + 24 + sizeof(types), strs, sizeof(strs));
+	memset(&a, 0, sizeof(a));
+	a.btf = (uintptr_t)blob;
+	a.btf_size = 24 + sizeof(types) + sizeof(strs);
+	return sys_bpf(BPF_BTF_LOAD, &a, sizeof(a));
+}
+
+static int pair_map_create(int btf)
+{
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.map_type = BPF_MAP_TYPE_HASH;
+	a.key_size = 4;
+	a.value_size = 24;
+	a.max_entries = 4;
+	a.btf_fd = btf;
+	a.btf_key_type_id = 5;
+	a.btf_value_type_id = 4;
+	return sys_bpf(BPF_MAP_CREATE, &a, sizeof(a));
+}
+
+static long elem(int cmd, int fd, const void *key, void *value, uint64_t flags)
+{
+	union bpf_attr a;
+
+	memset(&a, 0, sizeof(a));
+	a.map_fd = fd;
+	a.key = (uintptr_t)key;
+	a.value = (uintptr_t)value;
+	a.flags = flags;
+	return sys_bpf(cmd, &a, sizeof(a));
+}
+
 static int prog_load(void)
 {
 	/* r0 = 0; exit */
@@ -124,6 +184,10 @@ int main(int argc, char **argv)
 	report("array_create", array);
 	hash = map_create(BPF_MAP_TYPE_HASH, 4, 8, 16);
 	report("hash_create", hash);
+	int btf = pair_btf_load();
+	report("pair_btf_load", btf);
+	int pairs = pair_map_create(btf);
+	report("pair_map_create", pairs);
 	prog = prog_load();
 	report("kprobe_prog_load", prog);
 	if (array < 0 || hash < 0 || prog < 0)
@@ -192,6 +256,26 @@ int main(int argc, char **argv)
 		a.info.info = (uintptr_t)&info;
 		report("event_info", sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &a, sizeof(a)));
 		report("link_close", close(link));
+	}
+	/* BPF_F_LOCK on a value with a spin lock, and on one without (after the link: under
+	 * bpftime-rs the object is sealed now, and user space serves the maps). */
+	{
+		uint64_t pair[3] = { 5, 0xdeadbeef, 6 }, out[3] = { 0, 0, 0 };
+
+		key = 1;
+		report("pair_update_f_lock", elem(BPF_MAP_UPDATE_ELEM, pairs, &key, pair, BPF_F_LOCK));
+		report("pair_update_f_lock_noexist",
+		       elem(BPF_MAP_UPDATE_ELEM, pairs, &key, pair, BPF_F_LOCK | BPF_NOEXIST));
+		pair[0] = 9;
+		pair[2] = 10;
+		report("pair_update_f_lock_exist",
+		       elem(BPF_MAP_UPDATE_ELEM, pairs, &key, pair, BPF_F_LOCK | BPF_EXIST));
+		report("pair_lookup_f_lock", elem(BPF_MAP_LOOKUP_ELEM, pairs, &key, out, BPF_F_LOCK));
+		printf("pair a=%llu lock=%llu b=%llu\n", (unsigned long long)out[0],
+		       (unsigned long long)out[1], (unsigned long long)out[2]);
+		report("pair_lookup_bad_flags", elem(BPF_MAP_LOOKUP_ELEM, pairs, &key, out, BPF_EXIST));
+		report("hash_update_f_lock", elem(BPF_MAP_UPDATE_ELEM, hash, &key, &value, BPF_F_LOCK));
+		report("hash_lookup_f_lock", elem(BPF_MAP_LOOKUP_ELEM, hash, &key, &value, BPF_F_LOCK));
 	}
 	report("event_close", close(event));
 

@@ -327,7 +327,8 @@ fn serve_elem(cmd: u32, map: &MapHandle, key: usize, value: usize, flags: u64) -
                 return user::write(value, &v);
             }
             let k = read_key()?;
-            match map.get(&k).map_err(|e| map_errno(&e))? {
+            // BPF_F_LOCK: copied under the value's spin lock.
+            match map.get_with_flags(&k, flags).map_err(|e| map_errno(&e))? {
                 Some(v) => user::write(value, &value_bytes(map, v)),
                 None => Err(errno(libc::ENOENT)),
             }

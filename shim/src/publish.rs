@@ -186,6 +186,14 @@ fn try_seal(shim: &mut Shim) -> Result<(), String> {
         );
         def.flags = m.flags;
         def.map_extra = m.map_extra;
+        // The value's `struct bpf_spin_lock`, from the BTF the application created the map
+        // with (what `bpf_spin_lock` and BPF_F_LOCK copies lock).
+        def.spin_lock = m.btf.and_then(|(btf, _, value)| {
+            let bytes = &shim.btfs.get(btf)?.bytes;
+            bpftime_runtime::object::Btf::parse(bytes)
+                .ok()?
+                .spin_lock_offset(value)
+        });
         defs.push(def);
         members.push(id);
     }

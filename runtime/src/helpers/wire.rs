@@ -65,6 +65,11 @@ pub fn map_defs_with_placeholders(
                         flags: t.flags,
                     })
                 }),
+                spin_lock: obj
+                    .btf
+                    .as_deref()
+                    .zip(m.btf_value_type_id)
+                    .and_then(|(btf, value)| btf.spin_lock_offset(value)),
             },
             None => {
                 unsupported.push((

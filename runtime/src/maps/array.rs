@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::layout::*;
 use super::typed::typed_map;
-use super::{Entry, EntryValue, MapError, MapHandle, MapType, BPF_ANY, BPF_EXIST, BPF_NOEXIST};
+use super::{
+    Entry, EntryValue, MapError, MapHandle, MapType, BPF_ANY, BPF_EXIST, BPF_F_LOCK, BPF_NOEXIST,
+};
 
 typed_map!(
     /// An ARRAY or PERCPU_ARRAY: every index exists, lookups are index arithmetic.
@@ -144,6 +146,7 @@ impl MapHandle {
             unsafe {
                 std::ptr::copy_nonoverlapping(self.array_slot_ptr(idx, c), v.as_mut_ptr(), vs)
             };
+            g.clear_spin_lock(&mut v);
             v
         };
         if self.def.map_type.is_percpu() {
@@ -165,6 +168,8 @@ impl MapHandle {
         flags: u64,
         cpu: Option<u32>,
     ) -> Result<(), MapError> {
+        let locked = self.check_lock_flag("update", flags)?;
+        let flags = flags & !BPF_F_LOCK;
         if flags > BPF_EXIST {
             return Err(self.err("update", libc::EINVAL));
         }
@@ -178,7 +183,17 @@ impl MapHandle {
         }
         // SAFETY: idx in range, and every slot of an index is a value of value_size bytes;
         // the callers checked cpu and value's length.
-        unsafe { store_slots(&self.geo, value, cpu, |c| self.array_slot_ptr(idx, c)) };
+        let store =
+            || unsafe { store_slots(&self.geo, value, cpu, |c| self.array_slot_ptr(idx, c)) };
+        if locked {
+            // SAFETY: a live value of this map, which has a spin lock.
+            unsafe {
+                self.geo
+                    .with_value_locked(self.array_slot_ptr(idx, 0), store)
+            };
+        } else {
+            store();
+        }
         self.mark_hard(idx, self.mark_word(idx), MARK_CHANGED);
         Ok(())
     }

@@ -16,7 +16,7 @@ use super::layout::*;
 use super::lock::{Acquired, LockGuard};
 use super::track::{Change, ChangeKind};
 use super::typed::typed_map;
-use super::{Entry, EntryValue, MapError, MapHandle, BPF_EXIST, BPF_NOEXIST};
+use super::{Entry, EntryValue, MapError, MapHandle, BPF_EXIST, BPF_F_LOCK, BPF_NOEXIST};
 
 typed_map!(
     /// A HASH, PERCPU_HASH, LRU_HASH or LRU_PERCPU_HASH.
@@ -707,6 +707,7 @@ impl MapHandle {
             let mut v = vec![0u8; vs];
             // SAFETY: value slot c of a pooled element.
             unsafe { std::ptr::copy_nonoverlapping(self.val_ptr(slot, c), v.as_mut_ptr(), vs) };
+            g.clear_spin_lock(&mut v);
             v
         };
         if self.def.map_type.is_percpu() {
@@ -736,7 +737,8 @@ impl MapHandle {
         flags: u64,
         cpu: Option<u32>,
     ) -> Result<(), MapError> {
-        if flags > BPF_EXIST {
+        self.check_lock_flag("update", flags)?;
+        if flags & !BPF_F_LOCK > BPF_EXIST {
             return Err(self.err("update", libc::EINVAL));
         }
         let h = hash_key(key);
@@ -827,13 +829,26 @@ impl MapHandle {
         cpu: Option<u32>,
         room: &mut Room,
     ) -> Result<u32, MapError> {
+        let locked = flags & BPF_F_LOCK != 0;
+        let flags = flags & !BPF_F_LOCK;
         let found = self.find_locked(b, h, key);
         if let Some(f) = &found {
             if f.live {
                 if flags == BPF_NOEXIST {
                     return Err(self.err("update", libc::EEXIST));
                 }
-                self.write_value(f.slot, value, cpu, false);
+                if locked {
+                    // BPF_F_LOCK: the value is updated in place under its spin lock (the
+                    // kernel's copy_map_value_locked); a new element needs no lock.
+                    // SAFETY: a live element of this map, which has a spin lock.
+                    unsafe {
+                        self.geo.with_value_locked(self.val_ptr(f.slot, 0), || {
+                            self.write_value(f.slot, value, cpu, false)
+                        })
+                    };
+                } else {
+                    self.write_value(f.slot, value, cpu, false);
+                }
                 return Ok(f.slot);
             }
         }

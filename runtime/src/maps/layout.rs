@@ -57,7 +57,8 @@ pub(crate) struct MapRecord {
     /// A map of maps' inner-map template: type, key size, value size, max_entries, flags
     /// (all 0 for other maps; type 0 is UNSPEC, never a template).
     pub inner: [u32; 5],
-    pub _reserved: u32,
+    /// [`MapDef::spin_lock`](super::MapDef::spin_lock) plus one (0: none).
+    pub spin_lock: u32,
 }
 
 /// Per-map geometry, written once by the creator. Every process checks the copy in the segment
@@ -80,13 +81,47 @@ pub(crate) struct Geometry {
     pub elem_size: u32,
     pub summary_words: u32,
     pub rings: u32,
-    pub _pad: u32,
+    /// The value's `struct bpf_spin_lock` offset plus one (0: none; see [`Geometry::spin_lock`]).
+    pub spin_lock: u32,
     pub buckets_off: u64,
     pub elems_off: u64,
     pub marks_off: u64,
     pub summary_off: u64,
     pub data_off: u64,
     pub data_size: u64,
+}
+
+impl Geometry {
+    /// The byte offset of the value's `struct bpf_spin_lock`, if it has one.
+    #[inline]
+    pub fn spin_lock(&self) -> Option<usize> {
+        self.spin_lock.checked_sub(1).map(|o| o as usize)
+    }
+
+    /// A value copied out for user space: its lock reads 0 (`check_and_init_map_value`).
+    pub fn clear_spin_lock(&self, value: &mut [u8]) {
+        if let Some(off) = self.spin_lock() {
+            value[off..off + 4].fill(0);
+        }
+    }
+
+    /// Runs `f` holding the spin lock of the value at `value` (`copy_map_value_locked`): the
+    /// lock `bpf_spin_lock` takes. A lock held past the maps' lock timeout is not waited for
+    /// any longer (as the helper does): the copy goes on without it.
+    ///
+    /// # Safety
+    /// `value` points at a live value of this map, which has a spin lock.
+    pub unsafe fn with_value_locked<R>(&self, value: *mut u8, f: impl FnOnce() -> R) -> R {
+        let off = self.spin_lock().expect("a map with a spin lock");
+        // SAFETY: the caller's contract; values are 8-aligned and `off` 4-aligned.
+        let lock = unsafe { super::lock::ShmLock::at(value.add(off) as *mut u32) };
+        let held = lock.lock().is_some();
+        let r = f();
+        if held {
+            lock.unlock();
+        }
+        r
+    }
 }
 
 /// Allocation state of hash maps and queue/stack positions. Written under locks or by CAS.
@@ -282,6 +317,21 @@ pub(crate) unsafe fn store_slots(
 ) {
     let vs = geo.value_size as usize;
     let stride = geo.value_stride as usize;
+    if let Some(off) = geo.spin_lock() {
+        // The kernel's copy_map_value: every byte but the lock's (a lock a program or a
+        // BPF_F_LOCK copy holds stays held); only non-per-CPU values have one.
+        let dst = slot_ptr(0);
+        // SAFETY: the caller's contract; `off + 4 <= value_size` (validated at creation).
+        unsafe {
+            std::ptr::copy_nonoverlapping(value.as_ptr(), dst, off);
+            std::ptr::copy_nonoverlapping(
+                value.as_ptr().add(off + 4),
+                dst.add(off + 4),
+                vs - off - 4,
+            );
+        }
+        return;
+    }
     // SAFETY: the caller's contract.
     unsafe {
         match cpu {

@@ -99,6 +99,10 @@ pub struct MapDef {
     pub name: String,
     /// A map of maps' inner-map template: the shape of every map it may hold.
     pub inner: Option<InnerMapDef>,
+    /// The byte offset of the `struct bpf_spin_lock` in the value (from the value's BTF), for
+    /// `bpf_spin_lock` and `BPF_F_LOCK`: updates never overwrite it, copies to user space read
+    /// it as 0, as the kernel's `copy_map_value` and `check_and_init_map_value` do.
+    pub spin_lock: Option<u32>,
 }
 
 impl MapDef {
@@ -119,6 +123,7 @@ impl MapDef {
             map_extra: 0,
             name: name.into(),
             inner: None,
+            spin_lock: None,
         }
     }
 }
@@ -656,6 +661,43 @@ impl MapHandle {
                 Err(self.err("update", libc::ENOTSUP))
             }
         }
+    }
+
+    /// Whether `flags` asks for `BPF_F_LOCK`; EINVAL when it does on a map whose value has no
+    /// `struct bpf_spin_lock`, as the kernel answers.
+    pub(crate) fn check_lock_flag(&self, op: &'static str, flags: u64) -> Result<bool, MapError> {
+        let locked = flags & BPF_F_LOCK != 0;
+        if locked && self.geo.spin_lock().is_none() {
+            return Err(self.err(op, libc::EINVAL));
+        }
+        Ok(locked)
+    }
+
+    /// The syscall's `BPF_MAP_LOOKUP_ELEM` with its `flags`: a copy of the value (as
+    /// [`get`](Self::get)), taken under the value's spin lock with `BPF_F_LOCK`; other flags,
+    /// or `BPF_F_LOCK` on a map without a spin lock, are EINVAL.
+    pub fn get_with_flags(&self, key: &[u8], flags: u64) -> Result<Option<EntryValue>, MapError> {
+        if flags & !BPF_F_LOCK != 0 {
+            return Err(self.err("lookup", libc::EINVAL));
+        }
+        if !self.check_lock_flag("lookup", flags)? {
+            return self.get(key);
+        }
+        self.check_key("lookup", key)?;
+        let Some(p) = self.lookup_unmarked(key, 0)? else {
+            return Ok(None);
+        };
+        let vs = self.def.value_size as usize;
+        let mut v = vec![0u8; vs];
+        // SAFETY: a live value of this map (hash and array values stay mapped), which has a
+        // spin lock; `vs` bytes are readable at it.
+        unsafe {
+            self.geo.with_value_locked(p.as_ptr(), || {
+                std::ptr::copy_nonoverlapping(p.as_ptr(), v.as_mut_ptr(), vs)
+            })
+        };
+        self.geo.clear_spin_lock(&mut v);
+        Ok(Some(EntryValue::Single(v)))
     }
 
     /// Kernel `map_delete_elem`.

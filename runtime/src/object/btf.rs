@@ -441,6 +441,26 @@ impl Btf {
     }
 
     /// Offset of the types section inside [`Btf::raw`].
+    /// The byte offset of the `struct bpf_spin_lock` in a map value of type `value_type`
+    /// (searched in nested structs too, as the kernel's `btf_find_field`), if it has one.
+    pub fn spin_lock_offset(&self, value_type: u32) -> Option<u32> {
+        self.spin_lock_in(value_type, 0, 0)
+    }
+
+    fn spin_lock_in(&self, id: u32, base_bits: u32, depth: u32) -> Option<u32> {
+        let id = self.skip_mods_and_typedefs(id).ok()?;
+        let t = self.type_by_id(id).ok()?;
+        if t.kind != kind::STRUCT || depth > 8 {
+            return None;
+        }
+        if self.str_at(t.name_off).ok() == Some("bpf_spin_lock") {
+            return Some(base_bits / 8);
+        }
+        t.members
+            .iter()
+            .find_map(|m| self.spin_lock_in(m.type_id, base_bits + m.offset, depth + 1))
+    }
+
     pub(crate) fn types_start(&self) -> usize {
         self.hdr_len + self.type_off
     }

@@ -70,6 +70,9 @@ pub struct ManifestMap {
     /// A map of maps' inner-map template (type, key size, value size, max_entries, flags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner: Option<[u32; 5]>,
+    /// [`MapDef::spin_lock`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spin_lock: Option<u32>,
 }
 
 /// One published program.
@@ -183,6 +186,7 @@ impl ManifestMap {
             flags: def.flags,
             map_extra: def.map_extra,
             inner: def.inner.map(InnerMapDef::to_raw),
+            spin_lock: def.spin_lock,
         }
     }
 
@@ -200,6 +204,7 @@ impl ManifestMap {
                 Some(raw) => Some(InnerMapDef::from_raw(raw).ok()??),
                 None => None,
             },
+            spin_lock: self.spin_lock,
         })
     }
 }

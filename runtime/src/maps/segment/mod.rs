@@ -147,6 +147,20 @@ fn validate(def: &MapDef, pg: u64) -> Result<(), String> {
         Family::LpmTrie => lpm_trie::validate(def)?,
     }
     map_of_maps::validate(def)?;
+    if let Some(off) = def.spin_lock {
+        // The kernel's map_check_btf: a spin lock in hash and array values only, aligned.
+        if !matches!(t, MapType::Hash | MapType::Array) {
+            return Err(format!(
+                "a struct bpf_spin_lock in a {} value (hash and array maps only)",
+                t.name()
+            ));
+        }
+        if off % 4 != 0 || u64::from(off) + 4 > u64::from(v) {
+            return Err(format!(
+                "struct bpf_spin_lock at byte {off} of a {v}-byte value (4 aligned bytes inside it)"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -171,7 +185,7 @@ fn plan_region(def: &MapDef, ncpu: u32, off: u64, pg: u64) -> Geometry {
         elem_size: 0,
         summary_words: 0,
         rings: 0,
-        _pad: 0,
+        spin_lock: def.spin_lock.map_or(0, |o| o + 1),
         buckets_off: 0,
         elems_off: 0,
         marks_off: 0,
@@ -297,6 +311,7 @@ impl ShmObject {
                 r.flags = d.flags;
                 r.map_extra = d.map_extra;
                 r.inner = d.inner.map(InnerMapDef::to_raw).unwrap_or_default();
+                r.spin_lock = d.spin_lock.map_or(0, |o| o + 1);
                 r.region_off = off;
                 r.region_size = size;
                 let ctl = &mut *(base.add(off as usize) as *mut MapCtl);
@@ -538,6 +553,7 @@ impl ShmObject {
                     Ok(inner) => inner,
                     Err(why) => return Err(corrupt(format!("map {name}: {why}"))),
                 },
+                spin_lock: r.spin_lock.checked_sub(1),
             };
             if let Some(expect) = expect {
                 let want = normalized(&expect[i as usize], ncpu);
