@@ -31,6 +31,6 @@ fn main() {
     cc(
         &out_dir.join("bench_victim"),
         &dir.join("bench").join("bench_victim.c"),
-        &["-O2", "-g"],
+        &["-O2", "-g", "-pthread"],
     );
 }

@@ -1,7 +1,10 @@
 //! ns per call of a hooked function, every row measured in this one run: no probe, kernel
 //! uprobes (aya) on three kinds of function entry, our userspace uprobe (agent preloaded, JIT and
-//! interpreter), and the same for uretprobes. The program is the same trivial array counter
-//! everywhere (bench/bench_uprobe.bpf.c, bench/bench_uretprobe.bpf.c).
+//! interpreter), and the same for uretprobes, with the trivial array counter
+//! (bench/bench_uprobe.bpf.c, bench/bench_uretprobe.bpf.c); then a non-leaf program (a helper
+//! call and a hash update per call, bench/bench_nonleaf.bpf.c) and the array counter called
+//! from 8 threads at once (thread CPU time per call), each against the kernel's nop5 path with
+//! the same program and threads.
 //!
 //! The victim (bench/bench_victim.c) times its own loop, so process start-up and attaching are
 //! outside the measurement: `bench_victim FUNC ITERS` prints the median and minimum ns per call
@@ -38,6 +41,31 @@ struct Row {
     label: &'static str,
     function: &'static str,
     probe: Probe,
+    /// Threads calling the function at once (`bench_victim`'s THREADS).
+    threads: u32,
+}
+
+impl Row {
+    fn new(label: &'static str, function: &'static str, probe: Probe) -> Self {
+        Self {
+            label,
+            function,
+            probe,
+            threads: 1,
+        }
+    }
+
+    fn on_threads(self, threads: u32) -> Self {
+        Self { threads, ..self }
+    }
+
+    /// The program object it runs (`None`: no probe).
+    fn object(&self) -> Option<&'static str> {
+        match self.probe {
+            Probe::None => None,
+            Probe::Kernel { object, .. } | Probe::User { object, .. } => Some(object),
+        }
+    }
 }
 
 struct Measured {
@@ -57,71 +85,106 @@ const KURETPROBE: Probe = Probe::Kernel {
     program: "count_uretprobe",
 };
 
+const KNONLEAF: Probe = Probe::Kernel {
+    object: "bench_nonleaf",
+    program: "count_nonleaf",
+};
+
+const fn user(object: &'static str, no_jit: bool) -> Probe {
+    Probe::User { object, no_jit }
+}
+
+/// Threads of the multi-threaded rows.
+const THREADS: u32 = 8;
+
 fn rows() -> Vec<Row> {
     vec![
-        Row {
-            label: "no probe",
-            function: "bench_target",
-            probe: Probe::None,
-        },
-        Row {
-            label: "kernel uprobe, ordinary entry (mov, single-stepped)",
-            function: "bench_target_plain",
-            probe: KUPROBE,
-        },
-        Row {
-            label: "kernel uprobe, push %rbp entry (emulated)",
-            function: "bench_target",
-            probe: KUPROBE,
-        },
-        Row {
-            label: "kernel uprobe, nop5 entry (fast path)",
-            function: "bench_target_nop5",
-            probe: KUPROBE,
-        },
-        Row {
-            label: "userspace uprobe, JIT",
-            function: "bench_target",
-            probe: Probe::User {
-                object: "bench_uprobe",
-                no_jit: false,
-            },
-        },
-        Row {
-            label: "userspace uprobe, interpreter",
-            function: "bench_target",
-            probe: Probe::User {
-                object: "bench_uprobe",
-                no_jit: true,
-            },
-        },
-        Row {
-            label: "kernel uretprobe, push %rbp entry",
-            function: "bench_target",
-            probe: KURETPROBE,
-        },
-        Row {
-            label: "kernel uretprobe, nop5 entry",
-            function: "bench_target_nop5",
-            probe: KURETPROBE,
-        },
-        Row {
-            label: "userspace uretprobe, JIT",
-            function: "bench_target",
-            probe: Probe::User {
-                object: "bench_uretprobe",
-                no_jit: false,
-            },
-        },
-        Row {
-            label: "userspace uretprobe, interpreter",
-            function: "bench_target",
-            probe: Probe::User {
-                object: "bench_uretprobe",
-                no_jit: true,
-            },
-        },
+        Row::new("no probe", "bench_target", Probe::None),
+        Row::new(
+            "kernel uprobe, ordinary entry (mov, single-stepped)",
+            "bench_target_plain",
+            KUPROBE,
+        ),
+        Row::new(
+            "kernel uprobe, push %rbp entry (emulated)",
+            "bench_target",
+            KUPROBE,
+        ),
+        Row::new(
+            "kernel uprobe, nop5 entry (fast path)",
+            "bench_target_nop5",
+            KUPROBE,
+        ),
+        Row::new(
+            "userspace uprobe, JIT",
+            "bench_target",
+            user("bench_uprobe", false),
+        ),
+        Row::new(
+            "userspace uprobe, interpreter",
+            "bench_target",
+            user("bench_uprobe", true),
+        ),
+        Row::new(
+            "kernel uretprobe, push %rbp entry",
+            "bench_target",
+            KURETPROBE,
+        ),
+        Row::new(
+            "kernel uretprobe, nop5 entry",
+            "bench_target_nop5",
+            KURETPROBE,
+        ),
+        Row::new(
+            "userspace uretprobe, JIT",
+            "bench_target",
+            user("bench_uretprobe", false),
+        ),
+        Row::new(
+            "userspace uretprobe, interpreter",
+            "bench_target",
+            user("bench_uretprobe", true),
+        ),
+        Row::new(
+            "kernel uprobe, nop5 entry, non-leaf program",
+            "bench_target_nop5",
+            KNONLEAF,
+        ),
+        Row::new(
+            "userspace uprobe, JIT, non-leaf program",
+            "bench_target",
+            user("bench_nonleaf", false),
+        ),
+        Row::new("no probe, 8 threads", "bench_target", Probe::None).on_threads(THREADS),
+        Row::new(
+            "kernel uprobe, nop5 entry, 8 threads",
+            "bench_target_nop5",
+            KUPROBE,
+        )
+        .on_threads(THREADS),
+        Row::new(
+            "userspace uprobe, JIT, 8 threads",
+            "bench_target",
+            user("bench_uprobe", false),
+        )
+        .on_threads(THREADS),
     ]
+}
+
+/// The index of the row `row` is compared with: the unprobed call with as many threads (`base`)
+/// and the kernel's nop5 path with the same program and threads (`kernel`).
+fn baselines(rows: &[Row], row: &Row) -> (usize, Option<usize>) {
+    let base = rows
+        .iter()
+        .position(|r| matches!(r.probe, Probe::None) && r.threads == row.threads)
+        .expect("an unprobed row for every thread count");
+    let kernel = rows.iter().position(|r| {
+        matches!(r.probe, Probe::Kernel { .. })
+            && r.function == "bench_target_nop5"
+            && r.threads == row.threads
+            && r.object() == row.object()
+    });
+    (base, kernel)
 }
 
 /// Parses "ns_per_call MEDIAN MIN CALLS".
@@ -141,19 +204,22 @@ fn parse(out: &str) -> Result<(Measured, u64)> {
     ))
 }
 
-fn victim(function: &str, iters: u64) -> Command {
+fn victim(row: &Row, iters: u64) -> Command {
     let mut command = Command::new(bench_victim_path());
-    command.args([function, &iters.to_string()]);
+    command.args([row.function, &iters.to_string()]);
+    if row.threads > 1 {
+        command.args(["5", &row.threads.to_string()]);
+    }
     command
 }
 
 fn measure(row: &Row, iters: u64) -> Result<Measured> {
     match row.probe {
-        Probe::None => Ok(parse(&Waiting::spawn(&mut victim(row.function, iters))?.go()?)?.0),
+        Probe::None => Ok(parse(&Waiting::spawn(&mut victim(row, iters))?.go()?)?.0),
         Probe::Kernel { object, program } => {
             let bytes = std::fs::read(object_path(object))?;
             let mut ebpf = aya::EbpfLoader::new().load(&bytes)?;
-            let waiting = Waiting::spawn(&mut victim(row.function, iters))?;
+            let waiting = Waiting::spawn(&mut victim(row, iters))?;
             kernel_attach(
                 &mut ebpf,
                 program,
@@ -184,7 +250,7 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
                 .map_err(|e| anyhow::anyhow!("loading {object}: {e}"))?;
             let result = (|| {
                 ensure!(loaded.refused.is_empty(), "refused: {:?}", loaded.refused);
-                let mut command = victim(row.function, iters);
+                let mut command = victim(row, iters);
                 let config = with_agent(&mut command, &segment)?;
                 let run = (|| {
                     let (measured, calls) = parse(&Waiting::spawn(&mut command)?.go()?)?;
@@ -245,15 +311,14 @@ fn main() -> Result<()> {
         }
     }
     let results: Vec<Measured> = results.into_iter().flatten().collect();
-    let base = results[0].median;
     let nop5 = results[3].median;
-    let nop5_ret = results[7].median;
+    let base = results[0].median;
     println!(
         "\nns per call of a hooked function ({iters} calls x 5, median; min in parentheses; the \
-         single-stepped row {} calls x 5; best of {rounds} interleaved rounds per row; same \
-         array-counter program in every probed row; last column: the probe cost of the kernel's \
-         nop5 path of the same kind (uprobe rows: the nop5 uprobe, uretprobe rows: the nop5 \
-         uretprobe) / this row's)",
+         single-stepped row {} calls x 5; the 8-thread rows: each thread {iters} calls x 5, in \
+         thread CPU time; best of {rounds} interleaved rounds per row; last column: the probe \
+         cost (the call minus the unprobed call with as many threads) of the kernel's nop5 path \
+         with the same program and threads / this row's)",
         iters / SLOW_DIVISOR
     );
     println!(
@@ -262,17 +327,14 @@ fn main() -> Result<()> {
     );
     println!("|{:-<54}|{:->20}|{:->12}|{:->22}|", "", "", "", "");
     for (row, m) in rows.iter().zip(&results) {
+        let (base, kernel) = baselines(&rows, row);
+        let base = results[base].median;
         let cost = m.median - base;
-        // The ratio of probe costs (call minus the unprobed call): how many times cheaper than
-        // the kernel's fast path this probe is (below 1: more expensive).
-        let kernel_nop5 = if row.label.contains("uretprobe") {
-            nop5_ret
-        } else {
-            nop5
-        };
-        let ratio = match row.probe {
-            Probe::None => "-".to_string(),
-            _ => format!("{:.1}", (kernel_nop5 - base) / cost.max(0.01)),
+        // The ratio of probe costs: how many times cheaper than the kernel's fast path this
+        // probe is (below 1: more expensive).
+        let ratio = match (row.probe, kernel) {
+            (Probe::None, _) | (_, None) => "-".to_string(),
+            (_, Some(k)) => format!("{:.1}", (results[k].median - base) / cost.max(0.01)),
         };
         println!(
             "| {:<52} | {:>18} | {:>10} | {:>20} |",
