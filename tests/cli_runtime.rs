@@ -486,3 +486,83 @@ fn exec_d_and_child_victims_of_a_started_shell_are_hooked() {
     });
     assert!(loader.stop().success());
 }
+
+/// `detach PID` reaches what PID started, as removing a kernel uprobe reaches every process
+/// running the file: the started shell's child blocked in read(2) is detached with it (its
+/// calls afterwards count nothing), and a program the shell starts after the detach inherits
+/// the agent through the environment but hooks nothing (its status says which ancestor was
+/// detached). The victim run before the detach is the control: its calls are counted.
+#[test]
+fn detach_reaches_a_started_trees_children_and_what_they_start_later() {
+    if !require_kernel("detach_reaches_a_started_trees_children_and_what_they_start_later") {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let loader = Loader::start("hash_counter", &[]);
+    let victim = victim_path().display().to_string();
+    let script = format!(
+        "echo go | {victim} 200; echo ran0; {victim} 300; echo ran1; read x; \
+         echo go | {victim} 300; echo ran2"
+    );
+    let mut start = bpftime()
+        .args([
+            "start",
+            "--object",
+            "hash_counter",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = start.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(start.stdout.take().unwrap()).lines();
+    let mut wait_line = |want: &str| loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(want) => break,
+            Some(Ok(_)) => {}
+            other => panic!("no {want} line: {other:?}"),
+        }
+    };
+    let counted = model::expected("hash_counter", 200)["calls_by_arg"].clone();
+    wait_line("ran0");
+    wait_for("the first victim's calls", || {
+        map_entries("hash_counter", "calls_by_arg") == counted
+    });
+    // The second victim, hooked, waits for its go line.
+    let shell = only_child(start.id());
+    let hooked = only_child(shell);
+    wait_blocked_in_read(hooked);
+    let out = output(&["detach", &shell.to_string()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pid in [shell, hooked] {
+        assert!(said.contains(&format!("detached from pid {pid}")), "{said}");
+    }
+    writeln!(stdin, "go").unwrap();
+    wait_line("ran1");
+    writeln!(stdin, "x").unwrap();
+    wait_line("ran2");
+    drop(stdin);
+    let status = start.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(status.status.success(), "{stderr}");
+    assert_eq!(
+        map_entries("hash_counter", "calls_by_arg"),
+        counted,
+        "nothing counted after the detach"
+    );
+    assert!(
+        stderr.contains(&format!("ancestor pid {shell} was detached")),
+        "the victim started after the detach says why it hooked nothing: {stderr}"
+    );
+    assert!(loader.stop().success());
+}

@@ -141,6 +141,8 @@ struct Agent {
     detached: bool,
     /// USDT semaphores counted up for the hooks, lowered on detach.
     semaphores: Vec<bpf::RaisedSemaphore>,
+    /// The config file: its `.detached` list is where detach records this process.
+    config: PathBuf,
 }
 
 /// How often the follower thread looks at the followed objects' manifests.
@@ -209,6 +211,76 @@ fn status_path(config: &Path) -> PathBuf {
         Ok(root) if root != me => with_suffix(config, &format!(".status.{me}")),
         _ => with_suffix(config, ".status"),
     }
+}
+
+/// The processes detached from a config's tree (`<config>.detached`, lines `PID START_TIME`):
+/// a program one of them (or one of their descendants) execs later inherits the agent through
+/// the environment, and must not hook again.
+fn detached_list(config: &Path) -> PathBuf {
+    with_suffix(config, ".detached")
+}
+
+/// Appends this process to its config's detached list.
+fn record_detached(config: &Path) {
+    let me = std::process::id();
+    let Some(start) = bpftime_runtime::maps::process_start_time(me) else {
+        return;
+    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(detached_list(config));
+    match file {
+        Ok(mut f) => {
+            let _ = writeln!(f, "{me} {start}");
+        }
+        Err(e) => eprintln!(
+            "bpftime-agent: cannot record the detach in {}: {e}; programs this process execs \
+             will hook again",
+            detached_list(config).display()
+        ),
+    }
+}
+
+/// The parent of `pid` (field 4 of /proc/PID/stat).
+fn parent_of(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The detached process (pid) among this process and its ancestors (this process itself: it
+/// was detached, then exec'd another program, keeping its pid), if one is in `config`'s list
+/// (read only if its owner is trusted, as the config is).
+fn detached_ancestor(config: &Path) -> Option<u32> {
+    let text = bpftime_runtime::state::fs::read_trusted(
+        &detached_list(config),
+        &bpftime_runtime::state::trusted_owners(),
+        1 << 20,
+    )
+    .ok()?;
+    let listed: Vec<(u32, u64)> = String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| {
+            let (pid, start) = l.split_once(' ')?;
+            Some((pid.parse().ok()?, start.trim().parse().ok()?))
+        })
+        .collect();
+    let mut pid = std::process::id();
+    for _ in 0..4096 {
+        let start = bpftime_runtime::maps::process_start_time(pid)?;
+        if listed.contains(&(pid, start)) {
+            return Some(pid);
+        }
+        pid = parent_of(pid).filter(|&p| p > 1)?;
+    }
+    None
 }
 
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
@@ -326,6 +398,7 @@ fn start(config: &Path) -> Result<usize, String> {
         known,
         detached: false,
         semaphores,
+        config: config.to_path_buf(),
     });
     if follow {
         let spawned = std::thread::Builder::new()
@@ -393,6 +466,7 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
     };
     a.detached = true;
     let r = a.hooks.detach();
+    record_detached(&a.config);
     // As the kernel's uprobe_unregister takes its reference-counter increment off.
     let mut semaphores = std::mem::take(&mut a.semaphores);
     for f in &mut a.followed {
@@ -430,13 +504,22 @@ extern "C" fn agent_init() {
     if std::env::var_os(ROOT_ENV).is_none() {
         std::env::set_var(ROOT_ENV, std::process::id().to_string());
     }
+    let config = PathBuf::from(config);
+    if let Some(ancestor) = detached_ancestor(&config) {
+        // `bpftime-rs detach` reached the tree this process was started in: it runs unprobed.
+        let _ = bpftime_runtime::state::fs::write_atomic(
+            &status_path(&config),
+            format!("detached: ancestor pid {ancestor} was detached; nothing hooked\n").as_bytes(),
+            0o644,
+        );
+        return;
+    }
     // A panic must not unwind out of a constructor (that aborts the target): the target runs
     // on unprobed instead.
     // The start-up's allocations after the first hook is in place run on the target's main
     // thread: they are the agent's, not the target's.
-    let started = bpftime_attach::hook::without_probes(|| {
-        std::panic::catch_unwind(|| start(Path::new(&config)))
-    });
+    let started =
+        bpftime_attach::hook::without_probes(|| std::panic::catch_unwind(|| start(&config)));
     match started {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => eprintln!("bpftime-agent: {e}"),

@@ -3,6 +3,7 @@
 //! `bpftime-rs load` published.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -281,44 +282,66 @@ pub fn start(args: &StartArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let mut follower = None;
     if std::env::var_os("BPFTIME_QUIET").is_none() {
         // What was printed is what the follower compares against: a rewrite in between is
         // printed too.
         let first = std::fs::read_to_string(status_path(&config)).unwrap_or_default();
         print_status(&first);
-        let config = config.clone();
-        std::thread::spawn(move || follow_status(&config, first));
+        let seen = Arc::new(Mutex::new(StatusSeen::new(&config, first)));
+        follower = Some(Arc::clone(&seen));
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(50));
+            seen.lock().unwrap_or_else(|e| e.into_inner()).print_new();
+        });
     }
     let status = child.wait()?;
+    // What the tree's last processes reported since the follower's last look.
+    if let Some(seen) = follower {
+        seen.lock().unwrap_or_else(|e| e.into_inner()).print_new();
+    }
     std::process::exit(exit_code(status));
 }
 
-/// Prints what the agents of the started tree report later: the command's own agent again
-/// when it execs another program (it rewrites `<config>.status`), and the agents of its
-/// descendants (`<config>.status.<pid>`), each line once.
-fn follow_status(config: &Path, first: String) {
-    let Some(dir) = config.parent() else { return };
-    let Some(name) = config.file_name().map(|n| n.to_string_lossy().into_owned()) else {
-        return;
-    };
-    let prefix = format!("{name}.status");
-    let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
-    seen.insert(status_path(config), first);
-    loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            continue;
+/// What the agents of the started tree reported so far: the command's own agent again when
+/// it execs another program (it rewrites `<config>.status`), and the agents of its
+/// descendants (`<config>.status.<pid>`); [`StatusSeen::print_new`] prints each line once.
+struct StatusSeen {
+    dir: PathBuf,
+    prefix: String,
+    seen: std::collections::HashMap<PathBuf, String>,
+}
+
+impl StatusSeen {
+    fn new(config: &Path, first: String) -> Self {
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = config
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut seen = std::collections::HashMap::new();
+        seen.insert(status_path(config), first);
+        Self {
+            dir,
+            prefix: format!("{name}.status"),
+            seen,
+        }
+    }
+
+    fn print_new(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
         };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = file.strip_prefix(&prefix) else {
+            let Some(rest) = file.strip_prefix(&self.prefix) else {
                 continue;
             };
             let path = entry.path();
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
             };
-            if seen.get(&path) == Some(&text) {
+            if self.seen.get(&path) == Some(&text) {
                 continue;
             }
             let who = match rest.strip_prefix('.') {
@@ -326,12 +349,12 @@ fn follow_status(config: &Path, first: String) {
                 None => String::new(),
             };
             // Lines appended (the follower's) print alone; a rewritten file prints whole.
-            let old = seen.get(&path).map(String::as_str).unwrap_or("");
+            let old = self.seen.get(&path).map(String::as_str).unwrap_or("");
             let new = text.strip_prefix(old).unwrap_or(&text);
             for line in new.lines() {
                 eprintln!("bpftime-rs: agent: {who}{line}");
             }
-            seen.insert(path, text);
+            self.seen.insert(path, text);
         }
     }
 }
@@ -446,9 +469,49 @@ fn pids_with_agent() -> Vec<i32> {
         .collect()
 }
 
+/// The parent of `pid` (field 4 of /proc/PID/stat).
+fn parent_of(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `pid` and its descendants that have the agent mapped (a started shell's children, what
+/// they exec'd, their children; through processes without the agent too), parents first.
+fn tree_with_agent(pid: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|p| Some((p, parent_of(p)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tree = vec![pid];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|&&(_, pp)| pp == parent)
+                .map(|&(p, _)| p),
+        );
+        at += 1;
+    }
+    let with_agent = pids_with_agent();
+    let mut out = vec![pid];
+    out.extend(tree.into_iter().skip(1).filter(|p| with_agent.contains(p)));
+    out
+}
+
 pub fn detach(args: &DetachArgs) -> Result<()> {
     let pids = match args.pid {
-        Some(pid) => vec![pid],
+        // Kernel uprobes are the file's: what PID started is detached with it.
+        Some(pid) => tree_with_agent(pid),
         None => pids_with_agent(),
     };
     if pids.is_empty() {
