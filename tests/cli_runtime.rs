@@ -566,3 +566,109 @@ fn detach_reaches_a_started_trees_children_and_what_they_start_later() {
     );
     assert!(loader.stop().success());
 }
+
+/// What an attached process runs later is probed too, as kernel uprobes probe every process
+/// running the file: the agent hooks libc's `execve`, and the programs the process execs get
+/// the agent in their environment (a forked child's exec and the process's own). The same
+/// holds for a started command that clears its environment (`env -i`).
+#[test]
+fn attached_and_started_processes_pass_the_agent_to_what_they_exec() {
+    if !require_kernel("attached_and_started_processes_pass_the_agent_to_what_they_exec") {
+        return;
+    }
+    use std::io::Write;
+    let loader = Loader::start("hash_counter", &[]);
+    let victim = victim_path().display().to_string();
+    // Each victim reads its go line from its own input (stdio would buffer both from one pipe).
+    let go = std::env::temp_dir().join(format!("bpftime-go-{}", std::process::id()));
+    std::fs::write(&go, "go\n").unwrap();
+    let script = format!(
+        "read x; echo go | {victim} 200; exec {victim} 300 < {}",
+        go.display()
+    );
+    let mut shell = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_blocked_in_read(shell.id());
+    let out = output(&[
+        "attach",
+        &shell.id().to_string(),
+        "--object",
+        "hash_counter",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("follow libc.so.6:execve at "), "{stderr}");
+    let mut stdin = shell.stdin.take().unwrap();
+    writeln!(stdin, "x").unwrap();
+    drop(stdin);
+    let done = shell.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&go);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&done.stdout)
+            .matches("done")
+            .count(),
+        2,
+        "both victims ran"
+    );
+    let mut expected: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
+    for rounds in [200, 300] {
+        for (k, v) in &model::expected("hash_counter", rounds)["calls_by_arg"] {
+            *expected.entry(k.clone()).or_default() +=
+                u64::from_le_bytes(v[..8].try_into().unwrap());
+        }
+    }
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = expected
+        .into_iter()
+        .map(|(k, v)| (k, v.to_le_bytes().to_vec()))
+        .collect();
+    wait_for("both exec'd victims' calls", || {
+        map_entries("hash_counter", "calls_by_arg") == expected
+    });
+
+    // `env -i` drops the started tree's environment; the agent in `env` puts it back.
+    let out = bpftime()
+        .args([
+            "start",
+            "--object",
+            "hash_counter",
+            "--",
+            "env",
+            "-i",
+            &victim,
+            "100",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = finish_output(out);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let mut more = expected.clone();
+    for (k, v) in &model::expected("hash_counter", 100)["calls_by_arg"] {
+        let entry = more.iter_mut().find(|(key, _)| key == k).unwrap();
+        let sum = u64::from_le_bytes(entry.1[..8].try_into().unwrap())
+            + u64::from_le_bytes(v[..8].try_into().unwrap());
+        entry.1 = sum.to_le_bytes().to_vec();
+    }
+    wait_for("the env -i victim's calls", || {
+        map_entries("hash_counter", "calls_by_arg") == more
+    });
+    assert!(loader.stop().success());
+}
+
+/// Writes the go line to a spawned victim and collects its output.
+fn finish_output(mut child: std::process::Child) -> std::process::Output {
+    use std::io::Write;
+    writeln!(child.stdin.take().unwrap(), "go").unwrap();
+    child.wait_with_output().unwrap()
+}

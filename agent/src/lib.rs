@@ -26,6 +26,7 @@
 //! counting handler; the BPF runtime plugs in at `make_handler`).
 
 mod bpf;
+mod exec;
 
 use bpftime_attach::symbols::{ResolvedTarget, Resolver};
 use bpftime_attach::{EntryAction, HookSet, ProbeHandler, ProbeKind, PtRegs};
@@ -289,6 +290,42 @@ fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Hooks libc's `execve` and `execveat` so that what this process execs gets the agent
+/// ([`exec::ExecFollower`]); one `follow` status line each (not an error if libc is absent).
+fn follow_execs(
+    config: &Path,
+    resolver: &mut Resolver,
+    hooks: &mut HookSet,
+    lines: &mut Vec<String>,
+) {
+    let Some(library) = exec::agent_library_path() else {
+        lines.push(
+            "follow: this library's path is unknown: exec'd programs are not followed".into(),
+        );
+        return;
+    };
+    let root = std::env::var(ROOT_ENV)
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(std::process::id);
+    for (symbol, envp_arg) in [("execve", 3), ("execveat", 4)] {
+        let target = format!("libc.so.6:{symbol}");
+        let installed = resolver.resolve(&target).and_then(|t| {
+            let follower = Arc::new(exec::ExecFollower::new(&library, config, root, envp_arg));
+            hooks.install(&t, ProbeKind::Uprobe, follower).map(|_| t)
+        });
+        lines.push(match installed {
+            Ok(t) => format!(
+                "follow {target} at {:#x}: the programs this process execs get the agent",
+                t.address
+            ),
+            Err(e) => {
+                format!("follow {target}: not hooked ({e}): exec'd programs are not followed")
+            }
+        });
+    }
+}
+
 /// Installs the hooks of `config`. Returns the number of failed requests.
 fn start(config: &Path) -> Result<usize, String> {
     // User stacks walked by bpf_get_stackid see our return stub where a return hook is
@@ -331,6 +368,7 @@ fn start(config: &Path) -> Result<usize, String> {
         failed += f;
         followed.extend(follow);
     }
+    follow_execs(config, &mut resolver, &mut hooks, &mut lines);
     // resolve every request, then patch all resolved sites in one transaction
     let resolved: Vec<Result<(&Request, ResolvedTarget), String>> = reqs
         .iter()
