@@ -368,7 +368,11 @@ fn start(config: &Path) -> Result<usize, String> {
         failed += f;
         followed.extend(follow);
     }
-    follow_execs(config, &mut resolver, &mut hooks, &mut lines);
+    // What the BPF objects probe is probed in the programs this process execs too (the raw
+    // `uprobe`/`uretprobe` request lines are the hook engine's test harness: not followed).
+    if !objects.is_empty() || object_lines.discover {
+        follow_execs(config, &mut resolver, &mut hooks, &mut lines);
+    }
     // resolve every request, then patch all resolved sites in one transaction
     let resolved: Vec<Result<(&Request, ResolvedTarget), String>> = reqs
         .iter()
