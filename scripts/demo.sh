@@ -51,6 +51,27 @@ trap - EXIT
 tail -n 3 "$log"
 "$bin" unload sync_counter
 
+step "bpftime-rs load usdt_counts: USDT probes (<sys/sdt.h>) read with libbpf's usdt.bpf.h in user space"
+"$bin" unload usdt_counts_libbpf_rs >/dev/null 2>&1 || true
+usdtlog=$(mktemp)
+"$bin" load --no-sync "$examples/usdt_counts_libbpf_rs.bpf.o" >"$usdtlog" 2>&1 &
+usdt=$!
+until grep -q '^loaded ' "$usdtlog"; do
+    kill -0 "$usdt" 2>/dev/null || { cat "$usdtlog"; exit 1; }
+    sleep 0.1
+done
+# "done 300 300": the probe behind vt:sem's semaphore fired on every call (the agent raised it).
+echo go | "$bin" start -- "$examples/victim_usdt" 300
+echo "totals (slot: value), as the programs read their arguments:"
+"$bin" maps --json | python3 -c '
+import json, sys
+for m in json.load(sys.stdin)["maps"]:
+    if m["object"] == "usdt_counts_libbpf_rs" and m["name"] == "totals":
+        print(" ".join("%s:%s" % (e["formatted"]["key"], e["formatted"]["value"]) for e in m["entries"]))'
+kill -INT "$usdt"
+wait "$usdt" || true
+"$bin" unload usdt_counts_libbpf_rs
+
 apps=$(ls -td target/release/build/bpftime-example-libbpf-apps-*/out | head -n 1)
 step "bpftime-rs load -- uprobe_tool: an unmodified libbpf skeleton tool, its programs run in the target"
 "$bin" unload uprobe_tool >/dev/null 2>&1 || true
