@@ -58,6 +58,11 @@ unsafe impl Sync for SlotHelpers {}
 
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
+/// What `bpf_get_current_pid_tgid` keeps per thread slot, shared by every program's helpers on
+/// the slot (so one `vfork` mark reaches them all).
+pub static TASK_IDENTITIES: [bpftime_runtime::helpers::TaskIdentity; MAX_THREADS] =
+    [const { bpftime_runtime::helpers::TaskIdentity::new() }; MAX_THREADS];
+
 thread_local! {
     static HELPERS: RefCell<Vec<Option<RuntimeHelpers>>> = const { RefCell::new(Vec::new()) };
 }
@@ -152,6 +157,12 @@ impl BpfHandler {
                 h.attach_mut().func_ip = self.func_ip;
                 h.attach_mut().cookie = self.cookie;
                 h.attach_mut().frame_at_entry = self.frame_at_entry;
+                let watched = crate::CLONES_WATCHED.load(Ordering::Relaxed);
+                if let Some(generation) =
+                    bpftime_attach::hook::slot_identity_generation(index).filter(|_| watched)
+                {
+                    h.set_task_identity(&TASK_IDENTITIES[index], generation);
+                }
                 let runner = entry.insert(Box::new(ProgramRunner::new(&self.program, h)));
                 if let Some(hook) = self.jit_hook() {
                     // SAFETY: the runner is boxed in this slot's cell for the handler's whole

@@ -220,3 +220,27 @@ fn unsafe_zeroed() -> libc::Dl_info {
     // SAFETY: Dl_info is plain pointers; all-zero is a valid value.
     unsafe { std::mem::zeroed() }
 }
+
+/// An entry hook on libc's `vfork`, `posix_spawn`, `posix_spawnp` and `clone`: the child may
+/// run as the calling thread (same memory, same TCB) before it execs, so the thread's cached
+/// identity must not answer for it ([`bpftime_runtime::helpers::TaskIdentity::suspect_clone`]).
+pub struct CloneWatcher;
+
+impl ProbeHandler for CloneWatcher {
+    fn on_entry(&self, _regs: &mut PtRegs) -> EntryAction {
+        EntryAction::Continue
+    }
+
+    fn on_return(&self, _regs: &mut PtRegs) {}
+
+    fn on_entry_in(
+        &self,
+        _regs: &mut PtRegs,
+        thread: bpftime_attach::hook::ThreadSlot,
+    ) -> EntryAction {
+        if let Some(identity) = super::bpf::TASK_IDENTITIES.get(thread.index()) {
+            identity.suspect_clone();
+        }
+        EntryAction::Continue
+    }
+}

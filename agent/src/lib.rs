@@ -324,7 +324,28 @@ fn follow_execs(
             }
         });
     }
+    // A child that shares this process's memory and runs as the calling thread until it
+    // execs: bpf_get_current_pid_tgid must ask the kernel while it may run.
+    let mut all_watched = true;
+    for symbol in ["vfork", "posix_spawn", "posix_spawnp", "clone"] {
+        let target = format!("libc.so.6:{symbol}");
+        let watched = resolver
+            .resolve(&target)
+            .and_then(|t| hooks.install(&t, ProbeKind::Uprobe, Arc::new(exec::CloneWatcher)));
+        if let Err(e) = watched {
+            lines.push(format!(
+                "follow {target}: not hooked ({e}): bpf_get_current_pid_tgid asks the kernel \
+                 on every call"
+            ));
+            all_watched = false;
+        }
+    }
+    CLONES_WATCHED.store(all_watched, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Set once every clone-family function is watched: only then are thread identities cached.
+pub(crate) static CLONES_WATCHED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Installs the hooks of `config`. Returns the number of failed requests.
 fn start(config: &Path) -> Result<usize, String> {
@@ -356,6 +377,13 @@ fn start(config: &Path) -> Result<usize, String> {
     let mut resolver = Resolver::new(None).map_err(|e| e.to_string())?;
     let mut followed = Vec::new();
     let mut semaphores = Vec::new();
+    // What the BPF objects probe is probed in the programs this process execs too (the raw
+    // `uprobe`/`uretprobe` request lines are the hook engine's test harness: not followed).
+    // First, so that the runners the objects' hooks make find the clone watchers in place
+    // (`CLONES_WATCHED`).
+    if !objects.is_empty() || object_lines.discover {
+        follow_execs(config, &mut resolver, &mut hooks, &mut lines);
+    }
     let known = objects.clone();
     for object in &objects {
         let (f, follow) = bpf::attach_object(
@@ -367,11 +395,6 @@ fn start(config: &Path) -> Result<usize, String> {
         );
         failed += f;
         followed.extend(follow);
-    }
-    // What the BPF objects probe is probed in the programs this process execs too (the raw
-    // `uprobe`/`uretprobe` request lines are the hook engine's test harness: not followed).
-    if !objects.is_empty() || object_lines.discover {
-        follow_execs(config, &mut resolver, &mut hooks, &mut lines);
     }
     // resolve every request, then patch all resolved sites in one transaction
     let resolved: Vec<Result<(&Request, ResolvedTarget), String>> = reqs

@@ -25,6 +25,7 @@ fn main() {
         ("victim_alloc", None),
         ("victim_short", None),
         ("victim_usdt", None),
+        ("victim_pids", Some("-pthread")),
     ] {
         let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
         cc.args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])

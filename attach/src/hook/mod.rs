@@ -214,6 +214,22 @@ impl ThreadSlot {
     pub fn index(self) -> usize {
         self.0
     }
+
+    /// The slot's identity generation: it changes whenever the task holding the slot may be
+    /// another one (a new thread claimed it; a fork child's copy of it). What a handler caches
+    /// about the calling thread is valid while the generation it cached at is current. `None`
+    /// when this process cannot hand slots over safely: cache nothing then.
+    #[inline]
+    pub fn identity_generation(self) -> Option<&'static AtomicU64> {
+        thread::identity_generation(self.0)
+    }
+}
+
+/// [`ThreadSlot::identity_generation`] by slot index (below [`MAX_THREADS`]).
+pub fn slot_identity_generation(index: usize) -> Option<&'static AtomicU64> {
+    (index < MAX_THREADS)
+        .then(|| thread::identity_generation(index))
+        .flatten()
 }
 
 /// Which handler method a hook calls.

@@ -8,7 +8,7 @@
 
 use super::Site;
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub(super) const MAX_THREADS: usize = 2048;
 pub(super) const MAX_FRAMES: usize = 256;
@@ -80,6 +80,19 @@ pub(super) struct Guards(pub [AtomicBool; MAX_THREADS]);
 
 pub(super) static GUARDS: Guards = Guards([const { AtomicBool::new(false) }; MAX_THREADS]);
 
+/// Per-slot identity generations: bumped whenever the task behind a slot may have changed (a
+/// thread claims the slot; in a fork child, every slot: the forking thread is a new task
+/// there). What a handler caches about its thread (the pid and tid `bpf_get_current_pid_tgid`
+/// answers) is valid while the generation it was cached at is current.
+static IDENTITY: [AtomicU64; MAX_THREADS] = [const { AtomicU64::new(0) }; MAX_THREADS];
+
+/// The identity generation of slot `index`, or `None` when slots are never handed over safely
+/// (the thread-exit key is missing, so a new thread reusing an exited one's TCB finds its slot
+/// without claiming it): then nothing about a thread may be cached.
+pub(super) fn identity_generation(index: usize) -> Option<&'static AtomicU64> {
+    (EXIT_KEY.load(Ordering::Relaxed) < INLINE_PTHREAD_KEYS).then(|| &IDENTITY[index])
+}
+
 /// Multiplier of the key hash; the entry stub computes the same hash.
 pub(super) const KEY_HASH: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Right shift of the key hash: leaves the index bits.
@@ -141,6 +154,7 @@ pub(super) fn current_indexed() -> Option<(usize, &'static mut ThreadState)> {
             .is_ok()
         {
             release_at_exit(i);
+            IDENTITY[i].fetch_add(1, Ordering::Release);
             // SAFETY: as above; the slot was free, so no other thread uses its state. A
             // previous owner that exited mid-call left nothing pending that is still valid.
             let state = unsafe { &mut *TABLE.states[i].get() };
@@ -227,6 +241,9 @@ pub(super) fn slots_in_use() -> usize {
 /// pending frames. So the child resets every other slot's guard and shadow stack. Keys stay:
 /// clearing one would break the probe chains of the keys after it (the forking thread's too).
 extern "C" fn reset_other_threads_after_fork() {
+    for generation in &IDENTITY {
+        generation.fetch_add(1, Ordering::Release);
+    }
     let me = thread_key();
     for (i, key) in TABLE.keys.iter().enumerate() {
         let k = key.load(Ordering::Relaxed);

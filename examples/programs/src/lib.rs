@@ -275,6 +275,12 @@ pub fn victim_usdt_path() -> PathBuf {
     PathBuf::from(env!("OUT_DIR")).join("victim_usdt")
 }
 
+/// Path of the pid victim (`victim_pids`: vp_mark(id) from threads and fork, vfork and clone
+/// children; prints "ID PID TID" per call; starts on a line of stdin).
+pub fn victim_pids_path() -> PathBuf {
+    PathBuf::from(env!("OUT_DIR")).join("victim_pids")
+}
+
 /// Path of the allocating victim (`victim_alloc N`: exactly N mallocs between va_begin and
 /// va_end; starts on a line of stdin).
 pub fn victim_alloc_path() -> PathBuf {

@@ -65,6 +65,7 @@ mod sink;
 pub mod stack;
 mod table;
 mod task;
+pub use task::TaskIdentity;
 pub mod wire;
 
 use std::sync::Arc;
@@ -186,6 +187,10 @@ pub struct RuntimeHelpers {
     interp_buffers: MemoryBuffers,
     /// `bpf_spin_lock`s this run holds (addresses), released if the run ends holding one.
     spin_locks: Vec<u64>,
+    /// The hook engine's thread slot's [`TaskIdentity`] and identity generation, when the
+    /// helpers run on one (`bpf_get_current_pid_tgid` then asks the kernel only when the task
+    /// may have changed).
+    task_identity: Option<(&'static TaskIdentity, &'static std::sync::atomic::AtomicU64)>,
 }
 
 impl std::fmt::Debug for RuntimeHelpers {
@@ -215,7 +220,18 @@ impl RuntimeHelpers {
             reserved: Vec::new(),
             interp_buffers: MemoryBuffers::default(),
             spin_locks: Vec::new(),
+            task_identity: None,
         }
+    }
+
+    /// Runs on the thread slot whose [`TaskIdentity`] is `identity` and identity generation
+    /// `generation` (see `bpftime_attach::hook::ThreadSlot::identity_generation`).
+    pub fn set_task_identity(
+        &mut self,
+        identity: &'static TaskIdentity,
+        generation: &'static std::sync::atomic::AtomicU64,
+    ) {
+        self.task_identity = Some((identity, generation));
     }
 
     /// Helpers over every map of `obj`, in the object's map order (the loader's map indices).

@@ -4,6 +4,7 @@ use super::{write_arg, RuntimeHelpers};
 use crate::maps;
 use crate::vm::{CallContext, HelperError};
 use bpftime_abi::HelperId;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 type Ret = Result<u64, HelperError>;
 
@@ -88,14 +89,73 @@ pub(super) fn get_smp_processor_id(
     Ok(u64::from(maps::current_cpu(h.ncpu)))
 }
 
+/// What `bpf_get_current_pid_tgid` keeps about the thread a hook runs on (one per thread slot
+/// of the hook engine, shared by every program's helpers on that slot), so that the common call
+/// makes no system call: the answer, the slot generation it was taken at, and whether a
+/// `CLONE_VM` child (`vfork`, `posix_spawn`, `clone`) may be running as this thread: such a
+/// child shares the thread's memory and TCB, so nothing in memory tells it from the thread.
+#[derive(Debug, Default)]
+pub struct TaskIdentity {
+    pid_tgid: AtomicU64,
+    taken_at: AtomicU64,
+    suspect: AtomicBool,
+}
+
+impl TaskIdentity {
+    /// Nothing known yet.
+    pub const fn new() -> Self {
+        Self {
+            pid_tgid: AtomicU64::new(0),
+            taken_at: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
+        }
+    }
+
+    /// A `CLONE_VM` child of this thread may run next (called at `vfork`, `posix_spawn` and
+    /// `clone` entry): the next answers come from the kernel until one shows this thread again.
+    pub fn suspect_clone(&self) {
+        self.suspect.store(true, Ordering::Release);
+    }
+
+    /// `bpf_get_current_pid_tgid` for the thread whose slot generation is `generation`.
+    #[inline]
+    pub fn pid_tgid(&self, generation: &AtomicU64) -> u64 {
+        let now = generation.load(Ordering::Acquire);
+        let cached = self.pid_tgid.load(Ordering::Relaxed);
+        let current = self.taken_at.load(Ordering::Relaxed) == now && cached != 0;
+        if current && !self.suspect.load(Ordering::Acquire) {
+            return cached;
+        }
+        let real = pid_tgid_from_kernel();
+        if self.suspect.load(Ordering::Acquire) {
+            // In the child, the kernel's answer differs from the cached thread's: never
+            // cached (its parent, resuming, would read it). The thread itself again: done.
+            if current && real == cached {
+                self.suspect.store(false, Ordering::Release);
+            }
+            return real;
+        }
+        self.pid_tgid.store(real, Ordering::Relaxed);
+        self.taken_at.store(now, Ordering::Relaxed);
+        real
+    }
+}
+
+fn pid_tgid_from_kernel() -> u64 {
+    // SAFETY: getpid has no preconditions.
+    let tgid = unsafe { libc::getpid() } as u32;
+    (u64::from(tgid) << 32) | u64::from(gettid())
+}
+
 pub(super) fn get_current_pid_tgid(
-    _: &mut RuntimeHelpers,
+    h: &mut RuntimeHelpers,
     _: [u64; 5],
     _: &mut CallContext<'_, '_>,
 ) -> Ret {
-    // SAFETY: getpid has no preconditions.
-    let tgid = unsafe { libc::getpid() } as u32;
-    Ok((u64::from(tgid) << 32) | u64::from(gettid()))
+    Ok(match h.task_identity {
+        Some((identity, generation)) => identity.pid_tgid(generation),
+        None => pid_tgid_from_kernel(),
+    })
 }
 
 pub(super) fn get_current_uid_gid(
