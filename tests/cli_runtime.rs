@@ -28,7 +28,8 @@ fn load_start_maps_diff_unload() {
     assert!(stdout.contains("done"));
     let expected = &model::expected("hash_counter", 2000)["calls_by_arg"];
     assert_eq!(&map_entries("hash_counter", "calls_by_arg"), expected);
-    // The forwarder catches up: the kernel mirror, bpftool and --diff agree.
+    // The forwarder catches up: the kernel mirror and --diff agree (bpftool reads the same
+    // mirror in cli_lifecycle::maps_diff_exits_2_when_the_kernel_mirror_differs).
     wait_for("the kernel mirror", || {
         output(&["maps", "--diff", "hash_counter/calls_by_arg"])
             .status

@@ -400,9 +400,23 @@ fn definitions_are_validated() {
     let e = ShmObject::create(&name, &dup)
         .err()
         .expect("duplicate names");
-    eprintln!("DUP errno={} msg={e}", e.errno());
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(
+        e.to_string().contains("map `a`") && e.to_string().contains("duplicate map name"),
+        "{e}"
+    );
+    assert!(ShmObject::open(&name).is_err(), "nothing was created");
     let e = ShmObject::create("../etc", &[]).err().expect("a path");
-    eprintln!("PATH errno={} msg={e}", e.errno());
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(
+        e.to_string().contains("invalid object name \"../etc\""),
+        "{e}"
+    );
+    assert!(
+        !std::path::Path::new("/dev/shm/bpftime-rs.../etc.shm").exists()
+            && !std::path::Path::new("/dev/etc.shm").exists(),
+        "no file outside /dev/shm"
+    );
     assert_eq!(MapType::from_raw(27), Some(MapType::Ringbuf));
     assert_eq!(MapType::from_raw(12), Some(MapType::ArrayOfMaps));
     assert_eq!(MapType::from_raw(14), None, "DEVMAP");
@@ -432,7 +446,13 @@ fn segments_list_open_remove() {
     let e = ShmObject::open_or_create(&name, &defs[..1])
         .err()
         .expect("other maps");
-    eprintln!("MISMATCH errno={} msg={e}", e.errno());
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(
+        e.to_string().contains(&format!("object `{name}`"))
+            && e.to_string()
+                .contains("an existing segment has different maps"),
+        "{e}"
+    );
     let segs = list_segments().unwrap();
     let me = segs.iter().find(|s| s.object == name).expect("listed");
     assert_eq!(me.owner_uid, euid());
