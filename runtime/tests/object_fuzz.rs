@@ -1,7 +1,8 @@
 //! Fuzz-style robustness: mutated real objects and random bytes through the loader produce
 //! `Ok` or a typed error, never a panic. Fixed seed, so CI is reproducible.
 
-use bpftime_runtime::object::BpfObject;
+use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
+use bpftime_runtime::object::{BpfObject, ObjectError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -26,7 +27,7 @@ fn object_bytes() -> Vec<Vec<u8>> {
 fn mutated_objects_never_panic() {
     let objects = object_bytes();
     let mut rng = StdRng::seed_from_u64(0x5eed_b9f0);
-    let mut errors = 0;
+    let (mut errors, mut insn_errors, mut accepted, mut ran) = (0, 0, 0, 0);
     for round in 0..2000 {
         let mut bytes = objects[round % objects.len()].clone();
         let flips = rng.random_range(1..=8);
@@ -48,13 +49,78 @@ fn mutated_objects_never_panic() {
             let cut = rng.random_range(0..bytes.len());
             bytes.truncate(cut);
         }
-        if let Err(e) = BpfObject::parse("mutant.o", &bytes) {
-            errors += 1;
-            assert!(e.to_string().starts_with("mutant.o"), "{e}");
+        match BpfObject::parse("mutant.o", &bytes) {
+            Err(e) => {
+                errors += 1;
+                let text = e.to_string();
+                assert!(text.starts_with("mutant.o"), "{e}");
+                // Errors name the section and, for an instruction, its index (README).
+                match &e {
+                    ObjectError::Section { section, .. } => {
+                        assert!(text.contains(&format!("section {section}")), "{text}")
+                    }
+                    ObjectError::Insn { section, insn, .. } => {
+                        assert!(text.contains(&format!("section {section}")), "{text}");
+                        assert!(text.contains(&format!("instruction {insn}")), "{text}");
+                        insn_errors += 1;
+                    }
+                    _ => {}
+                }
+            }
+            // Every 10th mutant the parser accepts goes on through the loader (maps in shared
+            // memory, relocation, the interpreter without the verifier) and runs once.
+            Ok(_) if accepted % 10 == 0 => {
+                accepted += 1;
+                ran += run_mutant(&bytes, round);
+            }
+            Ok(_) => accepted += 1,
         }
     }
-    // Sanity: the mutations do hit the parser's error paths.
+    // Sanity: the mutations do hit the parser's error paths, and some get through.
     assert!(errors > 100, "only {errors} of 2000 mutants were rejected");
+    assert!(insn_errors > 0, "no instruction-level error was produced");
+    assert!(
+        accepted > 100 && ran > 0,
+        "{accepted} accepted, {ran} programs run"
+    );
+}
+
+/// Loads a mutant the parser accepted (no verifier, interpreter) and runs each program once
+/// on a zeroed context with an instruction budget: a typed error or a result, never a panic.
+/// Returns how many programs ran.
+fn run_mutant(bytes: &[u8], round: usize) -> usize {
+    let path = std::env::temp_dir().join(format!("bpftime-fuzz-{}-{round}.o", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let segment = format!("fuzz-{}-{round}", std::process::id());
+    bpftime_runtime::loaded::unload_object(&segment);
+    let loaded = LoadedObject::load(
+        &path,
+        Some(&segment),
+        LoadOptions {
+            verify: false,
+            no_jit: true,
+            publish: false,
+            ..LoadOptions::default()
+        },
+    );
+    let _ = std::fs::remove_file(&path);
+    let Ok(loaded) = loaded else {
+        return 0;
+    };
+    let mut ran = 0;
+    if let Ok(mut helpers) = loaded.helpers() {
+        for p in &loaded.programs {
+            let mut ctx = vec![0u8; p.context_size().max(64)];
+            // A budget: without the verifier a mutated jump may loop forever.
+            let budget = bpftime_runtime::vm::InterpOptions {
+                insn_budget: Some(100_000),
+            };
+            let _ = helpers.run_interpreter(&p.program, &mut ctx, budget);
+            ran += 1;
+        }
+    }
+    let _ = loaded.unload();
+    ran
 }
 
 #[test]

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use bpftime_runtime::vm::insn::*;
 use bpftime_runtime::vm::{
     interpret, CallContext, HelperError, HelperTable, Insn, InterpOptions, MemoryMap, Program,
+    VmError,
 };
 
 const OPCODES: &[u8] = &[
@@ -44,7 +45,7 @@ fn interesting_imm(rng: &mut StdRng) -> i32 {
 #[test]
 fn random_bytecode_never_panics() {
     let mut rng = StdRng::seed_from_u64(0x5eed_b9f0);
-    let (mut loaded, mut ran_ok, mut errors) = (0, 0, 0);
+    let (mut loaded, mut ran_ok, mut errors, mut faults) = (0, 0, 0, 0);
     let mut buf = vec![0u8; 256];
     for round in 0..20_000 {
         let n = rng.random_range(1..48);
@@ -114,12 +115,29 @@ fn random_bytecode_never_panics() {
         match r {
             Ok(_) => ran_ok += 1,
             Err(e) => {
-                let _ = e.to_string();
+                // A run-time error names the instruction it stopped at, inside the program
+                // (README: "a fault names the instruction").
+                let text = e.to_string();
+                if let VmError::MemoryFault { pc, .. } | VmError::MisalignedAtomic { pc, .. } = e {
+                    assert!(
+                        pc < prog.len(),
+                        "fault at {pc} of {} instructions",
+                        prog.len()
+                    );
+                    assert!(text.contains(&format!("instruction {pc}")), "{text}");
+                    faults += 1;
+                }
                 errors += 1;
             }
         }
     }
-    println!("random bytecode: {loaded} loaded, {ran_ok} ran to exit, {errors} errors");
+    println!(
+        "random bytecode: {loaded} loaded, {ran_ok} ran to exit, {errors} errors, {faults} memory faults"
+    );
+    assert!(
+        faults > 0,
+        "no random program touched memory it may not: nothing was checked"
+    );
     assert!(
         loaded > 2_000,
         "too few programs passed validation: {loaded}"

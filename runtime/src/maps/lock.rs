@@ -352,6 +352,26 @@ mod tests {
         );
     }
 
+    /// A lock word holding our own tid, which we do not hold (no lock nests): a dead holder's
+    /// tid the kernel gave to us. Taken over at once as recovered (not waited on until the
+    /// timeout as a live holder's would be), then it works as any lock.
+    #[test]
+    fn maps_lock_left_by_a_dead_holder_whose_tid_is_now_ours_is_recovered() {
+        let mut word = current_tid();
+        // SAFETY: a 4-byte aligned u32 of this frame, alive for the test.
+        let lock = unsafe { ShmLock::at(&mut word) };
+        let started = std::time::Instant::now();
+        assert_eq!(lock.lock(), Some(Acquired::Recovered));
+        assert!(
+            started.elapsed() < LOCK_TIMEOUT / 2,
+            "no waiting for ourselves"
+        );
+        lock.unlock();
+        assert_eq!(lock.lock(), Some(Acquired::Clean));
+        lock.unlock();
+        assert_eq!(word, 0);
+    }
+
     #[test]
     fn maps_task_alive_self() {
         assert!(task_alive(current_pid()));
