@@ -437,3 +437,65 @@ fn a_pointer_write_long_after_its_lookup_still_reaches_the_kernel() {
     let (_, c) = &forwarder.counters()[0];
     assert_eq!(c.sweep_fixes, 1, "found by a sweep, and counted: {c:?}");
 }
+
+/// Deletes faster than the forwarder acknowledges them: more tombstones than the map's spare
+/// pool holds are dropped (counted), the map asks for a full resync, and the forwarder's resync
+/// converges the kernel mirror to exactly what userspace holds, deleted keys removed, after a
+/// churn of 5 x 4,096 distinct keys through a 4,096-entry map.
+#[test]
+fn deletes_past_the_tombstone_pool_resync_the_mirror_exactly() {
+    if !require_kernel("deletes_past_the_tombstone_pool_resync_the_mirror_exactly") {
+        return;
+    }
+    const OBJECT: &str = "test_sync_tombstones";
+    const N: u32 = 4096;
+    let _cleanup = Cleanup(OBJECT);
+    let _ = remove_object(OBJECT);
+    let _ = remove_object_pins(OBJECT);
+    let shm = ShmObject::create(OBJECT, &[def("kv", MapType::Hash, 4, 8, N)]).unwrap();
+    let kv = shm.map("kv").unwrap();
+    let put = |k: u32| {
+        kv.update(
+            &k.to_le_bytes(),
+            &u64::from(k).wrapping_mul(7).to_le_bytes(),
+            0,
+        )
+        .unwrap()
+    };
+    for k in 0..N {
+        put(k);
+    }
+    let (mut forwarder, _) = Forwarder::start(&shm, SyncOptions::default()).unwrap();
+    assert!(forwarder.run_until_idle(Duration::from_secs(60)).unwrap());
+    assert_eq!(kernel_state(&forwarder, 0).len(), N as usize);
+    let resyncs_before = forwarder.counters()[0].1.resyncs;
+    // The forwarder does not run while the keys churn: nothing acknowledges the tombstones.
+    for round in 1..=5u32 {
+        for k in (round - 1) * N..round * N {
+            kv.delete(&k.to_le_bytes()).unwrap();
+        }
+        for k in round * N..(round + 1) * N {
+            put(k);
+        }
+    }
+    let dropped = kv.counters().tombstones_dropped;
+    assert!(
+        dropped > 0,
+        "the churn overflowed the tombstone pool: {:?}",
+        kv.counters()
+    );
+    assert!(forwarder.run_until_idle(Duration::from_secs(60)).unwrap());
+    let (_, counters) = &forwarder.counters()[0];
+    assert!(
+        counters.resyncs > resyncs_before,
+        "dropped tombstones ({dropped}) must trigger a resync: {counters:?}"
+    );
+    let user = user_state(&shm, "kv");
+    assert_eq!(user.len(), N as usize);
+    assert_eq!(
+        kernel_state(&forwarder, 0),
+        user,
+        "the mirror holds exactly the last 4,096 keys"
+    );
+    assert_eq!(counters.failed, 0, "{counters:?}");
+}
