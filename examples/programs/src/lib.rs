@@ -212,6 +212,15 @@ pub fn run_kernel_libbpf_sections(
     victim: &std::path::Path,
     rounds: u32,
 ) -> Result<(Snapshot, String)> {
+    run_kernel_libbpf_sections_with(example, victim, &[rounds.to_string()])
+}
+
+/// [`run_kernel_libbpf_sections`] with the victim's arguments.
+pub fn run_kernel_libbpf_sections_with(
+    example: &str,
+    victim: &std::path::Path,
+    args: &[String],
+) -> Result<(Snapshot, String)> {
     let object = libbpf_rs::ObjectBuilder::default()
         .open_file(object_path(example))
         .with_context(|| format!("opening {example} with libbpf"))?
@@ -226,7 +235,7 @@ pub fn run_kernel_libbpf_sections(
                 .with_context(|| format!("attaching {example} ({section}) with libbpf"))?,
         );
     }
-    let out = run_command(Command::new(victim).arg(rounds.to_string()))?;
+    let out = run_command(Command::new(victim).args(args))?;
     drop(links);
     Ok((libbpf_snapshot(&object, example)?, out))
 }
@@ -242,7 +251,18 @@ fn libbpf_snapshot(object: &libbpf_rs::Object, example: &str) -> Result<Snapshot
         }
         let handle = MapHandle::from_map_id(map.info()?.info.id)?;
         let mut entries = Vec::new();
+        let per_cpu = matches!(
+            map.map_type(),
+            LibbpfMapType::PercpuArray | LibbpfMapType::PercpuHash
+        );
         for key in handle.keys() {
+            if per_cpu {
+                // Summed per 8-byte word over the CPUs, as Snapshot holds per-CPU values.
+                if let Some(values) = handle.lookup_percpu(&key, MapFlags::ANY)? {
+                    entries.push((key, sum_per_cpu(&values)));
+                }
+                continue;
+            }
             let Some(value) = handle.lookup(&key, MapFlags::ANY)? else {
                 continue;
             };
