@@ -246,16 +246,6 @@ fn record_detached(config: &Path) {
     }
 }
 
-/// The parent of `pid` (field 4 of /proc/PID/stat).
-fn parent_of(pid: u32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// The detached process (pid) among this process and its ancestors (this process itself: it
 /// was detached, then exec'd another program, keeping its pid), if one is in `config`'s list
 /// (read only if its owner is trusted, as the config is).
@@ -279,7 +269,7 @@ fn detached_ancestor(config: &Path) -> Option<u32> {
         if listed.contains(&(pid, start)) {
             return Some(pid);
         }
-        pid = parent_of(pid).filter(|&p| p > 1)?;
+        pid = bpftime_runtime::maps::parent_pid(pid).filter(|&p| p > 1)?;
     }
     None
 }

@@ -469,16 +469,6 @@ fn pids_with_agent() -> Vec<i32> {
         .collect()
 }
 
-/// The parent of `pid` (field 4 of /proc/PID/stat).
-fn parent_of(pid: i32) -> Option<i32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s[s.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// `pid` and its descendants that have the agent mapped (a started shell's children, what
 /// they exec'd, their children; through processes without the agent too), parents first.
 fn tree_with_agent(pid: i32) -> Vec<i32> {
@@ -486,7 +476,10 @@ fn tree_with_agent(pid: i32) -> Vec<i32> {
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter_map(|p| Some((p, parent_of(p)?)))
+                .filter_map(|p| {
+                    let parent = bpftime_runtime::maps::parent_pid(u32::try_from(p).ok()?)?;
+                    Some((p, i32::try_from(parent).ok()?))
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -3,9 +3,8 @@
 //! CPUs and every `.bss` atomic (add, xor, exchange) equal the kernel uprobes' run and what the
 //! victim's calls make, on our JIT and interpreter through the agent.
 
-use bpftime_example_programs::{object_path, run_kernel_libbpf_sections_with, victim_mt_path};
-use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
-use bpftime_testutils::{error_chain, require_kernel};
+use bpftime_example_programs::{run_kernel_libbpf_sections_with, victim_mt_path};
+use bpftime_testutils::require_kernel;
 
 mod common;
 
@@ -54,30 +53,14 @@ fn per_cpu_maps_and_atomics_from_eight_threads_match_the_kernel() {
         .expect("the kernel run's .bss");
     assert_eq!(kernel_bss, expected_bss(), "kernel uprobes");
     for no_jit in [false, true] {
-        let segment = format!("test-mt-counters-{no_jit}");
-        bpftime_runtime::loaded::unload_object(&segment);
-        let loaded = LoadedObject::load(
-            &object_path("mt_counters"),
-            Some(&segment),
-            LoadOptions {
-                no_jit,
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-        let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-        std::fs::write(&config, format!("object {segment}\n")).unwrap();
-        let out = bpftime_example_programs::run_command(
-            std::process::Command::new(victim_mt_path())
-                .args(&args)
-                .env("LD_PRELOAD", bpftime_example_programs::agent_library())
-                .env("BPFTIME_AGENT_CONFIG", &config),
+        let run = common::run_example_with_agent(
+            "mt_counters",
+            &format!("test-mt-counters-{no_jit}"),
+            no_jit,
+            std::process::Command::new(victim_mt_path()).args(&args),
         );
-        let _ = std::fs::remove_file(&config);
-        let _ = std::fs::remove_file(format!("{}.status", config.display()));
-        out.unwrap_or_else(|e| panic!("victim: {e:#}"));
-        let snapshot = common::snapshot_of(&loaded.shm).unwrap();
-        let _ = loaded.unload();
+        run.out.unwrap_or_else(|e| panic!("victim: {e}"));
+        let snapshot = run.snapshot;
         assert_eq!(
             snapshot.maps["per_thread"], kernel.maps["per_thread"],
             "per-CPU counts summed over CPUs (no_jit {no_jit})"

@@ -5,9 +5,8 @@
 //! the probed function). The same object runs on kernel uprobes (libbpf) and through the agent
 //! on our JIT and interpreter; each run's map must equal what that run's victim recorded.
 
-use bpftime_example_programs::{object_path, run_kernel_libbpf_sections, victim_pids_path};
-use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
-use bpftime_testutils::{error_chain, require_kernel};
+use bpftime_example_programs::{run_kernel_libbpf_sections, victim_pids_path};
+use bpftime_testutils::require_kernel;
 
 mod common;
 
@@ -46,30 +45,14 @@ fn pid_tgid_is_the_callers_in_threads_and_every_kind_of_child() {
         "kernel uprobes: the victim's own view"
     );
     for no_jit in [false, true] {
-        let segment = format!("test-pid-tgid-{no_jit}");
-        bpftime_runtime::loaded::unload_object(&segment);
-        let loaded = LoadedObject::load(
-            &object_path("pid_tgid"),
-            Some(&segment),
-            LoadOptions {
-                no_jit,
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-        let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-        std::fs::write(&config, format!("object {segment}\n")).unwrap();
-        let out = bpftime_example_programs::run_command(
-            std::process::Command::new(victim_pids_path())
-                .env("LD_PRELOAD", bpftime_example_programs::agent_library())
-                .env("BPFTIME_AGENT_CONFIG", &config),
+        let run = common::run_example_with_agent(
+            "pid_tgid",
+            &format!("test-pid-tgid-{no_jit}"),
+            no_jit,
+            &mut std::process::Command::new(victim_pids_path()),
         );
-        let status =
-            std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
-        let _ = std::fs::remove_file(&config);
-        let out = out.unwrap_or_else(|e| panic!("victim: {e:#}"));
-        let snapshot = common::snapshot_of(&loaded.shm).unwrap();
-        let _ = loaded.unload();
+        let (status, snapshot) = (run.status, run.snapshot);
+        let out = run.out.unwrap_or_else(|e| panic!("victim: {e}"));
         assert!(
             !status.contains("bpf_get_current_pid_tgid asks the kernel"),
             "the clone family is watched, so the cache is on: {status}"

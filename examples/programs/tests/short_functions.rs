@@ -3,9 +3,8 @@
 //! which the agent's status names), the same calls counted, the same arguments and results
 //! summed, on our JIT and interpreter.
 
-use bpftime_example_programs::{object_path, run_kernel_with, victim_short_path};
-use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
-use bpftime_testutils::{error_chain, require_kernel};
+use bpftime_example_programs::{run_kernel_with, victim_short_path};
+use bpftime_testutils::require_kernel;
 
 mod common;
 
@@ -31,31 +30,14 @@ fn short_functions_are_probed_as_on_the_kernel() {
         .collect();
     assert_eq!(kernel.maps["totals"], want, "kernel uprobes");
     for no_jit in [false, true] {
-        let segment = format!("test-short-funcs-{no_jit}");
-        bpftime_runtime::loaded::unload_object(&segment);
-        let loaded = LoadedObject::load(
-            &object_path("short_funcs"),
-            Some(&segment),
-            LoadOptions {
-                no_jit,
-                ..LoadOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-        let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-        std::fs::write(&config, format!("object {segment}\n")).unwrap();
-        let out = bpftime_example_programs::run_command(
-            std::process::Command::new(victim_short_path())
-                .arg(CALLS.to_string())
-                .env("LD_PRELOAD", bpftime_example_programs::agent_library())
-                .env("BPFTIME_AGENT_CONFIG", &config),
+        let run = common::run_example_with_agent(
+            "short_funcs",
+            &format!("test-short-funcs-{no_jit}"),
+            no_jit,
+            std::process::Command::new(victim_short_path()).arg(CALLS.to_string()),
         );
-        let status =
-            std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
-        let _ = std::fs::remove_file(&config);
-        out.unwrap_or_else(|e| panic!("victim: {e:#}"));
-        let snapshot = common::snapshot_of(&loaded.shm).unwrap();
-        let _ = loaded.unload();
+        run.out.unwrap_or_else(|e| panic!("victim: {e}"));
+        let (status, snapshot) = (run.status, run.snapshot);
         let hooked: Vec<&str> = status.lines().filter(|l| l.starts_with("ok ")).collect();
         assert_eq!(hooked.len(), 2, "{status}");
         assert!(

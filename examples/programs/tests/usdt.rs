@@ -10,9 +10,8 @@
 //! run).
 
 use bpftime_example_programs::Snapshot;
-use bpftime_example_programs::{object_path, run_kernel_libbpf_sections, victim_usdt_path};
-use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
-use bpftime_testutils::{error_chain, require_kernel};
+use bpftime_example_programs::{run_kernel_libbpf_sections, victim_usdt_path};
+use bpftime_testutils::require_kernel;
 
 mod common;
 
@@ -67,33 +66,14 @@ fn expected_sem_args() -> Vec<(Vec<u8>, Vec<u8>)> {
 /// Runs the victim with the agent on `example` loaded on one of our VMs: the agent's status,
 /// the victim's output and the maps after the run.
 fn run_agent(example: &str, no_jit: bool) -> (String, String, Snapshot) {
-    let segment = format!("test-{example}-{no_jit}");
-    bpftime_runtime::loaded::unload_object(&segment);
-    let loaded = LoadedObject::load(
-        &object_path(example),
-        Some(&segment),
-        LoadOptions {
-            no_jit,
-            ..LoadOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    assert!(loaded.refused.is_empty(), "{:?}", loaded.refused);
-    let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
-    std::fs::write(&config, format!("object {segment}\n")).unwrap();
-    let out = bpftime_example_programs::run_command(
-        std::process::Command::new(victim_usdt_path())
-            .arg(ROUNDS.to_string())
-            .env("LD_PRELOAD", bpftime_example_programs::agent_library())
-            .env("BPFTIME_AGENT_CONFIG", &config),
+    let run = common::run_example_with_agent(
+        example,
+        &format!("test-{example}-{no_jit}"),
+        no_jit,
+        std::process::Command::new(victim_usdt_path()).arg(ROUNDS.to_string()),
     );
-    let status =
-        std::fs::read_to_string(format!("{}.status", config.display())).unwrap_or_default();
-    let _ = std::fs::remove_file(&config);
-    let out = out.unwrap_or_else(|e| panic!("victim: {e:#}"));
-    let snapshot = common::snapshot_of(&loaded.shm).unwrap();
-    let _ = loaded.unload();
-    (status, out, snapshot)
+    let out = run.out.unwrap_or_else(|e| panic!("victim: {e}"));
+    (run.status, out, run.snapshot)
 }
 
 /// The `ok` line of `probe` in `status`.

@@ -64,7 +64,7 @@ pub use lpm_trie::LpmTrie;
 pub use map_of_maps::{inner_map, set_inner_map, InnerMapDef};
 pub use queue::{QueueMap, QueuedPush};
 pub use ring::{PerfEventArray, RingBuf, RingBufConsumer, RingRecord};
-pub use segment::file::{euid, process_start_time, trusted_owners};
+pub use segment::file::{euid, parent_pid, process_start_time, trusted_owners};
 pub use segment::{
     list_segments, remove_object, segment_path, valid_object_name, MapSel, SegmentIdentity,
     SegmentInfo, ShmConfig, ShmObject,

@@ -102,3 +102,55 @@ pub fn snapshot_of(shm: &ShmObject) -> Result<Snapshot, String> {
     }
     Ok(snapshot)
 }
+
+/// What [`run_example_with_agent`] returns: the agent's status lines, the victim's output (or
+/// why it failed) and the object's maps after the run.
+#[allow(dead_code)]
+pub struct AgentRun {
+    pub status: String,
+    pub out: Result<String, String>,
+    pub snapshot: Snapshot,
+}
+
+/// Loads `example` (verified by the kernel) as object `segment` on our JIT, or on the
+/// interpreter with `no_jit`, runs `victim` (its go line written on stdin) with the agent
+/// preloaded on that object, and unloads the object after reading its maps.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn run_example_with_agent(
+    example: &str,
+    segment: &str,
+    no_jit: bool,
+    victim: &mut std::process::Command,
+) -> AgentRun {
+    use bpftime_runtime::loaded::{LoadOptions, LoadedObject};
+    bpftime_runtime::loaded::unload_object(segment);
+    let loaded = LoadedObject::load(
+        &bpftime_example_programs::object_path(example),
+        Some(segment),
+        LoadOptions {
+            no_jit,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{example}: {}", bpftime_testutils::error_chain(&e)));
+    assert!(loaded.refused.is_empty(), "{example}: {:?}", loaded.refused);
+    let config = std::env::temp_dir().join(format!("bpftime-test-{segment}.conf"));
+    std::fs::write(&config, format!("object {segment}\n")).unwrap();
+    let out = bpftime_example_programs::run_command(
+        victim
+            .env("LD_PRELOAD", bpftime_example_programs::agent_library())
+            .env("BPFTIME_AGENT_CONFIG", &config),
+    )
+    .map_err(|e| format!("{e:#}"));
+    let status_file = format!("{}.status", config.display());
+    let status = std::fs::read_to_string(&status_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&status_file);
+    let snapshot = snapshot_of(&loaded.shm).unwrap();
+    let _ = loaded.unload();
+    AgentRun {
+        status,
+        out,
+        snapshot,
+    }
+}

@@ -257,6 +257,16 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     f.nth(18)?.parse().ok()
 }
 
+/// The parent of process `pid` (field 4 of /proc/PID/stat).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Pids (other than ours) whose /proc/PID/maps shows `path`.
 pub(crate) fn pids_mapping(path: &str) -> Vec<u32> {
     let me = std::process::id();
