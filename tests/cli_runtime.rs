@@ -471,17 +471,7 @@ fn exec_d_and_child_victims_of_a_started_shell_are_hooked() {
         "the shell reports the victim's programs pending: {stderr}"
     );
     // Both runs' calls: the model of each run, summed key by key.
-    let mut expected: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
-    for rounds in [1200, 800] {
-        for (k, v) in &model::expected("hash_counter", rounds)["calls_by_arg"] {
-            *expected.entry(k.clone()).or_default() +=
-                u64::from_le_bytes(v[..8].try_into().unwrap());
-        }
-    }
-    let expected: Vec<(Vec<u8>, Vec<u8>)> = expected
-        .into_iter()
-        .map(|(k, v)| (k, v.to_le_bytes().to_vec()))
-        .collect();
+    let expected = summed_calls(&[1200, 800]);
     wait_for("both victims' calls", || {
         map_entries("hash_counter", "calls_by_arg") == expected
     });
@@ -616,17 +606,7 @@ fn attached_and_started_processes_pass_the_agent_to_what_they_exec() {
         2,
         "both victims ran"
     );
-    let mut expected: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
-    for rounds in [200, 300] {
-        for (k, v) in &model::expected("hash_counter", rounds)["calls_by_arg"] {
-            *expected.entry(k.clone()).or_default() +=
-                u64::from_le_bytes(v[..8].try_into().unwrap());
-        }
-    }
-    let expected: Vec<(Vec<u8>, Vec<u8>)> = expected
-        .into_iter()
-        .map(|(k, v)| (k, v.to_le_bytes().to_vec()))
-        .collect();
+    let expected = summed_calls(&[200, 300]);
     wait_for("both exec'd victims' calls", || {
         map_entries("hash_counter", "calls_by_arg") == expected
     });
@@ -654,17 +634,25 @@ fn attached_and_started_processes_pass_the_agent_to_what_they_exec() {
         "{}",
         String::from_utf8_lossy(&started.stderr)
     );
-    let mut more = expected.clone();
-    for (k, v) in &model::expected("hash_counter", 100)["calls_by_arg"] {
-        let entry = more.iter_mut().find(|(key, _)| key == k).unwrap();
-        let sum = u64::from_le_bytes(entry.1[..8].try_into().unwrap())
-            + u64::from_le_bytes(v[..8].try_into().unwrap());
-        entry.1 = sum.to_le_bytes().to_vec();
-    }
+    let more = summed_calls(&[200, 300, 100]);
     wait_for("the env -i victim's calls", || {
         map_entries("hash_counter", "calls_by_arg") == more
     });
     assert!(loader.stop().success());
+}
+
+/// `hash_counter`'s `calls_by_arg` after victim runs of `rounds` each: the runs' models,
+/// summed key by key.
+fn summed_calls(rounds: &[u32]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut sums: std::collections::BTreeMap<Vec<u8>, u64> = Default::default();
+    for &r in rounds {
+        for (k, v) in &model::expected("hash_counter", r)["calls_by_arg"] {
+            *sums.entry(k.clone()).or_default() += u64::from_le_bytes(v[..8].try_into().unwrap());
+        }
+    }
+    sums.into_iter()
+        .map(|(k, v)| (k, v.to_le_bytes().to_vec()))
+        .collect()
 }
 
 /// Writes the go line to a spawned victim and collects its output.

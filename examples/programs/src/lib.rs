@@ -182,11 +182,7 @@ pub fn run_kernel_libbpf(
     function: &str,
 ) -> Result<Snapshot> {
     use libbpf_rs::UprobeOpts;
-    let object = libbpf_rs::ObjectBuilder::default()
-        .open_file(object_path(example))
-        .with_context(|| format!("opening {example} with libbpf"))?
-        .load()
-        .with_context(|| format!("loading {example} into the kernel with libbpf"))?;
+    let object = libbpf_load(example)?;
     let mut links = Vec::new();
     for program in object.progs_mut() {
         let opts = UprobeOpts {
@@ -221,11 +217,7 @@ pub fn run_kernel_libbpf_sections_with(
     victim: &std::path::Path,
     args: &[String],
 ) -> Result<(Snapshot, String)> {
-    let object = libbpf_rs::ObjectBuilder::default()
-        .open_file(object_path(example))
-        .with_context(|| format!("opening {example} with libbpf"))?
-        .load()
-        .with_context(|| format!("loading {example} into the kernel with libbpf"))?;
+    let object = libbpf_load(example)?;
     let mut links = Vec::new();
     for program in object.progs_mut() {
         let section = program.section().to_string_lossy().into_owned();
@@ -238,6 +230,15 @@ pub fn run_kernel_libbpf_sections_with(
     let out = run_command(Command::new(victim).args(args))?;
     drop(links);
     Ok((libbpf_snapshot(&object, example)?, out))
+}
+
+/// `example`'s object opened and loaded into the kernel by libbpf.
+fn libbpf_load(example: &str) -> Result<libbpf_rs::Object> {
+    libbpf_rs::ObjectBuilder::default()
+        .open_file(object_path(example))
+        .with_context(|| format!("opening {example} with libbpf"))?
+        .load()
+        .with_context(|| format!("loading {example} into the kernel with libbpf"))
 }
 
 /// Every map of a libbpf-loaded `object` but its global-data maps, as [`Snapshot`] holds them.
