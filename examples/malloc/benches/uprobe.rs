@@ -34,6 +34,9 @@ enum Probe {
     User {
         object: &'static str,
         no_jit: bool,
+        /// The sync forwarder runs while the victim does, as under `bpftime-rs load` (its
+        /// passes clear the marks the program's lookups set).
+        synced: bool,
     },
 }
 
@@ -91,7 +94,11 @@ const KNONLEAF: Probe = Probe::Kernel {
 };
 
 const fn user(object: &'static str, no_jit: bool) -> Probe {
-    Probe::User { object, no_jit }
+    Probe::User {
+        object,
+        no_jit,
+        synced: false,
+    }
 }
 
 /// Threads of the multi-threaded rows.
@@ -119,6 +126,15 @@ fn rows() -> Vec<Row> {
             "userspace uprobe, JIT",
             "bench_target",
             user("bench_uprobe", false),
+        ),
+        Row::new(
+            "userspace uprobe, JIT, synced (forwarder running)",
+            "bench_target",
+            Probe::User {
+                object: "bench_uprobe",
+                no_jit: false,
+                synced: true,
+            },
         ),
         Row::new(
             "userspace uprobe, interpreter",
@@ -237,7 +253,11 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
             );
             Ok(measured)
         }
-        Probe::User { object, no_jit } => {
+        Probe::User {
+            object,
+            no_jit,
+            synced,
+        } => {
             let segment = format!("bench-{object}-{}", std::process::id());
             bpftime_runtime::loaded::unload_object(&segment);
             let options = LoadOptions {
@@ -248,6 +268,16 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
             };
             let loaded = LoadedObject::load(&object_path(object), Some(&segment), options)
                 .map_err(|e| anyhow::anyhow!("loading {object}: {e}"))?;
+            // The forwarder `load` starts by default, on its own thread, for the whole row.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let forwarder = if synced {
+                let (mut forwarder, _) =
+                    bpftime_sync::Forwarder::start(&loaded.shm, Default::default())?;
+                let stop = std::sync::Arc::clone(&stop);
+                Some(std::thread::spawn(move || forwarder.run(&stop)))
+            } else {
+                None
+            };
             let result = (|| {
                 ensure!(loaded.refused.is_empty(), "refused: {:?}", loaded.refused);
                 let mut command = victim(row, iters);
@@ -267,7 +297,14 @@ fn measure(row: &Row, iters: u64) -> Result<Measured> {
                 remove_agent_files(&config);
                 run
             })();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(f) = forwarder {
+                f.join()
+                    .map_err(|_| anyhow::anyhow!("the forwarder panicked"))?
+                    .map_err(|e| anyhow::anyhow!("forwarding: {e}"))?;
+            }
             let _ = loaded.unload();
+            let _ = bpftime_kernel_bridge::mirror::remove_object_pins(&segment);
             result
         }
     }
