@@ -186,6 +186,63 @@ fn install_and_remove_while_threads_run_through() {
     assert!(c.returns.load(Ordering::Relaxed) <= c.entries.load(Ordering::Relaxed));
 }
 
+/// Per hooked window (entry and return hooks installed in one transaction, callers on 4
+/// threads), returns never outnumber entries and at most one call per thread is left without
+/// its return. KNOWN FAILURE, kept as the reproduction: about 20-27 more returns than entries
+/// in almost every window (of 50,000-250,000 calls), i.e. return hooks run for calls whose
+/// entry hook did not; found this session, not yet explained.
+#[test]
+#[ignore = "known bug: ~23 return hooks per window run without their entry hook (see the doc comment)"]
+fn every_return_in_a_hooked_window_has_its_entry() {
+    type F = extern "C" fn(i64) -> i64;
+    const THREADS: u64 = 4;
+    let churn: F = sym("churn");
+    let callers = Callers::start(churn, |n| 3 * n, THREADS as usize);
+    let t = resolve(&target("churn")).unwrap();
+    let mut entries = 0;
+    for round in 0..100 {
+        // A counter per hooked window: every call that entered through this window's entry
+        // hook returns through its return hook, except the calls still inside `churn` when
+        // the hooks go (at most one per caller thread: their returns run unprobed).
+        let c = Arc::new(Counter::default());
+        let mut set = HookSet::new();
+        // Both in one transaction: a call sees both hooks or neither.
+        let both: Vec<(_, _, Arc<dyn ProbeHandler>)> = vec![
+            (t.clone(), ProbeKind::Uprobe, c.clone()),
+            (t.clone(), ProbeKind::Uretprobe, c.clone()),
+        ];
+        for r in set.install_many(both) {
+            r.unwrap();
+        }
+        // Wait for callers to cross the hooked site (not a fixed sleep): the removal below
+        // then always happens with calls in flight through it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while c.entries.load(Ordering::Relaxed) < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no caller crossed the installed hook"
+            );
+            std::thread::yield_now();
+        }
+        set.detach().unwrap();
+        // A call already inside a handler when detach ran may still finish its count.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let (e, r) = (
+            c.entries.load(Ordering::Relaxed),
+            c.returns.load(Ordering::Relaxed),
+        );
+        assert!(r <= e, "round {round}: {r} returns for {e} entries");
+        assert!(
+            e - r <= THREADS,
+            "round {round}: {} entries without their return (at most {THREADS} in flight)",
+            e - r
+        );
+        entries += e;
+    }
+    let total = callers.stop();
+    assert!(total >= entries && entries >= 800);
+}
+
 #[test]
 fn recursion_deeper_than_the_shadow_stack_counts_what_it_skips() {
     type F = extern "C" fn(i64) -> i64;
