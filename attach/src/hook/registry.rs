@@ -312,12 +312,42 @@ pub(super) fn remove_hooks(ids: &[HookId]) -> Result<(), AttachError> {
             .map_or(Ok(()), |id| Err(AttachError::NoSuchHook(id.0)));
     };
     let mut missing = None;
-    let mut to_disable = Vec::new();
     for &id in ids {
         if !reg.hooks.contains_key(&id) {
             missing.get_or_insert(AttachError::NoSuchHook(id.0));
-            continue;
         }
+    }
+    // Sites left without any hook are unpatched first, in one transaction, and only then
+    // lose their handlers: a call entering while the lists change one by one would run the
+    // return hooks but not the entry hooks already gone (or the reverse), which the engine
+    // would count as a return without its entry.
+    let emptied: Vec<u64> = {
+        let mut sites: Vec<u64> = ids
+            .iter()
+            .filter_map(|id| reg.hooks.get(id))
+            .map(|h| h.0)
+            .collect();
+        sites.sort_unstable();
+        sites.dedup();
+        sites.retain(|addr| {
+            reg.hooks
+                .iter()
+                .filter(|(_, h)| h.0 == *addr)
+                .all(|(id, _)| ids.contains(id))
+        });
+        sites
+    };
+    switch_sites(reg, &emptied, false)?;
+    // Where other hooks stay, return hooks go before entry hooks: a call crossing meanwhile
+    // runs its entry without a return (as one still in flight would), never the reverse.
+    let mut order: Vec<HookId> = ids
+        .iter()
+        .copied()
+        .filter(|id| reg.hooks.contains_key(id))
+        .collect();
+    order.sort_by_key(|id| reg.hooks[id].1 == ProbeKind::Uprobe);
+    let mut to_disable = Vec::new();
+    for id in order {
         to_disable.extend(unpublish(reg, id));
     }
     switch_sites(reg, &to_disable, false)?;
