@@ -147,7 +147,21 @@ fn sync_selects_maps_and_confirm_each_keeps_them_exact() {
     let sync = &row["sync"];
     assert_eq!(sync["sent"], sync["confirmed"], "{sync}");
     assert_eq!(sync["failed"], 0, "{sync}");
-    assert!(loader.stop().success());
+    let (sent, confirmations) = stop_and_read_bridge_line(loader);
+    assert!(sent > 0);
+    assert_eq!(
+        confirmations, sent,
+        "--confirm-each: one confirmation record per update"
+    );
+    // Without the flag: one per drained batch, fewer than the updates.
+    let loader = Loader::start("hash_counter", &[]);
+    assert!(start_victim("hash_counter", 2000).status.success());
+    assert!(output(&["maps", "--wait-synced", "30"]).status.success());
+    let (sent, confirmations) = stop_and_read_bridge_line(loader);
+    assert!(
+        confirmations < sent,
+        "batched confirmations: {confirmations} for {sent} updates"
+    );
 }
 
 #[test]
@@ -195,4 +209,26 @@ fn selftest_seed_replays_and_confirm_each_confirms_every_update() {
     let confirmations = |r: &Value| r["counters"]["confirmations"].as_u64().unwrap();
     assert_eq!(confirmations(&each), 3000, "{}", each["counters"]);
     assert!(confirmations(&a) < 3000, "{}", a["counters"]);
+}
+
+/// Stops `loader` and reads its last `bridge: N updates sent, M confirmation records ...`
+/// line: (N, M).
+fn stop_and_read_bridge_line(loader: Loader) -> (u64, u64) {
+    let later = std::sync::Arc::clone(&loader.later);
+    assert!(loader.stop().success());
+    // The reader thread may still be taking the last lines off the pipe.
+    let mut line = None;
+    wait_for("the loader's bridge line", || {
+        line = later
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("bridge: "))
+            .cloned();
+        line.is_some()
+    });
+    let line = line.expect("found");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[1].parse().unwrap(), words[4].parse().unwrap())
 }

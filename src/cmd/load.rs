@@ -373,6 +373,13 @@ pub(super) fn finish_sync(thread: SyncThread, out: &mut dyn Write) -> Result<()>
                 c.sent, c.confirmed, c.failed, c.pending
             )?;
         }
+        let b = forwarder.bridge().counters();
+        // One confirmation record per update with --confirm-each, per drained batch without.
+        writeln!(
+            out,
+            "bridge: {} updates sent, {} confirmation records in {} drain runs",
+            b.sent, b.confirmations, b.drain_runs
+        )?;
     }
     Ok(())
 }
