@@ -162,6 +162,22 @@ fn check(victims: &[(u32, u32, u32)]) {
         assert_eq!(want.get(k), Some(v), "LRU entry {k}");
     }
     assert_mirror_equal("recent", recent.len());
+    // What the forwarder published for each map: everything sent was confirmed, nothing
+    // failed, nothing is left unsynced or pending.
+    for map in ["keys", "recent"] {
+        let handle = shm.map(map).unwrap();
+        let r = handle.sync_report().expect("the forwarder reported");
+        assert!(
+            r.sent == r.confirmed && r.failed == 0 && r.pending == 0 && r.unsynced == 0,
+            "{map}: {r:?}"
+        );
+        eprintln!(
+            "{map}: {} sent, {} resyncs, {} tombstones dropped",
+            r.sent,
+            r.resyncs,
+            handle.counters().tombstones_dropped
+        );
+    }
     drop(shm);
     assert!(loader.stop().success());
 }
