@@ -231,3 +231,47 @@ fn lru_updates_evict_under_contention_and_never_refuse() {
         assert!(c.evictions >= 160_000 - 64, "{name}: {c:?}");
     }
 }
+
+/// The same at scale: 8 writers put 4 x 65,536 distinct keys each into a 65,536-entry LRU
+/// (a bucket lock per key spread over many buckets, eviction from the whole pool): no update
+/// refused, the map ends full, every listed entry holds its key's value, and a key written
+/// after all the others is still there (the clock evicts old entries first).
+#[test]
+fn a_large_lru_under_eight_writers_evicts_and_keeps_the_newest() {
+    const CAP: u32 = 1 << 16;
+    let s = Seg::new(
+        "stress",
+        "lru-64k",
+        &[def(MapType::LruHash, 4, 8, CAP, "h")],
+    );
+    let h = s.0.map("h").unwrap();
+    let writers: Vec<_> = (0..8u32)
+        .map(|w| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                (0..4 * CAP)
+                    .filter(|&i| {
+                        let key = w << 24 | i;
+                        h.update(&key.to_le_bytes(), &u64::from(key).to_le_bytes(), BPF_ANY)
+                            .is_err()
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let refused: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(refused, 0, "{:?}", h.counters());
+    assert_eq!(h.len(), CAP as usize, "a full LRU stays full");
+    let entries = h.iter();
+    assert_eq!(entries.len(), CAP as usize);
+    for e in &entries {
+        let EntryValue::Single(v) = &e.value else {
+            panic!("not per-CPU")
+        };
+        assert_eq!(e.key[..4], v[..4], "an entry holds its own key's value");
+    }
+    let last = 0xff00_0000u32.to_le_bytes();
+    h.update(&last, &7u64.to_le_bytes(), BPF_ANY).unwrap();
+    assert!(h.lookup(&last).unwrap().is_some(), "the newest key is kept");
+    assert!(h.counters().evictions >= u64::from(8 * 4 * CAP - CAP));
+}
