@@ -907,3 +907,110 @@ fn an_lpm_writer_killed_mid_update_leaves_no_half_prefix() {
         ))
     );
 }
+
+/// Kills at many moments, not one: 60 children in a row, each killed while it holds a lock of
+/// a random kind (a hash bucket, an LRU bucket, a hash insert half done, the ring's producer
+/// lock), and after each kill the parent's next operation on that map must succeed and leave
+/// exactly what the parent's own model says: the hash holds its two keys with the last values
+/// written, the LRU its key, the ring every record the parent wrote, in order; every kill is
+/// taken over exactly once.
+#[test]
+fn sixty_lock_holders_killed_in_a_row_each_leave_exact_state() {
+    use rand::{Rng, SeedableRng};
+    let s = Seg::new(
+        "xp",
+        "kill-loop",
+        &[
+            ctl_def(),
+            def(MapType::Hash, 4, 8, 64, "h"),
+            def(MapType::LruHash, 4, 8, 8, "lru"),
+            def(MapType::Ringbuf, 0, 0, 1 << 16, "rb"),
+        ],
+    );
+    let (h, lru, rb) = (
+        s.0.map("h").unwrap(),
+        s.0.map("lru").unwrap(),
+        s.0.map("rb").unwrap(),
+    );
+    let mut consumer = RingBufConsumer::new(&rb).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b11_1009);
+    let roles = [
+        "hold_lock",
+        "hold_lru_lock",
+        "stop_mid_insert",
+        "hold_ring_lock",
+    ];
+    let mut kills = [0u64; 4];
+    for i in 0..60u64 {
+        let r = rng.random_range(0..roles.len());
+        let before = ctl_get(&s.0, 0);
+        let mut kid = spawn(roles[r], &s.0, 3);
+        wait_until(roles[r], Duration::from_secs(30), || {
+            ctl_get(&s.0, 0) == before + 1
+        });
+        sigkill(&kid);
+        kid.wait().unwrap();
+        kills[r] += 1;
+        match roles[r] {
+            "hold_lock" => {
+                h.update(&k4(42), &i.to_le_bytes(), BPF_ANY).unwrap();
+            }
+            "hold_lru_lock" => {
+                lru.update(&k4(3), &i.to_le_bytes(), BPF_ANY).unwrap();
+            }
+            "stop_mid_insert" => {
+                // The dead writer reserved an entry for key 100: the next writer of that
+                // bucket recounts, and the key goes in once.
+                h.update(&k4(100), &i.to_le_bytes(), BPF_ANY).unwrap();
+            }
+            _ => {
+                rb.as_ringbuf()
+                    .unwrap()
+                    .output(&i.to_le_bytes(), 0)
+                    .unwrap();
+                let mut got = Vec::new();
+                consumer.poll(|rec| got.push(rec.data.to_vec()));
+                assert_eq!(got, vec![i.to_le_bytes().to_vec()], "kill {i}: the ring");
+            }
+        }
+    }
+    // The model: the keys the parent wrote, nothing else (no entry of a dead writer).
+    let keys: Vec<Vec<u8>> = {
+        let mut k: Vec<Vec<u8>> = h.iter().into_iter().map(|e| e.key).collect();
+        k.sort();
+        k
+    };
+    let mut want_keys = Vec::new();
+    if kills[0] > 0 {
+        want_keys.push(k4(42).to_vec());
+    }
+    if kills[2] > 0 {
+        want_keys.push(k4(100).to_vec());
+    }
+    want_keys.sort();
+    assert_eq!(keys, want_keys, "the hash holds exactly the keys written");
+    assert_eq!(
+        h.len(),
+        want_keys.len(),
+        "no capacity lost to the dead writers"
+    );
+    if kills[1] > 0 {
+        assert!(lru.lookup(&k4(3)).unwrap().is_some());
+    }
+    assert!(
+        kills.iter().all(|&k| k > 0),
+        "every kind was killed: {kills:?}"
+    );
+    assert_eq!(
+        h.counters().recoveries,
+        kills[0] + kills[2],
+        "each dead bucket holder taken over once"
+    );
+    assert_eq!(
+        h.counters().repairs,
+        kills[0] + kills[2],
+        "each takeover recounts the bookkeeping once"
+    );
+    assert_eq!(lru.counters().recoveries, kills[1]);
+    assert_eq!(rb.counters().recoveries, kills[3]);
+}
