@@ -329,6 +329,8 @@ fn main() -> Result<()> {
         .max(1);
     let rows = rows();
     let mut results: Vec<Option<Measured>> = rows.iter().map(|_| None).collect();
+    // Every round's figure per row: the paired ratios below compare rows of one round.
+    let mut per_round: Vec<Vec<f64>> = rows.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (row, best) in rows.iter().zip(results.iter_mut()) {
             // A single-stepped kernel uprobe costs ~10-20 us per call: a tenth of the calls
@@ -342,6 +344,11 @@ fn main() -> Result<()> {
             };
             let m = measure(row, n).with_context(|| row.label)?;
             eprintln!("round {}: {}: {:.1} ns", round + 1, row.label, m.median);
+            per_round[rows
+                .iter()
+                .position(|r| std::ptr::eq(r, row))
+                .expect("a row")]
+            .push(m.median);
             if best.as_ref().is_none_or(|b| m.median < b.median) {
                 *best = Some(m);
             }
@@ -379,6 +386,35 @@ fn main() -> Result<()> {
             format!("{:.1} ({:.1})", m.median, m.min),
             format!("{cost:.1}"),
             ratio,
+        );
+    }
+    // Paired per round: each round's kernel nop5 probe cost over the same round's JIT probe
+    // cost, for the rows with a kernel baseline; the spread shows how much the shared vCPUs
+    // moved the figures (the table's best-of-rounds ratio can pair a quiet kernel round with a
+    // noisy one of ours, or the reverse).
+    println!("\npaired per round (kernel nop5 probe cost / this row's, round by round; median):");
+    for (i, row) in rows.iter().enumerate() {
+        let (base, kernel) = baselines(&rows, row);
+        let (Probe::User { .. }, Some(k)) = (row.probe, kernel) else {
+            continue;
+        };
+        let ratios: Vec<f64> = (0..rounds)
+            .map(|r| {
+                let b = per_round[base][r];
+                (per_round[k][r] - b) / (per_round[i][r] - b).max(0.01)
+            })
+            .collect();
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "  {:<52} {} (median {:.1})",
+            row.label,
+            ratios
+                .iter()
+                .map(|r| format!("{r:.1}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            sorted[sorted.len() / 2]
         );
     }
     let jit = results[4].median;

@@ -87,6 +87,18 @@ fn main() {
     if !require_kernel("vm benchmark") {
         return;
     }
+    // The kernel column is the kernel's JIT only if the JIT is on (0: its interpreter; 2:
+    // the JIT with debug output): say which, rather than compare against the wrong engine.
+    let jit_enable = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    if jit_enable != "1" {
+        eprintln!(
+            "vm benchmark: /proc/sys/net/core/bpf_jit_enable is {jit_enable}, not 1: the \
+             kernel column is not the kernel's JIT; set it to 1 to compare JITs"
+        );
+        std::process::exit(1);
+    }
     println!(
         "\nns per execution (kernel: best of 5 x {RUNS} test runs; ours: CPU time, best of 5 \
          batches of >= 200 ms; ratio to the kernel's JIT)\n"
