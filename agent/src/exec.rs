@@ -13,10 +13,12 @@
 use std::ffi::{CStr, CString};
 
 use bpftime_attach::{EntryAction, ProbeHandler, PtRegs};
+// The runtime's reads that cannot fault (as `bpf_probe_read_user` does them).
+use bpftime_runtime::helpers::probe;
 
 /// The variables every exec'd program of the tree gets.
 pub struct ExecFollower {
-    /// `NAME=VALUE` entries, `LD_PRELOAD` first (merged with the caller's).
+    /// `NAME=VALUE` entries set as they are (`LD_PRELOAD` is merged with the caller's apart).
     vars: Vec<CString>,
     /// This library's path, as `LD_PRELOAD` names it.
     library: String,
@@ -54,12 +56,14 @@ impl ExecFollower {
         let mut entries: Vec<Vec<u8>> = Vec::new();
         let mut total = 0;
         if envp != 0 {
+            // One buffer for every string (its untouched pages are never faulted in).
+            let mut buf = vec![0u8; MAX_BYTES + 1];
             for i in 0..MAX_ENTRIES {
                 let p = read_u64(envp + 8 * i as u64)?;
                 if p == 0 {
                     break;
                 }
-                let s = read_cstr(p, MAX_BYTES.checked_sub(total)?)?;
+                let s = read_cstr(p, &mut buf[..=MAX_BYTES.checked_sub(total)?])?;
                 total += s.len() + 1;
                 entries.push(s);
             }
@@ -141,46 +145,17 @@ fn build(entries: &[Vec<u8>]) -> Option<u64> {
     Some(base as u64)
 }
 
-/// Reads `len` bytes of this process at `addr` without faulting (`process_vm_readv` answers
-/// EFAULT for memory that is not mapped).
-fn read_mem(addr: u64, buf: &mut [u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: `local` is our buffer; the kernel checks `remote` against our mappings.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n == buf.len() as isize
-}
-
 fn read_u64(addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
-    read_mem(addr, &mut b).then(|| u64::from_le_bytes(b))
+    probe::read(addr, &mut b).then(|| u64::from_le_bytes(b))
 }
 
-/// A NUL-terminated string at `addr` (at most `max` bytes), read in pieces that stop at page
-/// boundaries (a read across into an unmapped page fails whole).
-fn read_cstr(addr: u64, max: usize) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut at = addr;
-    while out.len() < max {
-        let to_page = 4096 - (at % 4096) as usize;
-        let mut chunk = vec![0u8; to_page.min(256)];
-        if !read_mem(at, &mut chunk) {
-            return None;
-        }
-        if let Some(nul) = chunk.iter().position(|&b| b == 0) {
-            out.extend_from_slice(&chunk[..nul]);
-            return Some(out);
-        }
-        out.extend_from_slice(&chunk);
-        at += chunk.len() as u64;
-    }
-    None
+/// The NUL-terminated string at `addr`, read through `buf` (it may be at most `buf.len() - 1`
+/// bytes long): `None` if unreadable or longer.
+fn read_cstr(addr: u64, buf: &mut [u8]) -> Option<Vec<u8>> {
+    let n = probe::read_str(addr, buf)?;
+    // n counts the NUL; n == buf.len() may be a string cut short: refused, not shortened.
+    (n > 0 && n < buf.len()).then(|| buf[..n - 1].to_vec())
 }
 
 impl ProbeHandler for ExecFollower {
