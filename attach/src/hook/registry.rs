@@ -43,6 +43,15 @@ impl Registry {
         self.reserved.range(from..to).next().is_some()
             || self.sites.keys().any(|&a| (from..to).contains(&a))
     }
+
+    fn empty() -> Self {
+        Registry {
+            sites: HashMap::new(),
+            hooks: HashMap::new(),
+            next_id: 1,
+            reserved: Default::default(),
+        }
+    }
 }
 
 /// Marks `addresses` as probe sites that may be hooked later (a file's USDT sites, often
@@ -52,17 +61,6 @@ pub fn reserve_sites(addresses: impl IntoIterator<Item = u64>) {
     let mut guard = registry();
     let reg = guard.get_or_insert_with(Registry::empty);
     reg.reserved.extend(addresses);
-}
-
-impl Registry {
-    fn empty() -> Self {
-        Registry {
-            sites: HashMap::new(),
-            hooks: HashMap::new(),
-            next_id: 1,
-            reserved: Default::default(),
-        }
-    }
 }
 
 pub(super) static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
@@ -346,11 +344,10 @@ pub(super) fn remove_hooks(ids: &[HookId]) -> Result<(), AttachError> {
         .filter(|id| reg.hooks.contains_key(id))
         .collect();
     order.sort_by_key(|id| reg.hooks[id].1 == ProbeKind::Uprobe);
-    let mut to_disable = Vec::new();
     for id in order {
-        to_disable.extend(unpublish(reg, id));
+        // A site this leaves without hooks was among `emptied`, unpatched already.
+        let _ = unpublish(reg, id);
     }
-    switch_sites(reg, &to_disable, false)?;
     missing.map_or(Ok(()), Err)
 }
 
