@@ -214,20 +214,12 @@ impl Resolver {
         let t = TargetSpec::parse(spec)?;
         let module = self.find_module(t.module.as_deref())?;
         let pid = self.pid_num();
-        let mappings: Vec<MapEntry> = {
-            let first = self.maps.iter().find(|m| m.path == module).cloned();
-            let Some(first) = first else {
-                return Err(AttachError::ModuleNotLoaded {
-                    module: module.clone(),
-                    pid,
-                });
-            };
-            self.maps
-                .iter()
-                .filter(|m| m.inode == first.inode && m.dev == first.dev)
-                .cloned()
-                .collect()
-        };
+        if !self.maps.iter().any(|m| m.path == module) {
+            return Err(AttachError::ModuleNotLoaded {
+                module: module.clone(),
+                pid,
+            });
+        }
         let path = PathBuf::from(&module);
         let bytes = self.file(&module)?;
         let elf = Elf::parse(bytes).map_err(|e| AttachError::Elf {
@@ -253,11 +245,8 @@ impl Resolver {
         let (foff, exec) = file_offset_of(&elf, vaddr).ok_or_else(not_mapped)?;
         // The same file may be mapped more than once (e.g. read-only by a symbolizer): take
         // the mapping with the segment's permissions, as the loader made it.
-        let address = mappings
-            .iter()
-            .filter(|m| (m.offset..m.offset + (m.end - m.start)).contains(&foff))
-            .find(|m| m.exec == exec)
-            .map(|m| m.start + (foff - m.offset))
+        let address = self
+            .mapped_at(&module, foff, |m| m.exec == exec)
             .ok_or_else(not_mapped)?;
         Ok(ResolvedTarget {
             spec: spec.to_string(),
