@@ -115,12 +115,8 @@ impl Geometry {
         let off = self.spin_lock().expect("a map with a spin lock");
         // SAFETY: the caller's contract; values are 8-aligned and `off` 4-aligned.
         let lock = unsafe { super::lock::ShmLock::at(value.add(off) as *mut u32) };
-        let held = lock.lock().is_some();
-        let r = f();
-        if held {
-            lock.unlock();
-        }
-        r
+        let _held = super::lock::LockGuard::new(lock);
+        f()
     }
 }
 
