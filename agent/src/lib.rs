@@ -188,14 +188,7 @@ fn follow_objects() {
         if lines.is_empty() {
             continue;
         }
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&agent.status)
-        {
-            let _ = f.write_all((lines.join("\n") + "\n").as_bytes());
-        }
+        let _ = append(&agent.status, &(lines.join("\n") + "\n"), false);
     }
 }
 
@@ -221,28 +214,31 @@ fn detached_list(config: &Path) -> PathBuf {
     with_suffix(config, ".detached")
 }
 
+/// Appends `text` to the file at `path` (one of ours: a symlink there is refused), created
+/// with mode 0644 if `create`.
+fn append(path: &Path, text: &str, create: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(create)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 /// Appends this process to its config's detached list.
 fn record_detached(config: &Path) {
     let me = std::process::id();
     let Some(start) = bpftime_runtime::maps::process_start_time(me) else {
         return;
     };
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(detached_list(config));
-    match file {
-        Ok(mut f) => {
-            let _ = writeln!(f, "{me} {start}");
-        }
-        Err(e) => eprintln!(
+    if let Err(e) = append(&detached_list(config), &format!("{me} {start}\n"), true) {
+        eprintln!(
             "bpftime-agent: cannot record the detach in {}: {e}; programs this process execs \
              will hook again",
             detached_list(config).display()
-        ),
+        );
     }
 }
 
@@ -528,17 +524,14 @@ pub extern "C" fn bpftime_agent_detach() -> i32 {
         semaphores.extend(f.take_semaphores());
     }
     bpf::lower_semaphores(semaphores);
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&a.status)
-    {
-        let _ = match &r {
-            Ok(()) => writeln!(f, "detached"),
-            Err(e) => writeln!(f, "detach error {e}"),
-        };
-    }
+    let _ = append(
+        &a.status,
+        &match &r {
+            Ok(()) => "detached\n".to_string(),
+            Err(e) => format!("detach error {e}\n"),
+        },
+        false,
+    );
     match r {
         Ok(()) => 0,
         Err(e) => {
